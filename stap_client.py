@@ -1,0 +1,1090 @@
+#!/usr/bin/python3
+"""Client side of the systemtap compile server.
+
+Commands (chosen by the name this file is run under, or by the first
+argument when run as ``python3 stap_client.py COMMAND ...``):
+
+  stap-client [--server=HOST[:PORT]]... [--ssl=DIR]... [STAP ARGUMENTS]
+  stap-find-servers [--all]
+  stap-add-server-cert CERTFILE DIRNAME
+
+Data flows top to bottom: options -> certificate databases -> request
+archive -> TLS -> reply archive -> staprun.  This module never imports the
+server module; the server imports this one.
+"""
+
+import dataclasses
+import hashlib
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl as pyssl
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+
+# --------------------------------------------------------------------------
+# Constants and errors
+# --------------------------------------------------------------------------
+
+SYSCONFDIR = "/etc"  # make install rewrites this line
+SYSCONFDIR_ENV = "STAP_SYSCONFDIR"  # overrides SYSCONFDIR, for tests
+PROTOCOL_VERSION = "4.8"  # the systemtap protocol level we speak as a client
+SERVER_NICKNAME = "stap-server"  # the one nickname real clients file servers under
+SERVER_SUBJECT = "CN=Systemtap Compile Server, OU=Systemtap"
+SERVER_CERT_FILE = "stap-server.cert"  # DER, like the real server's stap.cert
+SERVICE_TYPE = "_stap._tcp"
+BUSY_MESSAGE = "server busy"  # stderr marker of a busy reply: try the next server
+TOOL_TIMEOUT = 60
+CONNECT_TIMEOUT = 10
+REPLY_TIMEOUT = 900  # a cold pass-4 compile on a loaded server can take minutes
+
+PROG = "stap-client"
+
+
+class Error(Exception):
+    """A failure the user sees as one line."""
+
+
+def warn(message):
+    print(f"{PROG}: WARNING: {message}", file=sys.stderr)
+
+
+def sysconfdir():
+    return os.environ.get(SYSCONFDIR_ENV) or SYSCONFDIR
+
+
+def systemtap_dir():
+    return os.environ.get("SYSTEMTAP_DIR") or os.path.join(
+        os.path.expanduser("~"), ".systemtap")
+
+
+def is_root():
+    return os.geteuid() == 0
+
+
+def server_db_path():
+    base = os.path.join(sysconfdir(), "systemtap") if is_root() else systemtap_dir()
+    return os.path.join(base, "ssl", "server")
+
+
+def user_client_db_path():
+    return os.path.join(systemtap_dir(), "ssl", "client")
+
+
+def global_client_db_path():
+    return os.path.join(sysconfdir(), "systemtap", "ssl", "client")
+
+
+def local_client_db_path():
+    """The client database a server started by this user trusts itself in."""
+    return global_client_db_path() if is_root() else user_client_db_path()
+
+
+def local_sysinfo(release=None, arch=None):
+    uts = os.uname()
+    return f"{release or uts.release} {arch or uts.machine}"
+
+
+# --------------------------------------------------------------------------
+# External tools: one wrapper each, with a timeout and stderr kept
+# --------------------------------------------------------------------------
+
+def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True):
+    """Run a tool without a shell; a failure raises Error with its stderr."""
+    name = os.path.basename(argv[0])
+    try:
+        proc = subprocess.run(argv, input=input, capture_output=True,
+                              timeout=timeout, cwd=cwd, stdin=None if input is not None
+                              else subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise Error(f"{name} is not installed (needed for: {' '.join(argv[1:3])})") from None
+    except subprocess.TimeoutExpired:
+        raise Error(f"{name} timed out after {timeout} s") from None
+    if check and proc.returncode != 0:
+        raise Error(f"{name} failed: {last_line(proc.stderr or proc.stdout)}")
+    return proc
+
+
+def last_line(data):
+    lines = [l.strip() for l in data.decode(errors="replace").splitlines() if l.strip()]
+    return lines[-1] if lines else "no message"
+
+
+def certutil(db, *args, **kw):
+    return run_tool(["certutil", "-d", db.spec, *args], **kw)
+
+
+def signtool(db, *args, **kw):
+    return run_tool(["signtool", "-d", db.spec, *args], **kw)
+
+
+# --------------------------------------------------------------------------
+# Certificate databases
+# --------------------------------------------------------------------------
+
+DB_FILES = ("cert9.db", "key4.db", "pkcs11.txt", "cert8.db", "key3.db", "secmod.db")
+SECRET_FILES = ("key4.db", "key3.db", "pw")
+
+
+class CertDB:
+    """One NSS certificate database directory; every certutil call goes here."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+
+    def __repr__(self):
+        return f"CertDB({self.path!r})"
+
+    @property
+    def legacy(self):
+        has = lambda f: os.path.exists(os.path.join(self.path, f))
+        return has("cert8.db") and not has("cert9.db")
+
+    @property
+    def spec(self):
+        return ("dbm:" if self.legacy else "sql:") + self.path
+
+    def exists(self):
+        return any(os.path.exists(os.path.join(self.path, f)) for f in ("cert9.db", "cert8.db"))
+
+    def create(self, mode=0o755, world_readable=False):
+        """A new empty-password database; world_readable for the global client one."""
+        os.makedirs(self.path, mode=mode, exist_ok=True)
+        os.chmod(self.path, mode)
+        certutil(self, "-N", "--empty-password")
+        for name in DB_FILES:
+            f = os.path.join(self.path, name)
+            if os.path.exists(f):
+                os.chmod(f, 0o644 if world_readable else 0o600)
+
+    def check_permissions(self, owner=None, secret=False):
+        """Raise Error naming the first problem: foreign owner, group/other
+        write access, or (secret) group/other read access to key files."""
+        for path in [self.path] + [os.path.join(self.path, f) for f in DB_FILES + ("pw",)]:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                raise Error(f"{path} is a symbolic link")
+            if owner is not None and st.st_uid != owner:
+                raise Error(f"{path} is owned by uid {st.st_uid}, not uid {owner}")
+            if st.st_mode & 0o022:
+                raise Error(f"{path} is writable by group or others "
+                            f"(mode {stat.S_IMODE(st.st_mode):04o})")
+            if secret and os.path.basename(path) in SECRET_FILES and st.st_mode & 0o044:
+                raise Error(f"{path} is readable by group or others "
+                            f"(mode {stat.S_IMODE(st.st_mode):04o})")
+
+    def nicknames(self):
+        """[(nickname, trust flags)] as certutil -L lists them."""
+        out = certutil(self, "-L").stdout.decode(errors="replace")
+        rows = []
+        for line in out.splitlines()[4:]:
+            m = re.match(r"^(.*\S)\s+(\S*,\S*,\S*)\s*$", line)
+            if m:
+                rows.append((m.group(1), m.group(2)))
+        return rows
+
+    def certificates(self, nickname=SERVER_NICKNAME):
+        """DER of every certificate filed under nickname."""
+        proc = certutil(self, "-L", "-n", nickname, "-a", check=False)
+        if proc.returncode != 0:
+            return []
+        return pem_to_der_list(proc.stdout.decode(errors="replace"))
+
+    def add_trusted_server(self, der):
+        """Trust a server certificate for TLS (first field) and signing (third)."""
+        certutil(self, "-A", "-n", SERVER_NICKNAME, "-t", "P,P,P", input=der)
+
+
+def pem_to_der_list(text):
+    return [pyssl.PEM_cert_to_DER_cert(m.group(0)) for m in re.finditer(
+        r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", text, re.S)]
+
+
+def read_certificate_file(path):
+    """DER bytes of a PEM or DER certificate file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise Error(f"cannot read certificate {path}: {e.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        ders = pem_to_der_list(data.decode(errors="replace"))
+        if len(ders) != 1:
+            raise Error(f"{path} holds {len(ders)} certificates, expected one")
+        return ders[0]
+    if not data.startswith(b"\x30"):
+        raise Error(f"{path} is not a certificate (neither PEM nor DER)")
+    return data
+
+
+def fingerprint(der):
+    return hashlib.sha256(der).hexdigest()
+
+
+def client_databases(ssl_dirs=()):
+    """The usable client databases in search order: each --ssl directory,
+    then the user's own (not for root), then the global one.  A database
+    that fails its permission check is skipped with a warning."""
+    candidates = [(d, None, True) for d in ssl_dirs]
+    if not is_root():
+        candidates.append((user_client_db_path(), os.geteuid(), False))
+    candidates.append((global_client_db_path(), 0, False))
+    usable, searched = [], []
+    for path, owner, explicit in candidates:
+        db = CertDB(path)
+        searched.append(db.path)
+        if not db.exists():
+            if explicit:
+                warn(f"skipping certificate database {db.path}: it does not exist")
+            continue
+        try:
+            db.check_permissions(owner=owner)
+        except Error as e:
+            warn(f"skipping certificate database {db.path}: {e}")
+            continue
+        usable.append(db)
+    if not usable:
+        raise Error("no usable client certificate database (searched "
+                    + ", ".join(searched) + "); trust a server with stap-add-server-cert")
+    return usable
+
+
+# --------------------------------------------------------------------------
+# Stap's options
+# --------------------------------------------------------------------------
+
+# Short options of stap 4.8 that take an argument (its getopt string).
+SHORT_WITH_ARG = set("pIeEoRramcxDsldLSBJGT")
+# Long options that take a required argument ("--opt VAL" or "--opt=VAL").
+LONG_WITH_ARG = {"vp", "modinfo", "runtime", "privilege", "compatible", "remote",
+                 "tmpdir", "sysroot", "sysenv", "target-namespace", "dump-functions-"}
+# Local paths or local effects that a server cannot honour.
+REFUSED_WITH_SERVER = {"-R": "names a local runtime directory",
+                       "--tmpdir": "names a local directory",
+                       "--sysroot": "names a local directory",
+                       "--remote": "runs on another host",
+                       "--use-server": "is what stap-client does already",
+                       "--list-servers": "is stap-find-servers",
+                       "--trust-servers": "is stap-add-server-cert"}
+
+
+@dataclasses.dataclass
+class Invocation:
+    """stap-client's argv, split into what goes where."""
+    server_args: list = dataclasses.field(default_factory=list)  # argvN entries
+    files: list = dataclasses.field(default_factory=list)  # (archive name, bytes or path)
+    servers: list = dataclasses.field(default_factory=list)
+    ssl_dirs: list = dataclasses.field(default_factory=list)
+    last_pass: int = 5
+    module_name: str = None
+    release: str = None
+    arch: str = None
+    keep: bool = False
+    verbose: int = 0
+    output: str = None
+    staprun_opts: list = dataclasses.field(default_factory=list)
+    globals: list = dataclasses.field(default_factory=list)  # -G NAME=VALUE
+    flight_recorder: bool = False  # -F
+    help: bool = False
+    version: bool = False
+
+
+def scan_stap_args(argv):
+    """Tokens of a stap command line as stap's getopt sees them (options may
+    follow operands; "--" ends options): ("opt", "-p", "4") or ("arg", "x")."""
+    tokens, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            tokens += [("arg", a) for a in argv[i:]]
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            if not eq:
+                value = None
+                if name in LONG_WITH_ARG:
+                    if i >= len(argv):
+                        raise Error(f"option --{name} needs an argument")
+                    value, i = argv[i], i + 1
+            tokens.append(("opt", "--" + name, value))
+        elif arg.startswith("-") and arg != "-":
+            for j in range(1, len(arg)):  # a cluster such as -vvp4
+                letter = arg[j]
+                if letter not in SHORT_WITH_ARG:
+                    tokens.append(("opt", "-" + letter, None))
+                    continue
+                value = arg[j + 1:]
+                if not value:
+                    if i >= len(argv):
+                        raise Error(f"option -{letter} needs an argument")
+                    value, i = argv[i], i + 1
+                tokens.append(("opt", "-" + letter, value))
+                break
+        else:
+            tokens.append(("arg", arg))
+    return tokens
+
+
+def parse_stap_args(argv, stdin=None):
+    """Split stap-client's arguments into an Invocation: what the server
+    gets (laid out as the real client does: options, script, "--", script
+    arguments), the files to ship, and what staprun gets."""
+    inv = Invocation()
+    operands, have_script_text = [], False
+    for kind, name, *value in scan_stap_args(argv):
+        if kind == "arg":
+            operands.append(name)
+        elif name.startswith("--"):
+            handle_long(inv, name, value[0])
+        else:
+            have_script_text |= handle_short(inv, name[1], value[0])
+    if not have_script_text and not inv.help and not inv.version:
+        if operands:
+            add_script(inv, operands.pop(0), stdin)
+        elif not any(a.startswith(("-l", "-L")) for a in inv.server_args):
+            raise Error("no script given: name a script file, '-' for stdin, or use -e")
+    if operands:
+        inv.server_args += ["--"] + operands
+    return inv
+
+
+def handle_short(inv, letter, value):
+    """Record one short option; True when it supplies the script text (-e)."""
+    if letter == "R":
+        raise Error(f"-R {REFUSED_WITH_SERVER['-R']}; give -R to the server instead")
+    if letter == "h":
+        inv.help = True
+    elif letter == "V":
+        inv.version = True
+    elif letter == "k":
+        inv.keep = True  # keeps our temporary directory; never sent
+    elif letter == "p":
+        if value not in ("1", "2", "3", "4", "5"):
+            raise Error(f"invalid pass number '{value}' (1-5)")
+        inv.last_pass = int(value)
+        inv.server_args.append("-p" + value)
+    elif letter == "o":
+        inv.output = value  # only pass 5 writes it, here
+    elif letter == "I":
+        inv.server_args.append("-I" + add_tree(inv, value))
+    elif letter == "r":
+        if "/" in value:
+            raise Error(f"-r {value} names a local build tree; give a kernel release instead")
+        inv.release = value
+        inv.server_args.append("-r" + value)
+    else:
+        if letter == "a":
+            inv.arch = value
+        elif letter == "m":
+            inv.module_name = value
+        elif letter == "v":
+            inv.verbose += 1
+        add_staprun_option(inv, letter, value)
+        if letter != "G":
+            inv.server_args.append("-" + letter + (value if value is not None else ""))
+    return letter == "e"
+
+
+def handle_long(inv, name, value):
+    if name == "--server":
+        inv.servers.append(need_value(name, value))
+    elif name == "--ssl":
+        inv.ssl_dirs.append(need_value(name, value))
+    elif name == "--help":
+        inv.help = True
+    elif name == "--version":
+        inv.version = True
+    elif name in REFUSED_WITH_SERVER:
+        raise Error(f"{name} {REFUSED_WITH_SERVER[name]} and cannot be used with stap-client")
+    else:
+        inv.server_args.append(name + ("" if value is None else "=" + value))
+    return False
+
+
+def need_value(name, value):
+    if not value:
+        raise Error(f"option {name} needs a value ({name}=VALUE)")
+    return value
+
+
+def add_staprun_option(inv, letter, value):
+    """Options of stap that staprun needs again in pass 5 (stap 4.8's mapping)."""
+    mapped = {"c": ["-c", value], "x": ["-t", value], "s": ["-b", value],
+              "S": ["-S", value], "w": ["-w"]}.get(letter)
+    if mapped:
+        inv.staprun_opts += mapped
+    elif letter == "F":
+        inv.flight_recorder = True
+    elif letter == "G":
+        inv.globals.append(value)  # staprun sets them after the module
+
+
+def add_script(inv, name, stdin):
+    if name == "-":
+        data = (stdin or sys.stdin.buffer).read()
+        inv.files.append(("script/-", data))
+        inv.server_args.append("script/-")
+        return
+    path = os.path.abspath(name)
+    if not os.path.isfile(path):
+        raise Error(f"cannot read script {name}: no such file")
+    inv.files.append(("script" + path, path))
+    inv.server_args.append("script" + path)
+
+
+def add_tree(inv, directory):
+    """Ship every regular file under an -I directory; the argument the server
+    sees is the tree's place inside the request."""
+    top = os.path.abspath(directory)
+    if not os.path.isdir(top):
+        raise Error(f"-I {directory}: no such directory")
+    for root, dirs, names in os.walk(top):
+        dirs.sort()
+        for n in sorted(names):
+            p = os.path.join(root, n)
+            if os.path.isfile(p) and not os.path.islink(p):
+                inv.files.append(("tapset" + p, p))
+    return "tapset" + top
+
+
+def staprun_argv(inv, module):
+    """What stap itself would give staprun for pass 5: -v one fewer times,
+    -o as an absolute path, -R (rename) unless -m named the module, -G
+    assignments after the module."""
+    argv = [os.environ.get("SYSTEMTAP_STAPRUN") or "staprun"]
+    argv += ["-v"] * max(0, inv.verbose - 1)
+    if inv.output:
+        argv += ["-o", os.path.abspath(inv.output)]
+    argv += inv.staprun_opts
+    if inv.flight_recorder:
+        argv += ["-D"] if inv.output else ["-L"]
+    if not inv.module_name:
+        argv += ["-R"]
+    return argv + [module] + inv.globals
+
+
+# --------------------------------------------------------------------------
+# Archives: the request, and safe reading of either side's archive
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Limits:
+    max_entries: int = 10000
+    max_entry_bytes: int = 128 << 20
+    max_total_bytes: int = 256 << 20
+    max_ratio: int = 200  # uncompressed/compressed, for entries over 1 MiB
+
+
+LOCALE_VALUE = re.compile(r"^[A-Za-z0-9@_.=-]*$")
+
+
+def locale_lines(environ=None):
+    env = os.environ if environ is None else environ
+    keys = sorted(k for k in env if k == "LANG" or k.startswith("LC_"))
+    return "".join(f"{k}={env[k]}\n" for k in keys if LOCALE_VALUE.match(env[k]))
+
+
+def build_request(inv):
+    """The request zip: version, sysinfo, argvN, script/, tapset/, locale."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("version", PROTOCOL_VERSION)
+        zf.writestr("sysinfo", "sysinfo: " + local_sysinfo(inv.release, inv.arch))
+        for n, arg in enumerate(inv.server_args, 1):
+            zf.writestr(f"argv{n}", arg.encode("utf-8", "surrogateescape"))
+        for name, source in inv.files:
+            if isinstance(source, bytes):
+                zf.writestr(name, source)
+            else:
+                zf.write(source, name)
+        loc = locale_lines()
+        if loc:
+            zf.writestr("locale", loc)
+    return buf.getvalue()
+
+
+def safe_members(zf, limits):
+    """Check every entry before anything is written; raise Error naming the
+    first bad one.  Directories and regular files only."""
+    infos = zf.infolist()
+    if len(infos) > limits.max_entries:
+        raise Error(f"archive has {len(infos)} entries (limit {limits.max_entries})")
+    total = 0
+    for info in infos:
+        check_entry_name(info.filename)
+        kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix type recorded
+        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+            raise Error(f"archive entry {info.filename} is not a regular file or directory")
+        if info.file_size > limits.max_entry_bytes:
+            raise Error(f"archive entry {info.filename} is too large ({info.file_size} bytes)")
+        if info.file_size > 1 << 20 and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+            raise Error(f"archive entry {info.filename} is compressed suspiciously well")
+        total += info.file_size
+        if total > limits.max_total_bytes:
+            raise Error(f"archive unpacks to more than {limits.max_total_bytes} bytes")
+    return infos
+
+
+def check_entry_name(name):
+    parts = name.rstrip("/").split("/")
+    if (not name or name.startswith("/") or "\\" in name or "\0" in name
+            or any(p in ("", ".", "..") for p in parts)):
+        raise Error(f"archive entry name {name!r} is not a plain relative path")
+
+
+def open_archive(data):
+    try:
+        return zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as e:
+        raise Error(f"not a valid zip archive ({e})") from None
+
+
+def extract_archive(zf, dest, limits, only=None):
+    """Write the checked entries under dest (regular files 0644, dirs 0755),
+    counting the bytes actually inflated; `only` restricts to those names."""
+    infos = safe_members(zf, limits)
+    written = 0
+    for info in infos:
+        if only is not None and info.filename not in only and not info.is_dir():
+            continue
+        target = os.path.join(dest, info.filename)
+        if info.is_dir():
+            os.makedirs(target, 0o755, exist_ok=True)
+            continue
+        os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            with zf.open(info) as src, os.fdopen(fd, "wb") as out:
+                while chunk := src.read(1 << 16):
+                    written += len(chunk)
+                    if written > limits.max_total_bytes:
+                        raise Error("archive inflates beyond its declared size")
+                    out.write(chunk)
+        except (zipfile.BadZipFile, zlib_error(), EOFError) as e:
+            raise Error(f"archive entry {info.filename} is corrupt ({e})") from None
+    return [i.filename for i in infos]
+
+
+def zlib_error():
+    import zlib
+    return zlib.error
+
+
+@dataclasses.dataclass
+class Reply:
+    rc: int
+    stdout: bytes
+    stderr: bytes
+    version: str
+    module: str = None  # path of the received .ko, if any
+
+    @property
+    def busy(self):
+        return self.rc != 0 and BUSY_MESSAGE.encode() in self.stderr[:400]
+
+
+MODULE_DIR = re.compile(r"^stap[A-Za-z0-9_]{6}/")
+
+
+def read_reply(data, dest, peer_der, dbs, limits=Limits()):
+    """Check, verify and unpack a reply zip into dest; return a Reply."""
+    zf = open_archive(data)
+    names = [i.filename for i in safe_members(zf, limits)]
+    only = None
+    if any(n.startswith("META-INF/") for n in names):
+        jar = os.path.join(dest, "reply.jar")
+        with open(jar, "wb") as f:
+            f.write(data)
+        only = verify_signature(jar, peer_der, dbs)
+        stray = [n for n in names if n not in only and not n.endswith("/")
+                 and not n.startswith("META-INF/")]
+        if stray:
+            raise Error(f"reply entry {stray[0]} is not covered by the server's signature")
+    unpacked = os.path.join(dest, "reply")
+    os.mkdir(unpacked, 0o700)
+    extract_archive(zf, unpacked, limits, only)
+    read = lambda n: read_entry(unpacked, n)
+    if read("rc") is None:
+        raise Error("reply has no rc entry")
+    try:
+        rc = int(read("rc").strip() or b"1")
+    except ValueError:
+        raise Error("reply's rc entry is not a number") from None
+    modules = [n for n in names if MODULE_DIR.match(n) and n.endswith(".ko")
+               and n.count("/") == 1]
+    if len({n.split("/")[0] for n in names if MODULE_DIR.match(n)}) > 1 or len(modules) > 1:
+        raise Error("reply holds more than one module directory")
+    return Reply(rc=rc, stdout=read("stdout") or b"", stderr=read("stderr") or b"",
+                 version=(read("version") or b"").decode(errors="replace").strip(),
+                 module=os.path.join(unpacked, modules[0]) if modules else None)
+
+
+def read_entry(top, name):
+    try:
+        with open(os.path.join(top, name), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def verify_signature(jar, peer_der, dbs):
+    """Names of the entries that signtool -v verifies, signed by the TLS peer."""
+    signer = signer_certificate(jar)
+    if signer != peer_der:
+        raise Error("reply is signed by a certificate other than the server's")
+    reasons = []
+    for db in dbs:
+        proc = signtool(db, "-v", jar, check=False)
+        out = proc.stdout.decode(errors="replace")
+        if proc.returncode == 0 and "passed crypto verification" in out:
+            return {m.group(1) for m in re.finditer(r"^\s+verified\s+(\S.*)$", out, re.M)}
+        reasons.append(last_line(proc.stderr or proc.stdout))
+    raise Error(f"reply signature does not verify ({reasons[0] if reasons else 'no database'})")
+
+
+def signer_certificate(jar):
+    """DER of the one certificate inside the jar's PKCS#7 signature block."""
+    with zipfile.ZipFile(jar) as zf:
+        blocks = [n for n in zf.namelist() if re.match(r"META-INF/[^/]+\.(RSA|rsa)$", n)]
+        if len(blocks) != 1:
+            raise Error("reply signature has no single signature block")
+        pkcs7 = zf.read(blocks[0])
+    try:
+        certs = pkcs7_certificates(pkcs7)
+    except (IndexError, ValueError):
+        raise Error("reply signature block is malformed") from None
+    if len(certs) != 1:
+        raise Error(f"reply signature carries {len(certs)} certificates, expected one")
+    return certs[0]
+
+
+def der_element(data, pos):
+    """(tag, start of content, end of element) of the DER element at pos."""
+    tag, length = data[pos], data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        if n == 0 or n > 4:
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[pos:pos + n], "big")
+        pos += n
+    if pos + length > len(data):
+        raise ValueError("DER element overruns its container")
+    return tag, pos, pos + length
+
+
+def der_children(data, start, end):
+    while start < end:
+        tag, cstart, cend = der_element(data, start)
+        yield tag, start, cstart, cend
+        start = cend
+
+
+def pkcs7_certificates(pkcs7):
+    """The certificates field of a PKCS#7 SignedData ContentInfo."""
+    _, s, e = der_element(pkcs7, 0)  # ContentInfo
+    kids = list(der_children(pkcs7, s, e))
+    _, _, s, e = kids[1]  # [0] EXPLICIT content
+    _, s, e = der_element(pkcs7, s)  # SignedData
+    for tag, start, cstart, cend in der_children(pkcs7, s, e):
+        if tag == 0xA0:  # [0] IMPLICIT certificates
+            return [pkcs7[a:c] for _, a, _, c in der_children(pkcs7, cstart, cend)]
+    return []
+
+
+# --------------------------------------------------------------------------
+# Transport: TLS with the NSS bindings, straight from the databases
+# --------------------------------------------------------------------------
+
+_nss_contexts = {}
+
+
+def nss_modules():
+    try:
+        import nss.nss as nss
+        import nss.ssl as ssl
+        import nss.io as nio
+        import nss.error as nerror
+    except ImportError:
+        raise Error("the Python NSS bindings are missing (Debian: apt-get install "
+                    "python3-nss; elsewhere: pip install python-nss-ng)") from None
+    return nss, ssl, nio, nerror
+
+
+def open_databases(dbs):
+    """Open each database read-only in this process; NSS then trusts a peer
+    that any of them trusts."""
+    nss, ssl, _, nerror = nss_modules()
+    flags = nss.NSS_INIT_READONLY | nss.NSS_INIT_NOROOTINIT | nss.NSS_INIT_NOMODDB
+    for db in dbs:
+        if db.spec not in _nss_contexts:
+            try:
+                _nss_contexts[db.spec] = nss.nss_init_context(db.spec, flags=flags)
+            except nerror.NSPRError as e:
+                raise Error(f"cannot open certificate database {db.path}: {e.strerror}") from None
+    ssl.set_domestic_policy()
+
+
+def nss_interval(seconds):
+    return nss_modules()[2].seconds_to_interval(int(max(1, seconds)))
+
+
+@dataclasses.dataclass
+class Peer:
+    host: str
+    port: int
+    address: str = None
+
+    def __str__(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_server_spec(spec):
+    """HOST, HOST:PORT, IP:PORT or [IPv6]:PORT -> (host, port or None)."""
+    m = re.match(r"^\[([0-9A-Fa-f:.%\w]+)\](?::(\d+))?$", spec)
+    if m:
+        host, port = m.group(1), m.group(2)
+    elif spec.count(":") == 1:
+        host, port = spec.split(":")
+    else:
+        host, port = spec, None  # a bare IPv6 address has no port
+    if not host:
+        raise Error(f"--server={spec}: no host name")
+    if port is not None:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise Error(f"--server={spec}: invalid port '{port}'")
+        port = int(port)
+    return host, port
+
+
+def tls_connect(peer, timeout=CONNECT_TIMEOUT):
+    """A TLS socket to peer whose certificate a database trusts; returns
+    (socket, peer certificate DER)."""
+    nss, ssl, nio, nerror = nss_modules()
+    verdict = {}
+
+    def auth_certificate(sock, check_sig, is_server, certdb):
+        cert = sock.get_peer_certificate()
+        verdict["der"] = bytes(cert.der_data)
+        try:
+            cert.verify_now(certdb, check_sig, nss.certificateUsageSSLServer)
+        except nerror.NSPRError as e:
+            verdict["why"] = certificate_problem(e, cert)
+            return False
+        if not cert.verify_hostname(peer.host):
+            warn(f"server {peer} presents a certificate for "
+                 f"{', '.join(alt_names(cert)) or 'no DNS name'}; trusted by the database anyway")
+        return True
+
+    addresses = resolve(peer)
+    last = None
+    for family, addr in addresses:
+        raw = socket.socket(family, socket.SOCK_STREAM)
+        raw.settimeout(timeout)
+        try:
+            raw.connect(addr)
+        except OSError as e:
+            raw.close()
+            last = f"cannot connect to {peer}: {e.strerror or e}"
+            continue
+        sock = ssl.SSLSocket.import_tcp_socket(raw.detach())
+        sock.set_ssl_option(ssl.SSL_SECURITY, True)
+        sock.set_ssl_option(ssl.SSL_HANDSHAKE_AS_CLIENT, True)
+        sock.set_ssl_version_range("tls1.2", "tls1.3")
+        sock.set_hostname(peer.host)
+        sock.set_auth_certificate_callback(auth_certificate, nss.get_default_certdb())
+        sock.reset_handshake(False)
+        try:
+            sock.force_handshake_timeout(nss_interval(timeout))
+        except nerror.NSPRError as e:
+            sock.close()
+            if "why" in verdict:
+                raise Error(f"server {peer} refused: {verdict['why']}") from None
+            raise Error(f"TLS handshake with {peer} failed: {e.strerror}") from None
+        peer.address = addr[0]
+        return sock, verdict["der"]
+    raise Error(last or f"cannot resolve {peer.host}")
+
+
+def resolve(peer):
+    try:
+        infos = socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise Error(f"cannot resolve server host {peer.host}: {e.strerror}") from None
+    return [(fam, sa) for fam, _, _, _, sa in infos]
+
+
+def certificate_problem(err, cert):
+    text = err.strerror or str(err)
+    if "EXPIRED" in str(err) or "expired" in text.lower():
+        return f"its certificate expired on {cert.valid_not_after_str}"
+    return (f"its certificate (serial {colon_hex(cert.serial_number)}) is not trusted "
+            f"by any client database ({text}); trust it with stap-add-server-cert")
+
+
+def alt_names(cert):
+    nss = nss_modules()[0]
+    try:
+        ext = cert.get_extension(nss.SEC_OID_X509_SUBJECT_ALT_NAME)
+        return list(nss.x509_alt_name(ext.value))
+    except Exception:  # no such extension
+        return []
+
+
+def colon_hex(serial):
+    h = format(serial, "x")
+    h = ("0" if len(h) % 2 else "") + h
+    return ":".join(h[i:i + 2] for i in range(0, len(h), 2))
+
+
+def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_bytes):
+    """Send the framed request; read the reply to EOF."""
+    _, _, nio, nerror = nss_modules()
+    try:
+        sock.sendall(len(request).to_bytes(4, "big", signed=True) + request,
+                     nss_interval(CONNECT_TIMEOUT + len(request) / 1e6))
+        chunks, size, deadline = [], 0, time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Error(f"no complete reply within {timeout} s")
+            chunk = sock.recv(1 << 16, nss_interval(left))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise Error(f"reply larger than {limit} bytes")
+    except nerror.NSPRError as e:
+        if e.errno == nerror.PR_END_OF_FILE_ERROR:
+            pass  # the peer closed without close_notify: judged by the archive
+        else:
+            raise Error(f"transfer failed: {e.strerror}") from None
+    finally:
+        sock.close()
+    if not chunks:
+        raise Error("server closed the connection without a reply")
+    return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ServerRecord:
+    host: str
+    address: str
+    port: int
+    sysinfo: str = ""
+    txt: dict = dataclasses.field(default_factory=dict)
+    name: str = ""
+
+    @property
+    def version(self):
+        return self.txt.get("version", "")
+
+
+def find_servers(all_servers=False, timeout=1.0, sysinfo=None):
+    """Servers advertised on the local network (filled in by the discovery layer)."""
+    return []
+
+
+def format_server_line(rec):
+    extra = "".join(f" '{k}={v}'" for k, v in sorted(rec.txt.items()) if k != "sysinfo")
+    return f"{rec.host} {rec.address} {rec.port} 'sysinfo={rec.sysinfo}'{extra}"
+
+
+# --------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------
+
+CLIENT_USAGE = """\
+usage: stap-client [--server=HOST[:PORT]]... [--ssl=DIR]... [STAP OPTIONS] [SCRIPT | -e TEXT] [ARGS]
+
+Runs passes 1-4 of stap on a trusted compile server and pass 5 here with
+staprun ($SYSTEMTAP_STAPRUN overrides which program).  Takes stap's options
+(see stap --help) and:
+  --server=HOST[:PORT]  use this server (repeatable, tried in order); no port:
+                        the port HOST advertises.  IPv6: [ADDR]:PORT
+  --ssl=DIR             also trust servers in this client database (searched first)
+Also runs as: python3 stap_client.py stap-client ARGS...
+"""
+
+
+def stap_client(argv):
+    inv = parse_stap_args(argv)
+    if inv.help:
+        print(CLIENT_USAGE, end="")
+        return 0
+    if inv.version:
+        print(f"stap-client (systemtap compile-server protocol {PROTOCOL_VERSION})")
+        return 0
+    dbs = client_databases(inv.ssl_dirs)
+    request = build_request(inv)
+    tmp = tempfile.mkdtemp(prefix="stap-client.")  # mode 0700
+    try:
+        reply = compile_anywhere(inv, request, dbs, tmp)
+        sys.stdout.buffer.write(reply.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(reply.stderr)
+        sys.stderr.flush()
+        if reply.rc != 0:
+            return 1
+        if inv.last_pass >= 4 and reply.module is None:
+            raise Error("server reported success but sent no module")
+        if inv.last_pass == 4 or (inv.module_name and reply.module):
+            deliver_module(reply.module)
+        if inv.last_pass == 5:
+            return run_staprun(inv, reply.module)
+        return 0
+    finally:
+        if inv.keep:
+            print(f"Keeping temporary directory \"{tmp}\"", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compile_anywhere(inv, request, dbs, tmp):
+    """Try each candidate server in turn; the first complete reply wins."""
+    open_databases(dbs)
+    reasons = []
+    for n, peer in enumerate(candidate_servers(inv)):
+        attempt = os.path.join(tmp, f"server{n}")
+        os.mkdir(attempt, 0o700)
+        try:
+            sock, peer_der = tls_connect(peer)
+            reply = read_reply(exchange(sock, request), attempt, peer_der, dbs)
+        except Error as e:
+            reasons.append(f"{peer}: {e}")
+            warn(f"{peer}: {e}")
+            shutil.rmtree(attempt, ignore_errors=True)
+            continue
+        if reply.busy:
+            reasons.append(f"{peer}: {BUSY_MESSAGE}")
+            continue
+        return reply
+    if not reasons:
+        raise Error("no compile server found for " + local_sysinfo(inv.release, inv.arch)
+                    + "; start one with stap-start-server or name one with --server")
+    raise Error("no server could compile the script (" + "; ".join(reasons) + ")")
+
+
+def candidate_servers(inv):
+    """--server options in order; else the compatible servers discovery finds."""
+    target = local_sysinfo(inv.release, inv.arch)
+    if inv.servers:
+        for spec in inv.servers:
+            host, port = parse_server_spec(spec)
+            if port is not None:
+                yield Peer(host, port)
+                continue
+            found = [r for r in find_servers(all_servers=True, sysinfo=target)
+                     if host in (r.host, r.host.split(".")[0], r.address)]
+            if not found:
+                warn(f"--server={spec}: no advertised server on host {host}")
+            for rec in found:
+                yield Peer(rec.address, rec.port)
+        return
+    for rec in find_servers(sysinfo=target):
+        yield Peer(rec.address, rec.port)
+
+
+def deliver_module(module):
+    """Put the module (and its signature) in the current directory, as stap does."""
+    for path in (module, module + ".sgn"):
+        if os.path.exists(path):
+            shutil.copyfile(path, os.path.basename(path))
+
+
+def run_staprun(inv, module):
+    """Pass 5: staprun on the received module; its failure is ours."""
+    argv = staprun_argv(inv, module)
+    try:
+        proc = subprocess.Popen(argv)
+    except OSError as e:
+        raise Error(f"cannot run {argv[0]}: {e.strerror}") from None
+    forward = lambda signum, frame: proc.send_signal(signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if rc != 0:
+        print(f"{PROG}: ERROR: {os.path.basename(argv[0])} exited with status {rc}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def stap_find_servers(argv):
+    """List servers; only compatible ones unless --all.  Other arguments are ignored."""
+    records = find_servers(all_servers="--all" in argv)
+    for rec in records:
+        print(format_server_line(rec))
+    return 0 if records else 1
+
+
+def stap_add_server_cert(argv):
+    """Trust CERTFILE in the client database in DIRNAME (created if missing)."""
+    if len(argv) != 2:
+        raise Error("usage: stap-add-server-cert CERTFILE DIRNAME")
+    certfile, dirname = argv
+    if not os.path.isfile(certfile):
+        raise Error(f"certificate file {certfile} does not exist")
+    der = read_certificate_file(certfile)
+    db = CertDB(dirname)
+    if not db.exists():
+        world = os.path.abspath(dirname) == os.path.abspath(global_client_db_path())
+        db.create(mode=0o755, world_readable=world)
+    db.add_trusted_server(der)
+    return 0
+
+
+COMMANDS = {
+    "stap-client": stap_client,
+    "stap-find-servers": stap_find_servers,
+    "stap-add-server-cert": stap_add_server_cert,
+}
+
+
+def dispatch(commands, argv):
+    """Run the command named by argv[0], or by argv[1] when argv[0] is this file."""
+    global PROG
+    name = os.path.basename(argv[0])
+    args = argv[1:]
+    if name not in commands and args and args[0] in commands:
+        name, args = args[0], args[1:]
+    if name not in commands:
+        print(f"usage: {os.path.basename(argv[0])} COMMAND [ARGS]; COMMAND is one of: "
+              + ", ".join(sorted(commands)), file=sys.stderr)
+        return 1
+    PROG = name
+    try:
+        return commands[name](args)
+    except Error as e:
+        print(f"{name}: ERROR: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main():
+    sys.exit(dispatch(COMMANDS, sys.argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,896 @@
+#!/usr/bin/python3
+"""Server side of the systemtap compile server.
+
+Commands (chosen by the name this file is run under, or by the first
+argument when run as ``python3 stap_server.py COMMAND ...``):
+
+  stap-serverd [OPTIONS]               the server itself, in the foreground
+  stap-start-server [OPTIONS]          start stap-serverd detached; print its pid
+  stap-stop-server PID                 stop a server started by stap-start-server
+  stap-find-or-start-server [OPTIONS]  0 if a compatible server exists, else start one
+
+Data flows top to bottom: options -> the server certificate -> a request
+(TLS, archive, the real stap) -> the reply -> the listener -> commands.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import stap_client as client
+from stap_client import CertDB, Error, Limits
+
+PROG = "stap-serverd"
+RENEW_BEFORE = 30 * 86400  # renew a certificate expiring within 30 days
+START_TIMEOUT = 30  # stap-start-server's bound, key generation included
+RESPONSE_DIR = "stap000000"  # the one module directory of a reply
+
+# --------------------------------------------------------------------------
+# Server configuration
+# --------------------------------------------------------------------------
+
+
+def build_option_parser(prog):
+    p = argparse.ArgumentParser(
+        prog=prog, description="A systemtap compile server: runs stap passes 1-4 for "
+        "trusted clients over TLS and returns a signed reply.",
+        epilog="Also runs as: python3 stap_server.py stap-serverd OPTIONS")
+    p.add_argument("--port", type=int, default=0, help="TCP port (default: one the kernel picks)")
+    p.add_argument("--listen", default="::", metavar="ADDR",
+                   help="address to listen on (default: every address, IPv4 and IPv6)")
+    p.add_argument("--ssl", metavar="DIR", help="server certificate database "
+                   "(default: $sysconfdir/systemtap/ssl/server for root, "
+                   "$SYSTEMTAP_DIR/ssl/server otherwise)")
+    p.add_argument("--log", metavar="FILE", help="log file")
+    p.add_argument("-r", dest="releases", action="append", default=[], metavar="RELEASE",
+                   help="serve this kernel release (repeatable; default: the running kernel)")
+    p.add_argument("-a", dest="arch", help="serve this architecture (default: this machine's)")
+    p.add_argument("-R", dest="runtime", metavar="DIR", help="stap runtime directory")
+    p.add_argument("-I", dest="includes", action="append", default=[], metavar="DIR",
+                   help="extra tapset directory (repeatable)")
+    p.add_argument("-B", dest="kbuild", action="append", default=[], metavar="OPT",
+                   help="option for kbuild make (repeatable)")
+    p.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME=VAL",
+                   help="macro for the generated C code (repeatable)")
+    p.add_argument("--max-threads", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="concurrent compiles (default: CPU count)")
+    p.add_argument("--queue", type=int, default=None, metavar="N",
+                   help="requests waiting for a compile slot before 'busy' (default: 2 x threads)")
+    p.add_argument("--user", metavar="NAME",
+                   help="account that runs stap when started as root (default: stap-server "
+                   "if it exists, else nobody)")
+    p.add_argument("--max-request-size", type=int, default=16 << 20, metavar="BYTES")
+    p.add_argument("--max-unpacked-size", type=int, default=256 << 20, metavar="BYTES")
+    p.add_argument("--io-timeout", type=float, default=30, metavar="SECONDS",
+                   help="TLS handshake and request read limit (default 30)")
+    p.add_argument("--compile-timeout", type=float, default=900, metavar="SECONDS",
+                   help="wall-clock limit of one stap run (default 900)")
+    p.add_argument("--tmpdir", metavar="DIR", help="where request directories go")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="stap's cache for the compile account when started as root")
+    p.add_argument("--advertise", choices=("auto", "avahi", "mdns", "none"), default="auto",
+                   help="how to announce the server (default: avahi if running, else built-in mDNS)")
+    return p
+
+
+@dataclasses.dataclass
+class Config:
+    port: int
+    listen: str
+    db: CertDB
+    log: str
+    releases: list
+    arch: str
+    stap_options: list  # server-wide options for every stap run
+    max_threads: int
+    queue: int
+    user: str
+    limits: Limits
+    max_request: int
+    io_timeout: float
+    compile_timeout: float
+    tmpdir: str
+    cache_dir: str
+    advertise: str
+
+
+def state_dir(kind):
+    """Where status ("run") and log ("log") files live for this user."""
+    if client.is_root():
+        return {"run": "/run/stap-server", "log": "/var/log/stap-server"}[kind]
+    return os.path.join(client.systemtap_dir(), kind)
+
+
+def status_path(pid):
+    return os.path.join(state_dir("run"), f"stap-serverd.{pid}.json")
+
+
+def parse_config(argv, prog=PROG):
+    opts = build_option_parser(prog).parse_args(argv)
+    if opts.max_threads < 1:
+        raise Error("--max-threads must be at least 1")
+    arch = opts.arch or os.uname().machine
+    releases = served_releases(opts.releases)
+    stap_options = []
+    if opts.runtime:
+        stap_options += ["-R", os.path.abspath(opts.runtime)]
+    for d in opts.includes:
+        stap_options += ["-I", os.path.abspath(d)]
+    stap_options += [x for b in opts.kbuild for x in ("-B", b)]
+    stap_options += [x for d in opts.defines for x in ("-D", d)]
+    limits = Limits(max_total_bytes=opts.max_unpacked_size,
+                    max_entry_bytes=min(Limits.max_entry_bytes, opts.max_unpacked_size))
+    return Config(
+        port=opts.port, listen=opts.listen,
+        db=CertDB(opts.ssl or client.server_db_path()),
+        log=opts.log or os.path.join(state_dir("log"), "stap-server.log"),
+        releases=releases, arch=arch, stap_options=stap_options,
+        max_threads=opts.max_threads,
+        queue=2 * opts.max_threads if opts.queue is None else opts.queue,
+        user=compile_user(opts.user), limits=limits, max_request=opts.max_request_size,
+        io_timeout=opts.io_timeout, compile_timeout=opts.compile_timeout,
+        tmpdir=opts.tmpdir or tempfile.gettempdir(),
+        cache_dir=opts.cache_dir or "/var/cache/stap-server", advertise=opts.advertise)
+
+
+def served_releases(requested):
+    """The requested releases (default: the running one) that have a build tree."""
+    releases = requested or [os.uname().release]
+    usable = [r for r in releases if os.path.isdir(f"/lib/modules/{r}/build")]
+    missing = sorted(set(releases) - set(usable))
+    if not usable:
+        raise Error(f"no kernel build tree for {', '.join(missing)} "
+                    "(install its headers, or name an installed release with -r)")
+    for r in missing:
+        logging.warning("not serving %s: no build tree /lib/modules/%s/build", r, r)
+    return usable
+
+
+def compile_user(name):
+    """The unprivileged account a root server compiles as; None: as ourselves."""
+    if not client.is_root():
+        if name:
+            raise Error("--user needs a server started by root")
+        return None
+    for candidate in ([name] if name else ["stap-server", "nobody"]):
+        try:
+            return pwd.getpwnam(candidate).pw_name
+        except KeyError:
+            continue
+    raise Error(f"no such user: {name}")
+
+
+# --------------------------------------------------------------------------
+# The server certificate
+# --------------------------------------------------------------------------
+
+def ensure_server_certificate(db, log=logging):
+    """The server's certificate DER: made on first start, renewed when it
+    expires within 30 days; trusted in the local client database."""
+    if not db.exists():
+        log.info("creating certificate database %s", db.path)
+        db.create(mode=0o700)
+    db.check_permissions(owner=os.geteuid(), secret=True)
+    der = newest_certificate(db)
+    if der is None or expires_within(der, RENEW_BEFORE):
+        der = generate_certificate(db)
+        log.info("new server certificate, sha256 fingerprint %s", client.fingerprint(der))
+    write_certificate_file(db, der)
+    trust_locally(der, log)
+    return der
+
+
+def newest_certificate(db):
+    ders = db.certificates()
+    return max(ders, key=not_after) if ders else None
+
+
+def not_after(der):
+    """Expiry of a certificate as a Unix time (parsed from the DER, no tool needed)."""
+    import ssl as pyssl
+    # The validity's second time is the notAfter; both are UTCTime (tag 0x17)
+    # or GeneralizedTime (0x18) inside the TBSCertificate.
+    times = re.findall(rb"[\x17\x18]([\x0d\x0f])(\d{12,14}Z)", der)
+    if len(times) < 2:
+        raise Error("cannot read the certificate's validity")
+    stamp = times[1][1].decode()
+    fmt = "%y%m%d%H%M%SZ" if len(stamp) == 13 else "%Y%m%d%H%M%SZ"
+    return pyssl.cert_time_to_seconds(time.strftime("%b %d %H:%M:%S %Y GMT",
+                                                    time.strptime(stamp, fmt)))
+
+
+def expires_within(der, seconds):
+    return not_after(der) - time.time() < seconds
+
+
+def generate_certificate(db):
+    """A self-signed RSA-3072/SHA-256 certificate valid for a year, with a
+    random serial; the subject is the one every stap server shares."""
+    host = socket.gethostname()
+    short = host.split(".")[0]
+    names = ",".join(f"dns:{n}" for n in dict.fromkeys([host, f"{short}.local", "localhost"]))
+    noise = os.path.join(db.path, "noise")
+    with open(os.open(noise, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(secrets.token_bytes(2048))
+    try:
+        for old in db.certificates():  # renewal: the old key and certificate go
+            client.certutil(db, "-F", "-n", client.SERVER_NICKNAME, check=False)
+        client.certutil(db, "-S", "-n", client.SERVER_NICKNAME, "-s", client.SERVER_SUBJECT,
+                        "-x", "-t", "P,P,P", "-k", "rsa", "-g", "3072", "-Z", "SHA256",
+                        "-v", "12", "-m", str(secrets.randbelow(2**31 - 2) + 1),
+                        "-z", noise, "--extSAN", names)
+    finally:
+        os.unlink(noise)
+    der = newest_certificate(db)
+    if der is None:
+        raise Error(f"certutil made no certificate in {db.path}")
+    return der
+
+
+def write_certificate_file(db, der):
+    path = os.path.join(db.path, client.SERVER_CERT_FILE)
+    try:
+        with open(path, "rb") as f:
+            if f.read() == der:
+                return
+    except FileNotFoundError:
+        pass
+    tmp = path + ".new"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as f:
+        f.write(der)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def trust_locally(der, log=logging):
+    """Trust our certificate in this user's (root: every user's) client
+    database, creating it if missing and never wiping it."""
+    db = CertDB(client.local_client_db_path())
+    if not db.exists():
+        db.create(mode=0o755, world_readable=client.is_root())
+    if der not in db.certificates():
+        db.add_trusted_server(der)
+        log.info("trusted the server certificate in %s", db.path)
+
+
+# --------------------------------------------------------------------------
+# Request handling: archive in, the real stap, reply out
+# --------------------------------------------------------------------------
+
+# Options a client may not give, and why.
+FORBIDDEN = {"-R": "names a runtime directory", "--tmpdir": "names a directory",
+             "--sysroot": "names a directory", "--remote": "runs elsewhere",
+             "--use-server": "asks for a server", "--list-servers": "asks for servers",
+             "--trust-servers": "changes trust", "--client-options": "is the server's",
+             "--poison-cache": "damages the cache", "--clean-cache": "damages the cache"}
+PATH_OPTIONS = {"-I", "-d"}  # their values must stay inside the request
+
+
+@dataclasses.dataclass
+class Request:
+    version: str
+    release: str
+    arch: str
+    args: list
+    env: dict
+    lowered: bool  # the client wants pass 5, which it runs itself
+
+
+def parse_request(top, config):
+    """Read an unpacked request; raise Error with the line the client sees."""
+    read = lambda n: client.read_entry(top, n)
+    version = (read("version") or b"").decode(errors="replace").strip() or "1.0"
+    sysinfo = (read("sysinfo") or b"").decode(errors="replace").strip()
+    m = re.match(r"^sysinfo:\s*(\S+)\s+(\S+)$", sysinfo)
+    if not m:
+        raise Error("request has no valid sysinfo entry")
+    args, n = [], 1
+    while (arg := read(f"argv{n}")) is not None:
+        args.append(arg.decode("utf-8", "surrogateescape"))
+        n += 1
+    if not args:
+        raise Error("request has no argv1 entry")
+    release, arch = m.group(1), m.group(2)
+    args, release, lowered = client_arguments(args, top, release)
+    if release not in config.releases or arch != config.arch:
+        raise Error(f"this server does not serve {release} {arch} (it serves "
+                    + ", ".join(f"{r} {config.arch}" for r in config.releases) + ")")
+    return Request(version, release, arch, args, locale_env(read("locale")), lowered)
+
+
+def client_arguments(args, top, release):
+    """Check the client's stap arguments and return (arguments to pass,
+    release, lowered): no forbidden options, paths inside the request,
+    pass 5 (a real client sends no -p for it) lowered to 4, -k dropped."""
+    tokens = client.scan_stap_args(args)
+    out, operands, script_given, listing = [], [], False, False
+    last_pass = None
+    for kind, name, *value in tokens:
+        value = value[0] if value else None
+        if kind == "arg":
+            operands.append(name)
+            continue
+        if name in FORBIDDEN:
+            raise Error(f"option {name} is not allowed: it {FORBIDDEN[name]} on the server")
+        if name in ("-k", "-o"):
+            continue  # local matters of the client
+        if name == "-r":
+            if "/" in value:
+                raise Error(f"-r {value}: a build tree path is not allowed; give a release")
+            release = value
+            continue  # the server supplies -r itself
+        if name in PATH_OPTIONS:
+            confine(value, top, name)
+        if name == "-m" and not re.match(r"^[A-Za-z0-9_]+$", value):
+            raise Error(f"-m {value}: a module name is letters, digits and underscores")
+        if name == "-p":
+            last_pass = value
+            value = "4" if value == "5" else value
+        script_given |= name == "-e"
+        listing |= name in ("-l", "-L")
+        out.append(name + (value if value is not None else "") if not name.startswith("--")
+                   else name + ("" if value is None else "=" + value))
+    if not script_given and operands and not listing:
+        confine(operands[0], top, "script")
+        out.append(operands.pop(0))
+    lowered = last_pass in (None, "5") and not listing
+    if last_pass is None and lowered:
+        out.append("-p4")
+    if operands:
+        out += ["--"] + operands
+    return out, release, lowered
+
+
+def confine(path, top, what):
+    real = os.path.realpath(os.path.join(top, path))
+    if not (real + os.sep).startswith(os.path.realpath(top) + os.sep) or not os.path.exists(real):
+        raise Error(f"{what} path {path} is not inside the request")
+
+
+LOCALE_KEYS = re.compile(r"^(LANG|LC_[A-Z]+)$")
+
+
+def locale_env(data):
+    env = {}
+    for line in (data or b"").decode(errors="replace").splitlines():
+        key, eq, value = line.partition("=")
+        if eq and LOCALE_KEYS.match(key) and client.LOCALE_VALUE.match(value):
+            env[key] = value
+    return env
+
+
+def stap_argv(config, req, reqdir):
+    """The real stap, as an argument list: the server's options, a private
+    --tmpdir, --client-options, then the client's arguments."""
+    return ([os.environ.get("SYSTEMTAP_STAP") or "stap", "-r", req.release, "-a", req.arch]
+            + config.stap_options
+            + [f"--tmpdir={os.path.join(reqdir, 'tmp')}", "--client-options"] + req.args)
+
+
+def compile_env(config, req):
+    home = (os.path.join(config.cache_dir, config.user) if config.user
+            else os.path.dirname(client.systemtap_dir()))
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home,
+           "SYSTEMTAP_DIR": os.path.join(home, ".systemtap") if config.user
+           else client.systemtap_dir(), "LANG": "C.UTF-8"}
+    env.update(req.env)
+    return env
+
+
+@dataclasses.dataclass
+class Outcome:
+    rc: int
+    stdout: bytes
+    stderr: bytes
+    module: str = None
+
+
+def run_stap(config, req, reqdir):
+    """One stap run in its own process group, as the compile account, with a
+    wall-clock limit; stdin is /dev/null and cwd the request directory."""
+    argv = stap_argv(config, req, reqdir)
+    env = compile_env(config, req)
+    os.mkdir(os.path.join(reqdir, "tmp"), 0o700)
+    account = {}
+    if config.user:
+        pw = pwd.getpwnam(config.user)
+        account = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+        prepare_compile_home(env["HOME"], pw)
+        for root, dirs, files in os.walk(reqdir):
+            for n in [root] + [os.path.join(root, f) for f in dirs + files]:
+                os.lchown(n, pw.pw_uid, pw.pw_gid)
+    out_path, err_path = os.path.join(reqdir, "stdout"), os.path.join(reqdir, "stderr")
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        try:
+            proc = subprocess.Popen(argv, cwd=os.path.join(reqdir, "request"),
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                                    start_new_session=True, **account)
+        except OSError as e:
+            raise Error(f"cannot run stap: {e.strerror}") from None
+        try:
+            rc = proc.wait(timeout=config.compile_timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            rc, timed_out = 1, True
+    stdout, stderr = (open(p, "rb").read() for p in (out_path, err_path))
+    if timed_out:
+        stderr += f"stap-serverd: ERROR: compile exceeded {config.compile_timeout:g} s\n".encode()
+    return Outcome(rc=1 if rc else 0, stdout=stdout, stderr=stderr,
+                   module=find_module(os.path.join(reqdir, "tmp")) if rc == 0 else None)
+
+
+def prepare_compile_home(home, pw):
+    if not os.path.isdir(home):
+        os.makedirs(home, 0o700)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+
+
+def kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def find_module(tmp):
+    mods = [os.path.join(tmp, n) for n in sorted(os.listdir(tmp)) if n.endswith(".ko")]
+    return mods[0] if len(mods) == 1 else None
+
+
+def hide_paths(data, paths):
+    for p in sorted(paths, key=len, reverse=True):
+        data = data.replace(p.encode(), b"<server>")
+    return data
+
+
+def reply_from_outcome(outcome, req, reqdir, config):
+    """Reply entries for a finished stap run; the module path line becomes
+    the module's name (or goes, when the client asked for pass 5)."""
+    env_home = compile_env(config, req)["HOME"]
+    lines = []
+    for line in outcome.stdout.splitlines(keepends=True):
+        if line.rstrip(b"\n").endswith(b".ko") and outcome.module:
+            if req.lowered:
+                continue
+            line = os.path.basename(outcome.module).encode() + b"\n"
+        lines.append(line)
+    hide = [reqdir, env_home]
+    return (outcome.rc, hide_paths(b"".join(lines), hide),
+            hide_paths(outcome.stderr, hide), outcome.module)
+
+
+def write_reply(respdir, version, rc, stdout, stderr, module=None):
+    os.makedirs(respdir, 0o700)
+    for name, data in (("version", version.encode()), ("rc", str(rc).encode()),
+                       ("stdout", stdout), ("stderr", stderr)):
+        with open(os.path.join(respdir, name), "wb") as f:
+            f.write(data)
+    if module:
+        moddir = os.path.join(respdir, RESPONSE_DIR)
+        os.mkdir(moddir, 0o755)
+        for p in (module, module + ".sgn"):
+            if os.path.exists(p):
+                shutil.copyfile(p, os.path.join(moddir, os.path.basename(p)))
+
+
+def sign_reply(db, respdir):
+    """The reply as a JAR signed with the server key (signtool writes
+    META-INF/ into respdir, which is ours to spoil)."""
+    jar = respdir + ".jar"
+    client.signtool(db, "-k", client.SERVER_NICKNAME, "-Z", jar, respdir)
+    with open(jar, "rb") as f:
+        return f.read()
+
+
+def error_reply(db, workdir, version, message):
+    return make_reply(db, workdir, version, 1, b"",
+                      f"stap-serverd: ERROR: {message}\n".encode())
+
+
+def make_reply(db, workdir, version, rc, stdout, stderr, module=None):
+    respdir = os.path.join(workdir, "response")
+    write_reply(respdir, version, rc, stdout, stderr, module)
+    return sign_reply(db, respdir)
+
+
+def handle_request(data, config, version, log_fields):
+    """The signed reply bytes for one framed request body; never raises for
+    a bad request (the client gets rc 1 and the reason)."""
+    reqdir = tempfile.mkdtemp(prefix="stap-server.", dir=config.tmpdir)  # 0700
+    try:
+        try:
+            top = os.path.join(reqdir, "request")
+            os.mkdir(top, 0o700)
+            client.extract_archive(client.open_archive(data), top, config.limits)
+            req = parse_request(top, config)
+        except Error as e:
+            log_fields.update(rc=1, error=str(e))
+            return error_reply(config.db, reqdir, version, str(e))
+        log_fields.update(version=req.version, release=req.release,
+                          options=" ".join(req.args))
+        outcome = run_stap(config, req, reqdir)
+        rc, stdout, stderr, module = reply_from_outcome(outcome, req, reqdir, config)
+        log_fields.update(rc=rc)
+        return make_reply(config.db, reqdir, version, rc, stdout, stderr, module)
+    finally:
+        shutil.rmtree(reqdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# The listener: TLS connections, a bounded pool of compiles, shutdown
+# --------------------------------------------------------------------------
+
+class CompileServer:
+    """Accepts TLS connections; each is handled in its own thread, and
+    compiles run at most max_threads at once with a bounded queue."""
+
+    def __init__(self, config, der):
+        self.config = config
+        self.der = der
+        self.version = stap_version()
+        self.compiles = threading.Semaphore(config.max_threads)
+        self.waiting_lock = threading.Lock()
+        self.admitted = 0  # running plus queued compiles
+        self.connections = threading.BoundedSemaphore(4 * (config.max_threads + config.queue) + 8)
+        self.stopping = threading.Event()
+        self.threads = set()
+        self.listener = None
+        self.init_tls()
+
+    # --- TLS ---------------------------------------------------------------
+    def init_tls(self):
+        nss, ssl, nio, nerror = client.nss_modules()
+        try:
+            nss.nss_init(self.config.db.spec)
+        except nerror.NSPRError as e:
+            raise Error(f"cannot open server database {self.config.db.path}: {e.strerror}")
+        ssl.set_domestic_policy()
+        ssl.config_server_session_id_cache()
+        self.load_key()
+
+    def load_key(self):
+        nss = client.nss_modules()[0]
+        for cert in nss.find_certs_from_nickname(client.SERVER_NICKNAME) \
+                if hasattr(nss, "find_certs_from_nickname") else \
+                [nss.find_cert_from_nickname(client.SERVER_NICKNAME)]:
+            if bytes(cert.der_data) == self.der:
+                self.cert, self.key = cert, nss.find_key_by_any_cert(cert)
+                return
+        raise Error("the server certificate is not in its database")
+
+    def accept_tls(self, conn):
+        """Wrap an accepted socket in server-side TLS and shake hands."""
+        _, ssl, _, _ = client.nss_modules()
+        conn.settimeout(None)
+        sock = ssl.SSLSocket.import_tcp_socket(conn.detach())
+        sock.set_ssl_option(ssl.SSL_SECURITY, True)
+        sock.set_ssl_option(ssl.SSL_HANDSHAKE_AS_SERVER, True)
+        sock.set_ssl_version_range("tls1.2", "tls1.3")
+        sock.config_secure_server(self.cert, self.key, self.cert.find_kea_type())
+        sock.reset_handshake(True)
+        sock.force_handshake_timeout(client.nss_interval(self.config.io_timeout))
+        return sock
+
+    # --- one connection ------------------------------------------------------
+    def handle_connection(self, conn, address):
+        _, _, nio, nerror = client.nss_modules()
+        started = time.monotonic()
+        fields = {"client": format_address(address)}
+        sock = None
+        try:
+            sock = self.accept_tls(conn)
+            data = self.read_request(sock, fields)
+            if data is not None:
+                reply = self.answer(data, fields)
+                sock.sendall(reply, client.nss_interval(self.config.io_timeout + len(reply) / 1e5))
+                sock.shutdown(nio.PR_SHUTDOWN_BOTH)
+        except nerror.NSPRError as e:
+            fields.setdefault("error", e.strerror)
+        except Error as e:
+            fields.setdefault("error", str(e))
+        finally:
+            if sock is not None:
+                sock.close()
+            else:
+                conn.close()
+            fields["seconds"] = f"{time.monotonic() - started:.3f}"
+            logging.info("request %s", " ".join(f"{k}={v!r}" for k, v in fields.items()))
+
+    def read_request(self, sock, fields):
+        """The request body, or None for a certificate-only probe or a bad frame."""
+        deadline = time.monotonic() + self.config.io_timeout
+        head = read_exactly(sock, 4, deadline)
+        size = int.from_bytes(head, "big", signed=True)
+        fields["size"] = size
+        if size == 0:
+            fields["error"] = "certificate fetch"
+            return None
+        if size < 0 or size > self.config.max_request:
+            fields["error"] = f"bad request size {size}"
+            return None
+        return read_exactly(sock, size, deadline + size / 1e5)
+
+    def answer(self, data, fields):
+        """Admit the request to a compile slot, or reply busy at once."""
+        with self.waiting_lock:
+            busy = self.admitted >= self.config.max_threads + self.config.queue
+            if not busy:
+                self.admitted += 1
+        if busy:
+            fields.update(rc=1, error="busy")
+            with tempfile.TemporaryDirectory(dir=self.config.tmpdir) as work:
+                return error_reply(self.config.db, work, self.version,
+                                   f"{client.BUSY_MESSAGE}: {self.config.max_threads} "
+                                   "compiles running and the queue is full; try again")
+        try:
+            with self.compiles:
+                return handle_request(data, self.config, self.version, fields)
+        finally:
+            with self.waiting_lock:
+                self.admitted -= 1
+
+    # --- accept loop -----------------------------------------------------------
+    def bind(self):
+        cfg = self.config
+        family = socket.AF_INET6 if ":" in cfg.listen else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.bind((cfg.listen, cfg.port))
+        except OSError as e:
+            sock.close()
+            raise Error(f"cannot listen on {cfg.listen} port {cfg.port}: {e.strerror}") from None
+        sock.listen(128)
+        self.listener = sock
+        return sock.getsockname()[1]
+
+    def serve_forever(self):
+        self.listener.settimeout(0.5)
+        while not self.stopping.is_set():
+            if not self.connections.acquire(timeout=0.5):
+                continue
+            try:
+                conn, address = self.listener.accept()
+            except (socket.timeout, OSError):
+                self.connections.release()
+                continue
+            t = threading.Thread(target=self.connection_thread, args=(conn, address), daemon=True)
+            self.threads.add(t)
+            t.start()
+
+    def connection_thread(self, conn, address):
+        try:
+            self.handle_connection(conn, address)
+        finally:
+            self.connections.release()
+            self.threads.discard(threading.current_thread())
+
+    def shutdown(self, grace=30):
+        """Stop accepting; let in-flight requests finish within grace seconds."""
+        self.stopping.set()
+        if self.listener:
+            self.listener.close()
+        deadline = time.monotonic() + grace
+        for t in list(self.threads):
+            t.join(max(0, deadline - time.monotonic()))
+
+
+def read_exactly(sock, n, deadline):
+    nerror = client.nss_modules()[3]
+    chunks, got = [], 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Error(f"timed out after {got} of {n} bytes")
+        try:
+            chunk = sock.recv(min(n - got, 1 << 16), client.nss_interval(left))
+        except nerror.NSPRError as e:
+            raise Error(f"read failed after {got} of {n} bytes: {e.strerror}") from None
+        if not chunk:
+            raise Error(f"connection closed after {got} of {n} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def format_address(address):
+    host, port = address[0], address[1]
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_stap_version = None
+
+
+def stap_version():
+    """The numeric version of the installed stap, e.g. 4.8 (the protocol level
+    a reply announces; real clients abort on a non-numeric one)."""
+    global _stap_version
+    if _stap_version is None:
+        out = client.run_tool([os.environ.get("SYSTEMTAP_STAP") or "stap", "-V"],
+                              check=False)
+        m = re.search(rb"version (\d+(?:\.\d+)*)", out.stdout + out.stderr)
+        _stap_version = m.group(1).decode() if m else client.PROTOCOL_VERSION
+    return _stap_version
+
+
+# --------------------------------------------------------------------------
+# Status files
+# --------------------------------------------------------------------------
+
+def write_status(config, port, der):
+    os.makedirs(state_dir("run"), 0o755, exist_ok=True)
+    status = {"pid": os.getpid(), "port": port, "fingerprint": client.fingerprint(der),
+              "releases": config.releases, "arch": config.arch, "uid": os.geteuid(),
+              "log": config.log, "database": config.db.path}
+    path = status_path(os.getpid())
+    with open(path + ".new", "w") as f:
+        json.dump(status, f)
+    os.replace(path + ".new", path)
+    return path
+
+
+def read_status(pid):
+    try:
+        with open(status_path(pid)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------
+
+def setup_logging(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), 0o755, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s stap-serverd[%(process)d] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def stap_serverd(argv):
+    """The server, in the foreground, until SIGTERM or SIGINT."""
+    config = parse_config(argv)
+    setup_logging(config.log)
+    logging.info("starting: %s", " ".join(sys.argv))
+    der = ensure_server_certificate(config.db)
+    server = CompileServer(config, der)
+    port = server.bind()
+    stop = lambda signum, frame: server.stopping.set()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = write_status(config, port, der)
+    logging.info("listening on %s port %d; serving %s; certificate sha256 %s",
+                 config.listen, port, ", ".join(config.releases), client.fingerprint(der))
+    try:
+        server.serve_forever()
+    finally:
+        server.shutdown()
+        os.unlink(status)
+        logging.info("stopped")
+    return 0
+
+
+def server_command(args):
+    """How to run stap-serverd from this file, whatever name it was run as."""
+    here = os.path.abspath(__file__)
+    sibling = os.path.join(os.path.dirname(here), "stap-serverd")
+    if os.path.exists(sibling) and os.path.realpath(sibling) == os.path.realpath(here):
+        return [sys.executable, sibling] + args
+    return [sys.executable, here, "stap-serverd"] + args
+
+
+def start_server(args, timeout=START_TIMEOUT):
+    """Start stap-serverd detached; return its pid once it accepts connections."""
+    config = parse_config(args, prog="stap-start-server")  # fail early on bad options
+    os.makedirs(os.path.dirname(os.path.abspath(config.log)), 0o755, exist_ok=True)
+    with open(config.log, "ab") as log:
+        proc = subprocess.Popen(server_command(args), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise Error(f"stap-serverd exited with status {proc.returncode}; see {config.log}")
+        if read_status(proc.pid):  # written once the socket listens
+            return proc.pid
+        time.sleep(0.02)
+    kill_group(proc)
+    raise Error(f"stap-serverd did not start within {timeout} s; see {config.log}")
+
+
+def stap_start_server(argv):
+    try:
+        pid = start_server(argv)
+    except Error as e:
+        print(f"stap-start-server: ERROR: {e}", file=sys.stderr)
+        return 1
+    print(pid)
+    return 0
+
+
+def stap_stop_server(argv):
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: stap-stop-server PID", file=sys.stderr)
+        return 1
+    pid = int(argv[0])
+    why = not_our_server(pid)
+    if why:
+        raise Error(f"{pid} is not a systemtap server ({why})")
+    os.kill(pid, signal.SIGTERM)
+    return 0
+
+
+def not_our_server(pid):
+    """Why pid is not a running stap-serverd of this product that the caller
+    may stop; None when it is one."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        owner = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return "no such process"
+    if not is_serverd_cmdline(cmdline):
+        return "it is another program"
+    if owner != os.geteuid() and not client.is_root():
+        return "it belongs to another user"
+    return None
+
+
+def is_serverd_cmdline(cmdline):
+    """python3 .../stap-serverd ... or python3 .../stap_server.py stap-serverd ..."""
+    if len(cmdline) < 2 or not os.path.basename(cmdline[0]).startswith("python"):
+        return False
+    script = os.path.basename(cmdline[1])
+    return script == "stap-serverd" or (
+        script == "stap_server.py" and len(cmdline) > 2 and cmdline[2] == "stap-serverd")
+
+
+def stap_find_or_start_server(argv):
+    if client.find_servers():
+        print(0)
+        return 0
+    try:
+        pid = start_server(argv)
+    except Error as e:
+        print(f"stap-find-or-start-server: ERROR: {e}", file=sys.stderr)
+        print(-1)
+        return 1
+    print(pid)
+    return 0
+
+
+COMMANDS = {
+    "stap-serverd": stap_serverd,
+    "stap-start-server": stap_start_server,
+    "stap-stop-server": stap_stop_server,
+    "stap-find-or-start-server": stap_find_or_start_server,
+}
+
+
+def main():
+    sys.exit(client.dispatch(COMMANDS, sys.argv))
+
+
+if __name__ == "__main__":
+    main()
