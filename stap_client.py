@@ -14,20 +14,34 @@ server module; the server imports this one.
 """
 
 import dataclasses
+import fcntl
 import hashlib
 import io
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import ssl as pyssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+
+try:  # only the multicast DNS fallback of discovery needs dnspython
+    import dns.flags
+    import dns.message
+    import dns.name
+    import dns.rdata
+    import dns.rdataclass
+    import dns.rdatatype
+    import dns.rrset
+except ImportError:
+    dns = None
 
 # --------------------------------------------------------------------------
 # Constants and errors
@@ -883,28 +897,497 @@ def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_byte
 # Discovery
 # --------------------------------------------------------------------------
 
-@dataclasses.dataclass
+MDNS_DOMAIN = 'local'
+MDNS_GROUP = '224.0.0.251'
+MDNS_PORT = 5353
+DISCOVERY_TIMEOUT = 1.0       # seconds; stap-find-servers must answer in ~1 s
+
+
+class DiscoveryError(Error):
+    """A discovery failure; the message is the one line the user sees."""
+
+
+@dataclasses.dataclass(frozen=True)
 class ServerRecord:
-    host: str
-    address: str
+    """One advertised compile server instance, as seen from one address."""
+    host: str                 # e.g. 'stap-host-a.local'
+    address: str              # IPv4, or IPv6 (link-local ones with %iface)
     port: int
-    sysinfo: str = ""
-    txt: dict = dataclasses.field(default_factory=dict)
-    name: str = ""
+    sysinfo: str = ''         # '<kernel release> <arch>'
+    version: str = ''
+    certinfo: str = ''        # certificate serial, colon-separated hex
+    txt: dict = dataclasses.field(default_factory=dict, compare=False,
+                                  hash=False)
+    name: str = ''            # DNS-SD instance name
 
     @property
-    def version(self):
-        return self.txt.get("version", "")
+    def key(self):
+        # The same server seen on several interfaces is one server.
+        return (self.name, self.address, self.port)
 
 
-def find_servers(all_servers=False, timeout=1.0, sysinfo=None):
-    """Servers advertised on the local network (filled in by the discovery layer)."""
-    return []
+
+
+def record_from_txt(name, host, address, port, txt):
+    """A ServerRecord from resolved DNS-SD data and its TXT dict."""
+    return ServerRecord(host=host.rstrip('.'), address=address, port=int(port),
+                        sysinfo=txt.get('sysinfo', ''),
+                        version=txt.get('version', ''),
+                        certinfo=txt.get('certinfo', ''),
+                        txt=dict(txt), name=name)
+
+
+def txt_dict(strings):
+    """TXT strings ('key=value', bytes or str) as a dict; first key wins."""
+    result = {}
+    for item in strings:
+        if isinstance(item, bytes):
+            item = item.decode('utf-8', 'replace')
+        key, _, value = item.partition('=')
+        if key and key.lower() not in (k.lower() for k in result):
+            result[key] = value     # RFC 6763 6.4: later duplicates ignored
+    return result
 
 
 def format_server_line(rec):
-    extra = "".join(f" '{k}={v}'" for k, v in sorted(rec.txt.items()) if k != "sysinfo")
-    return f"{rec.host} {rec.address} {rec.port} 'sysinfo={rec.sysinfo}'{extra}"
+    """`HOST ADDRESS PORT 'sysinfo=RELEASE ARCH' 'version=..' ...`."""
+    fields = [f"'sysinfo={rec.sysinfo}'"]
+    for key in ('version', 'certinfo', 'optinfo'):
+        if key in rec.txt:
+            fields.append(f"'{key}={rec.txt[key]}'")
+    for key in sorted(rec.txt):
+        if key not in ('sysinfo', 'version', 'certinfo', 'optinfo'):
+            fields.append(f"'{key}={rec.txt[key]}'")
+    return f'{rec.host} {rec.address} {rec.port} ' + ' '.join(fields)
+
+
+def unique_records(records):
+    """Drop repeats (same name, address and port), keep the order found."""
+    seen = set()
+    result = []
+    for rec in records:
+        if rec.key not in seen:
+            seen.add(rec.key)
+            result.append(rec)
+    return result
+
+
+def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT,
+                 sysinfo=None):
+    """Servers advertised on the local network, compatible ones only unless
+    all_servers.  Uses avahi when a daemon answers, else multicast DNS."""
+    wanted = sysinfo or local_sysinfo()
+    deadline = time.monotonic() + timeout
+    records = browse_avahi(timeout)
+    if records is None:               # no avahi daemon here
+        records = browse_mdns(max(0.1, deadline - time.monotonic()))
+    records = unique_records(records)
+    if not all_servers:
+        records = [r for r in records if r.sysinfo == wanted]
+    return sorted(records, key=lambda r: (r.host, r.port, r.sysinfo,
+                                          r.address))
+
+
+# --- avahi -----------------------------------------------------------------
+
+@dataclasses.dataclass
+class ToolResult:
+    """What an external program did: exit status (None if we stopped it)."""
+    argv: list
+    returncode: object
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+    def error(self):
+        """One line for an error message: the program and its last words."""
+        last = self.stderr.strip().splitlines()[-1:] or ['no message']
+        return f'{os.path.basename(self.argv[0])}: {last[0]}'
+
+
+def run_tool_until(argv, timeout, done=None):
+    """Run argv, collecting output until it exits or `timeout` passes.
+
+    On the deadline the program gets SIGTERM (avahi-browse then flushes
+    what it has) and we keep what it printed so far.  done(stdout_so_far)
+    may end the wait early.  stderr is kept for error messages.
+    """
+    if shutil.which(argv[0]) is None:
+        return ToolResult(argv, 127, '', f'{argv[0]}: not installed')
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err, eof = _collect(proc, time.monotonic() + timeout, done)
+    if eof:                   # output closed: the exit follows at once
+        try:
+            proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            pass
+    timed_out = proc.poll() is None
+    if timed_out:
+        proc.send_signal(signal.SIGTERM)
+        more_out, more_err, _ = _collect(proc, time.monotonic() + 0.2, None)
+        out += more_out
+        err += more_err
+        if proc.poll() is None:
+            proc.kill()
+    proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        stream.close()
+    return ToolResult(argv, None if timed_out else proc.returncode,
+                      out.decode('utf-8', 'replace'),
+                      err.decode('utf-8', 'replace'), timed_out)
+
+
+def _collect(proc, deadline, done):
+    """Read stdout and stderr of proc until EOF on both, the deadline or
+    done(stdout); returns (stdout, stderr, reached EOF)."""
+    chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    open_streams = [s for s in chunks if not s.closed]
+    while open_streams:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        # Wake up now and then so done() also sees time passing.
+        readable, _, _ = select.select(open_streams, [], [],
+                                       min(left, 0.05) if done else left)
+        for stream in readable:
+            data = os.read(stream.fileno(), 65536)
+            if data:
+                chunks[stream] += data
+            else:
+                open_streams.remove(stream)
+        if done and done(bytes(chunks[proc.stdout])):
+            break
+    return (bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]),
+            not open_streams)
+
+
+AVAHI_NO_DAEMON = ('Daemon not running', 'Failed to create client object',
+                   'not installed')
+
+
+def browse_avahi(timeout=DISCOVERY_TIMEOUT, settle=0.5):
+    """Servers that avahi knows, or None when no avahi daemon answers.
+
+    `avahi-browse -t` only exits ~1 s after its query (when avahi declares
+    "all for now"), so we stop as soon as every instance announced ('+')
+    is resolved ('=') and `settle` seconds have passed, or at `timeout`.
+    """
+    argv = ['avahi-browse', '--parsable', '--resolve', '--terminate',
+            '--no-db-lookup', SERVICE_TYPE]
+    start = time.monotonic()
+
+    def complete(out):
+        if time.monotonic() - start < min(settle, timeout):
+            return False
+        lines = out.decode('utf-8', 'replace').splitlines()
+        added = {tuple(l.split(';')[1:6]) for l in lines if l.startswith('+;')}
+        resolved = {tuple(l.split(';')[1:6]) for l in lines if l.startswith('=;')}
+        return bool(added) and added <= resolved
+
+    result = run_tool_until(argv, timeout, done=complete)
+    if result.returncode not in (0, None) and not result.stdout:
+        if any(m in result.stderr for m in AVAHI_NO_DAEMON):
+            return None
+        raise DiscoveryError(result.error())
+    return parse_avahi_browse(result.stdout)
+
+
+def parse_avahi_browse(text):
+    """ServerRecords from the resolved ('=') lines of avahi-browse -p -r.
+
+    =;IFACE;PROTO;NAME;TYPE;DOMAIN;HOST;ADDRESS;PORT;"k=v" "k=v" ...
+    """
+    records = []
+    for line in text.splitlines():
+        fields = line.split(';', 9)
+        if len(fields) < 9 or fields[0] != '=':
+            continue
+        iface, proto, name, _type, _domain, host, address, port = fields[1:9]
+        if proto == 'IPv6' and address.lower().startswith('fe80:'):
+            address = f'{address}%{iface}'    # link-local needs its scope
+        txt = txt_dict(parse_avahi_txt(fields[9] if len(fields) > 9 else ''))
+        try:
+            records.append(record_from_txt(unescape_avahi_label(name), host,
+                                           address, port, txt))
+        except ValueError:
+            continue                           # a malformed port: skip it
+    return records
+
+
+def unescape_avahi_label(label):
+    r"""'Systemtap\032Compile' -> 'Systemtap Compile'; also \. and \\."""
+    out = bytearray()
+    i = 0
+    raw = label.encode('utf-8')
+    while i < len(raw):
+        if raw[i:i + 1] == b'\\' and raw[i + 1:i + 4].isdigit() \
+                and len(raw[i + 1:i + 4]) == 3:
+            out.append(int(raw[i + 1:i + 4]) & 0xff)
+            i += 4
+        elif raw[i:i + 1] == b'\\' and i + 1 < len(raw):
+            out += raw[i + 1:i + 2]
+            i += 2
+        else:
+            out += raw[i:i + 1]
+            i += 1
+    return out.decode('utf-8', 'replace')
+
+
+_TXT_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+def parse_avahi_txt(field):
+    """'"a=1" "b=x y"' -> ['a=1', 'b=x y'] (avahi quotes each string)."""
+    return [re.sub(r'\\(.)', r'\1', m.group(1))
+            for m in _TXT_ITEM.finditer(field)]
+
+
+# --- multicast DNS (no avahi) ------------------------------------------------
+
+IP_PKTINFO = getattr(socket, 'IP_PKTINFO', 8)   # Python < 3.13 lacks it (Linux: 8)
+SIOCGIFFLAGS = 0x8913
+SIOCGIFADDR = 0x8915
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+IFF_MULTICAST = 0x1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Interface:
+    name: str
+    index: int
+    address: str              # its (first) IPv4 address
+    loopback: bool
+
+
+def ipv4_interfaces():
+    """Up, multicast-capable interfaces with an IPv4 address.
+
+    Loopback counts only when it has the MULTICAST flag (set by hand, e.g.
+    on a single test host), so normal hosts query their real networks.
+    """
+    result = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for index, name in socket.if_nameindex():
+            ifreq = struct.pack('16s24x', name.encode()[:15])
+            try:
+                flags = struct.unpack_from(
+                    'H', fcntl.ioctl(s, SIOCGIFFLAGS, ifreq), 16)[0]
+                addr = fcntl.ioctl(s, SIOCGIFADDR, ifreq)[20:24]
+            except OSError:
+                continue                      # no IPv4 address
+            if flags & IFF_UP and flags & IFF_MULTICAST:
+                result.append(Interface(name, index, socket.inet_ntoa(addr),
+                                        bool(flags & IFF_LOOPBACK)))
+    return result
+
+
+def require_dnspython():
+    if dns is None:
+        raise DiscoveryError('multicast DNS needs dnspython (Debian: '
+                             'python3-dnspython), and no avahi daemon runs')
+
+
+def service_name():
+    """'_stap._tcp.local.' as a dnspython name."""
+    return dns.name.from_text(f'{SERVICE_TYPE}.{MDNS_DOMAIN}.')
+
+
+def normalize_mdns_wire(wire):
+    """Clear the mDNS top bits of every class field (RFC 6762 5.4, 10.2).
+
+    They mean "unicast response wanted" in questions and "cache flush" in
+    records; dnspython would read them as unknown classes and fail to decode
+    A and SRV data.  Returns (plain DNS wire, [QU flag per question]).
+    """
+    data = bytearray(wire)
+    qdcount, ancount, nscount, arcount = struct.unpack_from('!4H', data, 4)
+    pos = 12
+    unicast = []
+    for _ in range(qdcount):
+        pos = _skip_name(data, pos)
+        unicast.append(bool(data[pos + 2] & 0x80))
+        data[pos + 2] &= 0x7f
+        pos += 4
+    for _ in range(ancount + nscount + arcount):
+        pos = _skip_name(data, pos)
+        rrtype = struct.unpack_from('!H', data, pos)[0]
+        if rrtype != dns.rdatatype.OPT:        # OPT's class is a size
+            data[pos + 2] &= 0x7f
+        rdlength = struct.unpack_from('!H', data, pos + 8)[0]
+        pos += 10 + rdlength
+    if pos > len(data):
+        raise ValueError('truncated DNS message')
+    return bytes(data), unicast
+
+
+def _skip_name(data, pos):
+    """Offset just past a (possibly compressed) DNS name at pos."""
+    while True:
+        length = data[pos]
+        if length & 0xc0 == 0xc0:
+            return pos + 2
+        if length == 0:
+            return pos + 1
+        pos += 1 + length
+
+
+def parse_mdns(wire):
+    """(dns.message.Message, QU flags) or (None, []) for garbage."""
+    try:
+        plain, unicast = normalize_mdns_wire(wire)
+        return dns.message.from_wire(plain, ignore_trailing=True), unicast
+    except Exception:                         # noqa: BLE001 - any bad packet
+        return None, []
+
+
+class MdnsAnswers:
+    """What the responses said so far: PTR, SRV, TXT, A and AAAA data."""
+
+    def __init__(self):
+        self.instances = {}   # instance dns.name -> True (from PTR)
+        self.srv = {}         # instance -> (target name, port)
+        self.txt = {}         # instance -> dict
+        self.addresses = {}   # host name -> [addresses]
+        self.sources = {}     # instance -> source IP of a response naming it
+
+    def add(self, message, source_ip, iface=''):
+        stype = service_name()
+        for rrset in message.answer + message.additional:
+            for rdata in rrset:
+                self._add_one(rrset.name, rrset.rdtype, rrset.ttl, rdata,
+                              stype, source_ip, iface)
+
+    def _add_one(self, owner, rdtype, ttl, rdata, stype, source_ip, iface):
+        if rdtype == dns.rdatatype.PTR and owner == stype:
+            if ttl == 0:                      # goodbye: the server has gone
+                self.instances.pop(rdata.target, None)
+            else:
+                self.instances[rdata.target] = True
+                self.sources.setdefault(rdata.target, source_ip)
+        elif rdtype == dns.rdatatype.SRV:
+            self.srv[owner] = (rdata.target, rdata.port)
+            self.sources.setdefault(owner, source_ip)
+        elif rdtype == dns.rdatatype.TXT:
+            self.txt[owner] = txt_dict(s for s in rdata.strings)
+        elif rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            known = self.addresses.setdefault(owner, [])
+            address = rdata.address
+            if address.lower().startswith('fe80:') and iface:
+                address = f'{address}%{iface}'   # link-local needs its scope
+            if address not in known:
+                known.append(address)
+
+    def missing(self):
+        """Questions still to ask: (name, type) pairs."""
+        wanted = []
+        for inst in self.instances:
+            if inst not in self.srv:
+                wanted.append((inst, dns.rdatatype.SRV))
+            if inst not in self.txt:
+                wanted.append((inst, dns.rdatatype.TXT))
+            if inst in self.srv and self.srv[inst][0] not in self.addresses:
+                wanted.append((self.srv[inst][0], dns.rdatatype.A))
+        return wanted
+
+    def records(self):
+        result = []
+        for inst in self.instances:
+            if inst not in self.srv:
+                continue
+            target, port = self.srv[inst]
+            addresses = self.addresses.get(target) or [self.sources[inst]]
+            name = instance_label(inst)
+            for address in addresses:
+                result.append(record_from_txt(
+                    name, target.to_text(omit_final_dot=True), address, port,
+                    self.txt.get(inst, {})))
+        return result
+
+
+def instance_label(fqdn):
+    """'Systemtap Compile Server on a._stap._tcp.local.' -> the first label."""
+    return fqdn.labels[0].decode('utf-8', 'replace')
+
+
+def mdns_query(questions, query_id=0):
+    """Wire bytes of a multicast DNS query for (name, type) pairs."""
+    msg = dns.message.Message(id=query_id)
+    msg.flags = 0                             # no RD: mDNS queries
+    for name, rdtype in questions:
+        msg.find_rrset(msg.question, name, dns.rdataclass.IN, rdtype,
+                       create=True)
+    return msg.to_wire()
+
+
+def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
+    """Ask the network for _stap._tcp services with our own mDNS query.
+
+    The query goes from an ephemeral port, so responders answer it with a
+    unicast "legacy" reply to that port (RFC 6762 6.7) and we need not share
+    port 5353 with anyone.  Missing SRV/TXT/A data is asked for again.
+    """
+    require_dnspython()
+    interfaces = ipv4_interfaces()
+    if not interfaces:
+        return []
+    answers = MdnsAnswers()
+    start = time.monotonic()
+    deadline = start + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(('0.0.0.0', 0))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)   # arrival iface
+        send_to_group(sock, interfaces, mdns_query([(service_name(),
+                                                 dns.rdatatype.PTR)]))
+        asked = set()
+        last_news = start
+        while (now := time.monotonic()) < deadline:
+            wanted = [q for q in answers.missing() if q not in asked]
+            if wanted:
+                asked.update(wanted)
+                send_to_group(sock, interfaces, mdns_query(wanted))
+            if (now - start >= min(settle, timeout) and answers.instances
+                    and not answers.missing() and now - last_news > 0.1):
+                break                          # everything known and quiet
+            readable, _, _ = select.select([sock], [], [],
+                                           min(0.05, deadline - now))
+            if readable:
+                wire, ancdata, _flags, (source_ip, _port) = sock.recvmsg(
+                    9000, socket.CMSG_SPACE(12))
+                message, _ = parse_mdns(wire)
+                if message is not None and message.flags & dns.flags.QR:
+                    answers.add(message, source_ip,
+                                _interface_name(pktinfo_ifindex(ancdata)))
+                    last_news = time.monotonic()
+    return answers.records()
+
+
+def pktinfo_ifindex(ancdata):
+    """The receiving interface index from an IP_PKTINFO control message."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+            return struct.unpack_from('i', data)[0]
+    return 0
+
+
+def _interface_name(ifindex):
+    try:
+        return socket.if_indextoname(ifindex) if ifindex else ''
+    except OSError:
+        return ''
+
+
+def send_to_group(sock, interfaces, wire):
+    """Send one query to the mDNS group out of every interface."""
+    for iface in interfaces:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                        socket.inet_aton(iface.address))
+        try:
+            sock.sendto(wire, (MDNS_GROUP, MDNS_PORT))
+        except OSError:
+            continue          # e.g. an interface going down meanwhile
 
 
 # --------------------------------------------------------------------------
@@ -937,9 +1420,9 @@ def stap_client(argv):
     tmp = tempfile.mkdtemp(prefix="stap-client.")  # mode 0700
     try:
         reply = compile_anywhere(inv, request, dbs, tmp)
-        sys.stdout.buffer.write(reply.stdout)
+        sys.stdout.buffer.write(local_paths(without_module_paths(reply.stdout), inv))
         sys.stdout.flush()
-        sys.stderr.buffer.write(reply.stderr)
+        sys.stderr.buffer.write(local_paths(reply.stderr, inv))
         sys.stderr.flush()
         if reply.rc != 0:
             return 1
@@ -947,6 +1430,8 @@ def stap_client(argv):
             raise Error("server reported success but sent no module")
         if inv.last_pass == 4 or (inv.module_name and reply.module):
             deliver_module(reply.module)
+            if inv.last_pass == 4:
+                print(os.path.basename(reply.module), flush=True)
         if inv.last_pass == 5:
             return run_staprun(inv, reply.module)
         return 0
@@ -1000,6 +1485,25 @@ def candidate_servers(inv):
         return
     for rec in find_servers(sysinfo=target):
         yield Peer(rec.address, rec.port)
+
+
+def local_paths(data, inv):
+    """Name the user's own files as stap would here: the server saw them as
+    script/PATH and tapset/PATH (and stdin as script/-)."""
+    for name, _ in inv.files:
+        if name == "script/-":
+            data = data.replace(b"script/-", b"<input>")
+        else:
+            top, rest = name.split("/", 1)
+            data = data.replace(name.encode(), b"/" + rest.encode())
+    return data
+
+
+def without_module_paths(stdout):
+    """A server names the module it built (a path on its side); like the real
+    client, drop those lines and name the delivered module ourselves."""
+    return b"".join(l for l in stdout.splitlines(keepends=True)
+                    if not l.rstrip(b"\n").endswith(b".ko"))
 
 
 def deliver_module(module):

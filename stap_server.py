@@ -15,6 +15,8 @@ Data flows top to bottom: options -> the server certificate -> a request
 
 import argparse
 import dataclasses
+import select
+import struct
 import json
 import logging
 import os
@@ -32,6 +34,8 @@ import time
 
 import stap_client as client
 from stap_client import CertDB, Error, Limits
+# Discovery names shared with the client's browsing side:
+from stap_client import (AVAHI_NO_DAEMON, DiscoveryError, IP_PKTINFO, MDNS_DOMAIN, MDNS_GROUP, MDNS_PORT, SERVICE_TYPE, ipv4_interfaces, mdns_query, parse_mdns, pktinfo_ifindex, require_dnspython, send_to_group, service_name, dns)
 
 PROG = "stap-serverd"
 RENEW_BEFORE = 30 * 86400  # renew a certificate expiring within 30 days
@@ -733,6 +737,421 @@ def stap_version():
 
 
 # --------------------------------------------------------------------------
+# Advertising on the local network (DNS-SD)
+# --------------------------------------------------------------------------
+
+INSTANCE_PREFIX = 'Systemtap Compile Server on '
+PUBLISH_TIMEOUT = 10.0         # avahi probes names for ~1 s; allow slack
+MDNS_TTL = 120                 # short: a crashed server vanishes in 2 min
+PROBE_WAIT = 0.3               # how long a name probe waits for an owner
+
+
+def short_hostname(host=None):
+    return (host or socket.gethostname()).split('.')[0]
+
+
+def alternative_name(name):
+    """Next name after a collision: 'X' -> 'X #2', 'X #2' -> 'X #3'."""
+    match = re.fullmatch(r'(.*) #(\d+)', name)
+    if match:
+        return f'{match.group(1)} #{int(match.group(2)) + 1}'
+    return f'{name} #2'
+
+
+def txt_strings(sysinfo, version, certinfo, optinfo=''):
+    """The TXT strings of one instance, as real systemtap clients read them."""
+    return [f'sysinfo={sysinfo}', f'version={version}',
+            f'certinfo={certinfo}', f'optinfo={optinfo}']
+
+
+class Advertiser:
+    """Advertise one server: one DNS-SD instance per served sysinfo.
+
+    With an avahi daemon: one `avahi-publish-service` child per instance.
+    Without one: a built-in multicast DNS responder thread.
+    """
+
+    def __init__(self, port, sysinfos, version, certinfo, optinfo='',
+                 host=None):
+        self.port = int(port)
+        self.sysinfos = list(sysinfos)
+        self.version = str(version)
+        self.certinfo = certinfo
+        self.optinfo = optinfo
+        self.host = short_hostname(host)
+        self.names = []           # instance names actually registered
+        self.mode = None          # 'avahi' or 'mdns' once started
+        self._publishers = []     # avahi-publish-service children
+        self._responder = None
+
+    def base_name(self):
+        return INSTANCE_PREFIX + self.host
+
+    def wanted_names(self):
+        """A distinct name per sysinfo; collisions bump the suffix later."""
+        names = [self.base_name()]
+        while len(names) < len(self.sysinfos):
+            names.append(alternative_name(names[-1]))
+        return names
+
+    def start(self, how="auto"):
+        """Publish ("auto": avahi when a daemon answers, else our own
+        responder; or "avahi" / "mdns" only); returns the mode used.
+        Raises DiscoveryError on failure."""
+        if self.mode:
+            return self.mode
+        if how != "mdns" and self._start_avahi():
+            self.mode = 'avahi'
+        elif how == "avahi":
+            raise DiscoveryError("no avahi daemon answers (--advertise=avahi)")
+        else:
+            require_dnspython()
+            self._responder = MdnsResponder(self)
+            self._responder.start_serving()
+            self.names = self._responder.names
+            self.mode = 'mdns'
+        return self.mode
+
+    def stop(self):
+        """Withdraw every instance (avahi: end the children; mDNS: goodbye)."""
+        for pub in self._publishers:
+            pub.stop()
+        self._publishers = []
+        if self._responder:
+            self._responder.stop()
+            self._responder = None
+        self.mode = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # --- avahi ---
+
+    def _start_avahi(self):
+        """True when avahi published every instance, False if no daemon."""
+        if shutil.which('avahi-publish-service') is None:
+            return False
+        # Start every instance at once: avahi probes each name for ~1 s.
+        txts = [txt_strings(sysinfo, self.version, self.certinfo,
+                            self.optinfo) for sysinfo in self.sysinfos]
+        pubs = [AvahiPublisher(name, self.port, txt)
+                for name, txt in zip(self.wanted_names(), txts)]
+        try:
+            for i, txt in enumerate(txts):
+                pubs[i] = self._established(pubs[i], txt)
+        except DiscoveryError:
+            for pub in pubs:
+                pub.stop()
+            raise
+        if None in pubs:              # no daemon: fall back to our responder
+            for pub in pubs:
+                if pub is not None:
+                    pub.stop()
+            return False
+        self._publishers = pubs
+        self.names = [pub.name for pub in pubs]
+        return True
+
+    def _established(self, pub, txt, attempts=20):
+        """pub once registered, renamed with the next ' #N' while its name
+        is taken on this host; None when no avahi daemon answers.
+
+        avahi renames by itself on a collision with another host, but a
+        name already registered by a local client fails at once with
+        "Local name collision".
+        """
+        for _ in range(attempts):
+            try:
+                return pub if pub.wait_established(PUBLISH_TIMEOUT) else None
+            except DiscoveryError as err:
+                if 'name collision' not in str(err).lower():
+                    raise
+                pub = AvahiPublisher(alternative_name(pub.name), self.port,
+                                     txt)
+        pub.stop()
+        raise DiscoveryError(f'avahi-publish-service: no free name after '
+                             f'{attempts} attempts (last: {pub.name!r})')
+
+
+class AvahiPublisher:
+    """One `avahi-publish-service` child: the instance lives while it does."""
+
+    def __init__(self, name, port, txt):
+        self.name = name
+        self.argv = ['avahi-publish-service', '--service', name, SERVICE_TYPE,
+                     str(port)] + list(txt)
+        self.stderr_lines = []
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        self._established = threading.Event()
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self):
+        # avahi-publish reports on stderr: "Established under name 'X'",
+        # "Service name collision, renaming service to 'X #2'" (it then
+        # re-registers by itself) or a failure.  Keep draining it so the
+        # child never blocks on a full pipe.
+        for line in self.proc.stderr:
+            line = line.rstrip('\n')
+            self.stderr_lines = (self.stderr_lines + [line])[-20:]
+            match = re.match(r"Established under name '(.*)'", line)
+            if match:
+                self.name = match.group(1)
+                self._established.set()
+
+    def wait_established(self, timeout):
+        """True once registered; False when no avahi daemon answers."""
+        deadline = time.monotonic() + timeout
+        while not self._established.wait(0.02):
+            if self.proc.poll() is not None:
+                self._reader.join(1)
+                text = '\n'.join(self.stderr_lines)
+                if any(m in text for m in AVAHI_NO_DAEMON):
+                    return False
+                raise DiscoveryError(f'avahi-publish-service: '
+                                     f'{self.stderr_lines[-1:] or "failed"}')
+            if time.monotonic() > deadline:
+                self.stop()
+                raise DiscoveryError(f'avahi-publish-service: no registration '
+                                     f'after {timeout:.0f} s: '
+                                     f'{self.stderr_lines[-1:]}')
+        return True
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(1)
+        self.proc.stderr.close()
+
+
+class MdnsResponder:
+    """A minimal multicast DNS responder for our own instances (RFC 6762).
+
+    It answers PTR queries for _stap._tcp.local (and the DNS-SD meta query),
+    SRV/TXT/ANY queries for our instance names and A queries for
+    <short host>.local.  The socket shares UDP port 5353 (SO_REUSEADDR and
+    SO_REUSEPORT) with any other responder on the host.
+    """
+
+    def __init__(self, advertiser):
+        self.adv = advertiser
+        self.hostname = dns.name.from_text(f'{advertiser.host}.{MDNS_DOMAIN}.')
+        self.names = []
+        self.interfaces = []
+        self.sock = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    # --- life cycle ---
+
+    def start_serving(self):
+        self.interfaces = ipv4_interfaces()
+        if not self.interfaces:
+            raise DiscoveryError('no multicast-capable IPv4 interface to '
+                                 'advertise on')
+        self.names = self._claim_names(self.adv.wanted_names())
+        self.sock = self._open_socket()
+        self._thread = threading.Thread(target=self._serve, daemon=True,
+                                        name='mdns-responder')
+        self._thread.start()
+        self._announce(MDNS_TTL)
+
+    def stop(self):
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(2)
+        self._announce(0)                      # goodbye: TTL 0 (RFC 6762 10.1)
+        self.sock.close()
+        self._thread = None
+
+    def _open_socket(self):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        # Multicast reaches only a socket bound to the wildcard (or the group)
+        # address; the tests run this only inside network namespaces.
+        sock.bind(('0.0.0.0', MDNS_PORT))
+        for iface in self.interfaces:
+            mreqn = struct.pack('4s4si', socket.inet_aton(MDNS_GROUP),
+                                socket.inet_aton('0.0.0.0'), iface.index)
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                                mreqn)
+            except OSError:
+                pass                           # already joined (shared group)
+        return sock
+
+    # --- names ---
+
+    def _claim_names(self, names):
+        """Probe each name (RFC 6762 8.1, simplified): if somebody answers
+        for it, take the next alternative, so servers on one host differ."""
+        claimed = []
+        for name in names:
+            while name in claimed or self._name_taken(name):
+                name = alternative_name(name)
+            claimed.append(name)
+        return claimed
+
+    def _name_taken(self, name):
+        fqdn = self.instance_fqdn(name)
+        wire = mdns_query([(fqdn, dns.rdatatype.SRV)])
+        deadline = time.monotonic() + PROBE_WAIT
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(('0.0.0.0', 0))
+            send_to_group(sock, self.interfaces, wire)
+            while (left := deadline - time.monotonic()) > 0:
+                if not select.select([sock], [], [], left)[0]:
+                    break
+                message, _ = parse_mdns(sock.recvfrom(9000)[0])
+                if message is None or not message.flags & dns.flags.QR:
+                    continue
+                if any(rrset.name == fqdn for rrset in message.answer):
+                    return True
+        return False
+
+    def instance_fqdn(self, name):
+        return dns.name.Name([name.encode('utf-8')]).concatenate(service_name())
+
+    # --- records ---
+
+    def records(self, ttl, address):
+        """All our records: {(owner, type): rrset}; A data is `address`."""
+        meta = dns.name.from_text(f'_services._dns-sd._udp.{MDNS_DOMAIN}.')
+        stype = service_name()
+        out = {}
+
+        def add(owner, rdtype, *texts):
+            rrset = out.setdefault((owner, rdtype), dns.rrset.RRset(
+                owner, dns.rdataclass.IN, rdtype))
+            for text in texts:
+                rrset.add(dns.rdata.from_text(dns.rdataclass.IN, rdtype, text),
+                          ttl)
+        add(meta, dns.rdatatype.PTR, stype.to_text())
+        for name, sysinfo in zip(self.names, self.adv.sysinfos):
+            fqdn = self.instance_fqdn(name)
+            add(stype, dns.rdatatype.PTR, fqdn.to_text())
+            add(fqdn, dns.rdatatype.SRV,
+                f'0 0 {self.adv.port} {self.hostname.to_text()}')
+            txt = txt_strings(sysinfo, self.adv.version, self.adv.certinfo,
+                              self.adv.optinfo)
+            add(fqdn, dns.rdatatype.TXT,
+                ' '.join('"' + t.replace('\\', '\\\\').replace('"', '\\"') + '"'
+                         for t in txt))
+        add(self.hostname, dns.rdatatype.A, address)
+        return out
+
+    def answer(self, question_name, qtype, ttl, address):
+        """(answers, additionals) rrset lists for one question."""
+        table = self.records(ttl, address)
+        answers = [rr for (owner, rdtype), rr in table.items()
+                   if owner == question_name
+                   and qtype in (rdtype, dns.rdatatype.ANY)]
+        additional = []
+        for rr in answers:                     # RFC 6763 12: help the asker
+            if rr.rdtype == dns.rdatatype.PTR:
+                for rd in rr:
+                    additional += [table[k] for k in table
+                                   if k[0] == rd.target]
+            if rr.rdtype in (dns.rdatatype.PTR, dns.rdatatype.SRV):
+                additional.append(table[(self.hostname, dns.rdatatype.A)])
+        additional = [rr for i, rr in enumerate(additional)
+                      if rr not in answers and rr not in additional[:i]]
+        return answers, additional
+
+    # --- serving ---
+
+    def _serve(self):
+        while not self._stop.is_set():
+            if not select.select([self.sock], [], [], 0.2)[0]:
+                continue
+            try:
+                wire, ancdata, _flags, source = self.sock.recvmsg(
+                    9000, socket.CMSG_SPACE(12))
+            except OSError:
+                continue
+            ifindex = pktinfo_ifindex(ancdata)
+            try:
+                self._handle(wire, source, ifindex)
+            except Exception:                  # noqa: BLE001 - keep serving
+                continue
+
+    def _handle(self, wire, source, ifindex):
+        message, unicast_flags = parse_mdns(wire)
+        if message is None or message.flags & dns.flags.QR:
+            return                             # garbage or a response
+        iface = self._interface(ifindex)
+        if iface is None:
+            return
+        legacy = source[1] != MDNS_PORT        # a one-shot query (6.7)
+        ttl = min(MDNS_TTL, 10) if legacy else MDNS_TTL
+        answers, additional = [], []
+        for question, unicast in zip(message.question, unicast_flags):
+            ans, add = self.answer(question.name, question.rdtype, ttl,
+                                   iface.address)
+            answers += [a for a in ans if a not in answers]
+            additional += [a for a in add if a not in additional]
+        if not answers:
+            return
+        additional = [a for a in additional if a not in answers]
+        reply = dns.message.Message(id=message.id if legacy else 0)
+        reply.flags = dns.flags.QR | dns.flags.AA
+        if legacy:
+            reply.question = list(message.question)
+        reply.answer = answers
+        reply.additional = additional
+        if legacy or any(unicast_flags):
+            self._send(reply.to_wire(), source, iface)
+        else:
+            self._send(reply.to_wire(), (MDNS_GROUP, MDNS_PORT), iface)
+
+    def _interface(self, ifindex):
+        for iface in self.interfaces:
+            if iface.index == ifindex:
+                return iface
+        return self.interfaces[0] if self.interfaces and not ifindex else None
+
+    def _send(self, wire, dest, iface):
+        try:
+            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                                 socket.inet_aton(iface.address))
+            self.sock.sendto(wire, dest)
+        except OSError:
+            pass                               # best effort, like any mDNS
+
+    def _announce(self, ttl):
+        """Unsolicited response with all records on every interface: an
+        announcement (ttl > 0) at start, a goodbye (ttl 0) at stop."""
+        stype = service_name()
+        for iface in self.interfaces:
+            table = self.records(ttl, iface.address)
+            msg = dns.message.Message(id=0)
+            msg.flags = dns.flags.QR | dns.flags.AA
+            msg.answer = [rr for (owner, _t), rr in table.items()
+                          if owner == stype or owner in
+                          [self.instance_fqdn(n) for n in self.names]]
+            if ttl:       # the host name may still serve other servers
+                msg.additional = [table[(self.hostname, dns.rdatatype.A)]]
+            self._send(msg.to_wire(), (MDNS_GROUP, MDNS_PORT), iface)
+
+
+# --------------------------------------------------------------------------
 # Status files
 # --------------------------------------------------------------------------
 
@@ -783,13 +1202,60 @@ def stap_serverd(argv):
     status = write_status(config, port, der)
     logging.info("listening on %s port %d; serving %s; certificate sha256 %s",
                  config.listen, port, ", ".join(config.releases), client.fingerprint(der))
+    advertising = advertise(config, port, der, server.version)
     try:
         server.serve_forever()
     finally:
+        advertising.withdraw()
         server.shutdown()
         os.unlink(status)
         logging.info("stopped")
     return 0
+
+
+class Advertising:
+    """The server's DNS-SD presence, started in the background so that the
+    server accepts connections at once, and withdrawn at shutdown."""
+
+    def __init__(self, advertiser, how):
+        self.advertiser = advertiser
+        self.thread = threading.Thread(target=self.run, args=(how,), daemon=True)
+        self.thread.start()
+
+    def run(self, how):
+        try:
+            mode = self.advertiser.start(how)
+            logging.info("advertised as %s through %s",
+                         ", ".join(repr(n) for n in self.advertiser.names), mode)
+        except Error as e:
+            logging.warning("not advertised: %s", e)
+
+    def withdraw(self):
+        self.thread.join(15)
+        self.advertiser.stop()
+
+
+class NoAdvertising:
+    def withdraw(self):
+        pass
+
+
+def advertise(config, port, der, version):
+    if config.advertise == "none":
+        return NoAdvertising()
+    sysinfos = [f"{r} {config.arch}" for r in config.releases]
+    optinfo = " ".join(config.stap_options)
+    return Advertising(Advertiser(port, sysinfos, version, certinfo(der), optinfo),
+                       config.advertise)
+
+
+def certinfo(der):
+    """The certificate serial as real servers advertise it: the DER
+    integer's bytes in colon-separated hex (a leading 00 kept)."""
+    import nss.nss as nss  # already initialised by the server
+    serial = nss.Certificate(der).serial_number
+    text = client.colon_hex(serial)
+    return ("00:" + text) if int(text[:2], 16) >= 0x80 else text
 
 
 def server_command(args):

@@ -414,12 +414,11 @@ if pytest is not None:
 
     @pytest.fixture
     def network_factory():
-        """Build networks with any options; all are cleaned up after the test."""
-        stack = contextlib.ExitStack()
-
-        def make(**kwargs):
-            _require(any(kwargs.get('avahi', ()) if not isinstance(
-                kwargs.get('avahi', False), bool) else (kwargs.get('avahi', False),)))
-            return stack.enter_context(TestNetwork(**kwargs))
-        with stack:
+        """make(**TestNetwork options) -> a network, cleaned up after the
+        test; skips the test when the machine cannot build it."""
+        with contextlib.ExitStack() as stack:
+            def make(avahi=False, **kwargs):
+                flags = (avahi,) if isinstance(avahi, bool) else avahi
+                _require(any(flags))
+                return stack.enter_context(TestNetwork(avahi=avahi, **kwargs))
             yield make

@@ -21,27 +21,17 @@ from netns import TestNetwork, avahi_skip_reason, skip_reason  # noqa: E402
 
 PYTHON = '/usr/bin/python3'        # has dnspython (python3-dnspython)
 
-# --- the one place that says where discovery lives -------------------------
-# While discovery is staged as its own file, client and server parts are the
-# same module.  After the merge: CLIENT_IMPORT = 'import stap_client as
-# client' and SERVER_IMPORT = 'import stap_server as server' (with the
-# project directory on sys.path), and load_discovery() returns stap_client.
-DISCOVERY_PATH = '/work/staging/discovery.py'
-CLIENT_IMPORT = textwrap.dedent(f'''\
-    import importlib.util
-    _spec = importlib.util.spec_from_file_location('discovery', {DISCOVERY_PATH!r})
-    client = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(client)
-    ''')
-SERVER_IMPORT = CLIENT_IMPORT + 'server = client\n'
+# --- where discovery lives: browsing in stap_client, advertising in stap_server
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIENT_IMPORT = f"import sys; sys.path.insert(0, {PROJECT!r})\nimport stap_client as client\n"
+SERVER_IMPORT = CLIENT_IMPORT + "import stap_server as server\n"
 
 
 def load_discovery():
-    """The discovery module in this process (for the pure functions)."""
-    spec = importlib.util.spec_from_file_location('discovery', DISCOVERY_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The browsing side in this process (for the pure functions)."""
+    sys.path.insert(0, PROJECT)
+    import stap_client
+    return stap_client
 
 
 discovery = load_discovery()
@@ -73,7 +63,7 @@ FIND = CLIENT_IMPORT + textwrap.dedent('''\
                       'lines': [client.format_server_line(r) for r in records]}))
     ''')
 
-THIS_SYSINFO = discovery.host_sysinfo()     # namespaces share the kernel
+THIS_SYSINFO = discovery.local_sysinfo()     # namespaces share the kernel
 OTHER_SYSINFO = '6.1.0-99-amd64 x86_64'
 CERTINFO = '1a:2b:3c:4d'
 
@@ -152,8 +142,9 @@ def test_parse_avahi_browse_output():
 
 def test_unescape_and_alternative_names():
     assert discovery.unescape_avahi_label('A\\032B\\038\\.') == 'A B&.'
-    assert discovery.alternative_name('X') == 'X #2'
-    assert discovery.alternative_name('X #2') == 'X #3'
+    import stap_server
+    assert stap_server.alternative_name('X') == 'X #2'
+    assert stap_server.alternative_name('X #2') == 'X #3'
 
 
 def test_mdns_wire_class_bits():
@@ -209,7 +200,7 @@ def test_compatible_filter(case):
             [THIS_SYSINFO, OTHER_SYSINFO])
         compatible = find(b)['records']
         assert [r['sysinfo'] for r in compatible] == [THIS_SYSINFO]
-        other = find(b, local_sysinfo=OTHER_SYSINFO)['records']
+        other = find(b, sysinfo=OTHER_SYSINFO)['records']
         assert [r['sysinfo'] for r in other] == [OTHER_SYSINFO]
         adv.stop()
 
@@ -276,3 +267,27 @@ def test_real_stap_lists_our_advertisement():
         assert THIS_SYSINFO in r.stdout + r.stderr
         assert OTHER_SYSINFO not in r.stdout + r.stderr
         adv.stop()
+
+
+def test_harness_cleans_up_after_a_failure():
+    """Namespaces and daemons are gone even when the test body raises."""
+    needs(True)
+    pids = []
+    with pytest.raises(RuntimeError, match='boom'):
+        with TestNetwork(avahi=(True, False)) as net:
+            a, b = net.hosts
+            names = [h.netns for h in net.hosts]
+            pids = [a.holder.pid, a.dbus.pid, a.avahi.pid, b.holder.pid,
+                    a.popen(['sleep', '60']).pid]
+            assert a.has_avahi and not b.has_avahi
+            assert a.run(['hostname']).stdout.strip() == 'stap-host-a'
+            assert b.run(['hostname']).stdout.strip() == 'stap-host-b'
+            # B has no avahi: avahi-browse finds no daemon on B's own bus.
+            r = b.run(['avahi-browse', '-a', '-t', '-p'], timeout=10)
+            assert r.returncode != 0 and 'Daemon not running' in r.stderr
+            raise RuntimeError('boom')
+    listed = subprocess.run(['ip', 'netns', 'list'], capture_output=True,
+                            text=True).stdout
+    assert not any(name in listed for name in names)
+    for pid in pids:
+        assert not os.path.exists(f'/proc/{pid}'), pid
