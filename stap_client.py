@@ -412,7 +412,8 @@ def handle_short(inv, letter, value):
 
 def handle_long(inv, name, value):
     if name == "--server":
-        inv.servers.append(need_value(name, value))
+        parse_server_spec(need_value(name, value))  # a bad one fails before any work
+        inv.servers.append(value)
     elif name == "--ssl":
         inv.ssl_dirs.append(need_value(name, value))
     elif name == "--help":
@@ -573,11 +574,14 @@ def extract_archive(zf, dest, limits, only=None):
         if only is not None and info.filename not in only and not info.is_dir():
             continue
         target = os.path.join(dest, info.filename)
-        if info.is_dir():
-            os.makedirs(target, 0o755, exist_ok=True)
-            continue
-        os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:  # a duplicate or a file/directory clash, a full disk
+            if info.is_dir():
+                os.makedirs(target, 0o755, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise Error(f"cannot unpack archive entry {info.filename}: {e.strerror}") from None
         try:
             with zf.open(info) as src, os.fdopen(fd, "wb") as out:
                 while chunk := src.read(1 << 16):
@@ -585,8 +589,11 @@ def extract_archive(zf, dest, limits, only=None):
                     if written > limits.max_total_bytes:
                         raise Error("archive inflates beyond its declared size")
                     out.write(chunk)
-        except (zipfile.BadZipFile, zlib_error(), EOFError) as e:
+        except (zipfile.BadZipFile, zlib_error(), EOFError, NotImplementedError,
+                RuntimeError) as e:
             raise Error(f"archive entry {info.filename} is corrupt ({e})") from None
+        except OSError as e:
+            raise Error(f"cannot unpack archive entry {info.filename}: {e.strerror}") from None
     return [i.filename for i in infos]
 
 
@@ -648,7 +655,7 @@ def read_entry(top, name):
     try:
         with open(os.path.join(top, name), "rb") as f:
             return f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         return None
 
 
@@ -1483,8 +1490,15 @@ def candidate_servers(inv):
             for rec in found:
                 yield Peer(rec.address, rec.port)
         return
-    for rec in find_servers(sysinfo=target):
+    for rec in best_first(find_servers(sysinfo=target)):
         yield Peer(rec.address, rec.port)
+
+
+def best_first(records):
+    """Newest protocol version first; ties keep the order found."""
+    def version_key(rec):
+        return [int(p) for p in re.findall(r"\d+", rec.version)[:3]]
+    return sorted(records, key=version_key, reverse=True)
 
 
 def local_paths(data, inv):

@@ -15,6 +15,7 @@ Data flows top to bottom: options -> the server certificate -> a request
 
 import argparse
 import dataclasses
+import ipaddress
 import select
 import struct
 import json
@@ -47,8 +48,15 @@ RESPONSE_DIR = "stap000000"  # the one module directory of a reply
 # --------------------------------------------------------------------------
 
 
+class OptionParser(argparse.ArgumentParser):
+    """argparse, but a bad option is our one-line error with exit status 1."""
+
+    def error(self, message):
+        raise Error(message)
+
+
 def build_option_parser(prog):
-    p = argparse.ArgumentParser(
+    p = OptionParser(
         prog=prog, description="A systemtap compile server: runs stap passes 1-4 for "
         "trusted clients over TLS and returns a signed reply.",
         epilog="Also runs as: python3 stap_server.py stap-serverd OPTIONS")
@@ -587,7 +595,11 @@ class CompileServer:
         sock.set_ssl_version_range("tls1.2", "tls1.3")
         sock.config_secure_server(self.cert, self.key, self.cert.find_kea_type())
         sock.reset_handshake(True)
-        sock.force_handshake_timeout(client.nss_interval(self.config.io_timeout))
+        try:
+            sock.force_handshake_timeout(client.nss_interval(self.config.io_timeout))
+        except BaseException:
+            sock.close()  # else the descriptor stays open until garbage collection
+            raise
         return sock
 
     # --- one connection ------------------------------------------------------
@@ -627,7 +639,11 @@ class CompileServer:
         if size < 0 or size > self.config.max_request:
             fields["error"] = f"bad request size {size}"
             return None
-        return read_exactly(sock, size, deadline + size / 1e5)
+        data = read_exactly(sock, size, deadline + size / 1e5)
+        if more_data_waiting(sock):
+            fields["error"] = "more bytes than announced"
+            return None
+        return data
 
     def answer(self, data, fields):
         """Admit the request to a compile slot, or reply busy at once."""
@@ -714,6 +730,16 @@ def read_exactly(sock, n, deadline):
     return b"".join(chunks)
 
 
+def more_data_waiting(sock):
+    """True when the peer already sent bytes beyond the announced request
+    (looked at without waiting: a client sends nothing after its request)."""
+    _, _, nio, nerror = client.nss_modules()
+    try:
+        return bool(sock.recv(1, nio.PR_INTERVAL_NO_WAIT))
+    except nerror.NSPRError:
+        return False  # nothing there (would block), or the peer closed
+
+
 def format_address(address):
     host, port = address[0], address[1]
     if host.startswith("::ffff:"):
@@ -772,8 +798,9 @@ class Advertiser:
     """
 
     def __init__(self, port, sysinfos, version, certinfo, optinfo='',
-                 host=None):
+                 host=None, listen=None):
         self.port = int(port)
+        self.listen = listen      # the server's listen address, if not all
         self.sysinfos = list(sysinfos)
         self.version = str(version)
         self.certinfo = certinfo
@@ -877,6 +904,18 @@ class Advertiser:
                              f'{attempts} attempts (last: {pub.name!r})')
 
 
+def reachable_interfaces(listen):
+    """Interfaces where clients can reach a server listening on `listen`:
+    every one for a wildcard address, else the one holding the address (for
+    loopback, lo alone: a loopback server is never announced to the network)."""
+    interfaces = ipv4_interfaces()
+    if listen in (None, '', '::', '0.0.0.0'):
+        return interfaces
+    if ipaddress.ip_address(listen).is_loopback:
+        return [i for i in interfaces if i.loopback]
+    return [i for i in interfaces if i.address == listen]
+
+
 class AvahiPublisher:
     """One `avahi-publish-service` child: the instance lives while it does."""
 
@@ -957,7 +996,7 @@ class MdnsResponder:
     # --- life cycle ---
 
     def start_serving(self):
-        self.interfaces = ipv4_interfaces()
+        self.interfaces = reachable_interfaces(self.adv.listen)
         if not self.interfaces:
             raise DiscoveryError('no multicast-capable IPv4 interface to '
                                  'advertise on')
@@ -1245,8 +1284,8 @@ def advertise(config, port, der, version):
         return NoAdvertising()
     sysinfos = [f"{r} {config.arch}" for r in config.releases]
     optinfo = " ".join(config.stap_options)
-    return Advertising(Advertiser(port, sysinfos, version, certinfo(der), optinfo),
-                       config.advertise)
+    return Advertising(Advertiser(port, sysinfos, version, certinfo(der), optinfo,
+                                  listen=config.listen), config.advertise)
 
 
 def certinfo(der):
@@ -1272,17 +1311,26 @@ def start_server(args, timeout=START_TIMEOUT):
     config = parse_config(args, prog="stap-start-server")  # fail early on bad options
     os.makedirs(os.path.dirname(os.path.abspath(config.log)), 0o755, exist_ok=True)
     with open(config.log, "ab") as log:
+        offset = log.tell()
         proc = subprocess.Popen(server_command(args), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log, start_new_session=True, close_fds=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise Error(f"stap-serverd exited with status {proc.returncode}; see {config.log}")
+            raise Error(f"{daemon_error(config.log, offset)} (see {config.log})")
         if read_status(proc.pid):  # written once the socket listens
             return proc.pid
         time.sleep(0.02)
     kill_group(proc)
     raise Error(f"stap-serverd did not start within {timeout} s; see {config.log}")
+
+
+def daemon_error(log, offset):
+    """The error line a failed stap-serverd wrote after offset in its log."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        lines = [l for l in f.read().decode(errors="replace").splitlines() if "ERROR:" in l]
+    return lines[-1].split("ERROR:", 1)[1].strip() if lines else "stap-serverd failed to start"
 
 
 def stap_start_server(argv):
@@ -1333,7 +1381,16 @@ def is_serverd_cmdline(cmdline):
 
 
 def stap_find_or_start_server(argv):
-    if client.find_servers():
+    """0 when a compatible server is advertised (compatible with the first
+    -r/-a given, else with this host), else the pid of a new one, else -1."""
+    try:
+        opts = build_option_parser("stap-find-or-start-server").parse_args(argv)
+    except Error as e:
+        print(f"stap-find-or-start-server: ERROR: {e}", file=sys.stderr)
+        print(-1)
+        return 1
+    wanted = client.local_sysinfo(opts.releases[0] if opts.releases else None, opts.arch)
+    if client.find_servers(sysinfo=wanted):
         print(0)
         return 0
     try:

@@ -1,0 +1,82 @@
+# stap-server utilities in Python: install, test, demo.
+#
+#   make demo                 start a real server and compile through it (root, Debian)
+#   make check                install missing packages, run the tests
+#   make install [DESTDIR=... prefix=... sysconfdir=... PYTHON=...]
+#   make uninstall            with the same variables as install
+
+prefix     = /usr/local
+exec_prefix = $(prefix)
+bindir     = $(exec_prefix)/bin
+pkglibdir  = $(prefix)/lib/stap-server
+datarootdir = $(prefix)/share
+mandir     = $(datarootdir)/man
+man8dir    = $(mandir)/man8
+sysconfdir = /etc
+DESTDIR    =
+# Debian's python3 has the python3-nss bindings; a pyenv python3 on PATH has not.
+PYTHON     = /usr/bin/python3
+
+INSTALL    = install
+RUFF       = ruff
+
+MODULES         = stap_client.py stap_server.py
+CLIENT_COMMANDS = stap-client stap-find-servers stap-add-server-cert
+SERVER_COMMANDS = stap-serverd stap-start-server stap-stop-server stap-find-or-start-server
+COMMANDS        = $(CLIENT_COMMANDS) $(SERVER_COMMANDS)
+MANPAGES        = stap-server.8 $(addsuffix .8,$(COMMANDS))
+
+.PHONY: all install uninstall check demo bench lint clean
+
+all:
+	@echo "Nothing to build.  Targets: install uninstall check demo bench lint clean"
+
+install:
+	$(INSTALL) -d -m 0755 $(DESTDIR)$(pkglibdir) $(DESTDIR)$(bindir) $(DESTDIR)$(man8dir)
+	for m in $(MODULES); do \
+	  sed -e '1s|^#!.*|#!$(PYTHON)|' \
+	      -e 's|^SYSCONFDIR = ".*"  # make install rewrites this line$$|SYSCONFDIR = "$(sysconfdir)"  # make install rewrites this line|' \
+	      $$m > $(DESTDIR)$(pkglibdir)/$$m.tmp && \
+	  chmod 0755 $(DESTDIR)$(pkglibdir)/$$m.tmp && \
+	  mv -f $(DESTDIR)$(pkglibdir)/$$m.tmp $(DESTDIR)$(pkglibdir)/$$m || exit 1; \
+	done
+	grep -q '^SYSCONFDIR = "$(sysconfdir)"  # make install rewrites this line$$' \
+	  $(DESTDIR)$(pkglibdir)/stap_client.py || \
+	  { echo "install: the SYSCONFDIR line of stap_client.py was not rewritten" >&2; exit 1; }
+	rel=$$(realpath -m --relative-to=$(bindir) $(pkglibdir)) && \
+	for c in $(CLIENT_COMMANDS); do \
+	  ln -sfn $$rel/stap_client.py $(DESTDIR)$(bindir)/$$c || exit 1; \
+	done && \
+	for c in $(SERVER_COMMANDS); do \
+	  ln -sfn $$rel/stap_server.py $(DESTDIR)$(bindir)/$$c || exit 1; \
+	done
+	for p in $(MANPAGES); do \
+	  $(INSTALL) -m 0644 man/$$p $(DESTDIR)$(man8dir)/$$p || exit 1; \
+	done
+
+uninstall:
+	for c in $(COMMANDS); do rm -f $(DESTDIR)$(bindir)/$$c; done
+	for p in $(MANPAGES); do rm -f $(DESTDIR)$(man8dir)/$$p; done
+	for m in $(MODULES); do rm -f $(DESTDIR)$(pkglibdir)/$$m; done
+	rm -rf $(DESTDIR)$(pkglibdir)/__pycache__
+	-rmdir $(DESTDIR)$(pkglibdir) 2>/dev/null
+
+check:
+	tools/install-deps
+	$(PYTHON) -m pytest -v -rs tests
+
+demo:
+	PYTHON=$(PYTHON) tools/demo
+
+bench:
+	$(PYTHON) bench/run.py
+
+lint:
+	@if command -v $(RUFF) >/dev/null 2>&1; then \
+	  $(RUFF) check $(MODULES) tests; \
+	else \
+	  echo "lint: $(RUFF) is not installed; skipping"; \
+	fi
+
+clean:
+	rm -rf __pycache__ tests/__pycache__ .pytest_cache build *.egg-info
