@@ -14,7 +14,10 @@ Data flows top to bottom: options -> the server certificate -> a request
 """
 
 import argparse
+import collections
+import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import select
 import struct
@@ -90,6 +93,8 @@ def build_option_parser(prog):
                    help="TLS handshake and request read limit (default 30)")
     p.add_argument("--compile-timeout", type=float, default=900, metavar="SECONDS",
                    help="wall-clock limit of one stap run (default 900)")
+    p.add_argument("--result-cache-size", type=int, default=64 << 20, metavar="BYTES",
+                   help="memory for replies to repeat requests (default 64 MiB; 0: off)")
     p.add_argument("--tmpdir", metavar="DIR", help="where request directories go")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="stap's cache for the compile account when started as root")
@@ -117,6 +122,7 @@ class Config:
     tmpdir: str
     cache_dir: str
     advertise: str
+    result_cache_size: int
 
 
 def state_dir(kind):
@@ -155,7 +161,8 @@ def parse_config(argv, prog=PROG):
         user=compile_user(opts.user), limits=limits, max_request=opts.max_request_size,
         io_timeout=opts.io_timeout, compile_timeout=opts.compile_timeout,
         tmpdir=opts.tmpdir or tempfile.gettempdir(),
-        cache_dir=opts.cache_dir or "/var/cache/stap-server", advertise=opts.advertise)
+        cache_dir=opts.cache_dir or "/var/cache/stap-server", advertise=opts.advertise,
+        result_cache_size=opts.result_cache_size)
 
 
 def served_releases(requested):
@@ -520,7 +527,8 @@ def make_reply(db, workdir, version, rc, stdout, stderr, module=None):
     return sign_reply(db, respdir)
 
 
-def handle_request(data, config, version, log_fields):
+def handle_request(data, config, version, log_fields, cache=None,
+                   compile_slot=contextlib.nullcontext()):
     """The signed reply bytes for one framed request body; never raises for
     a bad request (the client gets rc 1 and the reason)."""
     reqdir = tempfile.mkdtemp(prefix="stap-server.", dir=config.tmpdir)  # 0700
@@ -535,12 +543,145 @@ def handle_request(data, config, version, log_fields):
             return error_reply(config.db, reqdir, version, str(e))
         log_fields.update(version=req.version, release=req.release,
                           options=" ".join(req.args))
-        outcome = run_stap(config, req, reqdir)
-        rc, stdout, stderr, module = reply_from_outcome(outcome, req, reqdir, config)
-        log_fields.update(rc=rc)
-        return make_reply(config.db, reqdir, version, rc, stdout, stderr, module)
+
+        def compile_and_sign():
+            with compile_slot:
+                outcome = run_stap(config, req, reqdir)
+            rc, stdout, stderr, module = reply_from_outcome(outcome, req, reqdir, config)
+            log_fields.update(rc=rc)
+            reply = make_reply(config.db, reqdir, version, rc, stdout, stderr, module)
+            return reply, rc == 0
+
+        if cache is None:
+            return compile_and_sign()[0]
+        reply, how = cache.lookup(result_key(req, top, config, version), compile_and_sign)
+        log_fields.update(cache=how)
+        if how == "hit":
+            log_fields.update(rc=0)
+        return reply
     finally:
         shutil.rmtree(reqdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# The result cache: repeat requests answered without running stap
+# --------------------------------------------------------------------------
+
+class ResultCache:
+    """Signed replies of successful compiles, keyed by everything that
+    decides them; bounded in bytes (least recently used go first).
+    Identical requests arriving together compile once."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self.entries = collections.OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+        self.running = {}  # key -> Event set when its compile is done
+
+    def lookup(self, key, compute):
+        """(reply, "hit" | "miss" | "skip"); compute() -> (reply, cacheable)."""
+        if key is None or self.max_bytes <= 0:
+            return compute()[0], "skip"
+        while True:
+            with self.lock:
+                if key in self.entries:
+                    self.entries.move_to_end(key)
+                    return self.entries[key], "hit"
+                done = self.running.get(key)
+                if done is None:
+                    self.running[key] = threading.Event()
+                    break
+            done.wait()  # the same request is compiling: take its result
+            with self.lock:
+                if key not in self.entries:  # it was not cacheable
+                    break
+        try:
+            reply, cacheable = compute()
+            if cacheable:
+                self.store(key, reply)
+            return reply, "miss"
+        finally:
+            with self.lock:
+                self.running.pop(key, threading.Event()).set()
+
+    def store(self, key, reply):
+        if len(reply) > self.max_bytes // 4:
+            return  # one huge reply must not flush everything else
+        with self.lock:
+            self.entries[key] = reply
+            self.size += len(reply)
+            while self.size > self.max_bytes:
+                _, old = self.entries.popitem(last=False)
+                self.size -= len(old)
+
+
+# Options whose output differs run to run (timings, progress) or that a
+# server should run afresh: requests with them are not cached.
+UNCACHED_OPTIONS = ("-v", "--vp", "-t", "--benchmark")
+
+
+def result_key(req, top, config, version):
+    """A digest of the request's files and arguments, the server's options and
+    identity, and stamps of stap, its tapsets and runtime and the kernel
+    build tree; None when the request must not be cached."""
+    if any(a.startswith(UNCACHED_OPTIONS) for a in req.args):
+        return None
+    h = hashlib.sha256()
+    for part in ([version, req.release, req.arch, config.user or ""] + req.args
+                 + config.stap_options + sorted(f"{k}={v}" for k, v in req.env.items())):
+        h.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    for root, dirs, files in os.walk(top):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, top)
+            if rel in ("version", "locale"):
+                continue
+            h.update(rel.encode("utf-8", "surrogateescape") + b"\0")
+            with open(path, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    h.update(installation_stamp(config, req.release).encode())
+    h.update(config.db.path.encode())
+    return h.hexdigest()
+
+
+_stamps = {}
+STAMP_TTL = 5  # seconds: walking the tapset and runtime trees costs a few ms
+
+
+def installation_stamp(config, release):
+    """Changes whenever stap, its tapsets or runtime, the server's -I/-R
+    trees or the release's build tree change."""
+    now = time.monotonic()
+    cached = _stamps.get(release)
+    if cached and now - cached[0] < STAMP_TTL:
+        return cached[1]
+    stap = shutil.which(os.environ.get("SYSTEMTAP_STAP") or "stap") or "stap"
+    build = f"/lib/modules/{release}/build"
+    trees = ["/usr/share/systemtap"] + [v for o, v in zip(config.stap_options,
+                                                          config.stap_options[1:])
+                                        if o in ("-R", "-I")]
+    h = hashlib.sha256()
+    for path in [stap] + [os.path.join(build, f) for f in
+                          (".config", "Module.symvers", "include/generated/utsrelease.h")]:
+        h.update(stat_line(path))
+    for tree in trees:
+        for root, dirs, files in os.walk(tree):
+            dirs.sort()
+            for name in sorted(files):
+                h.update(stat_line(os.path.join(root, name)))
+    stamp = h.hexdigest()
+    _stamps[release] = (now, stamp)
+    return stamp
+
+
+def stat_line(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path} missing\n".encode()
+    return f"{path} {st.st_size} {st.st_mtime_ns} {st.st_ino}\n".encode()
 
 
 # --------------------------------------------------------------------------
@@ -555,6 +696,7 @@ class CompileServer:
         self.config = config
         self.der = der
         self.version = stap_version()
+        self.results = ResultCache(config.result_cache_size)
         self.compiles = threading.Semaphore(config.max_threads)
         self.waiting_lock = threading.Lock()
         self.admitted = 0  # running plus queued compiles
@@ -658,8 +800,8 @@ class CompileServer:
                                    f"{client.BUSY_MESSAGE}: {self.config.max_threads} "
                                    "compiles running and the queue is full; try again")
         try:
-            with self.compiles:
-                return handle_request(data, self.config, self.version, fields)
+            return handle_request(data, self.config, self.version, fields, self.results,
+                                  self.compiles)
         finally:
             with self.waiting_lock:
                 self.admitted -= 1
