@@ -13,7 +13,7 @@ archive -> TLS -> reply archive -> staprun.  This module never imports the
 server module; the server imports this one.
 """
 
-import dataclasses
+import collections
 import fcntl
 import hashlib
 import io
@@ -23,7 +23,6 @@ import select
 import shutil
 import signal
 import socket
-import ssl as pyssl
 import stat
 import struct
 import subprocess
@@ -32,16 +31,7 @@ import tempfile
 import time
 import zipfile
 
-try:  # only the multicast DNS fallback of discovery needs dnspython
-    import dns.flags
-    import dns.message
-    import dns.name
-    import dns.rdata
-    import dns.rdataclass
-    import dns.rdatatype
-    import dns.rrset
-except ImportError:
-    dns = None
+dns = None  # dnspython, imported by require_dnspython() for the mDNS fallback only
 
 # --------------------------------------------------------------------------
 # Constants and errors
@@ -220,6 +210,7 @@ class CertDB:
 
 
 def pem_to_der_list(text):
+    import ssl as pyssl  # only PEM input needs it
     return [pyssl.PEM_cert_to_DER_cert(m.group(0)) for m in re.finditer(
         r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", text, re.S)]
 
@@ -292,25 +283,29 @@ REFUSED_WITH_SERVER = {"-R": "names a local runtime directory",
                        "--trust-servers": "is stap-add-server-cert"}
 
 
-@dataclasses.dataclass
+# The client's records are plain classes and named tuples: importing
+# dataclasses would cost a fifth of every stap-client run's start-up.
+
 class Invocation:
     """stap-client's argv, split into what goes where."""
-    server_args: list = dataclasses.field(default_factory=list)  # argvN entries
-    files: list = dataclasses.field(default_factory=list)  # (archive name, bytes or path)
-    servers: list = dataclasses.field(default_factory=list)
-    ssl_dirs: list = dataclasses.field(default_factory=list)
-    last_pass: int = 5
-    module_name: str = None
-    release: str = None
-    arch: str = None
-    keep: bool = False
-    verbose: int = 0
-    output: str = None
-    staprun_opts: list = dataclasses.field(default_factory=list)
-    globals: list = dataclasses.field(default_factory=list)  # -G NAME=VALUE
-    flight_recorder: bool = False  # -F
-    help: bool = False
-    version: bool = False
+
+    def __init__(self):
+        self.server_args = []  # argvN entries
+        self.files = []  # (archive name, bytes or path)
+        self.servers = []
+        self.ssl_dirs = []
+        self.last_pass = 5
+        self.module_name = None
+        self.release = None
+        self.arch = None
+        self.keep = False
+        self.verbose = 0
+        self.output = None
+        self.staprun_opts = []
+        self.globals = []  # -G NAME=VALUE
+        self.flight_recorder = False  # -F
+        self.help = False
+        self.version = False
 
 
 def scan_stap_args(argv):
@@ -493,12 +488,18 @@ def staprun_argv(inv, module):
 # Archives: the request, and safe reading of either side's archive
 # --------------------------------------------------------------------------
 
-@dataclasses.dataclass
 class Limits:
-    max_entries: int = 10000
-    max_entry_bytes: int = 128 << 20
-    max_total_bytes: int = 256 << 20
-    max_ratio: int = 200  # uncompressed/compressed, for entries over 1 MiB
+    """Bounds on an archive; keyword arguments override the defaults."""
+    max_entries = 10000
+    max_entry_bytes = 128 << 20
+    max_total_bytes = 256 << 20
+    max_ratio = 200  # uncompressed/compressed, for entries over 1 MiB
+
+    def __init__(self, **overrides):
+        for name, value in overrides.items():
+            if not hasattr(Limits, name):
+                raise TypeError(f"no such limit: {name}")
+            setattr(self, name, value)
 
 
 LOCALE_VALUE = re.compile(r"^[A-Za-z0-9@_.=-]*$")
@@ -561,7 +562,8 @@ def check_entry_name(name):
 def open_archive(data):
     try:
         return zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError,
+            NotImplementedError) as e:  # e.g. "zip file version 6.4"
         raise Error(f"not a valid zip archive ({e})") from None
 
 
@@ -590,7 +592,7 @@ def extract_archive(zf, dest, limits, only=None):
                         raise Error("archive inflates beyond its declared size")
                     out.write(chunk)
         except (zipfile.BadZipFile, zlib_error(), EOFError, NotImplementedError,
-                RuntimeError) as e:
+                RuntimeError, ValueError) as e:
             raise Error(f"archive entry {info.filename} is corrupt ({e})") from None
         except OSError as e:
             raise Error(f"cannot unpack archive entry {info.filename}: {e.strerror}") from None
@@ -602,13 +604,8 @@ def zlib_error():
     return zlib.error
 
 
-@dataclasses.dataclass
-class Reply:
-    rc: int
-    stdout: bytes
-    stderr: bytes
-    version: str
-    module: str = None  # path of the received .ko, if any
+class Reply(collections.namedtuple("Reply", "rc stdout stderr version module")):
+    """A checked reply; module is the path of the received .ko, or None."""
 
     @property
     def busy(self):
@@ -761,11 +758,11 @@ def nss_interval(seconds):
     return nss_modules()[2].seconds_to_interval(int(max(1, seconds)))
 
 
-@dataclasses.dataclass
 class Peer:
-    host: str
-    port: int
-    address: str = None
+    """A server to connect to; address is filled in once connected."""
+
+    def __init__(self, host, port, address=None):
+        self.host, self.port, self.address = host, port, address
 
     def __str__(self):
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -820,6 +817,9 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT):
             raw.close()
             last = f"cannot connect to {peer}: {e.strerror or e}"
             continue
+        # Small TLS records (the last one, close_notify) must not wait for
+        # a delayed ACK: that costs 40 ms a round trip.
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock = ssl.SSLSocket.import_tcp_socket(raw.detach())
         sock.set_ssl_option(ssl.SSL_SECURITY, True)
         sock.set_ssl_option(ssl.SSL_HANDSHAKE_AS_CLIENT, True)
@@ -914,18 +914,13 @@ class DiscoveryError(Error):
     """A discovery failure; the message is the one line the user sees."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ServerRecord:
-    """One advertised compile server instance, as seen from one address."""
-    host: str                 # e.g. 'stap-host-a.local'
-    address: str              # IPv4, or IPv6 (link-local ones with %iface)
-    port: int
-    sysinfo: str = ''         # '<kernel release> <arch>'
-    version: str = ''
-    certinfo: str = ''        # certificate serial, colon-separated hex
-    txt: dict = dataclasses.field(default_factory=dict, compare=False,
-                                  hash=False)
-    name: str = ''            # DNS-SD instance name
+class ServerRecord(collections.namedtuple(
+        "ServerRecord", "host address port sysinfo version certinfo txt name")):
+    """One advertised compile server instance, as seen from one address:
+    host ('stap-host-a.local'), address (IPv4, or IPv6 with %iface when
+    link-local), port, sysinfo ('<release> <arch>'), version, certinfo
+    (certificate serial, colon-separated hex), txt (every TXT key) and the
+    DNS-SD instance name."""
 
     @property
     def key(self):
@@ -997,14 +992,9 @@ def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT,
 
 # --- avahi -----------------------------------------------------------------
 
-@dataclasses.dataclass
-class ToolResult:
+class ToolResult(collections.namedtuple("ToolResult",
+                                        "argv returncode stdout stderr timed_out")):
     """What an external program did: exit status (None if we stopped it)."""
-    argv: list
-    returncode: object
-    stdout: str
-    stderr: str
-    timed_out: bool = False
 
     def error(self):
         """One line for an error message: the program and its last words."""
@@ -1020,7 +1010,7 @@ def run_tool_until(argv, timeout, done=None):
     may end the wait early.  stderr is kept for error messages.
     """
     if shutil.which(argv[0]) is None:
-        return ToolResult(argv, 127, '', f'{argv[0]}: not installed')
+        return ToolResult(argv, 127, '', f'{argv[0]}: not installed', False)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err, eof = _collect(proc, time.monotonic() + timeout, done)
@@ -1160,12 +1150,7 @@ IFF_LOOPBACK = 0x8
 IFF_MULTICAST = 0x1000
 
 
-@dataclasses.dataclass(frozen=True)
-class Interface:
-    name: str
-    index: int
-    address: str              # its (first) IPv4 address
-    loopback: bool
+Interface = collections.namedtuple("Interface", "name index address loopback")
 
 
 def ipv4_interfaces():
@@ -1191,13 +1176,27 @@ def ipv4_interfaces():
 
 
 def require_dnspython():
+    """Import dnspython on first use: most runs never need it, and it costs
+    a sixth of the client's start-up."""
+    global dns
     if dns is None:
-        raise DiscoveryError('multicast DNS needs dnspython (Debian: '
-                             'python3-dnspython), and no avahi daemon runs')
+        try:
+            import dns.flags
+            import dns.message
+            import dns.name
+            import dns.rdata
+            import dns.rdataclass
+            import dns.rdatatype
+            import dns.rrset
+        except ImportError:
+            raise DiscoveryError('multicast DNS needs dnspython (Debian: '
+                                 'python3-dnspython), and no avahi daemon runs') from None
+    return dns
 
 
 def service_name():
     """'_stap._tcp.local.' as a dnspython name."""
+    require_dnspython()
     return dns.name.from_text(f'{SERVICE_TYPE}.{MDNS_DOMAIN}.')
 
 
@@ -1242,6 +1241,7 @@ def _skip_name(data, pos):
 
 def parse_mdns(wire):
     """(dns.message.Message, QU flags) or (None, []) for garbage."""
+    require_dnspython()
     try:
         plain, unicast = normalize_mdns_wire(wire)
         return dns.message.from_wire(plain, ignore_trailing=True), unicast
@@ -1320,6 +1320,7 @@ def instance_label(fqdn):
 
 def mdns_query(questions, query_id=0):
     """Wire bytes of a multicast DNS query for (name, type) pairs."""
+    require_dnspython()
     msg = dns.message.Message(id=query_id)
     msg.flags = 0                             # no RD: mDNS queries
     for name, rdtype in questions:

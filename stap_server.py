@@ -36,10 +36,20 @@ import tempfile
 import threading
 import time
 
+try:  # the built-in multicast DNS responder needs dnspython
+    import dns.flags
+    import dns.name
+    import dns.rdata
+    import dns.rdataclass
+    import dns.rdatatype
+    import dns.rrset
+except ImportError:
+    dns = None
+
 import stap_client as client
 from stap_client import CertDB, Error, Limits
 # Discovery names shared with the client's browsing side:
-from stap_client import (AVAHI_NO_DAEMON, DiscoveryError, IP_PKTINFO, MDNS_DOMAIN, MDNS_GROUP, MDNS_PORT, SERVICE_TYPE, ipv4_interfaces, mdns_query, parse_mdns, pktinfo_ifindex, require_dnspython, send_to_group, service_name, dns)
+from stap_client import (AVAHI_NO_DAEMON, DiscoveryError, IP_PKTINFO, MDNS_DOMAIN, MDNS_GROUP, MDNS_PORT, SERVICE_TYPE, ipv4_interfaces, mdns_query, parse_mdns, pktinfo_ifindex, require_dnspython, send_to_group, service_name)
 
 PROG = "stap-serverd"
 RENEW_BEFORE = 30 * 86400  # renew a certificate expiring within 30 days
@@ -731,6 +741,7 @@ class CompileServer:
         """Wrap an accepted socket in server-side TLS and shake hands."""
         _, ssl, _, _ = client.nss_modules()
         conn.settimeout(None)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no delayed-ACK stalls
         sock = ssl.SSLSocket.import_tcp_socket(conn.detach())
         sock.set_ssl_option(ssl.SSL_SECURITY, True)
         sock.set_ssl_option(ssl.SSL_HANDSHAKE_AS_SERVER, True)

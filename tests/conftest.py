@@ -19,7 +19,6 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 sys.path[:0] = [ROOT, TESTS]
 
-import stap_client  # noqa: E402
 
 PYTHON = sys.executable
 CLIENT = os.path.join(ROOT, "stap_client.py")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import pid_alive, start_server, status_file, need_root, TEST_USER, make_sandbox
+from conftest import pid_alive, status_file, need_root, TEST_USER, make_sandbox
 
 import stap_client
 

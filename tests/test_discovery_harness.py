@@ -5,7 +5,6 @@ on neither; plus the real systemtap client listing our advertisement.
 Tests that build namespaces need root and skip otherwise.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -53,13 +52,13 @@ ADVERTISE = SERVER_IMPORT + textwrap.dedent('''\
     ''')
 
 FIND = CLIENT_IMPORT + textwrap.dedent('''\
-    import dataclasses, json, sys, time
+    import json, sys, time
     args = json.loads(sys.argv[1])
     t = time.monotonic()
     records = client.find_servers(**args)
     seconds = time.monotonic() - t
     print(json.dumps({'seconds': seconds,
-                      'records': [dataclasses.asdict(r) for r in records],
+                      'records': [r._asdict() for r in records],
                       'lines': [client.format_server_line(r) for r in records]}))
     ''')
 
