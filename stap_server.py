@@ -105,6 +105,9 @@ def build_option_parser(prog):
                    help="wall-clock limit of one stap run (default 900)")
     p.add_argument("--result-cache-size", type=int, default=64 << 20, metavar="BYTES",
                    help="memory for replies to repeat requests (default 64 MiB; 0: off)")
+    p.add_argument("--renew-check", type=float, default=3600, metavar="SECONDS",
+                   help="how often a running server checks whether its certificate "
+                   "expires within 30 days and renews it (default 3600)")
     p.add_argument("--tmpdir", metavar="DIR", help="where request directories go")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="stap's cache for the compile account when started as root")
@@ -133,6 +136,7 @@ class Config:
     cache_dir: str
     advertise: str
     result_cache_size: int
+    renew_check: float
 
 
 def state_dir(kind):
@@ -172,7 +176,7 @@ def parse_config(argv, prog=PROG):
         io_timeout=opts.io_timeout, compile_timeout=opts.compile_timeout,
         tmpdir=opts.tmpdir or tempfile.gettempdir(),
         cache_dir=opts.cache_dir or "/var/cache/stap-server", advertise=opts.advertise,
-        result_cache_size=opts.result_cache_size)
+        result_cache_size=opts.result_cache_size, renew_check=opts.renew_check)
 
 
 def served_releases(requested):
@@ -737,6 +741,25 @@ class CompileServer:
                 return
         raise Error("the server certificate is not in its database")
 
+    def renew_if_expiring(self):
+        """Replace a certificate that expires within 30 days; connections
+        accepted from now on present the new one.  True if renewed."""
+        if not expires_within(self.der, RENEW_BEFORE):
+            return False
+        try:
+            der = ensure_server_certificate(self.config.db)
+            self.der = der
+            self.load_key()
+        except Error as e:
+            logging.error("certificate renewal failed: %s", e)
+            return False
+        self.results = ResultCache(self.config.result_cache_size)  # old signatures
+        if self.listener is not None:
+            write_status(self.config, self.listener.getsockname()[1], der)
+        logging.info("renewed the server certificate while running; sha256 fingerprint %s",
+                     client.fingerprint(der))
+        return True
+
     def accept_tls(self, conn):
         """Wrap an accepted socket in server-side TLS and shake hands."""
         _, ssl, _, _ = client.nss_modules()
@@ -836,7 +859,11 @@ class CompileServer:
 
     def serve_forever(self):
         self.listener.settimeout(0.5)
+        next_check = time.monotonic() + self.config.renew_check
         while not self.stopping.is_set():
+            if time.monotonic() >= next_check:
+                next_check += self.config.renew_check
+                self.renew_if_expiring()
             if not self.connections.acquire(timeout=0.5):
                 continue
             try:

@@ -337,3 +337,109 @@ def test_status_file_contents(server, sandbox):
         status = json.load(f)
     assert status["pid"] == server.pid and status["port"] == server.port
     assert len(status["fingerprint"]) == 64
+
+
+RENEW_WHILE_RUNNING = r"""
+import json, socket, ssl, sys, threading
+sys.path.insert(0, sys.argv[1])
+import stap_client, stap_server
+db = stap_client.CertDB(sys.argv[2])
+config = stap_server.parse_config(["--listen", "127.0.0.1", "--ssl", db.path, "-r", sys.argv[3],
+                                   "--log", sys.argv[4], "--advertise", "none"])
+stap_server.setup_logging(config.log)
+old = stap_server.newest_certificate(db)
+server = stap_server.CompileServer(config, old)
+port = server.bind()
+threading.Thread(target=server.serve_forever, daemon=True).start()
+
+def presented():
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+            tls.sendall(b"\0\0\0\0")
+            return der
+
+before = presented()
+renewed = server.renew_if_expiring()
+after = presented()
+server.stopping.set()
+print(json.dumps({"old": old == before, "renewed": renewed, "new": after.hex(),
+                  "changed": after != before}))
+"""
+
+
+def test_renewal_while_running(sandbox, krel):
+    """A running server whose certificate nears expiry renews it; new
+    connections get the new certificate and the client database trusts it."""
+    server_db, client_db = db_paths(sandbox)
+    os.makedirs(server_db, 0o700)
+    subprocess.run(["certutil", "-N", "-d", "sql:" + server_db, "--empty-password"], check=True)
+    noise = os.path.join(sandbox.top, "noise")
+    with open(noise, "wb") as f:
+        f.write(os.urandom(2048))
+    subprocess.run(["certutil", "-S", "-d", "sql:" + server_db, "-n", "stap-server", "-s",
+                    "CN=Systemtap Compile Server, OU=Systemtap", "-x", "-t", "P,P,P",
+                    "-k", "rsa", "-g", "2048", "-Z", "SHA256", "-w", "-12", "-v", "12",
+                    "-m", "4243", "-z", noise], check=True, capture_output=True)
+    import sys
+    from conftest import ROOT
+    proc = subprocess.run([sys.executable, "-c", RENEW_WHILE_RUNNING, ROOT, server_db, krel,
+                           sandbox.path("log")], env=sandbox.env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result == {**result, "old": True, "renewed": True, "changed": True}
+    new = bytes.fromhex(result["new"])
+    assert read(os.path.join(server_db, "stap-server.cert")) == new
+    assert new in stap_client.CertDB(client_db).certificates()
+    assert "renewed the server certificate while running" in read(sandbox.path("log"), "r")
+
+
+SERVE_AS_IS = r"""
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+import stap_client, stap_server
+db = stap_client.CertDB(sys.argv[2])
+config = stap_server.parse_config(["--listen", "127.0.0.1", "--ssl", db.path, "-r", sys.argv[3],
+                                   "--log", sys.argv[4], "--advertise", "none"])
+server = stap_server.CompileServer(config, stap_server.newest_certificate(db))
+print(server.bind(), flush=True)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+sys.stdin.read()
+"""
+
+
+def test_client_refuses_an_expired_certificate(sandbox, krel):
+    server_db = sandbox.path("expired-server")
+    os.makedirs(server_db, 0o700)
+    subprocess.run(["certutil", "-N", "-d", "sql:" + server_db, "--empty-password"], check=True)
+    noise = os.path.join(sandbox.top, "noise")
+    with open(noise, "wb") as f:
+        f.write(os.urandom(2048))
+    subprocess.run(["certutil", "-S", "-d", "sql:" + server_db, "-n", "stap-server", "-s",
+                    "CN=Systemtap Compile Server, OU=Systemtap", "-x", "-t", "P,P,P",
+                    "-k", "rsa", "-g", "2048", "-Z", "SHA256", "-w", "-13", "-v", "12",
+                    "-m", "4244", "-z", noise], check=True, capture_output=True)
+    der = subprocess.run(["certutil", "-L", "-d", "sql:" + server_db, "-n", "stap-server", "-r"],
+                         capture_output=True, check=True).stdout
+    certfile = sandbox.path("expired.cert")
+    with open(certfile, "wb") as f:
+        f.write(der)
+    trusted = sandbox.path("trusted")
+    assert sandbox.run("stap-add-server-cert", certfile, trusted).returncode == 0
+    import sys
+    from conftest import ROOT
+    server = subprocess.Popen([sys.executable, "-c", SERVE_AS_IS, ROOT, server_db, krel,
+                               sandbox.path("log")], env=sandbox.env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        proc = sandbox.run("stap-client", f"--server=127.0.0.1:{port}", f"--ssl={trusted}",
+                           "-r", krel, "-p1", "-e", "probe begin {}")
+    finally:
+        server.stdin.close()
+        server.wait(10)
+    assert proc.returncode == 1
+    assert f"server 127.0.0.1:{port} refused: its certificate expired on" in proc.stderr.decode()
