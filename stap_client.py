@@ -663,7 +663,8 @@ def verify_signature(jar, peer_der, dbs):
         raise Error("reply is signed by a certificate other than the server's")
     reasons = []
     for db in dbs:
-        proc = signtool(db, "-v", jar, check=False)
+        # signtool -v writes signtool.tmp into its cwd: use our private directory
+        proc = signtool(db, "-v", jar, check=False, cwd=os.path.dirname(jar))
         out = proc.stdout.decode(errors="replace")
         if proc.returncode == 0 and "passed crypto verification" in out:
             return {m.group(1) for m in re.finditer(r"^\s+verified\s+(\S.*)$", out, re.M)}
@@ -852,7 +853,9 @@ def certificate_problem(err, cert):
     if "EXPIRED" in str(err) or "expired" in text.lower():
         return f"its certificate expired on {cert.valid_not_after_str}"
     return (f"its certificate (serial {colon_hex(cert.serial_number)}) is not trusted "
-            f"by any client database ({text}); trust it with stap-add-server-cert")
+            f"by any client database ({text}); to trust it, copy the server's "
+            f"{SERVER_CERT_FILE} here and run: stap-add-server-cert {SERVER_CERT_FILE} "
+            f"{local_client_db_path()}")
 
 
 def alt_names(cert):
@@ -908,6 +911,7 @@ MDNS_DOMAIN = 'local'
 MDNS_GROUP = '224.0.0.251'
 MDNS_PORT = 5353
 DISCOVERY_TIMEOUT = 1.0       # seconds; stap-find-servers must answer in ~1 s
+COMPILE_DISCOVERY_TIMEOUT = 2.0  # a compile can afford a longer look on a busy network
 
 
 class DiscoveryError(Error):
@@ -977,17 +981,23 @@ def unique_records(records):
 def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT,
                  sysinfo=None):
     """Servers advertised on the local network, compatible ones only unless
-    all_servers.  Uses avahi when a daemon answers, else multicast DNS."""
+    all_servers."""
     wanted = sysinfo or local_sysinfo()
+    records, _ = browse(timeout)
+    return [r for r in records if all_servers or r.sysinfo == wanted]
+
+
+def browse(timeout=DISCOVERY_TIMEOUT):
+    """(every advertised server, how we looked): avahi when a daemon
+    answers, else our own multicast DNS query."""
     deadline = time.monotonic() + timeout
-    records = browse_avahi(timeout)
+    records, how = browse_avahi(timeout), "avahi"
     if records is None:               # no avahi daemon here
         records = browse_mdns(max(0.1, deadline - time.monotonic()))
-    records = unique_records(records)
-    if not all_servers:
-        records = [r for r in records if r.sysinfo == wanted]
-    return sorted(records, key=lambda r: (r.host, r.port, r.sysinfo,
-                                          r.address))
+        how = "multicast DNS; no avahi daemon answered"
+    records = sorted(unique_records(records),
+                     key=lambda r: (r.host, r.port, r.sysinfo, r.address))
+    return records, how
 
 
 # --- avahi -----------------------------------------------------------------
@@ -1453,10 +1463,17 @@ def stap_client(argv):
 def compile_anywhere(inv, request, dbs, tmp):
     """Try each candidate server in turn; the first complete reply wins."""
     open_databases(dbs)
+    peers, searched = candidate_servers(inv)
+    if not peers:
+        raise Error(f"no compile server found for {local_sysinfo(inv.release, inv.arch)}: "
+                    f"{searched}; start one with stap-start-server, or name one with "
+                    "--server=HOST:PORT")
     reasons = []
-    for n, peer in enumerate(candidate_servers(inv)):
+    for n, peer in enumerate(peers):
         attempt = os.path.join(tmp, f"server{n}")
         os.mkdir(attempt, 0o700)
+        if inv.verbose or sys.stderr.isatty():  # a person is watching: say what runs
+            print(f"{PROG}: compiling on server {peer}...", file=sys.stderr, flush=True)
         try:
             sock, peer_der = tls_connect(peer)
             reply = read_reply(exchange(sock, request), attempt, peer_der, dbs)
@@ -1469,30 +1486,41 @@ def compile_anywhere(inv, request, dbs, tmp):
             reasons.append(f"{peer}: {BUSY_MESSAGE}")
             continue
         return reply
-    if not reasons:
-        raise Error("no compile server found for " + local_sysinfo(inv.release, inv.arch)
-                    + "; start one with stap-start-server or name one with --server")
     raise Error("no server could compile the script (" + "; ".join(reasons) + ")")
 
 
 def candidate_servers(inv):
-    """--server options in order; else the compatible servers discovery finds."""
+    """(servers to try in order, what discovery saw): the --server options
+    in order, else the compatible advertised servers, best first."""
     target = local_sysinfo(inv.release, inv.arch)
-    if inv.servers:
-        for spec in inv.servers:
-            host, port = parse_server_spec(spec)
+    specs = [parse_server_spec(spec) for spec in inv.servers]
+    if specs and all(port is not None for _, port in specs):
+        return [Peer(host, port) for host, port in specs], ""
+    records, how = browse(COMPILE_DISCOVERY_TIMEOUT)
+    if specs:
+        peers = []
+        for host, port in specs:
             if port is not None:
-                yield Peer(host, port)
+                peers.append(Peer(host, port))
                 continue
-            found = [r for r in find_servers(all_servers=True, sysinfo=target)
-                     if host in (r.host, r.host.split(".")[0], r.address)]
-            if not found:
-                warn(f"--server={spec}: no advertised server on host {host}")
-            for rec in found:
-                yield Peer(rec.address, rec.port)
-        return
-    for rec in best_first(find_servers(sysinfo=target)):
-        yield Peer(rec.address, rec.port)
+            on_host = [r for r in records if host in (r.host, r.host.split(".")[0], r.address)]
+            if not on_host:
+                warn(f"--server={host}: no server is advertised on host {host} ({how})")
+            peers += [Peer(r.address, r.port) for r in best_first(
+                [r for r in on_host if r.sysinfo == target]) + [r for r in on_host
+                                                                if r.sysinfo != target]]
+        return peers, f"no server advertised on the named hosts ({how})"
+    compatible = [r for r in records if r.sysinfo == target]
+    return [Peer(r.address, r.port) for r in best_first(compatible)], \
+        describe_search(records, how)
+
+
+def describe_search(records, how):
+    """Why discovery offered no server: what it saw, and how it looked."""
+    if not records:
+        return f"no server is advertised on the local network (searched with {how})"
+    others = ", ".join(sorted({f"{r.host} serves {r.sysinfo}" for r in records}))
+    return f"no advertised server serves it ({others}; searched with {how})"
 
 
 def best_first(records):
@@ -1551,9 +1579,13 @@ def run_staprun(inv, module):
 
 def stap_find_servers(argv):
     """List servers; only compatible ones unless --all.  Other arguments are ignored."""
-    records = find_servers(all_servers="--all" in argv)
+    every, how = browse()
+    wanted = local_sysinfo()
+    records = [r for r in every if "--all" in argv or r.sysinfo == wanted]
     for rec in records:
         print(format_server_line(rec))
+    if not records and sys.stderr.isatty():  # a person asked: say what was seen
+        print(f"{PROG}: {describe_search(every, how)}", file=sys.stderr)
     return 0 if records else 1
 
 

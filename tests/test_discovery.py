@@ -71,6 +71,13 @@ def test_find_servers_on_b_sees_server_on_a(avahi, network_factory, krel, runtim
                       "probe begin { exit() }"], env=box.env, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "begin" in proc.stdout
+        # a release no server offers: the error names what is offered
+        proc = b.run([PYTHON, CLIENT, "stap-client", "-r", "9.9.9-other", "-p2", "-e",
+                      "probe begin { exit() }"], env=box.env, timeout=120)
+        assert proc.returncode == 1
+        assert ("stap-client: ERROR: no compile server found for 9.9.9-other x86_64: no "
+                f"advertised server serves it (") in proc.stderr
+        assert f"serves {krel} x86_64" in proc.stderr
         # --server=HOST (no port) takes the advertised port
         proc = b.run([PYTHON, CLIENT, "stap-client", f"--server={a.address}", "-r", krel,
                       "-p1", "-e", "probe begin { exit() }"], env=box.env, timeout=120)
@@ -102,4 +109,7 @@ def test_client_without_servers_says_what_it_searched(network_factory, krel):  #
     proc = b.run([PYTHON, CLIENT, "stap-client", "-r", krel, "-p2", "-e", "probe begin {}"],
                  env=box.env, timeout=60)
     assert proc.returncode == 1
-    assert f"stap-client: ERROR: no compile server found for {krel} x86_64" in proc.stderr
+    assert proc.stderr.strip() == (
+        f"stap-client: ERROR: no compile server found for {krel} x86_64: no server is "
+        "advertised on the local network (searched with multicast DNS; no avahi daemon "
+        "answered); start one with stap-start-server, or name one with --server=HOST:PORT")

@@ -172,6 +172,9 @@ def test_untrusted_server_is_refused_until_trusted(server, sandbox, krel):
         assert f"{server.address}: server {server.address} refused: its certificate" in \
             proc.stderr.decode()
         assert "is not trusted by any client database" in proc.stderr.decode()
+        assert ("to trust it, copy the server's stap-server.cert here and run: "
+                "stap-add-server-cert stap-server.cert "
+                f"{stranger.sysconfdir}/systemtap/ssl/client") in proc.stderr.decode()
     finally:
         srv2.stop()
     # --ssl=DIR holding the server's certificate
@@ -236,3 +239,11 @@ def test_server_log_has_one_line_per_request(server, sandbox, krel):
     for field in ("client='127.0.0.1:", "version='4.8'", f"release='{krel}'",
                   "options='-p1 -eprobe begin {}'", "rc=0", "seconds="):
         assert field in line, line
+
+
+def test_progress_only_for_a_person(server, sandbox, krel):
+    proc = client(sandbox, server, "-r", krel, "-p1", "-e", "probe begin {}")
+    assert proc.returncode == 0 and b"compiling on server" not in proc.stderr
+    proc = client(sandbox, server, "-r", krel, "-p1", "-v", "-e", "probe begin {}")
+    assert proc.returncode == 0
+    assert f"stap-client: compiling on server {server.address}...".encode() in proc.stderr
