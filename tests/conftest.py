@@ -207,7 +207,7 @@ def pid_alive(pid):
         return False
 
 
-def start_server(box, krel, runtime=None, *extra, cache=None):
+def start_server(box, krel, runtime=None, *extra, cache=None, env=None):
     """stap-start-server on loopback; returns a Server."""
     args = ["--listen", "127.0.0.1", "-r", krel, "--log", box.path("server.log"),
             "--advertise", "none"]
@@ -215,7 +215,7 @@ def start_server(box, krel, runtime=None, *extra, cache=None):
         args += ["-R", runtime]
     if cache and os.geteuid() == 0 and box.user is None:
         args += ["--cache-dir", cache]
-    proc = box.run("stap-start-server", *args, *extra, timeout=60)
+    proc = box.run("stap-start-server", *args, *extra, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr.decode()
     pid = int(proc.stdout.decode().strip())
     with open(status_file(box, pid)) as f:
@@ -229,8 +229,8 @@ def servers():
     started = []
 
     class Starter:
-        def start(self, box, krel, runtime=None, *extra, cache=None):
-            srv = start_server(box, krel, runtime, *extra, cache=cache)
+        def start(self, box, krel, runtime=None, *extra, cache=None, env=None):
+            srv = start_server(box, krel, runtime, *extra, cache=cache, env=env)
             started.append(srv)
             return srv
 

@@ -247,3 +247,23 @@ def test_progress_only_for_a_person(server, sandbox, krel):
     proc = client(sandbox, server, "-r", krel, "-p1", "-v", "-e", "probe begin {}")
     assert proc.returncode == 0
     assert f"stap-client: compiling on server {server.address}...".encode() in proc.stderr
+
+
+def test_root_server_compiles_as_an_unprivileged_account(servers, sandbox, krel, shared_dir):
+    """The stap a root server runs has the compile account's uid, never 0."""
+    from conftest import need_root
+    import pwd
+    need_root()
+    stand_in = os.path.join(shared_dir, "stap-whoami")
+    with open(stand_in, "w") as f:
+        f.write('#!/bin/sh\ncase "$*" in *-V*) exec stap -V;; esac\n'
+                'echo "uid=$(id -u) gid=$(id -g) home=$HOME"\n')
+    os.chmod(stand_in, 0o755)
+    cache = os.path.join(sandbox.top, "cache")
+    srv = servers.start(sandbox, krel, None, "--user", "nobody", cache=cache,
+                        env={"SYSTEMTAP_STAP": stand_in})
+    proc = client(sandbox, srv, "-r", krel, "-p2", "-e", "probe begin {}")
+    assert proc.returncode == 0, proc.stderr
+    nobody = pwd.getpwnam("nobody")
+    assert proc.stdout.decode().split()[:2] == [f"uid={nobody.pw_uid}", f"gid={nobody.pw_gid}"]
+    assert os.stat(os.path.join(cache, "nobody")).st_uid == nobody.pw_uid
