@@ -4,6 +4,7 @@
 #   make check                install missing packages, run the tests
 #   make install [DESTDIR=... prefix=... sysconfdir=... PYTHON=...]
 #   make uninstall            with the same variables as install
+#   make deb                  Debian packages in build/deb/ (tools/build-deb)
 
 prefix     = /usr/local
 exec_prefix = $(prefix)
@@ -26,10 +27,10 @@ SERVER_COMMANDS = stap-serverd stap-start-server stap-stop-server stap-find-or-s
 COMMANDS        = $(CLIENT_COMMANDS) $(SERVER_COMMANDS)
 MANPAGES        = stap-server.8 $(addsuffix .8,$(COMMANDS))
 
-.PHONY: all install uninstall check demo bench lint clean
+.PHONY: all install uninstall check demo bench lint clean deb
 
 all:
-	@echo "Nothing to build.  Targets: install uninstall check demo bench lint clean"
+	@echo "Nothing to build.  Targets: install uninstall check demo bench lint clean deb"
 
 install:
 	$(INSTALL) -d -m 0755 $(DESTDIR)$(pkglibdir) $(DESTDIR)$(bindir) $(DESTDIR)$(man8dir)
@@ -67,6 +68,9 @@ check:
 
 demo:
 	PYTHON=$(PYTHON) tools/demo
+
+deb:
+	tools/build-deb
 
 bench:
 	$(PYTHON) bench/run.py

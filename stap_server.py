@@ -23,6 +23,7 @@ import select
 import struct
 import json
 import logging
+import logging.handlers
 import os
 import pwd
 import re
@@ -1400,7 +1401,7 @@ def read_status(pid):
 
 def setup_logging(path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), 0o755, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = logging.handlers.WatchedFileHandler(path)  # reopens a rotated log
     handler.setFormatter(logging.Formatter("%(asctime)s stap-serverd[%(process)d] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
