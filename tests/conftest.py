@@ -253,7 +253,7 @@ STAPRUN_STANDIN = """#!/bin/sh
 # Records its arguments and the module it was given; exits with $STAPRUN_RC.
 rec="${STAPRUN_RECORD:?}"
 printf '%s\\n' "$@" > "$rec.args"
-for a in "$@"; do case "$a" in *.ko) cp "$a" "$rec.ko";; esac; done
+for a in "$@"; do case "$a" in *.ko) /bin/cp "$a" "$rec.ko";; esac; done
 pwd > "$rec.cwd"
 exit "${STAPRUN_RC:-0}"
 """

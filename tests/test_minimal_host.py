@@ -1,0 +1,75 @@
+"""A minimal client host: only Python (with the NSS bindings), the NSS tools
+and staprun on PATH (no stap, no compiler, no avahi) trusts a server and
+runs a script through it."""
+
+import os
+import subprocess
+
+from conftest import PYTHON, SERVER, CLIENT, STAPRUN_STANDIN, make_sandbox, stop_pid
+from netns import network_factory  # noqa: F401  (a fixture)
+
+MINIMAL_TOOLS = ("certutil", "signtool")
+
+
+def minimal_path(top):
+    """A PATH directory holding only the minimal host's tools."""
+    bindir = os.path.join(top, "minbin")
+    os.makedirs(bindir)
+    for tool in MINIMAL_TOOLS:
+        real = subprocess.run(["which", tool], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        os.symlink(real, os.path.join(bindir, tool))
+    staprun = os.path.join(bindir, "staprun")
+    with open(staprun, "w") as f:
+        f.write(STAPRUN_STANDIN)
+    os.chmod(staprun, 0o755)
+    return bindir
+
+
+def test_client_module_stands_alone():
+    proc = subprocess.run([PYTHON, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                           "import stap_client; assert 'stap_server' not in sys.modules; "
+                           "assert 'dns' not in sys.modules", os.path.dirname(CLIENT)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_minimal_host_trusts_and_uses_a_server(network_factory, krel, runtime,  # noqa: F811
+                                               cache_dir):
+    net = network_factory(avahi=False, single=True)
+    host = net.hosts[0]
+    server_box = make_sandbox()
+    args = [PYTHON, SERVER, "stap-start-server", "--listen", "127.0.0.1", "-r", krel,
+            "--advertise", "none", "--log", server_box.path("log"), "--cache-dir", cache_dir]
+    if runtime:
+        args += ["-R", runtime]
+    proc = host.run(args, env=server_box.env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout)
+    try:
+        port = host.run(["sh", "-c", f"cat /run/stap-server/stap-serverd.{pid}.json"]).stdout
+        port = __import__("json").loads(port)["port"]
+        box = make_sandbox()  # the minimal host's own, empty, configuration
+        bindir = minimal_path(box.top)
+        env = box.env  # nsenter itself is found on the full PATH; the client gets bindir
+        minimal = ["/usr/bin/env", f"PATH={bindir}", f"STAPRUN_RECORD={box.path('rec')}"]
+        for tool in ("stap", "gcc", "cc", "make", "avahi-browse"):
+            assert host.run(["sh", "-c", f"PATH={bindir} command -v {tool}"]).returncode != 0
+        certfile = os.path.join(server_box.sysconfdir, "systemtap", "ssl", "server",
+                                "stap-server.cert")
+        client_db = os.path.join(box.sysconfdir, "systemtap", "ssl", "client")
+        proc = host.run(minimal + [PYTHON, CLIENT, "stap-add-server-cert", certfile, client_db],
+                        env=env)
+        assert proc.returncode == 0, proc.stderr
+        work = box.path("work")
+        os.makedirs(work)
+        proc = host.run(minimal + [PYTHON, CLIENT, "stap-client", f"--server=127.0.0.1:{port}",
+                         "-r", krel, "-e", 'probe begin { println("hi"); exit() }'],
+                        env=env, cwd=work, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        with open(box.path("rec.args")) as f:
+            args = f.read().splitlines()
+        assert args[0] == "-R" and args[1].endswith(".ko")
+        assert os.path.getsize(box.path("rec.ko")) > 0
+    finally:
+        stop_pid(pid)
