@@ -555,6 +555,7 @@ def handle_request(data, config, version, log_fields, cache=None,
             req = parse_request(top, config)
         except Error as e:
             log_fields.update(rc=1, error=str(e))
+            shutil.rmtree(top, ignore_errors=True)  # a full disk needs the room for the reply
             return error_reply(config.db, reqdir, version, str(e))
         log_fields.update(version=req.version, release=req.release,
                           options=" ".join(req.args))
@@ -796,6 +797,9 @@ class CompileServer:
             fields.setdefault("error", e.strerror)
         except Error as e:
             fields.setdefault("error", str(e))
+        except Exception as e:  # e.g. a full disk: this connection fails, the server goes on
+            fields.setdefault("error", f"internal error: {e}")
+            logging.exception("request from %s failed", fields["client"])
         finally:
             if sock is not None:
                 sock.close()

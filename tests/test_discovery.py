@@ -76,7 +76,7 @@ def test_find_servers_on_b_sees_server_on_a(avahi, network_factory, krel, runtim
                       "probe begin { exit() }"], env=box.env, timeout=120)
         assert proc.returncode == 1
         assert ("stap-client: ERROR: no compile server found for 9.9.9-other x86_64: no "
-                f"advertised server serves it (") in proc.stderr
+                "advertised server serves it (") in proc.stderr
         assert f"serves {krel} x86_64" in proc.stderr
         # --server=HOST (no port) takes the advertised port
         proc = b.run([PYTHON, CLIENT, "stap-client", f"--server={a.address}", "-r", krel,

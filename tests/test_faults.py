@@ -1,0 +1,440 @@
+"""Spec section 9, faults: a server killed mid-request, a stap run over
+--compile-timeout, a full disk under the request directory, and hostile
+replies (tampered signed entry, unsigned extra entry, traversal path) from
+a fake TLS server that the client trusts.  The server's stap is the real
+one, behind a stand-in ($SYSTEMTAP_STAP) that is slow only for scripts
+marked SLOWPROBE; staprun is the conftest stand-in."""
+
+import io
+import os
+import signal
+import subprocess
+import time
+import uuid
+import zipfile
+
+import conftest
+import pytest
+from hardening_helpers import (
+    NORMAL_SCRIPT,
+    assert_serves,
+    base_entries,
+    frame,
+    parse_reply,
+    raw_exchange,
+    request_dirs,
+    request_lines,
+    server_db,
+    server_tmpdir,
+    zip_bytes,
+)
+
+import stap_server
+
+SLOW_SCRIPT = "probe begin { /* SLOWPROBE */ exit() }"
+
+STAP_STANDIN = """#!/bin/sh
+# The real stap, except that a SLOWPROBE script sleeps in the background
+# and waits for it (two processes of one group), recording both pids.
+for a in "$@"; do
+  case "$a" in
+    *SLOWPROBE*)
+      echo $$ > {rec}/stap.pid.new && mv {rec}/stap.pid.new {rec}/stap.pid
+      sleep 60 &
+      echo $! > {rec}/sleep.pid.new && mv {rec}/sleep.pid.new {rec}/sleep.pid
+      wait
+      exit 0;;
+  esac
+done
+exec /usr/bin/stap "$@"
+"""
+
+
+@pytest.fixture
+def slow_stap(sandbox):
+    """(stand-in path, record dir); whatever it left running is killed after."""
+    conftest.need_root()
+    rec = sandbox.path("stap-rec")
+    os.makedirs(rec)
+    os.chmod(rec, 0o777)  # the compile account writes the pid files
+    script = sandbox.path("stap-standin")
+    with open(script, "w") as f:
+        f.write(STAP_STANDIN.replace("{rec}", rec))
+    os.chmod(script, 0o755)
+    yield script, rec
+    for name in ("stap.pid", "sleep.pid"):
+        pid = read_pid(os.path.join(rec, name))
+        if pid and conftest.pid_alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL) if name == "stap.pid" else os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_for_pid(path, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = read_pid(path)
+        if pid:
+            return pid
+        time.sleep(0.05)
+    raise AssertionError(f"the stand-in stap never started ({path})")
+
+
+def start_with_stap(servers, box, krel, stap, *extra):
+    """A server whose compile runs go through the stand-in stap."""
+    box.env["SYSTEMTAP_STAP"] = stap
+    try:
+        return servers.start(box, krel, None, "--tmpdir", server_tmpdir(box), *extra)
+    finally:
+        del box.env["SYSTEMTAP_STAP"]
+
+
+def client_tmp(box):
+    path = box.path(f"client-tmp-{uuid.uuid4().hex[:6]}")
+    os.makedirs(path, 0o700)
+    return path
+
+
+def forget_killed_server(box, srv):
+    """A SIGKILLed server leaves its status file and request directory."""
+    try:
+        os.unlink(conftest.status_file(box, srv.pid))
+    except FileNotFoundError:
+        pass
+
+
+# --------------------------------------------------------------------------
+# Server killed mid-request
+# --------------------------------------------------------------------------
+
+def run_client_killing(box, krel, srv_to_kill, rec, servers_args, env, pass_args=("-p2",)):
+    """Start stap-client on a SLOWPROBE script, SIGKILL srv_to_kill once its
+    compile runs, return the client's CompletedProcess-like result."""
+    argv = [conftest.PYTHON, conftest.CLIENT, "stap-client", *servers_args,
+            "-r", krel, *pass_args, "-e", SLOW_SCRIPT]
+    proc = subprocess.Popen(argv, env={**box.env, **env}, cwd=box.top,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_pid(os.path.join(rec, "stap.pid"))
+        os.kill(srv_to_kill.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err.decode(errors="replace")
+
+
+def test_server_killed_client_fails_over(servers, sandbox, krel, slow_stap, staprun):
+    box = sandbox
+    stap, rec = slow_stap
+    first = start_with_stap(servers, box, krel, stap)
+    second = servers.start(box, krel, None)
+    tmp = client_tmp(box)
+    started = time.monotonic()
+    rc, out, err = run_client_killing(
+        box, krel, first, rec, [f"--server={first.address}", f"--server={second.address}"],
+        {"TMPDIR": tmp})
+    forget_killed_server(box, first)
+    assert rc == 0, err
+    assert b"begin" in out  # the second server's -p2 output
+    assert f"{first.address}: server closed the connection without a reply" in err \
+        or f"{first.address}: transfer failed" in err, err
+    assert time.monotonic() - started < 40
+    assert os.listdir(tmp) == [], "stap-client left temporary files"
+    assert not conftest.pid_alive(first.pid)
+
+
+def test_server_killed_single_server_exits_1(servers, sandbox, krel, slow_stap, staprun):
+    box = sandbox
+    stap, rec = slow_stap
+    srv = start_with_stap(servers, box, krel, stap)
+    tmp = client_tmp(box)
+    env, record = staprun
+    rc, _out, err = run_client_killing(box, krel, srv, rec, [f"--server={srv.address}"],
+                                      {**env, "TMPDIR": tmp}, pass_args=())
+    forget_killed_server(box, srv)
+    assert rc == 1, err
+    assert err.strip().splitlines()[-1].startswith(
+        f"stap-client: ERROR: no server could compile the script ({srv.address}: "), err
+    assert "without a reply" in err or "transfer failed" in err, err
+    assert not os.path.exists(record + ".args"), "staprun ran"
+    assert os.listdir(tmp) == [], "stap-client left temporary files"
+
+
+# --------------------------------------------------------------------------
+# Compile timeout
+# --------------------------------------------------------------------------
+
+def test_compile_timeout_kills_the_process_group(servers, sandbox, krel, slow_stap):
+    box = sandbox
+    stap, rec = slow_stap
+    srv = start_with_stap(servers, box, krel, stap, "--compile-timeout", "2")
+    started = time.monotonic()
+    proc = box.run("stap-client", f"--server={srv.address}", "-r", krel, "-p2",
+                   "-e", SLOW_SCRIPT, timeout=60)
+    took = time.monotonic() - started
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 1, err
+    assert "stap-serverd: ERROR: compile exceeded 2 s" in err, err
+    assert took < 20
+    stap_pid = read_pid(os.path.join(rec, "stap.pid"))
+    sleep_pid = wait_for_pid(os.path.join(rec, "sleep.pid"), timeout=5)
+    deadline = time.monotonic() + 5
+    while (conftest.pid_alive(stap_pid) or conftest.pid_alive(sleep_pid)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not conftest.pid_alive(stap_pid), "the stap stand-in survived"
+    assert not conftest.pid_alive(sleep_pid), "its child (same process group) survived"
+    lines = request_lines(srv)
+    assert "rc=1" in lines[-1], lines[-1]
+    assert request_dirs(server_tmpdir(box)) == []
+    assert_serves(box, srv, krel)  # through the stand-in, to the real stap
+
+
+# --------------------------------------------------------------------------
+# A full disk
+# --------------------------------------------------------------------------
+
+def test_full_disk_for_request_directory(servers, sandbox, krel):
+    conftest.need_root()
+    box = sandbox
+    small = box.path("small-tmp")
+    os.makedirs(small)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", small],
+                   check=True)
+    try:
+        srv = servers.start(box, krel, None, "--tmpdir", small)
+        big = zip_bytes(base_entries(krel) + [("tapset/big.stp", os.urandom(2 << 20))],
+                        zipfile.ZIP_STORED)
+        got = raw_exchange(box, srv.port, frame(big), timeout=30)
+        if got:  # a reply: rc 1 and the reason
+            rc, stderr, _ = parse_reply(got)
+            assert rc == 1
+            assert "No space left on device" in stderr, stderr
+        print(f"full disk: {'rc 1 reply' if got else 'connection closed'}")
+        lines = request_lines(srv)
+        assert "No space left on device" in lines[-1], lines[-1]
+        assert request_dirs(small) == []
+        assert_serves(box, srv, krel)  # the same server, same small disk
+        assert request_dirs(small) == []
+
+        # Completely full: not even a reply fits.  The connection fails
+        # (or gets rc 1); once there is room again the server serves.
+        filler = os.path.join(small, "filler")
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        proc = box.run("stap-client", f"--server={srv.address}", "-r", krel, "-p2",
+                       "-e", NORMAL_SCRIPT, timeout=60)
+        assert proc.returncode == 1
+        assert b"stap-client: ERROR: " in proc.stderr
+        assert conftest.pid_alive(srv.pid)
+        os.unlink(filler)
+        assert request_dirs(small) == []
+        assert_serves(box, srv, krel)
+        srv.stop()
+    finally:
+        subprocess.run(["umount", small], check=True)
+
+
+# --------------------------------------------------------------------------
+# Hostile replies from a fake server the client trusts
+# --------------------------------------------------------------------------
+
+FAKE_SERVER = r"""
+import socket, sys
+sys.path.insert(0, sys.argv[3])
+import stap_client
+nss, ssl, nio, nerror = stap_client.nss_modules()
+db = stap_client.CertDB(sys.argv[1])
+nss.nss_init(db.spec)
+ssl.set_domestic_policy()
+ssl.config_server_session_id_cache()  # without it NSS dies of SIGFPE
+with open(db.path + "/" + stap_client.SERVER_CERT_FILE, "rb") as f:
+    der = f.read()
+cert = nss.find_cert_from_nickname(stap_client.SERVER_NICKNAME)
+assert bytes(cert.der_data) == der
+key = nss.find_key_by_any_cert(cert)
+with open(sys.argv[2], "rb") as f:
+    reply = f.read()
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(4)
+listener.settimeout(30)
+print(listener.getsockname()[1], flush=True)
+conn, _ = listener.accept()
+sock = ssl.SSLSocket.import_tcp_socket(conn.detach())
+sock.set_ssl_option(ssl.SSL_SECURITY, True)
+sock.set_ssl_option(ssl.SSL_HANDSHAKE_AS_SERVER, True)
+sock.set_ssl_version_range("tls1.2", "tls1.3")
+sock.config_secure_server(cert, key, cert.find_kea_type())
+sock.reset_handshake(True)
+sock.force_handshake_timeout(stap_client.nss_interval(10))
+head = b""
+while len(head) < 4:
+    head += sock.recv(4 - len(head), stap_client.nss_interval(10))
+size, got = int.from_bytes(head, "big", signed=True), 0
+while got < size:
+    got += len(sock.recv(min(65536, size - got), stap_client.nss_interval(10)))
+print("request", size, flush=True)
+sock.sendall(reply, stap_client.nss_interval(10))
+sock.shutdown(nio.PR_SHUTDOWN_BOTH)
+sock.close()
+"""
+
+
+class FakeServer:
+    """A TLS server (python-nss, in its own process: NSS state is per
+    process) with the sandbox's server key, answering one request with
+    fixed reply bytes."""
+
+    def __init__(self, box, reply):
+        tag = uuid.uuid4().hex[:6]
+        script, reply_file = box.path(f"fake-{tag}.py"), box.path(f"reply-{tag}.zip")
+        with open(script, "w") as f:
+            f.write(FAKE_SERVER)
+        with open(reply_file, "wb") as f:
+            f.write(reply)
+        self.proc = subprocess.Popen(
+            [conftest.PYTHON, script, server_db(box).path, reply_file, conftest.ROOT],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=box.env)
+        line = self.proc.stdout.readline()
+        assert line.strip().isdigit(), self.proc.stderr.read().decode(errors="replace")
+        self.port = int(line)
+        self.requests = 0
+
+    def close(self):
+        try:
+            out, _err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _err = self.proc.communicate()
+        self.requests = out.count(b"request ")
+
+
+@pytest.fixture
+def trusted_box(sandbox):
+    """A sandbox whose server database exists and whose client database
+    trusts it (what a first server start does), made without a server."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("STAP_SYSCONFDIR", "SYSTEMTAP_DIR", "HOME"):
+            mp.setenv(k, sandbox.env[k])
+        stap_server.ensure_server_certificate(server_db(sandbox))
+    return sandbox
+
+
+def signed_reply(box, rc=0, module=b"\x7fELF fake module", stderr=b""):
+    work = box.path(f"reply-{uuid.uuid4().hex[:6]}")
+    os.makedirs(work)
+    mod = None
+    if module is not None:
+        mod = os.path.join(work, "stap_fake.ko")
+        with open(mod, "wb") as f:
+            f.write(module)
+    return stap_server.make_reply(server_db(box), work, "4.8", rc, b"", stderr, mod)
+
+
+def rewrite(data, change):
+    """The zip with change(name, bytes) -> bytes applied to every entry."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, change(info.filename, zin.read(info)))
+    return out.getvalue()
+
+
+EVIL = "hx-evil-" + uuid.uuid4().hex[:8]
+
+
+def tampered(box):
+    data = signed_reply(box)
+    return rewrite(data, lambda n, b: b"\x7fELF evil module" if n.endswith(".ko") else b)
+
+
+def tampered_rc(box):
+    data = signed_reply(box, rc=1, module=None, stderr=b"semantic error\n")
+    return rewrite(data, lambda n, b: b"0" if n == "rc" else b)
+
+
+def unsigned_extra(box):
+    buf = io.BytesIO(signed_reply(box, module=None))
+    with zipfile.ZipFile(buf, "a") as zf:
+        zf.writestr("stap000000/stap_evil.ko", b"\x7fELF evil module")
+    return buf.getvalue()
+
+
+def traversal(prefix):
+    def make(box):
+        return zip_bytes([("version", b"4.8"), ("rc", b"0"), ("stdout", b""), ("stderr", b""),
+                          ("stap000000/stap_x.ko", b"\x7fELF module"),
+                          (prefix + EVIL, b"evil")])
+    return make
+
+
+REPLIES = {
+    "tampered-module": (tampered, r"reply signature does not verify"),
+    "tampered-rc": (tampered_rc, r"reply signature does not verify"),
+    "unsigned-extra-entry": (unsigned_extra,
+                             (r"reply entry stap000000/stap_evil.ko is not covered by the "
+                              r"server's signature")),
+    "dotdot": (traversal("../"), r"archive entry name '\.\./hx-evil-\w+' is not a plain"),
+    "deep-dotdot": (traversal("stap000000/../../../"), r"is not a plain relative path"),
+    "absolute": (traversal("/tmp/"), r"archive entry name '/tmp/hx-evil-\w+' is not a plain"),
+}
+
+
+@pytest.mark.parametrize("case", list(REPLIES))
+def test_hostile_reply_refused(trusted_box, krel, staprun, case):
+    import re
+    box = trusted_box
+    make, expected = REPLIES[case]
+    fake = FakeServer(box, make(box))
+    env, record = staprun
+    tmp = client_tmp(box)
+    cwd = box.path("work", "here")
+    os.makedirs(cwd)
+    try:
+        proc = box.run("stap-client", f"--server=127.0.0.1:{fake.port}", "-r", krel,
+                       "-e", NORMAL_SCRIPT, env={**env, "TMPDIR": tmp}, cwd=cwd, timeout=60)
+    finally:
+        fake.close()
+    err = proc.stderr.decode(errors="replace")
+    assert fake.requests == 1, "the client never asked the fake server"
+    assert proc.returncode == 1, err
+    assert re.search(expected, err), err
+    assert err.strip().splitlines()[-1].startswith("stap-client: ERROR: "), err
+    assert not os.path.exists(record + ".args"), "staprun ran"
+    assert os.listdir(tmp) == [], "stap-client left temporary files"
+    assert os.listdir(cwd) == [], "stap-client wrote into its cwd"
+    for place in (cwd, box.path("work"), box.top, "/tmp", tmp):
+        assert not os.path.lexists(os.path.join(place, EVIL)), f"{place}/{EVIL} created"
+
+
+def test_genuine_reply_accepted(trusted_box, krel, staprun):
+    """The control case: the same fake server with an untouched signed reply
+    gets staprun run on the module."""
+    box = trusted_box
+    fake = FakeServer(box, signed_reply(box))
+    env, record = staprun
+    try:
+        proc = box.run("stap-client", f"--server=127.0.0.1:{fake.port}", "-r", krel,
+                       "-e", NORMAL_SCRIPT, env=env, timeout=60)
+    finally:
+        fake.close()
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    with open(record + ".ko", "rb") as f:
+        assert f.read() == b"\x7fELF fake module"
