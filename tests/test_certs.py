@@ -443,3 +443,31 @@ def test_client_refuses_an_expired_certificate(sandbox, krel):
         server.wait(10)
     assert proc.returncode == 1
     assert f"server 127.0.0.1:{port} refused: its certificate expired on" in proc.stderr.decode()
+
+
+def test_legacy_dbm_databases_still_work(sandbox, servers, krel, runtime):
+    """cert8.db/key3.db databases: a server keeps using its own, and a client
+    trusts a server through one given with --ssl."""
+    server_db = sandbox.path("legacy-server")
+    os.makedirs(server_db, 0o700)
+    subprocess.run(["certutil", "-N", "-d", "dbm:" + server_db, "--empty-password"], check=True)
+    noise = sandbox.path("noise")
+    with open(noise, "wb") as f:
+        f.write(os.urandom(2048))
+    subprocess.run(["certutil", "-S", "-d", "dbm:" + server_db, "-n", "stap-server", "-s",
+                    "CN=Systemtap Compile Server, OU=Systemtap", "-x", "-t", "P,P,P",
+                    "-k", "rsa", "-g", "2048", "-Z", "SHA256", "-v", "12", "-m", "4245",
+                    "-z", noise], check=True, capture_output=True)
+    assert stap_client.CertDB(server_db).spec == "dbm:" + server_db
+    srv = servers.start(sandbox, krel, runtime, "--ssl", server_db)
+    assert not os.path.exists(os.path.join(server_db, "cert9.db"))  # not converted
+    client_db = sandbox.path("legacy-client")
+    os.makedirs(client_db)
+    subprocess.run(["certutil", "-N", "-d", "dbm:" + client_db, "--empty-password"], check=True)
+    subprocess.run(["certutil", "-A", "-d", "dbm:" + client_db, "-n", "stap-server", "-t",
+                    "P,P,P", "-i", os.path.join(server_db, "stap-server.cert")], check=True)
+    stranger = make_sandbox()  # no other database trusts the server
+    proc = stranger.run("stap-client", f"--server={srv.address}", f"--ssl={client_db}",
+                        "-r", krel, "-p2", "-e", "probe begin { exit() }")
+    assert proc.returncode == 0, proc.stderr  # TLS and the signed reply, both via dbm:
+    assert b"begin" in proc.stdout
