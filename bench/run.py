@@ -1,0 +1,778 @@
+#!/usr/bin/python3
+"""Benchmarks of the stap-server utilities (SPEC section 10).
+
+    /usr/bin/python3 bench/run.py [--quick] [--only NAME[,NAME...]] [--reps N]
+
+Prints one table per benchmark (medians, with ratios against the peers
+measured in the same run) and writes bench/results/<timestamp>.json and
+bench/results/latest.json.  Needs root.  Benchmarks only measure and print:
+nothing here asserts a timing.  See bench/README.md.
+"""
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import platform
+import pstats
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (  # noqa: E402
+    BENCH, CLIENT, COMPILE_CACHE, CpuWindow, PY, own_children_cpu, process_cpu, ROOT, SCRIPTS, WORK, LogTail, RealServer, Report,
+    RssSampler, Sample, Series, clean_modules, fmt_s, headers_release, interleaved,
+    local_env, make_sandbox, prepare_work, progress, real_client_env, real_serverd_problem,
+    result_cache_off_args, rss_kib, runtime_fixture, server_help, start_our_server, tail,
+    timed, verdict)
+
+BENCHMARKS = ["overhead", "interop", "resultcache", "concurrency", "discovery", "startup",
+              "profile"]
+
+
+# --------------------------------------------------------------------------
+# The run's context: release, runtime, servers shared between benchmarks
+# --------------------------------------------------------------------------
+
+class Context:
+    def __init__(self, opts, stack):
+        self.opts = opts
+        self.stack = stack
+        self.krel = headers_release()
+        if not self.krel:
+            raise SystemExit("bench: no /lib/modules/*-amd64 with a build tree "
+                             "(apt-get install linux-headers-amd64)")
+        prepare_work()
+        self.rt = runtime_fixture(self.krel)
+        self.top = tempfile.mkdtemp(prefix="run.", dir=WORK)
+        os.chmod(self.top, 0o755)
+        stack.callback(shutil.rmtree, self.top, True)
+        self.cwd = os.path.join(self.top, "cwd")
+        os.makedirs(self.cwd)
+        self.scripts = os.path.join(self.top, "scripts")
+        os.makedirs(self.scripts, 0o755)
+        self.help = server_help()
+        self.cache_off = result_cache_off_args(self.help)
+        self.has_result_cache = self.cache_off is not None
+        self.warm = {}
+        self.shared = {}
+        self._server_a = None
+        self._server_b = None
+        self.box = make_sandbox(self.top)   # one certificate for every server of the run
+
+    # --- scripts ---
+    def unique_script(self, tag):
+        """A script nobody compiled before: a cold compile."""
+        u = uuid.uuid4().hex
+        path = os.path.join(self.scripts, f"cold_{tag}_{u[:8]}.stp")
+        with open(path, "w") as f:
+            f.write(f'probe begin {{ printf("stap-bench cold {tag} {u}\\n"); exit() }}\n')
+        os.chmod(path, 0o644)
+        return path
+
+    hit_script = os.path.join(SCRIPTS, "hit.stp")
+    p2_script = os.path.join(SCRIPTS, "p2.stp")
+
+    # --- the commands measured ---
+    def local(self, p, script, timeout=600):
+        argv = ["stap", "-r", self.krel] + (["-R", self.rt] if self.rt else []) + \
+            [f"-p{p}", script]
+        s = timed(argv, env=local_env(), cwd=self.cwd, timeout=timeout)
+        clean_modules(self.cwd)
+        return s
+
+    def ours(self, srv, p, script, host=None, extra=(), timeout=900):
+        argv = [PY, CLIENT, "stap-client", f"--server={srv.address}", *extra, "-r", self.krel,
+                f"-p{p}", script]
+        s = timed((host.prefix() if host else []) + argv, env=srv.box.env, cwd=self.cwd,
+                  timeout=timeout)
+        clean_modules(self.cwd)
+        attach_log(srv, s)
+        return s
+
+    def real_client(self, address, p, script, host, env, timeout=900):
+        argv = ["stap", f"--use-server={address}", "-r", self.krel, f"-p{p}", script]
+        s = timed(host.prefix() + argv, env=env, cwd=self.cwd, timeout=timeout)
+        clean_modules(self.cwd)
+        return s
+
+    # --- warm-up: the one-time kernel configuration probe, once per peer ---
+    def ensure_warm(self, who, fn):
+        if who in self.warm:
+            return
+        progress(f"warm-up: first -p4 compile for {who} (20-60 s if never done here)")
+        s = fn()
+        self.warm[who] = s.seconds
+        if not s.ok:
+            progress(f"warm-up for {who} failed: {s.error}")
+
+    def warm_local(self):
+        self.ensure_warm("local stap", lambda: self.local(4, self.unique_script("warm")))
+
+    def warm_ours(self, srv, host=None):
+        self.ensure_warm("our server's compile account",
+                         lambda: self.ours(srv, 4, self.unique_script("warm"), host=host))
+
+    # --- servers of the root namespace (127.0.0.1, not advertised) ---
+    def server_a(self):
+        """--max-threads 2 --queue 16, result cache off: every request runs stap."""
+        if self._server_a is None:
+            progress("starting our server A (result cache off, 2 threads, queue 16)")
+            srv = start_our_server(self.box, self.krel, self.rt, "--max-threads", "2",
+                                   "--queue", "16", *(self.cache_off or []),
+                                   log=self.box.path("server-a.log"))
+            self.stack.callback(srv.stop)
+            srv.tail = LogTail(srv.log)
+            time.sleep(1.0)
+            srv.rss_start = rss_kib(srv.pid)
+            self._server_a = srv
+        return self._server_a
+
+    def server_b(self):
+        """Default options: the result cache (if any) on."""
+        if self._server_b is None:
+            progress("starting our server B (default options: result cache on)")
+            srv = start_our_server(self.box, self.krel, self.rt,
+                                   log=self.box.path("server-b.log"))
+            self.stack.callback(srv.stop)
+            srv.tail = LogTail(srv.log)
+            self._server_b = srv
+        return self._server_b
+
+
+def attach_log(srv, sample):
+    """Our server's own time and cache verdict for the request just made."""
+    lines = [r for r in srv.tail.new() if "options" in r or "seconds" in r]
+    if lines:
+        last = lines[-1]
+        with contextlib.suppress(KeyError, ValueError):
+            sample.server_seconds = float(last["seconds"])
+        sample.cache = last.get("cache")
+
+
+def overhead_lines(report, client, local, label, ms_target=None, pct_target=None):
+    if client.median is None or local.median is None:
+        report.summary(f"overhead {label}: not measured")
+        return
+    ms = (client.median - local.median) * 1000
+    pct = ms / (local.median * 1000) * 100
+    target = (f"target <= {ms_target} ms: {verdict(ms, ms_target)}" if ms_target is not None
+              else f"target <= {pct_target} %: {verdict(pct, pct_target)}")
+    report.summary(f"overhead {label}: {ms:+.0f} ms ({pct:+.1f} %)   {target}",
+                   key=f"overhead_{label}", ms=ms, percent=pct)
+
+
+# --------------------------------------------------------------------------
+# 1. stap-client round trip vs local stap
+# --------------------------------------------------------------------------
+
+def bench_overhead(ctx, report):
+    srv = ctx.server_a()
+    if not ctx.has_result_cache:
+        report.note("our server has no result cache option: every request runs stap")
+    else:
+        report.note(f"server started with {' '.join(ctx.cache_off)} (result cache off)")
+    ctx.warm_local()
+    ctx.warm_ours(srv)
+    n = ctx.opts.reps
+    progress(f"1a: -p4 stap cache hit, {n} x 2")
+    loc = Series("local stap -p4 (stap cache hit)")
+    cli = Series("stap-client -> our server -p4 (hit)")
+    for fn in (lambda: ctx.local(4, ctx.hit_script), lambda: ctx.ours(srv, 4, ctx.hit_script)):
+        fn()   # untimed: puts the script in each stap cache
+    interleaved([(loc, lambda: ctx.local(4, ctx.hit_script)),
+                 (cli, lambda: ctx.ours(srv, 4, ctx.hit_script))], n)
+    report.row(loc)
+    report.row(cli, loc)
+    if "hit" in cli.caches:
+        report.note("our result cache answered some of these requests (could not turn it off)")
+
+    nc = ctx.opts.cold_reps
+    progress(f"1b: -p4 cold compile (new script each time), {nc} x 2")
+    cloc = Series("local stap -p4 (cold compile)")
+    ccli = Series("stap-client -> our server -p4 (cold)")
+    cpu = {"local": [], "server": []}
+
+    def with_cpu(kind, fn):
+        c0, s0 = own_children_cpu(), process_cpu(srv.pid)
+        sample = fn()
+        cpu[kind].append(own_children_cpu() - c0 if kind == "local"
+                         else process_cpu(srv.pid) - s0)
+        return sample
+
+    interleaved([(cloc, lambda: with_cpu("local", lambda: ctx.local(4, ctx.unique_script("local")))),
+                 (ccli, lambda: with_cpu("server",
+                                         lambda: ctx.ours(srv, 4, ctx.unique_script("client"))))],
+                nc)
+    report.row(cloc)
+    report.row(ccli, cloc)
+    overhead_lines(report, cli, loc, "cache-hit", ms_target=100)
+    overhead_lines(report, ccli, cloc, "cold", pct_target=3)
+    for s in (cli, ccli):
+        if s.median is not None and s.server_median is not None:
+            report.summary(f"{s.name}: server side {s.server_median * 1000:.0f} ms, "
+                           f"client + transport {(s.median - s.server_median) * 1000:.0f} ms")
+    if cpu["local"] and cpu["server"]:
+        lc, sc = statistics.median(cpu["local"]), statistics.median(cpu["server"])
+        report.summary(f"CPU per cold compile: local stap {lc:.2f} CPU-s, our server's stap run "
+                       f"(+ server) {sc:.2f} CPU-s", key="cold_cpu", local=lc, server=sc)
+    for who, secs in ctx.warm.items():
+        report.note(f"warm-up compile ({who}): {secs:.1f} s")
+
+
+# --------------------------------------------------------------------------
+# 2. Our server and client vs the real stap-serverd 4.8 and stap --use-server
+# --------------------------------------------------------------------------
+
+def bench_interop(ctx, report):
+    import netns
+    problem = real_serverd_problem() or netns.skip_reason()
+    if problem:
+        report.not_measured(f"real stap-serverd: {problem}")
+        return
+    with netns.TestNetwork(single=True) as net:
+        host = net.hosts[0]
+        real = RealServer(host, ctx.krel, ctx.rt)
+        try:
+            progress("starting the real stap-serverd as nobody in a network namespace")
+            real.start()
+        except Exception as e:
+            report.not_measured(f"real stap-serverd could not be run: {e}")
+            return
+        try:
+            report.note(f"real stap-serverd listening {real.ready_seconds:.2f} s after launch")
+            ctx.shared["real_ready"] = real.ready_seconds
+            progress("starting our server in the same namespace")
+            ours = start_our_server(ctx.box, ctx.krel, ctx.rt, *(ctx.cache_off or []),
+                                    log=ctx.box.path("server-ns.log"), host=host)
+            try:
+                ours.tail = LogTail(ours.log)
+                run_interop(ctx, report, host, real, ours)
+                ctx.shared["real_rss_kib"] = rss_kib(real.pid)
+                ctx.shared["real_hwm_kib"] = rss_kib(real.pid, "VmHWM")
+            finally:
+                ours.stop()
+        finally:
+            real.stop()
+
+
+def run_interop(ctx, report, host, real, ours):
+    renv = real_client_env(ctx.top)
+    for srv in (real, ours):
+        proc = host.run(["stap", "--trust-servers=ssl,no-prompt",
+                         f"--use-server={srv.address}"], env=renv, timeout=60)
+        if proc.returncode != 0:
+            report.note(f"real client could not trust {srv.address}: {tail(proc.stderr)}")
+    ssl_db = os.path.join(renv["SYSTEMTAP_DIR"], "ssl", "client")
+    R = lambda addr, p, s: ctx.real_client(addr, p, s, host, renv)  # noqa: E731
+
+    ctx.warm_local()
+    ctx.warm_ours(ours, host)
+    ctx.ensure_warm("real stap-serverd", lambda: R(real.address, 4, ctx.unique_script("warmr")))
+    n = ctx.opts.reps
+    combos = {}
+    for p, script, label in ((4, ctx.hit_script, "-p4 hit"), (2, ctx.p2_script, "-p2")):
+        progress(f"2: {label}, {n} x 5 peers")
+        cases = [
+            (Series(f"real client -> real server {label}"),
+             lambda p=p, s=script: R(real.address, p, s)),
+            (Series(f"our client -> our server {label}"),
+             lambda p=p, s=script: ctx.ours(ours, p, s, host=host)),
+            (Series(f"real client -> our server {label}"),
+             lambda p=p, s=script: attach(ours, R(ours.address, p, s))),
+            (Series(f"our client -> real server {label}"),
+             lambda p=p, s=script: ctx.ours(_Addr(real.address, ours.box), p, s, host=host,
+                                            extra=[f"--ssl={ssl_db}"])),
+            (Series(f"local stap {label}"), lambda p=p, s=script: ctx.local(p, s)),
+        ]
+        for _, fn in cases:
+            fn()   # untimed: stap caches, page cache
+        interleaved(cases, n)
+        theirs, mine, rc_ours, oc_real, loc = [c[0] for c in cases]
+        report.row(loc)
+        report.row(theirs, loc)
+        report.row(mine, theirs)
+        report.row(rc_ours, theirs)
+        report.row(oc_real, theirs)
+        combos[label] = (theirs, mine, rc_ours, oc_real)
+    for label, (theirs, mine, rc_ours, oc_real) in combos.items():
+        r = mine.median / theirs.median if mine.median and theirs.median else None
+        report.summary(f"{label}: ours/theirs end to end {fmt_r(r)}   target <= 1.00: "
+                       f"{verdict(r, 1.0)}", key=f"ours_vs_theirs_{label}", ratio=r)
+        if rc_ours.median and theirs.median:
+            report.summary(f"{label}: server only (same real client) ours/theirs "
+                           f"{fmt_r(rc_ours.median / theirs.median)}; client only (same real "
+                           f"server) ours/theirs "
+                           f"{fmt_r(oc_real.median / theirs.median if oc_real.median else None)}")
+
+
+class _Addr:
+    """A server address with no log (the real server) for ctx.ours()."""
+
+    def __init__(self, address, box):
+        self.address, self.box = address, box
+        self.tail = LogTail("/nonexistent")
+
+
+def attach(srv, sample):
+    attach_log(srv, sample)
+    return sample
+
+
+def fmt_r(r):
+    return "-" if r is None else f"{r:.2f}x"
+
+
+# --------------------------------------------------------------------------
+# 3. The result cache: identical repeated requests
+# --------------------------------------------------------------------------
+
+def bench_resultcache(ctx, report):
+    if not ctx.has_result_cache:
+        report.not_measured("our server has no result cache (not available)")
+        return
+    srv = ctx.server_b()
+    ctx.warm_local()
+    n = ctx.opts.reps
+    for p, script in ((4, ctx.hit_script), (2, ctx.p2_script)):
+        ctx.ours(srv, p, script)      # a miss that fills the cache
+        probe = ctx.ours(srv, p, script)
+        if probe.cache != "hit":
+            report.note(f"-p{p}: repeat request not answered from the result cache "
+                        f"(log says cache={probe.cache!r}); rows below are not cache hits")
+    progress(f"3: identical repeated requests, {n} x 4")
+    hit4 = Series("stap-client -p4, result cache hit")
+    hit2 = Series("stap-client -p2, result cache hit")
+    loc4 = Series("local stap -p4 (stap cache hit)")
+    loc2 = Series("local stap -p2")
+    ctx.local(4, ctx.hit_script)
+    ctx.local(2, ctx.p2_script)
+    interleaved([(hit4, lambda: ctx.ours(srv, 4, ctx.hit_script)),
+                 (loc4, lambda: ctx.local(4, ctx.hit_script)),
+                 (hit2, lambda: ctx.ours(srv, 2, ctx.p2_script)),
+                 (loc2, lambda: ctx.local(2, ctx.p2_script))], n)
+    report.row(loc4)
+    report.row(hit4, loc4)
+    report.row(loc2)
+    report.row(hit2, loc2)
+    for s in (hit4, hit2):
+        ms = s.median * 1000 if s.median is not None else None
+        report.summary(f"{s.name}: {fmt_s(s.median)} s end to end   target <= 150 ms: "
+                       f"{verdict(ms, 150)}", key=s.name, ms=ms)
+        if s.median is not None and s.server_median is not None:
+            report.summary(f"  of which server {s.server_median * 1000:.0f} ms, client + "
+                           f"transport {(s.median - s.server_median) * 1000:.0f} ms")
+
+
+# --------------------------------------------------------------------------
+# 4. 16 concurrent distinct compiles; server memory
+# --------------------------------------------------------------------------
+
+def bench_concurrency(ctx, report):
+    srv = ctx.server_a()
+    ctx.warm_ours(srv)
+    jobs = ctx.opts.jobs
+    ns = ctx.opts.single_reps
+    progress(f"4: {ns} single cold compiles, then {jobs} at once (--max-threads 2)")
+    single = report.row(Series("one cold -p4 compile via stap-client"))
+    with CpuWindow(srv.pid) as cpu1:
+        for _ in range(ns):
+            single.add(ctx.ours(srv, 4, ctx.unique_script("single")))
+    scripts = [ctx.unique_script(f"conc{i}") for i in range(jobs)]
+    results = [None] * jobs
+    srv.tail.new()
+
+    def one(i):
+        argv = [PY, CLIENT, "stap-client", f"--server={srv.address}", "-r", ctx.krel, "-p4",
+                scripts[i]]
+        results[i] = timed(argv, env=srv.box.env, cwd=ctx.cwd, timeout=900)
+
+    rest_before = rss_kib(srv.pid)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(jobs)]
+    with RssSampler(srv.pid) as sampler, CpuWindow(srv.pid) as cpu:
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    clean_modules(ctx.cwd)
+    each = report.row(Series(f"each of {jobs} concurrent compiles (own time)"))
+    for s in results:
+        each.add(s)
+    total = Series(f"all {jobs} concurrent compiles (wall)")
+    total.add(Sample(wall, all(s.ok for s in results)))
+    failed = [s for s in results if not s.ok]
+    busy = sum(1 for s in failed if hasattr(s, "proc") and b"busy" in s.proc.stderr)
+    ideal = jobs * single.median / 2 if single.median else None
+    ideal_s = Series(f"ideal: {jobs} x single / 2 workers")
+    if ideal:
+        ideal_s.add(Sample(ideal, True))
+    report.row(ideal_s)
+    report.row(total, ideal_s)
+    r = wall / ideal if ideal else None
+    report.summary(f"{jobs - len(failed)}/{jobs} succeeded ({busy} busy replies)   "
+                   f"target: all succeed: {'met' if not failed else 'MISSED'}",
+                   key="concurrency_ok", ok=jobs - len(failed), failed=len(failed), busy=busy)
+    report.summary(f"wall {wall:.1f} s vs ideal {fmt_s(ideal)} s: {fmt_r(r)}   "
+                   f"target <= 1.20x: {verdict(r, 1.2)}", key="concurrency_ratio", ratio=r,
+                   wall=wall, ideal=ideal)
+    per = cpu1.server / ns if cpu1.server is not None else None
+    if per:
+        floor = jobs * per / os.cpu_count()
+        report.summary(f"one compile uses {per:.1f} CPU-s of server+stap for {single.median:.1f} s "
+                       f"wall (parallelism {per / single.median:.2f}); CPU floor for {jobs}: "
+                       f"{jobs} x {per:.1f} / {os.cpu_count()} CPUs = {floor:.1f} s; wall/floor "
+                       f"{fmt_r(wall / floor)}", key="cpu_floor", cpu_per_compile=per,
+                       floor=floor)
+    if cpu.server is not None:
+        alone = (cpu.server + cpu.clients) / os.cpu_count()
+        report.summary(f"burst on an otherwise idle machine would take about {alone:.1f} s "
+                       f"(server+compiles+clients CPU / {os.cpu_count()} CPUs): "
+                       f"{fmt_r(alone / ideal if ideal else None)} of ideal",
+                       key="burst_alone", seconds=alone)
+    report.summary(f"singles: {cpu1.text()}", **cpu1.to_json())
+    report.summary(f"burst: {cpu.text()}", key="burst_cpu", **cpu.to_json())
+    time.sleep(1.0)
+    rest_after = rss_kib(srv.pid)
+    mem = {"rss_at_rest_after_start_kib": getattr(srv, "rss_start", None),
+           "rss_before_load_kib": rest_before,
+           "rss_peak_under_load_kib": sampler.peak,
+           "vmhwm_kib": rss_kib(srv.pid, "VmHWM"),
+           "rss_at_rest_after_load_kib": rest_after,
+           "real_serverd_rss_kib": ctx.shared.get("real_rss_kib"),
+           "real_serverd_vmhwm_kib": ctx.shared.get("real_hwm_kib")}
+    report.extra["memory"] = mem
+    report.summary("server RSS (VmRSS of the stap-serverd process): " + ", ".join(
+        f"{k.replace('_kib', '')} {v / 1024:.1f} MiB" for k, v in mem.items() if v))
+
+
+# --------------------------------------------------------------------------
+# 5. Discovery latency (network namespaces only) and start-up time
+# --------------------------------------------------------------------------
+
+def bench_discovery(ctx, report):
+    import netns
+    problem = netns.skip_reason()
+    if problem:
+        report.not_measured(problem)
+        return
+    n = ctx.opts.find_reps
+    for avahi in (True, False):
+        label = "avahi" if avahi else "no avahi (mDNS fallback)"
+        if avahi and netns.avahi_skip_reason():
+            report.note(f"{label}: not measured: {netns.avahi_skip_reason()}")
+            continue
+        progress(f"5: stap-find-servers, {label}")
+        try:
+            with netns.TestNetwork(avahi=avahi) as net:
+                discovery_on(ctx, report, net, avahi, label, n)
+        except Exception as e:
+            report.note(f"{label}: not measured: {e}")
+
+
+def discovery_on(ctx, report, net, avahi, label, n):
+    a, b = net.hosts
+    box = make_sandbox(ctx.top)
+    srv = start_our_server(box, ctx.krel, ctx.rt, host=a, listen="::", advertise="auto",
+                           log=box.path("server.log"))
+    try:
+        started = time.perf_counter()
+        mine = re.compile(rf"^\S+ (\S+) {srv.port} ", re.M)
+        find = [*b.prefix(), PY, CLIENT, "stap-find-servers", "--all"]
+        addresses = set()
+
+        def run_find():
+            s = timed(find, env=box.env, timeout=30,
+                      ok=lambda p: mine.search(p.stdout.decode(errors="replace")))
+            if s.ok:
+                addresses.update(mine.findall(s.proc.stdout.decode(errors="replace")))
+            return s
+
+        first = None
+        while time.perf_counter() - started < 20:
+            s = run_find()
+            if s.ok:
+                first = time.perf_counter() - started
+                break
+            time.sleep(0.1)
+        with open(srv.log, errors="replace") as f:
+            how = re.findall(r"advertised as .*? through (\S+)|not advertised: .*", f.read())
+        report.note(f"{label}: server says advertised through {how[-1] if how else '?'}; "
+                    f"first found {fmt_s(first)} s after stap-start-server returned")
+        series = report.row(Series(f"stap-find-servers --all, {label}"))
+        for _ in range(n):
+            series.add(run_find())
+        if addresses - {a.address}:
+            report.note(f"{label}: stap-find-servers reported the server at "
+                        f"{', '.join(sorted(addresses))} (host A is {a.address})")
+        if avahi:
+            real = report.row(Series(f"real stap --list-servers=online, {label}"))
+            rl = [*b.prefix(), "stap", "--list-servers=online"]
+            renv = real_client_env(box.top)
+            for _ in range(n):
+                real.add(timed(rl, env=renv, timeout=30,
+                               ok=lambda p: f"port={srv.port}".encode() in p.stdout + p.stderr))
+            report.rows[-1] = (real, None)
+            report.rows[-2] = (series, real)
+        med = series.median
+        report.summary(f"stap-find-servers ({label}): {fmt_s(med)} s   target about 1 s: "
+                       f"{verdict(med, 1.2)}", key=f"find_{'avahi' if avahi else 'mdns'}",
+                       seconds=med, first_found=first)
+    finally:
+        srv.stop()
+
+
+def bench_startup(ctx, report):
+    n = ctx.opts.start_reps
+    box = make_sandbox(ctx.top)
+    progress(f"5: stap-start-server, first start then {n} more")
+
+    def start_stop():
+        t = time.perf_counter()
+        try:
+            srv = start_our_server(box, ctx.krel, ctx.rt, log=box.path("start.log"))
+        except RuntimeError as e:
+            return Sample(time.perf_counter() - t, False, str(e))
+        srv.stop()
+        return Sample(srv.start_seconds, True)
+
+    first = report.row(Series("stap-start-server, first (key generation)"))
+    first.add(start_stop())
+    later = report.row(Series("stap-start-server, existing certificate"))
+    for _ in range(n):
+        later.add(start_stop())
+    report.summary(f"later start: {fmt_s(later.median)} s to the pid   target <= 0.5 s: "
+                   f"{verdict(later.median, 0.5)}", key="start_later", seconds=later.median)
+    if "real_ready" in ctx.shared:
+        report.note(f"real stap-serverd (existing certificate) listened "
+                    f"{ctx.shared['real_ready']:.2f} s after launch (no pid-printing wrapper)")
+
+
+# --------------------------------------------------------------------------
+# Where the time of one stap-client round trip goes
+# --------------------------------------------------------------------------
+
+def bench_profile(ctx, report):
+    srv = ctx.server_b() if ctx.has_result_cache else ctx.server_a()
+    n = ctx.opts.reps
+    progress("profile: interpreter, imports, one -p2 round trip")
+    sys_path = f"import sys; sys.path.insert(0, {ROOT!r}); "
+    cases = [
+        (Series("python3 -c pass"), lambda: timed([PY, "-c", "pass"])),
+        (Series("python3 -S -c pass (no site)"), lambda: timed([PY, "-S", "-c", "pass"])),
+        (Series("import stap_client"),
+         lambda: timed([PY, "-c", sys_path + "import stap_client"])),
+        (Series("import stap_client + nss"),
+         lambda: timed([PY, "-c", sys_path + "import stap_client; stap_client.nss_modules()"])),
+        (Series("stap-client --help"),
+         lambda: timed([PY, CLIENT, "stap-client", "--help"], ok=lambda p: True)),
+        (Series("stap-client -p2 round trip"), lambda: ctx.ours(srv, 2, ctx.p2_script)),
+    ]
+    cases[-1][1]()
+    interleaved(cases, n)
+    base = cases[0][0]
+    for s, _ in cases:
+        report.row(s, base if s is not base else None)
+
+    # -X importtime: the slowest imports
+    proc = subprocess.run([PY, "-X", "importtime", CLIENT, "stap-client",
+                           f"--server={srv.address}", "-r", ctx.krel, "-p2", ctx.p2_script],
+                          env=srv.box.env, cwd=ctx.cwd, capture_output=True, text=True,
+                          timeout=120)
+    imports = []
+    for line in proc.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+        if m:
+            imports.append((int(m.group(2)), int(m.group(1)), len(m.group(3)), m.group(4)))
+    top = [i for i in imports if i[2] <= 2]
+    top.sort(reverse=True)
+    total_us = sum(i[0] for i in imports if i[2] == 1)
+    report.summary(f"imports (python3 -X importtime): {total_us / 1000:.0f} ms in all; "
+                   "slowest top-level (cumulative ms): " + ", ".join(
+                       f"{name} {cum / 1000:.1f}" for cum, _, _, name in top[:8]),
+                   key="imports", total_ms=total_us / 1000,
+                   top=[(name, cum / 1000) for cum, _, _, name in top[:15]])
+
+    # cProfile of one round trip
+    prof = os.path.join(ctx.top, "client.prof")
+    subprocess.run([PY, "-m", "cProfile", "-o", prof, CLIENT, "stap-client",
+                    f"--server={srv.address}", "-r", ctx.krel, "-p2", ctx.p2_script],
+                   env=srv.box.env, cwd=ctx.cwd, capture_output=True, timeout=120)
+    if os.path.exists(prof):
+        out = io.StringIO()
+        st = pstats.Stats(prof, stream=out)
+        funcs = []
+        for (fname, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
+            funcs.append((ct, tt, f"{os.path.basename(fname)}:{line}({func})"))
+        funcs.sort(reverse=True)
+        mine = [f for f in funcs if "stap_client.py" in f[2]][:12]
+        report.summary("cProfile, stap_client.py functions by cumulative ms: " + "; ".join(
+            f"{name} {ct * 1000:.0f}" for ct, _, name in mine), key="cprofile_cumulative",
+            top=[(name, ct * 1000, tt * 1000) for ct, tt, name in mine])
+        bytt = sorted(funcs, key=lambda f: f[1], reverse=True)[:10]
+        report.summary("cProfile, most own time (ms): " + "; ".join(
+            f"{name} {tt * 1000:.0f}" for _, tt, name in bytt), key="cprofile_tottime",
+            top=[(name, tt * 1000) for _, tt, name in bytt])
+
+    # The server's phases, in-process (no TLS), for a -p4 stap-cache hit and a -p2
+    for p, script in ((4, ctx.hit_script), (2, ctx.p2_script)):
+        proc = subprocess.run([PY, os.path.join(BENCH, "server_phases.py"), ctx.krel,
+                               ctx.rt or "", script, str(p), str(n), "--",
+                               "--cache-dir", COMPILE_CACHE, *(ctx.cache_off or [])],
+                              env=srv.box.env, capture_output=True, text=True, timeout=300)
+        try:
+            phases = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            report.note(f"server phases -p{p}: failed: {tail(proc.stderr)}")
+            continue
+        report.summary(f"server phases, -p{p} stap run (in-process handle_request, median ms): "
+                       + "; ".join(f"{k.strip()} {v:.1f}" for k, v in phases.items()
+                                   if isinstance(v, float)),
+                       key=f"server_phases_p{p}", **phases)
+    loc = Series("local stap -p4 (stap cache hit), same moment")
+    for _ in range(n):
+        loc.add(ctx.local(4, ctx.hit_script))
+    report.row(loc)
+
+    # The server's signing step, measured alone
+    db = os.path.join(srv.box.env["STAP_SYSCONFDIR"], "systemtap", "ssl", "server")
+    if shutil.which("signtool") and os.path.isdir(db):
+        sign = Series("signtool -Z (sign a small reply)")
+        verify = Series("signtool -v (verify it)")
+        for i in range(n):
+            d = os.path.join(ctx.top, f"sign{i}")
+            os.makedirs(os.path.join(d, "stap000000"))
+            for name in ("rc", "stdout", "stderr", "version"):
+                with open(os.path.join(d, name), "w") as f:
+                    f.write("0")
+            jar = os.path.join(ctx.top, f"sign{i}.jar")
+            sign.add(timed(["signtool", "-d", f"sql:{db}", "-k", "stap-server", "-Z", jar, d]))
+            verify.add(timed(["signtool", "-d", f"sql:{db}", "-v", jar]))
+        report.row(sign)
+        report.row(verify)
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+RUNNERS = {"overhead": ("1. stap-client round trip vs local stap (-p4)", bench_overhead),
+           "interop": ("2. ours vs the real stap-serverd 4.8 / stap --use-server "
+                       "(one network namespace)", bench_interop),
+           "resultcache": ("3. identical repeated requests (server result cache)",
+                           bench_resultcache),
+           "concurrency": ("4. concurrent distinct -p4 compiles, --max-threads 2; memory",
+                           bench_concurrency),
+           "discovery": ("5a. stap-find-servers latency (two network namespaces)",
+                         bench_discovery),
+           "startup": ("5b. stap-start-server time to the pid", bench_startup),
+           "profile": ("6. where one stap-client round trip spends its time", bench_profile)}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help=f"run only these (repeatable or comma-separated): {', '.join(BENCHMARKS)}")
+    p.add_argument("--reps", type=int, help="repetitions of fast cases (default 5, quick 3)")
+    p.add_argument("--cold-reps", type=int, help="repetitions of cold compiles (default 5, quick 2)")
+    p.add_argument("--jobs", type=int, default=16, help="concurrent compiles (default 16)")
+    opts = p.parse_args(argv)
+    q = opts.quick
+    opts.reps = opts.reps or (3 if q else 5)
+    opts.cold_reps = opts.cold_reps or (2 if q else 5)
+    opts.single_reps = 1 if q else 3
+    opts.find_reps = 3 if q else 5
+    opts.start_reps = 2 if q else 5
+    selected = []
+    for item in opts.only or []:
+        selected += [x.strip() for x in item.split(",") if x.strip()]
+    unknown = [x for x in selected if x not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    opts.selected = [b for b in BENCHMARKS if b in selected] if selected else list(BENCHMARKS)
+    return opts
+
+
+def host_info(ctx):
+    proc = subprocess.run(["stap", "--version"], capture_output=True, text=True)
+    stap = proc.stdout + proc.stderr
+    return {"hostname": platform.node(), "nproc": os.cpu_count(), "kernel": platform.release(),
+            "krel": ctx.krel, "runtime": ctx.rt, "python": sys.version.split()[0],
+            "stap": (stap.splitlines() or [""])[0],
+            "loadavg_start": os.getloadavg(),
+            "git": subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                                  capture_output=True, text=True).stdout.strip()}
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None):
+    signal.signal(signal.SIGTERM, _terminate)
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    if os.geteuid() != 0:
+        print("bench: run as root (network namespaces, the compile account, the real "
+              "stap-serverd as nobody)", file=sys.stderr)
+        return 1
+    started = time.time()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    reports = []
+    with contextlib.ExitStack() as stack:
+        ctx = Context(opts, stack)
+        info = host_info(ctx)
+        print(f"stap-server benchmarks {stamp}: {info['nproc']} CPUs, release {ctx.krel}, "
+              f"runtime {ctx.rt or 'stock'}, {info['stap']}, git {info['git']}, "
+              f"load {info['loadavg_start'][0]:.2f}")
+        print(f"result cache: {'available (' + ' '.join(ctx.cache_off) + ' turns it off)' if ctx.has_result_cache else 'not available'}; "
+              f"reps {opts.reps}, cold reps {opts.cold_reps}\n", flush=True)
+        for key in opts.selected:
+            title, fn = RUNNERS[key]
+            report = Report(key, title)
+            t = time.perf_counter()
+            try:
+                with CpuWindow(None) as cpu:
+                    fn(ctx, report)
+                report.note(f"background load during this benchmark: {cpu.background()} "
+                            "(the benchmark's own processes and servers not counted)")
+                report.extra["cpu"] = cpu.to_json()
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                report.not_measured(f"{type(e).__name__}: {e}")
+                traceback.print_exc()
+            report.extra["seconds"] = time.perf_counter() - t
+            reports.append(report)
+            print(report.render() + f"\n  ({report.extra['seconds']:.0f} s)\n", flush=True)
+        info["loadavg_end"] = os.getloadavg()
+    result = {"timestamp": stamp, "duration_seconds": time.time() - started, "host": info,
+              "options": {k: v for k, v in vars(opts).items()},
+              "result_cache": "available" if ctx.has_result_cache else "not available",
+              "warm_up_seconds": ctx.warm,
+              "benchmarks": {r.key: r.to_json() for r in reports}}
+    outdir = os.path.join(BENCH, "results")
+    os.makedirs(outdir, exist_ok=True)
+    for name in (f"{stamp}.json", "latest.json"):
+        with open(os.path.join(outdir, name), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    print(f"total {result['duration_seconds']:.0f} s; results in "
+          f"{os.path.relpath(os.path.join(outdir, stamp + '.json'), os.getcwd())} and latest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

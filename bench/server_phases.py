@@ -1,0 +1,80 @@
+#!/usr/bin/python3
+"""Where our server's time for one request goes, measured in-process.
+
+    python3 bench/server_phases.py KREL RT SCRIPT PASS REPS -- [stap-serverd options]
+
+Runs stap_server.handle_request() (no TLS) REPS times on the request that
+`stap-client -r KREL -pPASS SCRIPT` would send, with timing wrappers around
+its phases, and prints one JSON object: median milliseconds per phase.
+Uses the environment's STAP_SYSCONFDIR / SYSTEMTAP_DIR (the server database
+of a sandbox whose server already started once).  Imports the modules as
+they are now; changes nothing in them.
+"""
+
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import stap_client as client  # noqa: E402
+import stap_server as server  # noqa: E402
+
+TIMES = {}
+
+
+def wrap(module, name, label=None):
+    fn = getattr(module, name, None)
+    if fn is None:
+        return
+
+    @functools.wraps(fn)
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            TIMES.setdefault(label or name, []).append((time.perf_counter() - t) * 1000)
+
+    setattr(module, name, timed)
+
+
+def main(argv):
+    sep = argv.index("--")
+    krel, rt, script, p, reps = argv[:sep]
+    srv_opts = argv[sep + 1:]
+    cfg_argv = ["--listen", "127.0.0.1", "-r", krel] + (["-R", rt] if rt else []) + srv_opts
+    config = server.parse_config(cfg_argv)
+    inv = client.parse_stap_args(["-r", krel, f"-p{p}", script])
+    data = client.build_request(inv)
+    version = server.stap_version()
+    wrap(client, "extract_archive", "unpack (extract_archive)")
+    wrap(server, "parse_request")
+    wrap(server, "run_stap", "run_stap (chown + stap as compile account)")
+    wrap(server, "reply_from_outcome")
+    wrap(server, "write_reply")
+    wrap(server, "sign_reply", "sign_reply (signtool -Z)")
+    wrap(server, "result_key")
+    wrap(server.subprocess, "Popen", "  subprocess.Popen() calls (fork+exec, all)")
+    totals = []
+    for _ in range(int(reps) + 1):
+        fields = {}
+        t = time.perf_counter()
+        server.handle_request(data, config, version, fields)
+        totals.append((time.perf_counter() - t) * 1000)
+    # the first round is a warm-up
+    out = {"handle_request total": statistics.median(totals[1:])}
+    for k, v in TIMES.items():
+        per = len(v) // (int(reps) + 1) or 1
+        rounds = [sum(v[i * per:(i + 1) * per]) for i in range(1, int(reps) + 1)]
+        out[k] = statistics.median(rounds) if rounds else statistics.median(v)
+    out["rc"] = fields.get("rc")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
