@@ -41,6 +41,22 @@ def read(path, mode="rb"):
         return f.read()
 
 
+def make_server_db(path, months_ago=0, serial=4242, fmt="sql"):
+    """A server database whose certificate was issued months_ago months ago
+    for 12 months (12: it expires now; 13: a month ago)."""
+    os.makedirs(path, 0o700, exist_ok=True)
+    spec = f"{fmt}:{path}"
+    subprocess.run(["certutil", "-N", "-d", spec, "--empty-password"], check=True)
+    noise = os.path.join(path, "noise")
+    with open(noise, "wb") as f:
+        f.write(os.urandom(2048))
+    subprocess.run(["certutil", "-S", "-d", spec, "-n", "stap-server", "-s",
+                    "CN=Systemtap Compile Server, OU=Systemtap", "-x", "-t", "P,P,P",
+                    "-k", "rsa", "-g", "2048", "-Z", "SHA256", "-w", str(-months_ago),
+                    "-v", "12", "-m", str(serial), "-z", noise], check=True, capture_output=True)
+    os.unlink(noise)
+
+
 # --------------------------------------------------------------------------
 # First start, second start, never wiping trust
 # --------------------------------------------------------------------------
@@ -119,15 +135,7 @@ def test_start_prints_pid_quickly_with_existing_certificate(sandbox, servers, kr
 
 def test_renewal_of_a_certificate_about_to_expire(sandbox, servers, krel, runtime):
     server_db, client_db = db_paths(sandbox)
-    os.makedirs(server_db, 0o700)
-    subprocess.run(["certutil", "-N", "-d", "sql:" + server_db, "--empty-password"], check=True)
-    noise = os.path.join(sandbox.top, "noise")
-    with open(noise, "wb") as f:
-        f.write(os.urandom(2048))
-    subprocess.run(["certutil", "-S", "-d", "sql:" + server_db, "-n", "stap-server", "-s",
-                    "CN=Systemtap Compile Server, OU=Systemtap", "-x", "-t", "P,P,P",
-                    "-k", "rsa", "-g", "2048", "-Z", "SHA256", "-w", "-12", "-v", "12",
-                    "-m", "4242", "-z", noise], check=True, capture_output=True)
+    make_server_db(server_db, months_ago=12, serial=4242, fmt="sql")
     old = subprocess.run(["certutil", "-L", "-d", "sql:" + server_db, "-n", "stap-server",
                           "-r"], capture_output=True, check=True).stdout
     srv = servers.start(sandbox, krel, runtime)
@@ -374,15 +382,7 @@ def test_renewal_while_running(sandbox, krel):
     """A running server whose certificate nears expiry renews it; new
     connections get the new certificate and the client database trusts it."""
     server_db, client_db = db_paths(sandbox)
-    os.makedirs(server_db, 0o700)
-    subprocess.run(["certutil", "-N", "-d", "sql:" + server_db, "--empty-password"], check=True)
-    noise = os.path.join(sandbox.top, "noise")
-    with open(noise, "wb") as f:
-        f.write(os.urandom(2048))
-    subprocess.run(["certutil", "-S", "-d", "sql:" + server_db, "-n", "stap-server", "-s",
-                    "CN=Systemtap Compile Server, OU=Systemtap", "-x", "-t", "P,P,P",
-                    "-k", "rsa", "-g", "2048", "-Z", "SHA256", "-w", "-12", "-v", "12",
-                    "-m", "4243", "-z", noise], check=True, capture_output=True)
+    make_server_db(server_db, months_ago=12, serial=4243, fmt="sql")
     import sys
     from conftest import ROOT
     proc = subprocess.run([sys.executable, "-c", RENEW_WHILE_RUNNING, ROOT, server_db, krel,
@@ -413,15 +413,7 @@ sys.stdin.read()
 
 def test_client_refuses_an_expired_certificate(sandbox, krel):
     server_db = sandbox.path("expired-server")
-    os.makedirs(server_db, 0o700)
-    subprocess.run(["certutil", "-N", "-d", "sql:" + server_db, "--empty-password"], check=True)
-    noise = os.path.join(sandbox.top, "noise")
-    with open(noise, "wb") as f:
-        f.write(os.urandom(2048))
-    subprocess.run(["certutil", "-S", "-d", "sql:" + server_db, "-n", "stap-server", "-s",
-                    "CN=Systemtap Compile Server, OU=Systemtap", "-x", "-t", "P,P,P",
-                    "-k", "rsa", "-g", "2048", "-Z", "SHA256", "-w", "-13", "-v", "12",
-                    "-m", "4244", "-z", noise], check=True, capture_output=True)
+    make_server_db(server_db, months_ago=13, serial=4244, fmt="sql")
     der = subprocess.run(["certutil", "-L", "-d", "sql:" + server_db, "-n", "stap-server", "-r"],
                          capture_output=True, check=True).stdout
     certfile = sandbox.path("expired.cert")
@@ -449,15 +441,7 @@ def test_legacy_dbm_databases_still_work(sandbox, servers, krel, runtime):
     """cert8.db/key3.db databases: a server keeps using its own, and a client
     trusts a server through one given with --ssl."""
     server_db = sandbox.path("legacy-server")
-    os.makedirs(server_db, 0o700)
-    subprocess.run(["certutil", "-N", "-d", "dbm:" + server_db, "--empty-password"], check=True)
-    noise = sandbox.path("noise")
-    with open(noise, "wb") as f:
-        f.write(os.urandom(2048))
-    subprocess.run(["certutil", "-S", "-d", "dbm:" + server_db, "-n", "stap-server", "-s",
-                    "CN=Systemtap Compile Server, OU=Systemtap", "-x", "-t", "P,P,P",
-                    "-k", "rsa", "-g", "2048", "-Z", "SHA256", "-v", "12", "-m", "4245",
-                    "-z", noise], check=True, capture_output=True)
+    make_server_db(server_db, months_ago=0, serial=4245, fmt="dbm")
     assert stap_client.CertDB(server_db).spec == "dbm:" + server_db
     srv = servers.start(sandbox, krel, runtime, "--ssl", server_db)
     assert not os.path.exists(os.path.join(server_db, "cert9.db"))  # not converted
