@@ -1111,8 +1111,10 @@ def parse_avahi_browse(text):
         if len(fields) < 9 or fields[0] != '=':
             continue
         iface, proto, name, _type, _domain, host, address, port = fields[1:9]
-        if proto == 'IPv6' and address.lower().startswith('fe80:'):
-            address = f'{address}%{iface}'    # link-local needs its scope
+        # A link-local address needs its scope.  (proto is the transport the
+        # record came over: an IPv6 address can arrive over IPv4.)
+        if address.lower().startswith('fe80:') and '%' not in address:
+            address = f'{address}%{iface}'
         txt = txt_dict(parse_avahi_txt(fields[9] if len(fields) > 9 else ''))
         try:
             records.append(record_from_txt(unescape_avahi_label(name), host,

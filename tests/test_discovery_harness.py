@@ -124,10 +124,13 @@ def test_parse_avahi_browse_output():
         '=;eth1;IPv4;Systemtap\\032Compile\\032Server\\032on\\032h;_stap._tcp;local;'
         'h.local;10.0.0.1;4242;"optinfo=" "certinfo=aa:bb" "version=4.8" '
         '"sysinfo=6.1.0-9-amd64 x86_64"\n'
-        '=;veth0;IPv6;a\\.b\\\\c;_stap._tcp;local;h.local;fe80::1;4243;"sysinfo=x y"\n')
+        '=;veth0;IPv6;a\\.b\\\\c;_stap._tcp;local;h.local;fe80::1;4243;"sysinfo=x y"\n'
+        # an IPv6 address resolved over IPv4 still needs its scope
+        '=;eth1;IPv4;a\\.b\\\\c;_stap._tcp;local;h.local;fe80::2;4243;"sysinfo=x y"\n')
     records = discovery.unique_records(discovery.parse_avahi_browse(text))
-    assert len(records) == 2
-    first, second = records
+    assert len(records) == 3
+    first, second, third = records
+    assert third.address == 'fe80::2%eth1'
     assert first.name == 'Systemtap Compile Server on h'
     assert (first.host, first.address, first.port) == ('h.local', '10.0.0.1', 4242)
     assert first.sysinfo == '6.1.0-9-amd64 x86_64'
