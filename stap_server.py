@@ -1395,6 +1395,7 @@ class MdnsResponder:
 
 def write_status(config, port, der):
     os.makedirs(state_dir("run"), 0o755, exist_ok=True)
+    remove_stale_status()
     status = {"pid": os.getpid(), "port": port, "fingerprint": client.fingerprint(der),
               "releases": config.releases, "arch": config.arch, "uid": os.geteuid(),
               "log": config.log, "database": config.db.path}
@@ -1403,6 +1404,18 @@ def write_status(config, port, der):
         json.dump(status, f)
     os.replace(path + ".new", path)
     return path
+
+
+def remove_stale_status():
+    """Drop status files left by servers that were killed (SIGKILL gives
+    them no chance to remove their own)."""
+    for name in os.listdir(state_dir("run")):
+        m = re.match(r"^stap-serverd\.(\d+)\.json$", name)
+        if m and int(m.group(1)) != os.getpid() and not_our_server(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(state_dir("run"), name))
+            except OSError:
+                pass  # another user's, or already gone
 
 
 def read_status(pid):

@@ -455,3 +455,16 @@ def test_legacy_dbm_databases_still_work(sandbox, servers, krel, runtime):
                         "-r", krel, "-p2", "-e", "probe begin { exit() }")
     assert proc.returncode == 0, proc.stderr  # TLS and the signed reply, both via dbm:
     assert b"begin" in proc.stdout
+
+
+def test_a_starting_server_removes_status_files_of_killed_servers(sandbox, servers, krel):
+    run = os.path.dirname(status_file(sandbox, 1))
+    os.makedirs(run, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = os.path.join(run, f"stap-serverd.{dead.pid}.json")
+    with open(stale, "w") as f:
+        f.write("{}")
+    srv = servers.start(sandbox, krel)
+    assert not os.path.exists(stale)
+    assert os.path.exists(status_file(sandbox, srv.pid))
