@@ -1506,11 +1506,16 @@ def candidate_servers(inv):
                 peers.append(Peer(host, port))
                 continue
             on_host = [r for r in records if host in (r.host, r.host.split(".")[0], r.address)]
-            if not on_host:
+            if on_host:
+                peers += [Peer(r.address, r.port) for r in compatible_first(on_host, target)]
+                continue
+            # avahi may resolve a server to another of its addresses (an IPv6
+            # link-local one for an IPv4 name): try the host at each
+            # advertised port; a wrong one is refused at once.
+            ports = dict.fromkeys(r.port for r in compatible_first(records, target))
+            if not ports:
                 warn(f"--server={host}: no server is advertised on host {host} ({how})")
-            peers += [Peer(r.address, r.port) for r in best_first(
-                [r for r in on_host if r.sysinfo == target]) + [r for r in on_host
-                                                                if r.sysinfo != target]]
+            peers += [Peer(host, port) for port in ports]
         return peers, f"no server advertised on the named hosts ({how})"
     compatible = [r for r in records if r.sysinfo == target]
     return [Peer(r.address, r.port) for r in best_first(compatible)], \
@@ -1523,6 +1528,12 @@ def describe_search(records, how):
         return f"no server is advertised on the local network (searched with {how})"
     others = ", ".join(sorted({f"{r.host} serves {r.sysinfo}" for r in records}))
     return f"no advertised server serves it ({others}; searched with {how})"
+
+
+def compatible_first(records, target):
+    """Servers for the target kernel first (newest first), then the others."""
+    return best_first([r for r in records if r.sysinfo == target]) + \
+        [r for r in records if r.sysinfo != target]
 
 
 def best_first(records):
