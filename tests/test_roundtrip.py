@@ -267,3 +267,43 @@ def test_root_server_compiles_as_an_unprivileged_account(servers, sandbox, krel,
     nobody = pwd.getpwnam("nobody")
     assert proc.stdout.decode().split()[:2] == [f"uid={nobody.pw_uid}", f"gid={nobody.pw_gid}"]
     assert os.stat(os.path.join(cache, "nobody")).st_uid == nobody.pw_uid
+
+
+TRAPPING_STAPRUN = """#!/bin/sh
+# Waits for a signal; records which one it got, then exits as staprun does.
+trap 'echo TERM > "$STAPRUN_RECORD.sig"; exit 0' TERM
+trap 'echo INT > "$STAPRUN_RECORD.sig"; exit 0' INT
+echo started > "$STAPRUN_RECORD.started"
+i=0
+while [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+exit 9
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signals_reach_staprun(signame, server, sandbox, krel, staprun):
+    import signal
+    import time
+    env, record = staprun
+    script = os.path.join(os.path.dirname(record), "trapping-staprun")
+    with open(script, "w") as f:
+        f.write(TRAPPING_STAPRUN)
+    os.chmod(script, 0o755)
+    proc = subprocess.Popen(
+        ["/usr/bin/python3", os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                          "stap_client.py"), "stap-client",
+         f"--server={server.address}", "-r", krel, "-e", "probe begin { exit() }"],
+        env={**sandbox.env, **env, "SYSTEMTAP_STAPRUN": script}, cwd=sandbox.top,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not os.path.exists(record + ".started") and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, signame))
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    with open(record + ".sig") as f:
+        assert f.read().strip() == signame[3:]
+    assert proc.returncode == 0, err  # staprun stopped cleanly, so did the client
