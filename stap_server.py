@@ -14,6 +14,7 @@ Data flows top to bottom: options -> the server certificate -> a request
 """
 
 import argparse
+import calendar
 import collections
 import contextlib
 import dataclasses
@@ -233,17 +234,21 @@ def newest_certificate(db):
 
 
 def not_after(der):
-    """Expiry of a certificate as a Unix time (parsed from the DER, no tool needed)."""
-    import ssl as pyssl
-    # The validity's second time is the notAfter; both are UTCTime (tag 0x17)
-    # or GeneralizedTime (0x18) inside the TBSCertificate.
-    times = re.findall(rb"[\x17\x18]([\x0d\x0f])(\d{12,14}Z)", der)
-    if len(times) < 2:
-        raise Error("cannot read the certificate's validity")
-    stamp = times[1][1].decode()
-    fmt = "%y%m%d%H%M%SZ" if len(stamp) == 13 else "%Y%m%d%H%M%SZ"
-    return pyssl.cert_time_to_seconds(time.strftime("%b %d %H:%M:%S %Y GMT",
-                                                    time.strptime(stamp, fmt)))
+    """Expiry of a certificate as a Unix time, read from its DER (NSS is not
+    initialised yet when the server checks its certificate)."""
+    try:
+        _, start, end = client.der_element(der, 0)  # Certificate
+        _, start, end = client.der_element(der, start)  # TBSCertificate
+        fields = list(client.der_children(der, start, end))
+        if fields[0][0] == 0xA0:  # [0] version
+            fields = fields[1:]
+        _, _, start, end = fields[3]  # serial, signature, issuer, validity
+        _, _, start, end = list(client.der_children(der, start, end))[1]  # notAfter
+        stamp = der[start:end].decode()
+        fmt = "%y%m%d%H%M%SZ" if len(stamp) == 13 else "%Y%m%d%H%M%SZ"  # UTC/GeneralizedTime
+        return calendar.timegm(time.strptime(stamp, fmt))
+    except (IndexError, ValueError):
+        raise Error("cannot read the certificate's validity") from None
 
 
 def expires_within(der, seconds):
@@ -735,9 +740,7 @@ class CompileServer:
 
     def load_key(self):
         nss = client.nss_modules()[0]
-        for cert in nss.find_certs_from_nickname(client.SERVER_NICKNAME) \
-                if hasattr(nss, "find_certs_from_nickname") else \
-                [nss.find_cert_from_nickname(client.SERVER_NICKNAME)]:
+        for cert in nss.find_certs_from_nickname(client.SERVER_NICKNAME):
             if bytes(cert.der_data) == self.der:
                 self.cert, self.key = cert, nss.find_key_by_any_cert(cert)
                 return
