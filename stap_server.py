@@ -723,6 +723,7 @@ class CompileServer:
         self.admitted = 0  # running plus queued compiles
         self.connections = threading.BoundedSemaphore(4 * (config.max_threads + config.queue) + 8)
         self.stopping = threading.Event()
+        self.on_renewal = lambda der: None  # e.g. advertise the new serial
         self.threads = set()
         self.listener = None
         self.init_tls()
@@ -761,6 +762,7 @@ class CompileServer:
         self.results = ResultCache(self.config.result_cache_size)  # old signatures
         if self.listener is not None:
             write_status(self.config, self.listener.getsockname()[1], der)
+        self.on_renewal(der)
         logging.info("renewed the server certificate while running; sha256 fingerprint %s",
                      client.fingerprint(der))
         return True
@@ -1457,6 +1459,7 @@ def stap_serverd(argv):
     logging.info("listening on %s port %d; serving %s; certificate sha256 %s",
                  config.listen, port, ", ".join(config.releases), client.fingerprint(der))
     advertising = advertise(config, port, der, server.version)
+    server.on_renewal = advertising.refresh
     try:
         server.serve_forever()
     finally:
@@ -1468,21 +1471,34 @@ def stap_serverd(argv):
 
 
 class Advertising:
-    """The server's DNS-SD presence, started in the background so that the
-    server accepts connections at once, and withdrawn at shutdown."""
+    """The server's DNS-SD presence: started in the background so that the
+    server accepts connections at once, renewed with a renewed certificate
+    (its serial is advertised), withdrawn at shutdown."""
 
-    def __init__(self, advertiser, how):
-        self.advertiser = advertiser
-        self.thread = threading.Thread(target=self.run, args=(how,), daemon=True)
+    def __init__(self, config, port, version, der):
+        self.config, self.port, self.version = config, port, version
+        self.advertiser = self.thread = None
+        self.start(der)
+
+    def start(self, der):
+        cfg = self.config
+        self.advertiser = Advertiser(self.port, [f"{r} {cfg.arch}" for r in cfg.releases],
+                                     self.version, certinfo(der), " ".join(cfg.stap_options),
+                                     listen=cfg.listen)
+        self.thread = threading.Thread(target=self.run, args=(self.advertiser,), daemon=True)
         self.thread.start()
 
-    def run(self, how):
+    def run(self, advertiser):
         try:
-            mode = self.advertiser.start(how)
+            mode = advertiser.start(self.config.advertise)
             logging.info("advertised as %s through %s",
-                         ", ".join(repr(n) for n in self.advertiser.names), mode)
+                         ", ".join(repr(n) for n in advertiser.names), mode)
         except Error as e:
             logging.warning("not advertised: %s", e)
+
+    def refresh(self, der):
+        self.withdraw()
+        self.start(der)
 
     def withdraw(self):
         self.thread.join(15)
@@ -1490,6 +1506,9 @@ class Advertising:
 
 
 class NoAdvertising:
+    def refresh(self, der):
+        pass
+
     def withdraw(self):
         pass
 
@@ -1497,10 +1516,7 @@ class NoAdvertising:
 def advertise(config, port, der, version):
     if config.advertise == "none":
         return NoAdvertising()
-    sysinfos = [f"{r} {config.arch}" for r in config.releases]
-    optinfo = " ".join(config.stap_options)
-    return Advertising(Advertiser(port, sysinfos, version, certinfo(der), optinfo,
-                                  listen=config.listen), config.advertise)
+    return Advertising(config, port, version, der)
 
 
 def certinfo(der):

@@ -370,7 +370,10 @@ def presented():
             return der
 
 before = presented()
+told = []
+server.on_renewal = told.append  # stap-serverd re-advertises the new serial here
 renewed = server.renew_if_expiring()
+assert told == [server.der]
 after = presented()
 server.stopping.set()
 print(json.dumps({"old": old == before, "renewed": renewed, "new": after.hex(),
