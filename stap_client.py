@@ -1633,9 +1633,11 @@ def dispatch(commands, argv):
     if name not in commands and args and args[0] in commands:
         name, args = args[0], args[1:]
     if name not in commands:
+        asked = args[:1] in (["-h"], ["--help"])
         print(f"usage: {os.path.basename(argv[0])} COMMAND [ARGS]; COMMAND is one of: "
-              + ", ".join(sorted(commands)), file=sys.stderr)
-        return 1
+              + ", ".join(sorted(commands)) + "; COMMAND --help tells more",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 1
     PROG = name
     try:
         return commands[name](args)

@@ -307,3 +307,13 @@ def test_signals_reach_staprun(signame, server, sandbox, krel, staprun):
     with open(record + ".sig") as f:
         assert f.read().strip() == signame[3:]
     assert proc.returncode == 0, err  # staprun stopped cleanly, so did the client
+
+
+def test_module_run_by_its_file_name_explains_itself(sandbox):
+    import sys
+    from conftest import CLIENT, SERVER
+    for module, command in ((CLIENT, "stap-find-servers"), (SERVER, "stap-start-server")):
+        proc = subprocess.run([sys.executable, module, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and command in proc.stdout
+        proc = subprocess.run([sys.executable, module], capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.startswith("usage: ")
