@@ -1108,6 +1108,20 @@ class Advertiser:
                              f'{attempts} attempts (last: {pub.name!r})')
 
 
+def ipv6_addresses(ifname):
+    """The IPv6 addresses of an interface, from /proc/net/if_inet6."""
+    addresses = []
+    try:
+        with open('/proc/net/if_inet6') as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) == 6 and fields[5] == ifname:
+                    addresses.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+    except OSError:
+        pass  # no IPv6 here
+    return addresses
+
+
 def reachable_interfaces(listen):
     """Interfaces where clients can reach a server listening on `listen`:
     every one for a wildcard address, else the one holding the address (for
@@ -1274,7 +1288,7 @@ class MdnsResponder:
 
     # --- records ---
 
-    def records(self, ttl, address):
+    def records(self, ttl, iface):
         """All our records: {(owner, type): rrset}; A data is `address`."""
         meta = dns.name.from_text(f'_services._dns-sd._udp.{MDNS_DOMAIN}.')
         stype = service_name()
@@ -1297,12 +1311,21 @@ class MdnsResponder:
             add(fqdn, dns.rdatatype.TXT,
                 ' '.join('"' + t.replace('\\', '\\\\').replace('"', '\\"') + '"'
                          for t in txt))
-        add(self.hostname, dns.rdatatype.A, address)
+        add(self.hostname, dns.rdatatype.A, iface.address)
+        if self.adv.listen in (None, '', '::'):  # reachable over IPv6 too
+            for address in ipv6_addresses(iface.name):
+                add(self.hostname, dns.rdatatype.AAAA, address)
         return out
 
-    def answer(self, question_name, qtype, ttl, address):
+    def host_records(self, table):
+        """The host name's A (and AAAA) rrsets of a record table."""
+        return [table[key] for key in ((self.hostname, dns.rdatatype.A),
+                                       (self.hostname, dns.rdatatype.AAAA))
+                if key in table]
+
+    def answer(self, question_name, qtype, ttl, iface):
         """(answers, additionals) rrset lists for one question."""
-        table = self.records(ttl, address)
+        table = self.records(ttl, iface)
         answers = [rr for (owner, rdtype), rr in table.items()
                    if owner == question_name
                    and qtype in (rdtype, dns.rdatatype.ANY)]
@@ -1313,7 +1336,7 @@ class MdnsResponder:
                     additional += [table[k] for k in table
                                    if k[0] == rd.target]
             if rr.rdtype in (dns.rdatatype.PTR, dns.rdatatype.SRV):
-                additional.append(table[(self.hostname, dns.rdatatype.A)])
+                additional += self.host_records(table)
         additional = [rr for i, rr in enumerate(additional)
                       if rr not in answers and rr not in additional[:i]]
         return answers, additional
@@ -1347,7 +1370,7 @@ class MdnsResponder:
         answers, additional = [], []
         for question, unicast in zip(message.question, unicast_flags):
             ans, add = self.answer(question.name, question.rdtype, ttl,
-                                   iface.address)
+                                   iface)
             answers += [a for a in ans if a not in answers]
             additional += [a for a in add if a not in additional]
         if not answers:
@@ -1383,14 +1406,14 @@ class MdnsResponder:
         announcement (ttl > 0) at start, a goodbye (ttl 0) at stop."""
         stype = service_name()
         for iface in self.interfaces:
-            table = self.records(ttl, iface.address)
+            table = self.records(ttl, iface)
             msg = dns.message.Message(id=0)
             msg.flags = dns.flags.QR | dns.flags.AA
             msg.answer = [rr for (owner, _t), rr in table.items()
                           if owner == stype or owner in
                           [self.instance_fqdn(n) for n in self.names]]
             if ttl:       # the host name may still serve other servers
-                msg.additional = [table[(self.hostname, dns.rdatatype.A)]]
+                msg.additional = self.host_records(table)
             self._send(msg.to_wire(), (MDNS_GROUP, MDNS_PORT), iface)
 
 

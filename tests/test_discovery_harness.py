@@ -103,6 +103,11 @@ def find(host, **args):
     return answer
 
 
+def ipv4(records):
+    """One record per instance: a server is also listed at its IPv6 addresses."""
+    return [r for r in records if ':' not in r['address']]
+
+
 def needs(avahi):
     reason = avahi_skip_reason() if avahi else skip_reason()
     if reason:
@@ -197,12 +202,12 @@ def test_compatible_filter(case):
         a, b = net.hosts
         adv = Advertisement(a, 4242, [THIS_SYSINFO, OTHER_SYSINFO])
         assert len(set(adv.names)) == 2
-        everything = find(b, all_servers=True)['records']
+        everything = ipv4(find(b, all_servers=True)['records'])
         assert sorted(r['sysinfo'] for r in everything) == sorted(
             [THIS_SYSINFO, OTHER_SYSINFO])
-        compatible = find(b)['records']
+        compatible = ipv4(find(b)['records'])
         assert [r['sysinfo'] for r in compatible] == [THIS_SYSINFO]
-        other = find(b, sysinfo=OTHER_SYSINFO)['records']
+        other = ipv4(find(b, sysinfo=OTHER_SYSINFO)['records'])
         assert [r['sysinfo'] for r in other] == [OTHER_SYSINFO]
         adv.stop()
 
@@ -216,14 +221,14 @@ def test_two_advertisers_on_one_host(case):
         first = Advertisement(a, 4242, [THIS_SYSINFO])
         second = Advertisement(a, 4343, [THIS_SYSINFO])
         assert first.names != second.names
-        records = find(b)['records']
+        records = ipv4(find(b)['records'])
         assert sorted((r['port'], r['name']) for r in records) == [
             (4242, first.names[0]), (4343, second.names[0])]
         second.stop()
         # The withdrawal (avahi's or our goodbye) reaches B at once.
         deadline = time.monotonic() + 3
         while True:
-            ports = [r['port'] for r in find(b)['records']]
+            ports = [r['port'] for r in ipv4(find(b)['records'])]
             if ports == [4242] or time.monotonic() > deadline:
                 break
         assert ports == [4242]
@@ -236,7 +241,7 @@ def test_single_host_loopback(avahi):
     with TestNetwork(avahi=avahi, single=True) as net:
         (host,) = net.hosts
         adv = Advertisement(host, 4242, [THIS_SYSINFO])
-        records = find(host)['records']
+        records = ipv4(find(host)['records'])
         assert [(r['port'], r['host']) for r in records] == [
             (4242, 'stap-host-a.local')], net.logs()
         adv.stop()
@@ -293,3 +298,17 @@ def test_harness_cleans_up_after_a_failure():
     assert not any(name in listed for name in names)
     for pid in pids:
         assert not os.path.exists(f'/proc/{pid}'), pid
+
+
+def test_mdns_answers_carry_ipv6_addresses():
+    """Without avahi our responder also answers AAAA: the server is listed at
+    its IPv6 link-local address too, with the interface as its scope."""
+    needs(False)
+    with TestNetwork(avahi=False) as net:
+        a, b = net.hosts
+        adv = Advertisement(a, 4242, [THIS_SYSINFO])
+        records = find(b)['records']
+        v6 = [r['address'] for r in records if ':' in r['address']]
+        assert v6 and all(x.startswith('fe80:') and '%' in x for x in v6), records
+        assert [r['address'] for r in ipv4(records)] == ['10.200.0.1']
+        adv.stop()
