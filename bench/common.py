@@ -15,7 +15,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ SCRIPTS = os.path.join(WORK, "scripts")               # fixed scripts: stap-cach
 REAL_PORT = 5555                                      # inside its own namespace
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))       # the netns harness
+from procs import stop_pid  # noqa: E402  (shared with the tests)
 
 HIT_SCRIPT = 'probe begin { printf("stap-bench: cache hit\\n"); exit() }\n'
 P2_SCRIPT = 'probe begin { printf("stap-bench: pass 2\\n"); exit() }\n'
@@ -221,29 +221,6 @@ def verdict(value, limit):
 # --------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------
-
-def pid_alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def stop_pid(pid, timeout=30):
-    """SIGTERM one pid we started, SIGKILL it if it lingers."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
 
 def rss_kib(pid, field="VmRSS"):
     try:

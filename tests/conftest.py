@@ -7,17 +7,17 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 sys.path[:0] = [ROOT, TESTS]
+
+from procs import pid_alive, stop_pid  # noqa: E402,F401  (tests import them from here)
 
 
 PYTHON = sys.executable
@@ -184,27 +184,6 @@ def status_file(box, pid):
     run = "/run/stap-server" if box.user is None and os.geteuid() == 0 else \
         os.path.join(box.systemtap_dir, "run")
     return os.path.join(run, f"stap-serverd.{pid}.json")
-
-
-def stop_pid(pid, timeout=30):
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-
-
-def pid_alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def start_server(box, krel, runtime=None, *extra, cache=None, env=None):
