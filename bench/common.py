@@ -38,7 +38,7 @@ SCRIPTS = os.path.join(WORK, "scripts")               # fixed scripts: stap-cach
 REAL_PORT = 5555                                      # inside its own namespace
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))       # the netns harness
-from procs import stop_pid  # noqa: E402  (shared with the tests)
+from shared import private_config, stop_pid  # noqa: E402  (shared with the tests)
 
 HIT_SCRIPT = 'probe begin { printf("stap-bench: cache hit\\n"); exit() }\n'
 P2_SCRIPT = 'probe begin { printf("stap-bench: pass 2\\n"); exit() }\n'
@@ -302,13 +302,7 @@ def make_sandbox(parent):
     """Private STAP_SYSCONFDIR and SYSTEMTAP_DIR, as tests/conftest.py does."""
     top = tempfile.mkdtemp(prefix="box.", dir=parent)
     os.chmod(top, 0o755)
-    home = os.path.join(top, "home")
-    os.makedirs(os.path.join(top, "etc"))
-    os.makedirs(home)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home,
-           "SYSTEMTAP_DIR": os.path.join(home, ".systemtap"),
-           "STAP_SYSCONFDIR": os.path.join(top, "etc"), "LANG": "C.UTF-8"}
-    return Sandbox(top=top, env=env)
+    return Sandbox(top=top, env=private_config(top))
 
 
 def local_env():

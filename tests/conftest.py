@@ -17,7 +17,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 sys.path[:0] = [ROOT, TESTS]
 
-from procs import pid_alive, stop_pid  # noqa: E402,F401  (tests import them from here)
+from shared import pid_alive, private_config, stop_pid  # noqa: E402,F401  (tests import them here)
 
 
 PYTHON = sys.executable
@@ -127,15 +127,10 @@ def ensure_test_user():
 def make_sandbox(user=None):
     top = tempfile.mkdtemp(prefix="stap-sandbox.")
     os.chmod(top, 0o755)
-    home = os.path.join(top, "home")
-    os.makedirs(os.path.join(top, "etc"))
-    os.makedirs(home)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home,
-           "SYSTEMTAP_DIR": os.path.join(home, ".systemtap"),
-           "STAP_SYSCONFDIR": os.path.join(top, "etc"), "LANG": "C.UTF-8"}
+    env = private_config(top)
     if user:
         pw = ensure_test_user()
-        for d in (top, home):
+        for d in (top, env["HOME"]):
             os.chown(d, pw.pw_uid, pw.pw_gid)
     return Sandbox(top=top, env=env, user=user)
 

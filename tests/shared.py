@@ -1,4 +1,5 @@
-"""Processes the tests and benchmarks start, ended by pid."""
+"""What the tests and the benchmarks share: a private configuration for
+our commands, and ending the processes they start by pid."""
 
 import contextlib
 import os
@@ -28,3 +29,14 @@ def stop_pid(pid, timeout=30):
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def private_config(top):
+    """Make TOP/etc (the sysconfdir) and TOP/home (with SYSTEMTAP_DIR under
+    it); return the environment that points our commands there."""
+    home = os.path.join(top, "home")
+    os.makedirs(os.path.join(top, "etc"))
+    os.makedirs(home)
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home,
+            "SYSTEMTAP_DIR": os.path.join(home, ".systemtap"),
+            "STAP_SYSCONFDIR": os.path.join(top, "etc"), "LANG": "C.UTF-8"}
