@@ -235,7 +235,8 @@ def test_systemd_unit(extracted, tmp_path):
         logrotate = f.read()
     assert "/var/log/stap-server/" in logrotate and "copytruncate" in logrotate
     if not shutil.which("systemd-analyze"):
-        return
+        pytest.skip("systemd-analyze is not installed (tools/install-deps installs systemd); "
+                    "the unit's settings were checked, its syntax was not")
     # Syntax check with systemd itself; the command path made to exist here.
     with open(unit_path(extracted)) as f:
         text = f.read()
