@@ -19,6 +19,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import io
 import ipaddress
 import select
 import struct
@@ -32,6 +33,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -57,6 +59,16 @@ PROG = "stap-serverd"
 RENEW_BEFORE = 30 * 86400  # renew a certificate expiring within 30 days
 START_TIMEOUT = 30  # stap-start-server's bound, key generation included
 RESPONSE_DIR = "stap000000"  # the one module directory of a reply
+COMPILE_ACCOUNT = "stap-compile"  # a root server's compile step runs as this account
+
+# Resource limits of every compile: (option suffix, default, unit, what it bounds).
+COMPILE_LIMITS = (
+    ("file-size", 512 << 20, "BYTES", "largest file one compile process may write"),
+    ("memory", 8 << 30, "BYTES", "address space of each compile process"),
+    ("processes", 256, "N", "processes of one compile at once"),
+    ("cpu", 900, "SECONDS", "CPU time of each compile process"),
+    ("disk", 1 << 30, "BYTES", "everything one compile writes in its request directory"),
+)
 
 # --------------------------------------------------------------------------
 # Server configuration
@@ -97,14 +109,30 @@ def build_option_parser(prog):
     p.add_argument("--queue", type=int, default=None, metavar="N",
                    help="requests waiting for a compile slot before 'busy' (default: 2 x threads)")
     p.add_argument("--user", metavar="NAME",
-                   help="account that runs stap when started as root (default: stap-server "
-                   "if it exists, else nobody)")
+                   help="account that runs the compile step when started as root "
+                   f"(default: {COMPILE_ACCOUNT}; never root or nobody)")
+    p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
+                   help="run stap without bubblewrap (unsafe: warned at start and in every log line)")
+    p.add_argument("--allow-guru", action="store_true",
+                   help="let clients use guru mode (-g, embedded C); such compiles stay "
+                   "sandboxed, use a throw-away stap cache and are never cached")
     p.add_argument("--max-request-size", type=int, default=16 << 20, metavar="BYTES")
     p.add_argument("--max-unpacked-size", type=int, default=256 << 20, metavar="BYTES")
+    p.add_argument("--max-pending-bytes", type=int, default=256 << 20, metavar="BYTES",
+                   help="request bytes being received at once, all clients together "
+                   "(default 256 MiB); requests are spooled to disk, not held in memory")
     p.add_argument("--io-timeout", type=float, default=30, metavar="SECONDS",
-                   help="TLS handshake and request read limit (default 30)")
+                   help="request read limit (default 30)")
+    p.add_argument("--handshake-timeout", type=float, default=5, metavar="SECONDS",
+                   help="TLS handshake limit (default 5)")
+    p.add_argument("--max-per-address", type=int, default=16, metavar="N",
+                   help="connections one client address (an IPv6 /64) may have open "
+                   "before its request is read (default 16)")
     p.add_argument("--compile-timeout", type=float, default=900, metavar="SECONDS",
                    help="wall-clock limit of one stap run (default 900)")
+    for name, default, unit, what in COMPILE_LIMITS:
+        p.add_argument(f"--compile-{name}", type=int, default=default, metavar=unit,
+                       help=f"{what} (default {default})")
     p.add_argument("--result-cache-size", type=int, default=64 << 20, metavar="BYTES",
                    help="memory for replies to repeat requests (default 64 MiB; 0: off)")
     p.add_argument("--renew-check", type=float, default=3600, metavar="SECONDS",
@@ -112,7 +140,9 @@ def build_option_parser(prog):
                    "expires within 30 days and renews it (default 3600)")
     p.add_argument("--tmpdir", metavar="DIR", help="where request directories go")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="stap's cache for the compile account when started as root")
+                   help="stap's caches for compiles, one subdirectory per compile account "
+                   "(default: /var/cache/stap-server for root, "
+                   "$SYSTEMTAP_DIR/compile-cache otherwise)")
     p.add_argument("--advertise", choices=("auto", "avahi", "mdns", "none"), default="auto",
                    help="how to announce the server (default: avahi if running, else built-in mDNS)")
     return p
@@ -129,11 +159,17 @@ class Config:
     stap_options: list  # server-wide options for every stap run
     max_threads: int
     queue: int
-    user: str
+    user: str  # the compile account of a root server; None: the server's own
+    sandbox: bool
+    allow_guru: bool
     limits: Limits
     max_request: int
+    max_pending: int
     io_timeout: float
+    handshake_timeout: float
+    max_per_address: int
     compile_timeout: float
+    compile_limits: dict  # option suffix -> value, see COMPILE_LIMITS
     tmpdir: str
     cache_dir: str
     advertise: str
@@ -154,8 +190,12 @@ def status_path(pid):
 
 def parse_config(argv, prog=PROG):
     opts = build_option_parser(prog).parse_args(argv)
-    if opts.max_threads < 1:
-        raise Error("--max-threads must be at least 1")
+    for name in ("max_threads", "max_per_address", "max_request_size", "max_pending_bytes"):
+        if getattr(opts, name) < 1:
+            raise Error(f"--{name.replace('_', '-')} must be at least 1")
+    for name, *_ in COMPILE_LIMITS:
+        if getattr(opts, "compile_" + name.replace("-", "_")) < 1:
+            raise Error(f"--compile-{name} must be at least 1")
     arch = opts.arch or os.uname().machine
     releases = served_releases(opts.releases)
     stap_options = []
@@ -174,10 +214,16 @@ def parse_config(argv, prog=PROG):
         releases=releases, arch=arch, stap_options=stap_options,
         max_threads=opts.max_threads,
         queue=2 * opts.max_threads if opts.queue is None else opts.queue,
-        user=compile_user(opts.user), limits=limits, max_request=opts.max_request_size,
-        io_timeout=opts.io_timeout, compile_timeout=opts.compile_timeout,
-        tmpdir=opts.tmpdir or tempfile.gettempdir(),
-        cache_dir=opts.cache_dir or "/var/cache/stap-server", advertise=opts.advertise,
+        user=compile_user(opts.user), sandbox=opts.sandbox, allow_guru=opts.allow_guru,
+        limits=limits, max_request=opts.max_request_size,
+        max_pending=opts.max_pending_bytes, io_timeout=opts.io_timeout,
+        handshake_timeout=opts.handshake_timeout, max_per_address=opts.max_per_address,
+        compile_timeout=opts.compile_timeout,
+        compile_limits={name: getattr(opts, "compile_" + name.replace("-", "_"))
+                        for name, *_ in COMPILE_LIMITS},
+        tmpdir=os.path.abspath(opts.tmpdir or tempfile.gettempdir()),
+        cache_dir=os.path.abspath(opts.cache_dir or default_cache_dir()),
+        advertise=opts.advertise,
         result_cache_size=opts.result_cache_size, renew_check=opts.renew_check)
 
 
@@ -195,17 +241,31 @@ def served_releases(requested):
 
 
 def compile_user(name):
-    """The unprivileged account a root server compiles as; None: as ourselves."""
+    """The dedicated account a root server compiles as; None: as ourselves.
+    Never root, and never the shared nobody: whatever else runs as that
+    account could tamper with compiles."""
     if not client.is_root():
         if name:
             raise Error("--user needs a server started by root")
         return None
-    for candidate in ([name] if name else ["stap-server", "nobody"]):
-        try:
-            return pwd.getpwnam(candidate).pw_name
-        except KeyError:
-            continue
-    raise Error(f"no such user: {name}")
+    name = name or COMPILE_ACCOUNT
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise Error(f"no compile account {name} (create it with: useradd --system "
+                    f"--no-create-home --shell /usr/sbin/nologin {name}; or name "
+                    "another with --user)") from None
+    if pw.pw_uid == 0 or pw.pw_name == "nobody":
+        raise Error(f"--user {name}: the compile account must be a dedicated "
+                    "unprivileged account, not root or nobody")
+    return pw.pw_name
+
+
+def default_cache_dir():
+    """Where stap's caches for compiles live (one directory per compile account)."""
+    if client.is_root():
+        return "/var/cache/stap-server"
+    return os.path.join(client.systemtap_dir(), "compile-cache")
 
 
 # --------------------------------------------------------------------------
@@ -314,8 +374,12 @@ FORBIDDEN = {"-R": "names a runtime directory", "--tmpdir": "names a directory",
              "--sysroot": "names a directory", "--remote": "runs elsewhere",
              "--use-server": "asks for a server", "--list-servers": "asks for servers",
              "--trust-servers": "changes trust", "--client-options": "is the server's",
-             "--poison-cache": "damages the cache", "--clean-cache": "damages the cache"}
+             "--poison-cache": "damages the cache", "--clean-cache": "damages the cache",
+             "--sign-module": "names a key directory"}
+GURU_OPTIONS = ("-g", "--guru-mode")
 PATH_OPTIONS = {"-I", "-d"}  # their values must stay inside the request
+MAX_ARGV_BYTES = 1 << 20  # all of stap's arguments; the kernel allows 2 MiB with the environment
+MAX_ARG_BYTES = (128 << 10) - 1  # one argument (the kernel's MAX_ARG_STRLEN)
 
 
 @dataclasses.dataclass
@@ -326,6 +390,7 @@ class Request:
     args: list
     env: dict
     lowered: bool  # the client wants pass 5, which it runs itself
+    guru: bool = False  # guru mode or embedded C, allowed by --allow-guru
 
 
 def parse_request(top, config):
@@ -343,19 +408,25 @@ def parse_request(top, config):
     if not args:
         raise Error("request has no argv1 entry")
     release, arch = m.group(1), m.group(2)
-    args, release, lowered = client_arguments(args, top, release)
+    args, release, lowered, scripts = client_arguments(args, top, release)
     if release not in config.releases or arch != config.arch:
         raise Error(f"this server does not serve {release} {arch} (it serves "
                     + ", ".join(f"{r} {config.arch}" for r in config.releases) + ")")
-    return Request(version, release, arch, args, locale_env(read("locale")), lowered)
+    check_argv_size(args)
+    guru = guru_reason(args, scripts + shipped_tapsets(top))
+    if guru and not config.allow_guru:
+        raise Error(f"{guru}: guru mode is not allowed on this server")
+    return Request(version, release, arch, args, locale_env(read("locale")), lowered,
+                   guru=bool(guru))
 
 
 def client_arguments(args, top, release):
     """Check the client's stap arguments and return (arguments to pass,
-    release, lowered): no forbidden options, paths inside the request,
-    pass 5 (a real client sends no -p for it) lowered to 4, -k dropped."""
+    release, lowered, scripts): no forbidden options, paths inside the
+    request, pass 5 (a real client sends no -p for it) lowered to 4, -k
+    dropped; scripts are the texts stap will parse, as (label, bytes)."""
     tokens = client.scan_stap_args(args)
-    out, operands, script_given, listing = [], [], False, False
+    out, operands, scripts, listing = [], [], [], False
     last_pass = None
     for kind, name, *value in tokens:
         value = value[0] if value else None
@@ -378,25 +449,82 @@ def client_arguments(args, top, release):
         if name == "-p":
             last_pass = value
             value = "4" if value == "5" else value
-        script_given |= name == "-e"
+        if name == "-e":
+            scripts.append(("-e", value.encode("utf-8", "surrogateescape")))
         listing |= name in ("-l", "-L")
         out.append(name + (value if value is not None else "") if not name.startswith("--")
                    else name + ("" if value is None else "=" + value))
-    if not script_given and operands and not listing:
-        confine(operands[0], top, "script")
-        out.append(operands.pop(0))
+    if not scripts and operands and not listing:
+        script = operands.pop(0)
+        confine(script, top, "script")
+        scripts.append((script, read_confined(top, script)))
+        out.append(script)
     lowered = last_pass in (None, "5") and not listing
     if last_pass is None and lowered:
         out.append("-p4")
     if operands:
         out += ["--"] + operands
-    return out, release, lowered
+    return out, release, lowered, scripts
 
 
 def confine(path, top, what):
     real = os.path.realpath(os.path.join(top, path))
     if not (real + os.sep).startswith(os.path.realpath(top) + os.sep) or not os.path.exists(real):
         raise Error(f"{what} path {path} is not inside the request")
+
+
+def read_confined(top, path):
+    """A file of the request (a tree the server wrote itself), or b"" for a directory."""
+    return client.read_entry(top, path) or b""
+
+
+def check_argv_size(args):
+    """stap's argument list must fit the kernel's limits, or the exec fails."""
+    longest = max(len(a.encode("utf-8", "surrogateescape")) for a in args)
+    total = sum(len(a.encode("utf-8", "surrogateescape")) + 1 for a in args)
+    if longest > MAX_ARG_BYTES or total > MAX_ARGV_BYTES:
+        raise Error(f"the request's arguments are too long ({total} bytes, the longest "
+                    f"{longest}; limits {MAX_ARGV_BYTES} in all, {MAX_ARG_BYTES} each)")
+
+
+def shipped_tapsets(top):
+    """(label, bytes) of every tapset file the client shipped with -I: stap
+    parses those with guru rights, embedded C included."""
+    found = []
+    for root, dirs, files in os.walk(os.path.join(top, "tapset")):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith((".stp", ".stpm")):
+                path = os.path.join(root, name)
+                found.append((os.path.relpath(path, top), read_confined(top, path)))
+    return found
+
+
+# stap's lexer, as far as guru checks need it: comments, strings, embedded C.
+STAP_TOKEN = re.compile(rb'(?P<comment>#[^\n]*|//[^\n]*|/\*.*?\*/)'
+                        rb'|(?P<string>"(?:[^"\\\n]|\\.)*")|(?P<embedded>%\{)', re.S)
+HEADER_SPEC = re.compile(rb'^"[\w.-]*((?:<[^<>"]+>)+)"$')  # "kernel<linux/sched.h>"
+
+
+def guru_reason(args, scripts):
+    """Why this request needs guru mode or names a server-side file, or None.
+    The sandbox hides the server's files from the compile anyway; this gives
+    the client a reason before stap runs."""
+    options = args[:args.index("--")] if "--" in args else args  # clusters already split
+    for arg in options:
+        if arg in GURU_OPTIONS:
+            return f"option {arg}"
+    for label, text in scripts:
+        for m in STAP_TOKEN.finditer(text):
+            if m.group("embedded"):
+                return f"embedded C in {label}"
+            header = m.group("string") and HEADER_SPEC.match(m.group("string"))
+            if header and any(h.startswith(b"/") or b".." in h.split(b"/")
+                              for h in re.findall(rb"<([^<>]+)>", header.group(1))):
+                raise Error(f"{label}: header {header.group(1).decode(errors='replace')} "
+                            "names a file on the server; name headers relative to the "
+                            "kernel or system include directories")
+    return None
 
 
 LOCALE_KEYS = re.compile(r"^(LANG|LC_[A-Z]+)$")
@@ -411,20 +539,253 @@ def locale_env(data):
     return env
 
 
-def stap_argv(config, req, reqdir):
+# --------------------------------------------------------------------------
+# The compile step: stap in a bubblewrap sandbox, as the compile account
+# --------------------------------------------------------------------------
+
+# Where the compile sees its request directory and stap's cache.
+SANDBOX_WORK = "/stap/request"
+SANDBOX_CACHE = "/stap/cache"
+# What the compile sees of the host, read-only: programs, libraries, headers,
+# kernel build trees, configuration.  Nothing else exists in the sandbox.
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SANDBOX_TMPFS = 16 << 20  # the sandbox's /tmp; the real scratch space is the request's tmp/
+MAX_OUTPUT = 16 << 20  # stdout or stderr kept for a reply
+DISK_CHECK_INTERVAL = 0.25  # seconds between looks at a compile's disk use
+
+
+def stap_program():
+    return os.environ.get("SYSTEMTAP_STAP") or "stap"
+
+
+class Workspace:
+    """One request's private directory, owned by the server, mode 0700:
+    the client's files and stap's scratch space live in work/, the only
+    part the compile account owns and the only part the sandbox sees.
+    The server reaches into work/ only through descriptors it opened
+    itself, without following links."""
+
+    def __init__(self, config):
+        self.config = config
+        self.path = tempfile.mkdtemp(prefix="stap-server.", dir=config.tmpdir)  # 0700
+        self.work = os.path.join(self.path, "work")
+        os.mkdir(self.work, 0o700)
+        self.work_fd = None
+
+    def hand_over(self, account):
+        """Give work/ and a fresh work/tmp to the compile account; the
+        client's files stay the server's (read-only to the compile)."""
+        self.work_fd = os.open(self.work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        os.mkdir("tmp", 0o700, dir_fd=self.work_fd)
+        if account is not None:
+            tmp_fd = os.open("tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                             dir_fd=self.work_fd)
+            try:
+                os.fchown(tmp_fd, account.pw_uid, account.pw_gid)
+            finally:
+                os.close(tmp_fd)
+            os.fchown(self.work_fd, account.pw_uid, account.pw_gid)
+            # bwrap (0.8 resolves even a --bind-fd source by path) runs as the
+            # compile account and must get through to work/: traverse only.
+            os.chmod(self.path, 0o711)
+
+    def disk_use(self):
+        """Bytes under work/, each entry counted as at least one block (an
+        inode bomb is a disk bomb too); links are never followed."""
+        total = 0
+        for _, dirs, files, dir_fd in os.fwalk(".", dir_fd=self.work_fd, follow_symlinks=False):
+            for name in dirs + files:
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except OSError:
+                    continue  # gone meanwhile
+                total += max(st.st_blocks * 512, 4096)
+        return total
+
+    def module(self, limit):
+        """(name, bytes) of the one .ko stap left in work/tmp, or None;
+        anything but a regular file within the size limit is ignored."""
+        try:
+            tmp_fd = os.open("tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                             dir_fd=self.work_fd)
+        except OSError:
+            return None
+        try:
+            names = [n for n in os.listdir(tmp_fd) if n.endswith(".ko")]
+            if len(names) != 1:
+                return None
+            data = read_regular(names[0], tmp_fd, limit)
+            return (names[0], data) if data is not None else None
+        finally:
+            os.close(tmp_fd)
+
+    def remove(self):
+        if self.work_fd is not None:
+            os.close(self.work_fd)
+        with contextlib.suppress(OSError):  # shut the compile account out, then remove
+            os.chmod(self.path, 0o700)
+        shutil.rmtree(self.path, ignore_errors=True)  # fd-based: never follows links
+
+
+def read_regular(name, dir_fd, limit):
+    """The bytes of a regular file at most limit long, or None; a link, a
+    fifo or a device is not opened for reading."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        return f.read(limit + 1)[:limit]
+
+
+def prepare_compile_step(config):
+    """At start: stap's cache for compiles, and a sandbox that works (or a
+    loud warning under --no-sandbox)."""
+    cache = prepare_compile_cache(config)
+    if not config.sandbox:
+        logging.warning("WARNING: --no-sandbox: compiles run unconfined and can read "
+                        "everything the compile account can; results are not cached")
+        return
+    try:
+        ws = Workspace(config)
+    except OSError as e:
+        raise Error(f"cannot make request directories in {config.tmpdir}: {e.strerror}") from None
+    try:
+        ws.hand_over(compile_account(config))
+        argv = sandbox_argv(config, ws.work_fd, cache) + limits_argv(config) + ["true"]
+        try:
+            proc = subprocess.run(argv, capture_output=True, timeout=30, cwd="/",
+                                  pass_fds=(ws.work_fd,), **as_compile_account(config))
+            why = None if proc.returncode == 0 else client.last_line(proc.stderr)
+        except FileNotFoundError as e:
+            why = f"{e.filename} is not installed"
+        except subprocess.TimeoutExpired:
+            why = "bwrap did not finish within 30 s"
+    finally:
+        ws.remove()
+    if why:
+        raise Error(f"cannot sandbox compiles: {why}; install bubblewrap and prlimit "
+                    "(Debian: bubblewrap, util-linux) and allow unprivileged user "
+                    "namespaces (sysctl user.max_user_namespaces, "
+                    "kernel.unprivileged_userns_clone), or start with --no-sandbox")
+
+
+def compile_account(config):
+    return pwd.getpwnam(config.user) if config.user else None
+
+
+def as_compile_account(config):
+    """subprocess arguments that run a program as the compile account."""
+    account = compile_account(config)
+    return dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[]) if account else {}
+
+
+def account_cache(config):
+    """stap's cache for the compile account: CACHE_DIR/ACCOUNT."""
+    return os.path.join(config.cache_dir, config.user or pwd.getpwuid(os.geteuid()).pw_name)
+
+
+def prepare_compile_cache(config):
+    """Make the compile account's cache directory, or check the one there:
+    a directory (not a link) owned by the compile account, in a parent that
+    only the server can write."""
+    os.makedirs(config.cache_dir, 0o755, exist_ok=True)
+    st = os.lstat(config.cache_dir)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
+        raise Error(f"{config.cache_dir} must be a directory of uid {os.geteuid()} "
+                    "that group and others cannot write")
+    account = compile_account(config)
+    path = account_cache(config)
+    try:
+        os.mkdir(path, 0o700)
+        created = True
+    except FileExistsError:
+        created = False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise Error(f"stap cache {path} is not a directory: {e.strerror}") from None
+    try:
+        uid = account.pw_uid if account else os.geteuid()
+        if created and account:
+            os.fchown(fd, account.pw_uid, account.pw_gid)
+        elif os.fstat(fd).st_uid != uid:
+            raise Error(f"stap cache {path} is owned by uid {os.fstat(fd).st_uid}, "
+                        f"not the compile account's {uid}")
+    finally:
+        os.close(fd)
+    return path
+
+
+def private_paths(config):
+    """The server's own files and directories, hidden from the compile when
+    they lie inside the system directories the sandbox shows."""
+    home = pwd.getpwuid(os.geteuid()).pw_dir
+    return [config.db.path, config.log, state_dir("run"), config.tmpdir, config.cache_dir,
+            client.systemtap_dir(), os.environ.get("HOME") or home, home]
+
+
+def inside(path, top):
+    return path != top and path.startswith(top.rstrip("/") + "/")
+
+
+def sandbox_argv(config, work_fd, cache):
+    """bwrap's part of the compile's command line: no network, its own
+    process tree, the system directories read-only, the server's own files
+    masked, the request's work/ the only writable place (with cache, stap's
+    cache)."""
+    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
+    shown = []
+    for d in SYSTEM_DIRS:
+        if os.path.islink(d):
+            argv += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            argv += ["--ro-bind", d, d]
+            shown.append(d)
+    for p in private_paths(config):
+        p = os.path.abspath(p)
+        if any(inside(p, d) for d in shown) and os.path.lexists(p):
+            # an empty read-only directory, or /dev/null, in its place
+            argv += (["--size", "4096", "--tmpfs", p, "--remount-ro", p] if os.path.isdir(p)
+                     else ["--ro-bind", "/dev/null", p])
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SANDBOX_TMPFS), "--tmpfs", "/tmp"]
+    for p in server_trees(config) + [shutil.which(stap_program()) or stap_program()]:
+        p = os.path.realpath(p)
+        if os.path.exists(p) and not any(inside(p, d) for d in shown):
+            argv += ["--ro-bind", p, p]  # the server's own -R/-I trees, a stand-in stap
+    argv += ["--bind-fd", str(work_fd), SANDBOX_WORK]
+    if cache:
+        argv += ["--bind", cache, SANDBOX_CACHE]
+    return argv + ["--remount-ro", "/", "--chdir", SANDBOX_WORK, "--"]
+
+
+def server_trees(config):
+    opts = config.stap_options
+    return [v for o, v in zip(opts, opts[1:]) if o in ("-R", "-I")]
+
+
+def limits_argv(config):
+    """prlimit inside the sandbox, so that the process count is the compile's
+    own (counted per user namespace) and not the account's."""
+    lim = config.compile_limits
+    nproc = [f"--nproc={lim['processes']}"] if config.sandbox else []  # else: the whole account's
+    return ["prlimit", f"--fsize={lim['file-size']}", f"--as={lim['memory']}", *nproc,
+            f"--cpu={lim['cpu']}:{lim['cpu'] + 5}", "--core=0", "--"]
+
+
+def stap_argv(config, req, work):
     """The real stap, as an argument list: the server's options, a private
     --tmpdir, --client-options, then the client's arguments."""
-    return ([os.environ.get("SYSTEMTAP_STAP") or "stap", "-r", req.release, "-a", req.arch]
-            + config.stap_options
-            + [f"--tmpdir={os.path.join(reqdir, 'tmp')}", "--client-options"] + req.args)
+    return ([stap_program(), "-r", req.release, "-a", req.arch] + config.stap_options
+            + [f"--tmpdir={work}/tmp", "--client-options"] + req.args)
 
 
-def compile_env(config, req):
-    home = (os.path.join(config.cache_dir, config.user) if config.user
-            else os.path.dirname(client.systemtap_dir()))
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home,
-           "SYSTEMTAP_DIR": os.path.join(home, ".systemtap") if config.user
-           else client.systemtap_dir(), "LANG": "C.UTF-8"}
+def compile_env(config, req, work, cache):
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": work,
+           "SYSTEMTAP_DIR": cache, "TMPDIR": f"{work}/tmp", "LANG": "C.UTF-8"}
     env.update(req.env)
     return env
 
@@ -434,48 +795,96 @@ class Outcome:
     rc: int
     stdout: bytes
     stderr: bytes
-    module: str = None
+    module: tuple = None  # (name, bytes)
+    hide: tuple = ()  # paths to replace with <server> in what the client sees
 
 
-def run_stap(config, req, reqdir):
-    """One stap run in its own process group, as the compile account, with a
-    wall-clock limit; stdin is /dev/null and cwd the request directory."""
-    argv = stap_argv(config, req, reqdir)
-    env = compile_env(config, req)
-    os.mkdir(os.path.join(reqdir, "tmp"), 0o700)
-    account = {}
-    if config.user:
-        pw = pwd.getpwnam(config.user)
-        account = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
-        prepare_compile_home(env["HOME"], pw)
-        for root, dirs, files in os.walk(reqdir):
-            for n in [root] + [os.path.join(root, f) for f in dirs + files]:
-                os.lchown(n, pw.pw_uid, pw.pw_gid)
-    out_path, err_path = os.path.join(reqdir, "stdout"), os.path.join(reqdir, "stderr")
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+def run_compile(config, req, ws):
+    """One stap run in its sandbox, as the compile account, within the
+    resource limits; stdin is /dev/null, stdout and stderr go to files the
+    server opened (and reads back) itself."""
+    ws.hand_over(compile_account(config))
+    if config.sandbox:
+        work = SANDBOX_WORK
+        cache = None if req.guru else SANDBOX_CACHE  # guru: a throw-away cache in work/
+        prefix = sandbox_argv(config, ws.work_fd, None if req.guru else account_cache(config))
+    else:
+        work, cache, prefix = ws.work, (None if req.guru else account_cache(config)), []
+    cache = cache or f"{work}/.systemtap"
+    argv = prefix + limits_argv(config) + stap_argv(config, req, work)
+    with tempfile.TemporaryFile(dir=ws.path) as out, tempfile.TemporaryFile(dir=ws.path) as err:
         try:
-            proc = subprocess.Popen(argv, cwd=os.path.join(reqdir, "request"),
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
-                                    start_new_session=True, **account)
+            proc = subprocess.Popen(argv, cwd=ws.work if not config.sandbox else "/",
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    env=compile_env(config, req, work, cache),
+                                    start_new_session=True, pass_fds=(ws.work_fd,),
+                                    **as_compile_account(config))
         except OSError as e:
-            raise Error(f"cannot run stap: {e.strerror}") from None
+            raise Error(f"cannot run the compile step: {e.strerror}") from None
+        rc, breach = watch_compile(proc, ws, config)
+        stdout, stderr = read_back(out), read_back(err)
+    breach = breach or limit_breached(rc, stderr, config)
+    if breach:
+        stderr += f"stap-serverd: ERROR: the compile exceeded its {breach}\n".encode()
+    module = ws.module(config.compile_limits["file-size"]) if rc == 0 else None
+    return Outcome(rc=1 if rc else 0, stdout=stdout, stderr=stderr, module=module,
+                   hide=(ws.path, work, cache))
+
+
+def watch_compile(proc, ws, config):
+    """Wait for the compile; kill its whole process group when it runs past
+    the wall-clock limit or writes more than the disk limit.  Returns (exit
+    status, the limit it broke or None)."""
+    deadline = time.monotonic() + config.compile_timeout
+    disk = config.compile_limits["disk"]
+    while True:
         try:
-            rc = proc.wait(timeout=config.compile_timeout)
-            timed_out = False
+            return proc.wait(timeout=DISK_CHECK_INTERVAL), None
         except subprocess.TimeoutExpired:
+            pass
+        if time.monotonic() > deadline:
             kill_group(proc)
-            rc, timed_out = 1, True
-    stdout, stderr = (open(p, "rb").read() for p in (out_path, err_path))
-    if timed_out:
-        stderr += f"stap-serverd: ERROR: compile exceeded {config.compile_timeout:g} s\n".encode()
-    return Outcome(rc=1 if rc else 0, stdout=stdout, stderr=stderr,
-                   module=find_module(os.path.join(reqdir, "tmp")) if rc == 0 else None)
+            return 1, f"wall-clock limit ({config.compile_timeout:g} s, --compile-timeout)"
+        if ws.disk_use() > disk:
+            kill_group(proc)
+            return 1, limit_text(config, "disk")
 
 
-def prepare_compile_home(home, pw):
-    if not os.path.isdir(home):
-        os.makedirs(home, 0o700)
-        os.chown(home, pw.pw_uid, pw.pw_gid)
+def read_back(f):
+    f.seek(0)
+    data = f.read(MAX_OUTPUT + 1)
+    if len(data) > MAX_OUTPUT:
+        data = data[:MAX_OUTPUT] + b"\n[output cut at %d bytes]\n" % MAX_OUTPUT
+    return data
+
+
+# How a broken rlimit shows: the signal that killed the compile's top process
+# (128 + signal, through bwrap), or the words its children printed.
+LIMIT_SIGNS = (
+    ("file-size", 128 + signal.SIGXFSZ, rb"File size limit exceeded"),
+    ("cpu", 128 + signal.SIGXCPU, rb"CPU time limit exceeded"),
+    ("memory", None, rb"Cannot allocate memory|MemoryError|bad_alloc|memory exhausted"
+                     rb"|[Oo]ut of memory"),
+    ("processes", None, rb"[Cc]annot fork|fork: Resource temporarily unavailable"
+                        rb"|fork: retry"),
+)
+
+
+def limit_breached(rc, stderr, config):
+    if rc == 0:
+        return None
+    for name, status, words in LIMIT_SIGNS:
+        if rc == status or re.search(words, stderr):
+            return limit_text(config, name)
+    return None
+
+
+def limit_text(config, name):
+    """e.g. "file size limit (536870912 bytes, --compile-file-size)"."""
+    unit = {"BYTES": " bytes", "SECONDS": " s", "N": ""}[
+        next(u for n, _, u, _ in COMPILE_LIMITS if n == name)]
+    return (f"{name.replace('-', ' ')} limit ({config.compile_limits[name]}{unit}, "
+            f"--compile-{name})")
 
 
 def kill_group(proc):
@@ -486,45 +895,42 @@ def kill_group(proc):
     proc.wait()
 
 
-def find_module(tmp):
-    mods = [os.path.join(tmp, n) for n in sorted(os.listdir(tmp)) if n.endswith(".ko")]
-    return mods[0] if len(mods) == 1 else None
-
-
 def hide_paths(data, paths):
-    for p in sorted(paths, key=len, reverse=True):
+    for p in sorted((p for p in paths if p), key=len, reverse=True):
         data = data.replace(p.encode(), b"<server>")
     return data
 
 
-def reply_from_outcome(outcome, req, reqdir, config):
+def reply_from_outcome(outcome, req):
     """Reply entries for a finished stap run; the module path line becomes
     the module's name (or goes, when the client asked for pass 5)."""
-    env_home = compile_env(config, req)["HOME"]
     lines = []
     for line in outcome.stdout.splitlines(keepends=True):
         if line.rstrip(b"\n").endswith(b".ko") and outcome.module:
             if req.lowered:
                 continue
-            line = os.path.basename(outcome.module).encode() + b"\n"
+            line = outcome.module[0].encode() + b"\n"
         lines.append(line)
-    hide = [reqdir, env_home]
-    return (outcome.rc, hide_paths(b"".join(lines), hide),
-            hide_paths(outcome.stderr, hide), outcome.module)
+    return (outcome.rc, hide_paths(b"".join(lines), outcome.hide),
+            hide_paths(outcome.stderr, outcome.hide), outcome.module)
 
 
 def write_reply(respdir, version, rc, stdout, stderr, module=None):
+    """The reply's files in a directory of the server's own; module is
+    (name, bytes) or the path of a .ko."""
     os.makedirs(respdir, 0o700)
     for name, data in (("version", version.encode()), ("rc", str(rc).encode()),
                        ("stdout", stdout), ("stderr", stderr)):
         with open(os.path.join(respdir, name), "wb") as f:
             f.write(data)
     if module:
+        if isinstance(module, str):
+            with open(module, "rb") as f:
+                module = (os.path.basename(module), f.read())
         moddir = os.path.join(respdir, RESPONSE_DIR)
         os.mkdir(moddir, 0o755)
-        for p in (module, module + ".sgn"):
-            if os.path.exists(p):
-                shutil.copyfile(p, os.path.join(moddir, os.path.basename(p)))
+        with open(os.path.join(moddir, module[0]), "wb") as f:
+            f.write(module[1])
 
 
 def sign_reply(db, respdir):
@@ -549,39 +955,46 @@ def make_reply(db, workdir, version, rc, stdout, stderr, module=None):
 
 def handle_request(data, config, version, log_fields, cache=None,
                    compile_slot=contextlib.nullcontext()):
-    """The signed reply bytes for one framed request body; never raises for
-    a bad request (the client gets rc 1 and the reason)."""
-    reqdir = tempfile.mkdtemp(prefix="stap-server.", dir=config.tmpdir)  # 0700
+    """The signed reply bytes for one framed request body (bytes or a file);
+    never raises for a bad request or a failed compile (the client gets rc 1
+    and the reason)."""
+    ws = Workspace(config)
     try:
         try:
-            top = os.path.join(reqdir, "request")
-            os.mkdir(top, 0o700)
-            client.extract_archive(client.open_archive(data), top, config.limits)
-            req = parse_request(top, config)
+            client.extract_archive(client.open_archive(data), ws.work, config.limits)
+            req = parse_request(ws.work, config)
         except Error as e:
             log_fields.update(rc=1, error=str(e))
-            shutil.rmtree(top, ignore_errors=True)  # a full disk needs the room for the reply
-            return error_reply(config.db, reqdir, version, str(e))
+            shutil.rmtree(ws.work, ignore_errors=True)  # a full disk needs the room for the reply
+            return error_reply(config.db, ws.path, version, str(e))
         log_fields.update(version=req.version, release=req.release,
                           options=" ".join(req.args))
+        if req.guru:
+            log_fields.update(guru=True)
 
         def compile_and_sign():
-            with compile_slot:
-                outcome = run_stap(config, req, reqdir)
-            rc, stdout, stderr, module = reply_from_outcome(outcome, req, reqdir, config)
+            try:
+                with compile_slot:
+                    outcome = run_compile(config, req, ws)
+            except (Error, OSError) as e:
+                log_fields.update(rc=1, error=str(e))
+                return error_reply(config.db, ws.path, version, str(e)), False
+            rc, stdout, stderr, module = reply_from_outcome(outcome, req)
             log_fields.update(rc=rc)
-            reply = make_reply(config.db, reqdir, version, rc, stdout, stderr, module)
+            reply = make_reply(config.db, ws.path, version, rc, stdout, stderr, module)
             return reply, rc == 0
 
+        key = None if req.guru or not config.sandbox else result_key(req, ws.work, config,
+                                                                     version)
         if cache is None:
             return compile_and_sign()[0]
-        reply, how = cache.lookup(result_key(req, top, config, version), compile_and_sign)
+        reply, how = cache.lookup(key, compile_and_sign)
         log_fields.update(cache=how)
         if how == "hit":
             log_fields.update(rc=0)
         return reply
     finally:
-        shutil.rmtree(reqdir, ignore_errors=True)
+        ws.remove()
 
 
 # --------------------------------------------------------------------------
@@ -678,11 +1091,9 @@ def installation_stamp(config, release):
     cached = _stamps.get(release)
     if cached and now - cached[0] < STAMP_TTL:
         return cached[1]
-    stap = shutil.which(os.environ.get("SYSTEMTAP_STAP") or "stap") or "stap"
+    stap = shutil.which(stap_program()) or stap_program()
     build = f"/lib/modules/{release}/build"
-    trees = ["/usr/share/systemtap"] + [v for o, v in zip(config.stap_options,
-                                                          config.stap_options[1:])
-                                        if o in ("-R", "-I")]
+    trees = ["/usr/share/systemtap"] + server_trees(config)
     h = hashlib.sha256()
     for path in [stap] + [os.path.join(build, f) for f in
                           (".config", "Module.symvers", "include/generated/utsrelease.h")]:
@@ -721,7 +1132,9 @@ class CompileServer:
         self.compiles = threading.Semaphore(config.max_threads)
         self.waiting_lock = threading.Lock()
         self.admitted = 0  # running plus queued compiles
-        self.connections = threading.BoundedSemaphore(4 * (config.max_threads + config.queue) + 8)
+        self.pending_bytes = 0  # announced sizes of requests being received
+        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.unread = AddressSlots(config.max_per_address)
         self.stopping = threading.Event()
         self.on_renewal = lambda der: None  # e.g. advertise the new serial
         self.threads = set()
@@ -736,6 +1149,7 @@ class CompileServer:
         except nerror.NSPRError as e:
             raise Error(f"cannot open server database {self.config.db.path}: {e.strerror}")
         ssl.set_domestic_policy()
+        client.restrict_cipher_suites()
         ssl.config_server_session_id_cache()
         self.load_key()
 
@@ -779,25 +1193,32 @@ class CompileServer:
         sock.config_secure_server(self.cert, self.key, self.cert.find_kea_type())
         sock.reset_handshake(True)
         try:
-            sock.force_handshake_timeout(client.nss_interval(self.config.io_timeout))
+            sock.force_handshake_timeout(client.nss_interval(self.config.handshake_timeout))
         except BaseException:
             sock.close()  # else the descriptor stays open until garbage collection
             raise
         return sock
 
     # --- one connection ------------------------------------------------------
-    def handle_connection(self, conn, address):
+    def handle_connection(self, conn, address, slot):
+        """One connection: TLS, the request spooled to disk, the reply.  slot
+        (the address's share of unread connections) is given back as soon as
+        the request has been read."""
         _, _, nio, nerror = client.nss_modules()
         started = time.monotonic()
         fields = {"client": format_address(address)}
+        if not self.config.sandbox:
+            fields["sandbox"] = "off"
         sock = None
         try:
             sock = self.accept_tls(conn)
-            data = self.read_request(sock, fields)
-            if data is not None:
-                reply = self.answer(data, fields)
-                sock.sendall(reply, client.nss_interval(self.config.io_timeout + len(reply) / 1e5))
-                sock.shutdown(nio.PR_SHUTDOWN_BOTH)
+            with self.read_request(sock, fields) as body:
+                slot.release()
+                if body is not None:
+                    reply = self.answer(body, fields)
+                    sock.sendall(reply, client.nss_interval(self.config.io_timeout
+                                                            + len(reply) / 1e5))
+                    sock.shutdown(nio.PR_SHUTDOWN_BOTH)
         except nerror.NSPRError as e:
             fields.setdefault("error", e.strerror)
         except Error as e:
@@ -806,34 +1227,54 @@ class CompileServer:
             fields.setdefault("error", f"internal error: {e}")
             logging.exception("request from %s failed", fields["client"])
         finally:
+            slot.release()
             if sock is not None:
                 sock.close()
             else:
                 conn.close()
             fields["seconds"] = f"{time.monotonic() - started:.3f}"
-            logging.info("request %s", " ".join(f"{k}={v!r}" for k, v in fields.items()))
+            logging.info("%s", request_log_line(fields))
 
+    @contextlib.contextmanager
     def read_request(self, sock, fields):
-        """The request body, or None for a certificate-only probe or a bad frame."""
+        """The request body spooled into an anonymous file (None for a
+        certificate-only probe or a bad frame); its announced size counts
+        against --max-pending-bytes until the reply has gone."""
         deadline = time.monotonic() + self.config.io_timeout
         quick_ack(sock)
-        head = read_exactly(sock, 4, deadline)
-        size = int.from_bytes(head, "big", signed=True)
+        size = int.from_bytes(read_exactly(sock, 4, deadline), "big", signed=True)
         fields["size"] = size
         if size == 0:
             fields["error"] = "certificate fetch"
-            return None
+            yield None
+            return
         if size < 0 or size > self.config.max_request:
             fields["error"] = f"bad request size {size}"
-            return None
-        quick_ack(sock)
-        data = read_exactly(sock, size, deadline + size / 1e5)
-        if more_data_waiting(sock):
-            fields["error"] = "more bytes than announced"
-            return None
-        return data
+            yield None
+            return
+        with self.waiting_lock:
+            room = self.pending_bytes + size <= self.config.max_pending
+            if room:
+                self.pending_bytes += size
+        if not room:
+            fields["error"] = "pending request bytes over --max-pending-bytes"
+            yield None
+            return
+        try:
+            with tempfile.TemporaryFile(dir=self.config.tmpdir) as body:
+                quick_ack(sock)
+                spool(sock, body, size, deadline + size / 1e5)
+                if more_data_waiting(sock):
+                    fields["error"] = "more bytes than announced"
+                    yield None
+                    return
+                body.seek(0)
+                yield body
+        finally:
+            with self.waiting_lock:
+                self.pending_bytes -= size
 
-    def answer(self, data, fields):
+    def answer(self, body, fields):
         """Admit the request to a compile slot, or reply busy at once."""
         with self.waiting_lock:
             busy = self.admitted >= self.config.max_threads + self.config.queue
@@ -846,7 +1287,7 @@ class CompileServer:
                                    f"{client.BUSY_MESSAGE}: {self.config.max_threads} "
                                    "compiles running and the queue is full; try again")
         try:
-            return handle_request(data, self.config, self.version, fields, self.results,
+            return handle_request(body, self.config, self.version, fields, self.results,
                                   self.compiles)
         finally:
             with self.waiting_lock:
@@ -883,13 +1324,19 @@ class CompileServer:
             except (socket.timeout, OSError):
                 self.connections.release()
                 continue
-            t = threading.Thread(target=self.connection_thread, args=(conn, address), daemon=True)
+            slot = self.unread.take(address[0])
+            if slot is None:  # this address already has its share of unread connections
+                conn.close()
+                self.connections.release()
+                continue
+            t = threading.Thread(target=self.connection_thread, args=(conn, address, slot),
+                                 daemon=True)
             self.threads.add(t)
             t.start()
 
-    def connection_thread(self, conn, address):
+    def connection_thread(self, conn, address, slot):
         try:
-            self.handle_connection(conn, address)
+            self.handle_connection(conn, address, slot)
         finally:
             self.connections.release()
             self.threads.discard(threading.current_thread())
@@ -904,9 +1351,92 @@ class CompileServer:
             t.join(max(0, deadline - time.monotonic()))
 
 
-def read_exactly(sock, n, deadline):
+MAX_CONNECTIONS = 1024  # open connections, all addresses together
+REFUSAL_LOG_INTERVAL = 10  # seconds: refused connections are logged as a count
+
+
+class AddressSlots:
+    """How many connections each client address (IPv6: its /64) has open
+    whose request is not read yet; silent peers of one address then cannot
+    keep others out.  Refusals are logged as counts, so that they cannot
+    flood the log."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.open = collections.Counter()
+        self.refused = collections.Counter()
+        self.last_report = -REFUSAL_LOG_INTERVAL  # the first refusal is logged at once
+
+    def take(self, host):
+        key = address_key(host)
+        with self.lock:
+            if self.open[key] >= self.limit:
+                self.refused[key] += 1
+                self.report_refusals()
+                return None
+            self.open[key] += 1
+        return AddressSlot(self, key)
+
+    def give_back(self, key):
+        with self.lock:
+            self.open[key] -= 1
+            if not self.open[key]:
+                del self.open[key]
+
+    def report_refusals(self):
+        if time.monotonic() - self.last_report < REFUSAL_LOG_INTERVAL:
+            return
+        for key, n in self.refused.most_common(5):
+            logging.warning("refused %d connections from %s: %d unread connections open "
+                            "(--max-per-address)", n, key, self.limit)
+        self.refused.clear()
+        self.last_report = time.monotonic()
+
+
+class AddressSlot:
+    def __init__(self, slots, key):
+        self.slots, self.key, self.held = slots, key, True
+
+    def release(self):
+        if self.held:
+            self.held = False
+            self.slots.give_back(self.key)
+
+
+def address_key(host):
+    """What counts as one client: its IPv4 address, or its IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+LOG_FIELD_MAX = 200  # characters of one field in a request's log line
+LOG_LINE_MAX = 1900  # a whole line stays under 2 KB with the time stamp
+
+
+def request_log_line(fields):
+    """One bounded line: each field cut with its original length noted."""
+    parts = []
+    for key, value in fields.items():
+        text = repr(value) if isinstance(value, str) else str(value)
+        if len(text) > LOG_FIELD_MAX:
+            text = f"{text[:LOG_FIELD_MAX]}...[{len(text)} chars]"
+        parts.append(f"{key}={text}")
+    line = "request " + " ".join(parts)
+    return line if len(line) <= LOG_LINE_MAX else line[:LOG_LINE_MAX] + f"...[{len(line)} chars]"
+
+
+def spool(sock, out, n, deadline):
+    """Copy exactly n bytes from sock to the file out, chunk by chunk."""
     nerror = client.nss_modules()[3]
-    chunks, got = [], 0
+    got = 0
     while got < n:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -917,9 +1447,14 @@ def read_exactly(sock, n, deadline):
             raise Error(f"read failed after {got} of {n} bytes: {e.strerror}") from None
         if not chunk:
             raise Error(f"connection closed after {got} of {n} bytes")
-        chunks.append(chunk)
+        out.write(chunk)
         got += len(chunk)
-    return b"".join(chunks)
+
+
+def read_exactly(sock, n, deadline):
+    buf = io.BytesIO()
+    spool(sock, buf, n, deadline)
+    return buf.getvalue()
 
 
 def quick_ack(sock):
@@ -959,8 +1494,7 @@ def stap_version():
     a reply announces; real clients abort on a non-numeric one)."""
     global _stap_version
     if _stap_version is None:
-        out = client.run_tool([os.environ.get("SYSTEMTAP_STAP") or "stap", "-V"],
-                              check=False)
+        out = client.run_tool([stap_program(), "-V"], check=False)
         m = re.search(rb"version (\d+(?:\.\d+)*)", out.stdout + out.stderr)
         _stap_version = m.group(1).decode() if m else client.PROTOCOL_VERSION
     return _stap_version
@@ -1459,8 +1993,11 @@ def read_status(pid):
 # --------------------------------------------------------------------------
 
 def setup_logging(path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), 0o755, exist_ok=True)
-    handler = logging.handlers.WatchedFileHandler(path)  # reopens a rotated log
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), 0o755, exist_ok=True)
+        handler = logging.handlers.WatchedFileHandler(path)  # reopens a rotated log
+    except OSError as e:
+        raise Error(f"cannot write the log {path}: {e.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s stap-serverd[%(process)d] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -1473,6 +2010,7 @@ def stap_serverd(argv):
     setup_logging(config.log)
     logging.info("starting: %s", " ".join(sys.argv))
     der = ensure_server_certificate(config.db)
+    prepare_compile_step(config)
     server = CompileServer(config, der)
     port = server.bind()
     stop = lambda signum, frame: server.stopping.set()

@@ -38,8 +38,8 @@ from common import (  # noqa: E402
     result_cache_off_args, rss_kib, runtime_fixture, server_help, start_our_server, tail,
     timed, verdict)
 
-BENCHMARKS = ["overhead", "interop", "resultcache", "concurrency", "discovery", "startup",
-              "profile"]
+BENCHMARKS = ["overhead", "sandbox", "interop", "resultcache", "concurrency", "discovery",
+              "startup", "profile"]
 
 
 # --------------------------------------------------------------------------
@@ -230,6 +230,50 @@ def bench_overhead(ctx, report):
                        f"(+ server) {sc:.2f} CPU-s", key="cold_cpu", local=lc, server=sc)
     for who, secs in ctx.warm.items():
         report.note(f"warm-up compile ({who}): {secs:.1f} s")
+
+
+# --------------------------------------------------------------------------
+# 1c. What the sandbox costs: the same server with and without bubblewrap
+# --------------------------------------------------------------------------
+
+def bench_sandbox(ctx, report):
+    """Two servers that differ only by --no-sandbox (result cache off, same
+    compile account and stap cache), interleaved on the same requests."""
+    servers = {}
+    for label, extra in (("sandbox", []), ("no sandbox", ["--no-sandbox"])):
+        progress(f"starting our server ({label}, result cache off)")
+        srv = start_our_server(ctx.box, ctx.krel, ctx.rt, *(ctx.cache_off or []), *extra,
+                               log=ctx.box.path(f"server-{label.replace(' ', '-')}.log"))
+        ctx.stack.callback(srv.stop)
+        srv.tail = LogTail(srv.log)
+        servers[label] = srv
+    ctx.warm_ours(servers["sandbox"])
+    for srv in servers.values():
+        ctx.ours(srv, 4, ctx.hit_script)  # untimed: puts the script in the stap cache
+    hit = {label: Series(f"-p4 stap cache hit, {label}") for label in servers}
+    cold = {label: Series(f"-p4 cold compile, {label}") for label in servers}
+    progress(f"1c: -p4 hit with and without the sandbox, {ctx.opts.reps} x 2")
+    interleaved([(hit[label], lambda srv=srv: ctx.ours(srv, 4, ctx.hit_script))
+                 for label, srv in servers.items()], ctx.opts.reps)
+    progress(f"1c: -p4 cold with and without the sandbox, {ctx.opts.cold_reps} x 2")
+    interleaved([(cold[label], lambda srv=srv, label=label:
+                  ctx.ours(srv, 4, ctx.unique_script(label.replace(' ', '_'))))
+                 for label, srv in servers.items()], ctx.opts.cold_reps)
+    for series in (hit, cold):
+        report.row(series["no sandbox"])
+        report.row(series["sandbox"], series["no sandbox"])
+    for what, series, target in (("hit", hit, 0.030), ("cold", cold, None)):
+        on, off = series["sandbox"].server_median, series["no sandbox"].server_median
+        if on is None or off is None:
+            report.not_measured(f"sandbox cost ({what}): no server times in the log")
+            continue
+        cost = on - off
+        text = f"sandbox cost on a -p4 {what} (server side): {cost * 1000:+.0f} ms"
+        if target is not None:
+            text += f" (target < {target * 1000:.0f} ms: {verdict(cost, target)})"
+        else:
+            text += f" ({cost / off * 100:+.1f} % of {off:.2f} s)"
+        report.summary(text, key=f"sandbox_{what}", seconds=cost)
 
 
 # --------------------------------------------------------------------------
@@ -670,6 +714,8 @@ def bench_profile(ctx, report):
 # --------------------------------------------------------------------------
 
 RUNNERS = {"overhead": ("1. stap-client round trip vs local stap (-p4)", bench_overhead),
+           "sandbox": ("1c. the cost of the bubblewrap sandbox (-p4, result cache off)",
+                       bench_sandbox),
            "interop": ("2. ours vs the real stap-serverd 4.8 / stap --use-server "
                        "(one network namespace)", bench_interop),
            "resultcache": ("3. identical repeated requests (server result cache)",

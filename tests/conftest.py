@@ -17,7 +17,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 sys.path[:0] = [ROOT, TESTS]
 
-from shared import pid_alive, private_config, stop_pid  # noqa: E402,F401  (tests import them here)
+from shared import pid_alive, private_config, stop_pid, wait_until  # noqa: E402,F401  (tests import them here)
 
 
 PYTHON = sys.executable
@@ -125,11 +125,13 @@ def ensure_test_user():
 
 
 def make_sandbox(user=None):
+    """A private configuration for root (user None), the test account or
+    another existing account."""
     top = tempfile.mkdtemp(prefix="stap-sandbox.")
     os.chmod(top, 0o755)
     env = private_config(top)
     if user:
-        pw = ensure_test_user()
+        pw = ensure_test_user() if user == TEST_USER else pwd.getpwnam(user)
         for d in (top, env["HOME"]):
             os.chown(d, pw.pw_uid, pw.pw_gid)
     return Sandbox(top=top, env=env, user=user)

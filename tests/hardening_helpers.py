@@ -4,6 +4,7 @@ and reply archives built by hand, and checks that a server still serves."""
 
 import io
 import os
+import pwd
 import re
 import socket
 import stat
@@ -19,6 +20,9 @@ def server_tmpdir(box):
     """A private --tmpdir for a server: request directories go there."""
     path = box.path("server-tmp")
     os.makedirs(path, 0o755, exist_ok=True)
+    if box.user:
+        pw = pwd.getpwnam(box.user)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
     return path
 
 

@@ -16,6 +16,18 @@ def pid_alive(pid):
         return False
 
 
+def wait_until(condition, timeout, message, interval=0.05):
+    """condition()'s first true value within timeout seconds, else fail with message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        time.sleep(interval)
+
+
 def stop_pid(pid, timeout=30):
     """SIGTERM one pid we started, SIGKILL it if it lingers."""
     try:

@@ -5,6 +5,7 @@ a fake TLS server that the client trusts.  The server's stap is the real
 one, behind a stand-in ($SYSTEMTAP_STAP) that is slow only for scripts
 marked SLOWPROBE; staprun is the conftest stand-in."""
 
+import contextlib
 import io
 import os
 import signal
@@ -26,6 +27,7 @@ from hardening_helpers import (
     request_lines,
     server_db,
     server_tmpdir,
+    wait_request_lines,
     zip_bytes,
 )
 
@@ -34,16 +36,13 @@ import stap_server
 SLOW_SCRIPT = "probe begin { /* SLOWPROBE */ exit() }"
 
 STAP_STANDIN = """#!/bin/sh
-# The real stap, except that a SLOWPROBE script sleeps in the background
-# and waits for it (two processes of one group), recording both pids.
+# The real stap, except that a SLOWPROBE script sleeps in the background and
+# waits for it: two processes of one group, marked in their environment so
+# that the test finds them from outside the sandbox.
 for a in "$@"; do
   case "$a" in
     *SLOWPROBE*)
-      echo $$ > {rec}/stap.pid.new && mv {rec}/stap.pid.new {rec}/stap.pid
-      sleep 60 &
-      echo $! > {rec}/sleep.pid.new && mv {rec}/sleep.pid.new {rec}/sleep.pid
-      wait
-      exit 0;;
+      STAP_TEST_MARK={mark} exec /bin/sh -c 'sleep 60 & wait; exit 0';;
   esac
 done
 exec /usr/bin/stap "$@"
@@ -52,41 +51,37 @@ exec /usr/bin/stap "$@"
 
 @pytest.fixture
 def slow_stap(sandbox):
-    """(stand-in path, record dir); whatever it left running is killed after."""
+    """(stand-in path, mark); whatever it left running is killed after."""
     conftest.need_root()
-    rec = sandbox.path("stap-rec")
-    os.makedirs(rec)
-    os.chmod(rec, 0o777)  # the compile account writes the pid files
+    mark = f"slowprobe-{uuid.uuid4().hex}"
     script = sandbox.path("stap-standin")
     with open(script, "w") as f:
-        f.write(STAP_STANDIN.replace("{rec}", rec))
+        f.write(STAP_STANDIN.replace("{mark}", mark))
     os.chmod(script, 0o755)
-    yield script, rec
-    for name in ("stap.pid", "sleep.pid"):
-        pid = read_pid(os.path.join(rec, name))
-        if pid and conftest.pid_alive(pid):
+    yield script, mark
+    for pid in marked_pids(mark):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def marked_pids(mark):
+    """Host pids of the processes whose environment carries the mark."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
             try:
-                os.killpg(pid, signal.SIGKILL) if name == "stap.pid" else os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if f"STAP_TEST_MARK={mark}".encode() in f.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:
+                continue
+    return [p for p in found if conftest.pid_alive(p)]
 
 
-def read_pid(path):
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def wait_for_pid(path, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pid = read_pid(path)
-        if pid:
-            return pid
-        time.sleep(0.05)
-    raise AssertionError(f"the stand-in stap never started ({path})")
+def wait_for_marked(mark, count=2, timeout=30):
+    """The stand-in and its sleeping child, once both run."""
+    return conftest.wait_until(lambda: len(marked_pids(mark)) >= count and marked_pids(mark),
+                               timeout, f"the stand-in stap never started ({mark})")
 
 
 def start_with_stap(servers, box, krel, stap, *extra):
@@ -116,7 +111,7 @@ def forget_killed_server(box, srv):
 # Server killed mid-request
 # --------------------------------------------------------------------------
 
-def run_client_killing(box, krel, srv_to_kill, rec, servers_args, env, pass_args=("-p2",)):
+def run_client_killing(box, krel, srv_to_kill, mark, servers_args, env, pass_args=("-p2",)):
     """Start stap-client on a SLOWPROBE script, SIGKILL srv_to_kill once its
     compile runs, return the client's CompletedProcess-like result."""
     argv = [conftest.PYTHON, conftest.CLIENT, "stap-client", *servers_args,
@@ -124,7 +119,7 @@ def run_client_killing(box, krel, srv_to_kill, rec, servers_args, env, pass_args
     proc = subprocess.Popen(argv, env={**box.env, **env}, cwd=box.top,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_for_pid(os.path.join(rec, "stap.pid"))
+        wait_for_marked(mark)
         os.kill(srv_to_kill.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -136,13 +131,13 @@ def run_client_killing(box, krel, srv_to_kill, rec, servers_args, env, pass_args
 
 def test_server_killed_client_fails_over(servers, sandbox, krel, slow_stap, staprun):
     box = sandbox
-    stap, rec = slow_stap
+    stap, mark = slow_stap
     first = start_with_stap(servers, box, krel, stap)
     second = servers.start(box, krel, None)
     tmp = client_tmp(box)
     started = time.monotonic()
     rc, out, err = run_client_killing(
-        box, krel, first, rec, [f"--server={first.address}", f"--server={second.address}"],
+        box, krel, first, mark, [f"--server={first.address}", f"--server={second.address}"],
         {"TMPDIR": tmp})
     forget_killed_server(box, first)
     assert rc == 0, err
@@ -156,11 +151,11 @@ def test_server_killed_client_fails_over(servers, sandbox, krel, slow_stap, stap
 
 def test_server_killed_single_server_exits_1(servers, sandbox, krel, slow_stap, staprun):
     box = sandbox
-    stap, rec = slow_stap
+    stap, mark = slow_stap
     srv = start_with_stap(servers, box, krel, stap)
     tmp = client_tmp(box)
     env, record = staprun
-    rc, _out, err = run_client_killing(box, krel, srv, rec, [f"--server={srv.address}"],
+    rc, _out, err = run_client_killing(box, krel, srv, mark, [f"--server={srv.address}"],
                                       {**env, "TMPDIR": tmp}, pass_args=())
     forget_killed_server(box, srv)
     assert rc == 1, err
@@ -177,7 +172,7 @@ def test_server_killed_single_server_exits_1(servers, sandbox, krel, slow_stap, 
 
 def test_compile_timeout_kills_the_process_group(servers, sandbox, krel, slow_stap):
     box = sandbox
-    stap, rec = slow_stap
+    stap, mark = slow_stap
     srv = start_with_stap(servers, box, krel, stap, "--compile-timeout", "2")
     started = time.monotonic()
     proc = box.run("stap-client", f"--server={srv.address}", "-r", krel, "-p2",
@@ -185,16 +180,11 @@ def test_compile_timeout_kills_the_process_group(servers, sandbox, krel, slow_st
     took = time.monotonic() - started
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == 1, err
-    assert "stap-serverd: ERROR: compile exceeded 2 s" in err, err
+    assert "stap-serverd: ERROR: the compile exceeded its wall-clock limit (2 s, " \
+        "--compile-timeout)" in err, err
     assert took < 20
-    stap_pid = read_pid(os.path.join(rec, "stap.pid"))
-    sleep_pid = wait_for_pid(os.path.join(rec, "sleep.pid"), timeout=5)
-    deadline = time.monotonic() + 5
-    while (conftest.pid_alive(stap_pid) or conftest.pid_alive(sleep_pid)) \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not conftest.pid_alive(stap_pid), "the stap stand-in survived"
-    assert not conftest.pid_alive(sleep_pid), "its child (same process group) survived"
+    conftest.wait_until(lambda: not marked_pids(mark), 5,
+                        "the stand-in or its child (same process group) survived")
     lines = request_lines(srv)
     assert "rc=1" in lines[-1], lines[-1]
     assert request_dirs(server_tmpdir(box)) == []
@@ -222,7 +212,7 @@ def test_full_disk_for_request_directory(servers, sandbox, krel):
             assert rc == 1
             assert "No space left on device" in stderr, stderr
         print(f"full disk: {'rc 1 reply' if got else 'connection closed'}")
-        lines = request_lines(srv)
+        lines = wait_request_lines(srv, 1)  # logged once the connection is closed
         assert "No space left on device" in lines[-1], lines[-1]
         assert request_dirs(small) == []
         assert_serves(box, srv, krel)  # the same server, same small disk

@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import time
 import types
 import uuid
@@ -50,6 +51,7 @@ def fuzz_env(krel):
             ["-r", krel, "--ssl", db.path, "--tmpdir", tmpdir, "--cache-dir", cache,
              "--max-request-size", str(MAX_REQUEST), "--max-unpacked-size", str(1 << 20),
              "--log", box.path("server.log")])
+        stap_server.prepare_compile_step(config)  # the compile cache and a working sandbox
         client_db = stap_client.CertDB(stap_client.global_client_db_path())
         yield types.SimpleNamespace(config=config, watch=watch, tmpdir=tmpdir, der=der,
                                     client_dbs=[client_db], box=box, krel=krel)
@@ -183,9 +185,8 @@ def check_reply(reply):
         assert "rc" in names and "version" in names and "stderr" in names, names
         rc = int(zf.read("rc"))
         assert rc in (0, 1)
-        if rc == 1:
-            assert zf.read("stderr").startswith(b"stap-serverd: ERROR: ") \
-                or b"ERROR" in zf.read("stderr")
+        if rc == 1:  # the stand-in stap (/bin/true) never fails: every rc 1 is the server's
+            assert zf.read("stderr").startswith(b"stap-serverd: ERROR: "), zf.read("stderr")
         assert all(n.startswith(("META-INF/", stap_server.RESPONSE_DIR + "/"))
                    or n in ("rc", "version", "stdout", "stderr") for n in names), names
     return rc
@@ -202,8 +203,9 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=10000, database=None,
 
 def test_request_decoder_fuzz(fuzz_env, krel):
     env = fuzz_env
-    stats = {"inputs": 0, "framing refused": 0, "rc 0": 0, "rc 1": 0, "Error": 0}
-    server = types.SimpleNamespace(config=env.config)
+    stats = {"inputs": 0, "framing refused": 0, "rc 0": 0, "rc 1": 0}
+    server = types.SimpleNamespace(config=env.config, waiting_lock=threading.Lock(),
+                                   pending_bytes=0)
     reasons = {}
     started = time.monotonic()
 
@@ -215,24 +217,22 @@ def test_request_decoder_fuzz(fuzz_env, krel):
         piece = max(data.draw(st.integers(1, 70000)), len(framed) // 256)  # bounded recvs
         stats["inputs"] += 1
         fields = {}
-        try:
-            got = stap_server.CompileServer.read_request(
-                server, FakeSocket(framed, piece), fields,
-            ) if len(framed) >= 4 else None
-        except stap_client.Error:
-            got = None
+        got = None
+        if len(framed) >= 4:
+            try:
+                with stap_server.CompileServer.read_request(
+                        server, FakeSocket(framed, piece), fields) as body:
+                    got = body.read() if body is not None else None
+            except stap_client.Error:
+                got = None
         if got is None:
             stats["framing refused"] += 1
             why = re.sub(r" -?\d+$", "", fields.get("error", "short"))
             reasons[why] = reasons.get(why, 0) + 1
             return
         t = time.monotonic()
-        try:
-            reply = stap_server.handle_request(got, env.config, "4.8", fields)
-        except stap_client.Error:
-            stats["Error"] += 1
-        else:
-            stats[f"rc {check_reply(reply)}"] += 1
+        reply = stap_server.handle_request(got, env.config, "4.8", fields)  # never raises
+        stats[f"rc {check_reply(reply)}"] += 1
         assert time.monotonic() - t < 30, "the decoder hung"
         assert outside_files(env) == [], "written outside the request directory"
 

@@ -288,6 +288,19 @@ mount -t proc proc "$R/proc"
 mount --rbind /dev "$R/dev"
 mount --make-rslave "$R/dev"
 cp /etc/resolv.conf "$R/etc/resolv.conf" 2>/dev/null || true
+enter_root() {
+    # pivot_root, not chroot: a chrooted process may not create the user
+    # namespaces that the server's bubblewrap sandbox needs.
+    mount --rbind "$1" "$1"
+    cd "$1"
+    mkdir -p .oldroot
+    pivot_root . .oldroot
+    umount -l /.oldroot
+    rmdir /.oldroot
+    cd /
+    shift
+    exec "$@"
+}
 "$@"
 """
 
@@ -460,7 +473,7 @@ def test_install_in_debootstrap_chroot(debs, chroot_tarball, extracted):
                             f"export KREL={shlex.quote(krel or '')}",
                             f"export UNIT_ENV={shlex.quote(env_words)}",
                             f"export UNIT_EXEC={shlex.quote(service['ExecStart'])}",
-                            f"chroot {root} bash -s"])
+                            f"enter_root {root} bash -s"])
         proc = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
              "--kill-child", "--net", "sh", "-c", CHROOT_SETUP + "\n" + script, "setup", root],

@@ -250,7 +250,8 @@ def test_progress_only_for_a_person(server, sandbox, krel):
 
 
 def test_root_server_compiles_as_an_unprivileged_account(servers, sandbox, krel, shared_dir):
-    """The stap a root server runs has the compile account's uid, never 0."""
+    """The stap a root server runs has the dedicated compile account's uid,
+    never 0 and never nobody's; the shared nobody and root are refused."""
     from conftest import need_root
     import pwd
     need_root()
@@ -260,13 +261,19 @@ def test_root_server_compiles_as_an_unprivileged_account(servers, sandbox, krel,
                 'echo "uid=$(id -u) gid=$(id -g) home=$HOME"\n')
     os.chmod(stand_in, 0o755)
     cache = os.path.join(sandbox.top, "cache")
-    srv = servers.start(sandbox, krel, None, "--user", "nobody", cache=cache,
-                        env={"SYSTEMTAP_STAP": stand_in})
+    srv = servers.start(sandbox, krel, None, cache=cache, env={"SYSTEMTAP_STAP": stand_in})
     proc = client(sandbox, srv, "-r", krel, "-p2", "-e", "probe begin {}")
     assert proc.returncode == 0, proc.stderr
-    nobody = pwd.getpwnam("nobody")
-    assert proc.stdout.decode().split()[:2] == [f"uid={nobody.pw_uid}", f"gid={nobody.pw_gid}"]
-    assert os.stat(os.path.join(cache, "nobody")).st_uid == nobody.pw_uid
+    account = pwd.getpwnam("stap-compile")
+    assert proc.stdout.decode().split()[:2] == [f"uid={account.pw_uid}", f"gid={account.pw_gid}"]
+    assert os.stat(os.path.join(cache, "stap-compile")).st_uid == account.pw_uid
+    for name in ("nobody", "root"):
+        refused = sandbox.run("stap-start-server", "--listen", "127.0.0.1", "-r", krel,
+                              "--advertise", "none", "--user", name)
+        assert refused.returncode == 1
+        assert refused.stderr.decode().strip() == (
+            f"stap-start-server: ERROR: --user {name}: the compile account must be a "
+            "dedicated unprivileged account, not root or nobody"), refused.stderr
 
 
 TRAPPING_STAPRUN = """#!/bin/sh
