@@ -48,12 +48,24 @@ BUSY_MESSAGE = "server busy"  # stderr marker of a busy reply: try the next serv
 TOOL_TIMEOUT = 60
 CONNECT_TIMEOUT = 10
 REPLY_TIMEOUT = 900  # a cold pass-4 compile on a loaded server can take minutes
+DEADLINE = 600  # seconds stap-client keeps retrying busy or unreachable servers
 
 PROG = "stap-client"
 
 
 class Error(Exception):
     """A failure the user sees as one line."""
+
+
+class Unavailable(Error):
+    """A server that cannot take the request now (busy, or not listening):
+    another server, or the same one later, may."""
+
+
+class Lost(Unavailable):
+    """A server that dropped the request (closed without a reply, a broken
+    transfer or handshake): it died, or it refuses this request.  Worth one
+    more try, not more."""
 
 
 def warn(message):
@@ -294,6 +306,7 @@ class Invocation:
         self.files = []  # (archive name, bytes or path)
         self.servers = []
         self.ssl_dirs = []
+        self.deadline = DEADLINE
         self.last_pass = 5
         self.module_name = None
         self.release = None
@@ -411,6 +424,11 @@ def handle_long(inv, name, value):
         inv.servers.append(value)
     elif name == "--ssl":
         inv.ssl_dirs.append(need_value(name, value))
+    elif name == "--deadline":
+        try:
+            inv.deadline = float(need_value(name, value))
+        except ValueError:
+            raise Error(f"--deadline={value}: give seconds") from None
     elif name == "--help":
         inv.help = True
     elif name == "--version":
@@ -859,10 +877,10 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT):
             sock.close()
             if "why" in verdict:
                 raise Error(f"server {peer} refused: {verdict['why']}") from None
-            raise Error(f"TLS handshake with {peer} failed: {e.strerror}") from None
+            raise Lost(f"TLS handshake with {peer} failed: {e.strerror}") from None
         peer.address = addr[0]
         return sock, verdict["der"]
-    raise Error(last or f"cannot resolve {peer.host}")
+    raise Unavailable(last or f"cannot resolve {peer.host}")
 
 
 def is_ip_address(host):
@@ -910,10 +928,10 @@ def colon_hex(serial):
 def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_bytes):
     """Send the framed request; read the reply to EOF."""
     _, _, nio, nerror = nss_modules()
+    chunks, size, deadline = [], 0, time.monotonic() + timeout
     try:
         sock.sendall(len(request).to_bytes(4, "big", signed=True) + request,
                      nss_interval(CONNECT_TIMEOUT + len(request) / 1e6))
-        chunks, size, deadline = [], 0, time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -929,11 +947,11 @@ def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_byte
         if e.errno == nerror.PR_END_OF_FILE_ERROR:
             pass  # the peer closed without close_notify: judged by the archive
         else:
-            raise Error(f"transfer failed: {e.strerror}") from None
+            raise Lost(f"transfer failed: {e.strerror}") from None
     finally:
         sock.close()
     if not chunks:
-        raise Error("server closed the connection without a reply")
+        raise Lost("server closed the connection without a reply")
     return b"".join(chunks)
 
 
@@ -1457,6 +1475,8 @@ staprun ($SYSTEMTAP_STAPRUN overrides which program).  Takes stap's options
   --server=HOST[:PORT]  use this server (repeatable, tried in order); no port:
                         the port HOST advertises.  IPv6: [ADDR]:PORT
   --ssl=DIR             also trust servers in this client database (searched first)
+  --deadline=SECONDS    keep retrying busy or unreachable servers this long
+                        (default 600)
 Also runs as: python3 stap_client.py stap-client ARGS...
 """
 
@@ -1497,32 +1517,69 @@ def stap_client(argv):
 
 
 def compile_anywhere(inv, request, dbs, tmp):
-    """Try each candidate server in turn; the first complete reply wins."""
+    """Try each candidate server in turn; the first complete reply wins.
+    While every one is busy or unreachable, try them all again after a
+    growing, jittered pause, until the deadline."""
     open_databases(dbs)
     peers, searched = candidate_servers(inv)
     if not peers:
         raise Error(f"no compile server found for {local_sysinfo(inv.release, inv.arch)}: "
                     f"{searched}; start one with stap-start-server, or name one with "
                     "--server=HOST:PORT")
-    reasons = []
-    for n, peer in enumerate(peers):
-        attempt = os.path.join(tmp, f"server{n}")
-        os.mkdir(attempt, 0o700)
-        if inv.verbose or sys.stderr.isatty():  # a person is watching: say what runs
-            print(f"{PROG}: compiling on server {peer}...", file=sys.stderr, flush=True)
-        try:
-            sock, peer_der = tls_connect(peer)
-            reply = read_reply(exchange(sock, request), attempt, peer_der, dbs)
-        except Error as e:
-            reasons.append(f"{peer}: {e}")
-            warn(f"{peer}: {e}")
-            shutil.rmtree(attempt, ignore_errors=True)
-            continue
-        if reply.busy:
-            reasons.append(f"{peer}: {BUSY_MESSAGE}")
-            continue
-        return reply
-    raise Error("no server could compile the script (" + "; ".join(reasons) + ")")
+    started = time.monotonic()
+    lost = collections.Counter()  # peer -> requests it dropped
+    for attempt in range(1 << 30):
+        reasons, retry = [], False
+        for n, peer in enumerate(peers):
+            if lost[n] >= 2:
+                continue
+            reply = try_server(inv, peer, request, dbs,
+                               os.path.join(tmp, f"server{n}" + (f".{attempt}" if attempt else "")),
+                               say_why=attempt == 0 or inv.verbose)
+            if isinstance(reply, Reply):
+                return reply
+            reasons.append(f"{peer}: {reply}")
+            lost[n] += isinstance(reply, Lost)
+            retry |= isinstance(reply, Unavailable) and lost[n] < 2
+        left = started + inv.deadline - time.monotonic()
+        if not retry or left <= 0:
+            raise Error("no server could compile the script (" + "; ".join(reasons) + ")")
+        pause = min(left, backoff(attempt))
+        progress(inv, f"no server free ({reasons[-1]}); trying again in {pause:.1f} s "
+                 f"({time.monotonic() - started:.0f} s so far, --deadline={inv.deadline:g})")
+        time.sleep(pause)
+
+
+def try_server(inv, peer, request, dbs, attempt, say_why=True):
+    """One exchange with peer: a Reply, or the Error that ended it (said as
+    a warning when say_why)."""
+    os.mkdir(attempt, 0o700)
+    progress(inv, f"compiling on server {peer}...")
+    try:
+        sock, peer_der = tls_connect(peer)
+        reply = read_reply(exchange(sock, request), attempt, peer_der, dbs)
+    except Error as e:
+        reply = e
+    else:
+        if not reply.busy:
+            return reply
+        reply = Unavailable(last_line(reply.stderr))
+    if say_why or not isinstance(reply, Unavailable):
+        warn(f"{peer}: {reply}")
+    shutil.rmtree(attempt, ignore_errors=True)
+    return reply
+
+
+def backoff(attempt):
+    """0.25 s, doubling up to 8 s, each between half and one and a half of that."""
+    jitter = 0.5 + int.from_bytes(os.urandom(2), "big") / 65535
+    return min(8.0, 0.25 * 2 ** attempt) * jitter
+
+
+def progress(inv, message):
+    """Where the request stands, for a person watching (a terminal) or -v."""
+    if inv.verbose or sys.stderr.isatty():
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 def candidate_servers(inv):

@@ -106,8 +106,13 @@ def build_option_parser(prog):
                    help="macro for the generated C code (repeatable)")
     p.add_argument("--max-threads", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="concurrent compiles (default: CPU count)")
+    p.add_argument("--max-wait", type=float, default=900, metavar="SECONDS",
+                   help="requests wait for a compile slot in arrival order; one whose "
+                   "expected wait (from recent compile times) is longer gets a 'busy' "
+                   "reply (default 900)")
     p.add_argument("--queue", type=int, default=None, metavar="N",
-                   help="requests waiting for a compile slot before 'busy' (default: 2 x threads)")
+                   help="at most N requests waiting for a compile slot (default: no "
+                   "limit but --max-wait and --max-pending-bytes)")
     p.add_argument("--user", metavar="NAME",
                    help="account that runs the compile step when started as root "
                    f"(default: {COMPILE_ACCOUNT}; never root or nobody)")
@@ -158,7 +163,8 @@ class Config:
     arch: str
     stap_options: list  # server-wide options for every stap run
     max_threads: int
-    queue: int
+    queue: int  # None: no count limit
+    max_wait: float
     user: str  # the compile account of a root server; None: the server's own
     sandbox: bool
     allow_guru: bool
@@ -213,7 +219,7 @@ def parse_config(argv, prog=PROG):
         log=opts.log or os.path.join(state_dir("log"), "stap-server.log"),
         releases=releases, arch=arch, stap_options=stap_options,
         max_threads=opts.max_threads,
-        queue=2 * opts.max_threads if opts.queue is None else opts.queue,
+        queue=opts.queue, max_wait=opts.max_wait,
         user=compile_user(opts.user), sandbox=opts.sandbox, allow_guru=opts.allow_guru,
         limits=limits, max_request=opts.max_request_size,
         max_pending=opts.max_pending_bytes, io_timeout=opts.io_timeout,
@@ -1122,17 +1128,17 @@ def stat_line(path):
 
 class CompileServer:
     """Accepts TLS connections; each is handled in its own thread, and
-    compiles run at most max_threads at once with a bounded queue."""
+    compiles run at most max_threads at once; the others wait in arrival
+    order, as long as their expected wait and the bytes held allow."""
 
     def __init__(self, config, der):
         self.config = config
         self.der = der
         self.version = stap_version()
         self.results = ResultCache(config.result_cache_size)
-        self.compiles = threading.Semaphore(config.max_threads)
+        self.compiles = CompileQueue(config.max_threads)
         self.waiting_lock = threading.Lock()
-        self.admitted = 0  # running plus queued compiles
-        self.pending_bytes = 0  # announced sizes of requests being received
+        self.pending_bytes = 0  # announced sizes of requests being received or waiting
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.unread = AddressSlots(config.max_per_address)
         self.stopping = threading.Event()
@@ -1256,9 +1262,11 @@ class CompileServer:
             room = self.pending_bytes + size <= self.config.max_pending
             if room:
                 self.pending_bytes += size
-        if not room:
-            fields["error"] = "pending request bytes over --max-pending-bytes"
-            yield None
+        if not room:  # drain it (a close with unread bytes would reset the reply)
+            with open(os.devnull, "wb") as sink:
+                spool(sock, sink, size, deadline + size / 1e5)
+            yield Busy(f"{self.pending_bytes} bytes of requests are pending "
+                       "(--max-pending-bytes)")
             return
         try:
             with tempfile.TemporaryFile(dir=self.config.tmpdir) as body:
@@ -1275,23 +1283,17 @@ class CompileServer:
                 self.pending_bytes -= size
 
     def answer(self, body, fields):
-        """Admit the request to a compile slot, or reply busy at once."""
-        with self.waiting_lock:
-            busy = self.admitted >= self.config.max_threads + self.config.queue
-            if not busy:
-                self.admitted += 1
-        if busy:
+        """Queue the request for a compile slot, or reply busy at once when
+        it cannot wait: too many bytes pending (body is then the Busy reason),
+        an expected wait past --max-wait, or a queue past --queue."""
+        ticket = body if isinstance(body, Busy) else \
+            self.compiles.join(self.config.max_wait, self.config.queue)
+        if isinstance(ticket, Busy):
             fields.update(rc=1, error="busy")
             with tempfile.TemporaryDirectory(dir=self.config.tmpdir) as work:
                 return error_reply(self.config.db, work, self.version,
-                                   f"{client.BUSY_MESSAGE}: {self.config.max_threads} "
-                                   "compiles running and the queue is full; try again")
-        try:
-            return handle_request(body, self.config, self.version, fields, self.results,
-                                  self.compiles)
-        finally:
-            with self.waiting_lock:
-                self.admitted -= 1
+                                   f"{client.BUSY_MESSAGE}: {ticket}; try again later")
+        return handle_request(body, self.config, self.version, fields, self.results, ticket)
 
     # --- accept loop -----------------------------------------------------------
     def bind(self):
@@ -1324,19 +1326,18 @@ class CompileServer:
             except (socket.timeout, OSError):
                 self.connections.release()
                 continue
-            slot = self.unread.take(address[0])
-            if slot is None:  # this address already has its share of unread connections
-                conn.close()
-                self.connections.release()
-                continue
-            t = threading.Thread(target=self.connection_thread, args=(conn, address, slot),
+            t = threading.Thread(target=self.connection_thread, args=(conn, address),
                                  daemon=True)
             self.threads.add(t)
             t.start()
 
-    def connection_thread(self, conn, address, slot):
+    def connection_thread(self, conn, address):
         try:
-            self.handle_connection(conn, address, slot)
+            slot = self.unread.take(address[0], self.config.io_timeout)
+            if slot is None:  # its address kept all its slots busy all along
+                conn.close()
+            else:
+                self.handle_connection(conn, address, slot)
         finally:
             self.connections.release()
             self.threads.discard(threading.current_thread())
@@ -1351,46 +1352,129 @@ class CompileServer:
             t.join(max(0, deadline - time.monotonic()))
 
 
+class Busy(str):
+    """Why a request cannot wait for a compile slot: the text of a busy reply."""
+
+
+class CompileQueue:
+    """At most `slots` compiles at once; the others wait strictly in arrival
+    order (a freed slot is handed to the first waiter, never grabbed by a
+    newcomer).  Recent compile times give each newcomer its expected wait."""
+
+    def __init__(self, slots):
+        self.slots = slots
+        self.lock = threading.Lock()
+        self.running = 0
+        self.waiting = collections.deque()  # Events, first come first
+        self.recent = 5.0  # seconds a compile takes, smoothed (a first guess)
+
+    def join(self, max_wait, max_queue=None):
+        """A Ticket to hold while compiling, or a Busy reason."""
+        with self.lock:
+            ahead = len(self.waiting)
+            wait = self.expected_wait(ahead)
+            if self.running >= self.slots and (wait > max_wait or
+                                               (max_queue is not None and ahead >= max_queue)):
+                return Busy(f"{ahead} requests wait for {self.slots} compile slots; "
+                            f"the expected wait of {wait:.0f} s is over the server's limit "
+                            f"of {max_wait:.0f} s")
+            return Ticket(self)
+
+    def expected_wait(self, ahead):
+        if self.running < self.slots and not ahead:
+            return 0.0
+        return (ahead // self.slots + 1) * self.recent
+
+    def acquire(self):
+        with self.lock:
+            if self.running < self.slots and not self.waiting:
+                self.running += 1
+                return
+            turn = threading.Event()
+            self.waiting.append(turn)
+        turn.wait()  # release() handed us its slot
+
+    def release(self, seconds):
+        with self.lock:
+            self.recent = 0.7 * self.recent + 0.3 * seconds
+            if self.waiting:
+                self.waiting.popleft().set()  # the slot passes on; running stays
+            else:
+                self.running -= 1
+
+
+class Ticket:
+    """A place in the compile queue; entering it waits for a slot."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def __enter__(self):
+        self.queue.acquire()
+        self.started = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        self.queue.release(time.monotonic() - self.started)
+
+
 MAX_CONNECTIONS = 1024  # open connections, all addresses together
-REFUSAL_LOG_INTERVAL = 10  # seconds: refused connections are logged as a count
+DROP_LOG_INTERVAL = 10  # seconds: dropped connections are logged as a count
 
 
 class AddressSlots:
     """How many connections each client address (IPv6: its /64) has open
-    whose request is not read yet; silent peers of one address then cannot
-    keep others out.  Refusals are logged as counts, so that they cannot
-    flood the log."""
+    whose request is not read yet.  Past the limit a new connection waits
+    in line for its address's next free slot (up to a deadline), so silent
+    peers of one address keep only that address waiting, while a burst of
+    real clients from one address (a build farm behind NAT) is served in
+    turn.  Connections dropped after waiting are logged as counts."""
 
     def __init__(self, limit):
         self.limit = limit
         self.lock = threading.Lock()
         self.open = collections.Counter()
-        self.refused = collections.Counter()
-        self.last_report = -REFUSAL_LOG_INTERVAL  # the first refusal is logged at once
+        self.waiting = collections.defaultdict(collections.deque)  # key -> Events
+        self.dropped = collections.Counter()
+        self.last_report = -DROP_LOG_INTERVAL  # the first drop is logged at once
 
-    def take(self, host):
+    def take(self, host, timeout):
+        """An AddressSlot, or None when none came free within timeout."""
         key = address_key(host)
         with self.lock:
-            if self.open[key] >= self.limit:
-                self.refused[key] += 1
-                self.report_refusals()
-                return None
-            self.open[key] += 1
-        return AddressSlot(self, key)
+            if self.open[key] < self.limit and not self.waiting[key]:
+                self.open[key] += 1
+                return AddressSlot(self, key)
+            turn = threading.Event()
+            self.waiting[key].append(turn)
+        if turn.wait(timeout):
+            return AddressSlot(self, key)  # give_back() passed its slot on
+        with self.lock:
+            if turn.is_set():  # handed over just now
+                return AddressSlot(self, key)
+            self.waiting[key].remove(turn)
+            self.dropped[key] += 1
+            self.report_drops(timeout)
+        return None
 
     def give_back(self, key):
         with self.lock:
+            if self.waiting[key]:
+                self.waiting[key].popleft().set()  # the slot passes on
+                return
+            del self.waiting[key]
             self.open[key] -= 1
             if not self.open[key]:
                 del self.open[key]
 
-    def report_refusals(self):
-        if time.monotonic() - self.last_report < REFUSAL_LOG_INTERVAL:
+    def report_drops(self, timeout):
+        if time.monotonic() - self.last_report < DROP_LOG_INTERVAL:
             return
-        for key, n in self.refused.most_common(5):
-            logging.warning("refused %d connections from %s: %d unread connections open "
-                            "(--max-per-address)", n, key, self.limit)
-        self.refused.clear()
+        for key, n in self.dropped.most_common(5):
+            logging.warning("dropped %d connections from %s after %.0f s in line: %d "
+                            "connections of that address were still unread "
+                            "(--max-per-address)", n, key, timeout, self.limit)
+        self.dropped.clear()
         self.last_report = time.monotonic()
 
 

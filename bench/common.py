@@ -436,8 +436,9 @@ def real_serverd_problem():
 class RealServer:
     """The real stap-serverd, run as nobody inside host's namespaces."""
 
-    def __init__(self, host, krel, rt, port=REAL_PORT):
+    def __init__(self, host, krel, rt, port=REAL_PORT, extra=()):
         self.host, self.krel, self.rt, self.port = host, krel, rt, port
+        self.extra = list(extra)  # more stap-serverd options, e.g. --max-threads=2
         self.proc = None
         self.ready_seconds = None
         self.log = os.path.join(REAL_HOME, "serverd.log")
@@ -462,7 +463,7 @@ class RealServer:
                 REAL_SERVERD, "--port", str(self.port), "-r", self.krel]
         if self.rt:
             argv += ["-R", self.rt]
-        argv += [f"--log={self.log}"]
+        argv += [f"--log={self.log}"] + self.extra
         out = open(os.path.join(REAL_HOME, "serverd.out"), "w")
         t = time.perf_counter()
         # nsenter, setpriv and env exec: proc.pid is stap-serverd's own pid

@@ -38,8 +38,8 @@ from common import (  # noqa: E402
     result_cache_off_args, rss_kib, runtime_fixture, server_help, start_our_server, tail,
     timed, verdict)
 
-BENCHMARKS = ["overhead", "sandbox", "interop", "resultcache", "concurrency", "discovery",
-              "startup", "profile"]
+BENCHMARKS = ["overhead", "sandbox", "interop", "load", "resultcache", "concurrency",
+              "discovery", "startup", "profile"]
 
 
 # --------------------------------------------------------------------------
@@ -360,6 +360,95 @@ def run_interop(ctx, report, host, real, ours):
                            f"{fmt_r(rc_ours.median / theirs.median)}; client only (same real "
                            f"server) ours/theirs "
                            f"{fmt_r(oc_real.median / theirs.median if oc_real.median else None)}")
+
+
+# --------------------------------------------------------------------------
+# 2b. Many clients at once against two compile slots, every pairing
+# --------------------------------------------------------------------------
+
+LOAD_SIZES = (30, 100)
+
+
+def bench_load(ctx, report):
+    """30 and 100 concurrent distinct -p2 requests against --max-threads 2,
+    the real 4.8 client and server in all four pairings, in one namespace."""
+    import netns
+    problem = real_serverd_problem() or netns.skip_reason()
+    if problem:
+        report.not_measured(f"real stap-serverd: {problem}")
+        return
+    with netns.TestNetwork(single=True) as net:
+        host = net.hosts[0]
+        real = RealServer(host, ctx.krel, ctx.rt, extra=["--max-threads=2"])
+        real.start()
+        try:
+            ours = start_our_server(ctx.box, ctx.krel, ctx.rt, "--max-threads", "2",
+                                    log=ctx.box.path("server-load.log"), host=host)
+            try:
+                run_load(ctx, report, host, real, ours)
+            finally:
+                ours.stop()
+        finally:
+            real.stop()
+
+
+def run_load(ctx, report, host, real, ours):
+    renv = real_client_env(ctx.top)
+    for srv in (real, ours):
+        host.run(["stap", "--trust-servers=ssl,no-prompt", f"--use-server={srv.address}"],
+                 env=renv, timeout=60)
+    ssl_db = os.path.join(renv["SYSTEMTAP_DIR"], "ssl", "client")
+    real_cmd = lambda addr, script: host.prefix() + [  # noqa: E731
+        "stap", f"--use-server={addr}", "-r", ctx.krel, "-p2", script]
+    our_cmd = lambda addr, script, *extra: host.prefix() + [  # noqa: E731
+        PY, CLIENT, "stap-client", f"--server={addr}", *extra, "-r", ctx.krel, "-p2", script]
+    pairings = [
+        ("real client -> real server", lambda s: real_cmd(real.address, s), renv),
+        ("our client -> real server",
+         lambda s: our_cmd(real.address, s, f"--ssl={ssl_db}"), ours.box.env),
+        ("our client -> our server", lambda s: our_cmd(ours.address, s), ours.box.env),
+        ("real client -> our server", lambda s: real_cmd(ours.address, s), renv)]
+    for n in LOAD_SIZES:
+        walls = {}
+        for label, command, env in pairings:
+            progress(f"2b: {n} concurrent clients, {label}")
+            scripts = [ctx.unique_script(f"load{n}") for _ in range(n)]
+            with RssSampler(ours.pid) as rss:
+                served, busy, failed, wall = burst([command(s) for s in scripts], env, ctx.cwd)
+            walls[label] = wall
+            ratio = wall / walls["real client -> real server"]
+            peak = f"; our server's peak RSS {rss.peak / 1024:.0f} MiB" \
+                if "our server" in label and rss.peak else ""
+            report.summary(f"{n} clients, {label}: {served} served, {busy} busy, "
+                           f"{failed} other failures, wall {wall:.1f} s ({fmt_r(ratio)} of the "
+                           f"real pairing){peak}", key=f"load_{n}_{label}", served=served,
+                           busy=busy, failed=failed, wall=wall, ratio=ratio,
+                           rss_kib=rss.peak if "our server" in label else None)
+        for label in ("our client -> our server", "real client -> our server"):
+            r = walls[label] / walls["real client -> real server"]
+            report.summary(f"{n} clients, {label}: wall no worse than the real pairing: "
+                           f"{verdict(r, 1.0)}")
+
+
+def burst(argvs, env, cwd, timeout=900):
+    """Start every command at once; (served, busy, other failures, wall s)."""
+    started = time.perf_counter()
+    procs = [subprocess.Popen(a, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a in argvs]
+    served = busy = failed = 0
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=max(1, timeout - (time.perf_counter() - started)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if proc.returncode == 0 and b"begin" in out:
+            served += 1
+        elif b"server busy" in err or b"busy" in err.lower():
+            busy += 1
+        else:
+            failed += 1
+    return served, busy, failed, time.perf_counter() - started
 
 
 class _Addr:
@@ -718,6 +807,8 @@ RUNNERS = {"overhead": ("1. stap-client round trip vs local stap (-p4)", bench_o
                        bench_sandbox),
            "interop": ("2. ours vs the real stap-serverd 4.8 / stap --use-server "
                        "(one network namespace)", bench_interop),
+           "load": ("2b. 30 and 100 concurrent clients, --max-threads 2, every pairing",
+                    bench_load),
            "resultcache": ("3. identical repeated requests (server result cache)",
                            bench_resultcache),
            "concurrency": ("4. concurrent distinct -p4 compiles, --max-threads 2; memory",

@@ -155,13 +155,16 @@ def test_server_killed_single_server_exits_1(servers, sandbox, krel, slow_stap, 
     srv = start_with_stap(servers, box, krel, stap)
     tmp = client_tmp(box)
     env, record = staprun
-    rc, _out, err = run_client_killing(box, krel, srv, mark, [f"--server={srv.address}"],
+    rc, _out, err = run_client_killing(box, krel, srv, mark,
+                                      [f"--server={srv.address}", "--deadline=2"],
                                       {**env, "TMPDIR": tmp}, pass_args=())
     forget_killed_server(box, srv)
     assert rc == 1, err
     assert err.strip().splitlines()[-1].startswith(
         f"stap-client: ERROR: no server could compile the script ({srv.address}: "), err
     assert "without a reply" in err or "transfer failed" in err, err
+    # It tried again until its deadline: the last round found nobody listening.
+    assert "Connection refused" in err.strip().splitlines()[-1], err
     assert not os.path.exists(record + ".args"), "staprun ran"
     assert os.listdir(tmp) == [], "stap-client left temporary files"
 
@@ -228,8 +231,8 @@ def test_full_disk_for_request_directory(servers, sandbox, krel):
                     f.flush()
             except OSError:
                 pass
-        proc = box.run("stap-client", f"--server={srv.address}", "-r", krel, "-p2",
-                       "-e", NORMAL_SCRIPT, timeout=60)
+        proc = box.run("stap-client", f"--server={srv.address}", "--deadline=2", "-r", krel,
+                       "-p2", "-e", NORMAL_SCRIPT, timeout=60)  # it retries till then
         assert proc.returncode == 1
         assert b"stap-client: ERROR: " in proc.stderr
         assert conftest.pid_alive(srv.pid)

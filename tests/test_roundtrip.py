@@ -200,8 +200,8 @@ def test_servers_are_tried_in_order(server, sandbox, krel):
                        "-r", krel, "-p1", "-e", "probe begin {}")
     assert proc.returncode == 0, proc.stderr
     assert f"127.0.0.1:{dead}: cannot connect".encode() in proc.stderr
-    proc = sandbox.run("stap-client", f"--server=127.0.0.1:{dead}", "-r", krel, "-p1",
-                       "-e", "probe begin {}")
+    proc = sandbox.run("stap-client", f"--server=127.0.0.1:{dead}", "--deadline=1", "-r", krel,
+                       "-p1", "-e", "probe begin {}")  # retried until the deadline
     assert proc.returncode == 1
     assert proc.stderr.decode().strip().splitlines()[-1].startswith(
         "stap-client: ERROR: no server could compile the script (127.0.0.1:")
