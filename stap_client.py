@@ -15,6 +15,7 @@ server module; the server imports this one.
 
 import collections
 import fcntl
+import grp
 import hashlib
 import io
 import os
@@ -319,6 +320,7 @@ class Invocation:
         self.flight_recorder = False  # -F
         self.help = False
         self.version = False
+        self.notes = []  # what was decided for the user, shown as progress
 
 
 def scan_stap_args(argv):
@@ -378,7 +380,31 @@ def parse_stap_args(argv, stdin=None):
             raise Error("no script given: name a script file, '-' for stdin, or use -e")
     if operands:
         inv.server_args += ["--"] + operands
+    add_privilege(inv)
     return inv
+
+
+def add_privilege(inv):
+    """As stap does for pass 5: a user who may load only signed modules
+    (stapusr, or stapsys, but not stapdev) asks for a module built, and
+    signed by the server, at that privilege."""
+    if inv.last_pass < 5 or is_root() or any(
+            a.startswith(("--privilege", "--unprivileged")) for a in inv.server_args):
+        return
+    groups = set()
+    for name in ("stapdev", "stapsys", "stapusr"):
+        try:
+            if grp.getgrnam(name).gr_gid in os.getgroups() + [os.getegid()]:
+                groups.add(name)
+        except KeyError:
+            continue
+    level = None if "stapdev" in groups else next(
+        (g for g in ("stapsys", "stapusr") if g in groups), None)
+    if level:
+        inv.server_args.insert(0, f"--privilege={level}")
+        inv.notes.append(f"--privilege={level} was automatically selected because you are a "
+                         f"member of the group{'s stapusr and' if level == 'stapsys' else ''} "
+                         f"{level}.  [man stap]")
 
 
 def handle_short(inv, letter, value):
@@ -1490,6 +1516,8 @@ def stap_client(argv):
         print(f"stap-client (systemtap compile-server protocol {PROTOCOL_VERSION})")
         return 0
     dbs = client_databases(inv.ssl_dirs)
+    for note in inv.notes:
+        progress(inv, note)
     request = build_request(inv)
     tmp = tempfile.mkdtemp(prefix="stap-client.")  # mode 0700
     try:

@@ -17,6 +17,8 @@ import argparse
 import calendar
 import collections
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import hashlib
 import io
@@ -397,6 +399,7 @@ class Request:
     env: dict
     lowered: bool  # the client wants pass 5, which it runs itself
     guru: bool = False  # guru mode or embedded C, allowed by --allow-guru
+    signed: bool = False  # built for stapusr/stapsys: staprun wants our signature
 
 
 def parse_request(top, config):
@@ -415,6 +418,8 @@ def parse_request(top, config):
         raise Error("request has no argv1 entry")
     release, arch = m.group(1), m.group(2)
     args, release, lowered, scripts = client_arguments(args, top, release)
+    signed = any(a in ("--privilege=stapusr", "--privilege=stapsys", "--unprivileged")
+                 for a in (args[:args.index("--")] if "--" in args else args))
     if release not in config.releases or arch != config.arch:
         raise Error(f"this server does not serve {release} {arch} (it serves "
                     + ", ".join(f"{r} {config.arch}" for r in config.releases) + ")")
@@ -423,7 +428,7 @@ def parse_request(top, config):
     if guru and not config.allow_guru:
         raise Error(f"{guru}: guru mode is not allowed on this server")
     return Request(version, release, arch, args, locale_env(read("locale")), lowered,
-                   guru=bool(guru))
+                   guru=bool(guru), signed=signed)
 
 
 def client_arguments(args, top, release):
@@ -907,9 +912,10 @@ def hide_paths(data, paths):
     return data
 
 
-def reply_from_outcome(outcome, req):
+def reply_from_outcome(outcome, req, signer=None):
     """Reply entries for a finished stap run; the module path line becomes
-    the module's name (or goes, when the client asked for pass 5)."""
+    the module's name (or goes, when the client asked for pass 5).  A module
+    built for stapusr or stapsys gets signer's signature beside it."""
     lines = []
     for line in outcome.stdout.splitlines(keepends=True):
         if line.rstrip(b"\n").endswith(b".ko") and outcome.module:
@@ -917,13 +923,16 @@ def reply_from_outcome(outcome, req):
                 continue
             line = outcome.module[0].encode() + b"\n"
         lines.append(line)
+    module = outcome.module
+    if module and req.signed and signer:
+        module = module + (signer(module[1]),)
     return (outcome.rc, hide_paths(b"".join(lines), outcome.hide),
-            hide_paths(outcome.stderr, outcome.hide), outcome.module)
+            hide_paths(outcome.stderr, outcome.hide), module)
 
 
 def write_reply(respdir, version, rc, stdout, stderr, module=None):
     """The reply's files in a directory of the server's own; module is
-    (name, bytes) or the path of a .ko."""
+    (name, bytes[, signature]) or the path of a .ko."""
     os.makedirs(respdir, 0o700)
     for name, data in (("version", version.encode()), ("rc", str(rc).encode()),
                        ("stdout", stdout), ("stderr", stderr)):
@@ -935,8 +944,10 @@ def write_reply(respdir, version, rc, stdout, stderr, module=None):
                 module = (os.path.basename(module), f.read())
         moddir = os.path.join(respdir, RESPONSE_DIR)
         os.mkdir(moddir, 0o755)
-        with open(os.path.join(moddir, module[0]), "wb") as f:
-            f.write(module[1])
+        name, data, *signature = module
+        for suffix, content in [("", data)] + [(".sgn", sig) for sig in signature]:
+            with open(os.path.join(moddir, name + suffix), "wb") as f:
+                f.write(content)
 
 
 def sign_reply(db, respdir):
@@ -946,6 +957,64 @@ def sign_reply(db, respdir):
     client.signtool(db, "-k", client.SERVER_NICKNAME, "-Z", jar, respdir)
     with open(jar, "rb") as f:
         return f.read()
+
+
+class SECItem(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("data", ctypes.POINTER(ctypes.c_ubyte)),
+                ("len", ctypes.c_uint)]
+
+
+_nss3 = None
+
+
+def nss3():
+    """The NSS library python-nss already loaded (one process, one NSS),
+    with the few calls that sign with a private key: python-nss has none."""
+    global _nss3
+    if _nss3 is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("nss3") or "libnss3.so")
+        ptr = ctypes.c_void_p
+        for name, restype, argtypes in (
+                ("CERT_GetDefaultCertDB", ptr, []),
+                ("CERT_FindCertByDERCert", ptr, [ptr, ctypes.POINTER(SECItem)]),
+                ("CERT_DestroyCertificate", None, [ptr]),
+                ("PK11_FindKeyByAnyCert", ptr, [ptr, ptr]),
+                ("SECKEY_DestroyPrivateKey", None, [ptr]),
+                ("SEC_SignData", ctypes.c_int,
+                 [ctypes.POINTER(SECItem), ctypes.c_char_p, ctypes.c_int, ptr, ctypes.c_int]),
+                ("SECITEM_FreeItem", None, [ctypes.POINTER(SECItem), ctypes.c_int])):
+            getattr(lib, name).restype = restype
+            getattr(lib, name).argtypes = argtypes
+        _nss3 = lib
+    return _nss3
+
+
+def module_signature(der, data):
+    """A detached RSA PKCS#1 v1.5 SHA-256 signature of data (a module's
+    NAME.ko.sgn, what staprun checks for stapusr and stapsys users), made
+    by NSS with the private key of certificate der: the key never leaves
+    its database."""
+    lib, sha256_rsa = nss3(), client.nss_modules()[0].SEC_OID_PKCS1_SHA256_WITH_RSA_ENCRYPTION
+    buf = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
+    cert = lib.CERT_FindCertByDERCert(lib.CERT_GetDefaultCertDB(), SECItem(0, buf, len(der)))
+    if not cert:
+        raise Error("the server certificate is not in its database")
+    try:
+        key = lib.PK11_FindKeyByAnyCert(cert, None)
+        if not key:
+            raise Error("the server certificate's private key is not in its database")
+        try:
+            out = SECItem()
+            if lib.SEC_SignData(ctypes.byref(out), data, len(data), key, sha256_rsa) != 0:
+                raise Error("NSS could not sign the module")
+            try:
+                return ctypes.string_at(out.data, out.len)
+            finally:
+                lib.SECITEM_FreeItem(ctypes.byref(out), 0)
+        finally:
+            lib.SECKEY_DestroyPrivateKey(key)
+    finally:
+        lib.CERT_DestroyCertificate(cert)
 
 
 def error_reply(db, workdir, version, message):
@@ -960,10 +1029,10 @@ def make_reply(db, workdir, version, rc, stdout, stderr, module=None):
 
 
 def handle_request(data, config, version, log_fields, cache=None,
-                   compile_slot=contextlib.nullcontext()):
+                   compile_slot=contextlib.nullcontext(), signer=None):
     """The signed reply bytes for one framed request body (bytes or a file);
     never raises for a bad request or a failed compile (the client gets rc 1
-    and the reason)."""
+    and the reason).  signer(bytes) signs modules built for stapusr/stapsys."""
     ws = Workspace(config)
     try:
         try:
@@ -985,7 +1054,7 @@ def handle_request(data, config, version, log_fields, cache=None,
             except (Error, OSError) as e:
                 log_fields.update(rc=1, error=str(e))
                 return error_reply(config.db, ws.path, version, str(e)), False
-            rc, stdout, stderr, module = reply_from_outcome(outcome, req)
+            rc, stdout, stderr, module = reply_from_outcome(outcome, req, signer)
             log_fields.update(rc=rc)
             reply = make_reply(config.db, ws.path, version, rc, stdout, stderr, module)
             return reply, rc == 0
@@ -1293,7 +1362,8 @@ class CompileServer:
             with tempfile.TemporaryDirectory(dir=self.config.tmpdir) as work:
                 return error_reply(self.config.db, work, self.version,
                                    f"{client.BUSY_MESSAGE}: {ticket}; try again later")
-        return handle_request(body, self.config, self.version, fields, self.results, ticket)
+        return handle_request(body, self.config, self.version, fields, self.results, ticket,
+                              signer=lambda data: module_signature(self.der, data))
 
     # --- accept loop -----------------------------------------------------------
     def bind(self):
