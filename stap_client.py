@@ -221,6 +221,13 @@ class CertDB:
         """Trust a server certificate for TLS (first field) and signing (third)."""
         certutil(self, "-A", "-n", SERVER_NICKNAME, "-t", "P,P,P", input=der)
 
+    def remove_servers(self):
+        """Delete every certificate filed under the servers' nickname (certutil
+        cannot pick one of several that share it)."""
+        for _ in range(len(self.certificates()) + 1):
+            if certutil(self, "-D", "-n", SERVER_NICKNAME, check=False).returncode != 0:
+                break
+
 
 def pem_to_der_list(text):
     import ssl as pyssl  # only PEM input needs it
@@ -247,6 +254,28 @@ def read_certificate_file(path):
 
 def fingerprint(der):
     return hashlib.sha256(der).hexdigest()
+
+
+def colon_fingerprint(der):
+    """AB:CD:... of the certificate's SHA-256, as certutil and openssl show it."""
+    fp = fingerprint(der).upper()
+    return ":".join(fp[i:i + 2] for i in range(0, len(fp), 2))
+
+
+def certificate_serial(der):
+    """The serial number of a DER certificate, as an integer."""
+    _, start, end = der_element(der, 0)  # Certificate
+    _, start, end = der_element(der, start)  # TBSCertificate
+    fields = list(der_children(der, start, end))
+    if fields[0][0] == 0xA0:  # [0] version
+        fields = fields[1:]
+    _, _, start, end = fields[0]
+    return int.from_bytes(der[start:end], "big")
+
+
+def staprun_db_path():
+    """The certificates whose module signatures staprun accepts for stapusr users."""
+    return os.path.join(sysconfdir(), "systemtap", "staprun")
 
 
 def client_databases(ssl_dirs=()):
@@ -857,15 +886,18 @@ def parse_server_spec(spec):
     return host, port
 
 
-def tls_connect(peer, timeout=CONNECT_TIMEOUT):
+def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
     """A TLS socket to peer whose certificate a database trusts; returns
-    (socket, peer certificate DER)."""
+    (socket, peer certificate DER).  fetch_only: accept any certificate, for
+    a person to judge before anything is sent."""
     nss, ssl, nio, nerror = nss_modules()
     verdict = {}
 
     def auth_certificate(sock, check_sig, is_server, certdb):
         cert = sock.get_peer_certificate()
         verdict["der"] = bytes(cert.der_data)
+        if fetch_only:
+            return True
         try:
             cert.verify_now(certdb, check_sig, nss.certificateUsageSSLServer)
         except nerror.NSPRError as e:
@@ -1721,19 +1753,107 @@ def stap_find_servers(argv):
     return 0 if records else 1
 
 
+ADD_CERT_USAGE = ("usage: stap-add-server-cert CERTFILE DIRNAME | [--yes] [--signer] "
+                  "CERTFILE|HOST[:PORT] [DIRNAME] | --revoke SERIAL|FINGERPRINT DIRNAME")
+
+
 def stap_add_server_cert(argv):
-    """Trust CERTFILE in the client database in DIRNAME (created if missing)."""
-    if len(argv) != 2:
-        raise Error("usage: stap-add-server-cert CERTFILE DIRNAME")
-    certfile, dirname = argv
-    if not os.path.isfile(certfile):
-        raise Error(f"certificate file {certfile} does not exist")
-    der = read_certificate_file(certfile)
+    """Trust a server's certificate (from a file, or fetched from the server
+    after a person saw its fingerprint) in a client database, or with
+    --signer in staprun's; or --revoke one."""
+    flags = {a for a in argv if a in ("--yes", "--signer", "--revoke")}
+    args = [a for a in argv if a not in flags]
+    if any(a.startswith("-") for a in args) or not 1 <= len(args) <= 2:
+        raise Error(ADD_CERT_USAGE)
+    if "--revoke" in flags:
+        if len(args) != 2 or flags != {"--revoke"}:
+            raise Error(ADD_CERT_USAGE)
+        return revoke_certificate(args[0], CertDB(args[1]))
+    source, dirname = args[0], (args[1:] or [None])[0]
+    if "--signer" in flags:
+        if not is_root():
+            raise Error("--signer: only root decides whose module signatures staprun accepts")
+        dirname = dirname or staprun_db_path()
+    if names_a_file(source):
+        if dirname is None:
+            raise Error(ADD_CERT_USAGE)
+        if not os.path.isfile(source):
+            raise Error(f"certificate file {source} does not exist")
+        der = read_certificate_file(source)
+    else:
+        dirname = dirname or local_client_db_path()
+        der = fetch_certificate(source)
+        if "--yes" not in flags and not confirmed(der, source, dirname):
+            raise Error(f"not trusted: nothing was added to {os.path.abspath(dirname)}")
+    add_certificate(der, dirname)
+    return 0
+
+
+def names_a_file(source):
+    return "/" in source or source.endswith((".cert", ".crt", ".pem", ".der")) \
+        or os.path.exists(source)
+
+
+def add_certificate(der, dirname):
     db = CertDB(dirname)
     if not db.exists():
-        world = os.path.abspath(dirname) == os.path.abspath(global_client_db_path())
+        world = os.path.abspath(dirname) in (os.path.abspath(global_client_db_path()),
+                                             os.path.abspath(staprun_db_path()))
         db.create(mode=0o755, world_readable=world)
     db.add_trusted_server(der)
+
+
+def fetch_certificate(spec):
+    """The certificate a server presents, fetched over TLS without trusting
+    it (nothing but the certificate-only frame is sent)."""
+    host, port = parse_server_spec(spec)
+    if port is None:
+        found = [r for r in browse()[0] if host in (r.host, r.host.split(".")[0], r.address)]
+        if not found:
+            raise Error(f"{spec}: no port given, and no server is advertised on that host")
+        host, port = found[0].address, found[0].port
+    nss, ssl = nss_modules()[:2]
+    if not nss.nss_is_initialized():
+        nss.nss_init_nodb()
+    ssl.set_domestic_policy()
+    restrict_cipher_suites()
+    sock, der = tls_connect(Peer(host, port), fetch_only=True)
+    try:
+        sock.send(b"\0\0\0\0")  # size 0: "I only wanted the certificate"
+    finally:
+        sock.close()
+    return der
+
+
+def confirmed(der, source, dirname):
+    """Show the certificate and ask a person whether to trust it."""
+    nss = nss_modules()[0]
+    cert = nss.Certificate(der)
+    print(f"Server {source} presents this certificate:\n"
+          f"  subject:     {cert.subject}\n"
+          f"  serial:      {colon_hex(certificate_serial(der))}\n"
+          f"  valid:       {cert.valid_not_before_str} to {cert.valid_not_after_str}\n"
+          f"  SHA-256:     {colon_fingerprint(der)}", flush=True)
+    print(f"Trust it in {os.path.abspath(dirname)}? [y/N] ", end="", flush=True)
+    answer = sys.stdin.readline().strip().lower()
+    return answer in ("y", "yes")
+
+
+def revoke_certificate(which, db):
+    """Remove the certificates whose serial or SHA-256 fingerprint is which
+    (hex, colons optional) from db; the others stay trusted."""
+    if not db.exists():
+        raise Error(f"{db.path} is not a certificate database")
+    key = which.lower().replace(":", "").lstrip("0")
+    ders = db.certificates()
+    keep = [d for d in ders if key not in (fingerprint(d).lstrip("0"),
+                                           format(certificate_serial(d), "x"))]
+    if len(keep) == len(ders):
+        raise Error(f"no certificate with serial or fingerprint {which} in {db.path}")
+    db.remove_servers()
+    for der in keep:
+        db.add_trusted_server(der)
+    print(f"revoked {len(ders) - len(keep)} certificate(s) in {db.path}")
     return 0
 
 

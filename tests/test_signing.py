@@ -197,3 +197,61 @@ def test_our_client_for_a_stapusr_user_runs_pass_5_signed(server, krel, stapusr,
         assert run.returncode == 1
     finally:
         shutil.rmtree(box.top, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Trust that is easy to grant and to revoke: stap-add-server-cert
+# --------------------------------------------------------------------------
+
+def test_add_server_cert_from_the_server_after_a_look(server, sandbox):
+    der = server_der(server)
+    db = sandbox.path("fetched")
+    refused = sandbox.run("stap-add-server-cert", server.address, db, input=b"n\n")
+    out = refused.stdout.decode()
+    assert refused.returncode == 1
+    assert f"SHA-256:     {stap_client.colon_fingerprint(der)}" in out, out
+    assert f"serial:      {stap_client.colon_hex(stap_client.certificate_serial(der))}" in out
+    assert "subject:     CN=Systemtap Compile Server,OU=Systemtap" in out
+    assert out.index("SHA-256") < out.index("[y/N]")  # shown before anything is granted
+    assert refused.stderr.decode().strip() == (
+        f"stap-add-server-cert: ERROR: not trusted: nothing was added to {db}")
+    assert not os.path.exists(db)
+    typed = sandbox.run("stap-add-server-cert", server.address, db, input=b"y\n")
+    assert typed.returncode == 0, typed.stderr
+    assert stap_client.CertDB(db).certificates() == [der]
+    scripted = sandbox.run("stap-add-server-cert", "--yes", server.address,
+                           sandbox.path("scripted"), input=b"")
+    assert scripted.returncode == 0, scripted.stderr
+    assert stap_client.CertDB(sandbox.path("scripted")).certificates() == [der]
+    lines = [l for l in open(server.log) if "certificate fetch" in l]
+    assert len(lines) == 3, lines  # only the certificate was asked for
+
+
+def test_add_server_cert_signer_and_revoke(servers, server, sandbox, krel, user_sandbox):
+    der = server_der(server)
+    other = servers.start(conftest.make_sandbox(), krel, None)
+    other_der = server_der(other)
+    cert = sandbox.path("server.cert")
+    with open(cert, "wb") as f:
+        f.write(der)
+    proc = sandbox.run("stap-add-server-cert", "--signer", cert)
+    assert proc.returncode == 0, proc.stderr
+    proc = sandbox.run("stap-add-server-cert", "--signer", "--yes", other.address)
+    assert proc.returncode == 0, proc.stderr
+    signers = stap_client.CertDB(os.path.join(sandbox.sysconfdir, "systemtap", "staprun"))
+    assert sorted(signers.certificates()) == sorted([der, other_der])
+    user = user_sandbox.run("stap-add-server-cert", "--signer", "--yes", server.address)
+    assert user.returncode == 1
+    assert b"--signer: only root decides whose module signatures staprun accepts" in user.stderr
+    # revoke by serial (colons or not) and by fingerprint; the other stays
+    serial = stap_client.colon_hex(stap_client.certificate_serial(der))
+    proc = sandbox.run("stap-add-server-cert", "--revoke", serial, signers.path)
+    assert proc.returncode == 0, proc.stderr
+    assert signers.certificates() == [other_der]
+    proc = sandbox.run("stap-add-server-cert", "--revoke", serial, signers.path)
+    assert proc.returncode == 1
+    assert b"no certificate with serial or fingerprint" in proc.stderr
+    proc = sandbox.run("stap-add-server-cert", "--revoke",
+                       stap_client.fingerprint(other_der), signers.path)
+    assert proc.returncode == 0, proc.stderr
+    assert signers.certificates() == []
