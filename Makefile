@@ -2,6 +2,7 @@
 #
 #   make demo                 start a real server and compile through it (root, Debian)
 #   make check                install missing packages, run the tests
+#   make test-unit            the unit tier alone (no root, network or stap; seconds)
 #   make install [DESTDIR=... prefix=... sysconfdir=... PYTHON=...]
 #   make uninstall            with the same variables as install
 #   make deb                  Debian packages in build/deb/ (tools/build-deb)
@@ -27,7 +28,7 @@ SERVER_COMMANDS = stap-serverd stap-start-server stap-stop-server stap-find-or-s
 COMMANDS        = $(CLIENT_COMMANDS) $(SERVER_COMMANDS)
 MANPAGES        = stap-server.8 $(addsuffix .8,$(COMMANDS))
 
-.PHONY: all install uninstall check demo bench lint clean deb
+.PHONY: all install uninstall check test-unit demo bench lint clean deb
 
 all:
 	@echo "Nothing to build.  Targets: install uninstall check demo bench lint clean deb"
@@ -65,6 +66,9 @@ uninstall:
 check:
 	tools/install-deps
 	$(PYTHON) -m pytest -v -rs tests
+
+test-unit:
+	$(PYTHON) -m pytest -q tests/test_unit_*.py
 
 demo:
 	PYTHON=$(PYTHON) tools/demo

@@ -280,10 +280,10 @@ def staprun_db_path():
 
 def client_databases(ssl_dirs=()):
     """The usable client databases in search order: each --ssl directory,
-    then the user's own (not for root), then the global one.  A database
-    that fails its permission check is skipped with a warning."""
+    then the user's own (root's too), then the global one.  A database that
+    fails its permission check is skipped with a warning."""
     candidates = [(d, None, True) for d in ssl_dirs]
-    if not is_root():
+    if os.path.abspath(user_client_db_path()) != os.path.abspath(global_client_db_path()):
         candidates.append((user_client_db_path(), os.geteuid(), False))
     candidates.append((global_client_db_path(), 0, False))
     usable, searched = [], []
@@ -1581,7 +1581,7 @@ def compile_anywhere(inv, request, dbs, tmp):
     While every one is busy or unreachable, try them all again after a
     growing, jittered pause, until the deadline."""
     open_databases(dbs)
-    peers, searched = candidate_servers(inv)
+    peers, searched = candidate_servers(inv, request_identity(request))
     if not peers:
         raise Error(f"no compile server found for {local_sysinfo(inv.release, inv.arch)}: "
                     f"{searched}; start one with stap-start-server, or name one with "
@@ -1642,35 +1642,124 @@ def progress(inv, message):
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def candidate_servers(inv):
+def candidate_servers(inv, identity=b""):
     """(servers to try in order, what discovery saw): the --server options
-    in order, else the compatible advertised servers, best first."""
+    in order, else the compatible advertised servers, best first (see
+    rank_servers; identity tells identical requests apart from others)."""
     target = local_sysinfo(inv.release, inv.arch)
-    specs = [parse_server_spec(spec) for spec in inv.servers]
+    specs = [(None, None) if SERIAL_SPEC.match(spec) else parse_server_spec(spec)
+             for spec in inv.servers]
     if specs and all(port is not None for _, port in specs):
         return [Peer(host, port) for host, port in specs], ""
     records, how = browse(COMPILE_DISCOVERY_TIMEOUT)
     if specs:
         peers = []
-        for host, port in specs:
+        for spec, (host, port) in zip(inv.servers, specs):
             if port is not None:
                 peers.append(Peer(host, port))
                 continue
+            if host is None:  # a certificate serial, as the real client takes it
+                serial = int(spec.replace(":", ""), 16)
+                chosen = [r for r in records if advertised_serial(r) == serial]
+                if not chosen:
+                    warn(f"--server={spec}: no advertised server has that certificate serial")
+                peers += [Peer(r.address, r.port)
+                          for r in compatible_first(chosen, target, identity)]
+                continue
             on_host = [r for r in records if host in (r.host, r.host.split(".")[0], r.address)]
             if on_host:
-                peers += [Peer(r.address, r.port) for r in compatible_first(on_host, target)]
+                peers += [Peer(r.address, r.port)
+                          for r in compatible_first(on_host, target, identity)]
                 continue
             # avahi may resolve a server to another of its addresses (an IPv6
             # link-local one for an IPv4 name): try the host at each
             # advertised port; a wrong one is refused at once.
-            ports = dict.fromkeys(r.port for r in compatible_first(records, target))
+            ports = dict.fromkeys(r.port for r in compatible_first(records, target, identity))
             if not ports:
                 warn(f"--server={host}: no server is advertised on host {host} ({how})")
             peers += [Peer(host, port) for port in ports]
         return peers, f"no server advertised on the named hosts ({how})"
     compatible = [r for r in records if r.sysinfo == target]
-    return [Peer(r.address, r.port) for r in best_first(compatible)], \
+    signers = None
+    if compatible and any(a.startswith(("--privilege=stap", "--unprivileged"))
+                          for a in inv.server_args):  # staprun will want a trusted signature
+        signers = trusted_serials()["signer"]
+    return [Peer(r.address, r.port) for r in rank_servers(compatible, identity, signers)], \
         describe_search(records, how)
+
+
+def request_identity(request):
+    """What makes two requests the same (every entry's name, size and CRC,
+    but not the client's version and locale): zips differ in their dates."""
+    with zipfile.ZipFile(io.BytesIO(request)) as zf:
+        parts = sorted(f"{i.filename}\0{i.file_size}\0{i.CRC}" for i in zf.infolist()
+                       if i.filename not in ("version", "locale"))
+    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).digest()
+
+
+WAIT_GRACE = 2.0  # seconds: servers this close to the freest count as equally free
+
+
+def expected_wait(rec):
+    """Seconds a new request would wait on rec, from its advertised load
+    hint (slots, busy, queued, compile); 0 for a server without one."""
+    try:
+        slots, busy = int(rec.txt["slots"]), int(rec.txt["busy"])
+        queued, compile_s = int(rec.txt["queued"]), float(rec.txt["compile"])
+    except (KeyError, ValueError):
+        return 0.0
+    return 0.0 if busy < slots else (queued // max(1, slots) + 1) * compile_s
+
+
+def rank_servers(records, identity, signers=None):
+    """Best first: trusted signers first when staprun will want a signature;
+    then the servers about as free as the freest, in rendezvous order for
+    this request, so that identical requests meet the same server's result
+    cache; then the busier ones by expected wait; newer versions first
+    among equals."""
+    waits = {id(r): expected_wait(r) for r in records}
+    freest = min(waits.values(), default=0.0)
+
+    def key(rec):
+        wait = waits[id(rec)]
+        version = [-int(p) for p in re.findall(r"\d+", rec.version)[:3]]
+        score = hashlib.sha256(identity + f"{rec.certinfo}/{rec.host}/{rec.port}".encode())
+        return (signers is not None and advertised_serial(rec) not in signers,
+                wait if wait > freest + WAIT_GRACE else 0.0, version,
+                score.digest())
+    return sorted(records, key=key)
+
+
+def trusted_serials():
+    """{"ssl": serials trusted for TLS here, "signer": serials whose module
+    signatures staprun accepts here}, from the databases as they are."""
+    found = {"ssl": set(), "signer": set()}
+    try:
+        dbs = client_databases()
+    except Error:
+        dbs = []
+    signers = CertDB(staprun_db_path())
+    for kind, group in (("ssl", dbs), ("signer", [signers] if signers.exists() else [])):
+        for db in group:
+            found[kind].update(certificate_serial(der) for der in db.certificates())
+    return found
+
+
+def advertised_serial(rec):
+    try:
+        return int(rec.certinfo.replace(":", ""), 16)
+    except ValueError:
+        return None
+
+
+def trust_of(rec, trust):
+    """"ssl,signer", "ssl", "signer" or "none" for an advertised server."""
+    serial = advertised_serial(rec)
+    kinds = [k for k in ("ssl", "signer") if serial is not None and serial in trust[k]]
+    return ",".join(kinds) or "none"
+
+
+SERIAL_SPEC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2})+$")  # --server=70:60:53:1a
 
 
 def describe_search(records, how):
@@ -1681,17 +1770,10 @@ def describe_search(records, how):
     return f"no advertised server serves it ({others}; searched with {how})"
 
 
-def compatible_first(records, target):
-    """Servers for the target kernel first (newest first), then the others."""
-    return best_first([r for r in records if r.sysinfo == target]) + \
-        [r for r in records if r.sysinfo != target]
-
-
-def best_first(records):
-    """Newest protocol version first; ties keep the order found."""
-    def version_key(rec):
-        return [int(p) for p in re.findall(r"\d+", rec.version)[:3]]
-    return sorted(records, key=version_key, reverse=True)
+def compatible_first(records, target, identity=b""):
+    """Servers for the target kernel first, then the others, each ranked."""
+    return rank_servers([r for r in records if r.sysinfo == target], identity) + \
+        rank_servers([r for r in records if r.sysinfo != target], identity)
 
 
 def local_paths(data, inv):
@@ -1742,12 +1824,14 @@ def run_staprun(inv, module):
 
 
 def stap_find_servers(argv):
-    """List servers; only compatible ones unless --all.  Other arguments are ignored."""
+    """List servers; only compatible ones unless --all.  Other arguments are
+    ignored.  Each line says how this host trusts the server."""
     every, how = browse()
     wanted = local_sysinfo()
     records = [r for r in every if "--all" in argv or r.sysinfo == wanted]
+    trust = trusted_serials() if records else {}
     for rec in records:
-        print(format_server_line(rec))
+        print(format_server_line(rec) + f" 'trust={trust_of(rec, trust)}'")
     if not records and sys.stderr.isatty():  # a person asked: say what was seen
         print(f"{PROG}: {describe_search(every, how)}", file=sys.stderr)
     return 0 if records else 1

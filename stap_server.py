@@ -150,6 +150,8 @@ def build_option_parser(prog):
                    help="stap's caches for compiles, one subdirectory per compile account "
                    "(default: /var/cache/stap-server for root, "
                    "$SYSTEMTAP_DIR/compile-cache otherwise)")
+    p.add_argument("--load-refresh", type=float, default=10, metavar="SECONDS",
+                   help="refresh the advertised load hint at most this often (default 10)")
     p.add_argument("--advertise", choices=("auto", "avahi", "mdns", "none"), default="auto",
                    help="how to announce the server (default: avahi if running, else built-in mDNS)")
     return p
@@ -181,6 +183,7 @@ class Config:
     tmpdir: str
     cache_dir: str
     advertise: str
+    load_refresh: float
     result_cache_size: int
     renew_check: float
 
@@ -231,7 +234,7 @@ def parse_config(argv, prog=PROG):
                         for name, *_ in COMPILE_LIMITS},
         tmpdir=os.path.abspath(opts.tmpdir or tempfile.gettempdir()),
         cache_dir=os.path.abspath(opts.cache_dir or default_cache_dir()),
-        advertise=opts.advertise,
+        advertise=opts.advertise, load_refresh=opts.load_refresh,
         result_cache_size=opts.result_cache_size, renew_check=opts.renew_check)
 
 
@@ -1450,6 +1453,13 @@ class CompileQueue:
                             f"of {max_wait:.0f} s")
             return Ticket(self)
 
+    def hint(self):
+        """What the advertisement says of the load: slots, busy, queued, and
+        a recent compile's seconds."""
+        with self.lock:
+            return {"slots": self.slots, "busy": self.running, "queued": len(self.waiting),
+                    "compile": round(self.recent, 1)}
+
     def expected_wait(self, ahead):
         if self.running < self.slots and not ahead:
             return 0.0
@@ -1676,10 +1686,11 @@ def alternative_name(name):
     return f'{name} #2'
 
 
-def txt_strings(sysinfo, version, certinfo, optinfo=''):
-    """The TXT strings of one instance, as real systemtap clients read them."""
+def txt_strings(sysinfo, version, certinfo, optinfo='', load=()):
+    """The TXT strings of one instance, as real systemtap clients read them,
+    then our load hint (real clients ignore keys they do not know)."""
     return [f'sysinfo={sysinfo}', f'version={version}',
-            f'certinfo={certinfo}', f'optinfo={optinfo}']
+            f'certinfo={certinfo}', f'optinfo={optinfo}'] + list(load)
 
 
 class Advertiser:
@@ -1700,6 +1711,7 @@ class Advertiser:
         self.host = short_hostname(host)
         self.names = []           # instance names actually registered
         self.mode = None          # 'avahi' or 'mdns' once started
+        self.load = []            # the load hint's TXT strings
         self._publishers = []     # avahi-publish-service children
         self._responder = None
 
@@ -1756,7 +1768,7 @@ class Advertiser:
             return False
         # Start every instance at once: avahi probes each name for ~1 s.
         txts = [txt_strings(sysinfo, self.version, self.certinfo,
-                            self.optinfo) for sysinfo in self.sysinfos]
+                            self.optinfo, self.load) for sysinfo in self.sysinfos]
         pubs = [AvahiPublisher(name, self.port, txt)
                 for name, txt in zip(self.wanted_names(), txts)]
         try:
@@ -1995,7 +2007,7 @@ class MdnsResponder:
             add(fqdn, dns.rdatatype.SRV,
                 f'0 0 {self.adv.port} {self.hostname.to_text()}')
             txt = txt_strings(sysinfo, self.adv.version, self.adv.certinfo,
-                              self.adv.optinfo)
+                              self.adv.optinfo, self.adv.load)
             add(fqdn, dns.rdatatype.TXT,
                 ' '.join('"' + t.replace('\\', '\\\\').replace('"', '\\"') + '"'
                          for t in txt))
@@ -2173,33 +2185,44 @@ def stap_serverd(argv):
     status = write_status(config, port, der)
     logging.info("listening on %s port %d; serving %s; certificate sha256 %s",
                  config.listen, port, ", ".join(config.releases), client.fingerprint(der))
-    advertising = advertise(config, port, der, server.version)
+    advertising = advertise(config, port, der, server.version, server.compiles)
     server.on_renewal = advertising.refresh
     try:
         server.serve_forever()
     finally:
-        advertising.withdraw()
+        advertising.stop()
         server.shutdown()
         os.unlink(status)
         logging.info("stopped")
     return 0
 
 
+LOAD_CHECK = 1.0  # seconds between looks at the load, to refresh the hint
+
+
 class Advertising:
     """The server's DNS-SD presence: started in the background so that the
     server accepts connections at once, renewed with a renewed certificate
-    (its serial is advertised), withdrawn at shutdown."""
+    (its serial is advertised) and when the load changes meaningfully (at
+    most every --load-refresh seconds), withdrawn at shutdown."""
 
-    def __init__(self, config, port, version, der):
-        self.config, self.port, self.version = config, port, version
+    def __init__(self, config, port, version, der, queue):
+        self.config, self.port, self.version, self.der = config, port, version, der
+        self.queue = queue
         self.advertiser = self.thread = None
+        self.advertised = queue.hint()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()  # renewal and the load follower both re-publish
         self.start(der)
+        threading.Thread(target=self.follow_load, daemon=True).start()
 
     def start(self, der):
         cfg = self.config
+        self.der = der
         self.advertiser = Advertiser(self.port, [f"{r} {cfg.arch}" for r in cfg.releases],
                                      self.version, certinfo(der), " ".join(cfg.stap_options),
                                      listen=cfg.listen)
+        self.advertiser.load = load_strings(self.advertised)
         self.thread = threading.Thread(target=self.run, args=(self.advertiser,), daemon=True)
         self.thread.start()
 
@@ -2211,27 +2234,60 @@ class Advertising:
         except Error as e:
             logging.warning("not advertised: %s", e)
 
+    def follow_load(self):
+        last = time.monotonic()
+        while not self.stopping.wait(LOAD_CHECK):
+            hint = self.queue.hint()
+            if time.monotonic() - last < self.config.load_refresh or \
+                    not load_changed(self.advertised, hint):
+                continue
+            self.advertised, last = hint, time.monotonic()
+            if self.advertiser.mode == "mdns":  # answers are made from it at each query
+                self.advertiser.load = load_strings(hint)
+            else:  # avahi-publish-service takes its TXT once: publish again
+                self.refresh(self.der)
+
     def refresh(self, der):
-        self.withdraw()
-        self.start(der)
+        with self.lock:
+            if not self.stopping.is_set():
+                self.withdraw()
+                self.start(der)
 
     def withdraw(self):
         self.thread.join(15)
         self.advertiser.stop()
+
+    def stop(self):
+        with self.lock:
+            self.stopping.set()
+            self.withdraw()
+
+
+def load_strings(hint):
+    return [f"{key}={value}" for key, value in hint.items()]
+
+
+def load_changed(old, new):
+    """Worth telling the network: the work in hand moved to another power of
+    two, or a compile now takes half as long again (or less) as before."""
+    def bucket(h):
+        return (h["busy"] + h["queued"]).bit_length()
+    return bucket(old) != bucket(new) or not (
+        2 / 3 <= (new["compile"] + 0.1) / (old["compile"] + 0.1) <= 3 / 2)
 
 
 class NoAdvertising:
     def refresh(self, der):
         pass
 
-    def withdraw(self):
+    def stop(self):
         pass
 
 
-def advertise(config, port, der, version):
+def advertise(config, port, der, version, queue):
     if config.advertise == "none":
         return NoAdvertising()
-    return Advertising(config, port, version, der)
+    return Advertising(config, port, version, der, queue)
 
 
 def certinfo(der):

@@ -4,12 +4,17 @@ avahi daemon)."""
 
 import contextlib
 import json
+import os
+import re
+import subprocess
 import time
 
 import pytest
 
-from conftest import PYTHON, SERVER, CLIENT, make_sandbox, stop_pid
+from conftest import PYTHON, SERVER, CLIENT, make_sandbox, stop_pid, wait_until
 from netns import network_factory  # noqa: F401  (a fixture)
+
+import stap_client
 
 
 @contextlib.contextmanager
@@ -60,6 +65,17 @@ def test_find_servers_on_b_sees_server_on_a(avahi, network_factory, krel, runtim
         assert address == a.address and int(port) == status["port"]
         assert rest.startswith(f"'sysinfo={krel} x86_64'")
         assert "'version=" in rest and "'certinfo=" in rest
+        # root's server is trusted in the global client database, not yet as a signer
+        assert rest.endswith("'trust=ssl'"), rest
+        cert = os.path.join(status["database"], stap_client.SERVER_CERT_FILE)
+        with open(cert, "rb") as f:
+            serial = stap_client.colon_hex(stap_client.certificate_serial(f.read()))
+        assert f"'certinfo={serial}'" in rest or f"'certinfo=00:{serial}'" in rest, rest
+        proc = b.run([PYTHON, CLIENT, "stap-add-server-cert", "--signer", cert], env=box.env)
+        assert proc.returncode == 0, proc.stderr
+        proc, _ = find(b, box, "--all")
+        assert [l for l in proc.stdout.splitlines()
+                if f" {status['port']} " in l and l.endswith("'trust=ssl,signer'")], proc.stdout
         print(f"stap-find-servers --all ({'avahi' if avahi else 'mdns'}): {seconds:.2f} s")
         assert seconds < 2.5
         # the local kernel is not the served release: not compatible by default
@@ -82,6 +98,11 @@ def test_find_servers_on_b_sees_server_on_a(avahi, network_factory, krel, runtim
         proc = b.run([PYTHON, CLIENT, "stap-client", f"--server={a.address}", "-r", krel,
                       "-p1", "-e", "probe begin { exit() }"], env=box.env, timeout=120)
         assert proc.returncode == 0, proc.stderr
+        # --server=SERIAL picks the advertised server with that certificate serial
+        proc = b.run([PYTHON, CLIENT, "stap-client", f"--server={serial}", "-r", krel,
+                      "-p1", "-e", "probe begin { exit() }"], env=box.env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "begin" in proc.stdout
         # find-or-start finds the compatible server for the release it was given
         proc = b.run([PYTHON, SERVER, "stap-find-or-start-server", "-r", krel],
                      env=box.env, timeout=60)
@@ -113,3 +134,96 @@ def test_client_without_servers_says_what_it_searched(network_factory, krel):  #
         f"stap-client: ERROR: no compile server found for {krel} x86_64: no server is "
         "advertised on the local network (searched with multicast DNS; no avahi daemon "
         "answered); start one with stap-start-server, or name one with --server=HOST:PORT")
+
+
+# --------------------------------------------------------------------------
+# A fleet: the load hint, and identical requests meeting one result cache
+# --------------------------------------------------------------------------
+
+SLOW_STAP = """#!/bin/sh
+case "$*" in *" -V"*|-V*) exec /usr/bin/stap -V;; esac
+case "$*" in *SLOWPROBE*) sleep 4;; esac
+exec /usr/bin/stap "$@"
+"""
+
+
+def start_on(host, box, krel, *extra, env=None):
+    args = [PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel,
+            "--log", box.path(f"server-{time.monotonic_ns()}.log"), *extra]
+    proc = host.run(args, env={**box.env, **(env or {})}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout.strip())
+    status = json.loads(host.run(["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout)
+    return pid, status
+
+
+def hint_of(host, box, port):
+    """The TXT fields of the server at port, as stap-find-servers shows them."""
+    proc, _ = find(host, box, "--all")
+    for line in proc.stdout.splitlines():
+        if f" {port} " in line:
+            return dict(re.findall(r"'(\w+)=([^']*)'", line))
+    return {}
+
+
+def hint_showing(host, box, port, **want):
+    """The server's hint once it shows every wanted key=value, else None."""
+    hint = hint_of(host, box, port)
+    return hint if all(hint.get(k) == v for k, v in want.items()) else None
+
+
+def test_load_hint_follows_the_queue(network_factory, krel):  # noqa: F811
+    net = network_factory(avahi=False)
+    a, b = net.hosts
+    box = make_sandbox()
+    slow = box.path("slow-stap")
+    with open(slow, "w") as f:
+        f.write(SLOW_STAP)
+    os.chmod(slow, 0o755)
+    pid, status = start_on(a, box, krel, "--max-threads", "1", "--load-refresh", "1",
+                           env={"SYSTEMTAP_STAP": slow})
+    try:
+        hint = wait_until(lambda: hint_of(b, box, status["port"]), 10, "not advertised")
+        assert (hint["slots"], hint["busy"], hint["queued"]) == ("1", "0", "0"), hint
+        clients = [a.popen([PYTHON, CLIENT, "stap-client", f"--server=127.0.0.1:{status['port']}",
+                            "-r", krel, "-p2", "-e", f"probe begin {{ /* SLOWPROBE {n} */ }}"],
+                           env=box.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for n in range(2)]
+        busy = wait_until(lambda: hint_showing(b, box, status["port"], busy="1", queued="1"),
+                          6, "the hint never showed the queue")
+        print(f"load hint while busy: {busy}")
+        for c in clients:
+            c.wait(30)
+        idle = wait_until(lambda: hint_showing(b, box, status["port"], busy="0", queued="0"),
+                          10, "the hint never went back to idle")
+        assert float(idle["compile"]) < 5.0  # it learnt how long these compiles take
+    finally:
+        stop_pid(pid)
+
+
+def test_same_request_lands_on_the_same_server_of_three(network_factory, krel,  # noqa: F811
+                                                        cache_dir):
+    net = network_factory(avahi=False)
+    a, b = net.hosts
+    box = make_sandbox()
+    servers = [start_on(a, box, krel, "--cache-dir", cache_dir) for _ in range(3)]
+    try:
+        wait_until(lambda: len([l for l in find(b, box, "--all")[0].stdout.splitlines()
+                                if f"'sysinfo={krel}" in l]) >= 3, 10, "not all advertised")
+
+        def landed(script):
+            proc = b.run([PYTHON, CLIENT, "stap-client", "-r", krel, "-p2", "-e", script],
+                         env=box.env, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            hits = [s["port"] for _, s in servers if script in open(s["log"]).read()]
+            return hits
+
+        same = "probe begin { /* one and the same */ exit() }"
+        where = [landed(same) for _ in range(3)]
+        assert all(len(w) == 1 for w in where) and len({w[0] for w in where}) == 1, where
+        spread = {landed(f"probe begin {{ /* distinct {n} */ exit() }}")[0] for n in range(9)}
+        print(f"identical request always on port {where[0][0]}; nine others on {sorted(spread)}")
+        assert len(spread) >= 2, spread
+    finally:
+        for pid, _ in servers:
+            stop_pid(pid)

@@ -230,6 +230,25 @@ def test_unprivileged_server_and_client(user_sandbox, servers, krel, runtime):
     assert os.path.exists(os.path.join(user_sandbox.systemtap_dir, "ssl", "client", "cert9.db"))
 
 
+def test_root_trusts_through_its_own_client_database_too(user_sandbox, sandbox, servers,
+                                                         krel, runtime):
+    """Root searches its own $SYSTEMTAP_DIR/ssl/client before the global one."""
+    srv = servers.start(user_sandbox, krel, runtime)
+    args = ("stap-client", f"--server={srv.address}", "-r", krel, "-p1", "-e",
+            "probe begin { exit() }")
+    own = os.path.join(sandbox.systemtap_dir, "ssl", "client")
+    glob = os.path.join(sandbox.sysconfdir, "systemtap", "ssl", "client")
+    proc = sandbox.run(*args)
+    assert proc.returncode == 1
+    assert (f"no usable client certificate database (searched {own}, {glob})"
+            in proc.stderr.decode()), proc.stderr
+    cert = os.path.join(srv.status["database"], "stap-server.cert")
+    proc = sandbox.run("stap-add-server-cert", cert, own)
+    assert proc.returncode == 0, proc.stderr
+    proc = sandbox.run(*args)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_server_log_has_one_line_per_request(server, sandbox, krel):
     client(sandbox, server, "-r", krel, "-p1", "-e", "probe begin {}")
     with open(server.log) as f:
