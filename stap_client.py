@@ -350,6 +350,7 @@ class Invocation:
         self.help = False
         self.version = False
         self.notes = []  # what was decided for the user, shown as progress
+        self.listing = False  # -l or -L: stap lists probes, builds no module
 
 
 def scan_stap_args(argv):
@@ -402,11 +403,11 @@ def parse_stap_args(argv, stdin=None):
             handle_long(inv, name, value[0])
         else:
             have_script_text |= handle_short(inv, name[1], value[0])
-    if not have_script_text and not inv.help and not inv.version:
-        if operands:
-            add_script(inv, operands.pop(0), stdin)
-        elif not any(a.startswith(("-l", "-L")) for a in inv.server_args):
+    inv.listing = any(a.startswith(("-l", "-L")) for a in inv.server_args)
+    if not have_script_text and not inv.help and not inv.version and not inv.listing:
+        if not operands:
             raise Error("no script given: name a script file, '-' for stdin, or use -e")
+        add_script(inv, operands.pop(0), stdin)
     if operands:
         inv.server_args += ["--"] + operands
     add_privilege(inv)
@@ -520,24 +521,30 @@ def add_script(inv, name, stdin):
         inv.server_args.append("script/-")
         return
     path = os.path.abspath(name)
-    if not os.path.isfile(path):
-        raise Error(f"cannot read script {name}: no such file")
-    inv.files.append(("script" + path, path))
+    if os.path.isfile(path):  # else stap on the server says it is missing, in its words
+        inv.files.append(("script" + path, path))
     inv.server_args.append("script" + path)
 
 
 def add_tree(inv, directory):
-    """Ship every regular file under an -I directory; the argument the server
-    sees is the tree's place inside the request."""
+    """Ship every regular file under an -I directory (a missing one ships
+    nothing: stap ignores it); the argument the server sees is the tree's
+    place inside the request.  What a request can carry bounds the tree."""
     top = os.path.abspath(directory)
-    if not os.path.isdir(top):
-        raise Error(f"-I {directory}: no such directory")
+    count = size = 0
     for root, dirs, names in os.walk(top):
         dirs.sort()
         for n in sorted(names):
             p = os.path.join(root, n)
-            if os.path.isfile(p) and not os.path.islink(p):
-                inv.files.append(("tapset" + p, p))
+            if not os.path.isfile(p) or os.path.islink(p):
+                continue  # links and special files are not sent
+            if not os.access(p, os.R_OK):
+                raise Error(f"unable to send {directory} to the server: cannot read {p}")
+            count, size = count + 1, size + os.path.getsize(p)
+            if count > Limits.max_entries or size > Limits.max_total_bytes:
+                raise Error(f"unable to send {directory} to the server: more than "
+                            f"{Limits.max_entries} files or {Limits.max_total_bytes >> 20} MiB")
+            inv.files.append(("tapset" + p, p))
     return "tapset" + top
 
 
@@ -1560,6 +1567,8 @@ def stap_client(argv):
         sys.stderr.flush()
         if reply.rc != 0:
             return 1
+        if inv.listing:
+            return 0  # a listing builds no module
         if inv.last_pass >= 4 and reply.module is None:
             raise Error("server reported success but sent no module")
         if inv.last_pass == 4 or (inv.module_name and reply.module):
@@ -1778,13 +1787,16 @@ def compatible_first(records, target, identity=b""):
 
 def local_paths(data, inv):
     """Name the user's own files as stap would here: the server saw them as
-    script/PATH and tapset/PATH (and stdin as script/-)."""
-    for name, _ in inv.files:
+    script/PATH and tapset/PATH (and stdin as script/-), whether they were
+    sent or are missing."""
+    names = {name for name, _ in inv.files} | {
+        a[2:] if a.startswith("-I") else a for a in inv.server_args
+        if a.startswith(("script/", "-Itapset/"))}
+    for name in sorted(names, key=len, reverse=True):
         if name == "script/-":
             data = data.replace(b"script/-", b"<input>")
         else:
-            top, rest = name.split("/", 1)
-            data = data.replace(name.encode(), b"/" + rest.encode())
+            data = data.replace(name.encode(), b"/" + name.split("/", 1)[1].encode())
     return data
 
 

@@ -403,6 +403,7 @@ class Request:
     lowered: bool  # the client wants pass 5, which it runs itself
     guru: bool = False  # guru mode or embedded C, allowed by --allow-guru
     signed: bool = False  # built for stapusr/stapsys: staprun wants our signature
+    notices: bytes = b""  # the server's own words for the client's stderr
 
 
 def parse_request(top, config):
@@ -430,8 +431,9 @@ def parse_request(top, config):
     guru = guru_reason(args, scripts + shipped_tapsets(top))
     if guru and not config.allow_guru:
         raise Error(f"{guru}: guru mode is not allowed on this server")
-    return Request(version, release, arch, args, locale_env(read("locale")), lowered,
-                   guru=bool(guru), signed=signed)
+    env, notices = locale_env(read("locale"))
+    return Request(version, release, arch, args, env, lowered, guru=bool(guru), signed=signed,
+                   notices=notices)
 
 
 def client_arguments(args, top, release):
@@ -482,8 +484,11 @@ def client_arguments(args, top, release):
 
 
 def confine(path, top, what):
+    """A path must stay inside the request; one that does not exist there is
+    passed on, for stap to answer in its own words (a missing script), or
+    ignore (a missing -I directory), as with the real server."""
     real = os.path.realpath(os.path.join(top, path))
-    if not (real + os.sep).startswith(os.path.realpath(top) + os.sep) or not os.path.exists(real):
+    if not (real + os.sep).startswith(os.path.realpath(top) + os.sep):
         raise Error(f"{what} path {path} is not inside the request")
 
 
@@ -545,12 +550,19 @@ LOCALE_KEYS = re.compile(r"^(LANG|LC_[A-Z]+)$")
 
 
 def locale_env(data):
-    env = {}
+    """(the client's LANG and LC_* settings that are safe to pass, the
+    server's words on those it dropped, as the real server says them)."""
+    env, notices = {}, b""
     for line in (data or b"").decode(errors="replace").splitlines():
         key, eq, value = line.partition("=")
-        if eq and LOCALE_KEYS.match(key) and client.LOCALE_VALUE.match(value):
+        if not eq or not LOCALE_KEYS.match(key):
+            continue
+        if client.LOCALE_VALUE.match(value):
             env[key] = value
-    return env
+        else:
+            notices += (f"Server: Localization value '{value[:80]}' contains illegal "
+                        "characters\n").encode()
+    return env, notices
 
 
 # --------------------------------------------------------------------------
@@ -930,7 +942,7 @@ def reply_from_outcome(outcome, req, signer=None):
     if module and req.signed and signer:
         module = module + (signer(module[1]),)
     return (outcome.rc, hide_paths(b"".join(lines), outcome.hide),
-            hide_paths(outcome.stderr, outcome.hide), module)
+            req.notices + hide_paths(outcome.stderr, outcome.hide), module)
 
 
 def write_reply(respdir, version, rc, stdout, stderr, module=None):
@@ -1068,7 +1080,7 @@ def handle_request(data, config, version, log_fields, cache=None,
             return compile_and_sign()[0]
         reply, how = cache.lookup(key, compile_and_sign)
         log_fields.update(cache=how)
-        if how == "hit":
+        if how in ("hit", "merged"):
             log_fields.update(rc=0)
         return reply
     finally:
@@ -1092,19 +1104,23 @@ class ResultCache:
         self.running = {}  # key -> Event set when its compile is done
 
     def lookup(self, key, compute):
-        """(reply, "hit" | "miss" | "skip"); compute() -> (reply, cacheable)."""
+        """(reply, "hit" | "merged" | "miss" | "skip"); compute() -> (reply,
+        cacheable).  "merged": answered by an identical request that was
+        compiling when this one came."""
         if key is None or self.max_bytes <= 0:
             return compute()[0], "skip"
+        waited = False
         while True:
             with self.lock:
                 if key in self.entries:
                     self.entries.move_to_end(key)
-                    return self.entries[key], "hit"
+                    return self.entries[key], "merged" if waited else "hit"
                 done = self.running.get(key)
                 if done is None:
                     self.running[key] = threading.Event()
                     break
             done.wait()  # the same request is compiling: take its result
+            waited = True
             with self.lock:
                 if key not in self.entries:  # it was not cacheable
                     break
@@ -1469,6 +1485,8 @@ class CompileQueue:
         with self.lock:
             if self.running < self.slots and not self.waiting:
                 self.running += 1
+                if self.running > 1:  # the real server's words, for log searches
+                    logging.info("Processing %d concurrent requests...", self.running)
                 return
             turn = threading.Event()
             self.waiting.append(turn)
@@ -1479,6 +1497,8 @@ class CompileQueue:
             self.recent = 0.7 * self.recent + 0.3 * seconds
             if self.waiting:
                 self.waiting.popleft().set()  # the slot passes on; running stays
+                if self.running > 1:
+                    logging.info("Processing %d concurrent requests...", self.running)
             else:
                 self.running -= 1
 

@@ -334,8 +334,10 @@ REQUESTS = {
                       r"script path \.\./\.\./etc/passwd is not inside the request"),
     "script-absolute": (lambda k: with_args(k, "-p2", "/etc/passwd"),
                         r"script path /etc/passwd is not inside the request"),
+    # Inside the request but missing: stap says so in its own words, as
+    # through the real server.
     "script-missing": (lambda k: with_args(k, "-p2", "script/nothing.stp"),
-                       r"script path script/nothing.stp is not inside the request"),
+                       r"Input file 'script/nothing\.stp' is missing\."),
     "debuginfo-outside": (lambda k: with_args(k, "-d", "/bin/ls", "-p2", "-eprobe begin{}"),
                           r"-d path /bin/ls is not inside the request"),
     "module-name": (lambda k: with_args(k, "-m../../evil", "-p2", "-eprobe begin{}"),

@@ -69,7 +69,9 @@ def test_concurrent_identical_requests_compile_once(server, sandbox, krel):
             range(4)))
     assert all(r == results[0] for r in results)
     log = cache_log(server)
-    assert sorted(log) == ["hit", "hit", "hit", "miss"], log
+    # the ones that came while it compiled say so ("merged"); later ones hit
+    assert log.count("miss") == 1 and "merged" in log, log
+    assert sorted(set(log) - {"miss"}) in (["merged"], ["hit", "merged"]), log
     with open(server.log) as f:
         assert f.read().count("rc=0") == 4
 
