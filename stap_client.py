@@ -337,6 +337,7 @@ class Invocation:
         self.servers = []
         self.ssl_dirs = []
         self.deadline = DEADLINE
+        self.domains = []  # --domain: DNS domains to find servers in
         self.last_pass = 5
         self.module_name = None
         self.release = None
@@ -480,6 +481,8 @@ def handle_long(inv, name, value):
         inv.servers.append(value)
     elif name == "--ssl":
         inv.ssl_dirs.append(need_value(name, value))
+    elif name == "--domain":
+        inv.domains.append(need_value(name, value))
     elif name == "--deadline":
         try:
             inv.deadline = float(need_value(name, value))
@@ -1097,24 +1100,97 @@ def unique_records(records):
 
 def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT,
                  sysinfo=None):
-    """Servers advertised on the local network, compatible ones only unless
-    all_servers."""
+    """Servers advertised on the local network (and in the configured DNS
+    domains), compatible ones only unless all_servers."""
     wanted = sysinfo or local_sysinfo()
-    records, _ = browse(timeout)
+    records, _ = browse(timeout, wide_area_domains())
     return [r for r in records if all_servers or r.sysinfo == wanted]
 
 
-def browse(timeout=DISCOVERY_TIMEOUT):
+def browse(timeout=DISCOVERY_TIMEOUT, domains=()):
     """(every advertised server, how we looked): avahi when a daemon
-    answers, else our own multicast DNS query."""
+    answers, else our own multicast DNS query; at the same time unicast DNS
+    in the given domains (wide-area DNS-SD), if any."""
     deadline = time.monotonic() + timeout
+    wide = WideAreaBrowse(domains, timeout) if domains else None
     records, how = browse_avahi(timeout), "avahi"
     if records is None:               # no avahi daemon here
         records = browse_mdns(max(0.1, deadline - time.monotonic()))
         how = "multicast DNS; no avahi daemon answered"
+    if wide:
+        records += wide.result(max(0.1, deadline - time.monotonic()))
+        how += f"; DNS in {', '.join(domains)}"
     records = sorted(unique_records(records),
                      key=lambda r: (r.host, r.port, r.sysinfo, r.address))
     return records, how
+
+
+# --- wide-area DNS-SD: the same records over unicast DNS (RFC 6763 11) ------
+
+DOMAINS_FILE = "stap-server-domains"  # in $sysconfdir/systemtap: a domain a line, or "search"
+
+
+def wide_area_domains(extra=()):
+    """The DNS domains to browse besides the local link: --domain options,
+    then the lines of $sysconfdir/systemtap/stap-server-domains ("search":
+    the host's search domains).  None unless configured: a client sends no
+    unicast DNS query for servers unless told to."""
+    domains = list(extra)
+    try:
+        with open(os.path.join(sysconfdir(), "systemtap", DOMAINS_FILE)) as f:
+            domains += [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+    except OSError:
+        pass
+    return list(dict.fromkeys(domains))
+
+
+class WideAreaBrowse:
+    """A browse of _stap._tcp in unicast DNS, run in a thread beside the
+    multicast one.  Each domain first asks b._dns-sd._udp.DOMAIN which
+    domains to browse (RFC 6763 11), else browses the domain itself."""
+
+    def __init__(self, domains, timeout):
+        import threading  # only configured domains need it
+        require_dnspython()  # here, not in the thread: the import is not thread-safe
+        self.domains, self.deadline, self.records = domains, time.monotonic() + timeout, []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def result(self, wait):
+        self.thread.join(wait)
+        return list(self.records)
+
+    def run(self):
+        import dns.resolver
+        resolver = dns.resolver.Resolver()
+        names = []
+        for domain in self.domains:
+            names += [n.to_text() for n in resolver.search] if domain == "search" else [domain]
+        for domain in dict.fromkeys(names):
+            pointed = [r.target.to_text() for r in self.ask(resolver, f"b._dns-sd._udp.{domain}",
+                                                             "PTR")]
+            for browse_domain in pointed or [domain]:
+                self.browse(resolver, browse_domain)
+
+    def browse(self, resolver, domain):
+        for ptr in self.ask(resolver, f"{SERVICE_TYPE}.{domain}", "PTR"):
+            instance = ptr.target
+            txt = txt_dict(s for rd in self.ask(resolver, instance, "TXT") for s in rd.strings)
+            for srv in self.ask(resolver, instance, "SRV"):
+                for a in self.ask(resolver, srv.target, "A"):
+                    self.records.append(record_from_txt(
+                        instance_label(instance), srv.target.to_text(omit_final_dot=True),
+                        a.address, srv.port, txt))
+
+    def ask(self, resolver, name, rdtype):
+        import dns.exception
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return []
+        try:
+            return list(resolver.resolve(name, rdtype, lifetime=left, search=False))
+        except dns.exception.DNSException:
+            return []
 
 
 # --- avahi -----------------------------------------------------------------
@@ -1660,7 +1736,7 @@ def candidate_servers(inv, identity=b""):
              for spec in inv.servers]
     if specs and all(port is not None for _, port in specs):
         return [Peer(host, port) for host, port in specs], ""
-    records, how = browse(COMPILE_DISCOVERY_TIMEOUT)
+    records, how = browse(COMPILE_DISCOVERY_TIMEOUT, wide_area_domains(inv.domains))
     if specs:
         peers = []
         for spec, (host, port) in zip(inv.servers, specs):
@@ -1838,7 +1914,8 @@ def run_staprun(inv, module):
 def stap_find_servers(argv):
     """List servers; only compatible ones unless --all.  Other arguments are
     ignored.  Each line says how this host trusts the server."""
-    every, how = browse()
+    extra = [a.split("=", 1)[1] for a in argv if a.startswith("--domain=")]
+    every, how = browse(DISCOVERY_TIMEOUT, wide_area_domains(extra))
     wanted = local_sysinfo()
     records = [r for r in every if "--all" in argv or r.sysinfo == wanted]
     trust = trusted_serials() if records else {}

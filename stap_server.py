@@ -150,6 +150,15 @@ def build_option_parser(prog):
                    help="stap's caches for compiles, one subdirectory per compile account "
                    "(default: /var/cache/stap-server for root, "
                    "$SYSTEMTAP_DIR/compile-cache otherwise)")
+    p.add_argument("--dns-update", metavar="ZONE",
+                   help="also register in this DNS zone (wide-area DNS-SD, for clients on "
+                   "other subnets) by DNS UPDATE signed with --tsig-key, sent to --dns-server; "
+                   "the records go when the server stops")
+    p.add_argument("--dns-server", metavar="ADDRESS[:PORT]",
+                   help="the primary server of the --dns-update zone")
+    p.add_argument("--tsig-key", metavar="FILE",
+                   help="the TSIG key that the zone accepts updates with (BIND's key "
+                   "statement, as tsig-keygen writes it)")
     p.add_argument("--load-refresh", type=float, default=10, metavar="SECONDS",
                    help="refresh the advertised load hint at most this often (default 10)")
     p.add_argument("--advertise", choices=("auto", "avahi", "mdns", "none"), default="auto",
@@ -184,6 +193,7 @@ class Config:
     cache_dir: str
     advertise: str
     load_refresh: float
+    dns_update: tuple  # (zone, server, port, key file) or None
     result_cache_size: int
     renew_check: float
 
@@ -235,7 +245,19 @@ def parse_config(argv, prog=PROG):
         tmpdir=os.path.abspath(opts.tmpdir or tempfile.gettempdir()),
         cache_dir=os.path.abspath(opts.cache_dir or default_cache_dir()),
         advertise=opts.advertise, load_refresh=opts.load_refresh,
+        dns_update=dns_update_target(opts),
         result_cache_size=opts.result_cache_size, renew_check=opts.renew_check)
+
+
+def dns_update_target(opts):
+    """(zone, server address, port, key file) for --dns-update, or None."""
+    given = [opts.dns_update, opts.dns_server, opts.tsig_key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise Error("--dns-update, --dns-server and --tsig-key go together")
+    host, port = client.parse_server_spec(opts.dns_server)
+    return (opts.dns_update.rstrip(".") + ".", host, port or 53, os.path.abspath(opts.tsig_key))
 
 
 def served_releases(requested):
@@ -1713,6 +1735,12 @@ def txt_strings(sysinfo, version, certinfo, optinfo='', load=()):
             f'certinfo={certinfo}', f'optinfo={optinfo}'] + list(load)
 
 
+def txt_rdata_text(strings):
+    """TXT strings in DNS presentation form: each quoted, quotes escaped."""
+    return " ".join('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                    for t in strings)
+
+
 class Advertiser:
     """Advertise one server: one DNS-SD instance per served sysinfo.
 
@@ -2028,9 +2056,7 @@ class MdnsResponder:
                 f'0 0 {self.adv.port} {self.hostname.to_text()}')
             txt = txt_strings(sysinfo, self.adv.version, self.adv.certinfo,
                               self.adv.optinfo, self.adv.load)
-            add(fqdn, dns.rdatatype.TXT,
-                ' '.join('"' + t.replace('\\', '\\\\').replace('"', '\\"') + '"'
-                         for t in txt))
+            add(fqdn, dns.rdatatype.TXT, txt_rdata_text(txt))
         add(self.hostname, dns.rdatatype.A, iface.address)
         if self.adv.listen in (None, '', '::'):  # reachable over IPv6 too
             for address in ipv6_addresses(iface.name):
@@ -2138,6 +2164,118 @@ class MdnsResponder:
 
 
 # --------------------------------------------------------------------------
+# Wide-area DNS-SD: the same records in a unicast DNS zone (RFC 6763 over
+# RFC 2136 DNS UPDATE, signed with TSIG), for clients beyond multicast
+# --------------------------------------------------------------------------
+
+DNS_TTL = 120
+TSIG_KEY = re.compile(r'key\s+"?([^"\s{]+)"?\s*\{[^}]*algorithm\s+"?([\w-]+)"?\s*;'
+                      r'[^}]*secret\s+"([^"]+)"\s*;', re.S)
+
+
+class ZoneRegistration:
+    """One server's instances (one per served sysinfo) in a DNS zone: PTR
+    from _stap._tcp.ZONE, SRV and TXT at each instance, A for the host."""
+
+    def __init__(self, config, port, version, der):
+        require_dnspython()
+        import dns.query
+        import dns.rcode
+        import dns.tsigkeyring
+        import dns.update
+        self.zone, self.server, self.server_port, keyfile = config.dns_update
+        self.config, self.port, self.version, self.der = config, port, version, der
+        self.keyring, self.keyname, self.algorithm = read_tsig_key(keyfile)
+        self.host = dns.name.from_text(f"{short_hostname()}.{self.zone}")
+        self.stype = dns.name.from_text(f"{SERVICE_TYPE}.{self.zone}")
+        self.instances = []
+
+    def update(self):
+        import dns.update
+        return dns.update.UpdateMessage(self.zone, keyring=self.keyring, keyname=self.keyname,
+                                        keyalgorithm=self.algorithm)
+
+    def send(self, message):
+        """The rcode of one update; Error when the zone's server refuses us."""
+        import dns.exception
+        import dns.query
+        try:
+            reply = dns.query.tcp(message, self.server, port=self.server_port, timeout=5)
+        except (dns.exception.DNSException, OSError) as e:
+            raise Error(f"DNS UPDATE of {self.zone} at {self.server}: "
+                        f"{e.__class__.__name__}: {e}") from None
+        return reply.rcode()
+
+    def register(self):
+        """Add every instance under a name nobody else holds in the zone."""
+        import dns.rcode
+        address = self.address()
+        for sysinfo, wanted in zip(self.sysinfos(), Advertiser(
+                self.port, self.sysinfos(), self.version, "").wanted_names()):
+            name = wanted
+            for _ in range(20):
+                instance = dns.name.Name([name.encode()]).concatenate(self.stype)
+                msg = self.update()
+                msg.absent(instance, "SRV")  # prerequisite: the name is free
+                msg.add(self.stype, DNS_TTL, "PTR", instance.to_text())
+                msg.add(instance, DNS_TTL, "SRV", f"0 0 {self.port} {self.host.to_text()}")
+                msg.add(instance, DNS_TTL, "TXT", self.txt(sysinfo))
+                msg.replace(self.host, DNS_TTL, "A", address)
+                rcode = self.send(msg)
+                if rcode == dns.rcode.NOERROR:
+                    self.instances.append(instance)
+                    break
+                if rcode != dns.rcode.YXRRSET:
+                    raise Error(f"DNS UPDATE of {self.zone} at {self.server} refused: "
+                                f"{dns.rcode.to_text(rcode)}")
+                name = alternative_name(name)
+        logging.info("registered in %s at %s: %s", self.zone, self.server,
+                     ", ".join(i.to_text() for i in self.instances))
+
+    def withdraw(self):
+        for instance in self.instances:
+            msg = self.update()
+            msg.delete(self.stype, "PTR", instance.to_text())
+            msg.delete(instance)
+            try:
+                self.send(msg)
+            except Error as e:
+                logging.warning("%s", e)
+        self.instances = []
+
+    def sysinfos(self):
+        return [f"{r} {self.config.arch}" for r in self.config.releases]
+
+    def txt(self, sysinfo):
+        return txt_rdata_text(txt_strings(sysinfo, self.version, certinfo(self.der),
+                                          " ".join(self.config.stap_options)))
+
+    def address(self):
+        """The address clients reach us at: the one we listen on, or the one
+        our packets to the zone's server leave from."""
+        listen = self.config.listen
+        if listen not in ("::", "0.0.0.0", "") and not ipaddress.ip_address(listen).is_loopback:
+            return listen
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((self.server, self.server_port))  # sends nothing
+            return probe.getsockname()[0]
+
+
+def read_tsig_key(path):
+    """(keyring, key name, algorithm) from a BIND key statement."""
+    import dns.tsigkeyring
+    try:
+        with open(path) as f:
+            m = TSIG_KEY.search(f.read())
+    except OSError as e:
+        raise Error(f"cannot read the TSIG key {path}: {e.strerror}") from None
+    if not m:
+        raise Error(f"{path} holds no key statement with an algorithm and a secret")
+    name, algorithm, secret = m.groups()
+    return dns.tsigkeyring.from_text({name: (algorithm, secret)}), name, algorithm
+
+
+# --------------------------------------------------------------------------
 # Status files
 # --------------------------------------------------------------------------
 
@@ -2202,6 +2340,9 @@ def stap_serverd(argv):
     stop = lambda signum, frame: server.stopping.set()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    zone = ZoneRegistration(config, port, server.version, der) if config.dns_update else None
+    if zone:
+        zone.register()  # before the status file: a refused update fails the start
     status = write_status(config, port, der)
     logging.info("listening on %s port %d; serving %s; certificate sha256 %s",
                  config.listen, port, ", ".join(config.releases), client.fingerprint(der))
@@ -2210,6 +2351,8 @@ def stap_serverd(argv):
     try:
         server.serve_forever()
     finally:
+        if zone:
+            zone.withdraw()
         advertising.stop()
         server.shutdown()
         os.unlink(status)

@@ -38,7 +38,7 @@ from common import (  # noqa: E402
     result_cache_off_args, rss_kib, runtime_fixture, server_help, start_our_server, tail,
     timed, verdict)
 
-BENCHMARKS = ["overhead", "sandbox", "interop", "load", "resultcache", "concurrency",
+BENCHMARKS = ["overhead", "sandbox", "interop", "load", "fleet", "resultcache", "concurrency",
               "discovery", "startup", "profile"]
 
 
@@ -451,6 +451,64 @@ def burst(argvs, env, cwd, timeout=900):
     return served, busy, failed, time.perf_counter() - started
 
 
+# --------------------------------------------------------------------------
+# 2c. A fleet: the same burst spread over 1, 2 and 3 servers by discovery
+# --------------------------------------------------------------------------
+
+FLEET_CLIENTS = 60
+
+
+def bench_fleet(ctx, report):
+    """60 distinct -p2 clients, no --server: discovery (built-in multicast DNS
+    in one namespace) and the clients' ranking spread them over 1, 2 or 3
+    servers of --max-threads 1.  Throughput and scaling against one."""
+    import netns
+    problem = netns.skip_reason()
+    if problem:
+        report.not_measured(problem)
+        return
+    walls = {}
+    for count in (1, 2, 3):
+        with netns.TestNetwork(single=True) as net:
+            host = net.hosts[0]
+            servers = [start_our_server(ctx.box, ctx.krel, ctx.rt, "--max-threads", "1",
+                                        log=ctx.box.path(f"fleet-{count}-{n}.log"), host=host,
+                                        listen="::", advertise="mdns") for n in range(count)]
+            try:
+                progress(f"2c: {FLEET_CLIENTS} clients over {count} server(s)")
+                wait_advertised(ctx, host, servers)
+                argv = [PY, CLIENT, "stap-client", "-r", ctx.krel, "-p2"]
+                scripts = [ctx.unique_script(f"fleet{count}") for _ in range(FLEET_CLIENTS)]
+                served, busy, failed, wall = burst(
+                    [host.prefix() + argv + [s] for s in scripts], ctx.box.env, ctx.cwd)
+                shares = [sum(1 for line in open(srv.log) if " request client=" in line)
+                          for srv in servers]
+            finally:
+                for srv in servers:
+                    srv.stop()
+        walls[count] = wall
+        scale = walls[1] / wall
+        target = {1: None, 2: 1.8, 3: 2.5}[count]
+        report.summary(
+            f"{count} server(s): {served} served, {busy} busy, {failed} failed, wall {wall:.1f} s, "
+            f"{served / wall:.2f} requests/s, {scale:.2f}x one server"
+            + (f" (target >= {target}x: {'met' if scale >= target else 'MISSED'})" if target
+               else "") + f"; requests per server {shares}",
+            key=f"fleet_{count}", served=served, wall=wall, scale=scale, shares=shares)
+    report.note(f"this machine has {os.cpu_count()} cores: compiles are CPU-bound, so more "
+                "servers than cores on one machine cannot scale further")
+
+
+def wait_advertised(ctx, host, servers, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = host.run([PY, CLIENT, "stap-find-servers", "--all"], env=ctx.box.env).stdout
+        if all(f" {srv.port} " in out for srv in servers):
+            return
+        time.sleep(0.3)
+    raise RuntimeError("not every server was advertised")
+
+
 class _Addr:
     """A server address with no log (the real server) for ctx.ours()."""
 
@@ -809,6 +867,8 @@ RUNNERS = {"overhead": ("1. stap-client round trip vs local stap (-p4)", bench_o
                        "(one network namespace)", bench_interop),
            "load": ("2b. 30 and 100 concurrent clients, --max-threads 2, every pairing",
                     bench_load),
+           "fleet": ("2c. 60 clients spread over 1, 2 and 3 servers (--max-threads 1)",
+                     bench_fleet),
            "resultcache": ("3. identical repeated requests (server result cache)",
                            bench_resultcache),
            "concurrency": ("4. concurrent distinct -p4 compiles, --max-threads 2; memory",

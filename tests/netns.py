@@ -38,6 +38,11 @@ import time
 SUBNET_PREFIX = 24
 HOST_ADDRESSES = ('10.200.0.1', '10.200.0.2')
 HOST_NAMES = ('stap-host-a', 'stap-host-b')
+# The routed network: A and B on two subnets, router R between them.
+ROUTED_ADDRESSES = ('10.201.1.2', '10.201.2.2')
+ROUTER_ADDRESSES = ('10.201.1.1', '10.201.2.1')
+ROUTER_NAME = 'stap-router'
+
 VETH = 'veth0'          # the same name inside each namespace
 AVAHI_READY_TIMEOUT = 10.0
 
@@ -271,11 +276,14 @@ class TestNetwork:
     single: one host with loopback only (multicast enabled on lo, a
     224.0.0.0/4 route on it), instead of the two-host veth network.
     ipv6: let avahi use IPv6 too (link-local addresses on the veth).
+    routed: A and B on two subnets with a router R between them
+    (net.router; forwarding on, each host's default route through it), so
+    that multicast does not reach from one to the other.
     """
 
     __test__ = False   # not a pytest test class despite the name
 
-    def __init__(self, avahi=False, single=False, ipv6=False):
+    def __init__(self, avahi=False, single=False, ipv6=False, routed=False):
         count = 1 if single else 2
         if isinstance(avahi, bool):
             avahi = (avahi,) * count
@@ -284,6 +292,8 @@ class TestNetwork:
         self.avahi_flags = tuple(avahi)
         self.single = single
         self.ipv6 = ipv6
+        self.routed = routed
+        self.router = None
         self.hosts = []
         self._netns = []
         self._workdir = None
@@ -311,11 +321,14 @@ class TestNetwork:
             _check(['ip', '-n', name, 'link', 'set', 'lo', 'up'])
             workdir = os.path.join(self._workdir, HOST_NAMES[i])
             os.mkdir(workdir)
-            address = '127.0.0.1' if self.single else HOST_ADDRESSES[i]
+            address = '127.0.0.1' if self.single else \
+                (ROUTED_ADDRESSES if self.routed else HOST_ADDRESSES)[i]
             self.hosts.append(Host(name, HOST_NAMES[i], address, workdir))
 
         if self.single:
             self._setup_loopback(self._netns[0])
+        elif self.routed:
+            self.router = self._setup_router(f'{tag}r')
         else:
             self._setup_veth(*self._netns)
 
@@ -336,6 +349,29 @@ class TestNetwork:
             _check(['ip', '-n', ns, 'link', 'set', VETH, 'up'])
             _check(['ip', '-n', ns, 'route', 'add', '224.0.0.0/4', 'dev', VETH])
 
+    def _setup_router(self, name):
+        """R, joined to A and to B by a veth pair each, forwarding between
+        them; A and B route everything through it."""
+        _check(['ip', 'netns', 'add', name])
+        self._netns.append(name)
+        _check(['ip', '-n', name, 'link', 'set', 'lo', 'up'])
+        _check(['ip', 'netns', 'exec', name, 'sysctl', '-q', '-w', 'net.ipv4.ip_forward=1'])
+        for host, ours, theirs, side in zip(self.hosts, ROUTER_ADDRESSES, ROUTED_ADDRESSES, 'ab'):
+            _check(['ip', '-n', host.netns, 'link', 'add', VETH, 'type', 'veth',
+                    'peer', 'name', f'veth{side}', 'netns', name])
+            _check(['ip', '-n', host.netns, 'addr', 'add', f'{theirs}/{SUBNET_PREFIX}',
+                    'dev', VETH])
+            _check(['ip', '-n', name, 'addr', 'add', f'{ours}/{SUBNET_PREFIX}',
+                    'dev', f'veth{side}'])
+            for ns, dev in ((host.netns, VETH), (name, f'veth{side}')):
+                _check(['ip', '-n', ns, 'link', 'set', dev, 'up'])
+            _check(['ip', '-n', host.netns, 'route', 'add', 'default', 'via', ours])
+        workdir = os.path.join(self._workdir, ROUTER_NAME)
+        os.mkdir(workdir)
+        router = Host(name, ROUTER_NAME, ROUTER_ADDRESSES[0], workdir)
+        router.start_holder()
+        return router
+
     @staticmethod
     def _setup_loopback(ns):
         # lo carries no multicast by default; avahi ignores loopback
@@ -346,7 +382,7 @@ class TestNetwork:
 
     def cleanup(self):
         """End all processes, delete the namespaces and the scratch dir."""
-        for host in self.hosts:
+        for host in self.hosts + ([self.router] if self.router else []):
             with contextlib.suppress(Exception):
                 host.cleanup()
         for name in self._netns:

@@ -1,0 +1,132 @@
+"""Wide-area DNS-SD (issue 11): a server on one subnet registers itself by
+TSIG-signed DNS UPDATE in a zone of a real BIND 9, and a client on another
+subnet, routed through a third namespace where multicast does not reach,
+finds and uses it through unicast DNS; a wrong key is refused with one
+line; a stopped server's records go."""
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
+from netns import TestNetwork, skip_reason
+
+ZONE = "fleet.test"
+KEY_NAME = "stap-update"
+
+
+def key_statement(secret):
+    return f'key "{KEY_NAME}" {{ algorithm hmac-sha256; secret "{secret}"; }};\n'
+
+
+@pytest.fixture
+def fleet(krel):
+    """(A, B, router, key file, sandbox): BIND 9 on the router serves ZONE,
+    updatable with the key; B's resolver is the router, its search domain
+    ZONE, and the sandbox's configuration browses the search domains."""
+    if os.geteuid() != 0 or skip_reason():
+        pytest.skip(skip_reason() or "needs root (network namespaces)")
+    if not shutil.which("named"):
+        pytest.skip("BIND 9 is not installed (tools/install-deps installs bind9)")
+    with TestNetwork(routed=True) as net:
+        a, b = net.hosts
+        r, w = net.router, net.router.workdir
+        keyfile = os.path.join(w, "update.key")
+        with open(keyfile, "w") as f:
+            f.write(key_statement(base64.b64encode(os.urandom(32)).decode()))
+        with open(os.path.join(w, f"{ZONE}.zone"), "w") as f:
+            f.write(f"$TTL 60\n@ IN SOA ns.{ZONE}. admin.{ZONE}. 1 60 60 600 60\n"
+                    f"@ IN NS ns.{ZONE}.\nns IN A 10.201.1.1\n"
+                    "b._dns-sd._udp IN PTR @\n")  # "browse this domain" (RFC 6763 11)
+        with open(os.path.join(w, "named.conf"), "w") as f:
+            f.write(f'include "{keyfile}";\ncontrols {{ }};\n'
+                    f'options {{ directory "{w}"; pid-file "{w}/named.pid"; '
+                    f'session-keyfile "{w}/session.key"; listen-on {{ 10.201.1.1; 10.201.2.1; }}; '
+                    'listen-on-v6 { none; }; recursion no; dnssec-validation no; };\n'
+                    f'zone "{ZONE}" {{ type primary; file "{w}/{ZONE}.zone"; '
+                    f'allow-update {{ key "{KEY_NAME}"; }}; }};\n')
+        log = open(os.path.join(w, "named.log"), "w")
+        r.popen(["named", "-g", "-c", os.path.join(w, "named.conf")], stdout=log,
+                stderr=subprocess.STDOUT)
+        wait_until(lambda: "running" in open(os.path.join(w, "named.log")).read(), 10,
+                   "named did not start")
+        resolv = os.path.join(b.workdir, "resolv.conf")
+        with open(resolv, "w") as f:
+            f.write(f"nameserver 10.201.2.1\nsearch {ZONE}\n")
+        b.run(["mount", "--bind", resolv, "/etc/resolv.conf"], check=True)  # B's own mounts
+        box = make_sandbox()
+        with open(os.path.join(box.sysconfdir, "systemtap", "stap-server-domains"), "w") \
+                if os.path.isdir(os.path.join(box.sysconfdir, "systemtap")) else \
+                open_creating(os.path.join(box.sysconfdir, "systemtap", "stap-server-domains")) \
+                as f:
+            f.write("# the host's search domains\nsearch\n")
+        try:
+            yield a, b, r, keyfile, box
+        finally:
+            shutil.rmtree(box.top, ignore_errors=True)
+
+
+def open_creating(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return open(path, "w")
+
+
+def start(host, box, krel, keyfile, *extra):
+    return host.run([PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel,
+                     "--log", box.path(f"server-{time.monotonic_ns()}.log"), "--dns-update",
+                     ZONE, "--dns-server", "10.201.1.1", "--tsig-key", keyfile, *extra],
+                    env=box.env, timeout=60)
+
+
+def find(host, box, *args):
+    return host.run([PYTHON, CLIENT, "stap-find-servers", "--all", *args], env=box.env)
+
+
+def test_found_and_used_across_subnets_then_gone(fleet, krel):
+    a, b, _, keyfile, box = fleet
+    proc = start(a, box, krel, keyfile)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout)
+    try:
+        found = wait_until(lambda: [l for l in find(b, box).stdout.splitlines()
+                                    if "10.201.1.2" in l], 10, "not found over DNS")
+        print(f"B sees: {found[0]}")
+        host, address, port, rest = found[0].split(" ", 3)
+        assert host == f"stap-host-a.{ZONE}" and address == "10.201.1.2"
+        assert rest.startswith(f"'sysinfo={krel} x86_64'") and "'certinfo=" in rest
+        # multicast does not cross the router: without DNS, B finds nothing
+        proc = b.run([PYTHON, CLIENT, "stap-find-servers", "--all"],
+                     env={**box.env, "STAP_SYSCONFDIR": box.path("empty-etc")})
+        assert proc.returncode == 1 and "10.201.1.2" not in proc.stdout
+        # the explicit option does the same as the configuration file
+        proc = b.run([PYTHON, CLIENT, "stap-find-servers", "--all", f"--domain={ZONE}"],
+                     env={**box.env, "STAP_SYSCONFDIR": box.path("empty-etc")})
+        assert "10.201.1.2" in proc.stdout, proc.stdout + proc.stderr
+        # a client on B compiles through it, found in DNS
+        proc = b.run([PYTHON, CLIENT, "stap-client", "-r", krel, "-p2", "-e",
+                      "probe begin { exit() }"], env=box.env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "begin" in proc.stdout
+    finally:
+        stop_pid(pid)
+    wait_until(lambda: "10.201.1.2" not in find(b, box).stdout, 10,
+               "a stopped server's records stayed in the zone")
+
+
+def test_a_wrong_key_is_refused_in_one_line(fleet, krel):
+    a, _, _, keyfile, box = fleet
+    wrong = box.path("wrong.key")
+    with open(wrong, "w") as f:
+        f.write(key_statement(base64.b64encode(os.urandom(32)).decode()))
+    proc = start(a, box, krel, wrong)
+    assert proc.returncode == 1
+    err = proc.stderr.strip()
+    print(err)
+    assert len(err.splitlines()) == 1, err
+    assert re.match(rf"stap-start-server: ERROR: DNS UPDATE of {ZONE}\. at 10\.201\.1\.1", err), err
+    assert "BADSIG" in err or "BadSignature" in err or "NOTAUTH" in err, err
