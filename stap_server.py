@@ -2106,8 +2106,11 @@ class MdnsResponder:
 
     def _handle(self, wire, source, ifindex):
         message, unicast_flags = parse_mdns(wire)
-        if message is None or message.flags & dns.flags.QR:
-            return                             # garbage or a response
+        if message is None:
+            return                             # garbage
+        if message.flags & dns.flags.QR:
+            self._resolve_conflicts(message)   # another responder's answer
+            return
         iface = self._interface(ifindex)
         if iface is None:
             return
@@ -2132,6 +2135,28 @@ class MdnsResponder:
             self._send(reply.to_wire(), source, iface)
         else:
             self._send(reply.to_wire(), (MDNS_GROUP, MDNS_PORT), iface)
+
+    def _resolve_conflicts(self, message):
+        """Two servers that probed at the same moment can claim one name
+        (RFC 6762 9): when another announces our instance with another port,
+        the one with the higher port takes the next free name, and the other
+        defends the name by announcing it again (the newcomer may have
+        missed its first announcement)."""
+        for rrset in message.answer:
+            if rrset.rdtype != dns.rdatatype.SRV:
+                continue
+            for i, name in enumerate(self.names):
+                ports = {rd.port for rd in rrset} - {self.adv.port}
+                if rrset.name != self.instance_fqdn(name) or not ports:
+                    continue
+                if min(ports) < self.adv.port:
+                    renamed = alternative_name(name)
+                    while renamed in self.names:
+                        renamed = alternative_name(renamed)
+                    self.names[i] = renamed
+                    logging.info("instance name %r is taken by the server on port %d; now %r",
+                                 name, min(ports), renamed)
+                self._announce(MDNS_TTL)
 
     def _interface(self, ifindex):
         for iface in self.interfaces:

@@ -227,3 +227,30 @@ def test_same_request_lands_on_the_same_server_of_three(network_factory, krel,  
     finally:
         for pid, _ in servers:
             stop_pid(pid)
+
+
+def test_servers_started_at_once_on_one_host_both_appear(network_factory, krel):  # noqa: F811
+    """Two responders that probe the same name at the same moment resolve
+    the conflict (the higher port yields, the other defends): both servers
+    are seen, under different names."""
+    net = network_factory(avahi=False)
+    a, b = net.hosts
+    box = make_sandbox()
+    stop_pid(start_on(a, box, krel, "--advertise", "none")[0])  # the certificate, made once
+    logs = [box.path(f"twin{n}.log") for n in range(2)]
+    starts = [a.popen([PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel,
+                       "--log", log], env=box.env, stdout=subprocess.PIPE, text=True)
+              for log in logs]
+    pids = [int(p.communicate(timeout=60)[0]) for p in starts]
+    try:
+        ports = [json.loads(a.run(["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout)
+                 ["port"] for pid in pids]
+        wait_until(lambda: all(f" {port} " in find(b, box, "--all")[0].stdout for port in ports),
+                   10, "both servers were not seen")
+        names = [re.findall(r"advertised as '(.*)' through", open(log).read()) for log in logs]
+        renamed = [re.findall(r"now '(.*)'$", open(log).read(), re.M) for log in logs]
+        final = {(r or n)[-1] for n, r in zip(names, renamed)}
+        assert len(final) == 2, (names, renamed)
+    finally:
+        for pid in pids:
+            stop_pid(pid)
