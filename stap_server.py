@@ -1728,6 +1728,15 @@ def alternative_name(name):
     return f'{name} #2'
 
 
+def instance_names(host, count):
+    """A distinct instance name for each of count sysinfos; collisions
+    bump the suffix later."""
+    names = [INSTANCE_PREFIX + host]
+    while len(names) < count:
+        names.append(alternative_name(names[-1]))
+    return names
+
+
 def txt_strings(sysinfo, version, certinfo, optinfo='', load=()):
     """The TXT strings of one instance, as real systemtap clients read them,
     then our load hint (real clients ignore keys they do not know)."""
@@ -1763,15 +1772,8 @@ class Advertiser:
         self._publishers = []     # avahi-publish-service children
         self._responder = None
 
-    def base_name(self):
-        return INSTANCE_PREFIX + self.host
-
     def wanted_names(self):
-        """A distinct name per sysinfo; collisions bump the suffix later."""
-        names = [self.base_name()]
-        while len(names) < len(self.sysinfos):
-            names.append(alternative_name(names[-1]))
-        return names
+        return instance_names(self.host, len(self.sysinfos))
 
     def start(self, how="auto"):
         """Publish ("auto": avahi when a daemon answers, else our own
@@ -2235,8 +2237,8 @@ class ZoneRegistration:
         """Add every instance under a name nobody else holds in the zone."""
         import dns.rcode
         address = self.address()
-        for sysinfo, wanted in zip(self.sysinfos(), Advertiser(
-                self.port, self.sysinfos(), self.version, "").wanted_names()):
+        sysinfos = self.sysinfos()
+        for sysinfo, wanted in zip(sysinfos, instance_names(short_hostname(), len(sysinfos))):
             name = wanted
             for _ in range(20):
                 instance = dns.name.Name([name.encode()]).concatenate(self.stype)

@@ -280,46 +280,60 @@ def bench_sandbox(ctx, report):
 # 2. Our server and client vs the real stap-serverd 4.8 and stap --use-server
 # --------------------------------------------------------------------------
 
-def bench_interop(ctx, report):
+@contextlib.contextmanager
+def real_and_ours(ctx, report, real_extra=(), ours_extra=(), log="server-ns.log"):
+    """In one network namespace: the real stap-serverd (as nobody) and our
+    server, both trusted by the real client.  Yields (host, real, ours,
+    the real client's environment, its client database), or None after
+    noting why the real server cannot run."""
     import netns
     problem = real_serverd_problem() or netns.skip_reason()
     if problem:
         report.not_measured(f"real stap-serverd: {problem}")
+        yield None
         return
     with netns.TestNetwork(single=True) as net:
         host = net.hosts[0]
-        real = RealServer(host, ctx.krel, ctx.rt)
+        real = RealServer(host, ctx.krel, ctx.rt, extra=real_extra)
         try:
             progress("starting the real stap-serverd as nobody in a network namespace")
             real.start()
         except Exception as e:
             report.not_measured(f"real stap-serverd could not be run: {e}")
+            yield None
             return
         try:
-            report.note(f"real stap-serverd listening {real.ready_seconds:.2f} s after launch")
-            ctx.shared["real_ready"] = real.ready_seconds
             progress("starting our server in the same namespace")
-            ours = start_our_server(ctx.box, ctx.krel, ctx.rt, *(ctx.cache_off or []),
-                                    log=ctx.box.path("server-ns.log"), host=host)
+            ours = start_our_server(ctx.box, ctx.krel, ctx.rt, *ours_extra,
+                                    log=ctx.box.path(log), host=host)
             try:
                 ours.tail = LogTail(ours.log)
-                run_interop(ctx, report, host, real, ours)
-                ctx.shared["real_rss_kib"] = rss_kib(real.pid)
-                ctx.shared["real_hwm_kib"] = rss_kib(real.pid, "VmHWM")
+                renv = real_client_env(ctx.top)
+                for srv in (real, ours):
+                    proc = host.run(["stap", "--trust-servers=ssl,no-prompt",
+                                     f"--use-server={srv.address}"], env=renv, timeout=60)
+                    if proc.returncode != 0:
+                        report.note(f"real client could not trust {srv.address}: "
+                                    f"{tail(proc.stderr)}")
+                yield host, real, ours, renv, os.path.join(renv["SYSTEMTAP_DIR"], "ssl", "client")
             finally:
                 ours.stop()
         finally:
             real.stop()
 
 
-def run_interop(ctx, report, host, real, ours):
-    renv = real_client_env(ctx.top)
-    for srv in (real, ours):
-        proc = host.run(["stap", "--trust-servers=ssl,no-prompt",
-                         f"--use-server={srv.address}"], env=renv, timeout=60)
-        if proc.returncode != 0:
-            report.note(f"real client could not trust {srv.address}: {tail(proc.stderr)}")
-    ssl_db = os.path.join(renv["SYSTEMTAP_DIR"], "ssl", "client")
+def bench_interop(ctx, report):
+    with real_and_ours(ctx, report, ours_extra=ctx.cache_off or []) as peers:
+        if peers:
+            report.note(f"real stap-serverd listening {peers[1].ready_seconds:.2f} s after "
+                        "launch")
+            ctx.shared["real_ready"] = peers[1].ready_seconds
+            run_interop(ctx, report, *peers)
+            ctx.shared["real_rss_kib"] = rss_kib(peers[1].pid)
+            ctx.shared["real_hwm_kib"] = rss_kib(peers[1].pid, "VmHWM")
+
+
+def run_interop(ctx, report, host, real, ours, renv, ssl_db):
     R = lambda addr, p, s: ctx.real_client(addr, p, s, host, renv)  # noqa: E731
 
     ctx.warm_local()
@@ -372,32 +386,13 @@ LOAD_SIZES = (30, 100)
 def bench_load(ctx, report):
     """30 and 100 concurrent distinct -p2 requests against --max-threads 2,
     the real 4.8 client and server in all four pairings, in one namespace."""
-    import netns
-    problem = real_serverd_problem() or netns.skip_reason()
-    if problem:
-        report.not_measured(f"real stap-serverd: {problem}")
-        return
-    with netns.TestNetwork(single=True) as net:
-        host = net.hosts[0]
-        real = RealServer(host, ctx.krel, ctx.rt, extra=["--max-threads=2"])
-        real.start()
-        try:
-            ours = start_our_server(ctx.box, ctx.krel, ctx.rt, "--max-threads", "2",
-                                    log=ctx.box.path("server-load.log"), host=host)
-            try:
-                run_load(ctx, report, host, real, ours)
-            finally:
-                ours.stop()
-        finally:
-            real.stop()
+    with real_and_ours(ctx, report, real_extra=["--max-threads=2"],
+                       ours_extra=["--max-threads", "2"], log="server-load.log") as peers:
+        if peers:
+            run_load(ctx, report, *peers)
 
 
-def run_load(ctx, report, host, real, ours):
-    renv = real_client_env(ctx.top)
-    for srv in (real, ours):
-        host.run(["stap", "--trust-servers=ssl,no-prompt", f"--use-server={srv.address}"],
-                 env=renv, timeout=60)
-    ssl_db = os.path.join(renv["SYSTEMTAP_DIR"], "ssl", "client")
+def run_load(ctx, report, host, real, ours, renv, ssl_db):
     real_cmd = lambda addr, script: host.prefix() + [  # noqa: E731
         "stap", f"--use-server={addr}", "-r", ctx.krel, "-p2", script]
     our_cmd = lambda addr, script, *extra: host.prefix() + [  # noqa: E731

@@ -94,6 +94,14 @@ def verify_sgn(srv, module, workdir):
                            module + ".sgn", module], capture_output=True, text=True)
 
 
+def signed_module(box, srv, krel):
+    """stap-client -p4 at stapusr through srv: the delivered module's path."""
+    proc = box.run("stap-client", f"--server={srv.address}", "-r", krel,
+                   "--privilege=stapusr", "-p4", "-e", SCRIPT)
+    assert proc.returncode == 0, proc.stderr
+    return module_in(box.top)
+
+
 def module_in(directory):
     mods = [n for n in os.listdir(directory) if n.endswith(".ko")]
     assert len(mods) == 1, os.listdir(directory)
@@ -114,10 +122,7 @@ def test_real_client_at_stapusr_gets_a_signed_module(server, krel, stapusr, home
 
 
 def test_our_client_at_stapusr_gets_a_signed_module(server, sandbox, krel):
-    proc = sandbox.run("stap-client", f"--server={server.address}", "-r", krel,
-                       "--privilege=stapusr", "-p4", "-e", SCRIPT)
-    assert proc.returncode == 0, proc.stderr
-    module = module_in(sandbox.top)
+    module = signed_module(sandbox, server, krel)
     check = verify_sgn(server, module, sandbox.top)
     assert check.stdout.strip() == "Verified OK", check.stdout + check.stderr
     # stapdev (the default) gets no signature: staprun needs none there
@@ -134,10 +139,7 @@ def test_real_staprun_checks_the_signature(servers, server, sandbox, krel, runti
                                            cache_dir, stapusr, home):
     """valid: inserted (then the kernel's refusal); one byte altered:
     altered; signed by a server that is no trusted signer: unable to verify."""
-    proc = sandbox.run("stap-client", f"--server={server.address}", "-r", krel,
-                       "--privilege=stapusr", "-p4", "-e", SCRIPT)
-    assert proc.returncode == 0, proc.stderr
-    signed = module_in(sandbox.top)
+    signed = signed_module(sandbox, server, krel)
     for suffix in ("", ".sgn"):
         shutil.copy(signed + suffix, os.path.join(home, "valid.ko" + suffix))
         shutil.copy(signed + suffix, os.path.join(home, "altered.ko" + suffix))
@@ -148,10 +150,7 @@ def test_real_staprun_checks_the_signature(servers, server, sandbox, krel, runti
         f.write(bytes([byte[0] ^ 0xFF]))
     other_box = conftest.make_sandbox()
     other = servers.start(other_box, krel, runtime, cache=cache_dir)
-    proc = other_box.run("stap-client", f"--server={other.address}", "-r", krel,
-                         "--privilege=stapusr", "-p4", "-e", SCRIPT)
-    assert proc.returncode == 0, proc.stderr
-    foreign = module_in(other_box.top)
+    foreign = signed_module(other_box, other, krel)
     for suffix in ("", ".sgn"):
         shutil.copy(foreign + suffix, os.path.join(home, "foreign.ko" + suffix))
     for name in os.listdir(home):
