@@ -577,6 +577,7 @@ class Limits:
     max_entry_bytes = 128 << 20
     max_total_bytes = 256 << 20
     max_ratio = 200  # uncompressed/compressed, for entries over 1 MiB
+    too_large = "archive unpacks to {total} bytes, more than {limit}"  # the server words it its own way
 
     def __init__(self, **overrides):
         for name, value in overrides.items():
@@ -630,8 +631,8 @@ def safe_members(zf, limits):
         if info.file_size > 1 << 20 and info.file_size > limits.max_ratio * max(info.compress_size, 1):
             raise Error(f"archive entry {info.filename} is compressed suspiciously well")
         total += info.file_size
-        if total > limits.max_total_bytes:
-            raise Error(f"archive unpacks to more than {limits.max_total_bytes} bytes")
+    if total > limits.max_total_bytes:
+        raise Error(limits.too_large.format(total=total, limit=limits.max_total_bytes))
     return infos
 
 

@@ -123,8 +123,13 @@ def build_option_parser(prog):
     p.add_argument("--allow-guru", action="store_true",
                    help="let clients use guru mode (-g, embedded C); such compiles stay "
                    "sandboxed, use a throw-away stap cache and are never cached")
-    p.add_argument("--max-request-size", type=int, default=16 << 20, metavar="BYTES")
-    p.add_argument("--max-unpacked-size", type=int, default=256 << 20, metavar="BYTES")
+    # The real stap-serverd's names and meanings, so that configurations carry over
+    # (its defaults, 5 KB and 50 KB, would refuse ordinary -I tapset trees).
+    p.add_argument("--max-compressed-request", type=int, default=16 << 20, metavar="BYTES",
+                   help="largest request as sent, compressed (default 16 MiB)")
+    p.add_argument("--max-request-size", "--max-unpacked-size", dest="max_request_size",
+                   type=int, default=256 << 20, metavar="BYTES",
+                   help="largest request once unpacked (default 256 MiB)")
     p.add_argument("--max-pending-bytes", type=int, default=256 << 20, metavar="BYTES",
                    help="request bytes being received at once, all clients together "
                    "(default 256 MiB); requests are spooled to disk, not held in memory")
@@ -211,7 +216,8 @@ def status_path(pid):
 
 def parse_config(argv, prog=PROG):
     opts = build_option_parser(prog).parse_args(argv)
-    for name in ("max_threads", "max_per_address", "max_request_size", "max_pending_bytes"):
+    for name in ("max_threads", "max_per_address", "max_compressed_request", "max_request_size",
+                 "max_pending_bytes"):
         if getattr(opts, name) < 1:
             raise Error(f"--{name.replace('_', '-')} must be at least 1")
     for name, *_ in COMPILE_LIMITS:
@@ -226,8 +232,10 @@ def parse_config(argv, prog=PROG):
         stap_options += ["-I", os.path.abspath(d)]
     stap_options += [x for b in opts.kbuild for x in ("-B", b)]
     stap_options += [x for d in opts.defines for x in ("-D", d)]
-    limits = Limits(max_total_bytes=opts.max_unpacked_size,
-                    max_entry_bytes=min(Limits.max_entry_bytes, opts.max_unpacked_size))
+    limits = Limits(max_total_bytes=opts.max_request_size,
+                    max_entry_bytes=min(Limits.max_entry_bytes, opts.max_request_size),
+                    too_large="Uncompressed request size of {total} bytes is not within the "
+                    "expected range of 1 to {limit} bytes (--max-request-size)")  # the real words
     return Config(
         port=opts.port, listen=opts.listen,
         db=CertDB(opts.ssl or client.server_db_path()),
@@ -236,7 +244,7 @@ def parse_config(argv, prog=PROG):
         max_threads=opts.max_threads,
         queue=opts.queue, max_wait=opts.max_wait,
         user=compile_user(opts.user), sandbox=opts.sandbox, allow_guru=opts.allow_guru,
-        limits=limits, max_request=opts.max_request_size,
+        limits=limits, max_request=opts.max_compressed_request,
         max_pending=opts.max_pending_bytes, io_timeout=opts.io_timeout,
         handshake_timeout=opts.handshake_timeout, max_per_address=opts.max_per_address,
         compile_timeout=opts.compile_timeout,
@@ -1364,8 +1372,13 @@ class CompileServer:
             fields["error"] = "certificate fetch"
             yield None
             return
-        if size < 0 or size > self.config.max_request:
+        if size < 0:
             fields["error"] = f"bad request size {size}"
+            yield None
+            return
+        if size > self.config.max_request:  # the real server's words, for log searches
+            fields["error"] = (f"Error size of (compressed) request file is too large: {size} "
+                               f"bytes (--max-compressed-request {self.config.max_request})")
             yield None
             return
         with self.waiting_lock:

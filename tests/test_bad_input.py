@@ -45,8 +45,8 @@ def env(krel):
     tmpdir = server_tmpdir(box)
     srv = conftest.start_server(box, krel, None, "--tmpdir", tmpdir,
                                 "--io-timeout", str(IO_TIMEOUT),
-                                "--max-request-size", str(MAX_REQUEST),
-                                "--max-unpacked-size", str(MAX_UNPACKED))
+                                "--max-compressed-request", str(MAX_REQUEST),
+                                "--max-request-size", str(MAX_UNPACKED))
     yield box, srv, tmpdir
     srv.stop()
     import shutil
@@ -135,7 +135,9 @@ def test_bad_size_prefix(check, size, krel):
     got = raw_exchange(box, srv.port, size.to_bytes(4, "big", signed=True) + body)
     assert got == b""
     line = last_request_line(srv, before)
-    assert f"bad request size {size}" in line and "rc=" not in line, line
+    expected = f"bad request size {size}" if size < 0 else \
+        f"Error size of (compressed) request file is too large: {size} bytes"
+    assert expected in line and "rc=" not in line, line
 
 
 def test_fewer_bytes_than_announced_then_close(check, krel):
@@ -223,7 +225,8 @@ ARCHIVES = {
                   r"archive entry bomb is too large"),
     "bomb-total": (lambda k: zip_bytes(base_entries(k) + [
         (f"part{i}", os.urandom(1 << 20)) for i in range(9)], zipfile.ZIP_STORED),
-        r"archive unpacks to more than"),
+        r"Uncompressed request size of \d+ bytes is not within the expected range of 1 to "
+        rf"{MAX_UNPACKED} bytes \(--max-request-size\)"),
     "bomb-lying-header": (lying_bomb, r"archive entry bomb is corrupt"),
     "dotdot": (lambda k: zip_bytes(base_entries(k) + [(f"../{EVIL}", b"x")]),
                r"archive entry name '\.\./hx-evil-\w+' is not a plain relative path"),

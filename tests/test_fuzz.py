@@ -49,7 +49,7 @@ def fuzz_env(krel):
         der = stap_server.ensure_server_certificate(db)
         config = stap_server.parse_config(
             ["-r", krel, "--ssl", db.path, "--tmpdir", tmpdir, "--cache-dir", cache,
-             "--max-request-size", str(MAX_REQUEST), "--max-unpacked-size", str(1 << 20),
+             "--max-compressed-request", str(MAX_REQUEST), "--max-request-size", str(1 << 20),
              "--log", box.path("server.log")])
         stap_server.prepare_compile_step(config)  # the compile cache and a working sandbox
         client_db = stap_client.CertDB(stap_client.global_client_db_path())
