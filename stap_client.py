@@ -262,14 +262,18 @@ def colon_fingerprint(der):
     return ":".join(fp[i:i + 2] for i in range(0, len(fp), 2))
 
 
-def certificate_serial(der):
-    """The serial number of a DER certificate, as an integer."""
+def tbs_fields(der):
+    """The fields of a DER certificate's TBSCertificate after its version:
+    serial, signature, issuer, validity, subject, ... as der_children gives them."""
     _, start, end = der_element(der, 0)  # Certificate
     _, start, end = der_element(der, start)  # TBSCertificate
     fields = list(der_children(der, start, end))
-    if fields[0][0] == 0xA0:  # [0] version
-        fields = fields[1:]
-    _, _, start, end = fields[0]
+    return fields[1:] if fields[0][0] == 0xA0 else fields  # [0] version
+
+
+def certificate_serial(der):
+    """The serial number of a DER certificate, as an integer."""
+    _, _, start, end = tbs_fields(der)[0]
     return int.from_bytes(der[start:end], "big")
 
 

@@ -338,12 +338,7 @@ def not_after(der):
     """Expiry of a certificate as a Unix time, read from its DER (NSS is not
     initialised yet when the server checks its certificate)."""
     try:
-        _, start, end = client.der_element(der, 0)  # Certificate
-        _, start, end = client.der_element(der, start)  # TBSCertificate
-        fields = list(client.der_children(der, start, end))
-        if fields[0][0] == 0xA0:  # [0] version
-            fields = fields[1:]
-        _, _, start, end = fields[3]  # serial, signature, issuer, validity
+        _, _, start, end = client.tbs_fields(der)[3]  # serial, signature, issuer, validity
         _, _, start, end = list(client.der_children(der, start, end))[1]  # notAfter
         stamp = der[start:end].decode()
         fmt = "%y%m%d%H%M%SZ" if len(stamp) == 13 else "%Y%m%d%H%M%SZ"  # UTC/GeneralizedTime

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import PYTHON, SERVER, CLIENT, make_sandbox, stop_pid, wait_until
+from hardening_helpers import stand_in_stap
 from netns import network_factory  # noqa: F401  (a fixture)
 
 import stap_client
@@ -140,9 +141,7 @@ def test_client_without_servers_says_what_it_searched(network_factory, krel):  #
 # A fleet: the load hint, and identical requests meeting one result cache
 # --------------------------------------------------------------------------
 
-SLOW_STAP = """#!/bin/sh
-case "$*" in *" -V"*|-V*) exec /usr/bin/stap -V;; esac
-case "$*" in *SLOWPROBE*) sleep 4;; esac
+SLOW_STAP = """case "$*" in *SLOWPROBE*) sleep 4;; esac
 exec /usr/bin/stap "$@"
 """
 
@@ -176,10 +175,7 @@ def test_load_hint_follows_the_queue(network_factory, krel):  # noqa: F811
     net = network_factory(avahi=False)
     a, b = net.hosts
     box = make_sandbox()
-    slow = box.path("slow-stap")
-    with open(slow, "w") as f:
-        f.write(SLOW_STAP)
-    os.chmod(slow, 0o755)
+    slow = stand_in_stap(box, SLOW_STAP)
     pid, status = start_on(a, box, krel, "--max-threads", "1", "--load-refresh", "1",
                            env={"SYSTEMTAP_STAP": slow})
     try:

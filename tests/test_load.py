@@ -14,7 +14,8 @@ import time
 
 import conftest
 import pytest
-from hardening_helpers import assert_serves, request_dirs, request_lines, server_tmpdir
+from hardening_helpers import (assert_serves, request_dirs, request_lines, server_tmpdir,
+                               stand_in_stap)
 
 CLIENTS = 30
 THREADS = 2
@@ -103,9 +104,7 @@ def test_many_clients_at_once(servers, sandbox, krel):
 # Past the bounds: a busy reply, and a client that retries
 # --------------------------------------------------------------------------
 
-SLOW_STAP = """#!/bin/sh
-case "$*" in *" -V"*|-V*) exec /usr/bin/stap -V;; esac
-case "$*" in *SLOWPROBE*) sleep 3;; esac
+SLOW_STAP = """case "$*" in *SLOWPROBE*) sleep 3;; esac
 exec /usr/bin/stap "$@"
 """
 
@@ -114,11 +113,7 @@ exec /usr/bin/stap "$@"
 def busy_server(servers, sandbox, krel):
     """One compile slot and no waiting at all (--max-wait 0): a second
     request while a slow one runs is told the server is busy."""
-    stand_in = sandbox.path("slow-stap")
-    with open(stand_in, "w") as f:
-        f.write(SLOW_STAP)
-    os.chmod(stand_in, 0o755)
-    sandbox.env["SYSTEMTAP_STAP"] = stand_in
+    sandbox.env["SYSTEMTAP_STAP"] = stand_in_stap(sandbox, SLOW_STAP)
     srv = servers.start(sandbox, krel, None, "--max-threads", "1", "--max-wait", "0")
     del sandbox.env["SYSTEMTAP_STAP"]
     return srv

@@ -35,6 +35,7 @@ from hardening_helpers import (
     request_dirs,
     request_lines,
     server_tmpdir,
+    stand_in_stap as stand_in,
     wait_request_lines,
     zip_bytes,
 )
@@ -44,16 +45,6 @@ UNIT_ACCOUNT = "stap-server"  # what the package's unit runs as (User=stap-serve
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: other accounts, root-only files")
-
-
-def stand_in(box, body, name="stap-standin"):
-    """A stap stand-in (SYSTEMTAP_STAP) running body for compiles; stap -V
-    (the server asks it once) goes to the real stap."""
-    path = box.path(name)
-    with open(path, "w") as f:
-        f.write('#!/bin/sh\ncase "$*" in *" -V"*|-V*) exec /usr/bin/stap -V;; esac\n' + body)
-    os.chmod(path, 0o755)
-    return path
 
 
 def client(box, srv, *args, env=None, timeout=120):

@@ -13,6 +13,7 @@ namespace, so the host's /etc is never touched.  staprun 4.8 needs two
 things of that database (README: "Signed modules for stapusr users"):
 the old file names to exist, and its files writable by group stapusr."""
 
+import grp
 import os
 import pwd
 import shutil
@@ -66,7 +67,7 @@ def signer_etc(top, *ders):
     for legacy in ("cert8.db", "key3.db", "secmod.db"):  # 4.8 checks these names
         with open(os.path.join(db.path, legacy), "wb"):
             pass
-    gid = __import__("grp").getgrnam("stapusr").gr_gid
+    gid = grp.getgrnam("stapusr").gr_gid
     for name in ("cert9.db", "key4.db"):  # 4.8 opens it read-write as the user
         os.chown(os.path.join(db.path, name), 0, gid)
         os.chmod(os.path.join(db.path, name), 0o664)

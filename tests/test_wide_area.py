@@ -60,20 +60,13 @@ def fleet(krel):
             f.write(f"nameserver 10.201.2.1\nsearch {ZONE}\n")
         b.run(["mount", "--bind", resolv, "/etc/resolv.conf"], check=True)  # B's own mounts
         box = make_sandbox()
-        with open(os.path.join(box.sysconfdir, "systemtap", "stap-server-domains"), "w") \
-                if os.path.isdir(os.path.join(box.sysconfdir, "systemtap")) else \
-                open_creating(os.path.join(box.sysconfdir, "systemtap", "stap-server-domains")) \
-                as f:
+        os.makedirs(os.path.join(box.sysconfdir, "systemtap"), exist_ok=True)
+        with open(os.path.join(box.sysconfdir, "systemtap", "stap-server-domains"), "w") as f:
             f.write("# the host's search domains\nsearch\n")
         try:
             yield a, b, r, keyfile, box
         finally:
             shutil.rmtree(box.top, ignore_errors=True)
-
-
-def open_creating(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return open(path, "w")
 
 
 def start(host, box, krel, keyfile, *extra):
