@@ -488,3 +488,36 @@ def test_without_bwrap_the_server_refuses_to_start_unless_told(servers, sandbox,
         assert "WARNING: --no-sandbox" in f.read()
     lines = request_lines(srv)
     assert lines and all("sandbox='off'" in line for line in lines), lines
+
+
+def test_a_prepared_compile_cache_is_refused(sandbox, krel, secret_dir):
+    """The server makes the compile account's stap cache itself, and takes
+    an existing one only if it is a real directory of that account in a
+    parent only the server can write: no link is followed, nothing chowned."""
+    parent = sandbox.path("caches")
+    os.mkdir(parent, 0o755)
+    mine = os.path.join(parent, COMPILE_ACCOUNT)
+    staptest = conftest.ensure_test_user()
+
+    def start():
+        return sandbox.run("stap-start-server", "--listen", "127.0.0.1", "-r", krel,
+                           "--advertise", "none", "--cache-dir", parent)
+
+    os.symlink(secret_dir[0], mine)  # a link to a root-only directory
+    proc = start()
+    assert proc.returncode == 1
+    assert f"stap cache {mine} is not a directory" in proc.stderr.decode(), proc.stderr
+    assert_untouched(secret_dir)
+    os.unlink(mine)
+    os.mkdir(mine, 0o700)  # someone else's directory
+    os.chown(mine, staptest.pw_uid, staptest.pw_gid)
+    proc = start()
+    assert proc.returncode == 1
+    assert (f"stap cache {mine} is owned by uid {staptest.pw_uid}, not the compile account's"
+            in proc.stderr.decode()), proc.stderr
+    os.rmdir(mine)
+    os.chmod(parent, 0o777)  # a parent that others can write
+    proc = start()
+    assert proc.returncode == 1
+    assert f"{parent} must be a directory of uid 0 that group and others cannot write" \
+        in proc.stderr.decode(), proc.stderr
