@@ -18,7 +18,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -37,8 +36,18 @@ REAL_HOME = os.path.join(WORK, "real-serverd-home")   # the real server's HOME (
 SCRIPTS = os.path.join(WORK, "scripts")               # fixed scripts: stap-cache hits
 REAL_PORT = 5555                                      # inside its own namespace
 
-sys.path.insert(0, os.path.join(ROOT, "tests"))       # the netns harness
-from shared import private_config, stop_pid  # noqa: E402  (shared with the tests)
+# tests/ is not a package: pytest imports its helpers (shared.py, netns.py) as
+# top-level modules, and an __init__.py there would have it import conftest
+# twice (as tests.conftest and, for the tests' own `import conftest`, as
+# conftest); so the benchmarks import them as pytest does, from tests/ on the path.
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from shared import (  # noqa: E402,F401  (run.py imports them from here)
+    Sandbox,
+    headers_release,
+    make_sandbox,
+    stop_pid,
+    wait_until,
+)
 
 HIT_SCRIPT = 'probe begin { printf("stap-bench: cache hit\\n"); exit() }\n'
 P2_SCRIPT = 'probe begin { printf("stap-bench: pass 2\\n"); exit() }\n'
@@ -262,15 +271,6 @@ class RssSampler:
 # Environment: kernel release, runtime fixture, sandboxes
 # --------------------------------------------------------------------------
 
-def headers_release():
-    mods = "/lib/modules"
-    rels = [r for r in os.listdir(mods) if r.endswith("-amd64")
-            and os.path.isdir(os.path.join(mods, r, "build"))] if os.path.isdir(mods) else []
-    rels.sort(key=lambda r: [int(x) if x.isdigit() else x for x in
-                             r.replace("-", ".").split(".")])
-    return rels[-1] if rels else None
-
-
 def prepare_work():
     for d in (WORK, COMPILE_CACHE, LOCAL_HOME, SCRIPTS):
         os.makedirs(d, 0o755, exist_ok=True)
@@ -287,22 +287,6 @@ def runtime_fixture(krel):
     out = subprocess.run([os.path.join(ROOT, "tools", "runtime-fixture"), krel, WORK],
                          capture_output=True, text=True, check=True, timeout=120).stdout.strip()
     return out or None
-
-
-@dataclasses.dataclass
-class Sandbox:
-    top: str
-    env: dict
-
-    def path(self, *parts):
-        return os.path.join(self.top, *parts)
-
-
-def make_sandbox(parent):
-    """Private STAP_SYSCONFDIR and SYSTEMTAP_DIR, as tests/conftest.py does."""
-    top = tempfile.mkdtemp(prefix="box.", dir=parent)
-    os.chmod(top, 0o755)
-    return Sandbox(top=top, env=private_config(top))
 
 
 def local_env():
@@ -471,27 +455,25 @@ class RealServer:
                                     stderr=subprocess.STDOUT)
         # our child: its CPU shows in RUSAGE_CHILDREN once reaped (stop())
         out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def listening():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"stap-serverd exited {self.proc.returncode}: "
                                    f"{tail(open(os.path.join(REAL_HOME, 'serverd.out')).read())}")
             ss = self.host.run(["ss", "-Hltn", f"sport = :{self.port}"], timeout=10).stdout
-            if ss.strip():
-                self.ready_seconds = time.perf_counter() - t
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"stap-serverd not listening after {timeout} s")
+            return bool(ss.strip())
+
+        try:
+            wait_until(listening, timeout, f"stap-serverd not listening after {timeout} s",
+                       error=RuntimeError)
+        except RuntimeError:
+            self.stop()  # still running but not listening in time (an exited one is reaped)
+            raise
+        self.ready_seconds = time.perf_counter() - t
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc:
+            stop_pid(self.proc, timeout=15)
 
 
 def real_client_env(top):

@@ -32,11 +32,43 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    BENCH, CLIENT, COMPILE_CACHE, CpuWindow, PY, own_children_cpu, process_cpu, ROOT, SCRIPTS, WORK, LogTail, RealServer, Report,
-    RssSampler, Sample, Series, clean_modules, fmt_s, headers_release, interleaved,
-    local_env, make_sandbox, prepare_work, progress, real_client_env, real_serverd_problem,
-    result_cache_off_args, rss_kib, runtime_fixture, server_help, start_our_server, tail,
-    timed, verdict)
+    BENCH,
+    CLIENT,
+    COMPILE_CACHE,
+    PY,
+    ROOT,
+    SCRIPTS,
+    WORK,
+    CpuWindow,
+    LogTail,
+    RealServer,
+    Report,
+    RssSampler,
+    Sample,
+    Series,
+    clean_modules,
+    fmt_s,
+    headers_release,
+    interleaved,
+    local_env,
+    make_sandbox,
+    own_children_cpu,
+    prepare_work,
+    process_cpu,
+    progress,
+    real_client_env,
+    real_serverd_problem,
+    result_cache_off_args,
+    rss_kib,
+    runtime_fixture,
+    server_help,
+    start_our_server,
+    stop_pid,
+    tail,
+    timed,
+    verdict,
+    wait_until,
+)
 
 BENCHMARKS = ["overhead", "sandbox", "interop", "load", "fleet", "resultcache", "concurrency",
               "discovery", "startup", "profile"]
@@ -52,7 +84,7 @@ class Context:
         self.stack = stack
         self.krel = headers_release()
         if not self.krel:
-            raise SystemExit("bench: no /lib/modules/*-amd64 with a build tree "
+            raise SystemExit("bench: no /lib/modules/*/build: no kernel headers "
                              "(apt-get install linux-headers-amd64)")
         prepare_work()
         self.rt = runtime_fixture(self.krel)
@@ -70,7 +102,7 @@ class Context:
         self.shared = {}
         self._server_a = None
         self._server_b = None
-        self.box = make_sandbox(self.top)   # one certificate for every server of the run
+        self.box = make_sandbox(parent=self.top)   # one certificate for every server of the run
 
     # --- scripts ---
     def unique_script(self, tag):
@@ -212,7 +244,8 @@ def bench_overhead(ctx, report):
                          else process_cpu(srv.pid) - s0)
         return sample
 
-    interleaved([(cloc, lambda: with_cpu("local", lambda: ctx.local(4, ctx.unique_script("local")))),
+    interleaved([(cloc, lambda: with_cpu("local",
+                                         lambda: ctx.local(4, ctx.unique_script("local")))),
                  (ccli, lambda: with_cpu("server",
                                          lambda: ctx.ours(srv, 4, ctx.unique_script("client"))))],
                 nc)
@@ -435,7 +468,7 @@ def burst(argvs, env, cwd, timeout=900):
         try:
             out, err = proc.communicate(timeout=max(1, timeout - (time.perf_counter() - started)))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            stop_pid(proc, timeout=0)
             out, err = proc.communicate()
         if proc.returncode == 0 and b"begin" in out:
             served += 1
@@ -495,13 +528,12 @@ def bench_fleet(ctx, report):
 
 
 def wait_advertised(ctx, host, servers, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def all_found():
         out = host.run([PY, CLIENT, "stap-find-servers", "--all"], env=ctx.box.env).stdout
-        if all(f" {srv.port} " in out for srv in servers):
-            return
-        time.sleep(0.3)
-    raise RuntimeError("not every server was advertised")
+        return all(f" {srv.port} " in out for srv in servers)
+
+    wait_until(all_found, timeout, "not every server was advertised", interval=0.3,
+               error=RuntimeError)
 
 
 class _Addr:
@@ -671,7 +703,7 @@ def bench_discovery(ctx, report):
 
 def discovery_on(ctx, report, net, avahi, label, n):
     a, b = net.hosts
-    box = make_sandbox(ctx.top)
+    box = make_sandbox(parent=ctx.top)
     srv = start_our_server(box, ctx.krel, ctx.rt, host=a, listen="::", advertise="auto",
                            log=box.path("server.log"))
     try:
@@ -723,7 +755,7 @@ def discovery_on(ctx, report, net, avahi, label, n):
 
 def bench_startup(ctx, report):
     n = ctx.opts.start_reps
-    box = make_sandbox(ctx.top)
+    box = make_sandbox(parent=ctx.top)
     progress(f"5: stap-start-server, first start then {n} more")
 
     def start_stop():
@@ -801,7 +833,7 @@ def bench_profile(ctx, report):
         out = io.StringIO()
         st = pstats.Stats(prof, stream=out)
         funcs = []
-        for (fname, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
+        for (fname, line, func), (_cc, _nc, tt, ct, _callers) in st.stats.items():
             funcs.append((ct, tt, f"{os.path.basename(fname)}:{line}({func})"))
         funcs.sort(reverse=True)
         mine = [f for f in funcs if "stap_client.py" in f[2]][:12]
@@ -880,7 +912,8 @@ def parse_args(argv):
     p.add_argument("--only", action="append", metavar="NAME",
                    help=f"run only these (repeatable or comma-separated): {', '.join(BENCHMARKS)}")
     p.add_argument("--reps", type=int, help="repetitions of fast cases (default 5, quick 3)")
-    p.add_argument("--cold-reps", type=int, help="repetitions of cold compiles (default 5, quick 2)")
+    p.add_argument("--cold-reps", type=int,
+                   help="repetitions of cold compiles (default 5, quick 2)")
     p.add_argument("--jobs", type=int, default=16, help="concurrent compiles (default 16)")
     opts = p.parse_args(argv)
     q = opts.quick
@@ -930,8 +963,10 @@ def main(argv=None):
         print(f"stap-server benchmarks {stamp}: {info['nproc']} CPUs, release {ctx.krel}, "
               f"runtime {ctx.rt or 'stock'}, {info['stap']}, git {info['git']}, "
               f"load {info['loadavg_start'][0]:.2f}")
-        print(f"result cache: {'available (' + ' '.join(ctx.cache_off) + ' turns it off)' if ctx.has_result_cache else 'not available'}; "
-              f"reps {opts.reps}, cold reps {opts.cold_reps}\n", flush=True)
+        cache = (f"available ({' '.join(ctx.cache_off)} turns it off)"
+                 if ctx.has_result_cache else "not available")
+        print(f"result cache: {cache}; reps {opts.reps}, cold reps {opts.cold_reps}\n",
+              flush=True)
         for key in opts.selected:
             title, fn = RUNNERS[key]
             report = Report(key, title)

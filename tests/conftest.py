@@ -5,7 +5,6 @@ servers (cleaned up by pid) and a recording staprun stand-in."""
 import dataclasses
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -17,19 +16,24 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 sys.path[:0] = [ROOT, TESTS]
 
-from shared import pid_alive, private_config, stop_pid, wait_until  # noqa: E402,F401  (tests import them here)
+# The tests import these from here.
+from shared import (  # noqa: E402,F401
+    CLIENT,
+    PYTHON,
+    SERVER,
+    TEST_USER,
+    Sandbox,
+    ensure_test_user,
+    headers_release,
+    make_sandbox,
+    module_for,
+    pid_alive,
+    private_config,
+    stop_pid,
+    wait_until,
+)
 
-
-PYTHON = sys.executable
-CLIENT = os.path.join(ROOT, "stap_client.py")
-SERVER = os.path.join(ROOT, "stap_server.py")
-TEST_USER = "staptest"
 SHARED = "/tmp/stap-server-tests"  # world-readable: the compile account reads it
-
-
-def module_for(command):
-    return SERVER if command in ("stap-serverd", "stap-start-server", "stap-stop-server",
-                                 "stap-find-or-start-server") else CLIENT
 
 
 def need_root():
@@ -40,15 +44,6 @@ def need_root():
 # --------------------------------------------------------------------------
 # The kernel release, the runtime fixture, a warm stap cache
 # --------------------------------------------------------------------------
-
-def headers_release():
-    mods = "/lib/modules"
-    rels = [r for r in os.listdir(mods) if os.path.isdir(os.path.join(mods, r, "build"))] \
-        if os.path.isdir(mods) else []
-    rels.sort(key=lambda r: [int(x) if x.isdigit() else x for x in
-                             r.replace("-", ".").split(".")])
-    return rels[-1] if rels else None
-
 
 @pytest.fixture(scope="session")
 def krel():
@@ -84,58 +79,6 @@ def cache_dir(shared_dir):
 # --------------------------------------------------------------------------
 # Sandboxes: environment for a user, with private sysconfdir and SYSTEMTAP_DIR
 # --------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Sandbox:
-    top: str
-    env: dict
-    user: str = None  # None: root
-
-    @property
-    def sysconfdir(self):
-        return self.env["STAP_SYSCONFDIR"]
-
-    @property
-    def systemtap_dir(self):
-        return self.env["SYSTEMTAP_DIR"]
-
-    def path(self, *parts):
-        return os.path.join(self.top, *parts)
-
-    def run(self, command, *args, timeout=300, input=None, cwd=None, env=None):
-        """Run one of our commands (as python3 MODULE COMMAND ...) as this user."""
-        argv = [PYTHON, module_for(command), command, *args]
-        return self.run_argv(argv, timeout=timeout, input=input, cwd=cwd, env=env)
-
-    def run_argv(self, argv, timeout=300, input=None, cwd=None, env=None):
-        kw = {}
-        if self.user:
-            pw = pwd.getpwnam(self.user)
-            kw = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
-        return subprocess.run(argv, env={**self.env, **(env or {})}, capture_output=True,
-                              timeout=timeout, input=input, cwd=cwd or self.top, **kw)
-
-
-def ensure_test_user():
-    try:
-        pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-s", "/bin/sh", TEST_USER], check=True)
-    return pwd.getpwnam(TEST_USER)
-
-
-def make_sandbox(user=None):
-    """A private configuration for root (user None), the test account or
-    another existing account."""
-    top = tempfile.mkdtemp(prefix="stap-sandbox.")
-    os.chmod(top, 0o755)
-    env = private_config(top)
-    if user:
-        pw = ensure_test_user() if user == TEST_USER else pwd.getpwnam(user)
-        for d in (top, env["HOME"]):
-            os.chown(d, pw.pw_uid, pw.pw_gid)
-    return Sandbox(top=top, env=env, user=user)
-
 
 @pytest.fixture
 def sandbox():

@@ -11,6 +11,8 @@ import stat
 import time
 import zipfile
 
+from shared import wait_until
+
 import stap_client
 
 NORMAL_SCRIPT = "probe begin { exit() }"
@@ -67,7 +69,7 @@ def read_to_eof(sock, timeout=20):
                 chunk = sock.recv(1 << 16, stap_client.nss_interval(deadline - time.monotonic()))
             except nerror.NSPRError as e:
                 if e.errno == nerror.PR_IO_TIMEOUT_ERROR:
-                    raise AssertionError(f"server sent no EOF within {timeout} s")
+                    raise AssertionError(f"server sent no EOF within {timeout} s") from None
                 break  # reset / EOF without close_notify: the connection is closed
             if not chunk:
                 break
@@ -150,14 +152,9 @@ def request_lines(srv):
 
 def wait_request_lines(srv, count, timeout=10):
     """The log's request lines once there are at least count of them."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = request_lines(srv)
-        if len(lines) >= count:
-            return lines
-        time.sleep(0.05)
-    raise AssertionError(f"expected {count} request lines in {srv.log}; got:\n"
-                         + "\n".join(request_lines(srv)))
+    return wait_until(lambda: len(lines := request_lines(srv)) >= count and lines, timeout,
+                      lambda: f"expected {count} request lines in {srv.log}; got:\n"
+                      + "\n".join(request_lines(srv)))
 
 
 def client_p2(box, srv, krel, *extra, env=None, timeout=60):
@@ -191,7 +188,8 @@ def plain_read_until_closed(s, timeout):
     except ConnectionResetError:
         pass
     except TimeoutError:
-        raise AssertionError(f"server kept the connection open for more than {timeout} s")
+        raise AssertionError(
+            f"server kept the connection open for more than {timeout} s") from None
     finally:
         s.close()
     return time.monotonic() - start, got

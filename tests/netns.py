@@ -17,7 +17,10 @@ Usage (plain code or pytest):
         a, b = net.hosts
         a.run(['avahi-browse', '-a', '-t', '-p'])
 
-    def test_x(two_hosts):      # fixtures below, registered by conftest
+    from netns import network_factory   # the fixture below, in a test module
+
+    def test_x(network_factory):
+        a, b = network_factory(avahi=True).hosts
         ...
 
 Everything started here is ended by pid and the namespaces are deleted when
@@ -29,10 +32,10 @@ import contextlib
 import itertools
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
+
+from shared import stop_pid, wait_until
 
 # Addresses of the two-host network (SPEC section 11).
 SUBNET_PREFIX = 24
@@ -45,6 +48,7 @@ ROUTER_NAME = 'stap-router'
 
 VETH = 'veth0'          # the same name inside each namespace
 AVAHI_READY_TIMEOUT = 10.0
+END_GRACE = 2.0         # seconds a process gets after SIGTERM before SIGKILL
 
 _counter = itertools.count()
 
@@ -79,20 +83,6 @@ def _check(argv, timeout=10):
         raise RuntimeError(f'{" ".join(argv)}: exit {proc.returncode}: '
                            f'{proc.stderr.strip()}')
     return proc.stdout
-
-
-def _end_process(proc, grace=2.0):
-    """SIGTERM a process we started, SIGKILL it if it lingers, reap it."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(grace)
 
 
 AVAHI_CONF = """\
@@ -184,10 +174,11 @@ class Host:
         if line.strip() != 'ready':
             err = self.holder.stderr.read() if self.holder.poll() is not None else ''
             raise RuntimeError(f'{self.hostname}: namespace holder failed: {err.strip()}')
-        # Wait for the exec into sleep so the pid's namespaces are final.
-        deadline = time.monotonic() + 5
-        while _comm(self.holder.pid) != 'sleep' and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # Wait for the exec into sleep so the pid's namespaces are final
+        # (and go on after 5 s regardless, as the namespaces exist by now).
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: _comm(self.holder.pid) == 'sleep', 5, '', interval=0.01,
+                       error=TimeoutError)
 
     def start_avahi(self, ipv6=False, interfaces=None):
         """Private system bus + avahi-daemon; wait until avahi serves."""
@@ -224,31 +215,34 @@ class Host:
 
     def _wait_for(self, ready, what, proc, log_path,
                   timeout=AVAHI_READY_TIMEOUT):
-        deadline = time.monotonic() + timeout
-        while not ready():
+        def ready_or_exited():
+            if ready():
+                return True
             if proc.poll() is not None:
                 raise RuntimeError(f'{self.hostname}: {what}: process exited '
                                    f'{proc.returncode}: {_read(log_path)[-2000:]}')
-            if time.monotonic() > deadline:
-                raise RuntimeError(f'{self.hostname}: {what}: not ready after '
-                                   f'{timeout} s: {_read(log_path)[-2000:]}')
-            time.sleep(0.05)
+            return False
+
+        wait_until(ready_or_exited, timeout,
+                   lambda: (f'{self.hostname}: {what}: not ready after '
+                            f'{timeout} s: {_read(log_path)[-2000:]}'),
+                   error=RuntimeError)
 
     def stop_avahi(self):
         """End this host's avahi and bus (e.g. to test the fallback)."""
         for proc in (self.avahi, self.dbus):
             if proc is not None:
-                _end_process(proc)
+                stop_pid(proc, timeout=END_GRACE)
         self.avahi = self.dbus = None
 
     def cleanup(self):
         """End every process this host started, newest first, by pid."""
         for proc in reversed(self._children):
-            _end_process(proc)
+            stop_pid(proc, timeout=END_GRACE)
         self._children.clear()
         self.avahi = self.dbus = None
         if self.holder is not None:
-            _end_process(self.holder)
+            stop_pid(self.holder, timeout=END_GRACE)
             for stream in (self.holder.stdout, self.holder.stderr):
                 stream.close()
             self.holder = None
@@ -404,16 +398,6 @@ class TestNetwork:
         return '\n'.join(out)
 
 
-@contextlib.contextmanager
-def test_network(**kwargs):
-    """Function form of TestNetwork, for `with test_network(...) as net:`."""
-    with TestNetwork(**kwargs) as net:
-        yield net
-
-
-test_network.__test__ = False
-
-
 # -- pytest fixtures (import them into a test module or conftest) ----------
 
 try:
@@ -426,27 +410,6 @@ if pytest is not None:
         reason = avahi_skip_reason() if avahi else skip_reason()
         if reason:
             pytest.skip(reason)
-
-    @pytest.fixture
-    def two_hosts():
-        """Hosts A and B on a veth pair, no avahi."""
-        _require(False)
-        with TestNetwork(avahi=False) as net:
-            yield net
-
-    @pytest.fixture
-    def two_avahi_hosts():
-        """Hosts A and B on a veth pair, each with its own avahi."""
-        _require(True)
-        with TestNetwork(avahi=True) as net:
-            yield net
-
-    @pytest.fixture
-    def single_host():
-        """One host, loopback only, no avahi."""
-        _require(False)
-        with TestNetwork(single=True) as net:
-            yield net
 
     @pytest.fixture
     def network_factory():

@@ -1,11 +1,35 @@
-"""What the tests and the benchmarks share: a private configuration for
-our commands, and ending the processes they start by pid."""
+"""What the tests and the benchmarks share: the kernel release with headers,
+sandboxes (a private configuration for our commands), waiting for a
+condition, and ending the processes they start.
+
+Plain Python (no pytest, no project module): tests/conftest.py re-exports
+these names for the tests, and bench/common.py imports this file the same
+way pytest does, as the top-level module `shared`.
+"""
 
 import contextlib
+import dataclasses
 import os
+import pwd
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+PYTHON = sys.executable
+CLIENT = os.path.join(ROOT, "stap_client.py")
+SERVER = os.path.join(ROOT, "stap_server.py")
+TEST_USER = "staptest"
+SERVER_COMMANDS = ("stap-serverd", "stap-start-server", "stap-stop-server",
+                   "stap-find-or-start-server")
+
+
+# --------------------------------------------------------------------------
+# Waiting, and ending processes
+# --------------------------------------------------------------------------
 
 def pid_alive(pid):
     """Running, and not a zombie waiting for a parent that never reaps it."""
@@ -16,32 +40,62 @@ def pid_alive(pid):
         return False
 
 
-def wait_until(condition, timeout, message, interval=0.05):
-    """condition()'s first true value within timeout seconds, else fail with message."""
+def wait_until(condition, timeout, message, interval=0.05, error=AssertionError):
+    """condition()'s first true value within timeout seconds, else raise
+    error(message); message may be a function, called only then."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(message)
+            raise error(message() if callable(message) else message)
         time.sleep(interval)
 
 
-def stop_pid(pid, timeout=30):
-    """SIGTERM one pid we started, SIGKILL it if it lingers."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+def stop_pid(*targets, timeout=30):
+    """End processes we started: SIGTERM each, then SIGKILL whichever is
+    still there after timeout seconds.  A target is a pid (polled until it
+    is gone: a server that detached is not our child) or a Popen (reaped)."""
 
+    def gone(target):
+        if isinstance(target, subprocess.Popen):
+            return target.poll() is not None
+        return not pid_alive(target)
+
+    def send(target, signum):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target.pid if isinstance(target, subprocess.Popen) else target, signum)
+
+    live = [t for t in targets if not gone(t)]
+    for target in live:
+        send(target, signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: all(gone(t) for t in live), timeout, "", error=TimeoutError)
+    for target in live:
+        if not gone(target):
+            send(target, signal.SIGKILL)
+        if isinstance(target, subprocess.Popen):
+            target.wait(10)  # SIGKILL takes effect at once, unless the kernel holds it
+
+
+# --------------------------------------------------------------------------
+# The kernel release with headers
+# --------------------------------------------------------------------------
+
+def headers_release():
+    """The newest release under /lib/modules with a build tree, or None."""
+    mods = "/lib/modules"
+    rels = [r for r in os.listdir(mods) if os.path.isdir(os.path.join(mods, r, "build"))] \
+        if os.path.isdir(mods) else []
+    rels.sort(key=lambda r: [int(x) if x.isdigit() else x for x in
+                             r.replace("-", ".").split(".")])
+    return rels[-1] if rels else None
+
+
+# --------------------------------------------------------------------------
+# Sandboxes: environment for a user, with private sysconfdir and SYSTEMTAP_DIR
+# --------------------------------------------------------------------------
 
 def private_config(top):
     """Make TOP/etc (the sysconfdir) and TOP/home (with SYSTEMTAP_DIR under
@@ -52,3 +106,60 @@ def private_config(top):
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home,
             "SYSTEMTAP_DIR": os.path.join(home, ".systemtap"),
             "STAP_SYSCONFDIR": os.path.join(top, "etc"), "LANG": "C.UTF-8"}
+
+
+def module_for(command):
+    return SERVER if command in SERVER_COMMANDS else CLIENT
+
+
+@dataclasses.dataclass
+class Sandbox:
+    top: str
+    env: dict
+    user: str = None  # None: root
+
+    @property
+    def sysconfdir(self):
+        return self.env["STAP_SYSCONFDIR"]
+
+    @property
+    def systemtap_dir(self):
+        return self.env["SYSTEMTAP_DIR"]
+
+    def path(self, *parts):
+        return os.path.join(self.top, *parts)
+
+    def run(self, command, *args, timeout=300, input=None, cwd=None, env=None):
+        """Run one of our commands (as python3 MODULE COMMAND ...) as this user."""
+        argv = [PYTHON, module_for(command), command, *args]
+        return self.run_argv(argv, timeout=timeout, input=input, cwd=cwd, env=env)
+
+    def run_argv(self, argv, timeout=300, input=None, cwd=None, env=None):
+        kw = {}
+        if self.user:
+            pw = pwd.getpwnam(self.user)
+            kw = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+        return subprocess.run(argv, env={**self.env, **(env or {})}, capture_output=True,
+                              timeout=timeout, input=input, cwd=cwd or self.top, **kw)
+
+
+def ensure_test_user():
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-s", "/bin/sh", TEST_USER], check=True)
+    return pwd.getpwnam(TEST_USER)
+
+
+def make_sandbox(user=None, parent=None):
+    """A private configuration for root (user None), the test account or
+    another existing account, in a new directory under parent (default:
+    the temporary directory)."""
+    top = tempfile.mkdtemp(prefix="stap-sandbox.", dir=parent)
+    os.chmod(top, 0o755)
+    env = private_config(top)
+    if user:
+        pw = ensure_test_user() if user == TEST_USER else pwd.getpwnam(user)
+        for d in (top, env["HOME"]):
+            os.chown(d, pw.pw_uid, pw.pw_gid)
+    return Sandbox(top=top, env=env, user=user)

@@ -58,10 +58,8 @@ def check(env, krel):
     """After the test: no request directory left, the server alive and serving."""
     box, srv, tmpdir = env
     yield env
-    deadline = time.monotonic() + 5
-    while request_dirs(tmpdir) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert request_dirs(tmpdir) == [], "request directories left behind"
+    conftest.wait_until(lambda: not request_dirs(tmpdir), 5,
+                        lambda: f"request directories left behind: {request_dirs(tmpdir)}")
     assert conftest.pid_alive(srv.pid), "the server died"
     assert_serves(box, srv, krel)
 

@@ -10,8 +10,7 @@ import subprocess
 import time
 
 import pytest
-
-from conftest import PYTHON, SERVER, CLIENT, make_sandbox, stop_pid, wait_until
+from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
 from hardening_helpers import stand_in_stap
 from netns import network_factory  # noqa: F401  (a fixture)
 
@@ -42,12 +41,15 @@ def find(host, box, *args):
 
 
 def wait_until_found(host, box, *args, bound=10):
-    deadline = time.monotonic() + bound
-    while True:
-        proc, seconds = find(host, box, *args)
-        if proc.returncode == 0 or time.monotonic() > deadline:
-            return proc, seconds
-        time.sleep(0.3)
+    """The first stap-find-servers that finds something: (proc, seconds)."""
+    last = []
+
+    def found():
+        last[:] = find(host, box, *args)
+        return last[0].returncode == 0 and tuple(last)
+
+    return wait_until(found, bound, lambda: f"nothing found within {bound} s: {last[0].stderr}",
+                      interval=0.3)
 
 
 @pytest.mark.parametrize("avahi", [True, False], ids=["avahi", "mdns"])
@@ -111,13 +113,8 @@ def test_find_servers_on_b_sees_server_on_a(avahi, network_factory, krel, runtim
             stop_pid(int(proc.stdout))
         assert proc.stdout.strip() == "0" and proc.returncode == 0, proc.stderr
     # a stopped server withdraws its advertisement
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        proc, _ = find(b, box, "--all")
-        if f" {status['port']} " not in proc.stdout:
-            break
-        time.sleep(0.3)
-    assert f" {status['port']} " not in proc.stdout
+    wait_until(lambda: f" {status['port']} " not in find(b, box, "--all")[0].stdout, 10,
+               "a stopped server is still advertised", interval=0.3)
 
 
 def test_client_without_servers_says_what_it_searched(network_factory, krel):  # noqa: F811

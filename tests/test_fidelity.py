@@ -5,7 +5,6 @@ answers in its own words, as through the real server), an -I tree too large
 to send, refused locale values told to the client, and the log's
 "Processing N concurrent requests..." line."""
 
-import os
 import subprocess
 
 import conftest

@@ -10,15 +10,13 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 import zipfile
 
 import pytest
-
-from conftest import CLIENT, PYTHON, make_sandbox, need_root, pid_alive, start_server
+from conftest import CLIENT, PYTHON, make_sandbox, need_root, start_server, stop_pid, wait_until
 
 STAP = shutil.which("stap") or "/usr/bin/stap"
 REAL_SERVERD = "/usr/lib/systemtap/stap-serverd"
@@ -297,23 +295,6 @@ def netns_pids(netns):
     return pids
 
 
-def kill_pids(pids, grace=10):
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-        time.sleep(0.05)
-    for pid in pids:
-        if pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.fixture(scope="module")
 def real_serverd(krel, runtime, shared_dir):
     """The real stap-serverd as nobody in a new network namespace (loopback
@@ -346,34 +327,31 @@ def real_serverd(krel, runtime, shared_dir):
                             stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                             start_new_session=True)
     netns = None
+
+    def ready():
+        nonlocal netns
+        if proc.poll() is not None:
+            out.seek(0)
+            pytest.fail(f"stap-serverd exited with {proc.returncode}: {out.read()}")
+        if netns is None:
+            try:
+                link = os.readlink(f"/proc/{proc.pid}/ns/net")
+                if link != os.readlink("/proc/self/ns/net"):
+                    netns = link
+            except OSError:
+                pass
+        # it listens before it makes its certificate on a first start
+        return netns and complete_der(cert) and listening(proc.pid, REAL_PORT)
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                out.seek(0)
-                pytest.fail(f"stap-serverd exited with {proc.returncode}: {out.read()}")
-            if netns is None:
-                try:
-                    link = os.readlink(f"/proc/{proc.pid}/ns/net")
-                    if link != os.readlink("/proc/self/ns/net"):
-                        netns = link
-                except OSError:
-                    pass
-            if netns and complete_der(cert) and listening(proc.pid, REAL_PORT):
-                break  # it listens before it makes its certificate on a first start
-            assert time.monotonic() < deadline, "stap-serverd was not ready within 30 s"
-            time.sleep(0.1)
+        wait_until(ready, 30, "stap-serverd was not ready within 30 s", interval=0.1)
         assert os.path.realpath(f"/proc/{proc.pid}/exe") == os.path.realpath(REAL_SERVERD)
         assert os.stat(f"/proc/{proc.pid}").st_uid == nobody.pw_uid
         yield RealServer(proc.pid, home, log, netns)
     finally:
-        kill_pids([proc.pid])
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_pid(proc, timeout=10)
         if netns:
-            kill_pids(netns_pids(netns), grace=5)
+            stop_pid(*netns_pids(netns), timeout=5)
         out.close()
         os.unlink(out.name)
 
@@ -452,7 +430,7 @@ def test_our_client_real_server_cache_hit_stdout(real_serverd, our_client, krel,
     whose stdout names <server>/.systemtap/cache/...ko): our client drops the
     server's module line and prints the delivered module's name."""
     client, _ = our_client
-    for attempt in range(2):
+    for _attempt in range(2):
         proc = client("-k", "-r", krel, "-p4", "-e", SCRIPT, cwd=workdir)
         kept = kept_dir(proc.stderr, "stap-client.")
         try:
@@ -515,7 +493,7 @@ def test_our_client_real_server_ipv6(real_serverd, our_client, krel, local_p2, w
                None, workdir, timeout=10)
     if "::1" not in proc.stdout:
         pytest.skip("no IPv6 loopback in the namespace")
-    proc = client("--server=[::1]:%d" % REAL_PORT, "-r", krel, "-p2", "-e", SCRIPT, cwd=workdir)
+    proc = client(f"--server=[::1]:{REAL_PORT}", "-r", krel, "-p2", "-e", SCRIPT, cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == local_p2
 
@@ -532,7 +510,7 @@ def test_our_client_real_server_request_too_large(real_serverd, our_client, krel
     assert time.monotonic() - started < 30
     assert proc.returncode == 1
     assert "stap-client: ERROR:" in proc.stderr
-    assert "127.0.0.1:%d: server closed the connection without a reply" % REAL_PORT \
+    assert f"127.0.0.1:{REAL_PORT}: server closed the connection without a reply" \
         in proc.stderr
     assert not os.listdir(workdir)
     assert "request file is too large" in real_serverd.log_text()[before:]

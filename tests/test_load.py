@@ -14,8 +14,13 @@ import time
 
 import conftest
 import pytest
-from hardening_helpers import (assert_serves, request_dirs, request_lines, server_tmpdir,
-                               stand_in_stap)
+from hardening_helpers import (
+    assert_serves,
+    request_dirs,
+    request_lines,
+    server_tmpdir,
+    stand_in_stap,
+)
 
 CLIENTS = 30
 THREADS = 2
@@ -73,9 +78,8 @@ def test_many_clients_at_once(servers, sandbox, krel):
         try:
             out, err = proc.communicate(timeout=left)
         except subprocess.TimeoutExpired:
-            for _, _, p in procs:
-                p.kill()
-            raise AssertionError(f"client {n} hung (no answer within {WALL_LIMIT} s)")
+            conftest.stop_pid(*(p for _, _, p in procs))
+            raise AssertionError(f"client {n} hung (no answer within {WALL_LIMIT} s)") from None
         results.append((n, proc.returncode, out, err, time.monotonic() - t0))
     wall = time.monotonic() - started
     sampler.done.set()
@@ -92,10 +96,8 @@ def test_many_clients_at_once(servers, sandbox, krel):
                                    for n, rc, out, err, _ in failures)
     assert sampler.peak - rss_before < RSS_GROWTH_LIMIT_KB
     assert not [l for l in request_lines(srv) if "error='busy'" in l]
-    deadline = time.monotonic() + 5
-    while request_dirs(tmpdir) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert request_dirs(tmpdir) == []
+    conftest.wait_until(lambda: not request_dirs(tmpdir), 5,
+                        lambda: f"request directories left behind: {request_dirs(tmpdir)}")
     assert os.listdir(client_tmp) == [], "stap-client left temporary files"
     assert_serves(box, srv, krel)  # and the server goes on
 
@@ -179,7 +181,7 @@ def test_compile_queue_serves_in_arrival_order():
             ticket.__enter__(), order.append(n), time.sleep(0.01), ticket.__exit__()))
         t.start()
         threads.append(t)
-        conftest.wait_until(lambda: len(queue.waiting) == n + 1, 5, "not queued")
+        conftest.wait_until(lambda n=n: len(queue.waiting) == n + 1, 5, "not queued")
     first.__exit__()
     for t in threads:
         t.join(10)

@@ -5,7 +5,7 @@ runs a script through it."""
 import os
 import subprocess
 
-from conftest import PYTHON, SERVER, CLIENT, STAPRUN_STANDIN, make_sandbox, stop_pid
+from conftest import CLIENT, PYTHON, SERVER, STAPRUN_STANDIN, make_sandbox, stop_pid
 from netns import network_factory  # noqa: F401  (a fixture)
 
 MINIMAL_TOOLS = ("certutil", "signtool")

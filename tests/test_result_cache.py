@@ -54,7 +54,7 @@ def test_changes_miss(server, sandbox, krel):
 
 def test_verbose_requests_are_not_cached(server, sandbox, krel):
     script = unique_script()
-    for n in range(2):
+    for _ in range(2):
         proc = sandbox.run("stap-client", f"--server={server.address}", "-r", krel, "-p2", "-v",
                            "-e", script)
         assert proc.returncode == 0, proc.stderr
@@ -79,7 +79,7 @@ def test_concurrent_identical_requests_compile_once(server, sandbox, krel):
 @pytest.mark.parametrize("size", ["0"])
 def test_cache_can_be_turned_off(size, servers, sandbox, krel, runtime, cache_dir):
     srv = servers.start(sandbox, krel, runtime, "--result-cache-size", size, cache=cache_dir)
-    for n in range(2):
+    for _ in range(2):
         proc = sandbox.run("stap-client", f"--server={srv.address}", "-r", krel, "-p2", "-e",
                            "probe begin { exit() }")
         assert proc.returncode == 0, proc.stderr

@@ -5,8 +5,7 @@ import os
 import subprocess
 
 import pytest
-
-from conftest import make_sandbox, TEST_USER
+from conftest import TEST_USER, make_sandbox, stop_pid, wait_until
 
 SCRIPT = 'probe begin { printf("%s|%s\\n", @1, @2); exit() }'
 NASTY_ARGS = ['a "q" b$c;d', "x\ny 'z' \\ &"]
@@ -208,7 +207,7 @@ def test_servers_are_tried_in_order(server, sandbox, krel):
 
 def test_unprivileged_client_trusts_root_server_globally(server, sandbox, krel):
     """A root server's certificate is in the global database: every user trusts it."""
-    from conftest import need_root, Sandbox
+    from conftest import Sandbox, need_root
     need_root()
     user = make_sandbox(TEST_USER)
     box = Sandbox(top=user.top, env={**user.env, "STAP_SYSCONFDIR": sandbox.sysconfdir},
@@ -270,8 +269,9 @@ def test_progress_only_for_a_person(server, sandbox, krel):
 def test_root_server_compiles_as_an_unprivileged_account(servers, sandbox, krel, shared_dir):
     """The stap a root server runs has the dedicated compile account's uid,
     never 0 and never nobody's; the shared nobody and root are refused."""
-    from conftest import need_root
     import pwd
+
+    from conftest import need_root
     need_root()
     stand_in = os.path.join(shared_dir, "stap-whoami")
     with open(stand_in, "w") as f:
@@ -308,7 +308,6 @@ exit 9
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_signals_reach_staprun(signame, server, sandbox, krel, staprun):
     import signal
-    import time
     env, record = staprun
     script = os.path.join(os.path.dirname(record), "trapping-staprun")
     with open(script, "w") as f:
@@ -320,15 +319,18 @@ def test_signals_reach_staprun(signame, server, sandbox, krel, staprun):
          f"--server={server.address}", "-r", krel, "-e", "probe begin { exit() }"],
         env={**sandbox.env, **env, "SYSTEMTAP_STAPRUN": script}, cwd=sandbox.top,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def staprun_started():
+        if os.path.exists(record + ".started"):
+            return True
+        assert proc.poll() is None, proc.communicate()
+        return False
+
     try:
-        deadline = time.monotonic() + 300
-        while not os.path.exists(record + ".started") and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
+        wait_until(staprun_started, 300, "staprun did not start within 300 s")
         proc.send_signal(getattr(signal, signame))
         out, err = proc.communicate(timeout=20)
     finally:
-        proc.kill()
+        stop_pid(proc, timeout=0)
     with open(record + ".sig") as f:
         assert f.read().strip() == signame[3:]
     assert proc.returncode == 0, err  # staprun stopped cleanly, so did the client
@@ -336,6 +338,7 @@ def test_signals_reach_staprun(signame, server, sandbox, krel, staprun):
 
 def test_module_run_by_its_file_name_explains_itself(sandbox):
     import sys
+
     from conftest import CLIENT, SERVER
     for module, command in ((CLIENT, "stap-find-servers"), (SERVER, "stap-start-server")):
         proc = subprocess.run([sys.executable, module, "--help"], capture_output=True, text=True)

@@ -1,0 +1,183 @@
+"""Unit tier (no root, no network, no stap): the server's result cache.
+Hits, misses, what is never cached, the byte bound (least recently used go
+first), identical requests arriving together compile once; and the key: what
+makes two requests the same, from the request directory and the server's
+options."""
+
+import threading
+
+import conftest
+import pytest
+
+import stap_server
+from stap_server import Request, ResultCache, result_key
+
+
+class Compute:
+    """compute() for ResultCache.lookup: counts its calls; may wait for a go."""
+
+    def __init__(self, reply=b"reply", cacheable=True, go=None):
+        self.reply, self.cacheable, self.go, self.calls = reply, cacheable, go, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.go:
+            assert self.go.wait(10), "never told to go on"
+        return self.reply, self.cacheable
+
+
+def test_miss_then_hit():
+    cache, compute = ResultCache(1000), Compute()
+    assert cache.lookup("k", compute) == (b"reply", "miss")
+    assert cache.lookup("k", compute) == (b"reply", "hit")
+    assert compute.calls == 1
+    assert cache.size == len(b"reply") and not cache.running
+
+
+def test_never_cached():
+    compute = Compute()
+    assert ResultCache(1000).lookup(None, compute) == (b"reply", "skip")  # no key: not cacheable
+    assert ResultCache(0).lookup("k", compute) == (b"reply", "skip")      # --result-cache-size 0
+    failed = ResultCache(1000)
+    for _ in range(2):  # a failed compile is not kept
+        assert failed.lookup("k", Compute(b"error", cacheable=False)) == (b"error", "miss")
+    assert failed.size == 0 and not failed.entries
+
+
+def test_least_recently_used_go_first_and_huge_replies_stay_out():
+    cache = ResultCache(40)
+    for key in "abc":
+        cache.lookup(key, Compute(key.encode() * 10))
+    assert cache.lookup("a", Compute())[1] == "hit"  # a is now the most recent
+    cache.lookup("d", Compute(b"d" * 10))  # 40 bytes: full, nothing goes yet
+    assert list(cache.entries) == ["b", "c", "a", "d"] and cache.size == 40
+    cache.lookup("e", Compute(b"e" * 10))
+    assert list(cache.entries) == ["c", "a", "d", "e"] and cache.size == 40
+    # a reply over a quarter of the cache would flush the others: not kept
+    assert cache.lookup("huge", Compute(b"h" * 11)) == (b"h" * 11, "miss")
+    assert "huge" not in cache.entries and cache.size == 40
+
+
+class CountingLock:
+    """The cache's lock, counting how often a thread left it."""
+
+    def __init__(self):
+        self.lock, self.released = threading.Lock(), 0
+
+    def __enter__(self):
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.released += 1
+        self.lock.release()
+
+
+@pytest.mark.parametrize("cacheable,second", [(True, "merged"), (False, "miss")])
+def test_identical_requests_arriving_together(cacheable, second):
+    """The second waits for the first's compile: it takes its reply, or
+    compiles itself when that reply was not cacheable."""
+    cache, go = ResultCache(1000), threading.Event()
+    cache.lock = CountingLock()
+    first, later = Compute(b"first", cacheable, go=go), Compute(b"second")
+    results = {}
+    one = threading.Thread(target=lambda: results.update(one=cache.lookup("k", first)))
+    one.start()
+    conftest.wait_until(lambda: first.calls == 1, 10, "the first compile never started")
+    two = threading.Thread(target=lambda: results.update(two=cache.lookup("k", later)))
+    two.start()
+    # the second has looked, found the first compiling, and waits for it
+    conftest.wait_until(lambda: cache.lock.released >= 2, 10, "the second never looked")
+    go.set()
+    one.join(10)
+    two.join(10)
+    assert results["one"] == (b"first", "miss")
+    if cacheable:
+        assert results["two"] == (b"first", "merged") and later.calls == 0
+    else:
+        assert results["two"] == (b"second", "miss") and later.calls == 1
+    assert not cache.running
+
+
+# --------------------------------------------------------------------------
+# result_key: what makes two requests the same
+# --------------------------------------------------------------------------
+
+class Db:
+    path = "/srv/ssl/server"
+
+
+def config(**changes):
+    fields = dict(user="stap-compile", stap_options=["-I", "/srv/tapsets"], db=Db())
+    fields.update(changes)
+    return type("Config", (), fields)()
+
+
+def request(*args, env=None):
+    return Request(version="4.8", release="6.1.0-1-amd64", arch="x86_64",
+                   args=list(args or ["script/x.stp", "-p4"]), env=env or {}, lowered=True)
+
+
+@pytest.fixture
+def top(tmp_path, monkeypatch):
+    """A request directory; stap is a fixed stand-in (its stamp is the installation's)."""
+    monkeypatch.setenv("SYSTEMTAP_STAP", "/bin/true")
+    (tmp_path / "script").mkdir()
+    (tmp_path / "script" / "x.stp").write_text("probe begin { exit() }")
+    (tmp_path / "version").write_text("4.8")
+    return tmp_path
+
+
+def key(top, req=None, cfg=None, version="4.8"):
+    return result_key(req or request(), str(top), cfg or config(), version)
+
+
+def test_the_same_request_has_the_same_key(top):
+    first = key(top)
+    assert len(first) == 64 and first == key(top)
+    # the client's version and locale entries are not part of it
+    (top / "version").write_text("5.0")
+    (top / "locale").write_text("LANG=de_DE.UTF-8\n")
+    assert key(top) == first
+
+
+@pytest.mark.parametrize("change", ["script", "new file", "args", "env", "release", "user",
+                                    "server options", "database", "protocol"])
+def test_whatever_decides_the_reply_changes_the_key(top, change):
+    before = key(top)
+    req, cfg, version = request(), config(), "4.8"
+    if change == "script":
+        (top / "script" / "x.stp").write_text("probe begin { exit(); }")
+    elif change == "new file":
+        (top / "tapset").mkdir()
+        (top / "tapset" / "t.stp").write_text("")
+    elif change == "args":
+        req = request("script/x.stp", "-p4", "-DMAXACTION=1")
+    elif change == "env":
+        req = request(env={"LANG": "de_DE.UTF-8"})
+    elif change == "release":
+        req.release = "6.1.0-2-amd64"
+    elif change == "user":
+        cfg = config(user=None)
+    elif change == "server options":
+        cfg = config(stap_options=[])
+    elif change == "database":
+        cfg = config(db=type("Db", (), {"path": "/other"})())
+    elif change == "protocol":
+        version = "4.9"
+    assert key(top, req, cfg, version) != before
+
+
+@pytest.mark.parametrize("option", ["-v", "-vv", "--vp=01", "-t", "--benchmark"])
+def test_timings_and_verbose_output_are_never_cached(top, option):
+    assert key(top, request("script/x.stp", "-p4", option)) is None
+
+
+def test_the_installation_stamp_follows_stap(tmp_path, monkeypatch):
+    stap = tmp_path / "stap"
+    stap.write_text("#!/bin/sh\n")
+    monkeypatch.setenv("SYSTEMTAP_STAP", str(stap))
+    monkeypatch.setattr(stap_server, "_stamps", {})
+    before = stap_server.installation_stamp(config(stap_options=[]), "no-such-release")
+    stap.write_text("#!/bin/sh\necho another stap\n")
+    monkeypatch.setattr(stap_server, "_stamps", {})  # not within STAMP_TTL of the last look
+    assert stap_server.installation_stamp(config(stap_options=[]), "no-such-release") != before
