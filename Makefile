@@ -3,6 +3,7 @@
 #   make demo                 start a real server and compile through it (root, Debian)
 #   make check                install missing packages, run the tests
 #   make test-unit            the unit tier alone (no root, network or stap; seconds)
+#   make lint                 ruff on the modules, tests and benchmarks (ruff.toml)
 #   make install [DESTDIR=... prefix=... sysconfdir=... PYTHON=...]
 #   make uninstall            with the same variables as install
 #   make deb                  Debian packages in build/deb/ (tools/build-deb)
@@ -45,12 +46,21 @@ install:
 	grep -q '^SYSCONFDIR = "$(sysconfdir)"  # make install rewrites this line$$' \
 	  $(DESTDIR)$(pkglibdir)/stap_client.py || \
 	  { echo "install: the SYSCONFDIR line of stap_client.py was not rewritten" >&2; exit 1; }
+	$(PYTHON) -m compileall -q -d $(pkglibdir) $(addprefix $(DESTDIR)$(pkglibdir)/,$(MODULES))
+	# Each command is a launcher that imports its module, not a symlink to
+	# it: Python compiles the script it runs from source every time, and
+	# reuses the byte code only of modules it imports.
 	rel=$$(realpath -m --relative-to=$(bindir) $(pkglibdir)) && \
-	for c in $(CLIENT_COMMANDS); do \
-	  ln -sfn $$rel/stap_client.py $(DESTDIR)$(bindir)/$$c || exit 1; \
-	done && \
-	for c in $(SERVER_COMMANDS); do \
-	  ln -sfn $$rel/stap_server.py $(DESTDIR)$(bindir)/$$c || exit 1; \
+	for c in $(COMMANDS); do \
+	  case " $(CLIENT_COMMANDS) " in *" $$c "*) m=stap_client;; *) m=stap_server;; esac; \
+	  { echo '#!$(PYTHON)'; \
+	    echo "# $$c: $$m.main() from $(pkglibdir), which dispatches on this name."; \
+	    echo 'import os, sys'; \
+	    echo "sys.path.insert(0, os.path.join(os.path.dirname(os.path.realpath(__file__)), '$$rel'))"; \
+	    echo "from $$m import main"; \
+	    echo 'sys.exit(main())'; } > $(DESTDIR)$(bindir)/$$c.tmp && \
+	  chmod 0755 $(DESTDIR)$(bindir)/$$c.tmp && \
+	  mv -f $(DESTDIR)$(bindir)/$$c.tmp $(DESTDIR)$(bindir)/$$c || exit 1; \
 	done
 	for p in $(MANPAGES); do \
 	  $(INSTALL) -m 0644 man/$$p $(DESTDIR)$(man8dir)/$$p || exit 1; \
@@ -80,11 +90,10 @@ bench:
 	$(PYTHON) bench/run.py
 
 lint:
-	@if command -v $(RUFF) >/dev/null 2>&1; then \
-	  $(RUFF) check $(MODULES) tests; \
-	else \
-	  echo "lint: $(RUFF) is not installed; skipping"; \
-	fi
+	@command -v $(RUFF) >/dev/null 2>&1 || \
+	  { echo "lint: $(RUFF) is not installed (tools/install-deps installs it)" >&2; exit 1; }
+	$(RUFF) check $(MODULES) tests bench
 
 clean:
-	rm -rf __pycache__ tests/__pycache__ .pytest_cache build *.egg-info
+	rm -rf __pycache__ tests/__pycache__ bench/__pycache__ .pytest_cache .ruff_cache build \
+	  *.egg-info

@@ -13,6 +13,7 @@ archive -> TLS -> reply archive -> staprun.  This module never imports the
 server module; the server imports this one.
 """
 
+import base64
 import collections
 import fcntl
 import grp
@@ -26,7 +27,6 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -115,6 +115,7 @@ def local_sysinfo(release=None, arch=None):
 
 def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True):
     """Run a tool without a shell; a failure raises Error with its stderr."""
+    import subprocess  # here: a compile request (-p4 and below) runs no tool
     name = os.path.basename(argv[0])
     try:
         proc = subprocess.run(argv, input=input, capture_output=True,
@@ -138,10 +139,6 @@ def certutil(db, *args, **kw):
     return run_tool(["certutil", "-d", db.spec, *args], **kw)
 
 
-def signtool(db, *args, **kw):
-    return run_tool(["signtool", "-d", db.spec, *args], **kw)
-
-
 # --------------------------------------------------------------------------
 # Certificate databases
 # --------------------------------------------------------------------------
@@ -151,7 +148,9 @@ SECRET_FILES = ("key4.db", "key3.db", "pw")
 
 
 class CertDB:
-    """One NSS certificate database directory; every certutil call goes here."""
+    """One NSS certificate database directory, and every certutil call.
+    (Signing and checking signatures happen in-process: see ServerKey in
+    the server and check_pkcs7_signature here.)"""
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
@@ -200,16 +199,6 @@ class CertDB:
                 raise Error(f"{path} is readable by group or others "
                             f"(mode {stat.S_IMODE(st.st_mode):04o})")
 
-    def nicknames(self):
-        """[(nickname, trust flags)] as certutil -L lists them."""
-        out = certutil(self, "-L").stdout.decode(errors="replace")
-        rows = []
-        for line in out.splitlines()[4:]:
-            m = re.match(r"^(.*\S)\s+(\S*,\S*,\S*)\s*$", line)
-            if m:
-                rows.append((m.group(1), m.group(2)))
-        return rows
-
     def certificates(self, nickname=SERVER_NICKNAME):
         """DER of every certificate filed under nickname."""
         proc = certutil(self, "-L", "-n", nickname, "-a", check=False)
@@ -220,6 +209,21 @@ class CertDB:
     def add_trusted_server(self, der):
         """Trust a server certificate for TLS (first field) and signing (third)."""
         certutil(self, "-A", "-n", SERVER_NICKNAME, "-t", "P,P,P", input=der)
+
+    def make_self_signed(self, nickname, subject, dns_names, serial):
+        """A new RSA-3072/SHA-256 key and self-signed certificate, valid for a
+        year and trusted as a peer, in place of any filed under nickname."""
+        noise = os.path.join(self.path, "noise")
+        with open(os.open(noise, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(os.urandom(2048))
+        try:
+            for _ in self.certificates(nickname):  # -F: the old key and certificate go
+                certutil(self, "-F", "-n", nickname, check=False)
+            certutil(self, "-S", "-n", nickname, "-s", subject, "-x", "-t", "P,P,P",
+                     "-k", "rsa", "-g", "3072", "-Z", "SHA256", "-v", "12", "-m", str(serial),
+                     "-z", noise, "--extSAN", ",".join(f"dns:{n}" for n in dns_names))
+        finally:
+            os.unlink(noise)
 
     def remove_servers(self):
         """Delete every certificate filed under the servers' nickname (certutil
@@ -581,7 +585,7 @@ class Limits:
     max_entry_bytes = 128 << 20
     max_total_bytes = 256 << 20
     max_ratio = 200  # uncompressed/compressed, for entries over 1 MiB
-    too_large = "archive unpacks to {total} bytes, more than {limit}"  # the server words it its own way
+    too_large = "archive unpacks to {total} bytes, more than {limit}"  # the server's own words
 
     def __init__(self, **overrides):
         for name, value in overrides.items():
@@ -632,7 +636,8 @@ def safe_members(zf, limits):
             raise Error(f"archive entry {info.filename} is not a regular file or directory")
         if info.file_size > limits.max_entry_bytes:
             raise Error(f"archive entry {info.filename} is too large ({info.file_size} bytes)")
-        if info.file_size > 1 << 20 and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+        if info.file_size > 1 << 20 and \
+                info.file_size > limits.max_ratio * max(info.compress_size, 1):
             raise Error(f"archive entry {info.filename} is compressed suspiciously well")
         total += info.file_size
     if total > limits.max_total_bytes:
@@ -703,16 +708,13 @@ class Reply(collections.namedtuple("Reply", "rc stdout stderr version module")):
 MODULE_DIR = re.compile(r"^stap[A-Za-z0-9_]{6}/")
 
 
-def read_reply(data, dest, peer_der, dbs, limits=Limits()):
+def read_reply(data, dest, peer_der, limits=Limits()):
     """Check, verify and unpack a reply zip into dest; return a Reply."""
     zf = open_archive(data)
     names = [i.filename for i in safe_members(zf, limits)]
     only = None
     if any(n.startswith("META-INF/") for n in names):
-        jar = os.path.join(dest, "reply.jar")
-        with open(jar, "wb") as f:
-            f.write(data)
-        only = verify_signature(jar, peer_der, dbs)
+        only = jar_verified_names(zf, names, peer_der)
         stray = [n for n in names if n not in only and not n.endswith("/")
                  and not n.startswith("META-INF/")]
         if stray:
@@ -744,38 +746,6 @@ def read_entry(top, name):
         return None
 
 
-def verify_signature(jar, peer_der, dbs):
-    """Names of the entries that signtool -v verifies, signed by the TLS peer."""
-    signer = signer_certificate(jar)
-    if signer != peer_der:
-        raise Error("reply is signed by a certificate other than the server's")
-    reasons = []
-    for db in dbs:
-        # signtool -v writes signtool.tmp into its cwd: use our private directory
-        proc = signtool(db, "-v", jar, check=False, cwd=os.path.dirname(jar))
-        out = proc.stdout.decode(errors="replace")
-        if proc.returncode == 0 and "passed crypto verification" in out:
-            return {m.group(1) for m in re.finditer(r"^\s+verified\s+(\S.*)$", out, re.M)}
-        reasons.append(last_line(proc.stderr or proc.stdout))
-    raise Error(f"reply signature does not verify ({reasons[0] if reasons else 'no database'})")
-
-
-def signer_certificate(jar):
-    """DER of the one certificate inside the jar's PKCS#7 signature block."""
-    with zipfile.ZipFile(jar) as zf:
-        blocks = [n for n in zf.namelist() if re.match(r"META-INF/[^/]+\.(RSA|rsa)$", n)]
-        if len(blocks) != 1:
-            raise Error("reply signature has no single signature block")
-        pkcs7 = zf.read(blocks[0])
-    try:
-        certs = pkcs7_certificates(pkcs7)
-    except (IndexError, ValueError):
-        raise Error("reply signature block is malformed") from None
-    if len(certs) != 1:
-        raise Error(f"reply signature carries {len(certs)} certificates, expected one")
-    return certs[0]
-
-
 def der_element(data, pos):
     """(tag, start of content, end of element) of the DER element at pos."""
     tag, length = data[pos], data[pos + 1]
@@ -798,16 +768,156 @@ def der_children(data, start, end):
         start = cend
 
 
-def pkcs7_certificates(pkcs7):
-    """The certificates field of a PKCS#7 SignedData ContentInfo."""
+def der_list(data, start, end):
+    return list(der_children(data, start, end))
+
+
+# --- signed replies: JARs in signtool's format, checked in this process -----
+
+JAR_MANIFEST = "META-INF/manifest.mf"
+JAR_SIGNATURE_FILE = "META-INF/zigbert.sf"
+JAR_SIGNATURE_BLOCK = "META-INF/zigbert.rsa"
+JAR_CREATOR = b"Created-By: stap-server (signtool format)\n"
+
+# The DER of the object identifiers a JAR signature names.
+DER_OID = {name: b"\x06" + bytes([len(body)]) + body for name, body in (
+    ("data", bytes.fromhex("2a864886f70d010701")),
+    ("signedData", bytes.fromhex("2a864886f70d010702")),
+    ("contentType", bytes.fromhex("2a864886f70d010903")),
+    ("messageDigest", bytes.fromhex("2a864886f70d010904")),
+    ("signingTime", bytes.fromhex("2a864886f70d010905")),
+    ("rsaEncryption", bytes.fromhex("2a864886f70d010101")),
+    ("sha1", bytes.fromhex("2b0e03021a")),
+    ("sha256", bytes.fromhex("608648016503040201")))}
+
+# PKCS#1 v1.5 DigestInfo prefixes, by the DER of the digest's OID.
+DIGEST_INFO = {
+    DER_OID["sha1"]: (hashlib.sha1, bytes.fromhex("3021300906052b0e03021a05000414")),
+    DER_OID["sha256"]: (hashlib.sha256, bytes.fromhex("3031300d060960864801650304020105000420")),
+}
+
+
+def jar_digests(data):
+    """One manifest section's digest lines, as signtool writes them."""
+    b64 = lambda d: base64.b64encode(d.digest())
+    return (b"Digest-Algorithms: MD5 SHA1\nMD5-Digest: "
+            + b64(hashlib.md5(data, usedforsecurity=False))
+            + b"\nSHA1-Digest: " + b64(hashlib.sha1(data)) + b"\n")
+
+
+def jar_manifests(entries):
+    """(manifest, signature file) for [(name, bytes)]: the manifest digests
+    each entry, the signature file each manifest section."""
+    main = b"Manifest-Version: 1.0\n" + JAR_CREATOR
+    sections = [b"Name: " + name.encode() + b"\n" + jar_digests(data) for name, data in entries]
+    signature_file = [b"Signature-Version: 1.0\n" + JAR_CREATOR + jar_digests(main)]
+    signature_file += [s.split(b"\n", 1)[0] + b"\n" + jar_digests(s) for s in sections]
+    return b"\n".join([main] + sections), b"\n".join(signature_file)
+
+
+def jar_sections(text):
+    """{name: (section bytes, {key: value})} of a manifest or signature
+    file; the main section under the name None."""
+    sections = {}
+    for chunk in text.split(b"\n\n"):
+        if not chunk:
+            continue
+        raw = chunk + b"\n" if not chunk.endswith(b"\n") else chunk
+        fields = dict(line.split(b": ", 1) for line in raw.splitlines() if b": " in line)
+        name = fields.get(b"Name")
+        if name in sections or (name is None and sections):
+            raise ValueError("duplicate section")
+        sections[None if name is None else name.decode()] = (raw, fields)
+    return sections
+
+
+def jar_verified_names(zf, names, peer_der):
+    """The entries of a signed reply whose digests its signature covers,
+    signed with the key of peer_der (the server we shook hands with)."""
+    blocks = [n for n in names if re.match(r"META-INF/[^/]+\.(RSA|rsa)$", n)]
+    if len(blocks) != 1:
+        raise Error("reply signature has no single signature block")
+    stem = blocks[0][:-4]
+    try:
+        manifest = jar_sections(zf.read(JAR_MANIFEST))
+        signature_file = zf.read(stem + ".sf" if stem + ".sf" in names else stem + ".SF")
+        check_pkcs7_signature(zf.read(blocks[0]), signature_file, peer_der)
+        signed = jar_sections(signature_file)
+    except KeyError as e:
+        raise Error(f"reply signature is incomplete ({e.args[0]})") from None
+    except (IndexError, ValueError):
+        raise Error("reply signature block is malformed") from None
+    if signed.get(None, (b"", {}))[1].get(b"SHA1-Digest") != sha1_b64(manifest[None][0]):
+        raise Error("reply signature does not verify (manifest header altered)")
+    covered = set()
+    for name, (raw, fields) in manifest.items():
+        if name is None:
+            continue
+        if signed.get(name, (b"", {}))[1].get(b"SHA1-Digest") != sha1_b64(raw) \
+                or name not in names:
+            raise Error(f"reply signature does not verify ({name} altered)")
+        digest = hashlib.sha1()
+        with zf.open(name) as f:
+            for block in iter(lambda: f.read(1 << 16), b""):
+                digest.update(block)
+        if fields.get(b"SHA1-Digest") != base64.b64encode(digest.digest()):
+            raise Error(f"reply signature does not verify ({name} altered)")
+        covered.add(name)
+    return covered
+
+
+def sha1_b64(data):
+    return base64.b64encode(hashlib.sha1(data).digest())
+
+
+def check_pkcs7_signature(pkcs7, content, peer_der):
+    """Raise Error unless pkcs7 is a detached SignedData of content, with
+    authenticated attributes, carrying peer_der alone and signed by its key."""
     _, s, e = der_element(pkcs7, 0)  # ContentInfo
-    kids = list(der_children(pkcs7, s, e))
-    _, _, s, e = kids[1]  # [0] EXPLICIT content
+    _, _, s, e = der_list(pkcs7, s, e)[1]  # [0] EXPLICIT content
     _, s, e = der_element(pkcs7, s)  # SignedData
-    for tag, start, cstart, cend in der_children(pkcs7, s, e):
-        if tag == 0xA0:  # [0] IMPLICIT certificates
-            return [pkcs7[a:c] for _, a, _, c in der_children(pkcs7, cstart, cend)]
-    return []
+    fields = der_list(pkcs7, s, e)
+    certs = [pkcs7[a:c] for tag, _, s, e in fields if tag == 0xA0
+             for _, a, _, c in der_list(pkcs7, s, e)]
+    if len(certs) != 1:
+        raise Error(f"reply signature carries {len(certs)} certificates, expected one")
+    if certs[0] != peer_der:
+        raise Error("reply is signed by a certificate other than the server's")
+    signers = der_list(pkcs7, *fields[-1][2:])
+    if len(signers) != 1:
+        raise Error("reply signature has more than one signer")
+    _, _, algorithm, attributes, _, signature = der_list(pkcs7, *signers[0][2:])[:6]
+    _, a, _, c = der_list(pkcs7, *algorithm[2:])[0]
+    if pkcs7[a:c] not in DIGEST_INFO or attributes[0] != 0xA0:
+        raise Error("reply signature uses an unknown digest or form")
+    hasher, digest_info = DIGEST_INFO[pkcs7[a:c]]
+    digests = []
+    for _, _, s, e in der_list(pkcs7, *attributes[2:]):  # Attribute: type, SET of values
+        (_, a, _, c), (_, _, vs, _) = der_list(pkcs7, s, e)[:2]
+        if pkcs7[a:c] == DER_OID["messageDigest"]:
+            _, vs, ve = der_element(pkcs7, vs)
+            digests.append(pkcs7[vs:ve])
+    if digests != [hasher(content).digest()]:
+        raise Error("reply signature does not verify (signature file altered)")
+    signed = b"\x31" + pkcs7[attributes[1] + 1:attributes[3]]  # as the SET OF it stands for
+    if not rsa_signature_valid(peer_der, digest_info + hasher(signed).digest(),
+                               pkcs7[signature[2]:signature[3]]):
+        raise Error("reply signature does not verify (bad signature)")
+
+
+def rsa_signature_valid(cert_der, digest_info, signature):
+    """RSA PKCS#1 v1.5 check of signature over digest_info with the public
+    key of cert_der: the whole encoded block is compared, nothing parsed."""
+    _, _, s, e = tbs_fields(cert_der)[5]  # SubjectPublicKeyInfo
+    _, _, s, _ = der_list(cert_der, s, e)[1]  # BIT STRING: unused-bit count, RSAPublicKey
+    _, s, e = der_element(cert_der, s + 1)
+    n, exponent = (int.from_bytes(cert_der[a:b], "big") for _, _, a, b in der_list(cert_der, s, e))
+    k = (n.bit_length() + 7) // 8
+    s = int.from_bytes(signature, "big")
+    if len(signature) != k or s >= n or len(digest_info) > k - 11:
+        return False
+    block = b"\x00\x01" + b"\xff" * (k - 3 - len(digest_info)) + b"\x00" + digest_info
+    return pow(s, exponent, n).to_bytes(k, "big") == block
 
 
 # --------------------------------------------------------------------------
@@ -819,10 +929,10 @@ _nss_contexts = {}
 
 def nss_modules():
     try:
+        import nss.error as nerror
+        import nss.io as nio
         import nss.nss as nss
         import nss.ssl as ssl
-        import nss.io as nio
-        import nss.error as nerror
     except ImportError:
         raise Error("the Python NSS bindings are missing (Debian: apt-get install "
                     "python3-nss; elsewhere: pip install python-nss-ng)") from None
@@ -1217,6 +1327,7 @@ def run_tool_until(argv, timeout, done=None):
     what it has) and we keep what it printed so far.  done(stdout_so_far)
     may end the wait early.  stderr is kept for error messages.
     """
+    import subprocess  # here, as in run_tool
     if shutil.which(argv[0]) is None:
         return ToolResult(argv, 127, '', f'{argv[0]}: not installed', False)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
@@ -1683,7 +1794,7 @@ def compile_anywhere(inv, request, dbs, tmp):
         for n, peer in enumerate(peers):
             if lost[n] >= 2:
                 continue
-            reply = try_server(inv, peer, request, dbs,
+            reply = try_server(inv, peer, request,
                                os.path.join(tmp, f"server{n}" + (f".{attempt}" if attempt else "")),
                                say_why=attempt == 0 or inv.verbose)
             if isinstance(reply, Reply):
@@ -1700,14 +1811,14 @@ def compile_anywhere(inv, request, dbs, tmp):
         time.sleep(pause)
 
 
-def try_server(inv, peer, request, dbs, attempt, say_why=True):
+def try_server(inv, peer, request, attempt, say_why=True):
     """One exchange with peer: a Reply, or the Error that ended it (said as
     a warning when say_why)."""
     os.mkdir(attempt, 0o700)
     progress(inv, f"compiling on server {peer}...")
     try:
         sock, peer_der = tls_connect(peer)
-        reply = read_reply(exchange(sock, request), attempt, peer_der, dbs)
+        reply = read_reply(exchange(sock, request), attempt, peer_der)
     except Error as e:
         reply = e
     else:
@@ -1897,6 +2008,7 @@ def deliver_module(module):
 
 def run_staprun(inv, module):
     """Pass 5: staprun on the received module; its failure is ours."""
+    import subprocess  # here, as in run_tool
     argv = staprun_argv(inv, module)
     try:
         proc = subprocess.Popen(argv)

@@ -23,8 +23,6 @@ import dataclasses
 import hashlib
 import io
 import ipaddress
-import select
-import struct
 import json
 import logging
 import logging.handlers
@@ -32,15 +30,19 @@ import os
 import pwd
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
+import socketserver
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zipfile
 
 try:  # the built-in multicast DNS responder needs dnspython
     import dns.flags
@@ -53,9 +55,27 @@ except ImportError:
     dns = None
 
 import stap_client as client
-from stap_client import CertDB, Error, Limits
+
 # Discovery names shared with the client's browsing side:
-from stap_client import (AVAHI_NO_DAEMON, DiscoveryError, IP_PKTINFO, MDNS_DOMAIN, MDNS_GROUP, MDNS_PORT, SERVICE_TYPE, ipv4_interfaces, mdns_query, parse_mdns, pktinfo_ifindex, require_dnspython, send_to_group, service_name)
+from stap_client import (
+    AVAHI_NO_DAEMON,
+    IP_PKTINFO,
+    MDNS_DOMAIN,
+    MDNS_GROUP,
+    MDNS_PORT,
+    SERVICE_TYPE,
+    CertDB,
+    DiscoveryError,
+    Error,
+    Limits,
+    ipv4_interfaces,
+    mdns_query,
+    parse_mdns,
+    pktinfo_ifindex,
+    require_dnspython,
+    send_to_group,
+    service_name,
+)
 
 PROG = "stap-serverd"
 RENEW_BEFORE = 30 * 86400  # renew a certificate expiring within 30 days
@@ -119,7 +139,8 @@ def build_option_parser(prog):
                    help="account that runs the compile step when started as root "
                    f"(default: {COMPILE_ACCOUNT}; never root or nobody)")
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
-                   help="run stap without bubblewrap (unsafe: warned at start and in every log line)")
+                   help="run stap without bubblewrap (unsafe: warned at start and in every "
+                   "log line)")
     p.add_argument("--allow-guru", action="store_true",
                    help="let clients use guru mode (-g, embedded C); such compiles stay "
                    "sandboxed, use a throw-away stap cache and are never cached")
@@ -167,7 +188,8 @@ def build_option_parser(prog):
     p.add_argument("--load-refresh", type=float, default=10, metavar="SECONDS",
                    help="refresh the advertised load hint at most this often (default 10)")
     p.add_argument("--advertise", choices=("auto", "avahi", "mdns", "none"), default="auto",
-                   help="how to announce the server (default: avahi if running, else built-in mDNS)")
+                   help="how to announce the server (default: avahi if running, else the "
+                   "built-in mDNS responder)")
     return p
 
 
@@ -353,22 +375,13 @@ def expires_within(der, seconds):
 
 def generate_certificate(db):
     """A self-signed RSA-3072/SHA-256 certificate valid for a year, with a
-    random serial; the subject is the one every stap server shares."""
+    random serial, replacing any older one; the subject is the one every
+    stap server shares."""
     host = socket.gethostname()
     short = host.split(".")[0]
-    names = ",".join(f"dns:{n}" for n in dict.fromkeys([host, f"{short}.local", "localhost"]))
-    noise = os.path.join(db.path, "noise")
-    with open(os.open(noise, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(secrets.token_bytes(2048))
-    try:
-        for old in db.certificates():  # renewal: the old key and certificate go
-            client.certutil(db, "-F", "-n", client.SERVER_NICKNAME, check=False)
-        client.certutil(db, "-S", "-n", client.SERVER_NICKNAME, "-s", client.SERVER_SUBJECT,
-                        "-x", "-t", "P,P,P", "-k", "rsa", "-g", "3072", "-Z", "SHA256",
-                        "-v", "12", "-m", str(secrets.randbelow(2**31 - 2) + 1),
-                        "-z", noise, "--extSAN", names)
-    finally:
-        os.unlink(noise)
+    db.make_self_signed(client.SERVER_NICKNAME, client.SERVER_SUBJECT,
+                        dict.fromkeys([host, f"{short}.local", "localhost"]),
+                        serial=secrets.randbelow(2**31 - 2) + 1)
     der = newest_certificate(db)
     if der is None:
         raise Error(f"certutil made no certificate in {db.path}")
@@ -952,10 +965,10 @@ def hide_paths(data, paths):
     return data
 
 
-def reply_from_outcome(outcome, req, signer=None):
-    """Reply entries for a finished stap run; the module path line becomes
-    the module's name (or goes, when the client asked for pass 5).  A module
-    built for stapusr or stapsys gets signer's signature beside it."""
+def reply_from_outcome(outcome, req, key):
+    """(rc, stdout, stderr, module) of a finished stap run; the module path
+    line becomes the module's name (or goes, when the client asked for pass
+    5).  A module built for stapusr or stapsys gets key's signature beside it."""
     lines = []
     for line in outcome.stdout.splitlines(keepends=True):
         if line.rstrip(b"\n").endswith(b".ko") and outcome.module:
@@ -964,40 +977,25 @@ def reply_from_outcome(outcome, req, signer=None):
             line = outcome.module[0].encode() + b"\n"
         lines.append(line)
     module = outcome.module
-    if module and req.signed and signer:
-        module = module + (signer(module[1]),)
+    if module and req.signed:
+        module = module + (key.module_signature(module[1]),)
     return (outcome.rc, hide_paths(b"".join(lines), outcome.hide),
             req.notices + hide_paths(outcome.stderr, outcome.hide), module)
 
 
-def write_reply(respdir, version, rc, stdout, stderr, module=None):
-    """The reply's files in a directory of the server's own; module is
-    (name, bytes[, signature]) or the path of a .ko."""
-    os.makedirs(respdir, 0o700)
-    for name, data in (("version", version.encode()), ("rc", str(rc).encode()),
-                       ("stdout", stdout), ("stderr", stderr)):
-        with open(os.path.join(respdir, name), "wb") as f:
-            f.write(data)
+def reply_entries(version, rc, stdout, stderr, module=None):
+    """The reply's entries, (name, bytes) in the real server's layout;
+    module is (name, bytes[, signature])."""
+    entries = [("version", version.encode()), ("rc", str(rc).encode()),
+               ("stdout", stdout), ("stderr", stderr)]
     if module:
-        if isinstance(module, str):
-            with open(module, "rb") as f:
-                module = (os.path.basename(module), f.read())
-        moddir = os.path.join(respdir, RESPONSE_DIR)
-        os.mkdir(moddir, 0o755)
         name, data, *signature = module
-        for suffix, content in [("", data)] + [(".sgn", sig) for sig in signature]:
-            with open(os.path.join(moddir, name + suffix), "wb") as f:
-                f.write(content)
+        entries.append((f"{RESPONSE_DIR}/{name}", data))
+        entries += [(f"{RESPONSE_DIR}/{name}.sgn", sig) for sig in signature]
+    return entries
 
 
-def sign_reply(db, respdir):
-    """The reply as a JAR signed with the server key (signtool writes
-    META-INF/ into respdir, which is ours to spoil)."""
-    jar = respdir + ".jar"
-    client.signtool(db, "-k", client.SERVER_NICKNAME, "-Z", jar, respdir)
-    with open(jar, "rb") as f:
-        return f.read()
-
+# --- signing in this process: the key stays in the NSS database ------------
 
 class SECItem(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("data", ctypes.POINTER(ctypes.c_ubyte)),
@@ -1012,7 +1010,10 @@ def nss3():
     with the few calls that sign with a private key: python-nss has none."""
     global _nss3
     if _nss3 is None:
-        lib = ctypes.CDLL(ctypes.util.find_library("nss3") or "libnss3.so")
+        try:
+            lib = ctypes.CDLL("libnss3.so")  # NSS keeps an unversioned soname
+        except OSError:
+            lib = ctypes.CDLL(ctypes.util.find_library("nss3"))
         ptr = ctypes.c_void_p
         for name, restype, argtypes in (
                 ("CERT_GetDefaultCertDB", ptr, []),
@@ -1029,84 +1030,165 @@ def nss3():
     return _nss3
 
 
-def module_signature(der, data):
-    """A detached RSA PKCS#1 v1.5 SHA-256 signature of data (a module's
-    NAME.ko.sgn, what staprun checks for stapusr and stapsys users), made
-    by NSS with the private key of certificate der: the key never leaves
-    its database."""
-    lib, sha256_rsa = nss3(), client.nss_modules()[0].SEC_OID_PKCS1_SHA256_WITH_RSA_ENCRYPTION
-    buf = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
-    cert = lib.CERT_FindCertByDERCert(lib.CERT_GetDefaultCertDB(), SECItem(0, buf, len(der)))
-    if not cert:
-        raise Error("the server certificate is not in its database")
-    try:
-        key = lib.PK11_FindKeyByAnyCert(cert, None)
-        if not key:
+_keys = {}  # ServerKey.of_database's, by database path
+
+
+class ServerKey:
+    """The private key of the server certificate der, found once in the
+    NSS database this process opened, and used in place: it signs every
+    reply (a JAR, as signtool -Z would) and the .ko.sgn of modules built
+    for stapusr and stapsys.  The key is never exported or written out."""
+
+    def __init__(self, der):
+        lib = nss3()
+        self.der = der
+        buf = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
+        self._cert = lib.CERT_FindCertByDERCert(lib.CERT_GetDefaultCertDB(),
+                                                SECItem(0, buf, len(der)))
+        if not self._cert:
+            raise Error("the server certificate is not in its database")
+        self._key = lib.PK11_FindKeyByAnyCert(self._cert, None)
+        if not self._key:
+            self.close()
             raise Error("the server certificate's private key is not in its database")
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of_database(cls, db):
+        """The key of db's newest server certificate, opening db read-only
+        in this process if it is not open yet; one per database (for code
+        that signs without a running server: tests, benchmarks)."""
+        if db.path not in _keys:
+            client.open_databases([db])
+            _keys[db.path] = cls(newest_certificate(db))
+        return _keys[db.path]
+
+    def close(self):
+        lib = nss3()
+        if getattr(self, "_key", None):
+            lib.SECKEY_DestroyPrivateKey(self._key)
+            self._key = None
+        if self._cert:
+            lib.CERT_DestroyCertificate(self._cert)
+            self._cert = None
+
+    def sign(self, data, algorithm):
+        """RSA PKCS#1 v1.5 signature of data, algorithm one of the OIDs below."""
+        lib, out = nss3(), SECItem()
+        oid = getattr(client.nss_modules()[0], algorithm)
+        with self._lock:
+            if lib.SEC_SignData(ctypes.byref(out), data, len(data), self._key, oid) != 0:
+                raise Error("NSS could not sign with the server key")
         try:
-            out = SECItem()
-            if lib.SEC_SignData(ctypes.byref(out), data, len(data), key, sha256_rsa) != 0:
-                raise Error("NSS could not sign the module")
-            try:
-                return ctypes.string_at(out.data, out.len)
-            finally:
-                lib.SECITEM_FreeItem(ctypes.byref(out), 0)
+            return ctypes.string_at(out.data, out.len)
         finally:
-            lib.SECKEY_DestroyPrivateKey(key)
-    finally:
-        lib.CERT_DestroyCertificate(cert)
+            lib.SECITEM_FreeItem(ctypes.byref(out), 0)
+
+    def module_signature(self, data):
+        """A module's NAME.ko.sgn: what staprun checks for stapusr and stapsys."""
+        return self.sign(data, "SEC_OID_PKCS1_SHA256_WITH_RSA_ENCRYPTION")
+
+    def signed_jar(self, entries):
+        """entries as a zip signed the way signtool -Z signs a directory:
+        digests of every entry in a manifest, of the manifest in a
+        signature file, and a PKCS#7 signature of that file (SHA-1, the one
+        digest NSS's JAR verifier knows)."""
+        manifest, signature_file = client.jar_manifests(entries)
+        block = self.pkcs7_signature(signature_file)
+        out = io.BytesIO()
+        stamp = time.localtime()[:6]
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in entries + [(client.JAR_MANIFEST, manifest),
+                                         (client.JAR_SIGNATURE_FILE, signature_file),
+                                         (client.JAR_SIGNATURE_BLOCK, block)]:
+                info = zipfile.ZipInfo(name, stamp)
+                info.external_attr = 0o644 << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                zf.writestr(info, data, compresslevel=1 if len(data) > 65536 else None)
+        return out.getvalue()
+
+    def pkcs7_signature(self, content):
+        """A detached PKCS#7 SignedData of content with authenticated
+        attributes (content type, signing time, SHA-1 digest), carrying our
+        certificate: signtool's signature block, byte for byte in layout."""
+        oid = client.DER_OID
+        attributes = [
+            der(0x30, oid["contentType"], der(0x31, oid["data"])),
+            der(0x30, oid["signingTime"], der(0x31, der(0x17, time.strftime(
+                "%y%m%d%H%M%SZ", time.gmtime()).encode()))),
+            der(0x30, oid["messageDigest"], der(0x31, der(0x04, hashlib.sha1(content).digest()))),
+        ]
+        signed = der(0x31, *attributes)
+        signature = self.sign(signed, "SEC_OID_PKCS1_SHA1_WITH_RSA_ENCRYPTION")
+        fields = client.tbs_fields(self.der)
+        serial, issuer = (self.der[f[1]:f[3]] for f in (fields[0], fields[2]))
+        sha1 = der(0x30, oid["sha1"], b"\x05\x00")
+        signer_info = der(0x30, b"\x02\x01\x01", der(0x30, issuer, serial), sha1,
+                          b"\xa0" + signed[1:], der(0x30, oid["rsaEncryption"], b"\x05\x00"),
+                          der(0x04, signature))
+        signed_data = der(0x30, b"\x02\x01\x01", der(0x31, sha1), der(0x30, oid["data"]),
+                          der(0xA0, self.der), der(0x31, signer_info))
+        return der(0x30, oid["signedData"], der(0xA0, signed_data))
 
 
-def error_reply(db, workdir, version, message):
-    return make_reply(db, workdir, version, 1, b"",
-                      f"stap-serverd: ERROR: {message}\n".encode())
+def der(tag, *content):
+    """A DER element: tag, definite length, content."""
+    body = b"".join(content)
+    n = len(body)
+    if n < 0x80:
+        return bytes((tag, n)) + body
+    length = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + body
 
 
-def make_reply(db, workdir, version, rc, stdout, stderr, module=None):
-    respdir = os.path.join(workdir, "response")
-    write_reply(respdir, version, rc, stdout, stderr, module)
-    return sign_reply(db, respdir)
+def error_reply(key, version, message):
+    return make_reply(key, version, 1, b"", f"stap-serverd: ERROR: {message}\n".encode())
 
 
-def handle_request(data, config, version, log_fields, cache=None,
-                   compile_slot=contextlib.nullcontext(), signer=None):
+def make_reply(key, version, rc, stdout, stderr, module=None):
+    return key.signed_jar(reply_entries(version, rc, stdout, stderr, module))
+
+
+def handle_request(data, config, version, record, cache=None,
+                   compile_slot=contextlib.nullcontext(), key=None):
     """The signed reply bytes for one framed request body (bytes or a file);
     never raises for a bad request or a failed compile (the client gets rc 1
-    and the reason).  signer(bytes) signs modules built for stapusr/stapsys."""
+    and the reason).  record (a RequestRecord) gets what the log says; key
+    (a ServerKey, by default config.db's) signs the reply and modules built
+    for stapusr/stapsys."""
+    key = key or ServerKey.of_database(config.db)
     ws = Workspace(config)
     try:
         try:
             client.extract_archive(client.open_archive(data), ws.work, config.limits)
             req = parse_request(ws.work, config)
         except Error as e:
-            log_fields.update(rc=1, error=str(e))
-            shutil.rmtree(ws.work, ignore_errors=True)  # a full disk needs the room for the reply
-            return error_reply(config.db, ws.path, version, str(e))
-        log_fields.update(version=req.version, release=req.release,
-                          options=" ".join(req.args))
+            record.update(rc=1, error=str(e))
+            return error_reply(key, version, str(e))
+        record.update(version=req.version, release=req.release, options=" ".join(req.args))
         if req.guru:
-            log_fields.update(guru=True)
+            record.update(guru=True)
 
         def compile_and_sign():
             try:
                 with compile_slot:
                     outcome = run_compile(config, req, ws)
             except (Error, OSError) as e:
-                log_fields.update(rc=1, error=str(e))
-                return error_reply(config.db, ws.path, version, str(e)), False
-            rc, stdout, stderr, module = reply_from_outcome(outcome, req, signer)
-            log_fields.update(rc=rc)
-            reply = make_reply(config.db, ws.path, version, rc, stdout, stderr, module)
+                record.update(rc=1, error=str(e))
+                return error_reply(key, version, str(e)), False
+            rc, stdout, stderr, module = reply_from_outcome(outcome, req, key)
+            record.update(rc=rc)
+            reply = make_reply(key, version, rc, stdout, stderr, module)
             return reply, rc == 0
 
-        key = None if req.guru or not config.sandbox else result_key(req, ws.work, config,
-                                                                     version)
         if cache is None:
             return compile_and_sign()[0]
-        reply, how = cache.lookup(key, compile_and_sign)
-        log_fields.update(cache=how)
+        cache_key = None if req.guru or not config.sandbox else result_key(
+            req, ws.work, config, version)
+        reply, how = cache.lookup(cache_key, compile_and_sign)
+        record.update(cache=how)
         if how in ("hit", "merged"):
-            log_fields.update(rc=0)
+            record.update(rc=0)
         return reply
     finally:
         ws.remove()
@@ -1238,66 +1320,57 @@ def stat_line(path):
 # --------------------------------------------------------------------------
 # The listener: TLS connections, a bounded pool of compiles, shutdown
 # --------------------------------------------------------------------------
+#
+#   socketserver.TCPServer + ThreadingMixIn
+#    └─ CompileServer     the socket, admission (connections, per-address
+#                         slots, pending bytes, the compile queue), the
+#                         result cache, renewal checks between accepts
+#   socketserver.BaseRequestHandler
+#    └─ CompileHandler    one connection, in its own thread: TLS, the
+#                         request spooled to disk, the reply, a log line
+#   Credentials           the certificate, its TLS key and signing key
+#   RequestRecord         what the log line says about one connection
 
-class CompileServer:
-    """Accepts TLS connections; each is handled in its own thread, and
-    compiles run at most max_threads at once; the others wait in arrival
-    order, as long as their expected wait and the bytes held allow."""
+def init_nss(config):
+    """Open the server database for this process's TLS and signing."""
+    nss, ssl, _, nerror = client.nss_modules()
+    try:
+        nss.nss_init(config.db.spec)
+    except nerror.NSPRError as e:
+        raise Error(f"cannot open server database {config.db.path}: {e.strerror}") from None
+    ssl.set_domestic_policy()
+    client.restrict_cipher_suites()
+    ssl.config_server_session_id_cache()
+
+
+class Credentials:
+    """The server certificate in use, its key for TLS and for signing; a
+    renewal swaps all three for connections accepted from then on."""
 
     def __init__(self, config, der):
         self.config = config
-        self.der = der
-        self.version = stap_version()
-        self.results = ResultCache(config.result_cache_size)
-        self.compiles = CompileQueue(config.max_threads)
-        self.waiting_lock = threading.Lock()
-        self.pending_bytes = 0  # announced sizes of requests being received or waiting
-        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.unread = AddressSlots(config.max_per_address)
-        self.stopping = threading.Event()
-        self.on_renewal = lambda der: None  # e.g. advertise the new serial
-        self.threads = set()
-        self.listener = None
-        self.init_tls()
+        self.use(der)
 
-    # --- TLS ---------------------------------------------------------------
-    def init_tls(self):
-        nss, ssl, nio, nerror = client.nss_modules()
-        try:
-            nss.nss_init(self.config.db.spec)
-        except nerror.NSPRError as e:
-            raise Error(f"cannot open server database {self.config.db.path}: {e.strerror}")
-        ssl.set_domestic_policy()
-        client.restrict_cipher_suites()
-        ssl.config_server_session_id_cache()
-        self.load_key()
-
-    def load_key(self):
+    def use(self, der):
         nss = client.nss_modules()[0]
         for cert in nss.find_certs_from_nickname(client.SERVER_NICKNAME):
-            if bytes(cert.der_data) == self.der:
+            if bytes(cert.der_data) == der:
                 self.cert, self.key = cert, nss.find_key_by_any_cert(cert)
+                self.signer, self.der = ServerKey(der), der
                 return
         raise Error("the server certificate is not in its database")
 
     def renew_if_expiring(self):
-        """Replace a certificate that expires within 30 days; connections
-        accepted from now on present the new one.  True if renewed."""
+        """Replace a certificate that expires within 30 days.  True if renewed."""
         if not expires_within(self.der, RENEW_BEFORE):
             return False
         try:
-            der = ensure_server_certificate(self.config.db)
-            self.der = der
-            self.load_key()
+            self.use(ensure_server_certificate(self.config.db))
         except Error as e:
             logging.error("certificate renewal failed: %s", e)
             return False
-        self.results = ResultCache(self.config.result_cache_size)  # old signatures
-        if self.listener is not None:
-            write_status(self.config, self.listener.getsockname()[1], der)
-        self.on_renewal(der)
         logging.info("renewed the server certificate while running; sha256 fingerprint %s",
-                     client.fingerprint(der))
+                     client.fingerprint(self.der))
         return True
 
     def accept_tls(self, conn):
@@ -1318,157 +1391,204 @@ class CompileServer:
             raise
         return sock
 
-    # --- one connection ------------------------------------------------------
-    def handle_connection(self, conn, address, slot):
-        """One connection: TLS, the request spooled to disk, the reply.  slot
-        (the address's share of unread connections) is given back as soon as
-        the request has been read."""
+
+class RequestRecord:
+    """What the log line says about one connection, filled in as it goes;
+    the first error noted is the one kept."""
+
+    FIELDS = ("client", "sandbox", "size", "version", "release", "options", "guru", "cache",
+              "rc", "error", "seconds")
+
+    def __init__(self, **fields):
+        for name in self.FIELDS:
+            setattr(self, name, None)
+        self.update(**fields)
+
+    def update(self, **fields):
+        for name, value in fields.items():
+            if name not in self.FIELDS:
+                raise AttributeError(name)
+            setattr(self, name, value)
+
+    def fail(self, message):
+        if self.error is None:
+            self.error = message
+
+    def log_line(self):
+        """One bounded line: each field cut with its original length noted."""
+        parts = []
+        for name in self.FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            text = repr(value) if isinstance(value, str) else str(value)
+            if len(text) > LOG_FIELD_MAX:
+                text = f"{text[:LOG_FIELD_MAX]}...[{len(text)} chars]"
+            parts.append(f"{name}={text}")
+        line = "request " + " ".join(parts)
+        return line if len(line) <= LOG_LINE_MAX else line[:LOG_LINE_MAX] + \
+            f"...[{len(line)} chars]"
+
+
+class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """Accepts TLS connections; each is handled in its own thread, and
+    compiles run at most max_threads at once; the others wait in arrival
+    order, as long as their expected wait and the bytes held allow."""
+
+    daemon_threads = True  # shutdown() waits for them itself, with a grace period
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, config, der):
+        init_nss(config)
+        self.config = config
+        self.credentials = Credentials(config, der)
+        self.version = stap_version()
+        self.results = ResultCache(config.result_cache_size)
+        self.compiles = CompileQueue(config.max_threads)
+        self.pending = PendingBytes(config.max_pending)
+        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.unread = AddressSlots(config.max_per_address)
+        self.on_renewal = lambda der: None  # e.g. advertise the new serial
+        self.handlers = set()
+        self.next_renewal_check = time.monotonic() + config.renew_check
+        self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
+        try:
+            super().__init__((config.listen, config.port), CompileHandler)
+        except OSError as e:
+            raise Error(f"cannot listen on {config.listen} port {config.port}: "
+                        f"{e.strerror}") from None
+        self.port = self.server_address[1]
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:  # IPv4 clients too, as ::ffff:a.b.c.d
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def get_request(self):
+        """Accept only while a connection slot is free: past MAX_CONNECTIONS
+        the kernel's backlog holds the rest."""
+        if not self.connections.acquire(timeout=0.5):
+            raise OSError("every connection slot is taken")
+        try:
+            return super().get_request()
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def close_request(self, request):
+        super().close_request(request)
+        self.connections.release()
+
+    def process_request_thread(self, request, client_address):
+        self.handlers.add(threading.current_thread())
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.handlers.discard(threading.current_thread())
+
+    def service_actions(self):
+        """Between accepts: the certificate's renewal check, when due."""
+        if time.monotonic() >= self.next_renewal_check:
+            self.next_renewal_check += self.config.renew_check
+            self.renew_if_expiring()
+
+    def renew_if_expiring(self):
+        if not self.credentials.renew_if_expiring():
+            return False
+        der = self.credentials.der
+        self.results = ResultCache(self.config.result_cache_size)  # old signatures
+        write_status(self.config, self.port, der)
+        self.on_renewal(der)
+        return True
+
+    def drain(self, grace=30):
+        """After shutdown(): close the socket and let in-flight requests
+        finish within grace seconds."""
+        self.server_close()
+        deadline = time.monotonic() + grace
+        for t in list(self.handlers):
+            t.join(max(0, deadline - time.monotonic()))
+
+
+class PendingBytes:
+    """Announced sizes of the requests being received or waiting, bounded
+    by --max-pending-bytes."""
+
+    def __init__(self, limit):
+        self.limit, self.held, self.lock = limit, 0, threading.Lock()
+
+    def take(self, size):
+        with self.lock:
+            if self.held + size > self.limit:
+                return False
+            self.held += size
+            return True
+
+    def give_back(self, size):
+        with self.lock:
+            self.held -= size
+
+
+class CompileHandler(socketserver.BaseRequestHandler):
+    """One connection.  setup() waits for the client address's share of
+    unread connections, handle() shakes hands, spools the request to disk,
+    gives the slot back and answers, finish() writes the log line."""
+
+    def setup(self):
+        self.started = time.monotonic()
+        self.record = RequestRecord(client=format_address(self.client_address),
+                                    sandbox=None if self.server.config.sandbox else "off")
+        self.sock = None
+        self.slot = self.server.unread.take(self.client_address[0],
+                                            self.server.config.io_timeout)
+
+    def handle(self):
+        if self.slot is None:  # its address kept all its slots busy all along
+            return
         _, _, nio, nerror = client.nss_modules()
-        started = time.monotonic()
-        fields = {"client": format_address(address)}
-        if not self.config.sandbox:
-            fields["sandbox"] = "off"
-        sock = None
+        config = self.server.config
         try:
-            sock = self.accept_tls(conn)
-            with self.read_request(sock, fields) as body:
-                slot.release()
+            self.sock = self.server.credentials.accept_tls(self.request)
+            with read_request(self.sock, self.record, config, self.server.pending) as body:
+                self.slot.release()
                 if body is not None:
-                    reply = self.answer(body, fields)
-                    sock.sendall(reply, client.nss_interval(self.config.io_timeout
-                                                            + len(reply) / 1e5))
-                    sock.shutdown(nio.PR_SHUTDOWN_BOTH)
+                    reply = self.answer(body)
+                    self.sock.sendall(reply, client.nss_interval(config.io_timeout
+                                                                 + len(reply) / 1e5))
+                    self.sock.shutdown(nio.PR_SHUTDOWN_BOTH)
         except nerror.NSPRError as e:
-            fields.setdefault("error", e.strerror)
+            self.record.fail(e.strerror)
         except Error as e:
-            fields.setdefault("error", str(e))
+            self.record.fail(str(e))
         except Exception as e:  # e.g. a full disk: this connection fails, the server goes on
-            fields.setdefault("error", f"internal error: {e}")
-            logging.exception("request from %s failed", fields["client"])
-        finally:
-            slot.release()
-            if sock is not None:
-                sock.close()
-            else:
-                conn.close()
-            fields["seconds"] = f"{time.monotonic() - started:.3f}"
-            logging.info("%s", request_log_line(fields))
+            self.record.fail(f"internal error: {e}")
+            logging.exception("request from %s failed", self.record.client)
 
-    @contextlib.contextmanager
-    def read_request(self, sock, fields):
-        """The request body spooled into an anonymous file (None for a
-        certificate-only probe or a bad frame); its announced size counts
-        against --max-pending-bytes until the reply has gone."""
-        deadline = time.monotonic() + self.config.io_timeout
-        quick_ack(sock)
-        size = int.from_bytes(read_exactly(sock, 4, deadline), "big", signed=True)
-        fields["size"] = size
-        if size == 0:
-            fields["error"] = "certificate fetch"
-            yield None
+    def finish(self):
+        if self.slot is None:
             return
-        if size < 0:
-            fields["error"] = f"bad request size {size}"
-            yield None
-            return
-        if size > self.config.max_request:  # the real server's words, for log searches
-            fields["error"] = (f"Error size of (compressed) request file is too large: {size} "
-                               f"bytes (--max-compressed-request {self.config.max_request})")
-            yield None
-            return
-        with self.waiting_lock:
-            room = self.pending_bytes + size <= self.config.max_pending
-            if room:
-                self.pending_bytes += size
-        if not room:  # drain it (a close with unread bytes would reset the reply)
-            with open(os.devnull, "wb") as sink:
-                spool(sock, sink, size, deadline + size / 1e5)
-            yield Busy(f"{self.pending_bytes} bytes of requests are pending "
-                       "(--max-pending-bytes)")
-            return
-        try:
-            with tempfile.TemporaryFile(dir=self.config.tmpdir) as body:
-                quick_ack(sock)
-                spool(sock, body, size, deadline + size / 1e5)
-                if more_data_waiting(sock):
-                    fields["error"] = "more bytes than announced"
-                    yield None
-                    return
-                body.seek(0)
-                yield body
-        finally:
-            with self.waiting_lock:
-                self.pending_bytes -= size
+        self.slot.release()
+        if self.sock is not None:
+            self.sock.close()
+        self.record.seconds = f"{time.monotonic() - self.started:.3f}"
+        logging.info("%s", self.record.log_line())
 
-    def answer(self, body, fields):
+    def answer(self, body):
         """Queue the request for a compile slot, or reply busy at once when
         it cannot wait: too many bytes pending (body is then the Busy reason),
         an expected wait past --max-wait, or a queue past --queue."""
+        server = self.server
         ticket = body if isinstance(body, Busy) else \
-            self.compiles.join(self.config.max_wait, self.config.queue)
+            server.compiles.join(server.config.max_wait, server.config.queue)
+        signer = server.credentials.signer
         if isinstance(ticket, Busy):
-            fields.update(rc=1, error="busy")
-            with tempfile.TemporaryDirectory(dir=self.config.tmpdir) as work:
-                return error_reply(self.config.db, work, self.version,
-                                   f"{client.BUSY_MESSAGE}: {ticket}; try again later")
-        return handle_request(body, self.config, self.version, fields, self.results, ticket,
-                              signer=lambda data: module_signature(self.der, data))
-
-    # --- accept loop -----------------------------------------------------------
-    def bind(self):
-        cfg = self.config
-        family = socket.AF_INET6 if ":" in cfg.listen else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        try:
-            sock.bind((cfg.listen, cfg.port))
-        except OSError as e:
-            sock.close()
-            raise Error(f"cannot listen on {cfg.listen} port {cfg.port}: {e.strerror}") from None
-        sock.listen(128)
-        self.listener = sock
-        return sock.getsockname()[1]
-
-    def serve_forever(self):
-        self.listener.settimeout(0.5)
-        next_check = time.monotonic() + self.config.renew_check
-        while not self.stopping.is_set():
-            if time.monotonic() >= next_check:
-                next_check += self.config.renew_check
-                self.renew_if_expiring()
-            if not self.connections.acquire(timeout=0.5):
-                continue
-            try:
-                conn, address = self.listener.accept()
-            except (socket.timeout, OSError):
-                self.connections.release()
-                continue
-            t = threading.Thread(target=self.connection_thread, args=(conn, address),
-                                 daemon=True)
-            self.threads.add(t)
-            t.start()
-
-    def connection_thread(self, conn, address):
-        try:
-            slot = self.unread.take(address[0], self.config.io_timeout)
-            if slot is None:  # its address kept all its slots busy all along
-                conn.close()
-            else:
-                self.handle_connection(conn, address, slot)
-        finally:
-            self.connections.release()
-            self.threads.discard(threading.current_thread())
-
-    def shutdown(self, grace=30):
-        """Stop accepting; let in-flight requests finish within grace seconds."""
-        self.stopping.set()
-        if self.listener:
-            self.listener.close()
-        deadline = time.monotonic() + grace
-        for t in list(self.threads):
-            t.join(max(0, deadline - time.monotonic()))
+            self.record.update(rc=1, error="busy")
+            return error_reply(signer, server.version,
+                               f"{client.BUSY_MESSAGE}: {ticket}; try again later")
+        return handle_request(body, server.config, server.version, self.record, server.results,
+                              ticket, signer)
 
 
 class Busy(str):
@@ -1635,16 +1755,38 @@ LOG_FIELD_MAX = 200  # characters of one field in a request's log line
 LOG_LINE_MAX = 1900  # a whole line stays under 2 KB with the time stamp
 
 
-def request_log_line(fields):
-    """One bounded line: each field cut with its original length noted."""
-    parts = []
-    for key, value in fields.items():
-        text = repr(value) if isinstance(value, str) else str(value)
-        if len(text) > LOG_FIELD_MAX:
-            text = f"{text[:LOG_FIELD_MAX]}...[{len(text)} chars]"
-        parts.append(f"{key}={text}")
-    line = "request " + " ".join(parts)
-    return line if len(line) <= LOG_LINE_MAX else line[:LOG_LINE_MAX] + f"...[{len(line)} chars]"
+@contextlib.contextmanager
+def read_request(sock, record, config, pending):
+    """The request body spooled into an anonymous file (None for a
+    certificate-only probe or a bad frame); its announced size is held in
+    pending (--max-pending-bytes) until the reply has gone."""
+    deadline = time.monotonic() + config.io_timeout
+    quick_ack(sock)
+    size = record.size = int.from_bytes(read_exactly(sock, 4, deadline), "big", signed=True)
+    if size <= 0 or size > config.max_request:
+        record.fail("certificate fetch" if size == 0 else f"bad request size {size}"
+                    if size < 0 else  # the real server's words, for log searches
+                    f"Error size of (compressed) request file is too large: {size} "
+                    f"bytes (--max-compressed-request {config.max_request})")
+        yield None
+        return
+    if not pending.take(size):  # drain it: a close with unread bytes would reset the reply
+        with open(os.devnull, "wb") as sink:
+            spool(sock, sink, size, deadline + size / 1e5)
+        yield Busy(f"{pending.held} bytes of requests are pending (--max-pending-bytes)")
+        return
+    try:
+        with tempfile.TemporaryFile(dir=config.tmpdir) as body:
+            quick_ack(sock)
+            spool(sock, body, size, deadline + size / 1e5)
+            if more_data_waiting(sock):
+                record.fail("more bytes than announced")
+                yield None
+                return
+            body.seek(0)
+            yield body
+    finally:
+        pending.give_back(size)
 
 
 def spool(sock, out, n, deadline):
@@ -2127,9 +2269,8 @@ class MdnsResponder:
         legacy = source[1] != MDNS_PORT        # a one-shot query (6.7)
         ttl = min(MDNS_TTL, 10) if legacy else MDNS_TTL
         answers, additional = [], []
-        for question, unicast in zip(message.question, unicast_flags):
-            ans, add = self.answer(question.name, question.rdtype, ttl,
-                                   iface)
+        for question in message.question:
+            ans, add = self.answer(question.name, question.rdtype, ttl, iface)
             answers += [a for a in ans if a not in answers]
             additional += [a for a in add if a not in additional]
         if not answers:
@@ -2223,7 +2364,8 @@ class ZoneRegistration:
         self.keyring, self.keyname, self.algorithm = read_tsig_key(keyfile)
         self.host = dns.name.from_text(f"{short_hostname()}.{self.zone}")
         self.stype = dns.name.from_text(f"{SERVICE_TYPE}.{self.zone}")
-        self.instances = []
+        self.instances = []  # (instance name, sysinfo)
+        self.load = []  # the load hint's TXT strings
 
     def update(self):
         import dns.update
@@ -2258,17 +2400,28 @@ class ZoneRegistration:
                 msg.replace(self.host, DNS_TTL, "A", address)
                 rcode = self.send(msg)
                 if rcode == dns.rcode.NOERROR:
-                    self.instances.append(instance)
+                    self.instances.append((instance, sysinfo))
                     break
                 if rcode != dns.rcode.YXRRSET:
                     raise Error(f"DNS UPDATE of {self.zone} at {self.server} refused: "
                                 f"{dns.rcode.to_text(rcode)}")
                 name = alternative_name(name)
         logging.info("registered in %s at %s: %s", self.zone, self.server,
-                     ", ".join(i.to_text() for i in self.instances))
+                     ", ".join(i.to_text() for i, _ in self.instances))
+
+    def refresh(self, der, load):
+        """New TXT records: a renewed certificate's serial, a new load hint."""
+        self.der, self.load = der, load
+        msg = self.update()
+        for instance, sysinfo in self.instances:
+            msg.replace(instance, DNS_TTL, "TXT", self.txt(sysinfo))
+        try:
+            self.send(msg)
+        except Error as e:
+            logging.warning("%s", e)
 
     def withdraw(self):
-        for instance in self.instances:
+        for instance, _ in self.instances:
             msg = self.update()
             msg.delete(self.stype, "PTR", instance.to_text())
             msg.delete(instance)
@@ -2283,7 +2436,7 @@ class ZoneRegistration:
 
     def txt(self, sysinfo):
         return txt_rdata_text(txt_strings(sysinfo, self.version, certinfo(self.der),
-                                          " ".join(self.config.stap_options)))
+                                          " ".join(self.config.stap_options), self.load))
 
     def address(self):
         """The address clients reach us at: the one we listen on, or the one
@@ -2371,25 +2524,23 @@ def stap_serverd(argv):
     der = ensure_server_certificate(config.db)
     prepare_compile_step(config)
     server = CompileServer(config, der)
-    port = server.bind()
-    stop = lambda signum, frame: server.stopping.set()
+    port = server.port
+    # shutdown() waits for serve_forever() to return: it cannot run in the
+    # signal handler, which interrupts serve_forever()'s own thread.
+    stop = lambda signum, frame: threading.Thread(target=server.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     zone = ZoneRegistration(config, port, server.version, der) if config.dns_update else None
-    if zone:
-        zone.register()  # before the status file: a refused update fails the start
-    status = write_status(config, port, der)
+    advertising = Advertising(config, port, server.version, der, server.compiles, zone)
+    status = write_status(config, port, der)  # after the zone: a refused update fails the start
     logging.info("listening on %s port %d; serving %s; certificate sha256 %s",
                  config.listen, port, ", ".join(config.releases), client.fingerprint(der))
-    advertising = advertise(config, port, der, server.version, server.compiles)
     server.on_renewal = advertising.refresh
     try:
-        server.serve_forever()
+        server.serve_forever(poll_interval=0.5)
     finally:
-        if zone:
-            zone.withdraw()
         advertising.stop()
-        server.shutdown()
+        server.drain()
         os.unlink(status)
         logging.info("stopped")
     return 0
@@ -2399,19 +2550,25 @@ LOAD_CHECK = 1.0  # seconds between looks at the load, to refresh the hint
 
 
 class Advertising:
-    """The server's DNS-SD presence: started in the background so that the
-    server accepts connections at once, renewed with a renewed certificate
-    (its serial is advertised) and when the load changes meaningfully (at
-    most every --load-refresh seconds), withdrawn at shutdown."""
+    """The server's DNS-SD presence, on the link (unless --advertise none)
+    and in a DNS zone (with --dns-update): the link's started in the
+    background so that the server accepts connections at once; both renewed
+    with a renewed certificate (its serial is advertised) and when the load
+    changes meaningfully (at most every --load-refresh seconds); withdrawn
+    at shutdown."""
 
-    def __init__(self, config, port, version, der, queue):
+    def __init__(self, config, port, version, der, queue, zone=None):
         self.config, self.port, self.version, self.der = config, port, version, der
-        self.queue = queue
+        self.queue, self.zone = queue, zone
         self.advertiser = self.thread = None
         self.advertised = queue.hint()
         self.stopping = threading.Event()
         self.lock = threading.Lock()  # renewal and the load follower both re-publish
-        self.start(der)
+        if zone:
+            zone.load = load_strings(self.advertised)
+            zone.register()  # before the caller reports a start: a refused update fails it
+        if config.advertise != "none":
+            self.start(der)
         threading.Thread(target=self.follow_load, daemon=True).start()
 
     def start(self, der):
@@ -2440,25 +2597,36 @@ class Advertising:
                     not load_changed(self.advertised, hint):
                 continue
             self.advertised, last = hint, time.monotonic()
-            if self.advertiser.mode == "mdns":  # answers are made from it at each query
-                self.advertiser.load = load_strings(hint)
+            if self.advertiser and self.advertiser.mode == "mdns":
+                self.advertiser.load = load_strings(hint)  # answers are made from it
+                if self.zone:
+                    with self.lock:
+                        self.zone.refresh(self.der, load_strings(hint))
             else:  # avahi-publish-service takes its TXT once: publish again
                 self.refresh(self.der)
 
     def refresh(self, der):
         with self.lock:
-            if not self.stopping.is_set():
-                self.withdraw()
+            if self.stopping.is_set():
+                return
+            if self.zone:
+                self.zone.refresh(der, load_strings(self.advertised))
+            if self.advertiser:
+                self.withdraw_link()
                 self.start(der)
+            self.der = der
 
-    def withdraw(self):
+    def withdraw_link(self):
         self.thread.join(15)
         self.advertiser.stop()
 
     def stop(self):
         with self.lock:
             self.stopping.set()
-            self.withdraw()
+            if self.advertiser:
+                self.withdraw_link()
+            if self.zone:
+                self.zone.withdraw()
 
 
 def load_strings(hint):
@@ -2472,20 +2640,6 @@ def load_changed(old, new):
         return (h["busy"] + h["queued"]).bit_length()
     return bucket(old) != bucket(new) or not (
         2 / 3 <= (new["compile"] + 0.1) / (old["compile"] + 0.1) <= 3 / 2)
-
-
-class NoAdvertising:
-    def refresh(self, der):
-        pass
-
-    def stop(self):
-        pass
-
-
-def advertise(config, port, der, version, queue):
-    if config.advertise == "none":
-        return NoAdvertising()
-    return Advertising(config, port, version, der, queue)
 
 
 def certinfo(der):

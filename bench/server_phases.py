@@ -54,10 +54,9 @@ def main(argv):
     version = server.stap_version()
     wrap(client, "extract_archive", "unpack (extract_archive)")
     wrap(server, "parse_request")
-    wrap(server, "run_stap", "run_stap (chown + stap as compile account)")
+    wrap(server, "run_compile", "run_compile (stap in the sandbox, as the compile account)")
     wrap(server, "reply_from_outcome")
-    wrap(server, "write_reply")
-    wrap(server, "sign_reply", "sign_reply (signtool -Z)")
+    wrap(server, "make_reply", "make_reply (zip + JAR signature, in-process)")
     wrap(server, "result_key")
     wrap(server.subprocess, "Popen", "  subprocess.Popen() calls (fork+exec, all)")
     totals = []

@@ -10,8 +10,15 @@ import subprocess
 import time
 
 import pytest
-
-from conftest import pid_alive, status_file, need_root, TEST_USER, make_sandbox
+from conftest import (
+    TEST_USER,
+    make_sandbox,
+    need_root,
+    pid_alive,
+    status_file,
+    stop_pid,
+    wait_until,
+)
 
 import stap_client
 
@@ -157,11 +164,11 @@ def test_tls_handshake_presents_the_certificate_file(server, sandbox):
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
-        with ctx.wrap_socket(raw) as tls:
-            assert tls.getpeercert(binary_form=True) == der
-            assert tls.version() in ("TLSv1.2", "TLSv1.3")
-            tls.sendall(b"\0\0\0\0")  # certificate fetch: the server just closes
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+            ctx.wrap_socket(raw) as tls:
+        assert tls.getpeercert(binary_form=True) == der
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        tls.sendall(b"\0\0\0\0")  # certificate fetch: the server just closes
     # openssl's own client agrees
     out = subprocess.run(["timeout", "10", "openssl", "s_client", "-connect",
                           f"127.0.0.1:{server.port}"], input=b"", capture_output=True).stdout
@@ -189,8 +196,7 @@ def test_stop_server_refuses_another_program(sandbox):
         time.sleep(0.2)
         assert other.poll() is None
     finally:
-        other.kill()
-        other.wait()
+        stop_pid(other)
 
 
 def test_stop_server_refuses_a_missing_pid(sandbox):
@@ -210,10 +216,7 @@ def test_stop_server_stops_a_server(server, sandbox):
     assert os.path.exists(status)
     proc = sandbox.run("stap-stop-server", str(server.pid))
     assert proc.returncode == 0, proc.stderr
-    deadline = time.monotonic() + 20
-    while pid_alive(server.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(server.pid)
+    wait_until(lambda: not pid_alive(server.pid), 20, "the server is still running")
     assert not os.path.exists(status)
 
 
@@ -221,10 +224,7 @@ def test_user_may_stop_own_server(user_sandbox, servers, krel, runtime):
     srv = servers.start(user_sandbox, krel, runtime)
     proc = user_sandbox.run("stap-stop-server", str(srv.pid))
     assert proc.returncode == 0, proc.stderr
-    deadline = time.monotonic() + 20
-    while pid_alive(srv.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(srv.pid)
+    wait_until(lambda: not pid_alive(srv.pid), 20, "the server is still running")
 
 
 def test_start_failure_prints_nothing_and_leaves_no_server(sandbox):
@@ -357,7 +357,7 @@ config = stap_server.parse_config(["--listen", "127.0.0.1", "--ssl", db.path, "-
 stap_server.setup_logging(config.log)
 old = stap_server.newest_certificate(db)
 server = stap_server.CompileServer(config, old)
-port = server.bind()
+port = server.port
 threading.Thread(target=server.serve_forever, daemon=True).start()
 
 def presented():
@@ -373,9 +373,9 @@ before = presented()
 told = []
 server.on_renewal = told.append  # stap-serverd re-advertises the new serial here
 renewed = server.renew_if_expiring()
-assert told == [server.der]
+assert told == [server.credentials.der]
 after = presented()
-server.stopping.set()
+server.shutdown()
 print(json.dumps({"old": old == before, "renewed": renewed, "new": after.hex(),
                   "changed": after != before}))
 """
@@ -387,6 +387,7 @@ def test_renewal_while_running(sandbox, krel):
     server_db, client_db = db_paths(sandbox)
     make_server_db(server_db, months_ago=12, serial=4243, fmt="sql")
     import sys
+
     from conftest import ROOT
     proc = subprocess.run([sys.executable, "-c", RENEW_WHILE_RUNNING, ROOT, server_db, krel,
                            sandbox.path("log")], env=sandbox.env, capture_output=True,
@@ -408,7 +409,7 @@ db = stap_client.CertDB(sys.argv[2])
 config = stap_server.parse_config(["--listen", "127.0.0.1", "--ssl", db.path, "-r", sys.argv[3],
                                    "--log", sys.argv[4], "--advertise", "none"])
 server = stap_server.CompileServer(config, stap_server.newest_certificate(db))
-print(server.bind(), flush=True)
+print(server.port, flush=True)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 sys.stdin.read()
 """
@@ -425,6 +426,7 @@ def test_client_refuses_an_expired_certificate(sandbox, krel):
     trusted = sandbox.path("trusted")
     assert sandbox.run("stap-add-server-cert", certfile, trusted).returncode == 0
     import sys
+
     from conftest import ROOT
     server = subprocess.Popen([sys.executable, "-c", SERVE_AS_IS, ROOT, server_db, krel,
                                sandbox.path("log")], env=sandbox.env, stdin=subprocess.PIPE,

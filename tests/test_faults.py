@@ -5,7 +5,6 @@ a fake TLS server that the client trusts.  The server's stap is the real
 one, behind a stand-in ($SYSTEMTAP_STAP) that is slow only for scripts
 marked SLOWPROBE; staprun is the conftest stand-in."""
 
-import contextlib
 import io
 import os
 import signal
@@ -59,9 +58,7 @@ def slow_stap(sandbox):
         f.write(STAP_STANDIN.replace("{mark}", mark))
     os.chmod(script, 0o755)
     yield script, mark
-    for pid in marked_pids(mark):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    conftest.stop_pid(*marked_pids(mark), timeout=0)  # SIGKILL what did not end at once
 
 
 def marked_pids(mark):
@@ -123,9 +120,7 @@ def run_client_killing(box, krel, srv_to_kill, mark, servers_args, env, pass_arg
         os.kill(srv_to_kill.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        conftest.stop_pid(proc, timeout=0)
     return proc.returncode, out, err.decode(errors="replace")
 
 
@@ -314,7 +309,7 @@ class FakeServer:
         try:
             out, _err = self.proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            conftest.stop_pid(self.proc, timeout=0)
             out, _err = self.proc.communicate()
         self.requests = out.count(b"request ")
 
@@ -331,14 +326,9 @@ def trusted_box(sandbox):
 
 
 def signed_reply(box, rc=0, module=b"\x7fELF fake module", stderr=b""):
-    work = box.path(f"reply-{uuid.uuid4().hex[:6]}")
-    os.makedirs(work)
-    mod = None
-    if module is not None:
-        mod = os.path.join(work, "stap_fake.ko")
-        with open(mod, "wb") as f:
-            f.write(module)
-    return stap_server.make_reply(server_db(box), work, "4.8", rc, b"", stderr, mod)
+    key = stap_server.ServerKey.of_database(server_db(box))
+    return stap_server.make_reply(key, "4.8", rc, b"", stderr,
+                                  module and ("stap_fake.ko", module))
 
 
 def rewrite(data, change):
@@ -370,6 +360,26 @@ def unsigned_extra(box):
     return buf.getvalue()
 
 
+def with_entry(name, change):
+    def make(box):
+        return rewrite(signed_reply(box), lambda n, b: change(b) if n == name else b)
+    return make
+
+
+def flip_last_byte(data):
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+def foreign_key(box):
+    """Signed, with its own certificate, by a server the client never trusted."""
+    other = conftest.make_sandbox()
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("STAP_SYSCONFDIR", "SYSTEMTAP_DIR", "HOME"):
+            mp.setenv(k, other.env[k])
+        stap_server.ensure_server_certificate(server_db(other))
+    return signed_reply(other)
+
+
 def traversal(prefix):
     def make(box):
         return zip_bytes([("version", b"4.8"), ("rc", b"0"), ("stdout", b""), ("stderr", b""),
@@ -381,6 +391,14 @@ def traversal(prefix):
 REPLIES = {
     "tampered-module": (tampered, r"reply signature does not verify"),
     "tampered-rc": (tampered_rc, r"reply signature does not verify"),
+    # The signature block's last bytes are the RSA signature itself.
+    "forged-signature": (with_entry("META-INF/zigbert.rsa", flip_last_byte),
+                         r"reply signature does not verify \(bad signature\)"),
+    "altered-signature-file": (with_entry("META-INF/zigbert.sf", lambda b: b + b"\n"),
+                               r"reply signature does not verify \(signature file altered\)"),
+    "altered-manifest": (with_entry("META-INF/manifest.mf", lambda b: b.replace(
+                             b"Name: rc\n", b"Name: rc \n")), r"reply signature does not verify"),
+    "foreign-key": (foreign_key, r"reply is signed by a certificate other than the server's"),
     "unsigned-extra-entry": (unsigned_extra,
                              (r"reply entry stap000000/stap_evil.ko is not covered by the "
                               r"server's signature")),
@@ -415,6 +433,22 @@ def test_hostile_reply_refused(trusted_box, krel, staprun, case):
     assert os.listdir(cwd) == [], "stap-client wrote into its cwd"
     for place in (cwd, box.path("work"), box.top, "/tmp", tmp):
         assert not os.path.lexists(os.path.join(place, EVIL)), f"{place}/{EVIL} created"
+
+
+def test_reply_signature_is_signtools(trusted_box):
+    """What the server signs in-process, signtool -v (NSS's own JAR
+    verifier) accepts entry by entry: the format stays signtool's."""
+    box = trusted_box
+    jar = box.path("reply.jar")
+    with open(jar, "wb") as f:
+        f.write(signed_reply(box, stderr=b"a warning\n"))
+    proc = subprocess.run(["signtool", "-d", server_db(box).spec, "-v", jar],
+                          capture_output=True, text=True, timeout=60, cwd=box.top)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "passed crypto verification" in proc.stdout, proc.stdout
+    verified = {line.split()[1] for line in proc.stdout.splitlines()
+                if line.strip().startswith("verified ")}
+    assert verified == {"version", "rc", "stdout", "stderr", "stap000000/stap_fake.ko"}
 
 
 def test_genuine_reply_accepted(trusted_box, krel, staprun):

@@ -10,7 +10,6 @@ import re
 import shutil
 import stat
 import tempfile
-import threading
 import time
 import types
 import uuid
@@ -20,8 +19,7 @@ import zipfile
 import conftest
 import pytest
 from hardening_helpers import base_entries
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import stap_client
 import stap_server
@@ -204,8 +202,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=10000, database=None,
 def test_request_decoder_fuzz(fuzz_env, krel):
     env = fuzz_env
     stats = {"inputs": 0, "framing refused": 0, "rc 0": 0, "rc 1": 0}
-    server = types.SimpleNamespace(config=env.config, waiting_lock=threading.Lock(),
-                                   pending_bytes=0)
+    pending = stap_server.PendingBytes(env.config.max_pending)
     reasons = {}
     started = time.monotonic()
 
@@ -216,22 +213,22 @@ def test_request_decoder_fuzz(fuzz_env, krel):
         framed = data.draw(framings(body))
         piece = max(data.draw(st.integers(1, 70000)), len(framed) // 256)  # bounded recvs
         stats["inputs"] += 1
-        fields = {}
+        record = stap_server.RequestRecord()
         got = None
         if len(framed) >= 4:
             try:
-                with stap_server.CompileServer.read_request(
-                        server, FakeSocket(framed, piece), fields) as body:
+                with stap_server.read_request(FakeSocket(framed, piece), record, env.config,
+                                              pending) as body:
                     got = body.read() if body is not None else None
             except stap_client.Error:
                 got = None
         if got is None:
             stats["framing refused"] += 1
-            why = re.sub(r" -?\d+$", "", fields.get("error", "short"))
+            why = re.sub(r" -?\d+$", "", record.error or "short")
             reasons[why] = reasons.get(why, 0) + 1
             return
         t = time.monotonic()
-        reply = stap_server.handle_request(got, env.config, "4.8", fields)  # never raises
+        reply = stap_server.handle_request(got, env.config, "4.8", record)  # never raises
         stats[f"rc {check_reply(reply)}"] += 1
         assert time.monotonic() - t < 30, "the decoder hung"
         assert outside_files(env) == [], "written outside the request directory"
@@ -262,7 +259,7 @@ def test_reply_decoder_fuzz(fuzz_env, krel):
         os.makedirs(inner, 0o700)
         try:
             try:
-                reply = stap_client.read_reply(body, inner, env.der, env.client_dbs)
+                reply = stap_client.read_reply(body, inner, env.der)
             except stap_client.Error:
                 stats["Error"] += 1
             else:

@@ -94,13 +94,20 @@ def contents(deb):
     return entries
 
 
+def dependency_alternatives(field):
+    """The alternatives of each dependency in a Depends field, as package names."""
+    return [[re.sub(r"\s*\(.*\)", "", alt).split(":")[0].strip() for alt in dep.split("|")]
+            for dep in filter(None, (d.strip() for d in field.split(",")))]
+
+
 def dependency_names(field):
     """Package names in a Depends field, first alternative of each."""
-    names = []
-    for dep in filter(None, (d.strip() for d in field.split(","))):
-        first = dep.split("|")[0].strip()
-        names.append(re.sub(r"\s*\(.*\)", "", first).split(":")[0].strip())
-    return names
+    return [alternatives[0] for alternatives in dependency_alternatives(field)]
+
+
+def release_has(package):
+    """Whether this machine's Debian release (the chroot's) packages it."""
+    return subprocess.run(["apt-cache", "show", package], capture_output=True).returncode == 0
 
 
 def test_lintian_no_errors(debs):
@@ -113,7 +120,7 @@ def test_lintian_no_errors(debs):
     warnings = [t for t in tags if t.startswith("W: ")]
     print("lintian warnings:", *(warnings or ["none"]), sep="\n  ")
     assert not errors, "\n".join(errors)
-    assert proc.returncode == 0 or not errors, proc.stderr
+    assert proc.returncode == 0, proc.stderr  # no error it failed on, none in running it
 
 
 def test_client_depends_on_no_compiler(debs):
@@ -123,8 +130,9 @@ def test_client_depends_on_no_compiler(debs):
         assert not any(n.startswith(bad) for n in names), depends
     for good in ("python3", "libnss3-tools"):
         assert good in names, depends
-    assert re.search(r"python3-nss|python-nss-ng", depends + control_field(
-        debs[CLIENT_PKG], "Recommends")), depends
+    # The same on every build machine: the NSS bindings packaged (Debian 12), or
+    # pip to build python-nss-ng (Debian 13).
+    assert ["python3-nss", "python3-pip"] in dependency_alternatives(depends), depends
     recommends = dependency_names(control_field(debs[CLIENT_PKG], "Recommends"))
     assert "systemtap-runtime" in recommends  # staprun, for pass 5
 
@@ -147,10 +155,10 @@ def test_package_contents(debs):
     assert server["usr/lib/stap-server/stap_server.py"] == "-rwxr-xr-x"
     assert "usr/lib/stap-server/stap_server.py" not in client
     for c in CLIENT_COMMANDS:
-        assert client[f"usr/bin/{c}"] == "-> ../lib/stap-server/stap_client.py"
+        assert client[f"usr/bin/{c}"] == "-rwxr-xr-x"  # a launcher importing stap_client
         assert f"usr/share/man/man8/{c}.8.gz" in client
     for c in SERVER_COMMANDS:
-        assert server[f"usr/bin/{c}"] == "-> ../lib/stap-server/stap_server.py"
+        assert server[f"usr/bin/{c}"] == "-rwxr-xr-x"
         assert f"usr/share/man/man8/{c}.8.gz" in server
     # Debian's systemtap-server owns stap-server.8.gz: ours has another name.
     assert "usr/share/man/man8/stap-compile-server.8.gz" in client
@@ -317,10 +325,12 @@ apt-get clean
 
 def chroot_packages(debs):
     """What the cached chroot must hold so that dpkg -i of our packages needs
-    no network: their dependencies, and logrotate to try the rotation."""
+    no network: their dependencies (the first alternative the release has),
+    and logrotate to try the rotation."""
     names = set()
     for deb in debs.values():
-        names.update(dependency_names(control_field(deb, "Depends")))
+        for alternatives in dependency_alternatives(control_field(deb, "Depends")):
+            names.add(next((a for a in alternatives if release_has(a)), alternatives[0]))
     return sorted((names - {CLIENT_PKG, SERVER_PKG}) | {"logrotate"})
 
 
@@ -432,7 +442,9 @@ fi
 
 dpkg --purge stap-compile-server stap-compile-client
 result purged_state "$([ -e /var/lib/stap-server ] && echo present || echo removed)"
-result purged_lib "$([ -e /usr/lib/stap-server ] && ls -A /usr/lib/stap-server | tr '\n' , || echo removed)"
+left=removed
+[ -e /usr/lib/stap-server ] && left=$(ls -A /usr/lib/stap-server | tr '\n' ,)
+result purged_lib "$left"
 n=0
 for c in stap-client stap-find-servers stap-add-server-cert stap-serverd stap-start-server \
          stap-stop-server stap-find-or-start-server; do [ -e /usr/bin/$c ] && n=$((n + 1)); done
@@ -451,7 +463,7 @@ def test_install_in_debootstrap_chroot(debs, chroot_tarball, extracted):
     from conftest import headers_release
     krel = headers_release()
     why_no_server = None if krel else "no kernel headers to serve"
-    if "python3-nss" not in dependency_names(control_field(debs[CLIENT_PKG], "Depends")):
+    if not release_has("python3-nss"):
         # Debian 13: the NSS bindings are not packaged (python-nss-ng from PyPI).
         krel, why_no_server = None, "this release packages no python3-nss"
     service, environment = read_unit(extracted)

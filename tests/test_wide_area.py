@@ -12,8 +12,8 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
+from hardening_helpers import stand_in_stap
 from netns import TestNetwork, skip_reason
 
 ZONE = "fleet.test"
@@ -69,11 +69,11 @@ def fleet(krel):
             shutil.rmtree(box.top, ignore_errors=True)
 
 
-def start(host, box, krel, keyfile, *extra):
+def start(host, box, krel, keyfile, *extra, env=None):
     return host.run([PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel,
                      "--log", box.path(f"server-{time.monotonic_ns()}.log"), "--dns-update",
                      ZONE, "--dns-server", "10.201.1.1", "--tsig-key", keyfile, *extra],
-                    env=box.env, timeout=60)
+                    env=env or box.env, timeout=60)
 
 
 def find(host, box, *args):
@@ -123,3 +123,47 @@ def test_a_wrong_key_is_refused_in_one_line(fleet, krel):
     assert len(err.splitlines()) == 1, err
     assert re.match(rf"stap-start-server: ERROR: DNS UPDATE of {ZONE}\. at 10\.201\.1\.1", err), err
     assert "BADSIG" in err or "BadSignature" in err or "NOTAUTH" in err, err
+
+
+SLOW_STAP = """case "$*" in *SLOWPROBE*) sleep 4;; esac
+exec /usr/bin/stap "$@"
+"""
+
+
+def zone_hint(host, box):
+    """The load fields of A's server as B reads them from the zone."""
+    for line in find(host, box).stdout.splitlines():
+        if "10.201.1.2" in line:
+            return dict(re.findall(r"'(slots|busy|queued)=([^']*)'", line))
+    return {}
+
+
+def test_the_zone_follows_the_load(fleet, krel):
+    """The load hint in the zone is refreshed by DNS UPDATE as the queue
+    grows and drains, as on the link (here the link is not advertised)."""
+    a, b, _, keyfile, box = fleet
+    proc = start(a, box, krel, keyfile, "--advertise", "none", "--max-threads", "1",
+                 "--load-refresh", "1", env={**box.env,
+                                             "SYSTEMTAP_STAP": stand_in_stap(box, SLOW_STAP)})
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout)
+    try:
+        idle = {"slots": "1", "busy": "0", "queued": "0"}
+        wait_until(lambda: zone_hint(b, box) == idle, 10, "not registered with its load")
+        clients = [a.popen([PYTHON, CLIENT, "stap-client", "--server=127.0.0.1:" + port_of(a, pid),
+                            "-r", krel, "-p2", "-e", f"probe begin {{ /* SLOWPROBE {n} */ }}"],
+                           env=box.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for n in range(2)]
+        busy = wait_until(lambda: zone_hint(b, box).get("queued") == "1" and zone_hint(b, box),
+                          6, "the zone never showed the queue")
+        print(f"zone's load hint while busy: {busy}")
+        for c in clients:
+            c.wait(30)
+        wait_until(lambda: zone_hint(b, box) == idle, 10, "the zone never went back to idle")
+    finally:
+        stop_pid(pid)
+
+
+def port_of(host, pid):
+    status = host.run(["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout
+    return re.search(r'"port": (\d+)', status).group(1)

@@ -1,0 +1,321 @@
+"""Unit tier (no root, no network, no stap): the server's pure parts.
+Its options, a client's stap arguments (what is refused, what is passed on,
+pass 5 lowered to 4), guru mode, the locale passed to stap, the compile's
+limits and how a broken one is told, the reply's entries, the log line, and
+the names and texts it advertises with."""
+
+import types
+
+import conftest  # noqa: F401  (puts the modules on sys.path)
+import pytest
+
+import stap_server
+from stap_client import Error
+from stap_server import (
+    COMPILE_LIMITS,
+    Outcome,
+    Request,
+    RequestRecord,
+    address_key,
+    alternative_name,
+    build_option_parser,
+    check_argv_size,
+    client_arguments,
+    dns_update_target,
+    format_address,
+    guru_reason,
+    hide_paths,
+    instance_names,
+    is_serverd_cmdline,
+    limit_breached,
+    limit_text,
+    limits_argv,
+    load_changed,
+    locale_env,
+    parse_config,
+    reply_entries,
+    reply_from_outcome,
+    txt_rdata_text,
+    txt_strings,
+)
+
+SCRIPT = "probe begin { exit() }"
+
+
+def refused(fn, *args):
+    with pytest.raises(Error) as e:
+        fn(*args)
+    return str(e.value)
+
+
+# --------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------
+
+def test_option_defaults_and_repeatable_options():
+    opts = build_option_parser("stap-serverd").parse_args(
+        ["-r", "a", "-r", "b", "-I", "t", "-D", "A=1", "-B", "V=1", "--no-sandbox",
+         "--max-unpacked-size", "5"])
+    assert (opts.releases, opts.includes, opts.defines, opts.kbuild) == \
+        (["a", "b"], ["t"], ["A=1"], ["V=1"])
+    assert opts.max_request_size == 5  # the old name is an alias
+    assert not opts.sandbox and not opts.allow_guru
+    assert (opts.listen, opts.port, opts.advertise) == ("::", 0, "auto")
+    assert (opts.result_cache_size, opts.max_compressed_request) == (64 << 20, 16 << 20)
+    assert opts.compile_disk == 1 << 30 and opts.compile_cpu == 900
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-threads", "0"], "--max-threads must be at least 1"),
+    (["--max-request-size", "0"], "--max-request-size must be at least 1"),
+    (["--max-per-address", "-1"], "--max-per-address must be at least 1"),
+    (["--compile-disk", "0"], "--compile-disk must be at least 1"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--port", "x"], "argument --port: invalid int value: 'x'"),
+    (["--advertise", "loud"], "argument --advertise: invalid choice: 'loud' (choose from "
+                              "'auto', 'avahi', 'mdns', 'none')"),
+])
+def test_bad_options_are_one_line_errors(argv, message):
+    assert refused(parse_config, argv) == message
+
+
+def test_dns_update_target():
+    opts = types.SimpleNamespace(dns_update="example.test", dns_server="10.0.0.53",
+                                 tsig_key="/etc/k.key")
+    assert dns_update_target(opts) == ("example.test.", "10.0.0.53", 53, "/etc/k.key")
+    opts.dns_server = "[fd00::53]:5353"
+    assert dns_update_target(opts) == ("example.test.", "fd00::53", 5353, "/etc/k.key")
+    assert dns_update_target(types.SimpleNamespace(dns_update=None, dns_server=None,
+                                                   tsig_key=None)) is None
+    assert refused(dns_update_target, types.SimpleNamespace(
+        dns_update="example.test", dns_server=None, tsig_key=None)) == \
+        "--dns-update, --dns-server and --tsig-key go together"
+
+
+# --------------------------------------------------------------------------
+# A client's stap arguments
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def top(tmp_path):
+    """An unpacked request: a script and a shipped tapset directory."""
+    (tmp_path / "script" / "tmp").mkdir(parents=True)
+    (tmp_path / "script" / "tmp" / "x.stp").write_text(SCRIPT)
+    (tmp_path / "tapset" / "t").mkdir(parents=True)
+    return str(tmp_path)
+
+
+def test_pass_5_is_lowered_and_local_options_dropped(top):
+    args, release, lowered, scripts = client_arguments(
+        ["-vp5", "-k", "-o/tmp/out", "-r6.1.0-9-amd64", "-Itapset/t", "--privilege=stapusr",
+         "script/tmp/x.stp", "a", "b"], top, "6.1.0-1-amd64")
+    assert args == ["-v", "-p4", "-Itapset/t", "--privilege=stapusr", "script/tmp/x.stp",
+                    "--", "a", "b"]
+    assert (release, lowered) == ("6.1.0-9-amd64", True)  # -r names the release wanted
+    assert scripts == [("script/tmp/x.stp", SCRIPT.encode())]
+
+
+def test_no_pass_means_pass_5_and_a_listing_compiles_nothing(top):
+    assert client_arguments(["-e", SCRIPT, "x"], top, "r") == (
+        ["-e" + SCRIPT, "-p4", "--", "x"], "r", True, [("-e", SCRIPT.encode())])
+    assert client_arguments(["-L", 'kernel.function("x")'], top, "r") == (
+        ['-Lkernel.function("x")'], "r", False, [])
+    assert client_arguments(["-p2", "-e", SCRIPT, "-mmod_1"], top, "r") == (
+        ["-p2", "-e" + SCRIPT, "-mmod_1"], "r", False, [("-e", SCRIPT.encode())])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-R/x", "-e", SCRIPT], "option -R is not allowed: it names a runtime directory on the "
+                             "server"),
+    (["--poison-cache", "-e", SCRIPT], "option --poison-cache is not allowed: it damages the "
+                                       "cache on the server"),
+    (["--sign-module", "-e", SCRIPT], "option --sign-module is not allowed: it names a key "
+                                      "directory on the server"),
+    (["-I../..", "-e", SCRIPT], "-I path ../.. is not inside the request"),
+    (["-d/bin/ls", "-e", SCRIPT], "-d path /bin/ls is not inside the request"),
+    (["../../etc/passwd"], "script path ../../etc/passwd is not inside the request"),
+    (["-r/lib/modules/x", "-e", SCRIPT], "-r /lib/modules/x: a build tree path is not allowed; "
+                                         "give a release"),
+    (["-m", "a-b", "-e", SCRIPT], "-m a-b: a module name is letters, digits and underscores"),
+])
+def test_refused_arguments(top, args, message):
+    assert refused(client_arguments, args, top, "r") == message
+
+
+def test_guru_mode_is_told_with_its_reason():
+    assert guru_reason(["-p4", "-g"], []) == "option -g"
+    assert guru_reason(["--guru-mode"], []) == "option --guru-mode"
+    assert guru_reason(["--", "-g"], []) is None  # a script argument, not an option
+    assert guru_reason([], [("-e", b"probe begin { %{ x %} }")]) == "embedded C in -e"
+    # in a comment or a string it is not embedded C
+    assert guru_reason([], [("x.stp", b'# %{\n// %{\n/* %{ */ probe begin { print("%{") }')]) \
+        is None
+    assert guru_reason([], [("x.stp", b'@cast(p, "task_struct", "kernel<linux/sched.h>")')]) \
+        is None
+
+
+@pytest.mark.parametrize("header", ["</etc/shadow>", "<linux/../../x.h>"])
+def test_headers_naming_server_files_are_refused(header):
+    text = f'@cast(p, "task_struct", "kernel{header}")'.encode()
+    assert refused(guru_reason, [], [("x.stp", text)]) == (
+        f"x.stp: header {header} names a file on the server; name headers relative to the "
+        "kernel or system include directories")
+
+
+def test_the_arguments_fit_the_kernels_limits():
+    check_argv_size(["x" * ((128 << 10) - 1)])
+    assert refused(check_argv_size, ["x" * (128 << 10)]) == (
+        "the request's arguments are too long (131073 bytes, the longest 131072; limits "
+        "1048576 in all, 131071 each)")
+    assert refused(check_argv_size, ["x" * (100 << 10)] * 11) == (
+        "the request's arguments are too long (1126411 bytes, the longest 102400; limits "
+        "1048576 in all, 131071 each)")
+
+
+def test_locale_values_are_passed_or_refused_in_the_real_servers_words():
+    env, notices = locale_env(b"LANG=C.UTF-8\nLC_ALL=$(id)\nPATH=/evil\nLC_TIME=de_DE.UTF-8\n"
+                              b"LANGUAGE=de\nno equals sign\n")
+    assert env == {"LANG": "C.UTF-8", "LC_TIME": "de_DE.UTF-8"}
+    assert notices == b"Server: Localization value '$(id)' contains illegal characters\n"
+    assert locale_env(None) == ({}, b"")
+
+
+# --------------------------------------------------------------------------
+# Limits of a compile
+# --------------------------------------------------------------------------
+
+def limits_config(sandbox=True):
+    return types.SimpleNamespace(compile_limits={n: d for n, d, *_ in COMPILE_LIMITS},
+                                 sandbox=sandbox)
+
+
+def test_limit_texts():
+    config = limits_config()
+    assert [limit_text(config, n) for n, *_ in COMPILE_LIMITS] == [
+        "file size limit (536870912 bytes, --compile-file-size)",
+        "memory limit (8589934592 bytes, --compile-memory)",
+        "processes limit (256, --compile-processes)",
+        "cpu limit (900 s, --compile-cpu)",
+        "disk limit (1073741824 bytes, --compile-disk)",
+    ]
+
+
+def test_a_broken_limit_is_recognised_by_its_signal_or_words():
+    config = limits_config()
+    assert limit_breached(0, b"File size limit exceeded", config) is None  # it succeeded
+    assert limit_breached(128 + 25, b"", config) == limit_text(config, "file-size")  # SIGXFSZ
+    assert limit_breached(128 + 24, b"", config) == limit_text(config, "cpu")  # SIGXCPU
+    assert limit_breached(1, b"cc1: out of memory allocating", config) == \
+        limit_text(config, "memory")
+    assert limit_breached(1, b"sh: fork: retry: Resource", config) == \
+        limit_text(config, "processes")
+    assert limit_breached(1, b"semantic error: no match", config) is None
+
+
+def test_prlimit_arguments():
+    assert limits_argv(limits_config()) == [
+        "prlimit", "--fsize=536870912", "--as=8589934592", "--nproc=256", "--cpu=900:905",
+        "--core=0", "--"]
+    # without the sandbox's user namespace the process count would be the account's
+    assert "--nproc=256" not in limits_argv(limits_config(sandbox=False))
+
+
+# --------------------------------------------------------------------------
+# The reply and the log
+# --------------------------------------------------------------------------
+
+def request(lowered, signed=False, notices=b""):
+    return Request(version="4.8", release="r", arch="x86_64", args=[], env={},
+                   lowered=lowered, signed=signed, notices=notices)
+
+
+def test_reply_from_outcome_names_the_module_and_hides_server_paths():
+    outcome = Outcome(rc=0, stdout=b"hello\n/stap/request/tmp/stap_1.ko\n",
+                      stderr=b"Pass 4 in /tmp/stap-server.x/work/tmp\n",
+                      module=("stap_1.ko", b"ko"), hide=("/tmp/stap-server.x", "/stap/request"))
+    assert reply_from_outcome(outcome, request(lowered=False, notices=b"Server: n\n"), None) == \
+        (0, b"hello\nstap_1.ko\n", b"Server: n\nPass 4 in <server>/work/tmp\n",
+         ("stap_1.ko", b"ko"))
+    # pass 5: the client names the module itself
+    assert reply_from_outcome(outcome, request(lowered=True), None)[1] == b"hello\n"
+
+
+def test_a_module_for_stapusr_is_signed():
+    class Key:
+        def module_signature(self, data):
+            return b"signature of " + data
+
+    outcome = Outcome(rc=0, stdout=b"", stderr=b"", module=("m.ko", b"ko"))
+    assert reply_from_outcome(outcome, request(lowered=True, signed=True), Key())[3] == \
+        ("m.ko", b"ko", b"signature of ko")
+
+
+def test_reply_entries_in_the_real_servers_layout():
+    assert reply_entries("4.8", 0, b"o", b"e", ("m.ko", b"ko", b"sig")) == [
+        ("version", b"4.8"), ("rc", b"0"), ("stdout", b"o"), ("stderr", b"e"),
+        ("stap000000/m.ko", b"ko"), ("stap000000/m.ko.sgn", b"sig")]
+    assert reply_entries("4.8", 1, b"", b"e") == [
+        ("version", b"4.8"), ("rc", b"1"), ("stdout", b""), ("stderr", b"e")]
+
+
+def test_hide_paths_longest_first():
+    assert hide_paths(b"/tmp/s.x/work/tmp/a and /tmp/s.x",
+                      ["/tmp/s.x", "/tmp/s.x/work", None]) == b"<server>/tmp/a and <server>"
+
+
+def test_request_log_lines_are_bounded():
+    record = RequestRecord(options="x" * 250, client="10.0.0.1:5", rc=0)
+    # fields in a fixed order, unset ones left out, each cut with its length noted
+    assert record.log_line() == \
+        f"request client='10.0.0.1:5' options='{'x' * 199}...[252 chars] rc=0"
+    full = RequestRecord(**{name: "y" * 300 for name in RequestRecord.FIELDS}).log_line()
+    assert full == full[:stap_server.LOG_LINE_MAX] + "...[2444 chars]"
+
+
+def test_the_first_error_of_a_request_is_kept():
+    record = RequestRecord()
+    record.fail("first")
+    record.fail("second")
+    assert record.log_line() == "request error='first'"
+    with pytest.raises(AttributeError):
+        record.update(bogus=1)
+
+
+def test_one_client_is_an_address_or_an_ipv6_64():
+    assert address_key("10.1.2.3") == "10.1.2.3"
+    assert address_key("::ffff:10.1.2.3") == "10.1.2.3"
+    assert address_key("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+    assert address_key("not-an-address") == "not-an-address"
+    assert format_address(("::ffff:127.0.0.1", 5)) == "127.0.0.1:5"
+    assert format_address(("::1", 5, 0, 0)) == "[::1]:5"
+
+
+# --------------------------------------------------------------------------
+# Advertising and finding our own servers
+# --------------------------------------------------------------------------
+
+def test_instance_names_and_texts():
+    assert alternative_name("X") == "X #2" and alternative_name("X #9") == "X #10"
+    assert instance_names("h", 3) == ["Systemtap Compile Server on h",
+                                      "Systemtap Compile Server on h #2",
+                                      "Systemtap Compile Server on h #3"]
+    assert txt_strings("r x86_64", "4.8", "01:02", load=["slots=2"]) == [
+        "sysinfo=r x86_64", "version=4.8", "certinfo=01:02", "optinfo=", "slots=2"]
+    assert txt_rdata_text(['a="b"', "c\\d"]) == '"a=\\"b\\"" "c\\\\d"'
+
+
+def test_load_changes_worth_telling():
+    hint = {"busy": 1, "queued": 0, "compile": 3.0}
+    assert load_changed(hint, dict(hint, queued=1))        # 1 -> 2: another power of two
+    assert not load_changed(dict(hint, queued=1), dict(hint, busy=2, queued=1))  # 2 -> 3
+    assert load_changed(hint, dict(hint, compile=5.0))     # half as long again
+    assert not load_changed(hint, dict(hint, compile=4.0))
+
+
+def test_what_stap_stop_server_takes_for_a_server():
+    assert is_serverd_cmdline(["/usr/bin/python3", "/usr/bin/stap-serverd", "-r", "x"])
+    assert is_serverd_cmdline(["python3", "/src/stap_server.py", "stap-serverd"])
+    assert not is_serverd_cmdline(["python3", "stap_server.py", "stap-start-server"])
+    assert not is_serverd_cmdline(["sleep", "stap-serverd"])
+    assert not is_serverd_cmdline(["python3"])
