@@ -697,8 +697,11 @@ def zlib_error():
     return zlib.error
 
 
-class Reply(collections.namedtuple("Reply", "rc stdout stderr version module")):
-    """A checked reply; module is the path of the received .ko, or None."""
+class Reply(collections.namedtuple("Reply", "rc stdout stderr version module",
+                                   defaults=(None, None))):
+    """One reply from the server's compile to the client's delivery; module
+    is (name, bytes[, signature]) on the server, the received .ko's path
+    here, or None."""
 
     @property
     def busy(self):

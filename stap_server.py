@@ -56,7 +56,7 @@ except ImportError:
 
 import stap_client as client
 
-# Discovery names shared with the client's browsing side:
+# What the server shares with the client: databases, errors, archives, discovery.
 from stap_client import (
     AVAHI_NO_DAEMON,
     IP_PKTINFO,
@@ -68,6 +68,7 @@ from stap_client import (
     DiscoveryError,
     Error,
     Limits,
+    Reply,
     ipv4_interfaces,
     mdns_query,
     parse_mdns,
@@ -854,19 +855,11 @@ def compile_env(config, req, work, cache):
     return env
 
 
-@dataclasses.dataclass
-class Outcome:
-    rc: int
-    stdout: bytes
-    stderr: bytes
-    module: tuple = None  # (name, bytes)
-    hide: tuple = ()  # paths to replace with <server> in what the client sees
-
-
 def run_compile(config, req, ws):
     """One stap run in its sandbox, as the compile account, within the
     resource limits; stdin is /dev/null, stdout and stderr go to files the
-    server opened (and reads back) itself."""
+    server opened (and reads back) itself.  A Reply with the module as
+    (name, bytes) and the server's paths hidden."""
     ws.hand_over(compile_account(config))
     if config.sandbox:
         work = SANDBOX_WORK
@@ -891,8 +884,9 @@ def run_compile(config, req, ws):
     if breach:
         stderr += f"stap-serverd: ERROR: the compile exceeded its {breach}\n".encode()
     module = ws.module(config.compile_limits["file-size"]) if rc == 0 else None
-    return Outcome(rc=1 if rc else 0, stdout=stdout, stderr=stderr, module=module,
-                   hide=(ws.path, work, cache))
+    hide = (ws.path, work, cache)
+    return Reply(rc=1 if rc else 0, stdout=hide_paths(stdout, hide),
+                 stderr=hide_paths(stderr, hide), module=module)
 
 
 def watch_compile(proc, ws, config):
@@ -965,31 +959,31 @@ def hide_paths(data, paths):
     return data
 
 
-def reply_from_outcome(outcome, req, key):
-    """(rc, stdout, stderr, module) of a finished stap run; the module path
-    line becomes the module's name (or goes, when the client asked for pass
-    5).  A module built for stapusr or stapsys gets key's signature beside it."""
+def reply_for_client(compiled, req, key, version):
+    """The reply to a compile: the module path line becomes the module's
+    name (or goes, when the client asked for pass 5), the server's notices
+    lead stderr, and a module built for stapusr or stapsys gets key's
+    signature beside it."""
     lines = []
-    for line in outcome.stdout.splitlines(keepends=True):
-        if line.rstrip(b"\n").endswith(b".ko") and outcome.module:
+    for line in compiled.stdout.splitlines(keepends=True):
+        if line.rstrip(b"\n").endswith(b".ko") and compiled.module:
             if req.lowered:
                 continue
-            line = outcome.module[0].encode() + b"\n"
+            line = compiled.module[0].encode() + b"\n"
         lines.append(line)
-    module = outcome.module
+    module = compiled.module
     if module and req.signed:
         module = module + (key.module_signature(module[1]),)
-    return (outcome.rc, hide_paths(b"".join(lines), outcome.hide),
-            req.notices + hide_paths(outcome.stderr, outcome.hide), module)
+    return compiled._replace(stdout=b"".join(lines), stderr=req.notices + compiled.stderr,
+                             version=version, module=module)
 
 
-def reply_entries(version, rc, stdout, stderr, module=None):
-    """The reply's entries, (name, bytes) in the real server's layout;
-    module is (name, bytes[, signature])."""
-    entries = [("version", version.encode()), ("rc", str(rc).encode()),
-               ("stdout", stdout), ("stderr", stderr)]
-    if module:
-        name, data, *signature = module
+def reply_entries(reply):
+    """The reply's entries, (name, bytes) in the real server's layout."""
+    entries = [("version", reply.version.encode()), ("rc", str(reply.rc).encode()),
+               ("stdout", reply.stdout), ("stderr", reply.stderr)]
+    if reply.module:
+        name, data, *signature = reply.module
         entries.append((f"{RESPONSE_DIR}/{name}", data))
         entries += [(f"{RESPONSE_DIR}/{name}.sgn", sig) for sig in signature]
     return entries
@@ -1142,11 +1136,12 @@ def der(tag, *content):
 
 
 def error_reply(key, version, message):
-    return make_reply(key, version, 1, b"", f"stap-serverd: ERROR: {message}\n".encode())
+    return signed_reply(key, Reply(1, b"", f"stap-serverd: ERROR: {message}\n".encode(),
+                                   version))
 
 
-def make_reply(key, version, rc, stdout, stderr, module=None):
-    return key.signed_jar(reply_entries(version, rc, stdout, stderr, module))
+def signed_reply(key, reply):
+    return key.signed_jar(reply_entries(reply))
 
 
 def handle_request(data, config, version, record, cache=None,
@@ -1172,14 +1167,13 @@ def handle_request(data, config, version, record, cache=None,
         def compile_and_sign():
             try:
                 with compile_slot:
-                    outcome = run_compile(config, req, ws)
+                    compiled = run_compile(config, req, ws)
             except (Error, OSError) as e:
                 record.update(rc=1, error=str(e))
                 return error_reply(key, version, str(e)), False
-            rc, stdout, stderr, module = reply_from_outcome(outcome, req, key)
-            record.update(rc=rc)
-            reply = make_reply(key, version, rc, stdout, stderr, module)
-            return reply, rc == 0
+            reply = reply_for_client(compiled, req, key, version)
+            record.update(rc=reply.rc)
+            return signed_reply(key, reply), reply.rc == 0
 
         if cache is None:
             return compile_and_sign()[0]

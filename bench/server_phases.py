@@ -55,8 +55,8 @@ def main(argv):
     wrap(client, "extract_archive", "unpack (extract_archive)")
     wrap(server, "parse_request")
     wrap(server, "run_compile", "run_compile (stap in the sandbox, as the compile account)")
-    wrap(server, "reply_from_outcome")
-    wrap(server, "make_reply", "make_reply (zip + JAR signature, in-process)")
+    wrap(server, "reply_for_client")
+    wrap(server, "signed_reply", "signed_reply (zip + JAR signature, in-process)")
     wrap(server, "result_key")
     wrap(server.subprocess, "Popen", "  subprocess.Popen() calls (fork+exec, all)")
     totals = []

@@ -30,6 +30,7 @@ from hardening_helpers import (
     zip_bytes,
 )
 
+import stap_client
 import stap_server
 
 SLOW_SCRIPT = "probe begin { /* SLOWPROBE */ exit() }"
@@ -327,8 +328,8 @@ def trusted_box(sandbox):
 
 def signed_reply(box, rc=0, module=b"\x7fELF fake module", stderr=b""):
     key = stap_server.ServerKey.of_database(server_db(box))
-    return stap_server.make_reply(key, "4.8", rc, b"", stderr,
-                                  module and ("stap_fake.ko", module))
+    return stap_server.signed_reply(key, stap_client.Reply(
+        rc, b"", stderr, "4.8", module and ("stap_fake.ko", module)))
 
 
 def rewrite(data, change):

@@ -10,10 +10,9 @@ import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 import stap_server
-from stap_client import Error
+from stap_client import Error, Reply
 from stap_server import (
     COMPILE_LIMITS,
-    Outcome,
     Request,
     RequestRecord,
     address_key,
@@ -34,7 +33,7 @@ from stap_server import (
     locale_env,
     parse_config,
     reply_entries,
-    reply_from_outcome,
+    reply_for_client,
     txt_rdata_text,
     txt_strings,
 )
@@ -229,15 +228,15 @@ def request(lowered, signed=False, notices=b""):
                    lowered=lowered, signed=signed, notices=notices)
 
 
-def test_reply_from_outcome_names_the_module_and_hides_server_paths():
-    outcome = Outcome(rc=0, stdout=b"hello\n/stap/request/tmp/stap_1.ko\n",
-                      stderr=b"Pass 4 in /tmp/stap-server.x/work/tmp\n",
-                      module=("stap_1.ko", b"ko"), hide=("/tmp/stap-server.x", "/stap/request"))
-    assert reply_from_outcome(outcome, request(lowered=False, notices=b"Server: n\n"), None) == \
-        (0, b"hello\nstap_1.ko\n", b"Server: n\nPass 4 in <server>/work/tmp\n",
-         ("stap_1.ko", b"ko"))
+def test_reply_for_client_names_the_module_and_puts_notices_first():
+    compiled = Reply(rc=0, stdout=b"hello\n<server>/stap_1.ko\n",
+                     stderr=b"Pass 4 in <server>/work/tmp\n", module=("stap_1.ko", b"ko"))
+    assert reply_for_client(compiled, request(lowered=False, notices=b"Server: n\n"), None,
+                            "4.8") == \
+        Reply(0, b"hello\nstap_1.ko\n", b"Server: n\nPass 4 in <server>/work/tmp\n", "4.8",
+              ("stap_1.ko", b"ko"))
     # pass 5: the client names the module itself
-    assert reply_from_outcome(outcome, request(lowered=True), None)[1] == b"hello\n"
+    assert reply_for_client(compiled, request(lowered=True), None, "4.8").stdout == b"hello\n"
 
 
 def test_a_module_for_stapusr_is_signed():
@@ -245,16 +244,16 @@ def test_a_module_for_stapusr_is_signed():
         def module_signature(self, data):
             return b"signature of " + data
 
-    outcome = Outcome(rc=0, stdout=b"", stderr=b"", module=("m.ko", b"ko"))
-    assert reply_from_outcome(outcome, request(lowered=True, signed=True), Key())[3] == \
-        ("m.ko", b"ko", b"signature of ko")
+    compiled = Reply(rc=0, stdout=b"", stderr=b"", module=("m.ko", b"ko"))
+    assert reply_for_client(compiled, request(lowered=True, signed=True), Key(), "4.8").module \
+        == ("m.ko", b"ko", b"signature of ko")
 
 
 def test_reply_entries_in_the_real_servers_layout():
-    assert reply_entries("4.8", 0, b"o", b"e", ("m.ko", b"ko", b"sig")) == [
+    assert reply_entries(Reply(0, b"o", b"e", "4.8", ("m.ko", b"ko", b"sig"))) == [
         ("version", b"4.8"), ("rc", b"0"), ("stdout", b"o"), ("stderr", b"e"),
         ("stap000000/m.ko", b"ko"), ("stap000000/m.ko.sgn", b"sig")]
-    assert reply_entries("4.8", 1, b"", b"e") == [
+    assert reply_entries(Reply(1, b"", b"e", "4.8")) == [
         ("version", b"4.8"), ("rc", b"1"), ("stdout", b""), ("stderr", b"e")]
 
 
