@@ -318,19 +318,143 @@ def client_databases(ssl_dirs=()):
 # Stap's options
 # --------------------------------------------------------------------------
 
-# Short options of stap 4.8 that take an argument (its getopt string).
-SHORT_WITH_ARG = set("pIeEoRramcxDsldLSBJGT")
-# Long options that take a required argument ("--opt VAL" or "--opt=VAL").
-LONG_WITH_ARG = {"vp", "modinfo", "runtime", "privilege", "compatible", "remote",
-                 "tmpdir", "sysroot", "sysenv", "target-namespace", "dump-functions-"}
-# Local paths or local effects that a server cannot honour.
-REFUSED_WITH_SERVER = {"-R": "names a local runtime directory",
-                       "--tmpdir": "names a local directory",
-                       "--sysroot": "names a local directory",
-                       "--remote": "runs on another host",
-                       "--use-server": "is what stap-client does already",
-                       "--list-servers": "is stap-find-servers",
-                       "--trust-servers": "is stap-add-server-cert"}
+# stap 4.8's command line, as its getopt_long reads it: the short options
+# (":" after a letter: it takes a value) and the long ones in stap's order,
+# each with its kind of value; colour is color's other spelling.
+STAP_SHORT_OPTIONS = "hVvtp:I:e:E:o:R:r:a:m:kgPc:x:D:bs:uqiwl:d:L:FS:B:J:jWG:T:"
+NO_VALUE, VALUE, OPTIONAL_VALUE = "none", "required", "optional"
+STAP_LONG_OPTIONS = dict(
+    [(n, NO_VALUE) for n in (
+        "skip-badvars unprivileged client-options help disable-cache poison-cache "
+        "clean-cache ldd all-modules remote-prefix check-version version dump-probe-types "
+        "dump-probe-aliases dump-functions suppress-handler-errors suppress-time-limits "
+        "dyninst bpf benchmark-sdt save-uprobes interactive example "
+        "no-global-var-display").split()]
+    + [(n, VALUE) for n in (
+        "vp compatible use-http-server remote tmpdir privilege modinfo rlimit-as rlimit-cpu "
+        "rlimit-nproc rlimit-stack rlimit-fsize sysroot sysenv runtime benchmark-sdt-loops "
+        "benchmark-sdt-threads target-namespaces").split()]
+    + [(n, OPTIONAL_VALUE) for n in (
+        "use-server list-servers trust-servers use-server-on-error sign-module "
+        "download-debuginfo color colour prologue-searching monitor").split()])
+SAME_OPTION = {"colour": "color"}
+# stap-client's own options, beside stap's (each given as --name=VALUE).
+CLIENT_LONG_OPTIONS = {"server": OPTIONAL_VALUE, "ssl": OPTIONAL_VALUE,
+                       "domain": OPTIONAL_VALUE, "deadline": OPTIONAL_VALUE}
+
+LOCAL, PATH = "local", "path"
+
+
+class Treatment(collections.namedtuple("Treatment", "client server staprun",
+                                       defaults=(None, None, None))):
+    """How each side of the compile server treats one stap option.
+    client: None (sent to the server), LOCAL (kept here for pass 5), or why
+    stap-client refuses it.  server: None (passed to stap), PATH (its value
+    must stay inside the request), LOCAL (the client's business: dropped),
+    or why stap-serverd refuses it.  staprun: what pass 5 gives staprun for
+    it (stap 4.8's mapping)."""
+
+
+NOT_HERE = "and cannot be used with stap-client"
+STAP_OPTIONS = {
+    "-I": Treatment(server=PATH),  # the client ships the directory
+    "-d": Treatment(server=PATH),
+    "-o": Treatment(client=LOCAL, server=LOCAL),  # only pass 5 writes it
+    "-k": Treatment(client=LOCAL, server=LOCAL),  # keeps stap-client's temporary directory
+    "-G": Treatment(client=LOCAL),  # staprun sets them, after the module
+    "-h": Treatment(client=LOCAL), "--help": Treatment(client=LOCAL),  # stap-client answers
+    "-V": Treatment(client=LOCAL), "--version": Treatment(client=LOCAL),
+    "-c": Treatment(staprun="-c"),
+    "-x": Treatment(staprun="-t"),
+    "-s": Treatment(staprun="-b"),
+    "-S": Treatment(staprun="-S"),
+    "-w": Treatment(staprun="-w"),
+    "-R": Treatment(client="names a local runtime directory; give -R to the server instead",
+                    server="names a runtime directory"),
+    "--tmpdir": Treatment(client=f"names a local directory {NOT_HERE}",
+                          server="names a directory"),
+    "--sysroot": Treatment(client=f"names a local directory {NOT_HERE}",
+                           server="names a directory"),
+    "--remote": Treatment(client=f"runs on another host {NOT_HERE}", server="runs elsewhere"),
+    "--use-server": Treatment(client=f"is what stap-client does already {NOT_HERE}",
+                              server="asks for a server"),
+    "--list-servers": Treatment(client=f"is stap-find-servers {NOT_HERE}",
+                                server="asks for servers"),
+    "--trust-servers": Treatment(client=f"is stap-add-server-cert {NOT_HERE}",
+                                 server="changes trust"),
+    "--client-options": Treatment(server="is the server's"),
+    "--poison-cache": Treatment(server="damages the cache"),
+    "--clean-cache": Treatment(server="damages the cache"),
+    "--sign-module": Treatment(server="names a key directory"),
+}
+NO_TREATMENT = Treatment()
+
+
+def treatment(name):
+    return STAP_OPTIONS.get(name, NO_TREATMENT)
+
+
+class UsageError(Error):
+    """A command line getopt_long refuses, in getopt's words (as stap says them)."""
+
+
+def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS):
+    """Tokens of a stap command line as stap's getopt_long reads it (options
+    may follow operands; "--" ends options; long options may be shortened
+    to a unique prefix): ("opt", "-p", "4"), ("opt", "--vp", "01") or
+    ("arg", "x").  UsageError says what getopt would say."""
+    tokens, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            tokens += [("arg", a) for a in argv[i:]]
+            break
+        if arg.startswith("--"):
+            given, eq, value = arg[2:].partition("=")
+            name = long_option(given, long_options)
+            kind = long_options[name]
+            if not eq:
+                value = None
+                if kind == VALUE:
+                    if i >= len(argv):
+                        raise UsageError(f"option '--{name}' requires an argument")
+                    value, i = argv[i], i + 1
+            elif kind == NO_VALUE:
+                raise UsageError(f"option '--{name}' doesn't allow an argument")
+            tokens.append(("opt", "--" + name, value))
+        elif arg.startswith("-") and arg != "-":
+            for j in range(1, len(arg)):  # a cluster such as -vvp4
+                letter = arg[j]
+                at = STAP_SHORT_OPTIONS.find(letter)
+                if letter == ":" or at < 0:
+                    raise UsageError(f"invalid option -- '{letter}'")
+                if STAP_SHORT_OPTIONS[at + 1:at + 2] != ":":
+                    tokens.append(("opt", "-" + letter, None))
+                    continue
+                value = arg[j + 1:]
+                if not value:
+                    if i >= len(argv):
+                        raise UsageError(f"option requires an argument -- '{letter}'")
+                    value, i = argv[i], i + 1
+                tokens.append(("opt", "-" + letter, value))
+                break
+        else:
+            tokens.append(("arg", arg))
+    return tokens
+
+
+def long_option(given, long_options):
+    """The long option a (possibly shortened) name stands for."""
+    if given in long_options:
+        return given
+    matches = [n for n in long_options if n.startswith(given)]
+    if not matches:
+        raise UsageError(f"unrecognized option '--{given}'")
+    if len({SAME_OPTION.get(n, n) for n in matches}) > 1:
+        raise UsageError(f"option '--{given}' is ambiguous; possibilities: "
+                         + " ".join(f"'--{n}'" for n in matches))
+    return matches[0]
 
 
 # The client's records are plain classes and named tuples: importing
@@ -362,50 +486,14 @@ class Invocation:
         self.listing = False  # -l or -L: stap lists probes, builds no module
 
 
-def scan_stap_args(argv):
-    """Tokens of a stap command line as stap's getopt sees them (options may
-    follow operands; "--" ends options): ("opt", "-p", "4") or ("arg", "x")."""
-    tokens, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg == "--":
-            tokens += [("arg", a) for a in argv[i:]]
-            break
-        if arg.startswith("--"):
-            name, eq, value = arg[2:].partition("=")
-            if not eq:
-                value = None
-                if name in LONG_WITH_ARG:
-                    if i >= len(argv):
-                        raise Error(f"option --{name} needs an argument")
-                    value, i = argv[i], i + 1
-            tokens.append(("opt", "--" + name, value))
-        elif arg.startswith("-") and arg != "-":
-            for j in range(1, len(arg)):  # a cluster such as -vvp4
-                letter = arg[j]
-                if letter not in SHORT_WITH_ARG:
-                    tokens.append(("opt", "-" + letter, None))
-                    continue
-                value = arg[j + 1:]
-                if not value:
-                    if i >= len(argv):
-                        raise Error(f"option -{letter} needs an argument")
-                    value, i = argv[i], i + 1
-                tokens.append(("opt", "-" + letter, value))
-                break
-        else:
-            tokens.append(("arg", arg))
-    return tokens
-
-
 def parse_stap_args(argv, stdin=None):
     """Split stap-client's arguments into an Invocation: what the server
     gets (laid out as the real client does: options, script, "--", script
     arguments), the files to ship, and what staprun gets."""
     inv = Invocation()
     operands, have_script_text = [], False
-    for kind, name, *value in scan_stap_args(argv):
+    for kind, name, *value in scan_stap_args(argv, {**STAP_LONG_OPTIONS,
+                                                    **CLIENT_LONG_OPTIONS}):
         if kind == "arg":
             operands.append(name)
         elif name.startswith("--"):
@@ -448,42 +536,48 @@ def add_privilege(inv):
 
 def handle_short(inv, letter, value):
     """Record one short option; True when it supplies the script text (-e)."""
-    if letter == "R":
-        raise Error(f"-R {REFUSED_WITH_SERVER['-R']}; give -R to the server instead")
+    how = treatment("-" + letter)
+    if how.client not in (None, LOCAL):
+        raise Error(f"-{letter} {how.client}")
     if letter == "h":
         inv.help = True
     elif letter == "V":
         inv.version = True
     elif letter == "k":
-        inv.keep = True  # keeps our temporary directory; never sent
+        inv.keep = True
     elif letter == "p":
         if value not in ("1", "2", "3", "4", "5"):
             raise Error(f"invalid pass number '{value}' (1-5)")
         inv.last_pass = int(value)
-        inv.server_args.append("-p" + value)
     elif letter == "o":
-        inv.output = value  # only pass 5 writes it, here
+        inv.output = value
     elif letter == "I":
-        inv.server_args.append("-I" + add_tree(inv, value))
+        value = add_tree(inv, value)
+    elif letter == "r" and "/" in value:
+        raise Error(f"-r {value} names a local build tree; give a kernel release instead")
     elif letter == "r":
-        if "/" in value:
-            raise Error(f"-r {value} names a local build tree; give a kernel release instead")
         inv.release = value
-        inv.server_args.append("-r" + value)
-    else:
-        if letter == "a":
-            inv.arch = value
-        elif letter == "m":
-            inv.module_name = value
-        elif letter == "v":
-            inv.verbose += 1
-        add_staprun_option(inv, letter, value)
-        if letter != "G":
-            inv.server_args.append("-" + letter + (value if value is not None else ""))
+    elif letter == "a":
+        inv.arch = value
+    elif letter == "m":
+        inv.module_name = value
+    elif letter == "v":
+        inv.verbose += 1
+    elif letter == "F":
+        inv.flight_recorder = True
+    elif letter == "G":
+        inv.globals.append(value)
+    if how.staprun:
+        inv.staprun_opts += [how.staprun] + ([value] if value is not None else [])
+    if how.client != LOCAL:
+        inv.server_args.append("-" + letter + (value if value is not None else ""))
     return letter == "e"
 
 
 def handle_long(inv, name, value):
+    how = treatment(name)
+    if how.client not in (None, LOCAL):
+        raise Error(f"{name} {how.client}")
     if name == "--server":
         parse_server_spec(need_value(name, value))  # a bad one fails before any work
         inv.servers.append(value)
@@ -500,8 +594,6 @@ def handle_long(inv, name, value):
         inv.help = True
     elif name == "--version":
         inv.version = True
-    elif name in REFUSED_WITH_SERVER:
-        raise Error(f"{name} {REFUSED_WITH_SERVER[name]} and cannot be used with stap-client")
     else:
         inv.server_args.append(name + ("" if value is None else "=" + value))
     return False
@@ -511,18 +603,6 @@ def need_value(name, value):
     if not value:
         raise Error(f"option {name} needs a value ({name}=VALUE)")
     return value
-
-
-def add_staprun_option(inv, letter, value):
-    """Options of stap that staprun needs again in pass 5 (stap 4.8's mapping)."""
-    mapped = {"c": ["-c", value], "x": ["-t", value], "s": ["-b", value],
-              "S": ["-S", value], "w": ["-w"]}.get(letter)
-    if mapped:
-        inv.staprun_opts += mapped
-    elif letter == "F":
-        inv.flight_recorder = True
-    elif letter == "G":
-        inv.globals.append(value)  # staprun sets them after the module
 
 
 def add_script(inv, name, stdin):

@@ -419,15 +419,6 @@ def trust_locally(der, log=logging):
 # Request handling: archive in, the real stap, reply out
 # --------------------------------------------------------------------------
 
-# Options a client may not give, and why.
-FORBIDDEN = {"-R": "names a runtime directory", "--tmpdir": "names a directory",
-             "--sysroot": "names a directory", "--remote": "runs elsewhere",
-             "--use-server": "asks for a server", "--list-servers": "asks for servers",
-             "--trust-servers": "changes trust", "--client-options": "is the server's",
-             "--poison-cache": "damages the cache", "--clean-cache": "damages the cache",
-             "--sign-module": "names a key directory"}
-GURU_OPTIONS = ("-g", "--guru-mode")
-PATH_OPTIONS = {"-I", "-d"}  # their values must stay inside the request
 MAX_ARGV_BYTES = 1 << 20  # all of stap's arguments; the kernel allows 2 MiB with the environment
 MAX_ARG_BYTES = (128 << 10) - 1  # one argument (the kernel's MAX_ARG_STRLEN)
 
@@ -488,16 +479,17 @@ def client_arguments(args, top, release):
         if kind == "arg":
             operands.append(name)
             continue
-        if name in FORBIDDEN:
-            raise Error(f"option {name} is not allowed: it {FORBIDDEN[name]} on the server")
-        if name in ("-k", "-o"):
-            continue  # local matters of the client
+        how = client.treatment(name)
+        if how.server == client.LOCAL:
+            continue  # the client's own business
+        if how.server not in (None, client.PATH):
+            raise Error(f"option {name} is not allowed: it {how.server} on the server")
         if name == "-r":
             if "/" in value:
                 raise Error(f"-r {value}: a build tree path is not allowed; give a release")
             release = value
             continue  # the server supplies -r itself
-        if name in PATH_OPTIONS:
+        if how.server == client.PATH:
             confine(value, top, name)
         if name == "-m" and not re.match(r"^[A-Za-z0-9_]+$", value):
             raise Error(f"-m {value}: a module name is letters, digits and underscores")
@@ -570,7 +562,7 @@ def guru_reason(args, scripts):
     the client a reason before stap runs."""
     options = args[:args.index("--")] if "--" in args else args  # clusters already split
     for arg in options:
-        if arg in GURU_OPTIONS:
+        if arg == "-g":
             return f"option {arg}"
     for label, text in scripts:
         for m in STAP_TOKEN.finditer(text):

@@ -324,9 +324,9 @@ REQUESTS = {
                        r"option --sysroot is not allowed"),
     "forbid-clean-cache": (lambda k: with_args(k, "--clean-cache", "-p2", "-eprobe begin{}"),
                            r"option --clean-cache is not allowed"),
-    # An abbreviation reaches stap, whose --client-options policy refuses it.
+    # getopt takes a unique prefix of a long option: so does the server's check.
     "abbreviated-tmpdir": (lambda k: with_args(k, "--tmp=/tmp", "-p2", "-eprobe begin{}"),
-                           r"--tmpdir is invalid with --client-options"),
+                           r"option --tmpdir is not allowed: it names a directory"),
     "include-etc": (lambda k: with_args(k, "-I/etc", "-p2", "-eprobe begin{}"),
                     r"-I path /etc is not inside the request"),
     "include-dotdot": (lambda k: with_args(k, "-I", "../../../etc", "-p2", "-eprobe begin{}"),
@@ -343,7 +343,10 @@ REQUESTS = {
                           r"-d path /bin/ls is not inside the request"),
     "module-name": (lambda k: with_args(k, "-m../../evil", "-p2", "-eprobe begin{}"),
                     r"-m \.\./\.\./evil: a module name is"),
-    "missing-value": (lambda k: with_args(k, "-p2", "-e"), r"option -e needs an argument"),
+    "missing-value": (lambda k: with_args(k, "-p2", "-e"),
+                      r"option requires an argument -- 'e'"),
+    "abbreviated-option": (lambda k: with_args(k, "--sign-mod=/etc", "-p2", "-eprobe begin{}"),
+                           r"option --sign-module is not allowed: it names a key directory"),
 }
 
 

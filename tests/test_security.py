@@ -88,12 +88,11 @@ def assert_untouched(secret):
 KEY_INCBIN = '%{{ asm(".incbin \\"{key}\\""); %}} probe begin {{ exit() }}'
 
 
-@pytest.mark.parametrize("how", ["-g", "--guru-mode", "-vg", "tapset", "cast", "cast-relative",
-                                 "sign-module"])
+@pytest.mark.parametrize("how", ["-g", "-vg", "tapset", "cast", "cast-relative", "sign-module"])
 def test_server_side_paths_and_guru_refused(how, server, sandbox, krel):
     key = os.path.join(server.status["database"], "key4.db")
     args = ["-r", krel, "-p4"]
-    if how in ("-g", "--guru-mode", "-vg"):
+    if how in ("-g", "-vg"):
         args += [how, "-e", KEY_INCBIN.format(key=key)]
         expected = f"option {how if how != '-vg' else '-g'}: guru mode is not allowed"
     elif how == "tapset":

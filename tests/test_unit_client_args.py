@@ -37,8 +37,15 @@ def test_arguments_attached_or_separate():
     assert scan_stap_args(["--vp", "01", "--vp=10"]) == [("opt", "--vp", "01"),
                                                           ("opt", "--vp", "10")]
     # a long option without an argument keeps None; "=" always gives one
-    assert scan_stap_args(["--guru-mode", "--privilege=stapusr"]) == [
-        ("opt", "--guru-mode", None), ("opt", "--privilege", "stapusr")]
+    assert scan_stap_args(["--skip-badvars", "--privilege=stapusr"]) == [
+        ("opt", "--skip-badvars", None), ("opt", "--privilege", "stapusr")]
+    # optional values come only after "="
+    assert scan_stap_args(["--color", "x"]) == [("opt", "--color", None), ("arg", "x")]
+
+
+def test_long_options_shortened_as_getopt_allows():
+    assert scan_stap_args(["--priv=stapusr", "--sign-mod=/k", "--colo"]) == [
+        ("opt", "--privilege", "stapusr"), ("opt", "--sign-module", "/k"), ("opt", "--color", None)]
 
 
 def test_options_may_follow_operands_and_double_dash_ends_them():
@@ -47,11 +54,15 @@ def test_options_may_follow_operands_and_double_dash_ends_them():
     assert scan_stap_args([]) == []
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["-p"], "option -p needs an argument"),
-    (["-vI"], "option -I needs an argument"),
-    (["-e", SCRIPT, "--vp"], "option --vp needs an argument"),
-    (["--runtime"], "option --runtime needs an argument"),
+@pytest.mark.parametrize("argv,message", [  # getopt's words, as stap prints them
+    (["-p"], "option requires an argument -- 'p'"),
+    (["-vI"], "option requires an argument -- 'I'"),
+    (["-e", SCRIPT, "--vp"], "option '--vp' requires an argument"),
+    (["--runtime"], "option '--runtime' requires an argument"),
+    (["-z"], "invalid option -- 'z'"),
+    (["--guru-mode"], "unrecognized option '--guru-mode'"),
+    (["--help=3"], "option '--help' doesn't allow an argument"),
+    (["--co"], "option '--co' is ambiguous; possibilities: '--compatible' '--color' '--colour'"),
 ])
 def test_missing_argument(argv, message):
     with pytest.raises(Error) as e:

@@ -143,7 +143,6 @@ def test_refused_arguments(top, args, message):
 
 def test_guru_mode_is_told_with_its_reason():
     assert guru_reason(["-p4", "-g"], []) == "option -g"
-    assert guru_reason(["--guru-mode"], []) == "option --guru-mode"
     assert guru_reason(["--", "-g"], []) is None  # a script argument, not an option
     assert guru_reason([], [("-e", b"probe begin { %{ x %} }")]) == "embedded C in -e"
     # in a comment or a string it is not embedded C
