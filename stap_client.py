@@ -15,6 +15,7 @@ server module; the server imports this one.
 
 import base64
 import collections
+import contextlib
 import fcntl
 import grp
 import hashlib
@@ -113,21 +114,52 @@ def local_sysinfo(release=None, arch=None):
 # External tools: one wrapper each, with a timeout and stderr kept
 # --------------------------------------------------------------------------
 
-def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True):
-    """Run a tool without a shell; a failure raises Error with its stderr."""
-    import subprocess  # here: a compile request (-p4 and below) runs no tool
+class ToolResult(collections.namedtuple("ToolResult",
+                                        "argv returncode stdout stderr timed_out")):
+    """What an external program did: exit status (None if we stopped it),
+    its output as bytes."""
+
+    def error(self):
+        """One line for an error message: the program and its last words."""
+        return f"{os.path.basename(self.argv[0])}: {last_line(self.stderr)}"
+
+
+def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True, done=None):
+    """Run a program without a shell, collecting its output until it exits.
+    With done, a program that runs on (avahi-browse) is stopped once
+    done(stdout so far) is true or at the timeout, and what it printed is
+    kept; else the timeout is an Error, and so is a failure when check."""
+    import subprocess  # here: a compile request (-p4 and below) runs no program
     name = os.path.basename(argv[0])
     try:
-        proc = subprocess.run(argv, input=input, capture_output=True,
-                              timeout=timeout, cwd=cwd, stdin=None if input is not None
-                              else subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
     except FileNotFoundError:
+        if done:
+            return ToolResult(argv, 127, b"", b"not installed", False)
         raise Error(f"{name} is not installed (needed for: {' '.join(argv[1:3])})") from None
-    except subprocess.TimeoutExpired:
-        raise Error(f"{name} timed out after {timeout} s") from None
-    if check and proc.returncode != 0:
-        raise Error(f"{name} failed: {last_line(proc.stderr or proc.stdout)}")
-    return proc
+    if input:
+        with proc.stdin:
+            proc.stdin.write(input)  # small: a certificate
+    out, err, eof = collect_output(proc, time.monotonic() + timeout, done)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(1.0 if eof else 0)  # output closed: the exit follows at once
+    timed_out = proc.poll() is None
+    if timed_out:
+        proc.send_signal(signal.SIGTERM)  # avahi-browse then prints what it has
+        more_out, more_err, _ = collect_output(proc, time.monotonic() + 0.2, None)
+        out, err = out + more_out, err + more_err
+        if proc.poll() is None:
+            proc.kill()
+    proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        stream.close()
+    result = ToolResult(argv, None if timed_out else proc.returncode, out, err, timed_out)
+    if timed_out and not done:
+        raise Error(f"{name} timed out after {timeout} s")
+    if check and not done and result.returncode != 0:
+        raise Error(f"{name} failed: {last_line(err or out)}")
+    return result
 
 
 def last_line(data):
@@ -1225,10 +1257,10 @@ def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_byte
 # Discovery
 # --------------------------------------------------------------------------
 
-MDNS_DOMAIN = 'local'
-MDNS_GROUP = '224.0.0.251'
+MDNS_DOMAIN = "local"
+MDNS_GROUP = "224.0.0.251"
 MDNS_PORT = 5353
-DISCOVERY_TIMEOUT = 1.0       # seconds; stap-find-servers must answer in ~1 s
+DISCOVERY_TIMEOUT = 1.0  # seconds; stap-find-servers must answer in ~1 s
 COMPILE_DISCOVERY_TIMEOUT = 2.0  # a compile can afford a longer look on a busy network
 
 
@@ -1254,10 +1286,10 @@ class ServerRecord(collections.namedtuple(
 
 def record_from_txt(name, host, address, port, txt):
     """A ServerRecord from resolved DNS-SD data and its TXT dict."""
-    return ServerRecord(host=host.rstrip('.'), address=address, port=int(port),
-                        sysinfo=txt.get('sysinfo', ''),
-                        version=txt.get('version', ''),
-                        certinfo=txt.get('certinfo', ''),
+    return ServerRecord(host=host.rstrip("."), address=address, port=int(port),
+                        sysinfo=txt.get("sysinfo", ""),
+                        version=txt.get("version", ""),
+                        certinfo=txt.get("certinfo", ""),
                         txt=dict(txt), name=name)
 
 
@@ -1266,23 +1298,23 @@ def txt_dict(strings):
     result = {}
     for item in strings:
         if isinstance(item, bytes):
-            item = item.decode('utf-8', 'replace')
-        key, _, value = item.partition('=')
+            item = item.decode("utf-8", "replace")
+        key, _, value = item.partition("=")
         if key and key.lower() not in (k.lower() for k in result):
-            result[key] = value     # RFC 6763 6.4: later duplicates ignored
+            result[key] = value  # RFC 6763 6.4: later duplicates ignored
     return result
 
 
 def format_server_line(rec):
     """`HOST ADDRESS PORT 'sysinfo=RELEASE ARCH' 'version=..' ...`."""
     fields = [f"'sysinfo={rec.sysinfo}'"]
-    for key in ('version', 'certinfo', 'optinfo'):
+    for key in ("version", "certinfo", "optinfo"):
         if key in rec.txt:
             fields.append(f"'{key}={rec.txt[key]}'")
     for key in sorted(rec.txt):
-        if key not in ('sysinfo', 'version', 'certinfo', 'optinfo'):
+        if key not in ("sysinfo", "version", "certinfo", "optinfo"):
             fields.append(f"'{key}={rec.txt[key]}'")
-    return f'{rec.host} {rec.address} {rec.port} ' + ' '.join(fields)
+    return f"{rec.host} {rec.address} {rec.port} " + " ".join(fields)
 
 
 def unique_records(records):
@@ -1312,7 +1344,7 @@ def browse(timeout=DISCOVERY_TIMEOUT, domains=()):
     deadline = time.monotonic() + timeout
     wide = WideAreaBrowse(domains, timeout) if domains else None
     records, how = browse_avahi(timeout), "avahi"
-    if records is None:               # no avahi daemon here
+    if records is None:  # no avahi daemon here
         records = browse_mdns(max(0.1, deadline - time.monotonic()))
         how = "multicast DNS; no avahi daemon answered"
     if wide:
@@ -1393,51 +1425,7 @@ class WideAreaBrowse:
 
 # --- avahi -----------------------------------------------------------------
 
-class ToolResult(collections.namedtuple("ToolResult",
-                                        "argv returncode stdout stderr timed_out")):
-    """What an external program did: exit status (None if we stopped it)."""
-
-    def error(self):
-        """One line for an error message: the program and its last words."""
-        last = self.stderr.strip().splitlines()[-1:] or ['no message']
-        return f'{os.path.basename(self.argv[0])}: {last[0]}'
-
-
-def run_tool_until(argv, timeout, done=None):
-    """Run argv, collecting output until it exits or `timeout` passes.
-
-    On the deadline the program gets SIGTERM (avahi-browse then flushes
-    what it has) and we keep what it printed so far.  done(stdout_so_far)
-    may end the wait early.  stderr is kept for error messages.
-    """
-    import subprocess  # here, as in run_tool
-    if shutil.which(argv[0]) is None:
-        return ToolResult(argv, 127, '', f'{argv[0]}: not installed', False)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err, eof = _collect(proc, time.monotonic() + timeout, done)
-    if eof:                   # output closed: the exit follows at once
-        try:
-            proc.wait(1.0)
-        except subprocess.TimeoutExpired:
-            pass
-    timed_out = proc.poll() is None
-    if timed_out:
-        proc.send_signal(signal.SIGTERM)
-        more_out, more_err, _ = _collect(proc, time.monotonic() + 0.2, None)
-        out += more_out
-        err += more_err
-        if proc.poll() is None:
-            proc.kill()
-    proc.wait()
-    for stream in (proc.stdout, proc.stderr):
-        stream.close()
-    return ToolResult(argv, None if timed_out else proc.returncode,
-                      out.decode('utf-8', 'replace'),
-                      err.decode('utf-8', 'replace'), timed_out)
-
-
-def _collect(proc, deadline, done):
+def collect_output(proc, deadline, done):
     """Read stdout and stderr of proc until EOF on both, the deadline or
     done(stdout); returns (stdout, stderr, reached EOF)."""
     chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
@@ -1461,8 +1449,8 @@ def _collect(proc, deadline, done):
             not open_streams)
 
 
-AVAHI_NO_DAEMON = ('Daemon not running', 'Failed to create client object',
-                   'not installed')
+AVAHI_NO_DAEMON = ("Daemon not running", "Failed to create client object",
+                   "not installed")
 
 
 def browse_avahi(timeout=DISCOVERY_TIMEOUT, settle=0.5):
@@ -1472,24 +1460,24 @@ def browse_avahi(timeout=DISCOVERY_TIMEOUT, settle=0.5):
     "all for now"), so we stop as soon as every instance announced ('+')
     is resolved ('=') and `settle` seconds have passed, or at `timeout`.
     """
-    argv = ['avahi-browse', '--parsable', '--resolve', '--terminate',
-            '--no-db-lookup', SERVICE_TYPE]
+    argv = ["avahi-browse", "--parsable", "--resolve", "--terminate",
+            "--no-db-lookup", SERVICE_TYPE]
     start = time.monotonic()
 
     def complete(out):
         if time.monotonic() - start < min(settle, timeout):
             return False
-        lines = out.decode('utf-8', 'replace').splitlines()
-        added = {tuple(l.split(';')[1:6]) for l in lines if l.startswith('+;')}
-        resolved = {tuple(l.split(';')[1:6]) for l in lines if l.startswith('=;')}
+        lines = out.decode("utf-8", "replace").splitlines()
+        added = {tuple(l.split(";")[1:6]) for l in lines if l.startswith("+;")}
+        resolved = {tuple(l.split(";")[1:6]) for l in lines if l.startswith("=;")}
         return bool(added) and added <= resolved
 
-    result = run_tool_until(argv, timeout, done=complete)
+    result = run_tool(argv, timeout=timeout, done=complete)
     if result.returncode not in (0, None) and not result.stdout:
-        if any(m in result.stderr for m in AVAHI_NO_DAEMON):
+        if any(m in result.stderr.decode(errors="replace") for m in AVAHI_NO_DAEMON):
             return None
         raise DiscoveryError(result.error())
-    return parse_avahi_browse(result.stdout)
+    return parse_avahi_browse(result.stdout.decode("utf-8", "replace"))
 
 
 def parse_avahi_browse(text):
@@ -1499,20 +1487,20 @@ def parse_avahi_browse(text):
     """
     records = []
     for line in text.splitlines():
-        fields = line.split(';', 9)
-        if len(fields) < 9 or fields[0] != '=':
+        fields = line.split(";", 9)
+        if len(fields) < 9 or fields[0] != "=":
             continue
         iface, proto, name, _type, _domain, host, address, port = fields[1:9]
         # A link-local address needs its scope.  (proto is the transport the
         # record came over: an IPv6 address can arrive over IPv4.)
-        if address.lower().startswith('fe80:') and '%' not in address:
-            address = f'{address}%{iface}'
-        txt = txt_dict(parse_avahi_txt(fields[9] if len(fields) > 9 else ''))
+        if address.lower().startswith("fe80:") and "%" not in address:
+            address = f"{address}%{iface}"
+        txt = txt_dict(parse_avahi_txt(fields[9] if len(fields) > 9 else ""))
         try:
             records.append(record_from_txt(unescape_avahi_label(name), host,
                                            address, port, txt))
         except ValueError:
-            continue                           # a malformed port: skip it
+            continue  # a malformed port: skip it
     return records
 
 
@@ -1520,19 +1508,19 @@ def unescape_avahi_label(label):
     r"""'Systemtap\032Compile' -> 'Systemtap Compile'; also \. and \\."""
     out = bytearray()
     i = 0
-    raw = label.encode('utf-8')
+    raw = label.encode("utf-8")
     while i < len(raw):
-        if raw[i:i + 1] == b'\\' and raw[i + 1:i + 4].isdigit() \
+        if raw[i:i + 1] == b"\\" and raw[i + 1:i + 4].isdigit() \
                 and len(raw[i + 1:i + 4]) == 3:
             out.append(int(raw[i + 1:i + 4]) & 0xff)
             i += 4
-        elif raw[i:i + 1] == b'\\' and i + 1 < len(raw):
+        elif raw[i:i + 1] == b"\\" and i + 1 < len(raw):
             out += raw[i + 1:i + 2]
             i += 2
         else:
             out += raw[i:i + 1]
             i += 1
-    return out.decode('utf-8', 'replace')
+    return out.decode("utf-8", "replace")
 
 
 _TXT_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"')
@@ -1540,13 +1528,13 @@ _TXT_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 def parse_avahi_txt(field):
     """'"a=1" "b=x y"' -> ['a=1', 'b=x y'] (avahi quotes each string)."""
-    return [re.sub(r'\\(.)', r'\1', m.group(1))
+    return [re.sub(r"\\(.)", r"\1", m.group(1))
             for m in _TXT_ITEM.finditer(field)]
 
 
 # --- multicast DNS (no avahi) ------------------------------------------------
 
-IP_PKTINFO = getattr(socket, 'IP_PKTINFO', 8)   # Python < 3.13 lacks it (Linux: 8)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python < 3.13 lacks it (Linux: 8)
 SIOCGIFFLAGS = 0x8913
 SIOCGIFADDR = 0x8915
 IFF_UP = 0x1
@@ -1566,13 +1554,13 @@ def ipv4_interfaces():
     result = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for index, name in socket.if_nameindex():
-            ifreq = struct.pack('16s24x', name.encode()[:15])
+            ifreq = struct.pack("16s24x", name.encode()[:15])
             try:
                 flags = struct.unpack_from(
-                    'H', fcntl.ioctl(s, SIOCGIFFLAGS, ifreq), 16)[0]
+                    "H", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq), 16)[0]
                 addr = fcntl.ioctl(s, SIOCGIFADDR, ifreq)[20:24]
             except OSError:
-                continue                      # no IPv4 address
+                continue  # no IPv4 address
             if flags & IFF_UP and flags & IFF_MULTICAST:
                 result.append(Interface(name, index, socket.inet_ntoa(addr),
                                         bool(flags & IFF_LOOPBACK)))
@@ -1593,15 +1581,15 @@ def require_dnspython():
             import dns.rdatatype
             import dns.rrset
         except ImportError:
-            raise DiscoveryError('multicast DNS needs dnspython (Debian: '
-                                 'python3-dnspython), and no avahi daemon runs') from None
+            raise DiscoveryError("multicast DNS needs dnspython (Debian: "
+                                 "python3-dnspython), and no avahi daemon runs") from None
     return dns
 
 
 def service_name():
     """'_stap._tcp.local.' as a dnspython name."""
     require_dnspython()
-    return dns.name.from_text(f'{SERVICE_TYPE}.{MDNS_DOMAIN}.')
+    return dns.name.from_text(f"{SERVICE_TYPE}.{MDNS_DOMAIN}.")
 
 
 def normalize_mdns_wire(wire):
@@ -1612,27 +1600,27 @@ def normalize_mdns_wire(wire):
     A and SRV data.  Returns (plain DNS wire, [QU flag per question]).
     """
     data = bytearray(wire)
-    qdcount, ancount, nscount, arcount = struct.unpack_from('!4H', data, 4)
+    qdcount, ancount, nscount, arcount = struct.unpack_from("!4H", data, 4)
     pos = 12
     unicast = []
     for _ in range(qdcount):
-        pos = _skip_name(data, pos)
+        pos = skip_dns_name(data, pos)
         unicast.append(bool(data[pos + 2] & 0x80))
         data[pos + 2] &= 0x7f
         pos += 4
     for _ in range(ancount + nscount + arcount):
-        pos = _skip_name(data, pos)
-        rrtype = struct.unpack_from('!H', data, pos)[0]
-        if rrtype != dns.rdatatype.OPT:        # OPT's class is a size
+        pos = skip_dns_name(data, pos)
+        rrtype = struct.unpack_from("!H", data, pos)[0]
+        if rrtype != dns.rdatatype.OPT:  # OPT's class is a size
             data[pos + 2] &= 0x7f
-        rdlength = struct.unpack_from('!H', data, pos + 8)[0]
+        rdlength = struct.unpack_from("!H", data, pos + 8)[0]
         pos += 10 + rdlength
     if pos > len(data):
-        raise ValueError('truncated DNS message')
+        raise ValueError("truncated DNS message")
     return bytes(data), unicast
 
 
-def _skip_name(data, pos):
+def skip_dns_name(data, pos):
     """Offset just past a (possibly compressed) DNS name at pos."""
     while True:
         length = data[pos]
@@ -1649,84 +1637,91 @@ def parse_mdns(wire):
     try:
         plain, unicast = normalize_mdns_wire(wire)
         return dns.message.from_wire(plain, ignore_trailing=True), unicast
-    except Exception:                         # noqa: BLE001 - any bad packet
+    except Exception:  # noqa: BLE001 - any bad packet
         return None, []
 
 
 class MdnsAnswers:
-    """What the responses said so far: PTR, SRV, TXT, A and AAAA data."""
+    """What the responses said so far: for each instance (named by a PTR
+    or by its own records) an InstanceData, and each host's addresses."""
 
     def __init__(self):
-        self.instances = {}   # instance dns.name -> True (from PTR)
-        self.srv = {}         # instance -> (target name, port)
-        self.txt = {}         # instance -> dict
-        self.addresses = {}   # host name -> [addresses]
-        self.sources = {}     # instance -> source IP of a response naming it
+        self.instances = {}  # instance dns.name -> InstanceData
+        self.addresses = {}  # host dns.name -> [addresses]
 
-    def add(self, message, source_ip, iface=''):
+    def add(self, message, source_ip, iface=""):
         stype = service_name()
         for rrset in message.answer + message.additional:
             for rdata in rrset:
-                self._add_one(rrset.name, rrset.rdtype, rrset.ttl, rdata,
-                              stype, source_ip, iface)
+                self.add_record(rrset.name, rrset.rdtype, rrset.ttl, rdata,
+                                stype, source_ip, iface)
 
-    def _add_one(self, owner, rdtype, ttl, rdata, stype, source_ip, iface):
+    def add_record(self, owner, rdtype, ttl, rdata, stype, source_ip, iface):
         if rdtype == dns.rdatatype.PTR and owner == stype:
-            if ttl == 0:                      # goodbye: the server has gone
-                self.instances.pop(rdata.target, None)
+            data = self.instances.setdefault(rdata.target, InstanceData(source_ip))
+            data.advertised = ttl != 0  # TTL 0: a goodbye, the server has gone
+        elif rdtype in (dns.rdatatype.SRV, dns.rdatatype.TXT):
+            data = self.instances.setdefault(owner, InstanceData(source_ip))
+            if rdtype == dns.rdatatype.SRV:
+                data.srv = (rdata.target, rdata.port)
             else:
-                self.instances[rdata.target] = True
-                self.sources.setdefault(rdata.target, source_ip)
-        elif rdtype == dns.rdatatype.SRV:
-            self.srv[owner] = (rdata.target, rdata.port)
-            self.sources.setdefault(owner, source_ip)
-        elif rdtype == dns.rdatatype.TXT:
-            self.txt[owner] = txt_dict(s for s in rdata.strings)
+                data.txt = txt_dict(rdata.strings)
         elif rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             known = self.addresses.setdefault(owner, [])
             address = rdata.address
-            if address.lower().startswith('fe80:') and iface:
-                address = f'{address}%{iface}'   # link-local needs its scope
+            if address.lower().startswith("fe80:") and iface:
+                address = f"{address}%{iface}"  # link-local needs its scope
             if address not in known:
                 known.append(address)
+
+    def advertised(self):
+        return [(name, data) for name, data in self.instances.items() if data.advertised]
 
     def missing(self):
         """Questions still to ask: (name, type) pairs."""
         wanted = []
-        for inst in self.instances:
-            if inst not in self.srv:
-                wanted.append((inst, dns.rdatatype.SRV))
-            if inst not in self.txt:
-                wanted.append((inst, dns.rdatatype.TXT))
-            if inst in self.srv and self.srv[inst][0] not in self.addresses:
-                wanted.append((self.srv[inst][0], dns.rdatatype.A))
+        for name, data in self.advertised():
+            if data.srv is None:
+                wanted.append((name, dns.rdatatype.SRV))
+            elif data.srv[0] not in self.addresses:
+                wanted.append((data.srv[0], dns.rdatatype.A))
+            if data.txt is None:
+                wanted.append((name, dns.rdatatype.TXT))
         return wanted
 
     def records(self):
         result = []
-        for inst in self.instances:
-            if inst not in self.srv:
+        for name, data in self.advertised():
+            if data.srv is None:
                 continue
-            target, port = self.srv[inst]
-            addresses = self.addresses.get(target) or [self.sources[inst]]
-            name = instance_label(inst)
-            for address in addresses:
-                result.append(record_from_txt(
-                    name, target.to_text(omit_final_dot=True), address, port,
-                    self.txt.get(inst, {})))
+            target, port = data.srv
+            for address in self.addresses.get(target) or [data.source]:
+                result.append(record_from_txt(instance_label(name),
+                                              target.to_text(omit_final_dot=True), address,
+                                              port, data.txt or {}))
         return result
+
+
+class InstanceData:
+    """One instance's SRV (target, port), TXT dict, whether a PTR currently
+    advertises it, and the address the first response about it came from."""
+
+    def __init__(self, source):
+        self.srv = self.txt = None
+        self.advertised = False
+        self.source = source
 
 
 def instance_label(fqdn):
     """'Systemtap Compile Server on a._stap._tcp.local.' -> the first label."""
-    return fqdn.labels[0].decode('utf-8', 'replace')
+    return fqdn.labels[0].decode("utf-8", "replace")
 
 
 def mdns_query(questions, query_id=0):
     """Wire bytes of a multicast DNS query for (name, type) pairs."""
     require_dnspython()
     msg = dns.message.Message(id=query_id)
-    msg.flags = 0                             # no RD: mDNS queries
+    msg.flags = 0  # no RD: mDNS queries
     for name, rdtype in questions:
         msg.find_rrset(msg.question, name, dns.rdataclass.IN, rdtype,
                        create=True)
@@ -1748,9 +1743,9 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
     start = time.monotonic()
     deadline = start + timeout
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(('0.0.0.0', 0))
+        sock.bind(("0.0.0.0", 0))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
-        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)   # arrival iface
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)  # arrival iface
         send_to_group(sock, interfaces, mdns_query([(service_name(),
                                                  dns.rdatatype.PTR)]))
         asked = set()
@@ -1760,9 +1755,9 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
             if wanted:
                 asked.update(wanted)
                 send_to_group(sock, interfaces, mdns_query(wanted))
-            if (now - start >= min(settle, timeout) and answers.instances
+            if (now - start >= min(settle, timeout) and answers.advertised()
                     and not answers.missing() and now - last_news > 0.1):
-                break                          # everything known and quiet
+                break  # everything known and quiet
             readable, _, _ = select.select([sock], [], [],
                                            min(0.05, deadline - now))
             if readable:
@@ -1771,7 +1766,7 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
                 message, _ = parse_mdns(wire)
                 if message is not None and message.flags & dns.flags.QR:
                     answers.add(message, source_ip,
-                                _interface_name(pktinfo_ifindex(ancdata)))
+                                interface_name(pktinfo_ifindex(ancdata)))
                     last_news = time.monotonic()
     return answers.records()
 
@@ -1780,15 +1775,15 @@ def pktinfo_ifindex(ancdata):
     """The receiving interface index from an IP_PKTINFO control message."""
     for level, kind, data in ancdata:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
-            return struct.unpack_from('i', data)[0]
+            return struct.unpack_from("i", data)[0]
     return 0
 
 
-def _interface_name(ifindex):
+def interface_name(ifindex):
     try:
-        return socket.if_indextoname(ifindex) if ifindex else ''
+        return socket.if_indextoname(ifindex) if ifindex else ""
     except OSError:
-        return ''
+        return ""
 
 
 def send_to_group(sock, interfaces, wire):
@@ -1799,7 +1794,7 @@ def send_to_group(sock, interfaces, wire):
         try:
             sock.sendto(wire, (MDNS_GROUP, MDNS_PORT))
         except OSError:
-            continue          # e.g. an interface going down meanwhile
+            continue  # e.g. an interface going down meanwhile
 
 
 # --------------------------------------------------------------------------
@@ -1855,7 +1850,7 @@ def stap_client(argv):
         return 0
     finally:
         if inv.keep:
-            print(f"Keeping temporary directory \"{tmp}\"", file=sys.stderr)
+            print(f'Keeping temporary directory "{tmp}"', file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -46,6 +46,7 @@ import zipfile
 
 try:  # the built-in multicast DNS responder needs dnspython
     import dns.flags
+    import dns.message
     import dns.name
     import dns.rdata
     import dns.rdataclass
@@ -1846,22 +1847,22 @@ def stap_version():
 # Advertising on the local network (DNS-SD)
 # --------------------------------------------------------------------------
 
-INSTANCE_PREFIX = 'Systemtap Compile Server on '
-PUBLISH_TIMEOUT = 10.0         # avahi probes names for ~1 s; allow slack
-MDNS_TTL = 120                 # short: a crashed server vanishes in 2 min
-PROBE_WAIT = 0.3               # how long a name probe waits for an owner
+INSTANCE_PREFIX = "Systemtap Compile Server on "
+PUBLISH_TIMEOUT = 10.0  # avahi probes names for ~1 s; allow slack
+MDNS_TTL = 120  # short: a crashed server vanishes in 2 min
+PROBE_WAIT = 0.3  # how long a name probe waits for an owner
 
 
 def short_hostname(host=None):
-    return (host or socket.gethostname()).split('.')[0]
+    return (host or socket.gethostname()).split(".")[0]
 
 
 def alternative_name(name):
     """Next name after a collision: 'X' -> 'X #2', 'X #2' -> 'X #3'."""
-    match = re.fullmatch(r'(.*) #(\d+)', name)
+    match = re.fullmatch(r"(.*) #(\d+)", name)
     if match:
-        return f'{match.group(1)} #{int(match.group(2)) + 1}'
-    return f'{name} #2'
+        return f"{match.group(1)} #{int(match.group(2)) + 1}"
+    return f"{name} #2"
 
 
 def instance_names(host, count):
@@ -1873,11 +1874,11 @@ def instance_names(host, count):
     return names
 
 
-def txt_strings(sysinfo, version, certinfo, optinfo='', load=()):
+def txt_strings(sysinfo, version, certinfo, optinfo="", load=()):
     """The TXT strings of one instance, as real systemtap clients read them,
     then our load hint (real clients ignore keys they do not know)."""
-    return [f'sysinfo={sysinfo}', f'version={version}',
-            f'certinfo={certinfo}', f'optinfo={optinfo}'] + list(load)
+    return [f"sysinfo={sysinfo}", f"version={version}",
+            f"certinfo={certinfo}", f"optinfo={optinfo}"] + list(load)
 
 
 def txt_rdata_text(strings):
@@ -1893,20 +1894,20 @@ class Advertiser:
     Without one: a built-in multicast DNS responder thread.
     """
 
-    def __init__(self, port, sysinfos, version, certinfo, optinfo='',
+    def __init__(self, port, sysinfos, version, certinfo, optinfo="",
                  host=None, listen=None):
         self.port = int(port)
-        self.listen = listen      # the server's listen address, if not all
+        self.listen = listen  # the server's listen address, if not all
         self.sysinfos = list(sysinfos)
         self.version = str(version)
         self.certinfo = certinfo
         self.optinfo = optinfo
         self.host = short_hostname(host)
-        self.names = []           # instance names actually registered
-        self.mode = None          # 'avahi' or 'mdns' once started
-        self.load = []            # the load hint's TXT strings
-        self._publishers = []     # avahi-publish-service children
-        self._responder = None
+        self.names = []  # instance names actually registered
+        self.mode = None  # 'avahi' or 'mdns' once started
+        self.load = []  # the load hint's TXT strings
+        self.publishers = []  # avahi-publish-service children
+        self.responder = None
 
     def wanted_names(self):
         return instance_names(self.host, len(self.sysinfos))
@@ -1917,40 +1918,33 @@ class Advertiser:
         Raises DiscoveryError on failure."""
         if self.mode:
             return self.mode
-        if how != "mdns" and self._start_avahi():
-            self.mode = 'avahi'
+        if how != "mdns" and self.start_avahi():
+            self.mode = "avahi"
         elif how == "avahi":
             raise DiscoveryError("no avahi daemon answers (--advertise=avahi)")
         else:
             require_dnspython()
-            self._responder = MdnsResponder(self)
-            self._responder.start_serving()
-            self.names = self._responder.names
-            self.mode = 'mdns'
+            self.responder = MdnsResponder(self)
+            self.responder.start_serving()
+            self.names = self.responder.names
+            self.mode = "mdns"
         return self.mode
 
     def stop(self):
         """Withdraw every instance (avahi: end the children; mDNS: goodbye)."""
-        for pub in self._publishers:
+        for pub in self.publishers:
             pub.stop()
-        self._publishers = []
-        if self._responder:
-            self._responder.stop()
-            self._responder = None
+        self.publishers = []
+        if self.responder:
+            self.responder.stop()
+            self.responder = None
         self.mode = None
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
     # --- avahi ---
 
-    def _start_avahi(self):
+    def start_avahi(self):
         """True when avahi published every instance, False if no daemon."""
-        if shutil.which('avahi-publish-service') is None:
+        if shutil.which("avahi-publish-service") is None:
             return False
         # Start every instance at once: avahi probes each name for ~1 s.
         txts = [txt_strings(sysinfo, self.version, self.certinfo,
@@ -1959,21 +1953,21 @@ class Advertiser:
                 for name, txt in zip(self.wanted_names(), txts)]
         try:
             for i, txt in enumerate(txts):
-                pubs[i] = self._established(pubs[i], txt)
+                pubs[i] = self.established(pubs[i], txt)
         except DiscoveryError:
             for pub in pubs:
                 pub.stop()
             raise
-        if None in pubs:              # no daemon: fall back to our responder
+        if None in pubs:  # no daemon: fall back to our responder
             for pub in pubs:
                 if pub is not None:
                     pub.stop()
             return False
-        self._publishers = pubs
+        self.publishers = pubs
         self.names = [pub.name for pub in pubs]
         return True
 
-    def _established(self, pub, txt, attempts=20):
+    def established(self, pub, txt, attempts=20):
         """pub once registered, renamed with the next ' #N' while its name
         is taken on this host; None when no avahi daemon answers.
 
@@ -1985,20 +1979,20 @@ class Advertiser:
             try:
                 return pub if pub.wait_established(PUBLISH_TIMEOUT) else None
             except DiscoveryError as err:
-                if 'name collision' not in str(err).lower():
+                if "name collision" not in str(err).lower():
                     raise
                 pub = AvahiPublisher(alternative_name(pub.name), self.port,
                                      txt)
         pub.stop()
-        raise DiscoveryError(f'avahi-publish-service: no free name after '
-                             f'{attempts} attempts (last: {pub.name!r})')
+        raise DiscoveryError(f"avahi-publish-service: no free name after "
+                             f"{attempts} attempts (last: {pub.name!r})")
 
 
 def ipv6_addresses(ifname):
     """The IPv6 addresses of an interface, from /proc/net/if_inet6."""
     addresses = []
     try:
-        with open('/proc/net/if_inet6') as f:
+        with open("/proc/net/if_inet6") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) == 6 and fields[5] == ifname:
@@ -2013,7 +2007,7 @@ def reachable_interfaces(listen):
     every one for a wildcard address, else the one holding the address (for
     loopback, lo alone: a loopback server is never announced to the network)."""
     interfaces = ipv4_interfaces()
-    if listen in (None, '', '::', '0.0.0.0'):
+    if listen in (None, "", "::", "0.0.0.0"):
         return interfaces
     if ipaddress.ip_address(listen).is_loopback:
         return [i for i in interfaces if i.loopback]
@@ -2025,46 +2019,46 @@ class AvahiPublisher:
 
     def __init__(self, name, port, txt):
         self.name = name
-        self.argv = ['avahi-publish-service', '--service', name, SERVICE_TYPE,
+        self.argv = ["avahi-publish-service", "--service", name, SERVICE_TYPE,
                      str(port)] + list(txt)
         self.stderr_lines = []
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
-        self._established = threading.Event()
-        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
-        self._reader.start()
+        self.established = threading.Event()
+        self.reader = threading.Thread(target=self.read_stderr, daemon=True)
+        self.reader.start()
 
-    def _read_stderr(self):
+    def read_stderr(self):
         # avahi-publish reports on stderr: "Established under name 'X'",
         # "Service name collision, renaming service to 'X #2'" (it then
         # re-registers by itself) or a failure.  Keep draining it so the
         # child never blocks on a full pipe.
         for line in self.proc.stderr:
-            line = line.rstrip('\n')
+            line = line.rstrip("\n")
             self.stderr_lines = (self.stderr_lines + [line])[-20:]
             match = re.match(r"Established under name '(.*)'", line)
             if match:
                 self.name = match.group(1)
-                self._established.set()
+                self.established.set()
 
     def wait_established(self, timeout):
         """True once registered; False when no avahi daemon answers."""
         deadline = time.monotonic() + timeout
-        while not self._established.wait(0.02):
+        while not self.established.wait(0.02):
             if self.proc.poll() is not None:
-                self._reader.join(1)
-                text = '\n'.join(self.stderr_lines)
+                self.reader.join(1)
+                text = "\n".join(self.stderr_lines)
                 if any(m in text for m in AVAHI_NO_DAEMON):
                     return False
                 raise DiscoveryError(f'avahi-publish-service: '
                                      f'{self.stderr_lines[-1:] or "failed"}')
             if time.monotonic() > deadline:
                 self.stop()
-                raise DiscoveryError(f'avahi-publish-service: no registration '
-                                     f'after {timeout:.0f} s: '
-                                     f'{self.stderr_lines[-1:]}')
+                raise DiscoveryError(f"avahi-publish-service: no registration "
+                                     f"after {timeout:.0f} s: "
+                                     f"{self.stderr_lines[-1:]}")
         return True
 
     def stop(self):
@@ -2075,7 +2069,7 @@ class AvahiPublisher:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._reader.join(1)
+        self.reader.join(1)
         self.proc.stderr.close()
 
 
@@ -2090,37 +2084,37 @@ class MdnsResponder:
 
     def __init__(self, advertiser):
         self.adv = advertiser
-        self.hostname = dns.name.from_text(f'{advertiser.host}.{MDNS_DOMAIN}.')
+        self.hostname = dns.name.from_text(f"{advertiser.host}.{MDNS_DOMAIN}.")
         self.names = []
         self.interfaces = []
         self.sock = None
-        self._stop = threading.Event()
-        self._thread = None
+        self.stopping = threading.Event()
+        self.thread = None
 
     # --- life cycle ---
 
     def start_serving(self):
         self.interfaces = reachable_interfaces(self.adv.listen)
         if not self.interfaces:
-            raise DiscoveryError('no multicast-capable IPv4 interface to '
-                                 'advertise on')
-        self.names = self._claim_names(self.adv.wanted_names())
-        self.sock = self._open_socket()
-        self._thread = threading.Thread(target=self._serve, daemon=True,
-                                        name='mdns-responder')
-        self._thread.start()
-        self._announce(MDNS_TTL)
+            raise DiscoveryError("no multicast-capable IPv4 interface to "
+                                 "advertise on")
+        self.names = self.claim_names(self.adv.wanted_names())
+        self.sock = self.open_socket()
+        self.thread = threading.Thread(target=self.serve, daemon=True,
+                                        name="mdns-responder")
+        self.thread.start()
+        self.announce(MDNS_TTL)
 
     def stop(self):
-        if self._thread is None:
+        if self.thread is None:
             return
-        self._stop.set()
-        self._thread.join(2)
-        self._announce(0)                      # goodbye: TTL 0 (RFC 6762 10.1)
+        self.stopping.set()
+        self.thread.join(2)
+        self.announce(0)  # goodbye: TTL 0 (RFC 6762 10.1)
         self.sock.close()
-        self._thread = None
+        self.thread = None
 
-    def _open_socket(self):
+    def open_socket(self):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -2129,35 +2123,35 @@ class MdnsResponder:
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
         # Multicast reaches only a socket bound to the wildcard (or the group)
         # address; the tests run this only inside network namespaces.
-        sock.bind(('0.0.0.0', MDNS_PORT))
+        sock.bind(("0.0.0.0", MDNS_PORT))
         for iface in self.interfaces:
-            mreqn = struct.pack('4s4si', socket.inet_aton(MDNS_GROUP),
-                                socket.inet_aton('0.0.0.0'), iface.index)
+            mreqn = struct.pack("4s4si", socket.inet_aton(MDNS_GROUP),
+                                socket.inet_aton("0.0.0.0"), iface.index)
             try:
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
                                 mreqn)
             except OSError:
-                pass                           # already joined (shared group)
+                pass  # already joined (shared group)
         return sock
 
     # --- names ---
 
-    def _claim_names(self, names):
+    def claim_names(self, names):
         """Probe each name (RFC 6762 8.1, simplified): if somebody answers
         for it, take the next alternative, so servers on one host differ."""
         claimed = []
         for name in names:
-            while name in claimed or self._name_taken(name):
+            while name in claimed or self.name_taken(name):
                 name = alternative_name(name)
             claimed.append(name)
         return claimed
 
-    def _name_taken(self, name):
+    def name_taken(self, name):
         fqdn = self.instance_fqdn(name)
         wire = mdns_query([(fqdn, dns.rdatatype.SRV)])
         deadline = time.monotonic() + PROBE_WAIT
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind(('0.0.0.0', 0))
+            sock.bind(("0.0.0.0", 0))
             send_to_group(sock, self.interfaces, wire)
             while (left := deadline - time.monotonic()) > 0:
                 if not select.select([sock], [], [], left)[0]:
@@ -2170,13 +2164,13 @@ class MdnsResponder:
         return False
 
     def instance_fqdn(self, name):
-        return dns.name.Name([name.encode('utf-8')]).concatenate(service_name())
+        return dns.name.Name([name.encode("utf-8")]).concatenate(service_name())
 
     # --- records ---
 
     def records(self, ttl, iface):
         """All our records: {(owner, type): rrset}; A data is `address`."""
-        meta = dns.name.from_text(f'_services._dns-sd._udp.{MDNS_DOMAIN}.')
+        meta = dns.name.from_text(f"_services._dns-sd._udp.{MDNS_DOMAIN}.")
         stype = service_name()
         out = {}
 
@@ -2191,12 +2185,12 @@ class MdnsResponder:
             fqdn = self.instance_fqdn(name)
             add(stype, dns.rdatatype.PTR, fqdn.to_text())
             add(fqdn, dns.rdatatype.SRV,
-                f'0 0 {self.adv.port} {self.hostname.to_text()}')
+                f"0 0 {self.adv.port} {self.hostname.to_text()}")
             txt = txt_strings(sysinfo, self.adv.version, self.adv.certinfo,
                               self.adv.optinfo, self.adv.load)
             add(fqdn, dns.rdatatype.TXT, txt_rdata_text(txt))
         add(self.hostname, dns.rdatatype.A, iface.address)
-        if self.adv.listen in (None, '', '::'):  # reachable over IPv6 too
+        if self.adv.listen in (None, "", "::"):  # reachable over IPv6 too
             for address in ipv6_addresses(iface.name):
                 add(self.hostname, dns.rdatatype.AAAA, address)
         return out
@@ -2207,14 +2201,14 @@ class MdnsResponder:
                                        (self.hostname, dns.rdatatype.AAAA))
                 if key in table]
 
-    def answer(self, question_name, qtype, ttl, iface):
-        """(answers, additionals) rrset lists for one question."""
-        table = self.records(ttl, iface)
+    def answer(self, question_name, qtype, table):
+        """(answers, additionals) rrset lists for one question, from the
+        record table of this packet's interface and TTL."""
         answers = [rr for (owner, rdtype), rr in table.items()
                    if owner == question_name
                    and qtype in (rdtype, dns.rdatatype.ANY)]
         additional = []
-        for rr in answers:                     # RFC 6763 12: help the asker
+        for rr in answers:  # RFC 6763 12: help the asker
             if rr.rdtype == dns.rdatatype.PTR:
                 for rd in rr:
                     additional += [table[k] for k in table
@@ -2227,8 +2221,8 @@ class MdnsResponder:
 
     # --- serving ---
 
-    def _serve(self):
-        while not self._stop.is_set():
+    def serve(self):
+        while not self.stopping.is_set():
             if not select.select([self.sock], [], [], 0.2)[0]:
                 continue
             try:
@@ -2238,25 +2232,26 @@ class MdnsResponder:
                 continue
             ifindex = pktinfo_ifindex(ancdata)
             try:
-                self._handle(wire, source, ifindex)
-            except Exception:                  # noqa: BLE001 - keep serving
+                self.handle_packet(wire, source, ifindex)
+            except Exception:  # noqa: BLE001 - keep serving
                 continue
 
-    def _handle(self, wire, source, ifindex):
+    def handle_packet(self, wire, source, ifindex):
         message, unicast_flags = parse_mdns(wire)
         if message is None:
-            return                             # garbage
+            return  # garbage
         if message.flags & dns.flags.QR:
-            self._resolve_conflicts(message)   # another responder's answer
+            self.resolve_conflicts(message)  # another responder's answer
             return
-        iface = self._interface(ifindex)
+        iface = self.interface_of(ifindex)
         if iface is None:
             return
-        legacy = source[1] != MDNS_PORT        # a one-shot query (6.7)
+        legacy = source[1] != MDNS_PORT  # a one-shot query (6.7)
         ttl = min(MDNS_TTL, 10) if legacy else MDNS_TTL
         answers, additional = [], []
+        table = self.records(ttl, iface)
         for question in message.question:
-            ans, add = self.answer(question.name, question.rdtype, ttl, iface)
+            ans, add = self.answer(question.name, question.rdtype, table)
             answers += [a for a in ans if a not in answers]
             additional += [a for a in add if a not in additional]
         if not answers:
@@ -2269,11 +2264,11 @@ class MdnsResponder:
         reply.answer = answers
         reply.additional = additional
         if legacy or any(unicast_flags):
-            self._send(reply.to_wire(), source, iface)
+            self.send_packet(reply.to_wire(), source, iface)
         else:
-            self._send(reply.to_wire(), (MDNS_GROUP, MDNS_PORT), iface)
+            self.send_packet(reply.to_wire(), (MDNS_GROUP, MDNS_PORT), iface)
 
-    def _resolve_conflicts(self, message):
+    def resolve_conflicts(self, message):
         """Two servers that probed at the same moment can claim one name
         (RFC 6762 9): when another announces our instance with another port,
         the one with the higher port takes the next free name, and the other
@@ -2293,23 +2288,23 @@ class MdnsResponder:
                     self.names[i] = renamed
                     logging.info("instance name %r is taken by the server on port %d; now %r",
                                  name, min(ports), renamed)
-                self._announce(MDNS_TTL)
+                self.announce(MDNS_TTL)
 
-    def _interface(self, ifindex):
+    def interface_of(self, ifindex):
         for iface in self.interfaces:
             if iface.index == ifindex:
                 return iface
         return self.interfaces[0] if self.interfaces and not ifindex else None
 
-    def _send(self, wire, dest, iface):
+    def send_packet(self, wire, dest, iface):
         try:
             self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
                                  socket.inet_aton(iface.address))
             self.sock.sendto(wire, dest)
         except OSError:
-            pass                               # best effort, like any mDNS
+            pass  # best effort, like any mDNS
 
-    def _announce(self, ttl):
+    def announce(self, ttl):
         """Unsolicited response with all records on every interface: an
         announcement (ttl > 0) at start, a goodbye (ttl 0) at stop."""
         stype = service_name()
@@ -2320,9 +2315,9 @@ class MdnsResponder:
             msg.answer = [rr for (owner, _t), rr in table.items()
                           if owner == stype or owner in
                           [self.instance_fqdn(n) for n in self.names]]
-            if ttl:       # the host name may still serve other servers
+            if ttl:  # the host name may still serve other servers
                 msg.additional = self.host_records(table)
-            self._send(msg.to_wire(), (MDNS_GROUP, MDNS_PORT), iface)
+            self.send_packet(msg.to_wire(), (MDNS_GROUP, MDNS_PORT), iface)
 
 
 # --------------------------------------------------------------------------
