@@ -952,6 +952,10 @@ def hide_paths(data, paths):
     return data
 
 
+# --------------------------------------------------------------------------
+# The reply: what the client sees, signed in this process
+# --------------------------------------------------------------------------
+
 def reply_for_client(compiled, req, key, version):
     """The reply to a compile: the module path line becomes the module's
     name (or goes, when the client asked for pass 5), the server's notices
@@ -982,7 +986,7 @@ def reply_entries(reply):
     return entries
 
 
-# --- signing in this process: the key stays in the NSS database ------------
+# Signing: NSS signs with the server key where its database keeps it.
 
 class SECItem(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("data", ctypes.POINTER(ctypes.c_ubyte)),
