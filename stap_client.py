@@ -2248,6 +2248,10 @@ def dispatch(commands, argv):
     PROG = name
     try:
         return commands[name](args)
+    except UsageError as e:  # stap-client stands for stap --use-server: stap's own lines
+        print(f"stap: {e}\nTry '--help' for more information. [man stap]\n"
+              "A message like [man foo] means for more info, run % man foo", file=sys.stderr)
+        return 1
     except Error as e:
         print(f"{name}: ERROR: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ import os
 import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
+import stap_client
 from stap_client import (
     Error,
     Limits,
@@ -225,3 +226,15 @@ def test_limits_override_only_known_bounds():
     with pytest.raises(TypeError) as e:
         Limits(max_files=1)
     assert str(e.value) == "no such limit: max_files"
+
+
+def test_getopt_errors_print_as_stap_prints_them(capsys):
+    """stap-client stands for `stap --use-server`: a command line stap's
+    getopt refuses gets stap 4.8's three lines, exit 1 (checked against the
+    real stap by the upstream server_args port)."""
+    rc = stap_client.dispatch(stap_client.COMMANDS, ["stap-client", "-p1", "-e", SCRIPT, "-c"])
+    assert rc == 1
+    assert capsys.readouterr().err == (
+        "stap: option requires an argument -- 'c'\n"
+        "Try '--help' for more information. [man stap]\n"
+        "A message like [man foo] means for more info, run % man foo\n")
