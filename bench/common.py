@@ -610,12 +610,12 @@ class CpuWindow:
 
 
 class CpuGroup:
-    """Exact CPU-seconds of the processes added and all their descendants: a
-    cgroup of its own (a cgroup v2 leaf, else cgroup v1 cpuacct), which also
-    counts what process_cpu() cannot see (compiles reaped inside the
-    sandbox's pid namespace).  Removed on exit; processes still in it go
-    back to this process's own cgroup.  Where no cgroup can be made,
-    `available` is False and seconds() is None."""
+    """Exact CPU-seconds of the processes added and of every process they
+    start from then on: a cgroup of its own (a cgroup v2 leaf, else cgroup
+    v1 cpuacct), which also counts what process_cpu() cannot see (compiles
+    reaped inside the sandbox's pid namespace).  Removed on exit; processes
+    still in it go back to this process's own cgroup.  Where no cgroup can
+    be made, `available` is False and seconds() is None."""
 
     ROOTS = (("v2", "/sys/fs/cgroup"), ("v2", "/sys/fs/cgroup/unified"),
              ("v1", "/sys/fs/cgroup/cpuacct"))

@@ -2,11 +2,14 @@
 
 Two hosts, A and B, each a network namespace joined by a veth pair
 (10.200.0.1/24 and 10.200.0.2/24, with a 224.0.0.0/4 route on the veth), or a
-single host with loopback only.  Every host also gets a *holder* process: a
-`sleep` running in a private mount and UTS namespace with a tmpfs on /run and
-its own host name (stap-host-a, stap-host-b, ...).  Commands run inside a host
-enter the holder's namespaces, so a host never sees the machine's own /run
-(its D-Bus socket, a real avahi) and two hosts never share one.
+single host with loopback only, or N hosts on one link: a bridge in a
+namespace of its own with a veth pair to each host (10.202.0.1/24,
+10.202.0.2/24, ...; one multicast domain).  Every host also gets a *holder*
+process: a `sleep` running in a private mount and UTS namespace with a tmpfs
+on /run and its own host name (stap-host-a, stap-host-b, ...).  Commands run
+inside a host enter the holder's namespaces, so a host never sees the
+machine's own /run (its D-Bus socket, a real avahi) and two hosts never
+share one.
 
 Optionally a host runs a private `dbus-daemon --system` and
 `avahi-daemon --no-drop-root --no-chroot -f CONF` in those namespaces.
@@ -16,6 +19,9 @@ Usage (plain code or pytest):
     with TestNetwork(avahi=(True, False)) as net:
         a, b = net.hosts
         a.run(['avahi-browse', '-a', '-t', '-p'])
+
+    with TestNetwork(hosts=4) as net:      # A, B, C, D on one bridge
+        a, b, c, d = net.hosts
 
     from netns import network_factory   # the fixture below, in a test module
 
@@ -45,6 +51,11 @@ HOST_NAMES = ('stap-host-a', 'stap-host-b')
 ROUTED_ADDRESSES = ('10.201.1.2', '10.201.2.2')
 ROUTER_ADDRESSES = ('10.201.1.1', '10.201.2.1')
 ROUTER_NAME = 'stap-router'
+# The bridged network: N hosts on one link, the bridge in a namespace of its own.
+BRIDGED_SUBNET = '10.202.0'         # host i (from 0) is 10.202.0.<i + 1>
+SWITCH_NAME = 'stap-switch'
+BRIDGE = 'br0'
+MAX_HOSTS = 26                      # one letter each: stap-host-a ... stap-host-z
 
 VETH = 'veth0'          # the same name inside each namespace
 AVAHI_READY_TIMEOUT = 10.0
@@ -73,6 +84,16 @@ def avahi_skip_reason():
         if shutil.which(tool) is None:
             return f'{tool} is not installed'
     return None
+
+
+def host_letter(i):
+    """a, b, c, ... for host i (from 0): its name, its namespace's suffix."""
+    return chr(ord('a') + i)
+
+
+def host_name(i):
+    """stap-host-a, stap-host-b, ... (HOST_NAMES for the first two)."""
+    return f'stap-host-{host_letter(i)}'
 
 
 def _check(argv, timeout=10):
@@ -264,7 +285,7 @@ def _comm(pid):
 
 
 class TestNetwork:
-    """Context manager building one or two hosts; cleans up on exit.
+    """Context manager building the hosts of one network; cleans up on exit.
 
     avahi: one bool per host (or one bool for all): run an avahi daemon there.
     single: one host with loopback only (multicast enabled on lo, a
@@ -273,12 +294,20 @@ class TestNetwork:
     routed: A and B on two subnets with a router R between them
     (net.router; forwarding on, each host's default route through it), so
     that multicast does not reach from one to the other.
+    hosts: N hosts (1 to MAX_HOSTS) on one link instead: each host's veth0
+    (10.202.0.1, 10.202.0.2, ...) is a port of one bridge in a namespace of
+    its own (net.switch), which floods multicast to every port, so that
+    each host's multicast DNS reaches all the others.
     """
 
     __test__ = False   # not a pytest test class despite the name
 
-    def __init__(self, avahi=False, single=False, ipv6=False, routed=False):
-        count = 1 if single else 2
+    def __init__(self, avahi=False, single=False, ipv6=False, routed=False, hosts=None):
+        if hosts is not None and (single or routed):
+            raise ValueError('hosts= is a network of its own: not with single or routed')
+        if hosts is not None and not 1 <= hosts <= MAX_HOSTS:
+            raise ValueError(f'hosts= takes 1 to {MAX_HOSTS} hosts')
+        count = hosts if hosts is not None else 1 if single else 2
         if isinstance(avahi, bool):
             avahi = (avahi,) * count
         if len(avahi) != count:
@@ -287,7 +316,9 @@ class TestNetwork:
         self.single = single
         self.ipv6 = ipv6
         self.routed = routed
+        self.bridged = hosts is not None
         self.router = None
+        self.switch = None            # the bridge's namespace (bridged network)
         self.hosts = []
         self._netns = []
         self._workdir = None
@@ -309,20 +340,25 @@ class TestNetwork:
         tag = f'stapt{os.getpid()}x{next(_counter)}'
         count = len(self.avahi_flags)
         for i in range(count):
-            name = f'{tag}{"ab"[i]}'
+            name = f'{tag}{host_letter(i)}'
             _check(['ip', 'netns', 'add', name])
             self._netns.append(name)
             _check(['ip', '-n', name, 'link', 'set', 'lo', 'up'])
-            workdir = os.path.join(self._workdir, HOST_NAMES[i])
+            workdir = os.path.join(self._workdir, host_name(i))
             os.mkdir(workdir)
-            address = '127.0.0.1' if self.single else \
-                (ROUTED_ADDRESSES if self.routed else HOST_ADDRESSES)[i]
-            self.hosts.append(Host(name, HOST_NAMES[i], address, workdir))
+            if self.bridged:
+                address = f'{BRIDGED_SUBNET}.{i + 1}'
+            else:
+                address = '127.0.0.1' if self.single else \
+                    (ROUTED_ADDRESSES if self.routed else HOST_ADDRESSES)[i]
+            self.hosts.append(Host(name, host_name(i), address, workdir))
 
         if self.single:
             self._setup_loopback(self._netns[0])
         elif self.routed:
             self.router = self._setup_router(f'{tag}r')
+        elif self.bridged:
+            self.switch = self._setup_bridge(f'{tag}sw')  # hosts end in one letter
         else:
             self._setup_veth(*self._netns)
 
@@ -366,6 +402,36 @@ class TestNetwork:
         router.start_holder()
         return router
 
+    def _setup_bridge(self, name):
+        """The switch: a namespace holding only a bridge, with one veth pair
+        to each host (port-a, port-b, ... there; veth0 in the host)."""
+        _check(['ip', 'netns', 'add', name])
+        self._netns.append(name)
+        _check(['ip', '-n', name, 'link', 'set', 'lo', 'up'])
+        # No spanning tree and no forward delay: a port forwards as soon as
+        # it is up.  No multicast snooping: every multicast frame goes out of
+        # every other port, whatever groups the hosts joined (the bridge
+        # sends no IGMP queries of its own to learn them anyway).
+        _check(['ip', '-n', name, 'link', 'add', BRIDGE, 'type', 'bridge', 'stp_state', '0',
+                'forward_delay', '0', 'mcast_snooping', '0'])
+        _check(['ip', '-n', name, 'link', 'set', BRIDGE, 'up'])
+        for i, host in enumerate(self.hosts):
+            # Made inside the namespaces, as for the two-host pair: nothing
+            # appears in the root namespace.
+            port = f'port-{host_letter(i)}'
+            _check(['ip', '-n', host.netns, 'link', 'add', VETH, 'type', 'veth',
+                    'peer', 'name', port, 'netns', name])
+            _check(['ip', '-n', name, 'link', 'set', port, 'master', BRIDGE])
+            _check(['ip', '-n', name, 'link', 'set', port, 'up'])
+            _check(['ip', '-n', host.netns, 'addr', 'add', f'{host.address}/{SUBNET_PREFIX}',
+                    'dev', VETH])
+            _check(['ip', '-n', host.netns, 'link', 'set', VETH, 'up'])
+            _check(['ip', '-n', host.netns, 'route', 'add', '224.0.0.0/4', 'dev', VETH])
+        workdir = os.path.join(self._workdir, SWITCH_NAME)
+        os.mkdir(workdir)
+        # No holder: nothing runs on the switch (run() there is `ip netns exec`).
+        return Host(name, SWITCH_NAME, None, workdir)
+
     @staticmethod
     def _setup_loopback(ns):
         # lo carries no multicast by default; avahi ignores loopback
@@ -376,7 +442,7 @@ class TestNetwork:
 
     def cleanup(self):
         """End all processes, delete the namespaces and the scratch dir."""
-        for host in self.hosts + ([self.router] if self.router else []):
+        for host in self.hosts + [h for h in (self.router, self.switch) if h]:
             with contextlib.suppress(Exception):
                 host.cleanup()
         for name in self._netns:
