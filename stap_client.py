@@ -426,15 +426,52 @@ def treatment(name):
     return STAP_OPTIONS.get(name, NO_TREATMENT)
 
 
+class StapSays(Error):
+    """A command line stap itself refuses while reading it: the message is
+    exactly what stap 4.8 prints (stap-client stands for stap --use-server)."""
+
+
+TRY_HELP = ("Try '--help' for more information. [man stap]\n"
+            "A message like [man foo] means for more info, run % man foo")
+
+
 class UsageError(Error):
-    """A command line getopt_long refuses, in getopt's words (as stap says them)."""
+    """A command line getopt_long refuses, in getopt's words."""
+
+    def stap_says(self):
+        return f"stap: {self}\n{TRY_HELP}"
 
 
-def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS):
+NO_SCRIPT = StapSays("A script must be specified.\n"
+                     f"Try '-i' for building a script interactively.\n{TRY_HELP}")
+
+# Values stap checks as it reads each option (POSIX extended, any case).
+SAFETY_PATTERNS = {
+    "-G": "^[a-z_][a-z0-9_]*=[a-z0-9_.-]+$",
+    "-D": "^[a-z_][a-z_0-9]*(=-?[a-z_0-9]+)?$",
+    "-S": "^[0-9]+(,[0-9]+)?$",
+    "-a": "^[a-z0-9_-]+$",
+    "-m": "^[a-z0-9_]+$",
+    "--modinfo": "^[a-z_][a-z0-9_]*=.+$",
+}
+
+
+def check_as_stap_does(name, value):
+    """stap's own checks of one option's value, in the order stap reads them."""
+    if name == "-p" and value not in ("1", "2", "3", "4", "5"):
+        raise StapSays("Invalid pass number (should be 1-5).")
+    pattern = SAFETY_PATTERNS.get(name)
+    if pattern and not re.search(pattern.replace("$", r"\Z"), value, re.IGNORECASE):
+        raise StapSays(f"ERROR: Safety pattern mismatch for {name} parameter "
+                       f"('{value}' vs. '{pattern}') rc=1")
+
+
+def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS, check=None):
     """Tokens of a stap command line as stap's getopt_long reads it (options
     may follow operands; "--" ends options; long options may be shortened
     to a unique prefix): ("opt", "-p", "4"), ("opt", "--vp", "01") or
-    ("arg", "x").  UsageError says what getopt would say."""
+    ("arg", "x").  UsageError says what getopt would say; check(name,
+    value) runs on each option as it is read."""
     tokens, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -455,6 +492,8 @@ def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS):
             elif kind == NO_VALUE:
                 raise UsageError(f"option '--{name}' doesn't allow an argument")
             tokens.append(("opt", "--" + name, value))
+            if check and value is not None:
+                check("--" + name, value)
         elif arg.startswith("-") and arg != "-":
             for j in range(1, len(arg)):  # a cluster such as -vvp4
                 letter = arg[j]
@@ -470,6 +509,8 @@ def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS):
                         raise UsageError(f"option requires an argument -- '{letter}'")
                     value, i = argv[i], i + 1
                 tokens.append(("opt", "-" + letter, value))
+                if check:
+                    check("-" + letter, value)
                 break
         else:
             tokens.append(("arg", arg))
@@ -516,6 +557,7 @@ class Invocation:
         self.version = False
         self.notes = []  # what was decided for the user, shown as progress
         self.listing = False  # -l or -L: stap lists probes, builds no module
+        self.script = None  # (its name in the request, its name as the user gave it)
 
 
 def parse_stap_args(argv, stdin=None):
@@ -524,8 +566,9 @@ def parse_stap_args(argv, stdin=None):
     arguments), the files to ship, and what staprun gets."""
     inv = Invocation()
     operands, have_script_text = [], False
-    for kind, name, *value in scan_stap_args(argv, {**STAP_LONG_OPTIONS,
-                                                    **CLIENT_LONG_OPTIONS}):
+    tokens = scan_stap_args(argv, {**STAP_LONG_OPTIONS, **CLIENT_LONG_OPTIONS},
+                            check_as_stap_does)
+    for kind, name, *value in tokens:
         if kind == "arg":
             operands.append(name)
         elif name.startswith("--"):
@@ -535,7 +578,7 @@ def parse_stap_args(argv, stdin=None):
     inv.listing = any(a.startswith(("-l", "-L")) for a in inv.server_args)
     if not have_script_text and not inv.help and not inv.version and not inv.listing:
         if not operands:
-            raise Error("no script given: name a script file, '-' for stdin, or use -e")
+            raise NO_SCRIPT
         add_script(inv, operands.pop(0), stdin)
     if operands:
         inv.server_args += ["--"] + operands
@@ -578,9 +621,7 @@ def handle_short(inv, letter, value):
     elif letter == "k":
         inv.keep = True
     elif letter == "p":
-        if value not in ("1", "2", "3", "4", "5"):
-            raise Error(f"invalid pass number '{value}' (1-5)")
-        inv.last_pass = int(value)
+        inv.last_pass = int(value)  # 1-5: checked as stap does
     elif letter == "o":
         inv.output = value
     elif letter == "I":
@@ -647,6 +688,7 @@ def add_script(inv, name, stdin):
     if os.path.isfile(path):  # else stap on the server says it is missing, in its words
         inv.files.append(("script" + path, path))
     inv.server_args.append("script" + path)
+    inv.script = ("script" + path, name)  # what the server calls it, what the user did
 
 
 def add_tree(inv, directory):
@@ -1733,7 +1775,9 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
 
     The query goes from an ephemeral port, so responders answer it with a
     unicast "legacy" reply to that port (RFC 6762 6.7) and we need not share
-    port 5353 with anyone.  Missing SRV/TXT/A data is asked for again.
+    port 5353 with anyone.  The query is repeated each second while nobody
+    has answered (a lost packet, a busy responder), missing SRV/TXT/A data
+    is asked for again, and what arrived by the deadline is still read.
     """
     require_dnspython()
     interfaces = ipv4_interfaces()
@@ -1742,15 +1786,16 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
     answers = MdnsAnswers()
     start = time.monotonic()
     deadline = start + timeout
+    browse_query = mdns_query([(service_name(), dns.rdatatype.PTR)])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("0.0.0.0", 0))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
         sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)  # arrival iface
-        send_to_group(sock, interfaces, mdns_query([(service_name(),
-                                                 dns.rdatatype.PTR)]))
-        asked = set()
-        last_news = start
+        asked, next_browse, last_news = set(), start, start
         while (now := time.monotonic()) < deadline:
+            if now >= next_browse and not answers.advertised():
+                send_to_group(sock, interfaces, browse_query)
+                next_browse = now + 1.0
             wanted = [q for q in answers.missing() if q not in asked]
             if wanted:
                 asked.update(wanted)
@@ -1758,17 +1803,24 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
             if (now - start >= min(settle, timeout) and answers.advertised()
                     and not answers.missing() and now - last_news > 0.1):
                 break  # everything known and quiet
-            readable, _, _ = select.select([sock], [], [],
-                                           min(0.05, deadline - now))
-            if readable:
-                wire, ancdata, _flags, (source_ip, _port) = sock.recvmsg(
-                    9000, socket.CMSG_SPACE(12))
-                message, _ = parse_mdns(wire)
-                if message is not None and message.flags & dns.flags.QR:
-                    answers.add(message, source_ip,
-                                interface_name(pktinfo_ifindex(ancdata)))
-                    last_news = time.monotonic()
+            if receive_answers(sock, answers, min(0.05, deadline - now)):
+                last_news = time.monotonic()
+        while select.select([sock], [], [], 0)[0]:  # what arrived by the deadline
+            receive_answers(sock, answers, 0)
     return answers.records()
+
+
+def receive_answers(sock, answers, wait):
+    """Read one datagram within wait seconds into answers; True if it was a
+    response."""
+    if not select.select([sock], [], [], max(0, wait))[0]:
+        return False
+    wire, ancdata, _flags, (source_ip, _port) = sock.recvmsg(9000, socket.CMSG_SPACE(12))
+    message, _ = parse_mdns(wire)
+    if message is None or not message.flags & dns.flags.QR:
+        return False
+    answers.add(message, source_ip, interface_name(pktinfo_ifindex(ancdata)))
+    return True
 
 
 def pktinfo_ifindex(ancdata):
@@ -2065,6 +2117,8 @@ def local_paths(data, inv):
     for name in sorted(names, key=len, reverse=True):
         if name == "script/-":
             data = data.replace(b"script/-", b"<input>")
+        elif inv.script and name == inv.script[0]:
+            data = data.replace(name.encode(), inv.script[1].encode())
         else:
             data = data.replace(name.encode(), b"/" + name.split("/", 1)[1].encode())
     return data
@@ -2248,9 +2302,8 @@ def dispatch(commands, argv):
     PROG = name
     try:
         return commands[name](args)
-    except UsageError as e:  # stap-client stands for stap --use-server: stap's own lines
-        print(f"stap: {e}\nTry '--help' for more information. [man stap]\n"
-              "A message like [man foo] means for more info, run % man foo", file=sys.stderr)
+    except (StapSays, UsageError) as e:  # stap-client stands for stap --use-server
+        print(e.stap_says() if isinstance(e, UsageError) else e, file=sys.stderr)
         return 1
     except Error as e:
         print(f"{name}: ERROR: {e}", file=sys.stderr)

@@ -68,14 +68,19 @@ def test_client_help_and_bad_options(sandbox):
     proc = sandbox.run("stap-client", "--help")
     assert proc.returncode == 0 and b"--server=HOST[:PORT]" in proc.stdout
     for args, message in ((["-R", "/tmp", "-e", "x"], b"-R names a local runtime directory"),
-                          (["-p", "7", "-e", "x"], b"invalid pass number '7'"),
-                          (["--server=h:99999", "-e", "x"], b"invalid port '99999'"),
-                          ([], b"no script given")):  # a missing script: test_fidelity.py
+                          (["--server=h:99999", "-e", "x"], b"invalid port '99999'")):
         proc = sandbox.run("stap-client", *args)
         assert proc.returncode == 1, args
         lines = proc.stderr.decode().strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("stap-client: ERROR: ")
         assert message in proc.stderr
+    # What stap itself refuses while reading its command line, in its words.
+    for args, first in ((["-p", "7", "-e", "x"], "Invalid pass number (should be 1-5)."),
+                        ([], "A script must be specified.")):  # a missing file: test_fidelity
+        proc = sandbox.run("stap-client", *args)
+        here = subprocess.run(["stap", *args], capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, here.returncode) == (1, 1), args
+        assert proc.stderr.decode() == here.stderr and here.stderr.startswith(first), args
 
 
 # --------------------------------------------------------------------------

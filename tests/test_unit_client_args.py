@@ -139,8 +139,15 @@ def test_client_options_are_taken_out():
 
 
 @pytest.mark.parametrize("argv,message", [
-    ([], "no script given: name a script file, '-' for stdin, or use -e"),
-    (["-p6", "-e", SCRIPT], "invalid pass number '6' (1-5)"),
+    ([], "A script must be specified.\nTry '-i' for building a script interactively.\n"
+         "Try '--help' for more information. [man stap]\n"
+         "A message like [man foo] means for more info, run % man foo"),
+    (["-p6", "-e", SCRIPT], "Invalid pass number (should be 1-5)."),
+    (["-e", SCRIPT, "-Dx y", "-c"],  # stap checks values as it reads them: -D before -c
+     "ERROR: Safety pattern mismatch for -D parameter ('x y' vs. "
+     "'^[a-z_][a-z_0-9]*(=-?[a-z_0-9]+)?$') rc=1"),
+    (["-e", SCRIPT, "-mA_b\n"],
+     "ERROR: Safety pattern mismatch for -m parameter ('A_b\n' vs. '^[a-z0-9_]+$') rc=1"),
     (["-R", "/rt", "-e", SCRIPT], "-R names a local runtime directory; give -R to the server "
                                   "instead"),
     (["-r", "/lib/modules/x/build", "-e", SCRIPT],
