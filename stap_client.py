@@ -242,9 +242,12 @@ class CertDB:
         """Trust a server certificate for TLS (first field) and signing (third)."""
         certutil(self, "-A", "-n", SERVER_NICKNAME, "-t", "P,P,P", input=der)
 
-    def make_self_signed(self, nickname, subject, dns_names, serial):
+    def make_self_signed(self, nickname, subject, dns_names):
         """A new RSA-3072/SHA-256 key and self-signed certificate, valid for a
-        year and trusted as a peer, in place of any filed under nickname."""
+        year and trusted as a peer, in place of any filed under nickname.
+        Its serial is certutil's own, the time in units of 2**19 us, as real
+        servers make theirs: the real client names a server by a serial of
+        five bytes (00 and four), which certutil -m cannot give."""
         noise = os.path.join(self.path, "noise")
         with open(os.open(noise, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(os.urandom(2048))
@@ -252,8 +255,8 @@ class CertDB:
             for _ in self.certificates(nickname):  # -F: the old key and certificate go
                 certutil(self, "-F", "-n", nickname, check=False)
             certutil(self, "-S", "-n", nickname, "-s", subject, "-x", "-t", "P,P,P",
-                     "-k", "rsa", "-g", "3072", "-Z", "SHA256", "-v", "12", "-m", str(serial),
-                     "-z", noise, "--extSAN", ",".join(f"dns:{n}" for n in dns_names))
+                     "-k", "rsa", "-g", "3072", "-Z", "SHA256", "-v", "12", "-z", noise,
+                     "--extSAN", ",".join(f"dns:{n}" for n in dns_names))
         finally:
             os.unlink(noise)
 
@@ -392,7 +395,8 @@ STAP_OPTIONS = {
     "-I": Treatment(server=PATH),  # the client ships the directory
     "-d": Treatment(server=PATH),
     "-o": Treatment(client=LOCAL, server=LOCAL),  # only pass 5 writes it
-    "-k": Treatment(client=LOCAL, server=LOCAL),  # keeps stap-client's temporary directory
+    "-k": Treatment(client=LOCAL),  # keeps stap-client's temporary directory; stap refuses it
+                                    # from a client (a real client sends none either)
     "-G": Treatment(client=LOCAL),  # staprun sets them, after the module
     "-h": Treatment(client=LOCAL), "--help": Treatment(client=LOCAL),  # stap-client answers
     "-V": Treatment(client=LOCAL), "--version": Treatment(client=LOCAL),
@@ -748,13 +752,16 @@ class Limits:
             setattr(self, name, value)
 
 
-LOCALE_VALUE = re.compile(r"^[A-Za-z0-9@_.=-]*$")
+# The locale settings a request carries (stap's own list).
+LOCALE_KEYS = ("LANG", "LC_ALL", "LC_CTYPE", "LC_COLLATE", "LC_MESSAGES", "LC_TIME",
+               "LC_MONETARY", "LC_NUMERIC")
 
 
 def locale_lines(environ=None):
+    """LANG and LC_* as they are: the server passes on the values it finds
+    safe and tells the client which it did not, as the real server does."""
     env = os.environ if environ is None else environ
-    keys = sorted(k for k in env if k == "LANG" or k.startswith("LC_"))
-    return "".join(f"{k}={env[k]}\n" for k in keys if LOCALE_VALUE.match(env[k]))
+    return "".join(f"{k}={env[k]}\n" for k in LOCALE_KEYS if k in env)
 
 
 def build_request(inv):
@@ -782,7 +789,9 @@ def safe_members(zf, limits):
     infos = zf.infolist()
     if len(infos) > limits.max_entries:
         raise Error(f"archive has {len(infos)} entries (limit {limits.max_entries})")
-    total = 0
+    total = sum(info.file_size for info in infos)  # first, as the real server checks it
+    if total > limits.max_total_bytes:
+        raise Error(limits.too_large.format(total=total, limit=limits.max_total_bytes))
     for info in infos:
         check_entry_name(info.filename)
         kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix type recorded
@@ -793,9 +802,6 @@ def safe_members(zf, limits):
         if info.file_size > 1 << 20 and \
                 info.file_size > limits.max_ratio * max(info.compress_size, 1):
             raise Error(f"archive entry {info.filename} is compressed suspiciously well")
-        total += info.file_size
-    if total > limits.max_total_bytes:
-        raise Error(limits.too_large.format(total=total, limit=limits.max_total_bytes))
     return infos
 
 

@@ -29,7 +29,6 @@ import logging.handlers
 import os
 import pwd
 import re
-import secrets
 import select
 import shutil
 import signal
@@ -256,8 +255,7 @@ def parse_config(argv, prog=PROG):
         stap_options += ["-I", os.path.abspath(d)]
     stap_options += [x for b in opts.kbuild for x in ("-B", b)]
     stap_options += [x for d in opts.defines for x in ("-D", d)]
-    limits = Limits(max_total_bytes=opts.max_request_size,
-                    max_entry_bytes=min(Limits.max_entry_bytes, opts.max_request_size),
+    limits = Limits(max_total_bytes=opts.max_request_size,  # entries: the client's bounds
                     too_large="Uncompressed request size of {total} bytes is not within the "
                     "expected range of 1 to {limit} bytes (--max-request-size)")  # the real words
     return Config(
@@ -376,14 +374,12 @@ def expires_within(der, seconds):
 
 
 def generate_certificate(db):
-    """A self-signed RSA-3072/SHA-256 certificate valid for a year, with a
-    random serial, replacing any older one; the subject is the one every
-    stap server shares."""
+    """A self-signed RSA-3072/SHA-256 certificate valid for a year,
+    replacing any older one; the subject is the one every stap server shares."""
     host = socket.gethostname()
     short = host.split(".")[0]
     db.make_self_signed(client.SERVER_NICKNAME, client.SERVER_SUBJECT,
-                        dict.fromkeys([host, f"{short}.local", "localhost"]),
-                        serial=secrets.randbelow(2**31 - 2) + 1)
+                        dict.fromkeys([host, f"{short}.local", "localhost"]))
     der = newest_certificate(db)
     if der is None:
         raise Error(f"certutil made no certificate in {db.path}")
@@ -453,11 +449,16 @@ def parse_request(top, config):
         raise Error("request has no argv1 entry")
     release, arch = m.group(1), m.group(2)
     args, release, lowered, scripts = client_arguments(args, top, release)
+    options = args[:args.index("--")] if "--" in args else args
     signed = any(a in ("--privilege=stapusr", "--privilege=stapsys", "--unprivileged")
-                 for a in (args[:args.index("--")] if "--" in args else args))
-    if release not in config.releases or arch != config.arch:
+                 for a in options)
+    if release not in config.releases:
         raise Error(f"this server does not serve {release} {arch} (it serves "
                     + ", ".join(f"{r} {config.arch}" for r in config.releases) + ")")
+    passes = [a[2:] for a in options if re.fullmatch(r"-p[1-5]", a)]
+    if arch != config.arch and passes and passes[-1] == "4":  # stap parses for any arch here
+        raise Error(f"this server builds {config.arch} modules only: stap cannot build for "
+                    f"{arch} here (passes 1-3 for {arch} work)")
     check_argv_size(args)
     guru = guru_reason(args, scripts + shipped_tapsets(top))
     if guru and not config.allow_guru:
@@ -578,23 +579,24 @@ def guru_reason(args, scripts):
     return None
 
 
-LOCALE_KEYS = re.compile(r"^(LANG|LC_[A-Z]+)$")
+LOCALE_VALUE = re.compile(r"^[A-Za-z0-9@_.=-]*$")  # what the real server passes on
 
 
 def locale_env(data):
-    """(the client's LANG and LC_* settings that are safe to pass, the
-    server's words on those it dropped, as the real server says them)."""
-    env, notices = {}, b""
+    """(the client's locale settings that are safe to pass, the server's
+    words on each line it dropped, as the real server says them)."""
+    env, notices = {}, []
     for line in (data or b"").decode(errors="replace").splitlines():
         key, eq, value = line.partition("=")
-        if not eq or not LOCALE_KEYS.match(key):
-            continue
-        if client.LOCALE_VALUE.match(value):
-            env[key] = value
+        if not eq:
+            notices.append(f"Localization key=value line '{line[:200]}' cannot be parsed")
+        elif key not in client.LOCALE_KEYS:
+            notices.append(f"Localization key '{key[:200]}' not found in global list")
+        elif not LOCALE_VALUE.match(value):
+            notices.append(f"Localization value '{value[:200]}' contains illegal characters")
         else:
-            notices += (f"Server: Localization value '{value[:80]}' contains illegal "
-                        "characters\n").encode()
-    return env, notices
+            env[key] = value
+    return env, "".join(f"Server: {n}\n" for n in notices).encode()
 
 
 # --------------------------------------------------------------------------
@@ -1176,7 +1178,8 @@ def handle_request(data, config, version, record, cache=None,
             return compile_and_sign()[0]
         cache_key = None if req.guru or not config.sandbox else result_key(
             req, ws.work, config, version)
-        reply, how = cache.lookup(cache_key, compile_and_sign)
+        reply, how = cache.lookup(cache_key, compile_and_sign,
+                                  getattr(compile_slot, "merging", contextlib.nullcontext))
         record.update(cache=how)
         if how in ("hit", "merged"):
             record.update(rc=0)
@@ -1192,44 +1195,46 @@ def handle_request(data, config, version, record, cache=None,
 class ResultCache:
     """Signed replies of successful compiles, keyed by everything that
     decides them; bounded in bytes (least recently used go first).
-    Identical requests arriving together compile once."""
+    Identical requests arriving together compile once and share the reply,
+    a failed one too."""
 
     def __init__(self, max_bytes):
         self.max_bytes = max_bytes
         self.entries = collections.OrderedDict()
         self.size = 0
         self.lock = threading.Lock()
-        self.running = {}  # key -> Event set when its compile is done
+        self.running = {}  # key -> its Compiling
 
-    def lookup(self, key, compute):
+    def lookup(self, key, compute, merging=contextlib.nullcontext):
         """(reply, "hit" | "merged" | "miss" | "skip"); compute() -> (reply,
         cacheable).  "merged": answered by an identical request that was
-        compiling when this one came."""
+        compiling when this one came; merging() is held while it waits."""
         if key is None or self.max_bytes <= 0:
             return compute()[0], "skip"
-        waited = False
-        while True:
-            with self.lock:
-                if key in self.entries:
-                    self.entries.move_to_end(key)
-                    return self.entries[key], "merged" if waited else "hit"
-                done = self.running.get(key)
-                if done is None:
-                    self.running[key] = threading.Event()
-                    break
-            done.wait()  # the same request is compiling: take its result
-            waited = True
-            with self.lock:
-                if key not in self.entries:  # it was not cacheable
-                    break
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key], "hit"
+            compiling = self.running.get(key)
+            first = compiling is None
+            if first:
+                compiling = self.running[key] = Compiling()
+        if not first:
+            with merging():
+                compiling.done.wait()
+            if compiling.reply is not None:
+                return compiling.reply, "merged"
+            return compute()[0], "miss"  # its compile broke down: try ours
         try:
             reply, cacheable = compute()
+            compiling.reply = reply
             if cacheable:
                 self.store(key, reply)
             return reply, "miss"
         finally:
             with self.lock:
-                self.running.pop(key, threading.Event()).set()
+                del self.running[key]
+            compiling.done.set()
 
     def store(self, key, reply):
         if len(reply) > self.max_bytes // 4:
@@ -1240,6 +1245,13 @@ class ResultCache:
             while self.size > self.max_bytes:
                 _, old = self.entries.popitem(last=False)
                 self.size -= len(old)
+
+
+class Compiling:
+    """A compile identical requests wait for: its reply, once done."""
+
+    def __init__(self):
+        self.done, self.reply = threading.Event(), None
 
 
 # Options whose output differs run to run (timings, progress) or that a
@@ -1595,6 +1607,7 @@ class CompileQueue:
         self.slots = slots
         self.lock = threading.Lock()
         self.running = 0
+        self.merged = 0  # requests waiting for an identical one's compile
         self.waiting = collections.deque()  # Events, first come first
         self.recent = 5.0  # seconds a compile takes, smoothed (a first guess)
 
@@ -1626,8 +1639,7 @@ class CompileQueue:
         with self.lock:
             if self.running < self.slots and not self.waiting:
                 self.running += 1
-                if self.running > 1:  # the real server's words, for log searches
-                    logging.info("Processing %d concurrent requests...", self.running)
+                self.log_concurrency()
                 return
             turn = threading.Event()
             self.waiting.append(turn)
@@ -1638,10 +1650,27 @@ class CompileQueue:
             self.recent = 0.7 * self.recent + 0.3 * seconds
             if self.waiting:
                 self.waiting.popleft().set()  # the slot passes on; running stays
-                if self.running > 1:
-                    logging.info("Processing %d concurrent requests...", self.running)
+                self.log_concurrency()
             else:
                 self.running -= 1
+
+
+    @contextlib.contextmanager
+    def merging(self):
+        """A request that waits for an identical one's compile: being
+        answered too, it counts in the concurrency the log tells."""
+        with self.lock:
+            self.merged += 1
+            self.log_concurrency()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.merged -= 1
+
+    def log_concurrency(self):
+        if self.running + self.merged > 1:  # the real server's words, for log searches
+            logging.info("Processing %d concurrent requests...", self.running + self.merged)
 
 
 class Ticket:
@@ -1657,6 +1686,9 @@ class Ticket:
 
     def __exit__(self, *exc):
         self.queue.release(time.monotonic() - self.started)
+
+    def merging(self):
+        return self.queue.merging()
 
 
 MAX_CONNECTIONS = 1024  # open connections, all addresses together
@@ -2019,33 +2051,62 @@ def reachable_interfaces(listen):
 
 
 class AvahiPublisher:
-    """One `avahi-publish-service` child: the instance lives while it does."""
+    """One `avahi-publish-service` child: the instance lives while it does.
+    A child that ends after it registered (the daemon restarted) is started
+    again, waiting for the daemon (-f), so the server is advertised again."""
 
     def __init__(self, name, port, txt):
         self.name = name
         self.argv = ["avahi-publish-service", "--service", name, SERVICE_TYPE,
                      str(port)] + list(txt)
         self.stderr_lines = []
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+        self.lock = threading.Lock()  # stop() against a restart
+        self.stopped = False
+        self.proc = self.spawn(self.argv)
         self.established = threading.Event()
         self.reader = threading.Thread(target=self.read_stderr, daemon=True)
         self.reader.start()
+
+    @staticmethod
+    def spawn(argv):
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def read_stderr(self):
         # avahi-publish reports on stderr: "Established under name 'X'",
         # "Service name collision, renaming service to 'X #2'" (it then
         # re-registers by itself) or a failure.  Keep draining it so the
         # child never blocks on a full pipe.
-        for line in self.proc.stderr:
-            line = line.rstrip("\n")
-            self.stderr_lines = (self.stderr_lines + [line])[-20:]
-            match = re.match(r"Established under name '(.*)'", line)
-            if match:
-                self.name = match.group(1)
-                self.established.set()
+        while True:
+            for line in self.proc.stderr:
+                line = line.rstrip("\n")
+                self.stderr_lines = (self.stderr_lines + [line])[-20:]
+                match = re.match(r"Established under name '(.*)'", line)
+                if match:
+                    self.name = match.group(1)
+                    self.established.set()
+            self.proc.wait()
+            if not self.established.is_set() or self.stopping_soon(1.0):
+                return
+            with self.lock:
+                if self.stopped:
+                    return
+                logging.warning("avahi-publish-service ended (%s): publishing %r again once "
+                                "the avahi daemon is back", self.stderr_lines[-1:] or "no word",
+                                self.name)
+                self.proc.stderr.close()
+                self.proc = self.spawn([self.argv[0], "--no-fail", "--service", self.name]
+                                       + self.argv[3:])
+
+    def stopping_soon(self, seconds):
+        """Wait a little before a restart (a daemon going down takes a moment); True if
+        stop() came meanwhile."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.stopped:
+                return True
+            time.sleep(0.05)
+        return self.stopped
 
     def wait_established(self, timeout):
         """True once registered; False when no avahi daemon answers."""
@@ -2066,6 +2127,8 @@ class AvahiPublisher:
         return True
 
     def stop(self):
+        with self.lock:
+            self.stopped = True
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -2073,7 +2136,7 @@ class AvahiPublisher:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.reader.join(1)
+        self.reader.join(2)
         self.proc.stderr.close()
 
 

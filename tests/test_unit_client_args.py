@@ -218,11 +218,12 @@ def test_bad_server_specs(spec, message):
     assert str(e.value) == message
 
 
-def test_locale_lines_keep_safe_lang_and_lc_values_in_order():
+def test_locale_lines_carry_stap_s_eight_settings_as_they_are():
+    # the server judges the values, and tells which it dropped (real clients send them too)
     env = {"LC_TIME": "de_DE.UTF-8", "LANG": "C.UTF-8", "LC_ALL": "$(id)", "HOME": "/root",
-           "LANGUAGE": "de", "LC_CTYPE": "en_US.ISO-8859-1@euro"}
-    assert locale_lines(env) == "LANG=C.UTF-8\nLC_CTYPE=en_US.ISO-8859-1@euro\n" \
-                                "LC_TIME=de_DE.UTF-8\n"
+           "LANGUAGE": "de", "LC_CTYPE": "en_US.ISO-8859-1@euro", "LC_PAPER": "a4"}
+    assert locale_lines(env) == "LANG=C.UTF-8\nLC_ALL=$(id)\n" \
+                                "LC_CTYPE=en_US.ISO-8859-1@euro\nLC_TIME=de_DE.UTF-8\n"
     assert locale_lines({}) == ""
 
 
