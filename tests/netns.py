@@ -41,7 +41,7 @@ import shutil
 import subprocess
 import tempfile
 
-from shared import stop_pid, wait_until
+from shared import read_text, stop_pid, wait_until
 
 # Addresses of the two-host network (SPEC section 11).
 SUBNET_PREFIX = 24
@@ -231,7 +231,7 @@ class Host:
         log.close()
         # avahi says so on stderr once it has probed its host name; the
         # D-Bus API answers from then on.
-        self._wait_for(lambda: 'Server startup complete' in _read(log_path),
+        self._wait_for(lambda: 'Server startup complete' in read_text(log_path),
                        'avahi-daemon startup', self.avahi, log_path)
 
     def _wait_for(self, ready, what, proc, log_path,
@@ -241,12 +241,12 @@ class Host:
                 return True
             if proc.poll() is not None:
                 raise RuntimeError(f'{self.hostname}: {what}: process exited '
-                                   f'{proc.returncode}: {_read(log_path)[-2000:]}')
+                                   f'{proc.returncode}: {read_text(log_path)[-2000:]}')
             return False
 
         wait_until(ready_or_exited, timeout,
                    lambda: (f'{self.hostname}: {what}: not ready after '
-                            f'{timeout} s: {_read(log_path)[-2000:]}'),
+                            f'{timeout} s: {read_text(log_path)[-2000:]}'),
                    error=RuntimeError)
 
     def stop_avahi(self):
@@ -272,16 +272,8 @@ class Host:
         return f'Host({self.hostname}, {self.netns}, {self.address})'
 
 
-def _read(path):
-    try:
-        with open(path, errors='replace') as f:
-            return f.read()
-    except OSError:
-        return ''
-
-
 def _comm(pid):
-    return _read(f'/proc/{pid}/comm').strip()
+    return read_text(f'/proc/{pid}/comm').strip()
 
 
 class TestNetwork:
@@ -458,7 +450,7 @@ class TestNetwork:
         out = []
         for host in self.hosts:
             for name in ('dbus.log', 'avahi.log'):
-                text = _read(os.path.join(host.workdir, name))
+                text = read_text(os.path.join(host.workdir, name))
                 if text:
                     out.append(f'--- {host.hostname} {name}\n{text}')
         return '\n'.join(out)

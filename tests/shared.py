@@ -163,3 +163,25 @@ def make_sandbox(user=None, parent=None):
         for d in (top, env["HOME"]):
             os.chown(d, pw.pw_uid, pw.pw_gid)
     return Sandbox(top=top, env=env, user=user)
+
+
+def complete_der(path):
+    """True when path holds one whole DER element (a written certificate)."""
+    try:
+        with open(path, "rb") as f:
+            der = f.read()
+    except OSError:
+        return False
+    if len(der) < 4 or der[0] != 0x30 or not der[1] & 0x80:
+        return False
+    n = der[1] & 0x7F
+    return len(der) == 2 + n + int.from_bytes(der[2:2 + n], "big")
+
+
+def read_text(path):
+    """A file's text, or "" when it cannot be read (not written yet, gone)."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""

@@ -17,6 +17,7 @@ import zipfile
 
 import pytest
 from conftest import CLIENT, PYTHON, make_sandbox, need_root, start_server, stop_pid, wait_until
+from shared import complete_der
 
 STAP = shutil.which("stap") or "/usr/bin/stap"
 REAL_SERVERD = "/usr/lib/systemtap/stap-serverd"
@@ -267,19 +268,6 @@ def listening(pid, port):
     out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ss", "-Hltn"], capture_output=True,
                          text=True, timeout=10).stdout
     return any(l.split()[3].endswith(f":{port}") for l in out.splitlines() if len(l.split()) > 3)
-
-
-def complete_der(path):
-    """True when path holds one whole DER element (a written certificate)."""
-    try:
-        with open(path, "rb") as f:
-            der = f.read()
-    except OSError:
-        return False
-    if len(der) < 4 or der[0] != 0x30 or not der[1] & 0x80:
-        return False
-    n = der[1] & 0x7F
-    return len(der) == 2 + n + int.from_bytes(der[2:2 + n], "big")
 
 
 def netns_pids(netns):
