@@ -291,7 +291,7 @@ def bench_sandbox(ctx, report):
                  for label, srv in servers.items()], ctx.opts.reps)
     progress(f"1c: -p4 cold with and without the sandbox, {ctx.opts.cold_reps} x 2")
     interleaved([(cold[label], lambda srv=srv, label=label:
-                  ctx.ours(srv, 4, ctx.unique_script(label.replace(' ', '_'))))
+                  ctx.ours(srv, 4, ctx.unique_script(label.replace(" ", "_"))))
                  for label, srv in servers.items()], ctx.opts.cold_reps)
     for series in (hit, cold):
         report.row(series["no sandbox"])

@@ -68,7 +68,7 @@ def test_concurrent_compiles_are_logged_as_the_real_server_does(servers, sandbox
     srv = servers.start(sandbox, krel, None, "--max-threads", "2")
     procs = [subprocess.Popen([conftest.PYTHON, conftest.CLIENT, "stap-client",
                                f"--server={srv.address}", "-r", krel, "-p2", "-e",
-                               f"probe begin {{ printf(\"{n}\") exit() }}"],
+                               f'probe begin {{ printf("{n}") exit() }}'],
                               env=sandbox.env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for n in range(4)]
     assert [p.wait(120) for p in procs] == [0, 0, 0, 0]

@@ -72,7 +72,7 @@ ARGS = [b"-p1", b"-p2", b"-p4", b"-p5", b"-p9", b"-eprobe begin { exit() }", b"-
         b"-I/etc", b"-Itapset/usr/share/t", b"-R/tmp", b"--tmpdir=/tmp", b"-d", b"/bin/ls",
         b"-r/lib/modules", b"-mmod", b"-m../x", b"--", b"script/tmp/x.stp",
         b"../../etc/passwd", b"-vvvv", b"-k", b"-o/tmp/out", b"--remote", b"-x",
-        b"\xff\xfe", b"-c", b"-l", b"-L", b"kernel.function(\"*\")", b"--privilege=stapusr"]
+        b"\xff\xfe", b"-c", b"-l", b"-L", b'kernel.function("*")', b"--privilege=stapusr"]
 
 TYPES = [0, stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755, stat.S_IFLNK | 0o777,
          stat.S_IFCHR | 0o666, stat.S_IFBLK | 0o666, stat.S_IFIFO | 0o644,

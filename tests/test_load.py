@@ -66,7 +66,7 @@ def test_many_clients_at_once(servers, sandbox, krel):
     procs = []
     for n in range(CLIENTS):
         # Distinct scripts: every request is a real compile, not a cache hit.
-        script = f"probe begin {{ printf(\"client {n}\\n\"); exit() }}"
+        script = f'probe begin {{ printf("client {n}\\n"); exit() }}'
         argv = [conftest.PYTHON, conftest.CLIENT, "stap-client", f"--server={srv.address}",
                 "-r", krel, "-p2", "-e", script]
         procs.append((n, time.monotonic(), subprocess.Popen(

@@ -41,7 +41,7 @@ def test_script_file_stdin_and_tapset_dir(server, sandbox, krel):
         f.write('function greet:string (who:string) { return "hi " . who }\n')
     script = sandbox.path("my script.stp")
     with open(script, "w") as f:
-        f.write('probe begin { println(greet(@1)); exit() }\n')
+        f.write("probe begin { println(greet(@1)); exit() }\n")
     for last_pass in ("1", "2"):
         expected = local_stap(krel, "-p" + last_pass, "-I", tapsets, script, "you")
         proc = client(sandbox, server, "-r", krel, "-p" + last_pass, "-I", tapsets,

@@ -125,7 +125,7 @@ def test_tapset_directories_are_shipped_file_by_file(tmp_path):
 
 
 def test_listing_needs_no_script_and_help_or_version_none_either():
-    assert parse_stap_args(["-l", "kernel.function(\"vfs_read\")"]).listing
+    assert parse_stap_args(["-l", 'kernel.function("vfs_read")']).listing
     assert parse_stap_args(["--help"]).help
     assert parse_stap_args(["-V"]).version
 

@@ -65,36 +65,36 @@ FUZZED_OPTIONS = ("-I", "-e", "-D", "-c", "-S")
 
 # Upstream's "previously fixed" argument strings, as argv (upstream numbers 0-29).
 PREVIOUSLY_FIXED = [
-    ['-p1', '-I=\\w94\nbh', '-e', '-Dhfuo0iu7', '-c'],
-    ['-p1', '-I8o\\2ie', "-e'1\\", '-D\n"', '-c'],
-    ['-p1', '-Ira\\3;c', 'g', "-e0fle'qq", '-Dr/316k\\o8', '-cjyoc\n3'],
-    ['-p1', '-I6p3', '-elc', "-Dqgsgv'", '-c'],
-    ['-p1', '-I"vyv;z', '-ej"/3', '-D/', '01qck\n', '-c3u55zut'],
-    ['-p1', '-I1', '-eo9e\nx047q', '-D9xyefk0a', "-cvl98/x1'i"],
-    ['-p1', '-c;', 'test.stp'],
-    ['-p1', '-I4hgy96', '-e5oo39p', '-Ddx8v', '-c4;'],
-    ['-p1', '-I', '-esq3wors', '-Dz', '-c*eibz8h2e'],
-    ['-p1', '-I', 'a', '-em339db5', '-Du2;c0ps', '-ch9o\\'],
-    ['-p1', '-Ipfjps4', '-ebug4dc', '-Du8vd', 'fvkl', '-c'],
-    ['-p1', '-I0"nspzjyf', '-e5r3up8h', '-Dmi;ojp9m', '-cx;a2fat'],
-    ['-p1', '-Iu', '-ek7;r', '-Dcu";', '-c"hc'],
-    ['-p1', '-Icd4fidq', 'm40mv', '-edn', '-D;8ha\\cjr', '-c1*vnq'],
-    ['-p1', '-I;3', '-er8e', '-D', '-cb6k29z'],
-    ['-p1', '-Ircj', '-e', '-D', '-c\\vmww'],
-    ['-p1', '-Illc5', '-e65wof9', 'qr*=x7x5', '-D', '-cgx;'],
-    ['-p1', '-Iyaj420=3', '-e"', '-D', "-cd'5mi"],
-    ['-p1', '-Ir', '-e', '-D29\\', '-cj2szt;4'],
-    ['-p1', '-Ibno3=b4sk', "-e'", '-Dg2-j;e', "-c2ijx'"],
-    ['-p1', '-I285v7pl', '-eo5\\0', '-D86s', '-c-c*v'],
-    ['-l', 'syscall.open*', '--', '-p5'],
-    ['-l', 'syscall.open*', '--', '-rfoo'],
-    ['-p1', '-I/', '1\\nbzg3', '-ebf', '-Do', '-ckrll=\\;oh', '-S4'],
-    ['-p1', '-I', '/', '1\\nbzg3', '-ebf', '-Do', '-ckrll=\\;oh', '-S4'],
-    ['-p1', '1\\nbzg3', '-ebf', '-Do', '-ckrll=\\;oh', '-S4', '-I/'],
-    ['-p1', '1\\nbzg3', '-ebf', '-Do', '-ckrll=\\;oh', '-S4', '-I', '/'],
-    ['-p1', '-I', '-e\\;/', '-Dhn6', '-cejijqmi0', '-S3-k', '-'],
-    ['-p1', '-I/', '-e/', '-D', '-c\\n1v\\;nd8', '-S--'],
-    ['-p1', '-I/', '-e0xzu', '-Dxrk', '-c*sum8fe', '-St546jn'],
+    ["-p1", "-I=\\w94\nbh", "-e", "-Dhfuo0iu7", "-c"],
+    ["-p1", "-I8o\\2ie", "-e'1\\", '-D\n"', "-c"],
+    ["-p1", "-Ira\\3;c", "g", "-e0fle'qq", "-Dr/316k\\o8", "-cjyoc\n3"],
+    ["-p1", "-I6p3", "-elc", "-Dqgsgv'", "-c"],
+    ["-p1", '-I"vyv;z', '-ej"/3', "-D/", "01qck\n", "-c3u55zut"],
+    ["-p1", "-I1", "-eo9e\nx047q", "-D9xyefk0a", "-cvl98/x1'i"],
+    ["-p1", "-c;", "test.stp"],
+    ["-p1", "-I4hgy96", "-e5oo39p", "-Ddx8v", "-c4;"],
+    ["-p1", "-I", "-esq3wors", "-Dz", "-c*eibz8h2e"],
+    ["-p1", "-I", "a", "-em339db5", "-Du2;c0ps", "-ch9o\\"],
+    ["-p1", "-Ipfjps4", "-ebug4dc", "-Du8vd", "fvkl", "-c"],
+    ["-p1", '-I0"nspzjyf', "-e5r3up8h", "-Dmi;ojp9m", "-cx;a2fat"],
+    ["-p1", "-Iu", "-ek7;r", '-Dcu";', '-c"hc'],
+    ["-p1", "-Icd4fidq", "m40mv", "-edn", "-D;8ha\\cjr", "-c1*vnq"],
+    ["-p1", "-I;3", "-er8e", "-D", "-cb6k29z"],
+    ["-p1", "-Ircj", "-e", "-D", "-c\\vmww"],
+    ["-p1", "-Illc5", "-e65wof9", "qr*=x7x5", "-D", "-cgx;"],
+    ["-p1", "-Iyaj420=3", '-e"', "-D", "-cd'5mi"],
+    ["-p1", "-Ir", "-e", "-D29\\", "-cj2szt;4"],
+    ["-p1", "-Ibno3=b4sk", "-e'", "-Dg2-j;e", "-c2ijx'"],
+    ["-p1", "-I285v7pl", "-eo5\\0", "-D86s", "-c-c*v"],
+    ["-l", "syscall.open*", "--", "-p5"],
+    ["-l", "syscall.open*", "--", "-rfoo"],
+    ["-p1", "-I/", "1\\nbzg3", "-ebf", "-Do", "-ckrll=\\;oh", "-S4"],
+    ["-p1", "-I", "/", "1\\nbzg3", "-ebf", "-Do", "-ckrll=\\;oh", "-S4"],
+    ["-p1", "1\\nbzg3", "-ebf", "-Do", "-ckrll=\\;oh", "-S4", "-I/"],
+    ["-p1", "1\\nbzg3", "-ebf", "-Do", "-ckrll=\\;oh", "-S4", "-I", "/"],
+    ["-p1", "-I", "-e\\;/", "-Dhn6", "-cejijqmi0", "-S3-k", "-"],
+    ["-p1", "-I/", "-e/", "-D", "-c\\n1v\\;nd8", "-S--"],
+    ["-p1", "-I/", "-e0xzu", "-Dxrk", "-c*sum8fe", "-St546jn"],
 ]
 
 
@@ -171,7 +171,7 @@ def test_tcl_generator_matches_tclsh():
         f"  for {{set i 0}} {{$i < {ITERATIONS}}} {{incr i}} {{\n"
         "    set s -p1\n"
         f"    foreach o {{{' '.join(FUZZED_OPTIONS)}}} {{\n"
-        "      append s \" $o\"\n"
+        '      append s " $o"\n'
         "      set k [expr {int(rand() * 10)}]\n"
         "      for {set c 0} {$c < $k} {incr c} {\n"
         "        append s [string index $pool [expr {int(rand() * [string length $pool])}]]\n"
