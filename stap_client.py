@@ -139,8 +139,8 @@ def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True, do
             return ToolResult(argv, 127, b"", b"not installed", False)
         raise Error(f"{name} is not installed (needed for: {' '.join(argv[1:3])})") from None
     if input:
-        with proc.stdin:
-            proc.stdin.write(input)  # small: a certificate
+        with contextlib.suppress(BrokenPipeError), proc.stdin:
+            proc.stdin.write(input)  # small: a certificate; one that died early says why
     out, err, eof = collect_output(proc, time.monotonic() + timeout, done)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(1.0 if eof else 0)  # output closed: the exit follows at once

@@ -1066,7 +1066,7 @@ class ServerKey:
             self._cert = None
 
     def sign(self, data, algorithm):
-        """RSA PKCS#1 v1.5 signature of data, algorithm one of the OIDs below."""
+        """RSA PKCS#1 v1.5 signature of data; algorithm names an NSS SEC_OID."""
         lib, out = nss3(), SECItem()
         oid = getattr(client.nss_modules()[0], algorithm)
         with self._lock:
@@ -1181,8 +1181,8 @@ def handle_request(data, config, version, record, cache=None,
         reply, how = cache.lookup(cache_key, compile_and_sign,
                                   getattr(compile_slot, "merging", contextlib.nullcontext))
         record.update(cache=how)
-        if how in ("hit", "merged"):
-            record.update(rc=0)
+        if how in ("hit", "merged", "merged-failed"):  # answered without compiling here
+            record.update(rc=1 if how == "merged-failed" else 0)
         return reply
     finally:
         ws.remove()
@@ -1206,9 +1206,10 @@ class ResultCache:
         self.running = {}  # key -> its Compiling
 
     def lookup(self, key, compute, merging=contextlib.nullcontext):
-        """(reply, "hit" | "merged" | "miss" | "skip"); compute() -> (reply,
-        cacheable).  "merged": answered by an identical request that was
-        compiling when this one came; merging() is held while it waits."""
+        """(reply, "hit" | "merged" | "merged-failed" | "miss" | "skip");
+        compute() -> (reply, cacheable: it succeeded).  "merged": answered
+        by an identical request that was compiling when this one came
+        ("merged-failed": with its failure); merging() is held meanwhile."""
         if key is None or self.max_bytes <= 0:
             return compute()[0], "skip"
         with self.lock:
@@ -1223,11 +1224,11 @@ class ResultCache:
             with merging():
                 compiling.done.wait()
             if compiling.reply is not None:
-                return compiling.reply, "merged"
+                return compiling.reply, "merged" if compiling.ok else "merged-failed"
             return compute()[0], "miss"  # its compile broke down: try ours
         try:
             reply, cacheable = compute()
-            compiling.reply = reply
+            compiling.reply, compiling.ok = reply, cacheable
             if cacheable:
                 self.store(key, reply)
             return reply, "miss"
@@ -1251,7 +1252,7 @@ class Compiling:
     """A compile identical requests wait for: its reply, once done."""
 
     def __init__(self):
-        self.done, self.reply = threading.Event(), None
+        self.done, self.reply, self.ok = threading.Event(), None, False
 
 
 # Options whose output differs run to run (timings, progress) or that a
