@@ -2062,7 +2062,7 @@ class AvahiPublisher:
                      str(port)] + list(txt)
         self.stderr_lines = []
         self.lock = threading.Lock()  # stop() against a restart
-        self.stopped = False
+        self.stopped = threading.Event()
         self.proc = self.spawn(self.argv)
         self.established = threading.Event()
         self.reader = threading.Thread(target=self.read_stderr, daemon=True)
@@ -2087,10 +2087,11 @@ class AvahiPublisher:
                     self.name = match.group(1)
                     self.established.set()
             self.proc.wait()
-            if not self.established.is_set() or self.stopping_soon(1.0):
+            # a daemon going down takes a moment: wait a little before a restart
+            if not self.established.is_set() or self.stopped.wait(1.0):
                 return
             with self.lock:
-                if self.stopped:
+                if self.stopped.is_set():
                     return
                 logging.warning("avahi-publish-service ended (%s): publishing %r again once "
                                 "the avahi daemon is back", self.stderr_lines[-1:] or "no word",
@@ -2098,16 +2099,6 @@ class AvahiPublisher:
                 self.proc.stderr.close()
                 self.proc = self.spawn([self.argv[0], "--no-fail", "--service", self.name]
                                        + self.argv[3:])
-
-    def stopping_soon(self, seconds):
-        """Wait a little before a restart (a daemon going down takes a moment); True if
-        stop() came meanwhile."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.stopped:
-                return True
-            time.sleep(0.05)
-        return self.stopped
 
     def wait_established(self, timeout):
         """True once registered; False when no avahi daemon answers."""
@@ -2129,7 +2120,7 @@ class AvahiPublisher:
 
     def stop(self):
         with self.lock:
-            self.stopped = True
+            self.stopped.set()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -2694,10 +2685,8 @@ def load_changed(old, new):
 def certinfo(der):
     """The certificate serial as real servers advertise it: the DER
     integer's bytes in colon-separated hex (a leading 00 kept)."""
-    import nss.nss as nss  # already initialised by the server
-    serial = nss.Certificate(der).serial_number
-    text = client.colon_hex(serial)
-    return ("00:" + text) if int(text[:2], 16) >= 0x80 else text
+    _, _, start, end = client.tbs_fields(der)[0]
+    return ":".join(f"{b:02x}" for b in der[start:end])
 
 
 def server_command(args):
