@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import hashlib
 import io
 import ipaddress
@@ -106,124 +107,81 @@ class OptionParser(argparse.ArgumentParser):
 
 
 def build_option_parser(prog):
-    p = OptionParser(
-        prog=prog, description="A systemtap compile server: runs stap passes 1-4 for "
-        "trusted clients over TLS and returns a signed reply.",
-        epilog="Also runs as: python3 stap_server.py stap-serverd OPTIONS")
-    p.add_argument("--port", type=int, default=0, help="TCP port (default: one the kernel picks)")
-    p.add_argument("--listen", default="::", metavar="ADDR",
-                   help="address to listen on (default: every address, IPv4 and IPv6)")
-    p.add_argument("--ssl", metavar="DIR", help="server certificate database "
-                   "(default: $sysconfdir/systemtap/ssl/server for root, "
-                   "$SYSTEMTAP_DIR/ssl/server otherwise)")
-    p.add_argument("--log", metavar="FILE", help="log file")
-    p.add_argument("-r", dest="releases", action="append", default=[], metavar="RELEASE",
-                   help="serve this kernel release (repeatable; default: the running kernel)")
-    p.add_argument("-a", dest="arch", help="serve this architecture (default: this machine's)")
-    p.add_argument("-R", dest="runtime", metavar="DIR", help="stap runtime directory")
-    p.add_argument("-I", dest="includes", action="append", default=[], metavar="DIR",
-                   help="extra tapset directory (repeatable)")
-    p.add_argument("-B", dest="kbuild", action="append", default=[], metavar="OPT",
-                   help="option for kbuild make (repeatable)")
-    p.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME=VAL",
-                   help="macro for the generated C code (repeatable)")
-    p.add_argument("--max-threads", type=int, default=os.cpu_count() or 1, metavar="N",
-                   help="concurrent compiles (default: CPU count)")
-    p.add_argument("--max-wait", type=float, default=900, metavar="SECONDS",
-                   help="requests wait for a compile slot in arrival order; one whose "
-                   "expected wait (from recent compile times) is longer gets a 'busy' "
-                   "reply (default 900)")
-    p.add_argument("--queue", type=int, default=None, metavar="N",
-                   help="at most N requests waiting for a compile slot (default: no "
-                   "limit but --max-wait and --max-pending-bytes)")
-    p.add_argument("--user", metavar="NAME",
-                   help="account that runs the compile step when started as root "
-                   f"(default: {COMPILE_ACCOUNT}; never root or nobody)")
-    p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
-                   help="run stap without bubblewrap (unsafe: warned at start and in every "
-                   "log line)")
-    p.add_argument("--allow-guru", action="store_true",
-                   help="let clients use guru mode (-g, embedded C); such compiles stay "
-                   "sandboxed, use a throw-away stap cache and are never cached")
+    p = OptionParser(prog=prog, description="A systemtap compile server: runs stap passes 1-4 "
+                     "for trusted clients over TLS and returns a signed reply.",
+                     epilog="Also runs as: python3 stap_server.py stap-serverd OPTIONS")
+    add = p.add_argument
+    add("--port", type=int, default=0, help="TCP port (default: one the kernel picks)")
+    add("--listen", default="::", metavar="ADDR",
+        help="address to listen on (default: every address, IPv4 and IPv6)")
+    add("--ssl", metavar="DIR", help="server certificate database (default: "
+        "$sysconfdir/systemtap/ssl/server for root, $SYSTEMTAP_DIR/ssl/server otherwise)")
+    add("--log", metavar="FILE", help="log file")
+    add("-r", dest="releases", action="append", default=[], metavar="RELEASE",
+        help="serve this kernel release (repeatable; default: the running kernel)")
+    add("-a", dest="arch", help="serve this architecture (default: this machine's)")
+    add("-R", dest="runtime", metavar="DIR", help="stap runtime directory")
+    add("-I", dest="includes", action="append", default=[], metavar="DIR",
+        help="extra tapset directory (repeatable)")
+    add("-B", dest="kbuild", action="append", default=[], metavar="OPT",
+        help="option for kbuild make (repeatable)")
+    add("-D", dest="defines", action="append", default=[], metavar="NAME=VAL",
+        help="macro for the generated C code (repeatable)")
+    add("--max-threads", type=int, default=os.cpu_count() or 1, metavar="N",
+        help="concurrent compiles (default: CPU count)")
+    add("--max-wait", type=float, default=900, metavar="SECONDS",
+        help="requests wait for a compile slot in arrival order; one whose expected wait "
+        "(from recent compile times) is longer gets a 'busy' reply (default 900)")
+    add("--queue", type=int, default=None, metavar="N", help="at most N requests waiting "
+        "for a compile slot (default: no limit but --max-wait and --max-pending-bytes)")
+    add("--user", metavar="NAME", help="account that runs the compile step when started as "
+        f"root (default: {COMPILE_ACCOUNT}; never root or nobody)")
+    add("--no-sandbox", dest="sandbox", action="store_false",
+        help="run stap without bubblewrap (unsafe: warned at start and in every log line)")
+    add("--allow-guru", action="store_true", help="let clients use guru mode (-g, embedded "
+        "C); such compiles stay sandboxed, use a throw-away stap cache and are never cached")
     # The real stap-serverd's names and meanings, so that configurations carry over
     # (its defaults, 5 KB and 50 KB, would refuse ordinary -I tapset trees).
-    p.add_argument("--max-compressed-request", type=int, default=16 << 20, metavar="BYTES",
-                   help="largest request as sent, compressed (default 16 MiB)")
-    p.add_argument("--max-request-size", "--max-unpacked-size", dest="max_request_size",
-                   type=int, default=256 << 20, metavar="BYTES",
-                   help="largest request once unpacked (default 256 MiB)")
-    p.add_argument("--max-pending-bytes", type=int, default=256 << 20, metavar="BYTES",
-                   help="request bytes being received at once, all clients together "
-                   "(default 256 MiB); requests are spooled to disk, not held in memory")
-    p.add_argument("--io-timeout", type=float, default=30, metavar="SECONDS",
-                   help="request read limit (default 30)")
-    p.add_argument("--handshake-timeout", type=float, default=5, metavar="SECONDS",
-                   help="TLS handshake limit (default 5)")
-    p.add_argument("--max-per-address", type=int, default=16, metavar="N",
-                   help="connections one client address (an IPv6 /64) may have open "
-                   "before its request is read (default 16)")
-    p.add_argument("--compile-timeout", type=float, default=900, metavar="SECONDS",
-                   help="wall-clock limit of one stap run (default 900)")
+    add("--max-compressed-request", type=int, default=16 << 20, metavar="BYTES",
+        help="largest request as sent, compressed (default 16 MiB)")
+    add("--max-request-size", "--max-unpacked-size", dest="max_request_size", type=int,
+        default=256 << 20, metavar="BYTES", help="largest request once unpacked (default 256 MiB)")
+    add("--max-pending-bytes", type=int, default=256 << 20, metavar="BYTES",
+        help="request bytes being received at once, all clients together (default 256 MiB); "
+        "requests are spooled to disk, not held in memory")
+    add("--io-timeout", type=float, default=30, metavar="SECONDS",
+        help="request read limit (default 30)")
+    add("--handshake-timeout", type=float, default=5, metavar="SECONDS",
+        help="TLS handshake limit (default 5)")
+    add("--max-per-address", type=int, default=16, metavar="N", help="connections one client "
+        "address (an IPv6 /64) may have open before its request is read (default 16)")
+    add("--compile-timeout", type=float, default=900, metavar="SECONDS",
+        help="wall-clock limit of one stap run (default 900)")
     for name, default, unit, what in COMPILE_LIMITS:
-        p.add_argument(f"--compile-{name}", type=int, default=default, metavar=unit,
-                       help=f"{what} (default {default})")
-    p.add_argument("--result-cache-size", type=int, default=64 << 20, metavar="BYTES",
-                   help="memory for replies to repeat requests (default 64 MiB; 0: off)")
-    p.add_argument("--renew-check", type=float, default=3600, metavar="SECONDS",
-                   help="how often a running server checks whether its certificate "
-                   "expires within 30 days and renews it (default 3600)")
-    p.add_argument("--tmpdir", metavar="DIR", help="where request directories go")
-    p.add_argument("--cache-dir", metavar="DIR",
-                   help="stap's caches for compiles, one subdirectory per compile account "
-                   "(default: /var/cache/stap-server for root, "
-                   "$SYSTEMTAP_DIR/compile-cache otherwise)")
-    p.add_argument("--dns-update", metavar="ZONE",
-                   help="also register in this DNS zone (wide-area DNS-SD, for clients on "
-                   "other subnets) by DNS UPDATE signed with --tsig-key, sent to --dns-server; "
-                   "the records go when the server stops")
-    p.add_argument("--dns-server", metavar="ADDRESS[:PORT]",
-                   help="the primary server of the --dns-update zone")
-    p.add_argument("--tsig-key", metavar="FILE",
-                   help="the TSIG key that the zone accepts updates with (BIND's key "
-                   "statement, as tsig-keygen writes it)")
-    p.add_argument("--load-refresh", type=float, default=10, metavar="SECONDS",
-                   help="refresh the advertised load hint at most this often (default 10)")
-    p.add_argument("--advertise", choices=("auto", "avahi", "mdns", "none"), default="auto",
-                   help="how to announce the server (default: avahi if running, else the "
-                   "built-in mDNS responder)")
+        add(f"--compile-{name}", type=int, default=default, metavar=unit,
+            help=f"{what} (default {default})")
+    add("--result-cache-size", type=int, default=64 << 20, metavar="BYTES",
+        help="memory for replies to repeat requests (default 64 MiB; 0: off)")
+    add("--renew-check", type=float, default=3600, metavar="SECONDS", help="how often a "
+        "running server checks whether its certificate expires within 30 days and renews it "
+        "(default 3600)")
+    add("--tmpdir", metavar="DIR", help="where request directories go")
+    add("--cache-dir", metavar="DIR", help="stap's caches for compiles, one subdirectory per "
+        "compile account (default: /var/cache/stap-server for root, "
+        "$SYSTEMTAP_DIR/compile-cache otherwise)")
+    add("--dns-update", metavar="ZONE", help="also register in this DNS zone (wide-area "
+        "DNS-SD, for clients on other subnets) by DNS UPDATE signed with --tsig-key, sent to "
+        "--dns-server; the records go when the server stops")
+    add("--dns-server", metavar="ADDRESS[:PORT]",
+        help="the primary server of the --dns-update zone")
+    add("--tsig-key", metavar="FILE", help="the TSIG key that the zone accepts updates with "
+        "(BIND's key statement, as tsig-keygen writes it)")
+    add("--load-refresh", type=float, default=10, metavar="SECONDS",
+        help="refresh the advertised load hint at most this often (default 10)")
+    add("--advertise", choices=("auto", "avahi", "mdns", "none"), default="auto",
+        help="how to announce the server (default: avahi if running, else the built-in "
+        "mDNS responder)")
     return p
-
-
-@dataclasses.dataclass
-class Config:
-    port: int
-    listen: str
-    db: CertDB
-    log: str
-    releases: list
-    arch: str
-    stap_options: list  # server-wide options for every stap run
-    max_threads: int
-    queue: int  # None: no count limit
-    max_wait: float
-    user: str  # the compile account of a root server; None: the server's own
-    sandbox: bool
-    allow_guru: bool
-    limits: Limits
-    max_request: int
-    max_pending: int
-    io_timeout: float
-    handshake_timeout: float
-    max_per_address: int
-    compile_timeout: float
-    compile_limits: dict  # option suffix -> value, see COMPILE_LIMITS
-    tmpdir: str
-    cache_dir: str
-    advertise: str
-    load_refresh: float
-    dns_update: tuple  # (zone, server, port, key file) or None
-    result_cache_size: int
-    renew_check: float
 
 
 def state_dir(kind):
@@ -238,45 +196,38 @@ def status_path(pid):
 
 
 def parse_config(argv, prog=PROG):
-    opts = build_option_parser(prog).parse_args(argv)
-    for name in ("max_threads", "max_per_address", "max_compressed_request", "max_request_size",
-                 "max_pending_bytes"):
-        if getattr(opts, name) < 1:
+    """The server's configuration: its options, checked, with what they
+    imply filled in (defaults that depend on the user, the database, the
+    compile account, the archive limits, the options every stap run gets)."""
+    config = build_option_parser(prog).parse_args(argv)
+    for name in ["max_threads", "max_per_address", "max_compressed_request", "max_request_size",
+                 "max_pending_bytes"] + [limit_option(n) for n, *_ in COMPILE_LIMITS]:
+        if getattr(config, name) < 1:
             raise Error(f"--{name.replace('_', '-')} must be at least 1")
-    for name, *_ in COMPILE_LIMITS:
-        if getattr(opts, "compile_" + name.replace("-", "_")) < 1:
-            raise Error(f"--compile-{name} must be at least 1")
-    arch = opts.arch or os.uname().machine
-    releases = served_releases(opts.releases)
-    stap_options = []
-    if opts.runtime:
-        stap_options += ["-R", os.path.abspath(opts.runtime)]
-    for d in opts.includes:
-        stap_options += ["-I", os.path.abspath(d)]
-    stap_options += [x for b in opts.kbuild for x in ("-B", b)]
-    stap_options += [x for d in opts.defines for x in ("-D", d)]
-    limits = Limits(max_total_bytes=opts.max_request_size,  # entries: the client's bounds
-                    too_large="Uncompressed request size of {total} bytes is not within the "
-                    "expected range of 1 to {limit} bytes (--max-request-size)")  # the real words
-    return Config(
-        port=opts.port, listen=opts.listen,
-        db=CertDB(opts.ssl or client.server_db_path()),
-        log=opts.log or os.path.join(state_dir("log"), "stap-server.log"),
-        releases=releases, arch=arch, stap_options=stap_options,
-        max_threads=opts.max_threads,
-        queue=opts.queue, max_wait=opts.max_wait,
-        user=compile_user(opts.user), sandbox=opts.sandbox, allow_guru=opts.allow_guru,
-        limits=limits, max_request=opts.max_compressed_request,
-        max_pending=opts.max_pending_bytes, io_timeout=opts.io_timeout,
-        handshake_timeout=opts.handshake_timeout, max_per_address=opts.max_per_address,
-        compile_timeout=opts.compile_timeout,
-        compile_limits={name: getattr(opts, "compile_" + name.replace("-", "_"))
-                        for name, *_ in COMPILE_LIMITS},
-        tmpdir=os.path.abspath(opts.tmpdir or tempfile.gettempdir()),
-        cache_dir=os.path.abspath(opts.cache_dir or default_cache_dir()),
-        advertise=opts.advertise, load_refresh=opts.load_refresh,
-        dns_update=dns_update_target(opts),
-        result_cache_size=opts.result_cache_size, renew_check=opts.renew_check)
+    config.arch = config.arch or os.uname().machine
+    config.releases = served_releases(config.releases)
+    config.stap_options = (
+        (["-R", os.path.abspath(config.runtime)] if config.runtime else [])
+        + [x for d in config.includes for x in ("-I", os.path.abspath(d))]
+        + [x for b in config.kbuild for x in ("-B", b)]
+        + [x for d in config.defines for x in ("-D", d)])
+    config.db = CertDB(config.ssl or client.server_db_path())
+    config.log = config.log or os.path.join(state_dir("log"), "stap-server.log")
+    config.user = compile_user(config.user)  # None: compiles run as the server's own user
+    config.compile_limits = {n: getattr(config, limit_option(n)) for n, *_ in COMPILE_LIMITS}
+    config.limits = Limits(  # the entries keep the client's bounds; the real server's words
+        max_total_bytes=config.max_request_size,
+        too_large="Uncompressed request size of {total} bytes is not within the expected "
+        "range of 1 to {limit} bytes (--max-request-size)")
+    config.tmpdir = os.path.abspath(config.tmpdir or tempfile.gettempdir())
+    config.cache_dir = os.path.abspath(config.cache_dir or default_cache_dir())
+    config.dns_update = dns_update_target(config)  # the zone name becomes the whole target
+    return config
+
+
+def limit_option(name):
+    """The attribute of a compile limit's option: "file-size" -> compile_file_size."""
+    return "compile_" + name.replace("-", "_")
 
 
 def dns_update_target(opts):
@@ -387,18 +338,17 @@ def generate_certificate(db):
 
 
 def write_certificate_file(db, der):
-    path = os.path.join(db.path, client.SERVER_CERT_FILE)
-    try:
-        with open(path, "rb") as f:
-            if f.read() == der:
-                return
-    except FileNotFoundError:
-        pass
-    tmp = path + ".new"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as f:
-        f.write(der)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """The file users copy to trust the server (stap-add-server-cert)."""
+    if client.read_entry(db.path, client.SERVER_CERT_FILE) != der:
+        replace_file(os.path.join(db.path, client.SERVER_CERT_FILE), der)
+
+
+def replace_file(path, data):
+    """Write a file readable by all, whole or not at all: readers never see half of it."""
+    with open(os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as f:
+        os.fchmod(f.fileno(), 0o644)  # whatever the umask
+        f.write(data)
+    os.replace(path + ".new", path)
 
 
 def trust_locally(der, log=logging):
@@ -506,7 +456,7 @@ def client_arguments(args, top, release):
     if not scripts and operands and not listing:
         script = operands.pop(0)
         confine(script, top, "script")
-        scripts.append((script, read_confined(top, script)))
+        scripts.append((script, client.read_entry(top, script) or b""))  # b"": a directory
         out.append(script)
     lowered = last_pass in (None, "5") and not listing
     if last_pass is None and lowered:
@@ -523,11 +473,6 @@ def confine(path, top, what):
     real = os.path.realpath(os.path.join(top, path))
     if not (real + os.sep).startswith(os.path.realpath(top) + os.sep):
         raise Error(f"{what} path {path} is not inside the request")
-
-
-def read_confined(top, path):
-    """A file of the request (a tree the server wrote itself), or b"" for a directory."""
-    return client.read_entry(top, path) or b""
 
 
 def check_argv_size(args):
@@ -548,7 +493,7 @@ def shipped_tapsets(top):
         for name in sorted(files):
             if name.endswith((".stp", ".stpm")):
                 path = os.path.join(root, name)
-                found.append((os.path.relpath(path, top), read_confined(top, path)))
+                found.append((os.path.relpath(path, top), client.read_entry(top, path)))
     return found
 
 
@@ -995,32 +940,26 @@ class SECItem(ctypes.Structure):
                 ("len", ctypes.c_uint)]
 
 
-_nss3 = None
-
-
+@functools.cache
 def nss3():
     """The NSS library python-nss already loaded (one process, one NSS),
     with the few calls that sign with a private key: python-nss has none."""
-    global _nss3
-    if _nss3 is None:
-        try:
-            lib = ctypes.CDLL("libnss3.so")  # NSS keeps an unversioned soname
-        except OSError:
-            lib = ctypes.CDLL(ctypes.util.find_library("nss3"))
-        ptr = ctypes.c_void_p
-        for name, restype, argtypes in (
-                ("CERT_GetDefaultCertDB", ptr, []),
-                ("CERT_FindCertByDERCert", ptr, [ptr, ctypes.POINTER(SECItem)]),
-                ("CERT_DestroyCertificate", None, [ptr]),
-                ("PK11_FindKeyByAnyCert", ptr, [ptr, ptr]),
-                ("SECKEY_DestroyPrivateKey", None, [ptr]),
-                ("SEC_SignData", ctypes.c_int,
-                 [ctypes.POINTER(SECItem), ctypes.c_char_p, ctypes.c_int, ptr, ctypes.c_int]),
-                ("SECITEM_FreeItem", None, [ctypes.POINTER(SECItem), ctypes.c_int])):
-            getattr(lib, name).restype = restype
-            getattr(lib, name).argtypes = argtypes
-        _nss3 = lib
-    return _nss3
+    try:
+        lib = ctypes.CDLL("libnss3.so")  # NSS keeps an unversioned soname
+    except OSError:
+        lib = ctypes.CDLL(ctypes.util.find_library("nss3"))
+    ptr, item, c_int = ctypes.c_void_p, ctypes.POINTER(SECItem), ctypes.c_int
+    for name, restype, argtypes in (
+            ("CERT_GetDefaultCertDB", ptr, []),
+            ("CERT_FindCertByDERCert", ptr, [ptr, item]),
+            ("CERT_DestroyCertificate", None, [ptr]),
+            ("PK11_FindKeyByAnyCert", ptr, [ptr, ptr]),
+            ("SECKEY_DestroyPrivateKey", None, [ptr]),
+            ("SEC_SignData", c_int, [item, ctypes.c_char_p, c_int, ptr, c_int]),
+            ("SECITEM_FreeItem", None, [item, c_int])):
+        getattr(lib, name).restype = restype
+        getattr(lib, name).argtypes = argtypes
+    return lib
 
 
 _keys = {}  # ServerKey.of_database's, by database path
@@ -1143,14 +1082,15 @@ def signed_reply(key, reply):
     return key.signed_jar(reply_entries(reply))
 
 
-def handle_request(data, config, version, record, cache=None,
-                   compile_slot=contextlib.nullcontext(), key=None):
+def handle_request(data, config, version, record, cache=None, compiles=None, key=None):
     """The signed reply bytes for one framed request body (bytes or a file);
     never raises for a bad request or a failed compile (the client gets rc 1
-    and the reason).  record (a RequestRecord) gets what the log says; key
-    (a ServerKey, by default config.db's) signs the reply and modules built
-    for stapusr/stapsys."""
+    and the reason).  record (a RequestRecord) gets what the log says; the
+    compile waits for a slot of compiles (a CompileQueue); key (a ServerKey,
+    by default config.db's) signs the reply and modules built for
+    stapusr/stapsys."""
     key = key or ServerKey.of_database(config.db)
+    compiles = compiles or CompileQueue(config.max_threads)
     ws = Workspace(config)
     try:
         try:
@@ -1165,7 +1105,7 @@ def handle_request(data, config, version, record, cache=None,
 
         def compile_and_sign():
             try:
-                with compile_slot:
+                with compiles.compiling():
                     compiled = run_compile(config, req, ws)
             except (Error, OSError) as e:
                 record.update(rc=1, error=str(e))
@@ -1178,8 +1118,7 @@ def handle_request(data, config, version, record, cache=None,
             return compile_and_sign()[0]
         cache_key = None if req.guru or not config.sandbox else result_key(
             req, ws.work, config, version)
-        reply, how = cache.lookup(cache_key, compile_and_sign,
-                                  getattr(compile_slot, "merging", contextlib.nullcontext))
+        reply, how = cache.lookup(cache_key, compile_and_sign, compiles.merging)
         record.update(cache=how)
         if how in ("hit", "merged", "merged-failed"):  # answered without compiling here
             record.update(rc=1 if how == "merged-failed" else 0)
@@ -1348,14 +1287,10 @@ def init_nss(config):
 
 
 class Credentials:
-    """The server certificate in use, its key for TLS and for signing; a
-    renewal swaps all three for connections accepted from then on."""
+    """The server certificate der, its key for TLS and for signing; a renewal
+    puts new Credentials in place for connections accepted from then on."""
 
-    def __init__(self, config, der):
-        self.config = config
-        self.use(der)
-
-    def use(self, der):
+    def __init__(self, der):
         nss = client.nss_modules()[0]
         for cert in nss.find_certs_from_nickname(client.SERVER_NICKNAME):
             if bytes(cert.der_data) == der:
@@ -1364,20 +1299,7 @@ class Credentials:
                 return
         raise Error("the server certificate is not in its database")
 
-    def renew_if_expiring(self):
-        """Replace a certificate that expires within 30 days.  True if renewed."""
-        if not expires_within(self.der, RENEW_BEFORE):
-            return False
-        try:
-            self.use(ensure_server_certificate(self.config.db))
-        except Error as e:
-            logging.error("certificate renewal failed: %s", e)
-            return False
-        logging.info("renewed the server certificate while running; sha256 fingerprint %s",
-                     client.fingerprint(self.der))
-        return True
-
-    def accept_tls(self, conn):
+    def accept_tls(self, conn, timeout):
         """Wrap an accepted socket in server-side TLS and shake hands."""
         _, ssl, _, _ = client.nss_modules()
         conn.settimeout(None)
@@ -1389,7 +1311,7 @@ class Credentials:
         sock.config_secure_server(self.cert, self.key, self.cert.find_kea_type())
         sock.reset_handshake(True)
         try:
-            sock.force_handshake_timeout(client.nss_interval(self.config.handshake_timeout))
+            sock.force_handshake_timeout(client.nss_interval(timeout))
         except BaseException:
             sock.close()  # else the descriptor stays open until garbage collection
             raise
@@ -1402,16 +1324,13 @@ class RequestRecord:
 
     FIELDS = ("client", "sandbox", "size", "version", "release", "options", "guru", "cache",
               "rc", "error", "seconds")
+    __slots__ = FIELDS  # a misspelt field is an AttributeError
 
     def __init__(self, **fields):
-        for name in self.FIELDS:
-            setattr(self, name, None)
-        self.update(**fields)
+        self.update(**{**dict.fromkeys(self.FIELDS), **fields})
 
     def update(self, **fields):
         for name, value in fields.items():
-            if name not in self.FIELDS:
-                raise AttributeError(name)
             setattr(self, name, value)
 
     def fail(self, message):
@@ -1447,11 +1366,11 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def __init__(self, config, der):
         init_nss(config)
         self.config = config
-        self.credentials = Credentials(config, der)
+        self.credentials = Credentials(der)
         self.version = stap_version()
         self.results = ResultCache(config.result_cache_size)
         self.compiles = CompileQueue(config.max_threads)
-        self.pending = PendingBytes(config.max_pending)
+        self.pending = PendingBytes(config.max_pending_bytes)
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.unread = AddressSlots(config.max_per_address)
         self.on_renewal = lambda der: None  # e.g. advertise the new serial
@@ -1499,9 +1418,17 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.renew_if_expiring()
 
     def renew_if_expiring(self):
-        if not self.credentials.renew_if_expiring():
+        """Replace a certificate that expires within 30 days.  True if renewed."""
+        if not expires_within(self.credentials.der, RENEW_BEFORE):
+            return False
+        try:
+            self.credentials = Credentials(ensure_server_certificate(self.config.db))
+        except Error as e:
+            logging.error("certificate renewal failed: %s", e)
             return False
         der = self.credentials.der
+        logging.info("renewed the server certificate while running; sha256 fingerprint %s",
+                     client.fingerprint(der))
         self.results = ResultCache(self.config.result_cache_size)  # old signatures
         write_status(self.config, self.port, der)
         self.on_renewal(der)
@@ -1538,25 +1465,27 @@ class PendingBytes:
 class CompileHandler(socketserver.BaseRequestHandler):
     """One connection.  setup() waits for the client address's share of
     unread connections, handle() shakes hands, spools the request to disk,
-    gives the slot back and answers, finish() writes the log line."""
+    gives the share back and answers, finish() writes the log line."""
 
     def setup(self):
         self.started = time.monotonic()
         self.record = RequestRecord(client=format_address(self.client_address),
                                     sandbox=None if self.server.config.sandbox else "off")
         self.sock = None
-        self.slot = self.server.unread.take(self.client_address[0],
-                                            self.server.config.io_timeout)
+        self.address = address_key(self.client_address[0])
+        self.admitted = self.unread = self.server.unread.take(self.address,
+                                                              self.server.config.io_timeout)
 
     def handle(self):
-        if self.slot is None:  # its address kept all its slots busy all along
+        if not self.admitted:  # its address kept all its slots busy all along
             return
         _, _, nio, nerror = client.nss_modules()
         config = self.server.config
         try:
-            self.sock = self.server.credentials.accept_tls(self.request)
+            self.credentials = self.server.credentials  # one certificate for TLS and signing
+            self.sock = self.credentials.accept_tls(self.request, config.handshake_timeout)
             with read_request(self.sock, self.record, config, self.server.pending) as body:
-                self.slot.release()
+                self.request_read()
                 if body is not None:
                     reply = self.answer(body)
                     self.sock.sendall(reply, client.nss_interval(config.io_timeout
@@ -1570,10 +1499,16 @@ class CompileHandler(socketserver.BaseRequestHandler):
             self.record.fail(f"internal error: {e}")
             logging.exception("request from %s failed", self.record.client)
 
+    def request_read(self):
+        """The request is in (or never will be): the address's slot passes on."""
+        if self.unread:
+            self.unread = False
+            self.server.unread.give_back(self.address)
+
     def finish(self):
-        if self.slot is None:
-            return
-        self.slot.release()
+        if not self.admitted:
+            return  # counted among the address's dropped connections
+        self.request_read()
         if self.sock is not None:
             self.sock.close()
         self.record.seconds = f"{time.monotonic() - self.started:.3f}"
@@ -1584,162 +1519,153 @@ class CompileHandler(socketserver.BaseRequestHandler):
         it cannot wait: too many bytes pending (body is then the Busy reason),
         an expected wait past --max-wait, or a queue past --queue."""
         server = self.server
-        ticket = body if isinstance(body, Busy) else \
-            server.compiles.join(server.config.max_wait, server.config.queue)
-        signer = server.credentials.signer
-        if isinstance(ticket, Busy):
+        busy = body if isinstance(body, Busy) else \
+            server.compiles.busy_reason(server.config.max_wait, server.config.queue)
+        signer = self.credentials.signer
+        if busy:
             self.record.update(rc=1, error="busy")
             return error_reply(signer, server.version,
-                               f"{client.BUSY_MESSAGE}: {ticket}; try again later")
+                               f"{client.BUSY_MESSAGE}: {busy}; try again later")
         return handle_request(body, server.config, server.version, self.record, server.results,
-                              ticket, signer)
+                              server.compiles, signer)
 
 
 class Busy(str):
     """Why a request cannot wait for a compile slot: the text of a busy reply."""
 
 
+class FifoSlots:
+    """At most `limit` holders of each key at once; the others wait strictly
+    in arrival order (a freed slot is handed to the first waiter, never
+    grabbed by a newcomer)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.held = collections.Counter()
+        self.waiting = collections.defaultdict(collections.deque)  # key -> Events, first first
+
+    def take(self, key=None, timeout=None):
+        """True once a slot of key is ours; False when none came free in time."""
+        with self.lock:
+            if self.held[key] < self.limit and not self.waiting[key]:
+                self.held[key] += 1
+                return True
+            turn = threading.Event()
+            self.waiting[key].append(turn)
+        if turn.wait(timeout):
+            return True  # give_back() handed us its slot
+        with self.lock:
+            if turn.is_set():  # just now
+                return True
+            self.waiting[key].remove(turn)
+            return False
+
+    def give_back(self, key=None):
+        with self.lock:
+            if self.waiting[key]:
+                self.waiting[key].popleft().set()  # the slot passes on; held stays
+                return
+            del self.waiting[key]
+            self.held[key] -= 1
+            if not self.held[key]:
+                del self.held[key]
+
+    def counts(self, key=None):
+        """(slots held, holders waiting) for key."""
+        with self.lock:
+            return self.held[key], len(self.waiting.get(key, ()))
+
+
 class CompileQueue:
-    """At most `slots` compiles at once; the others wait strictly in arrival
-    order (a freed slot is handed to the first waiter, never grabbed by a
-    newcomer).  Recent compile times give each newcomer its expected wait."""
+    """At most `slots` compiles at once, the others waiting in arrival order
+    (FifoSlots); recent compile times give each newcomer its expected wait,
+    and the advertisement its load hint."""
 
     def __init__(self, slots):
-        self.slots = slots
-        self.lock = threading.Lock()
-        self.running = 0
+        self.slots = FifoSlots(slots)
         self.merged = 0  # requests waiting for an identical one's compile
-        self.waiting = collections.deque()  # Events, first come first
         self.recent = 5.0  # seconds a compile takes, smoothed (a first guess)
 
-    def join(self, max_wait, max_queue=None):
-        """A Ticket to hold while compiling, or a Busy reason."""
-        with self.lock:
-            ahead = len(self.waiting)
-            wait = self.expected_wait(ahead)
-            if self.running >= self.slots and (wait > max_wait or
-                                               (max_queue is not None and ahead >= max_queue)):
-                return Busy(f"{ahead} requests wait for {self.slots} compile slots; "
-                            f"the expected wait of {wait:.0f} s is over the server's limit "
-                            f"of {max_wait:.0f} s")
-            return Ticket(self)
+    def busy_reason(self, max_wait, max_queue=None):
+        """Why a newcomer cannot wait for a slot (a Busy), or None."""
+        running, ahead = self.slots.counts()
+        wait = self.expected_wait(running, ahead)
+        if running >= self.slots.limit and (wait > max_wait or
+                                            (max_queue is not None and ahead >= max_queue)):
+            return Busy(f"{ahead} requests wait for {self.slots.limit} compile slots; "
+                        f"the expected wait of {wait:.0f} s is over the server's limit "
+                        f"of {max_wait:.0f} s")
+        return None
+
+    def expected_wait(self, running, ahead):
+        if running < self.slots.limit and not ahead:
+            return 0.0
+        return (ahead // self.slots.limit + 1) * self.recent
 
     def hint(self):
         """What the advertisement says of the load: slots, busy, queued, and
         a recent compile's seconds."""
-        with self.lock:
-            return {"slots": self.slots, "busy": self.running, "queued": len(self.waiting),
-                    "compile": round(self.recent, 1)}
+        running, queued = self.slots.counts()
+        return {"slots": self.slots.limit, "busy": running, "queued": queued,
+                "compile": round(self.recent, 1)}
 
-    def expected_wait(self, ahead):
-        if self.running < self.slots and not ahead:
-            return 0.0
-        return (ahead // self.slots + 1) * self.recent
-
-    def acquire(self):
-        with self.lock:
-            if self.running < self.slots and not self.waiting:
-                self.running += 1
-                self.log_concurrency()
-                return
-            turn = threading.Event()
-            self.waiting.append(turn)
-        turn.wait()  # release() handed us its slot
-
-    def release(self, seconds):
-        with self.lock:
-            self.recent = 0.7 * self.recent + 0.3 * seconds
-            if self.waiting:
-                self.waiting.popleft().set()  # the slot passes on; running stays
-                self.log_concurrency()
-            else:
-                self.running -= 1
-
+    @contextlib.contextmanager
+    def compiling(self):
+        """A compile slot, held meanwhile (waiting in line for it first)."""
+        self.slots.take()
+        self.log_concurrency()
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            with self.slots.lock:
+                self.recent = 0.7 * self.recent + 0.3 * (time.monotonic() - started)
+            self.slots.give_back()
 
     @contextlib.contextmanager
     def merging(self):
         """A request that waits for an identical one's compile: being
         answered too, it counts in the concurrency the log tells."""
-        with self.lock:
+        with self.slots.lock:
             self.merged += 1
-            self.log_concurrency()
+        self.log_concurrency()
         try:
             yield
         finally:
-            with self.lock:
+            with self.slots.lock:
                 self.merged -= 1
 
     def log_concurrency(self):
-        if self.running + self.merged > 1:  # the real server's words, for log searches
-            logging.info("Processing %d concurrent requests...", self.running + self.merged)
-
-
-class Ticket:
-    """A place in the compile queue; entering it waits for a slot."""
-
-    def __init__(self, queue):
-        self.queue = queue
-
-    def __enter__(self):
-        self.queue.acquire()
-        self.started = time.monotonic()
-        return self
-
-    def __exit__(self, *exc):
-        self.queue.release(time.monotonic() - self.started)
-
-    def merging(self):
-        return self.queue.merging()
+        running = self.slots.counts()[0] + self.merged
+        if running > 1:  # the real server's words, for log searches
+            logging.info("Processing %d concurrent requests...", running)
 
 
 MAX_CONNECTIONS = 1024  # open connections, all addresses together
 DROP_LOG_INTERVAL = 10  # seconds: dropped connections are logged as a count
 
 
-class AddressSlots:
-    """How many connections each client address (IPv6: its /64) has open
-    whose request is not read yet.  Past the limit a new connection waits
-    in line for its address's next free slot (up to a deadline), so silent
-    peers of one address keep only that address waiting, while a burst of
-    real clients from one address (a build farm behind NAT) is served in
-    turn.  Connections dropped after waiting are logged as counts."""
+class AddressSlots(FifoSlots):
+    """Connections whose request is not read yet, by client address (IPv6:
+    its /64).  Past the limit a new connection waits in line for its
+    address's next free slot (up to a deadline), so silent peers of one
+    address keep only that address waiting, while a burst of real clients
+    from one address (a build farm behind NAT) is served in turn.
+    Connections dropped after waiting are logged as counts."""
 
     def __init__(self, limit):
-        self.limit = limit
-        self.lock = threading.Lock()
-        self.open = collections.Counter()
-        self.waiting = collections.defaultdict(collections.deque)  # key -> Events
+        super().__init__(limit)
         self.dropped = collections.Counter()
         self.last_report = -DROP_LOG_INTERVAL  # the first drop is logged at once
 
-    def take(self, host, timeout):
-        """An AddressSlot, or None when none came free within timeout."""
-        key = address_key(host)
+    def take(self, key, timeout):
+        if super().take(key, timeout):
+            return True
         with self.lock:
-            if self.open[key] < self.limit and not self.waiting[key]:
-                self.open[key] += 1
-                return AddressSlot(self, key)
-            turn = threading.Event()
-            self.waiting[key].append(turn)
-        if turn.wait(timeout):
-            return AddressSlot(self, key)  # give_back() passed its slot on
-        with self.lock:
-            if turn.is_set():  # handed over just now
-                return AddressSlot(self, key)
-            self.waiting[key].remove(turn)
             self.dropped[key] += 1
             self.report_drops(timeout)
-        return None
-
-    def give_back(self, key):
-        with self.lock:
-            if self.waiting[key]:
-                self.waiting[key].popleft().set()  # the slot passes on
-                return
-            del self.waiting[key]
-            self.open[key] -= 1
-            if not self.open[key]:
-                del self.open[key]
+        return False
 
     def report_drops(self, timeout):
         if time.monotonic() - self.last_report < DROP_LOG_INTERVAL:
@@ -1750,16 +1676,6 @@ class AddressSlots:
                             "(--max-per-address)", n, key, timeout, self.limit)
         self.dropped.clear()
         self.last_report = time.monotonic()
-
-
-class AddressSlot:
-    def __init__(self, slots, key):
-        self.slots, self.key, self.held = slots, key, True
-
-    def release(self):
-        if self.held:
-            self.held = False
-            self.slots.give_back(self.key)
 
 
 def address_key(host):
@@ -1787,11 +1703,11 @@ def read_request(sock, record, config, pending):
     deadline = time.monotonic() + config.io_timeout
     quick_ack(sock)
     size = record.size = int.from_bytes(read_exactly(sock, 4, deadline), "big", signed=True)
-    if size <= 0 or size > config.max_request:
+    if size <= 0 or size > config.max_compressed_request:
         record.fail("certificate fetch" if size == 0 else f"bad request size {size}"
                     if size < 0 else  # the real server's words, for log searches
                     f"Error size of (compressed) request file is too large: {size} "
-                    f"bytes (--max-compressed-request {config.max_request})")
+                    f"bytes (--max-compressed-request {config.max_compressed_request})")
         yield None
         return
     if not pending.take(size):  # drain it: a close with unread bytes would reset the reply
@@ -1866,18 +1782,13 @@ def format_address(address):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-_stap_version = None
-
-
+@functools.cache
 def stap_version():
     """The numeric version of the installed stap, e.g. 4.8 (the protocol level
     a reply announces; real clients abort on a non-numeric one)."""
-    global _stap_version
-    if _stap_version is None:
-        out = client.run_tool([stap_program(), "-V"], check=False)
-        m = re.search(rb"version (\d+(?:\.\d+)*)", out.stdout + out.stderr)
-        _stap_version = m.group(1).decode() if m else client.PROTOCOL_VERSION
-    return _stap_version
+    out = client.run_tool([stap_program(), "-V"], check=False)
+    m = re.search(rb"version (\d+(?:\.\d+)*)", out.stdout + out.stderr)
+    return m.group(1).decode() if m else client.PROTOCOL_VERSION
 
 
 # --------------------------------------------------------------------------
@@ -2514,9 +2425,7 @@ def write_status(config, port, der):
               "releases": config.releases, "arch": config.arch, "uid": os.geteuid(),
               "log": config.log, "database": config.db.path}
     path = status_path(os.getpid())
-    with open(path + ".new", "w") as f:
-        json.dump(status, f)
-    os.replace(path + ".new", path)
+    replace_file(path, json.dumps(status).encode())
     return path
 
 
@@ -2726,12 +2635,7 @@ def daemon_error(log, offset):
 
 
 def stap_start_server(argv):
-    try:
-        pid = start_server(argv)
-    except Error as e:
-        print(f"stap-start-server: ERROR: {e}", file=sys.stderr)
-        return 1
-    print(pid)
+    print(start_server(argv))
     return 0
 
 
@@ -2777,20 +2681,11 @@ def stap_find_or_start_server(argv):
     -r/-a given, else with this host), else the pid of a new one, else -1."""
     try:
         opts = build_option_parser("stap-find-or-start-server").parse_args(argv)
-    except Error as e:
-        print(f"stap-find-or-start-server: ERROR: {e}", file=sys.stderr)
+        wanted = client.local_sysinfo(opts.releases[0] if opts.releases else None, opts.arch)
+        pid = 0 if client.find_servers(sysinfo=wanted) else start_server(argv)
+    except Error:
         print(-1)
-        return 1
-    wanted = client.local_sysinfo(opts.releases[0] if opts.releases else None, opts.arch)
-    if client.find_servers(sysinfo=wanted):
-        print(0)
-        return 0
-    try:
-        pid = start_server(argv)
-    except Error as e:
-        print(f"stap-find-or-start-server: ERROR: {e}", file=sys.stderr)
-        print(-1)
-        return 1
+        raise
     print(pid)
     return 0
 

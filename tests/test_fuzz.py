@@ -202,7 +202,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=10000, database=None,
 def test_request_decoder_fuzz(fuzz_env, krel):
     env = fuzz_env
     stats = {"inputs": 0, "framing refused": 0, "rc 0": 0, "rc 1": 0}
-    pending = stap_server.PendingBytes(env.config.max_pending)
+    pending = stap_server.PendingBytes(env.config.max_pending_bytes)
     reasons = {}
     started = time.monotonic()
 

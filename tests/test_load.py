@@ -173,17 +173,20 @@ def test_compile_queue_serves_in_arrival_order():
     import stap_server
     queue = stap_server.CompileQueue(1)
     order, threads = [], []
-    first = queue.join(max_wait=100)
+
+    def compile_one(n):
+        with queue.compiling():
+            order.append(n)
+            time.sleep(0.01)
+
+    first = queue.compiling()
     first.__enter__()
     for n in range(8):
-        ticket = queue.join(max_wait=100)
-        t = threading.Thread(target=lambda n=n, ticket=ticket: (
-            ticket.__enter__(), order.append(n), time.sleep(0.01), ticket.__exit__()))
-        t.start()
-        threads.append(t)
-        conftest.wait_until(lambda n=n: len(queue.waiting) == n + 1, 5, "not queued")
-    first.__exit__()
+        threads.append(threading.Thread(target=compile_one, args=(n,)))
+        threads[-1].start()
+        conftest.wait_until(lambda n=n: queue.slots.counts() == (1, n + 1), 5, "not queued")
+    first.__exit__(None, None, None)
     for t in threads:
         t.join(10)
     assert order == list(range(8))
-    assert queue.running == 0 and not queue.waiting
+    assert queue.slots.counts() == (0, 0)
