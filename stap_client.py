@@ -613,35 +613,29 @@ def add_privilege(inv):
                          f"{level}.  [man stap]")
 
 
+# Short options stap-client itself reads: letter -> the Invocation attribute
+# that a flag sets, or that takes the option's value.
+CLIENT_FLAGS = {"h": "help", "V": "version", "k": "keep", "F": "flight_recorder"}
+CLIENT_VALUES = {"o": "output", "r": "release", "a": "arch", "m": "module_name"}
+
+
 def handle_short(inv, letter, value):
     """Record one short option; True when it supplies the script text (-e)."""
     how = treatment("-" + letter)
     if how.client not in (None, LOCAL):
         raise Error(f"-{letter} {how.client}")
-    if letter == "h":
-        inv.help = True
-    elif letter == "V":
-        inv.version = True
-    elif letter == "k":
-        inv.keep = True
+    if letter == "r" and "/" in value:
+        raise Error(f"-r {value} names a local build tree; give a kernel release instead")
+    if letter in CLIENT_FLAGS:
+        setattr(inv, CLIENT_FLAGS[letter], True)
+    elif letter in CLIENT_VALUES:
+        setattr(inv, CLIENT_VALUES[letter], value)
     elif letter == "p":
         inv.last_pass = int(value)  # 1-5: checked as stap does
-    elif letter == "o":
-        inv.output = value
     elif letter == "I":
         value = add_tree(inv, value)
-    elif letter == "r" and "/" in value:
-        raise Error(f"-r {value} names a local build tree; give a kernel release instead")
-    elif letter == "r":
-        inv.release = value
-    elif letter == "a":
-        inv.arch = value
-    elif letter == "m":
-        inv.module_name = value
     elif letter == "v":
         inv.verbose += 1
-    elif letter == "F":
-        inv.flight_recorder = True
     elif letter == "G":
         inv.globals.append(value)
     if how.staprun:
@@ -2148,14 +2142,18 @@ def run_staprun(inv, module):
     """Pass 5: staprun on the received module; its failure is ours."""
     import subprocess  # here, as in run_tool
     argv = staprun_argv(inv, module)
-    try:
-        proc = subprocess.Popen(argv)
-    except OSError as e:
-        raise Error(f"cannot run {argv[0]}: {e.strerror}") from None
-    forward = lambda signum, frame: proc.send_signal(signum)
+    # Forwarding starts before staprun does: a signal may come as soon as it runs.
+    child, early = [], []
+    forward = lambda signum, frame: child[0].send_signal(signum) if child else early.append(signum)
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        rc = proc.wait()
+        try:
+            child.append(subprocess.Popen(argv))
+        except OSError as e:
+            raise Error(f"cannot run {argv[0]}: {e.strerror}") from None
+        for signum in early:
+            child[0].send_signal(signum)
+        rc = child[0].wait()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
