@@ -27,8 +27,10 @@ from shared import (  # noqa: E402,F401
     headers_release,
     make_sandbox,
     module_for,
+    new_serial_window,
     pid_alive,
     private_config,
+    serial_window_used,
     stop_pid,
     wait_until,
 )
@@ -134,7 +136,9 @@ def start_server(box, krel, runtime=None, *extra, cache=None, env=None):
         args += ["-R", runtime]
     if cache and os.geteuid() == 0 and box.user is None:
         args += ["--cache-dir", cache]
+    new_serial_window()  # its first start makes a certificate
     proc = box.run("stap-start-server", *args, *extra, timeout=60, env=env)
+    serial_window_used()
     assert proc.returncode == 0, proc.stderr.decode()
     pid = int(proc.stdout.decode().strip())
     with open(status_file(box, pid)) as f:

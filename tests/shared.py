@@ -40,6 +40,24 @@ def pid_alive(pid):
         return False
 
 
+# certutil's serials, like the real server's, are the time in units of 2**19 us; NSS takes
+# two certificates of one issuer (every server's subject) and serial for one, so servers
+# that make their first certificates in one such half second cannot be told apart.
+CERT_SERIAL_UNIT = (1 << 19) / 1e6
+last_serial_window = [-1]
+
+
+def new_serial_window():
+    """Wait until a certificate made now gets a serial none made before
+    serial_window_used() has."""
+    while int(time.time() / CERT_SERIAL_UNIT) <= last_serial_window[0]:
+        time.sleep(0.02)
+
+
+def serial_window_used():
+    last_serial_window[0] = int(time.time() / CERT_SERIAL_UNIT)
+
+
 def wait_until(condition, timeout, message, interval=0.05, error=AssertionError):
     """condition()'s first true value within timeout seconds, else raise
     error(message); message may be a function, called only then."""
