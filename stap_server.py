@@ -1273,6 +1273,9 @@ def stat_line(path):
 #                         request spooled to disk, the reply, a log line
 #   Credentials           the certificate, its TLS key and signing key
 #   RequestRecord         what the log line says about one connection
+#   FifoSlots             slots handed on in arrival order, per key
+#    ├─ CompileQueue      compile slots, the expected wait, the load hint
+#    └─ AddressSlots      unread connections per client address
 
 def init_nss(config):
     """Open the server database for this process's TLS and signing."""
