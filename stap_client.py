@@ -1312,10 +1312,9 @@ class DiscoveryError(Error):
 
 class ServerRecord(collections.namedtuple(
         "ServerRecord", "host address port sysinfo version certinfo txt name")):
-    """One advertised compile server instance, as seen from one address:
-    host ('stap-host-a.local'), address (IPv4, or IPv6 with %iface when
-    link-local), port, sysinfo ('<release> <arch>'), version, certinfo
-    (certificate serial, colon-separated hex), txt (every TXT key) and the
+    """One advertised compile server instance, as seen from one address: host ('stap-host-a.local'),
+    address (IPv4, or IPv6 with %iface when link-local), port, sysinfo ('<release> <arch>'),
+    version, certinfo (certificate serial, colon-separated hex), txt (every TXT key) and the
     DNS-SD instance name."""
 
     @property
@@ -1324,15 +1323,11 @@ class ServerRecord(collections.namedtuple(
         return (self.name, self.address, self.port)
 
 
-
-
 def record_from_txt(name, host, address, port, txt):
     """A ServerRecord from resolved DNS-SD data and its TXT dict."""
     return ServerRecord(host=host.rstrip("."), address=address, port=int(port),
-                        sysinfo=txt.get("sysinfo", ""),
-                        version=txt.get("version", ""),
-                        certinfo=txt.get("certinfo", ""),
-                        txt=dict(txt), name=name)
+                        sysinfo=txt.get("sysinfo", ""), version=txt.get("version", ""),
+                        certinfo=txt.get("certinfo", ""), txt=dict(txt), name=name)
 
 
 def txt_dict(strings):
@@ -1348,41 +1343,34 @@ def txt_dict(strings):
 
 
 def format_server_line(rec):
-    """`HOST ADDRESS PORT 'sysinfo=RELEASE ARCH' 'version=..' ...`."""
-    fields = [f"'sysinfo={rec.sysinfo}'"]
-    for key in ("version", "certinfo", "optinfo"):
-        if key in rec.txt:
-            fields.append(f"'{key}={rec.txt[key]}'")
-    for key in sorted(rec.txt):
-        if key not in ("sysinfo", "version", "certinfo", "optinfo"):
-            fields.append(f"'{key}={rec.txt[key]}'")
+    """`HOST ADDRESS PORT 'sysinfo=RELEASE ARCH' 'version=..' ...`: the keys real servers
+    advertise first, then the others sorted."""
+    known = ["version", "certinfo", "optinfo"]
+    keys = [k for k in known if k in rec.txt] + sorted(set(rec.txt) - {"sysinfo", *known})
+    fields = [f"'sysinfo={rec.sysinfo}'"] + [f"'{k}={rec.txt[k]}'" for k in keys]
     return f"{rec.host} {rec.address} {rec.port} " + " ".join(fields)
 
 
 def unique_records(records):
     """Drop repeats (same name, address and port), keep the order found."""
-    seen = set()
-    result = []
+    first = {}
     for rec in records:
-        if rec.key not in seen:
-            seen.add(rec.key)
-            result.append(rec)
-    return result
+        first.setdefault(rec.key, rec)
+    return list(first.values())
 
 
-def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT,
-                 sysinfo=None):
-    """Servers advertised on the local network (and in the configured DNS
-    domains), compatible ones only unless all_servers."""
+def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT, sysinfo=None):
+    """Servers advertised on the local network (and in the configured DNS domains), compatible
+    ones only unless all_servers."""
     wanted = sysinfo or local_sysinfo()
     records, _ = browse(timeout, wide_area_domains())
     return [r for r in records if all_servers or r.sysinfo == wanted]
 
 
 def browse(timeout=DISCOVERY_TIMEOUT, domains=()):
-    """(every advertised server, how we looked): avahi when a daemon
-    answers, else our own multicast DNS query; at the same time unicast DNS
-    in the given domains (wide-area DNS-SD), if any."""
+    """(every advertised server, how we looked): avahi when a daemon answers, else our own
+    multicast DNS query; at the same time unicast DNS in the given domains (wide-area DNS-SD),
+    if any."""
     deadline = time.monotonic() + timeout
     wide = WideAreaBrowse(domains, timeout) if domains else None
     records, how = browse_avahi(timeout), "avahi"
@@ -1392,8 +1380,7 @@ def browse(timeout=DISCOVERY_TIMEOUT, domains=()):
     if wide:
         records += wide.result(max(0.1, deadline - time.monotonic()))
         how += f"; DNS in {', '.join(domains)}"
-    records = sorted(unique_records(records),
-                     key=lambda r: (r.host, r.port, r.sysinfo, r.address))
+    records = sorted(unique_records(records), key=lambda r: (r.host, r.port, r.sysinfo, r.address))
     return records, how
 
 
@@ -1403,10 +1390,9 @@ DOMAINS_FILE = "stap-server-domains"  # in $sysconfdir/systemtap: a domain a lin
 
 
 def wide_area_domains(extra=()):
-    """The DNS domains to browse besides the local link: --domain options,
-    then the lines of $sysconfdir/systemtap/stap-server-domains ("search":
-    the host's search domains).  None unless configured: a client sends no
-    unicast DNS query for servers unless told to."""
+    """The DNS domains to browse besides the local link: --domain options, then the lines of
+    $sysconfdir/systemtap/stap-server-domains ("search": the host's search domains).  None
+    unless configured: a client sends no unicast DNS query for servers unless told to."""
     domains = list(extra)
     try:
         with open(os.path.join(sysconfdir(), "systemtap", DOMAINS_FILE)) as f:
@@ -1417,9 +1403,9 @@ def wide_area_domains(extra=()):
 
 
 class WideAreaBrowse:
-    """A browse of _stap._tcp in unicast DNS, run in a thread beside the
-    multicast one.  Each domain first asks b._dns-sd._udp.DOMAIN which
-    domains to browse (RFC 6763 11), else browses the domain itself."""
+    """A browse of _stap._tcp in unicast DNS, run in a thread beside the multicast one.  Each
+    domain first asks b._dns-sd._udp.DOMAIN which domains to browse (RFC 6763 11), else
+    browses the domain itself."""
 
     def __init__(self, domains, timeout):
         import threading  # only configured domains need it
@@ -1439,9 +1425,8 @@ class WideAreaBrowse:
         for domain in self.domains:
             names += [n.to_text() for n in resolver.search] if domain == "search" else [domain]
         for domain in dict.fromkeys(names):
-            pointed = [r.target.to_text() for r in self.ask(resolver, f"b._dns-sd._udp.{domain}",
-                                                             "PTR")]
-            for browse_domain in pointed or [domain]:
+            pointed = self.ask(resolver, f"b._dns-sd._udp.{domain}", "PTR")
+            for browse_domain in [r.target.to_text() for r in pointed] or [domain]:
                 self.browse(resolver, browse_domain)
 
     def browse(self, resolver, domain):
@@ -1468,8 +1453,8 @@ class WideAreaBrowse:
 # --- avahi -----------------------------------------------------------------
 
 def collect_output(proc, deadline, done):
-    """Read stdout and stderr of proc until EOF on both, the deadline or
-    done(stdout); returns (stdout, stderr, reached EOF)."""
+    """Read stdout and stderr of proc until EOF on both, the deadline or done(stdout); returns
+    (stdout, stderr, reached EOF)."""
     chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     open_streams = [s for s in chunks if not s.closed]
     while open_streams:
@@ -1477,8 +1462,7 @@ def collect_output(proc, deadline, done):
         if left <= 0:
             break
         # Wake up now and then so done() also sees time passing.
-        readable, _, _ = select.select(open_streams, [], [],
-                                       min(left, 0.05) if done else left)
+        readable, _, _ = select.select(open_streams, [], [], min(left, 0.05) if done else left)
         for stream in readable:
             data = os.read(stream.fileno(), 65536)
             if data:
@@ -1487,23 +1471,21 @@ def collect_output(proc, deadline, done):
                 open_streams.remove(stream)
         if done and done(bytes(chunks[proc.stdout])):
             break
-    return (bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]),
-            not open_streams)
+    return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]), not open_streams
 
 
-AVAHI_NO_DAEMON = ("Daemon not running", "Failed to create client object",
-                   "not installed")
+AVAHI_NO_DAEMON = ("Daemon not running", "Failed to create client object", "not installed")
 
 
 def browse_avahi(timeout=DISCOVERY_TIMEOUT, settle=0.5):
     """Servers that avahi knows, or None when no avahi daemon answers.
 
-    `avahi-browse -t` only exits ~1 s after its query (when avahi declares
-    "all for now"), so we stop as soon as every instance announced ('+')
-    is resolved ('=') and `settle` seconds have passed, or at `timeout`.
+    `avahi-browse -t` only exits ~1 s after its query (when avahi declares "all for now"), so
+    we stop as soon as every instance announced ('+') is resolved ('=') and `settle` seconds
+    have passed, or at `timeout`.
     """
-    argv = ["avahi-browse", "--parsable", "--resolve", "--terminate",
-            "--no-db-lookup", SERVICE_TYPE]
+    argv = ["avahi-browse", "--parsable", "--resolve", "--terminate", "--no-db-lookup",
+            SERVICE_TYPE]
     start = time.monotonic()
 
     def complete(out):
@@ -1533,45 +1515,31 @@ def parse_avahi_browse(text):
         if len(fields) < 9 or fields[0] != "=":
             continue
         iface, proto, name, _type, _domain, host, address, port = fields[1:9]
-        # A link-local address needs its scope.  (proto is the transport the
-        # record came over: an IPv6 address can arrive over IPv4.)
+        # A link-local address needs its scope.  (proto is the transport the record came over:
+        # an IPv6 address can arrive over IPv4.)
         if address.lower().startswith("fe80:") and "%" not in address:
             address = f"{address}%{iface}"
         txt = txt_dict(parse_avahi_txt(fields[9] if len(fields) > 9 else ""))
         try:
-            records.append(record_from_txt(unescape_avahi_label(name), host,
-                                           address, port, txt))
+            records.append(record_from_txt(unescape_avahi_label(name), host, address, port, txt))
         except ValueError:
             continue  # a malformed port: skip it
     return records
 
 
 def unescape_avahi_label(label):
-    r"""'Systemtap\032Compile' -> 'Systemtap Compile'; also \. and \\."""
-    out = bytearray()
-    i = 0
-    raw = label.encode("utf-8")
-    while i < len(raw):
-        if raw[i:i + 1] == b"\\" and raw[i + 1:i + 4].isdigit() \
-                and len(raw[i + 1:i + 4]) == 3:
-            out.append(int(raw[i + 1:i + 4]) & 0xff)
-            i += 4
-        elif raw[i:i + 1] == b"\\" and i + 1 < len(raw):
-            out += raw[i + 1:i + 2]
-            i += 2
-        else:
-            out += raw[i:i + 1]
-            i += 1
-    return out.decode("utf-8", "replace")
+    r"""'Systemtap\032Compile' -> 'Systemtap Compile' (\DDD: byte DDD); also \. and \\."""
+    raw = re.sub(rb"\\(?:(\d{3})|(.))", lambda m: bytes([int(m[1]) & 0xff]) if m[1] else m[2],
+                 label.encode(), flags=re.S)
+    return raw.decode("utf-8", "replace")
 
 
-_TXT_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"')
+TXT_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
 def parse_avahi_txt(field):
     """'"a=1" "b=x y"' -> ['a=1', 'b=x y'] (avahi quotes each string)."""
-    return [re.sub(r"\\(.)", r"\1", m.group(1))
-            for m in _TXT_ITEM.finditer(field)]
+    return [re.sub(r"\\(.)", r"\1", m.group(1)) for m in TXT_ITEM.finditer(field)]
 
 
 # --- multicast DNS (no avahi) ------------------------------------------------
@@ -1590,16 +1558,15 @@ Interface = collections.namedtuple("Interface", "name index address loopback")
 def ipv4_interfaces():
     """Up, multicast-capable interfaces with an IPv4 address.
 
-    Loopback counts only when it has the MULTICAST flag (set by hand, e.g.
-    on a single test host), so normal hosts query their real networks.
+    Loopback counts only when it has the MULTICAST flag (set by hand, e.g. on a single test
+    host), so normal hosts query their real networks.
     """
     result = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for index, name in socket.if_nameindex():
             ifreq = struct.pack("16s24x", name.encode()[:15])
             try:
-                flags = struct.unpack_from(
-                    "H", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq), 16)[0]
+                flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq), 16)[0]
                 addr = fcntl.ioctl(s, SIOCGIFADDR, ifreq)[20:24]
             except OSError:
                 continue  # no IPv4 address
@@ -1610,8 +1577,8 @@ def ipv4_interfaces():
 
 
 def require_dnspython():
-    """Import dnspython on first use: most runs never need it, and it costs
-    a sixth of the client's start-up."""
+    """Import dnspython on first use: most runs never need it, and it costs a sixth of the
+    client's start-up."""
     global dns
     if dns is None:
         try:
@@ -1623,8 +1590,8 @@ def require_dnspython():
             import dns.rdatatype
             import dns.rrset
         except ImportError:
-            raise DiscoveryError("multicast DNS needs dnspython (Debian: "
-                                 "python3-dnspython), and no avahi daemon runs") from None
+            raise DiscoveryError("multicast DNS needs dnspython (Debian: python3-dnspython), "
+                                 "and no avahi daemon runs") from None
     return dns
 
 
@@ -1637,9 +1604,9 @@ def service_name():
 def normalize_mdns_wire(wire):
     """Clear the mDNS top bits of every class field (RFC 6762 5.4, 10.2).
 
-    They mean "unicast response wanted" in questions and "cache flush" in
-    records; dnspython would read them as unknown classes and fail to decode
-    A and SRV data.  Returns (plain DNS wire, [QU flag per question]).
+    They mean "unicast response wanted" in questions and "cache flush" in records; dnspython
+    would read them as unknown classes and fail to decode A and SRV data.  Returns (plain DNS
+    wire, [QU flag per question]).
     """
     data = bytearray(wire)
     qdcount, ancount, nscount, arcount = struct.unpack_from("!4H", data, 4)
@@ -1652,10 +1619,9 @@ def normalize_mdns_wire(wire):
         pos += 4
     for _ in range(ancount + nscount + arcount):
         pos = skip_dns_name(data, pos)
-        rrtype = struct.unpack_from("!H", data, pos)[0]
+        rrtype, rdlength = struct.unpack_from("!H6xH", data, pos)
         if rrtype != dns.rdatatype.OPT:  # OPT's class is a size
             data[pos + 2] &= 0x7f
-        rdlength = struct.unpack_from("!H", data, pos + 8)[0]
         pos += 10 + rdlength
     if pos > len(data):
         raise ValueError("truncated DNS message")
@@ -1684,8 +1650,8 @@ def parse_mdns(wire):
 
 
 class MdnsAnswers:
-    """What the responses said so far: for each instance (named by a PTR
-    or by its own records) an InstanceData, and each host's addresses."""
+    """What the responses said so far: for each instance (named by a PTR or by its own records)
+    an InstanceData, and each host's addresses."""
 
     def __init__(self):
         self.instances = {}  # instance dns.name -> InstanceData
@@ -1694,27 +1660,25 @@ class MdnsAnswers:
     def add(self, message, source_ip, iface=""):
         stype = service_name()
         for rrset in message.answer + message.additional:
-            for rdata in rrset:
-                self.add_record(rrset.name, rrset.rdtype, rrset.ttl, rdata,
-                                stype, source_ip, iface)
+            owner = rrset.name
+            for rd in rrset:
+                if rd.rdtype == dns.rdatatype.PTR and owner == stype:
+                    # TTL 0: a goodbye, the server has gone
+                    self.instance(rd.target, source_ip).advertised = rrset.ttl != 0
+                elif rd.rdtype == dns.rdatatype.SRV:
+                    self.instance(owner, source_ip).srv = (rd.target, rd.port)
+                elif rd.rdtype == dns.rdatatype.TXT:
+                    self.instance(owner, source_ip).txt = txt_dict(rd.strings)
+                elif rd.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                    address = rd.address
+                    if address.lower().startswith("fe80:") and iface:
+                        address = f"{address}%{iface}"  # link-local needs its scope
+                    known = self.addresses.setdefault(owner, [])
+                    if address not in known:
+                        known.append(address)
 
-    def add_record(self, owner, rdtype, ttl, rdata, stype, source_ip, iface):
-        if rdtype == dns.rdatatype.PTR and owner == stype:
-            data = self.instances.setdefault(rdata.target, InstanceData(source_ip))
-            data.advertised = ttl != 0  # TTL 0: a goodbye, the server has gone
-        elif rdtype in (dns.rdatatype.SRV, dns.rdatatype.TXT):
-            data = self.instances.setdefault(owner, InstanceData(source_ip))
-            if rdtype == dns.rdatatype.SRV:
-                data.srv = (rdata.target, rdata.port)
-            else:
-                data.txt = txt_dict(rdata.strings)
-        elif rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            known = self.addresses.setdefault(owner, [])
-            address = rdata.address
-            if address.lower().startswith("fe80:") and iface:
-                address = f"{address}%{iface}"  # link-local needs its scope
-            if address not in known:
-                known.append(address)
+    def instance(self, name, source_ip):
+        return self.instances.setdefault(name, InstanceData(source_ip))
 
     def advertised(self):
         return [(name, data) for name, data in self.instances.items() if data.advertised]
@@ -1732,26 +1696,19 @@ class MdnsAnswers:
         return wanted
 
     def records(self):
-        result = []
-        for name, data in self.advertised():
-            if data.srv is None:
-                continue
-            target, port = data.srv
-            for address in self.addresses.get(target) or [data.source]:
-                result.append(record_from_txt(instance_label(name),
-                                              target.to_text(omit_final_dot=True), address,
-                                              port, data.txt or {}))
-        return result
+        return [record_from_txt(instance_label(name), data.srv[0].to_text(omit_final_dot=True),
+                                address, data.srv[1], data.txt or {})
+                for name, data in self.advertised() if data.srv
+                for address in self.addresses.get(data.srv[0]) or [data.source]]
 
 
 class InstanceData:
-    """One instance's SRV (target, port), TXT dict, whether a PTR currently
-    advertises it, and the address the first response about it came from."""
+    """One instance's SRV (target, port), TXT dict, whether a PTR currently advertises it, and
+    the address the first response about it came from."""
 
     def __init__(self, source):
         self.srv = self.txt = None
-        self.advertised = False
-        self.source = source
+        self.advertised, self.source = False, source
 
 
 def instance_label(fqdn):
@@ -1765,19 +1722,17 @@ def mdns_query(questions, query_id=0):
     msg = dns.message.Message(id=query_id)
     msg.flags = 0  # no RD: mDNS queries
     for name, rdtype in questions:
-        msg.find_rrset(msg.question, name, dns.rdataclass.IN, rdtype,
-                       create=True)
+        msg.find_rrset(msg.question, name, dns.rdataclass.IN, rdtype, create=True)
     return msg.to_wire()
 
 
 def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
     """Ask the network for _stap._tcp services with our own mDNS query.
 
-    The query goes from an ephemeral port, so responders answer it with a
-    unicast "legacy" reply to that port (RFC 6762 6.7) and we need not share
-    port 5353 with anyone.  The query is repeated each second while nobody
-    has answered (a lost packet, a busy responder), missing SRV/TXT/A data
-    is asked for again, and what arrived by the deadline is still read.
+    The query goes from an ephemeral port, so responders answer it with a unicast "legacy"
+    reply to that port (RFC 6762 6.7) and we need not share port 5353 with anyone.  The query
+    is repeated each second while nobody has answered (a lost packet, a busy responder),
+    missing SRV/TXT/A data is asked for again, and what arrived by the deadline is still read.
     """
     require_dnspython()
     interfaces = ipv4_interfaces()
@@ -1811,8 +1766,7 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
 
 
 def receive_answers(sock, answers, wait):
-    """Read one datagram within wait seconds into answers; True if it was a
-    response."""
+    """Read one datagram within wait seconds into answers; True if it was a response."""
     if not select.select([sock], [], [], max(0, wait))[0]:
         return False
     wire, ancdata, _flags, (source_ip, _port) = sock.recvmsg(9000, socket.CMSG_SPACE(12))
@@ -1841,8 +1795,7 @@ def interface_name(ifindex):
 def send_to_group(sock, interfaces, wire):
     """Send one query to the mDNS group out of every interface."""
     for iface in interfaces:
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                        socket.inet_aton(iface.address))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(iface.address))
         try:
             sock.sendto(wire, (MDNS_GROUP, MDNS_PORT))
         except OSError:

@@ -59,24 +59,10 @@ import stap_client as client
 
 # What the server shares with the client: databases, errors, archives, discovery.
 from stap_client import (
-    AVAHI_NO_DAEMON,
-    IP_PKTINFO,
-    MDNS_DOMAIN,
-    MDNS_GROUP,
-    MDNS_PORT,
-    SERVICE_TYPE,
     CertDB,
-    DiscoveryError,
     Error,
     Limits,
     Reply,
-    ipv4_interfaces,
-    mdns_query,
-    parse_mdns,
-    pktinfo_ifindex,
-    require_dnspython,
-    send_to_group,
-    service_name,
 )
 
 PROG = "stap-serverd"
@@ -1802,163 +1788,118 @@ INSTANCE_PREFIX = "Systemtap Compile Server on "
 PUBLISH_TIMEOUT = 10.0  # avahi probes names for ~1 s; allow slack
 MDNS_TTL = 120  # short: a crashed server vanishes in 2 min
 PROBE_WAIT = 0.3  # how long a name probe waits for an owner
-
-
-def short_hostname(host=None):
-    return (host or socket.gethostname()).split(".")[0]
+WILDCARDS = (None, "", "::", "0.0.0.0")  # listen addresses meaning every address
 
 
 def alternative_name(name):
     """Next name after a collision: 'X' -> 'X #2', 'X #2' -> 'X #3'."""
     match = re.fullmatch(r"(.*) #(\d+)", name)
-    if match:
-        return f"{match.group(1)} #{int(match.group(2)) + 1}"
-    return f"{name} #2"
+    return f"{match[1]} #{int(match[2]) + 1}" if match else f"{name} #2"
 
 
 def instance_names(host, count):
-    """A distinct instance name for each of count sysinfos; collisions
-    bump the suffix later."""
+    """A distinct instance name for each of count sysinfos; collisions bump the suffix later."""
     names = [INSTANCE_PREFIX + host]
     while len(names) < count:
         names.append(alternative_name(names[-1]))
     return names
 
 
-def txt_strings(sysinfo, version, certinfo, optinfo="", load=()):
-    """The TXT strings of one instance, as real systemtap clients read them,
-    then our load hint (real clients ignore keys they do not know)."""
-    return [f"sysinfo={sysinfo}", f"version={version}",
-            f"certinfo={certinfo}", f"optinfo={optinfo}"] + list(load)
-
-
 def txt_rdata_text(strings):
     """TXT strings in DNS presentation form: each quoted, quotes escaped."""
-    return " ".join('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"'
-                    for t in strings)
+    return " ".join('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"' for t in strings)
+
+
+@dataclasses.dataclass
+class Offer:
+    """What a server advertises, as every publisher reads it (avahi, our own responder, a DNS
+    zone): one DNS-SD instance per served sysinfo, at port on host (its short name).  The
+    server's Advertising renews certinfo and the load hint in place."""
+    port: int
+    sysinfos: list
+    version: str
+    certinfo: str  # the certificate's serial, as certinfo() gives it
+    optinfo: str = ""  # the server's own stap options
+    listen: str = None  # the address the server listens on (see WILDCARDS)
+    hint: dict = dataclasses.field(default_factory=dict)  # the load: CompileQueue.hint()
+    host: str = dataclasses.field(default_factory=lambda: socket.gethostname().split(".")[0])
+
+    def names(self):
+        return instance_names(self.host, len(self.sysinfos))
+
+    def txt(self, sysinfo):
+        """One instance's TXT strings, as real systemtap clients read them, then our load hint
+        (real clients ignore keys they do not know)."""
+        known = {"sysinfo": sysinfo, "version": self.version, "certinfo": self.certinfo,
+                 "optinfo": self.optinfo}
+        return [f"{key}={value}" for key, value in [*known.items(), *self.hint.items()]]
 
 
 class Advertiser:
-    """Advertise one server: one DNS-SD instance per served sysinfo.
+    """Advertise an Offer on the link: one DNS-SD instance per served sysinfo, each through an
+    `avahi-publish-service` child when an avahi daemon answers, else through our own multicast
+    DNS responder."""
 
-    With an avahi daemon: one `avahi-publish-service` child per instance.
-    Without one: a built-in multicast DNS responder thread.
-    """
-
-    def __init__(self, port, sysinfos, version, certinfo, optinfo="",
-                 host=None, listen=None):
-        self.port = int(port)
-        self.listen = listen  # the server's listen address, if not all
-        self.sysinfos = list(sysinfos)
-        self.version = str(version)
-        self.certinfo = certinfo
-        self.optinfo = optinfo
-        self.host = short_hostname(host)
+    def __init__(self, offer):
+        self.offer = offer
         self.names = []  # instance names actually registered
         self.mode = None  # 'avahi' or 'mdns' once started
-        self.load = []  # the load hint's TXT strings
-        self.publishers = []  # avahi-publish-service children
-        self.responder = None
-
-    def wanted_names(self):
-        return instance_names(self.host, len(self.sysinfos))
+        self.publishers, self.responder = [], None
 
     def start(self, how="auto"):
-        """Publish ("auto": avahi when a daemon answers, else our own
-        responder; or "avahi" / "mdns" only); returns the mode used.
-        Raises DiscoveryError on failure."""
-        if self.mode:
-            return self.mode
-        if how != "mdns" and self.start_avahi():
-            self.mode = "avahi"
-        elif how == "avahi":
-            raise DiscoveryError("no avahi daemon answers (--advertise=avahi)")
-        else:
-            require_dnspython()
-            self.responder = MdnsResponder(self)
-            self.responder.start_serving()
-            self.names = self.responder.names
-            self.mode = "mdns"
+        """Publish ("auto": avahi when a daemon answers, else our own responder; or "avahi" /
+        "mdns" only); returns the mode used.  Raises DiscoveryError on failure."""
+        if not self.mode:
+            if how != "mdns" and self.start_avahi():
+                self.mode = "avahi"
+            elif how == "avahi":
+                raise client.DiscoveryError("no avahi daemon answers (--advertise=avahi)")
+            else:
+                self.responder = MdnsResponder(self.offer)
+                self.names, self.mode = self.responder.names, "mdns"
         return self.mode
+
+    def start_avahi(self):
+        """True when avahi published every instance, False when no daemon answers."""
+        if shutil.which("avahi-publish-service") is None:
+            return False
+        # Every instance at once: avahi probes each name for ~1 s.
+        self.publishers = [AvahiPublisher(name, self.offer.port, self.offer.txt(sysinfo))
+                           for name, sysinfo in zip(self.offer.names(), self.offer.sysinfos)]
+        published = False
+        try:
+            published = all(pub.wait_established(PUBLISH_TIMEOUT) for pub in self.publishers)
+        finally:
+            if not published:  # a failure, or no daemon: our responder may take over
+                self.stop()
+        self.names = [pub.name for pub in self.publishers]
+        return published
 
     def stop(self):
         """Withdraw every instance (avahi: end the children; mDNS: goodbye)."""
         for pub in self.publishers:
             pub.stop()
-        self.publishers = []
         if self.responder:
             self.responder.stop()
-            self.responder = None
-        self.mode = None
-
-    # --- avahi ---
-
-    def start_avahi(self):
-        """True when avahi published every instance, False if no daemon."""
-        if shutil.which("avahi-publish-service") is None:
-            return False
-        # Start every instance at once: avahi probes each name for ~1 s.
-        txts = [txt_strings(sysinfo, self.version, self.certinfo,
-                            self.optinfo, self.load) for sysinfo in self.sysinfos]
-        pubs = [AvahiPublisher(name, self.port, txt)
-                for name, txt in zip(self.wanted_names(), txts)]
-        try:
-            for i, txt in enumerate(txts):
-                pubs[i] = self.established(pubs[i], txt)
-        except DiscoveryError:
-            for pub in pubs:
-                pub.stop()
-            raise
-        if None in pubs:  # no daemon: fall back to our responder
-            for pub in pubs:
-                if pub is not None:
-                    pub.stop()
-            return False
-        self.publishers = pubs
-        self.names = [pub.name for pub in pubs]
-        return True
-
-    def established(self, pub, txt, attempts=20):
-        """pub once registered, renamed with the next ' #N' while its name
-        is taken on this host; None when no avahi daemon answers.
-
-        avahi renames by itself on a collision with another host, but a
-        name already registered by a local client fails at once with
-        "Local name collision".
-        """
-        for _ in range(attempts):
-            try:
-                return pub if pub.wait_established(PUBLISH_TIMEOUT) else None
-            except DiscoveryError as err:
-                if "name collision" not in str(err).lower():
-                    raise
-                pub = AvahiPublisher(alternative_name(pub.name), self.port,
-                                     txt)
-        pub.stop()
-        raise DiscoveryError(f"avahi-publish-service: no free name after "
-                             f"{attempts} attempts (last: {pub.name!r})")
+        self.publishers, self.responder, self.mode = [], None, None
 
 
 def ipv6_addresses(ifname):
     """The IPv6 addresses of an interface, from /proc/net/if_inet6."""
-    addresses = []
     try:
         with open("/proc/net/if_inet6") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) == 6 and fields[5] == ifname:
-                    addresses.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+            return [str(ipaddress.IPv6Address(bytes.fromhex(fields[0])))
+                    for fields in map(str.split, f) if len(fields) == 6 and fields[5] == ifname]
     except OSError:
-        pass  # no IPv6 here
-    return addresses
+        return []  # no IPv6 here
 
 
 def reachable_interfaces(listen):
-    """Interfaces where clients can reach a server listening on `listen`:
-    every one for a wildcard address, else the one holding the address (for
-    loopback, lo alone: a loopback server is never announced to the network)."""
-    interfaces = ipv4_interfaces()
-    if listen in (None, "", "::", "0.0.0.0"):
+    """Interfaces where clients can reach a server listening on `listen`: every one for a
+    wildcard address, else the one holding the address (for loopback, lo alone: a loopback
+    server is never announced to the network)."""
+    interfaces = client.ipv4_interfaces()
+    if listen in WILDCARDS:
         return interfaces
     if ipaddress.ip_address(listen).is_loopback:
         return [i for i in interfaces if i.loopback]
@@ -1966,143 +1907,135 @@ def reachable_interfaces(listen):
 
 
 class AvahiPublisher:
-    """One `avahi-publish-service` child: the instance lives while it does.
-    A child that ends after it registered (the daemon restarted) is started
-    again, waiting for the daemon (-f), so the server is advertised again."""
+    """One `avahi-publish-service` child: the instance lives while it does.  A child that
+    fails on a name that another client of this host's avahi daemon holds is started again
+    under the next name (avahi renames by itself only on a collision with another host); one
+    that ends after it registered (the daemon restarted) is started again, waiting for the
+    daemon (-f), so the server is advertised again."""
 
     def __init__(self, name, port, txt):
-        self.name = name
-        self.argv = ["avahi-publish-service", "--service", name, SERVICE_TYPE,
-                     str(port)] + list(txt)
+        self.name, self.port, self.txt = name, port, txt
         self.stderr_lines = []
         self.lock = threading.Lock()  # stop() against a restart
-        self.stopped = threading.Event()
-        self.proc = self.spawn(self.argv)
-        self.established = threading.Event()
+        self.stopped, self.established = threading.Event(), threading.Event()
+        self.proc = self.spawn()
         self.reader = threading.Thread(target=self.read_stderr, daemon=True)
         self.reader.start()
 
-    @staticmethod
-    def spawn(argv):
+    def spawn(self, options=()):
+        argv = ["avahi-publish-service", *options, "--service", self.name, client.SERVICE_TYPE,
+                str(self.port), *self.txt]
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def read_stderr(self):
-        # avahi-publish reports on stderr: "Established under name 'X'",
-        # "Service name collision, renaming service to 'X #2'" (it then
-        # re-registers by itself) or a failure.  Keep draining it so the
-        # child never blocks on a full pipe.
+        # avahi-publish-service reports on stderr: "Established under name 'X'", "Service name
+        # collision, renaming service to 'X #2'" (it then re-registers by itself) or a
+        # failure.  Keep draining it so the child never blocks on a full pipe.
         while True:
             for line in self.proc.stderr:
-                line = line.rstrip("\n")
-                self.stderr_lines = (self.stderr_lines + [line])[-20:]
-                match = re.match(r"Established under name '(.*)'", line)
-                if match:
-                    self.name = match.group(1)
+                self.stderr_lines = (self.stderr_lines + [line.rstrip("\n")])[-20:]
+                if match := re.match(r"Established under name '(.*)'", line):
+                    self.name = match[1]
                     self.established.set()
             self.proc.wait()
+            restart = self.established.is_set()
             # a daemon going down takes a moment: wait a little before a restart
-            if not self.established.is_set() or self.stopped.wait(1.0):
+            if restart and self.stopped.wait(1.0):
                 return
+            if not restart and "name collision" not in "".join(self.stderr_lines[-1:]).lower():
+                return  # a failure: wait_established() says which
             with self.lock:
                 if self.stopped.is_set():
                     return
-                logging.warning("avahi-publish-service ended (%s): publishing %r again once "
-                                "the avahi daemon is back", self.stderr_lines[-1:] or "no word",
-                                self.name)
+                if restart:
+                    logging.warning("avahi-publish-service ended (%s): publishing %r again once "
+                                    "the avahi daemon is back", self.stderr_lines[-1:] or "no word",
+                                    self.name)
+                else:
+                    self.name = alternative_name(self.name)
                 self.proc.stderr.close()
-                self.proc = self.spawn([self.argv[0], "--no-fail", "--service", self.name]
-                                       + self.argv[3:])
+                self.proc = self.spawn(["--no-fail"] if restart else [])
 
     def wait_established(self, timeout):
         """True once registered; False when no avahi daemon answers."""
         deadline = time.monotonic() + timeout
         while not self.established.wait(0.02):
-            if self.proc.poll() is not None:
-                self.reader.join(1)
-                text = "\n".join(self.stderr_lines)
-                if any(m in text for m in AVAHI_NO_DAEMON):
+            if not self.reader.is_alive():  # the child failed, and is not started again
+                if any(m in "\n".join(self.stderr_lines) for m in client.AVAHI_NO_DAEMON):
                     return False
-                raise DiscoveryError(f'avahi-publish-service: '
-                                     f'{self.stderr_lines[-1:] or "failed"}')
+                raise client.DiscoveryError(
+                    f'avahi-publish-service: {self.stderr_lines[-1:] or "failed"}')
             if time.monotonic() > deadline:
                 self.stop()
-                raise DiscoveryError(f"avahi-publish-service: no registration "
-                                     f"after {timeout:.0f} s: "
-                                     f"{self.stderr_lines[-1:]}")
+                raise client.DiscoveryError(f"avahi-publish-service: no registration after "
+                                            f"{timeout:.0f} s: {self.stderr_lines[-1:]}")
         return True
 
     def stop(self):
         with self.lock:
             self.stopped.set()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(2)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.proc.terminate()  # nothing when it has ended
+        try:
+            self.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self.reader.join(2)
         self.proc.stderr.close()
 
 
-class MdnsResponder:
-    """A minimal multicast DNS responder for our own instances (RFC 6762).
+def mdns_response(answers, additional=(), query_id=0):
+    msg = dns.message.Message(id=query_id)
+    msg.flags = dns.flags.QR | dns.flags.AA
+    msg.answer, msg.additional = list(answers), list(additional)
+    return msg
 
-    It answers PTR queries for _stap._tcp.local (and the DNS-SD meta query),
-    SRV/TXT/ANY queries for our instance names and A queries for
-    <short host>.local.  The socket shares UDP port 5353 (SO_REUSEADDR and
-    SO_REUSEPORT) with any other responder on the host.
+
+class MdnsResponder:
+    """A minimal multicast DNS responder for our own instances (RFC 6762), answering from the
+    Offer as it is at each question.
+
+    It answers PTR queries for _stap._tcp.local (and the DNS-SD meta query), SRV/TXT/ANY
+    queries for our instance names and A queries for <short host>.local.  The socket shares
+    UDP port 5353 (SO_REUSEADDR and SO_REUSEPORT) with any other responder on the host.
     """
 
-    def __init__(self, advertiser):
-        self.adv = advertiser
-        self.hostname = dns.name.from_text(f"{advertiser.host}.{MDNS_DOMAIN}.")
-        self.names = []
-        self.interfaces = []
-        self.sock = None
-        self.stopping = threading.Event()
-        self.thread = None
-
-    # --- life cycle ---
-
-    def start_serving(self):
-        self.interfaces = reachable_interfaces(self.adv.listen)
+    def __init__(self, offer):
+        client.require_dnspython()
+        self.offer = offer
+        self.hostname = dns.name.from_text(f"{offer.host}.{client.MDNS_DOMAIN}.")
+        self.meta = dns.name.from_text(f"_services._dns-sd._udp.{client.MDNS_DOMAIN}.")
+        self.interfaces = reachable_interfaces(offer.listen)
         if not self.interfaces:
-            raise DiscoveryError("no multicast-capable IPv4 interface to "
-                                 "advertise on")
-        self.names = self.claim_names(self.adv.wanted_names())
+            raise client.DiscoveryError("no multicast-capable IPv4 interface to advertise on")
+        self.names = self.claim_names(offer.names())
         self.sock = self.open_socket()
-        self.thread = threading.Thread(target=self.serve, daemon=True,
-                                        name="mdns-responder")
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True, name="mdns-responder")
         self.thread.start()
         self.announce(MDNS_TTL)
 
     def stop(self):
-        if self.thread is None:
-            return
         self.stopping.set()
         self.thread.join(2)
         self.announce(0)  # goodbye: TTL 0 (RFC 6762 10.1)
         self.sock.close()
-        self.thread = None
 
     def open_socket(self):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        sock.setsockopt(socket.IPPROTO_IP, client.IP_PKTINFO, 1)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-        # Multicast reaches only a socket bound to the wildcard (or the group)
-        # address; the tests run this only inside network namespaces.
-        sock.bind(("0.0.0.0", MDNS_PORT))
-        for iface in self.interfaces:
-            mreqn = struct.pack("4s4si", socket.inet_aton(MDNS_GROUP),
-                                socket.inet_aton("0.0.0.0"), iface.index)
+        # Multicast reaches only a socket bound to the wildcard (or the group) address; the
+        # tests run this only inside network namespaces.
+        sock.bind(("0.0.0.0", client.MDNS_PORT))
+        for iface in self.interfaces:  # ip_mreqn: group, any local address, interface
+            mreqn = struct.pack("4s4si", socket.inet_aton(client.MDNS_GROUP), bytes(4), iface.index)
             try:
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-                                mreqn)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
             except OSError:
                 pass  # already joined (shared group)
         return sock
@@ -2110,8 +2043,8 @@ class MdnsResponder:
     # --- names ---
 
     def claim_names(self, names):
-        """Probe each name (RFC 6762 8.1, simplified): if somebody answers
-        for it, take the next alternative, so servers on one host differ."""
+        """Probe each name (RFC 6762 8.1, simplified): if somebody answers for it, take the next
+        alternative, so servers on one host differ."""
         claimed = []
         for name in names:
             while name in claimed or self.name_taken(name):
@@ -2121,76 +2054,51 @@ class MdnsResponder:
 
     def name_taken(self, name):
         fqdn = self.instance_fqdn(name)
-        wire = mdns_query([(fqdn, dns.rdatatype.SRV)])
         deadline = time.monotonic() + PROBE_WAIT
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind(("0.0.0.0", 0))
-            send_to_group(sock, self.interfaces, wire)
+            client.send_to_group(sock, self.interfaces,
+                                 client.mdns_query([(fqdn, dns.rdatatype.SRV)]))
             while (left := deadline - time.monotonic()) > 0:
                 if not select.select([sock], [], [], left)[0]:
                     break
-                message, _ = parse_mdns(sock.recvfrom(9000)[0])
-                if message is None or not message.flags & dns.flags.QR:
-                    continue
-                if any(rrset.name == fqdn for rrset in message.answer):
+                message, _ = client.parse_mdns(sock.recvfrom(9000)[0])
+                if message is not None and message.flags & dns.flags.QR and \
+                        any(rrset.name == fqdn for rrset in message.answer):
                     return True
         return False
 
     def instance_fqdn(self, name):
-        return dns.name.Name([name.encode("utf-8")]).concatenate(service_name())
+        return dns.name.Name([name.encode("utf-8")]).concatenate(client.service_name())
 
     # --- records ---
 
     def records(self, ttl, iface):
-        """All our records: {(owner, type): rrset}; A data is `address`."""
-        meta = dns.name.from_text(f"_services._dns-sd._udp.{MDNS_DOMAIN}.")
-        stype = service_name()
-        out = {}
+        """All our rrsets, with this TTL and the addresses of this interface."""
+        def rrset(owner, rdtype, *texts):
+            return dns.rrset.from_text(owner, ttl, "IN", rdtype, *texts)
+        stype = client.service_name()
+        fqdns = [self.instance_fqdn(name) for name in self.names]
+        table = [rrset(self.meta, "PTR", stype.to_text()),
+                 rrset(stype, "PTR", *[fqdn.to_text() for fqdn in fqdns])]
+        for fqdn, sysinfo in zip(fqdns, self.offer.sysinfos):
+            table += [rrset(fqdn, "SRV", f"0 0 {self.offer.port} {self.hostname}"),
+                      rrset(fqdn, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))]
+        table.append(rrset(self.hostname, "A", iface.address))
+        # reachable over IPv6 too
+        if self.offer.listen in (None, "", "::") and (v6 := ipv6_addresses(iface.name)):
+            table.append(rrset(self.hostname, "AAAA", *v6))
+        return table
 
-        def add(owner, rdtype, *texts):
-            rrset = out.setdefault((owner, rdtype), dns.rrset.RRset(
-                owner, dns.rdataclass.IN, rdtype))
-            for text in texts:
-                rrset.add(dns.rdata.from_text(dns.rdataclass.IN, rdtype, text),
-                          ttl)
-        add(meta, dns.rdatatype.PTR, stype.to_text())
-        for name, sysinfo in zip(self.names, self.adv.sysinfos):
-            fqdn = self.instance_fqdn(name)
-            add(stype, dns.rdatatype.PTR, fqdn.to_text())
-            add(fqdn, dns.rdatatype.SRV,
-                f"0 0 {self.adv.port} {self.hostname.to_text()}")
-            txt = txt_strings(sysinfo, self.adv.version, self.adv.certinfo,
-                              self.adv.optinfo, self.adv.load)
-            add(fqdn, dns.rdatatype.TXT, txt_rdata_text(txt))
-        add(self.hostname, dns.rdatatype.A, iface.address)
-        if self.adv.listen in (None, "", "::"):  # reachable over IPv6 too
-            for address in ipv6_addresses(iface.name):
-                add(self.hostname, dns.rdatatype.AAAA, address)
-        return out
-
-    def host_records(self, table):
-        """The host name's A (and AAAA) rrsets of a record table."""
-        return [table[key] for key in ((self.hostname, dns.rdatatype.A),
-                                       (self.hostname, dns.rdatatype.AAAA))
-                if key in table]
-
-    def answer(self, question_name, qtype, table):
-        """(answers, additionals) rrset lists for one question, from the
-        record table of this packet's interface and TTL."""
-        answers = [rr for (owner, rdtype), rr in table.items()
-                   if owner == question_name
-                   and qtype in (rdtype, dns.rdatatype.ANY)]
-        additional = []
-        for rr in answers:  # RFC 6763 12: help the asker
-            if rr.rdtype == dns.rdatatype.PTR:
-                for rd in rr:
-                    additional += [table[k] for k in table
-                                   if k[0] == rd.target]
-            if rr.rdtype in (dns.rdatatype.PTR, dns.rdatatype.SRV):
-                additional += self.host_records(table)
-        additional = [rr for i, rr in enumerate(additional)
-                      if rr not in answers and rr not in additional[:i]]
-        return answers, additional
+    def answer(self, questions, table):
+        """(answers, additionals): the rrsets asked for, and what the asker wants next (RFC
+        6763 12): a PTR's targets, and the host's addresses for a PTR or SRV."""
+        answers = [rr for rr in table if any(
+            q.name == rr.name and q.rdtype in (rr.rdtype, dns.rdatatype.ANY) for q in questions)]
+        wanted = {rd.target for rr in answers if rr.rdtype == dns.rdatatype.PTR for rd in rr}
+        if any(rr.rdtype in (dns.rdatatype.PTR, dns.rdatatype.SRV) for rr in answers):
+            wanted.add(self.hostname)
+        return answers, [rr for rr in table if rr.name in wanted and rr not in answers]
 
     # --- serving ---
 
@@ -2199,18 +2107,13 @@ class MdnsResponder:
             if not select.select([self.sock], [], [], 0.2)[0]:
                 continue
             try:
-                wire, ancdata, _flags, source = self.sock.recvmsg(
-                    9000, socket.CMSG_SPACE(12))
-            except OSError:
-                continue
-            ifindex = pktinfo_ifindex(ancdata)
-            try:
-                self.handle_packet(wire, source, ifindex)
+                wire, ancdata, _flags, source = self.sock.recvmsg(9000, socket.CMSG_SPACE(12))
+                self.handle_packet(wire, source, client.pktinfo_ifindex(ancdata))
             except Exception:  # noqa: BLE001 - keep serving
                 continue
 
     def handle_packet(self, wire, source, ifindex):
-        message, unicast_flags = parse_mdns(wire)
+        message, unicast_flags = client.parse_mdns(wire)
         if message is None:
             return  # garbage
         if message.flags & dns.flags.QR:
@@ -2219,42 +2122,30 @@ class MdnsResponder:
         iface = self.interface_of(ifindex)
         if iface is None:
             return
-        legacy = source[1] != MDNS_PORT  # a one-shot query (6.7)
-        ttl = min(MDNS_TTL, 10) if legacy else MDNS_TTL
-        answers, additional = [], []
-        table = self.records(ttl, iface)
-        for question in message.question:
-            ans, add = self.answer(question.name, question.rdtype, table)
-            answers += [a for a in ans if a not in answers]
-            additional += [a for a in add if a not in additional]
+        legacy = source[1] != client.MDNS_PORT  # a one-shot query (6.7)
+        table = self.records(min(MDNS_TTL, 10) if legacy else MDNS_TTL, iface)
+        answers, additional = self.answer(message.question, table)
         if not answers:
             return
-        additional = [a for a in additional if a not in answers]
-        reply = dns.message.Message(id=message.id if legacy else 0)
-        reply.flags = dns.flags.QR | dns.flags.AA
+        reply = mdns_response(answers, additional, message.id if legacy else 0)
         if legacy:
             reply.question = list(message.question)
-        reply.answer = answers
-        reply.additional = additional
-        if legacy or any(unicast_flags):
-            self.send_packet(reply.to_wire(), source, iface)
-        else:
-            self.send_packet(reply.to_wire(), (MDNS_GROUP, MDNS_PORT), iface)
+        unicast = legacy or any(unicast_flags)
+        self.send_packet(reply, source if unicast else (client.MDNS_GROUP, client.MDNS_PORT), iface)
 
     def resolve_conflicts(self, message):
-        """Two servers that probed at the same moment can claim one name
-        (RFC 6762 9): when another announces our instance with another port,
-        the one with the higher port takes the next free name, and the other
-        defends the name by announcing it again (the newcomer may have
-        missed its first announcement)."""
+        """Two servers that probed at the same moment can claim one name (RFC 6762 9): when
+        another announces our instance with another port, the one with the higher port takes
+        the next free name, and the other defends the name by announcing it again (the newcomer
+        may have missed its first announcement)."""
         for rrset in message.answer:
             if rrset.rdtype != dns.rdatatype.SRV:
                 continue
+            ports = {rd.port for rd in rrset} - {self.offer.port}
             for i, name in enumerate(self.names):
-                ports = {rd.port for rd in rrset} - {self.adv.port}
-                if rrset.name != self.instance_fqdn(name) or not ports:
+                if not ports or rrset.name != self.instance_fqdn(name):
                     continue
-                if min(ports) < self.adv.port:
+                if min(ports) < self.offer.port:
                     renamed = alternative_name(name)
                     while renamed in self.names:
                         renamed = alternative_name(renamed)
@@ -2264,33 +2155,28 @@ class MdnsResponder:
                 self.announce(MDNS_TTL)
 
     def interface_of(self, ifindex):
-        for iface in self.interfaces:
-            if iface.index == ifindex:
-                return iface
-        return self.interfaces[0] if self.interfaces and not ifindex else None
+        """The interface a packet came in on (without a word of it, the first)."""
+        return next((i for i in self.interfaces if i.index == ifindex),
+                    None if ifindex else self.interfaces[0])
 
-    def send_packet(self, wire, dest, iface):
+    def send_packet(self, msg, dest, iface):
         try:
             self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
                                  socket.inet_aton(iface.address))
-            self.sock.sendto(wire, dest)
+            self.sock.sendto(msg.to_wire(), dest)
         except OSError:
             pass  # best effort, like any mDNS
 
     def announce(self, ttl):
-        """Unsolicited response with all records on every interface: an
-        announcement (ttl > 0) at start, a goodbye (ttl 0) at stop."""
-        stype = service_name()
+        """Unsolicited response with our records on every interface: an announcement (ttl > 0)
+        at start, a goodbye (ttl 0) at stop.  Not the meta PTR, nor in a goodbye the host's
+        addresses: they may still serve other servers."""
         for iface in self.interfaces:
             table = self.records(ttl, iface)
-            msg = dns.message.Message(id=0)
-            msg.flags = dns.flags.QR | dns.flags.AA
-            msg.answer = [rr for (owner, _t), rr in table.items()
-                          if owner == stype or owner in
-                          [self.instance_fqdn(n) for n in self.names]]
-            if ttl:  # the host name may still serve other servers
-                msg.additional = self.host_records(table)
-            self.send_packet(msg.to_wire(), (MDNS_GROUP, MDNS_PORT), iface)
+            host = [rr for rr in table if rr.name == self.hostname]
+            ours = [rr for rr in table if rr.name not in (self.meta, self.hostname)]
+            self.send_packet(mdns_response(ours, host if ttl else []),
+                             (client.MDNS_GROUP, client.MDNS_PORT), iface)
 
 
 # --------------------------------------------------------------------------
@@ -2304,32 +2190,27 @@ TSIG_KEY = re.compile(r'key\s+"?([^"\s{]+)"?\s*\{[^}]*algorithm\s+"?([\w-]+)"?\s
 
 
 class ZoneRegistration:
-    """One server's instances (one per served sysinfo) in a DNS zone: PTR
-    from _stap._tcp.ZONE, SRV and TXT at each instance, A for the host."""
+    """An Offer in a DNS zone: PTR from _stap._tcp.ZONE, SRV and TXT at each instance (one per
+    served sysinfo), A for the host."""
 
-    def __init__(self, config, port, version, der):
-        require_dnspython()
+    def __init__(self, target, offer):
+        client.require_dnspython()
+        import dns.exception  # the rest of dnspython that DNS UPDATE needs
         import dns.query
         import dns.rcode
-        import dns.tsigkeyring
         import dns.update
-        self.zone, self.server, self.server_port, keyfile = config.dns_update
-        self.config, self.port, self.version, self.der = config, port, version, der
+        self.zone, self.server, self.server_port, keyfile = target  # config.dns_update
+        self.offer, self.instances = offer, []  # [(instance name, sysinfo)] registered
         self.keyring, self.keyname, self.algorithm = read_tsig_key(keyfile)
-        self.host = dns.name.from_text(f"{short_hostname()}.{self.zone}")
-        self.stype = dns.name.from_text(f"{SERVICE_TYPE}.{self.zone}")
-        self.instances = []  # (instance name, sysinfo)
-        self.load = []  # the load hint's TXT strings
+        self.host = dns.name.from_text(f"{offer.host}.{self.zone}")
+        self.stype = dns.name.from_text(f"{client.SERVICE_TYPE}.{self.zone}")
 
     def update(self):
-        import dns.update
         return dns.update.UpdateMessage(self.zone, keyring=self.keyring, keyname=self.keyname,
                                         keyalgorithm=self.algorithm)
 
     def send(self, message):
         """The rcode of one update; Error when the zone's server refuses us."""
-        import dns.exception
-        import dns.query
         try:
             reply = dns.query.tcp(message, self.server, port=self.server_port, timeout=5)
         except (dns.exception.DNSException, OSError) as e:
@@ -2339,17 +2220,14 @@ class ZoneRegistration:
 
     def register(self):
         """Add every instance under a name nobody else holds in the zone."""
-        import dns.rcode
         address = self.address()
-        sysinfos = self.sysinfos()
-        for sysinfo, wanted in zip(sysinfos, instance_names(short_hostname(), len(sysinfos))):
-            name = wanted
+        for sysinfo, name in zip(self.offer.sysinfos, self.offer.names()):
             for _ in range(20):
                 instance = dns.name.Name([name.encode()]).concatenate(self.stype)
                 msg = self.update()
                 msg.absent(instance, "SRV")  # prerequisite: the name is free
                 msg.add(self.stype, DNS_TTL, "PTR", instance.to_text())
-                msg.add(instance, DNS_TTL, "SRV", f"0 0 {self.port} {self.host.to_text()}")
+                msg.add(instance, DNS_TTL, "SRV", f"0 0 {self.offer.port} {self.host}")
                 msg.add(instance, DNS_TTL, "TXT", self.txt(sysinfo))
                 msg.replace(self.host, DNS_TTL, "A", address)
                 rcode = self.send(msg)
@@ -2363,9 +2241,8 @@ class ZoneRegistration:
         logging.info("registered in %s at %s: %s", self.zone, self.server,
                      ", ".join(i.to_text() for i, _ in self.instances))
 
-    def refresh(self, der, load):
+    def refresh(self):
         """New TXT records: a renewed certificate's serial, a new load hint."""
-        self.der, self.load = der, load
         msg = self.update()
         for instance, sysinfo in self.instances:
             msg.replace(instance, DNS_TTL, "TXT", self.txt(sysinfo))
@@ -2385,18 +2262,14 @@ class ZoneRegistration:
                 logging.warning("%s", e)
         self.instances = []
 
-    def sysinfos(self):
-        return [f"{r} {self.config.arch}" for r in self.config.releases]
-
     def txt(self, sysinfo):
-        return txt_rdata_text(txt_strings(sysinfo, self.version, certinfo(self.der),
-                                          " ".join(self.config.stap_options), self.load))
+        return txt_rdata_text(self.offer.txt(sysinfo))
 
     def address(self):
-        """The address clients reach us at: the one we listen on, or the one
-        our packets to the zone's server leave from."""
-        listen = self.config.listen
-        if listen not in ("::", "0.0.0.0", "") and not ipaddress.ip_address(listen).is_loopback:
+        """The address clients reach us at: the one we listen on, or the one our packets to the
+        zone's server leave from."""
+        listen = self.offer.listen
+        if listen not in WILDCARDS and not ipaddress.ip_address(listen).is_loopback:
             return listen
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect((self.server, self.server_port))  # sends nothing
@@ -2482,8 +2355,7 @@ def stap_serverd(argv):
     stop = lambda signum, frame: threading.Thread(target=server.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    zone = ZoneRegistration(config, port, server.version, der) if config.dns_update else None
-    advertising = Advertising(config, port, server.version, der, server.compiles, zone)
+    advertising = Advertising(config, port, server.version, der, server.compiles)
     status = write_status(config, port, der)  # after the zone: a refused update fails the start
     logging.info("listening on %s port %d; serving %s; certificate sha256 %s",
                  config.listen, port, ", ".join(config.releases), client.fingerprint(der))
@@ -2502,42 +2374,37 @@ LOAD_CHECK = 1.0  # seconds between looks at the load, to refresh the hint
 
 
 class Advertising:
-    """The server's DNS-SD presence, on the link (unless --advertise none)
-    and in a DNS zone (with --dns-update): the link's started in the
-    background so that the server accepts connections at once; both renewed
-    with a renewed certificate (its serial is advertised) and when the load
-    changes meaningfully (at most every --load-refresh seconds); withdrawn
-    at shutdown."""
+    """The server's DNS-SD presence, on the link (unless --advertise none) and in a DNS zone
+    (with --dns-update), both read from one Offer: the link's started in the background so that
+    the server accepts connections at once; both renewed with a renewed certificate (its serial
+    is advertised) and when the load changes meaningfully (at most every --load-refresh
+    seconds); withdrawn at shutdown."""
 
-    def __init__(self, config, port, version, der, queue, zone=None):
-        self.config, self.port, self.version, self.der = config, port, version, der
-        self.queue, self.zone = queue, zone
-        self.advertiser = self.thread = None
-        self.advertised = queue.hint()
+    def __init__(self, config, port, version, der, queue):
+        self.config, self.queue = config, queue
+        self.offer = Offer(port, [f"{r} {config.arch}" for r in config.releases], version,
+                           certinfo(der), " ".join(config.stap_options), listen=config.listen,
+                           hint=queue.hint())
+        self.link = self.thread = None
         self.stopping = threading.Event()
         self.lock = threading.Lock()  # renewal and the load follower both re-publish
-        if zone:
-            zone.load = load_strings(self.advertised)
-            zone.register()  # before the caller reports a start: a refused update fails it
+        self.zone = ZoneRegistration(config.dns_update, self.offer) if config.dns_update else None
+        if self.zone:
+            self.zone.register()  # before the caller reports a start: a refused update fails it
         if config.advertise != "none":
-            self.start(der)
+            self.start_link()
         threading.Thread(target=self.follow_load, daemon=True).start()
 
-    def start(self, der):
-        cfg = self.config
-        self.der = der
-        self.advertiser = Advertiser(self.port, [f"{r} {cfg.arch}" for r in cfg.releases],
-                                     self.version, certinfo(der), " ".join(cfg.stap_options),
-                                     listen=cfg.listen)
-        self.advertiser.load = load_strings(self.advertised)
-        self.thread = threading.Thread(target=self.run, args=(self.advertiser,), daemon=True)
+    def start_link(self):
+        self.link = Advertiser(self.offer)
+        self.thread = threading.Thread(target=self.run, args=(self.link,), daemon=True)
         self.thread.start()
 
-    def run(self, advertiser):
+    def run(self, link):
         try:
-            mode = advertiser.start(self.config.advertise)
-            logging.info("advertised as %s through %s",
-                         ", ".join(repr(n) for n in advertiser.names), mode)
+            mode = link.start(self.config.advertise)
+            logging.info("advertised as %s through %s", ", ".join(repr(n) for n in link.names),
+                         mode)
         except Error as e:
             logging.warning("not advertised: %s", e)
 
@@ -2545,49 +2412,44 @@ class Advertising:
         last = time.monotonic()
         while not self.stopping.wait(LOAD_CHECK):
             hint = self.queue.hint()
-            if time.monotonic() - last < self.config.load_refresh or \
-                    not load_changed(self.advertised, hint):
-                continue
-            self.advertised, last = hint, time.monotonic()
-            if self.advertiser and self.advertiser.mode == "mdns":
-                self.advertiser.load = load_strings(hint)  # answers are made from it
-                if self.zone:
-                    with self.lock:
-                        self.zone.refresh(self.der, load_strings(hint))
-            else:  # avahi-publish-service takes its TXT once: publish again
-                self.refresh(self.der)
+            if time.monotonic() - last >= self.config.load_refresh and \
+                    load_changed(self.offer.hint, hint):
+                last = time.monotonic()
+                self.refresh(hint=hint)
 
-    def refresh(self, der):
+    def refresh(self, der=None, hint=None):
+        """Tell the network of a renewed certificate or a new load hint: the zone by DNS
+        UPDATE, the link by publishing again (avahi-publish-service takes its TXT once), unless
+        only the load changed and our own responder answers from the offer anyway."""
         with self.lock:
             if self.stopping.is_set():
                 return
+            if der:
+                self.offer.certinfo = certinfo(der)
+            if hint:
+                self.offer.hint = hint
             if self.zone:
-                self.zone.refresh(der, load_strings(self.advertised))
-            if self.advertiser:
+                self.zone.refresh()
+            if self.link and (der or self.link.mode != "mdns"):
                 self.withdraw_link()
-                self.start(der)
-            self.der = der
+                self.start_link()
 
     def withdraw_link(self):
         self.thread.join(15)
-        self.advertiser.stop()
+        self.link.stop()
 
     def stop(self):
         with self.lock:
             self.stopping.set()
-            if self.advertiser:
+            if self.link:
                 self.withdraw_link()
             if self.zone:
                 self.zone.withdraw()
 
 
-def load_strings(hint):
-    return [f"{key}={value}" for key, value in hint.items()]
-
-
 def load_changed(old, new):
-    """Worth telling the network: the work in hand moved to another power of
-    two, or a compile now takes half as long again (or less) as before."""
+    """Worth telling the network: the work in hand moved to another power of two, or a compile
+    now takes half as long again (or less) as before."""
     def bucket(h):
         return (h["busy"] + h["queued"]).bit_length()
     return bucket(old) != bucket(new) or not (
@@ -2595,8 +2457,8 @@ def load_changed(old, new):
 
 
 def certinfo(der):
-    """The certificate serial as real servers advertise it: the DER
-    integer's bytes in colon-separated hex (a leading 00 kept)."""
+    """The certificate serial as real servers advertise it: the DER integer's bytes in
+    colon-separated hex (a leading 00 kept)."""
     _, _, start, end = client.tbs_fields(der)[0]
     return ":".join(f"{b:02x}" for b in der[start:end])
 

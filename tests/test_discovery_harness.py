@@ -40,8 +40,8 @@ discovery = load_discovery()
 ADVERTISE = SERVER_IMPORT + textwrap.dedent("""\
     import json, sys, time
     cfg = json.loads(sys.argv[1])
-    adv = server.Advertiser(cfg['port'], cfg['sysinfos'], cfg['version'],
-                            cfg['certinfo'], cfg.get('optinfo', ''))
+    adv = server.Advertiser(server.Offer(cfg['port'], cfg['sysinfos'], cfg['version'],
+                                         cfg['certinfo'], cfg.get('optinfo', '')))
     t = time.monotonic()
     mode = adv.start()
     print(json.dumps({'mode': mode, 'names': adv.names,

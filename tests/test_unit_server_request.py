@@ -13,6 +13,7 @@ import stap_server
 from stap_client import Error, Reply
 from stap_server import (
     COMPILE_LIMITS,
+    Offer,
     Request,
     RequestRecord,
     address_key,
@@ -35,7 +36,6 @@ from stap_server import (
     reply_entries,
     reply_for_client,
     txt_rdata_text,
-    txt_strings,
 )
 
 SCRIPT = "probe begin { exit() }"
@@ -302,7 +302,7 @@ def test_instance_names_and_texts():
     assert instance_names("h", 3) == ["Systemtap Compile Server on h",
                                       "Systemtap Compile Server on h #2",
                                       "Systemtap Compile Server on h #3"]
-    assert txt_strings("r x86_64", "4.8", "01:02", load=["slots=2"]) == [
+    assert Offer(1, ["r x86_64"], "4.8", "01:02", hint={"slots": 2}).txt("r x86_64") == [
         "sysinfo=r x86_64", "version=4.8", "certinfo=01:02", "optinfo=", "slots=2"]
     assert txt_rdata_text(['a="b"', "c\\d"]) == '"a=\\"b\\"" "c\\\\d"'
 
