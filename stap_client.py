@@ -1172,7 +1172,7 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
     """A TLS socket to peer whose certificate a database trusts; returns
     (socket, peer certificate DER).  fetch_only: accept any certificate, for
     a person to judge before anything is sent."""
-    nss, ssl, nio, nerror = nss_modules()
+    nss, _, _, nerror = nss_modules()
     verdict = {}
 
     def auth_certificate(sock, check_sig, is_server, certdb):
@@ -1190,9 +1190,8 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
                  f"{', '.join(alt_names(cert)) or 'no DNS name'}; trusted by the database anyway")
         return True
 
-    addresses = resolve(peer)
     last = None
-    for family, addr in addresses:
+    for family, addr in resolve(peer):
         raw = socket.socket(family, socket.SOCK_STREAM)
         raw.settimeout(timeout)
         try:
@@ -1201,13 +1200,7 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
             raw.close()
             last = f"cannot connect to {peer}: {e.strerror or e}"
             continue
-        # Small TLS records (the last one, close_notify) must not wait for
-        # a delayed ACK: that costs 40 ms a round trip.
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock = ssl.SSLSocket.import_tcp_socket(raw.detach())
-        sock.set_ssl_option(ssl.SSL_SECURITY, True)
-        sock.set_ssl_option(ssl.SSL_HANDSHAKE_AS_CLIENT, True)
-        sock.set_ssl_version_range("tls1.2", "tls1.3")
+        sock = tls_socket(raw, as_server=False)
         sock.set_hostname(peer.host)
         sock.set_auth_certificate_callback(auth_certificate, nss.get_default_certdb())
         sock.reset_handshake(False)
@@ -1221,6 +1214,20 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
         peer.address = addr[0]
         return sock, verdict["der"]
     raise Unavailable(last or f"cannot resolve {peer.host}")
+
+
+def tls_socket(raw, as_server):
+    """A connected TCP socket as an NSS TLS socket (TLS 1.2 or 1.3), without
+    Nagle: small TLS records (the last one, close_notify) must not wait for a
+    delayed ACK, which costs 40 ms a round trip."""
+    ssl = nss_modules()[1]
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = ssl.SSLSocket.import_tcp_socket(raw.detach())
+    sock.set_ssl_option(ssl.SSL_SECURITY, True)
+    sock.set_ssl_option(ssl.SSL_HANDSHAKE_AS_SERVER if as_server else
+                        ssl.SSL_HANDSHAKE_AS_CLIENT, True)
+    sock.set_ssl_version_range("tls1.2", "tls1.3")
+    return sock
 
 
 def is_ip_address(host):

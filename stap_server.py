@@ -44,26 +44,13 @@ import threading
 import time
 import zipfile
 
-try:  # the built-in multicast DNS responder needs dnspython
-    import dns.flags
-    import dns.message
-    import dns.name
-    import dns.rdata
-    import dns.rdataclass
-    import dns.rdatatype
-    import dns.rrset
-except ImportError:
-    dns = None
-
 import stap_client as client
+from stap_client import CertDB, Error, Limits, Reply  # the names the server uses most
 
-# What the server shares with the client: databases, errors, archives, discovery.
-from stap_client import (
-    CertDB,
-    Error,
-    Limits,
-    Reply,
-)
+try:  # the built-in multicast DNS responder needs dnspython
+    dns = client.require_dnspython()
+except client.DiscoveryError:
+    dns = None
 
 PROG = "stap-serverd"
 RENEW_BEFORE = 30 * 86400  # renew a certificate expiring within 30 days
@@ -940,15 +927,11 @@ def nss3():
             ("CERT_FindCertByDERCert", ptr, [ptr, item]),
             ("CERT_DestroyCertificate", None, [ptr]),
             ("PK11_FindKeyByAnyCert", ptr, [ptr, ptr]),
-            ("SECKEY_DestroyPrivateKey", None, [ptr]),
             ("SEC_SignData", c_int, [item, ctypes.c_char_p, c_int, ptr, c_int]),
             ("SECITEM_FreeItem", None, [item, c_int])):
         getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = argtypes
     return lib
-
-
-_keys = {}  # ServerKey.of_database's, by database path
 
 
 class ServerKey:
@@ -961,41 +944,22 @@ class ServerKey:
         lib = nss3()
         self.der = der
         buf = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
-        self._cert = lib.CERT_FindCertByDERCert(lib.CERT_GetDefaultCertDB(),
-                                                SECItem(0, buf, len(der)))
-        if not self._cert:
+        self.cert = lib.CERT_FindCertByDERCert(lib.CERT_GetDefaultCertDB(),
+                                               SECItem(0, buf, len(der)))
+        if not self.cert:
             raise Error("the server certificate is not in its database")
-        self._key = lib.PK11_FindKeyByAnyCert(self._cert, None)
-        if not self._key:
-            self.close()
+        self.key = lib.PK11_FindKeyByAnyCert(self.cert, None)
+        if not self.key:
+            lib.CERT_DestroyCertificate(self.cert)
             raise Error("the server certificate's private key is not in its database")
-        self._lock = threading.Lock()
-
-    @classmethod
-    def of_database(cls, db):
-        """The key of db's newest server certificate, opening db read-only
-        in this process if it is not open yet; one per database (for code
-        that signs without a running server: tests, benchmarks)."""
-        if db.path not in _keys:
-            client.open_databases([db])
-            _keys[db.path] = cls(newest_certificate(db))
-        return _keys[db.path]
-
-    def close(self):
-        lib = nss3()
-        if getattr(self, "_key", None):
-            lib.SECKEY_DestroyPrivateKey(self._key)
-            self._key = None
-        if self._cert:
-            lib.CERT_DestroyCertificate(self._cert)
-            self._cert = None
+        self.lock = threading.Lock()
 
     def sign(self, data, algorithm):
         """RSA PKCS#1 v1.5 signature of data; algorithm names an NSS SEC_OID."""
         lib, out = nss3(), SECItem()
         oid = getattr(client.nss_modules()[0], algorithm)
-        with self._lock:
-            if lib.SEC_SignData(ctypes.byref(out), data, len(data), self._key, oid) != 0:
+        with self.lock:
+            if lib.SEC_SignData(ctypes.byref(out), data, len(data), self.key, oid) != 0:
                 raise Error("NSS could not sign with the server key")
         try:
             return ctypes.string_at(out.data, out.len)
@@ -1068,14 +1032,12 @@ def signed_reply(key, reply):
     return key.signed_jar(reply_entries(reply))
 
 
-def handle_request(data, config, version, record, cache=None, compiles=None, key=None):
+def handle_request(data, config, version, record, key, cache=None, compiles=None):
     """The signed reply bytes for one framed request body (bytes or a file);
     never raises for a bad request or a failed compile (the client gets rc 1
-    and the reason).  record (a RequestRecord) gets what the log says; the
-    compile waits for a slot of compiles (a CompileQueue); key (a ServerKey,
-    by default config.db's) signs the reply and modules built for
-    stapusr/stapsys."""
-    key = key or ServerKey.of_database(config.db)
+    and the reason).  record (a RequestRecord) gets what the log says; key
+    (a ServerKey) signs the reply and modules built for stapusr/stapsys; the
+    compile waits for a slot of compiles (a CompileQueue)."""
     compiles = compiles or CompileQueue(config.max_threads)
     ws = Workspace(config)
     try:
@@ -1290,13 +1252,8 @@ class Credentials:
 
     def accept_tls(self, conn, timeout):
         """Wrap an accepted socket in server-side TLS and shake hands."""
-        _, ssl, _, _ = client.nss_modules()
         conn.settimeout(None)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no delayed-ACK stalls
-        sock = ssl.SSLSocket.import_tcp_socket(conn.detach())
-        sock.set_ssl_option(ssl.SSL_SECURITY, True)
-        sock.set_ssl_option(ssl.SSL_HANDSHAKE_AS_SERVER, True)
-        sock.set_ssl_version_range("tls1.2", "tls1.3")
+        sock = client.tls_socket(conn, as_server=True)
         sock.config_secure_server(self.cert, self.key, self.cert.find_kea_type())
         sock.reset_handshake(True)
         try:
@@ -1515,8 +1472,8 @@ class CompileHandler(socketserver.BaseRequestHandler):
             self.record.update(rc=1, error="busy")
             return error_reply(signer, server.version,
                                f"{client.BUSY_MESSAGE}: {busy}; try again later")
-        return handle_request(body, server.config, server.version, self.record, server.results,
-                              server.compiles, signer)
+        return handle_request(body, server.config, server.version, self.record, signer,
+                              server.results, server.compiles)
 
 
 class Busy(str):
@@ -1566,67 +1523,67 @@ class FifoSlots:
             return self.held[key], len(self.waiting.get(key, ()))
 
 
-class CompileQueue:
-    """At most `slots` compiles at once, the others waiting in arrival order
-    (FifoSlots); recent compile times give each newcomer its expected wait,
-    and the advertisement its load hint."""
+class CompileQueue(FifoSlots):
+    """At most `limit` compiles at once (--max-threads), the others waiting
+    in arrival order; recent compile times give each newcomer its expected
+    wait, and the advertisement its load hint."""
 
-    def __init__(self, slots):
-        self.slots = FifoSlots(slots)
+    def __init__(self, limit):
+        super().__init__(limit)
         self.merged = 0  # requests waiting for an identical one's compile
         self.recent = 5.0  # seconds a compile takes, smoothed (a first guess)
 
     def busy_reason(self, max_wait, max_queue=None):
         """Why a newcomer cannot wait for a slot (a Busy), or None."""
-        running, ahead = self.slots.counts()
+        running, ahead = self.counts()
         wait = self.expected_wait(running, ahead)
-        if running >= self.slots.limit and (wait > max_wait or
+        if running >= self.limit and (wait > max_wait or
                                             (max_queue is not None and ahead >= max_queue)):
-            return Busy(f"{ahead} requests wait for {self.slots.limit} compile slots; "
+            return Busy(f"{ahead} requests wait for {self.limit} compile slots; "
                         f"the expected wait of {wait:.0f} s is over the server's limit "
                         f"of {max_wait:.0f} s")
         return None
 
     def expected_wait(self, running, ahead):
-        if running < self.slots.limit and not ahead:
+        if running < self.limit and not ahead:
             return 0.0
-        return (ahead // self.slots.limit + 1) * self.recent
+        return (ahead // self.limit + 1) * self.recent
 
     def hint(self):
         """What the advertisement says of the load: slots, busy, queued, and
         a recent compile's seconds."""
-        running, queued = self.slots.counts()
-        return {"slots": self.slots.limit, "busy": running, "queued": queued,
+        running, queued = self.counts()
+        return {"slots": self.limit, "busy": running, "queued": queued,
                 "compile": round(self.recent, 1)}
 
     @contextlib.contextmanager
     def compiling(self):
         """A compile slot, held meanwhile (waiting in line for it first)."""
-        self.slots.take()
+        self.take()
         self.log_concurrency()
         started = time.monotonic()
         try:
             yield
         finally:
-            with self.slots.lock:
+            with self.lock:
                 self.recent = 0.7 * self.recent + 0.3 * (time.monotonic() - started)
-            self.slots.give_back()
+            self.give_back()
 
     @contextlib.contextmanager
     def merging(self):
         """A request that waits for an identical one's compile: being
         answered too, it counts in the concurrency the log tells."""
-        with self.slots.lock:
+        with self.lock:
             self.merged += 1
         self.log_concurrency()
         try:
             yield
         finally:
-            with self.slots.lock:
+            with self.lock:
                 self.merged -= 1
 
     def log_concurrency(self):
-        running = self.slots.counts()[0] + self.merged
+        running = self.counts()[0] + self.merged
         if running > 1:  # the real server's words, for log searches
             logging.info("Processing %d concurrent requests...", running)
 

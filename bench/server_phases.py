@@ -52,6 +52,8 @@ def main(argv):
     inv = client.parse_stap_args(["-r", krel, f"-p{p}", script])
     data = client.build_request(inv)
     version = server.stap_version()
+    client.open_databases([config.db])
+    key = server.ServerKey(server.newest_certificate(config.db))
     wrap(client, "extract_archive", "unpack (extract_archive)")
     wrap(server, "parse_request")
     wrap(server, "run_compile", "run_compile (stap in the sandbox, as the compile account)")
@@ -63,7 +65,7 @@ def main(argv):
     for _ in range(int(reps) + 1):
         fields = server.RequestRecord()
         t = time.perf_counter()
-        server.handle_request(data, config, version, fields)
+        server.handle_request(data, config, version, fields, key)
         totals.append((time.perf_counter() - t) * 1000)
     # the first round is a warm-up
     out = {"handle_request total": statistics.median(totals[1:])}

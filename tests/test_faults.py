@@ -330,7 +330,9 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import stap_client, stap_server
 rc, stderr, module = eval(sys.stdin.read())
-key = stap_server.ServerKey.of_database(stap_client.CertDB(sys.argv[2]))
+db = stap_client.CertDB(sys.argv[2])
+stap_client.open_databases([db])
+key = stap_server.ServerKey(stap_server.newest_certificate(db))
 sys.stdout.buffer.write(stap_server.signed_reply(key, stap_client.Reply(
     rc, b"", stderr, "4.8", module and ("stap_fake.ko", module))))
 """

@@ -50,8 +50,10 @@ def fuzz_env(krel):
              "--max-compressed-request", str(MAX_REQUEST), "--max-request-size", str(1 << 20),
              "--log", box.path("server.log")])
         stap_server.prepare_compile_step(config)  # the compile cache and a working sandbox
+        stap_client.open_databases([db])  # read-only, beside the tests' client databases
+        key = stap_server.ServerKey(der)
         client_db = stap_client.CertDB(stap_client.global_client_db_path())
-        yield types.SimpleNamespace(config=config, watch=watch, tmpdir=tmpdir, der=der,
+        yield types.SimpleNamespace(config=config, watch=watch, tmpdir=tmpdir, der=der, key=key,
                                     client_dbs=[client_db], box=box, krel=krel)
     shutil.rmtree(box.top, ignore_errors=True)
 
@@ -228,7 +230,7 @@ def test_request_decoder_fuzz(fuzz_env, krel):
             reasons[why] = reasons.get(why, 0) + 1
             return
         t = time.monotonic()
-        reply = stap_server.handle_request(got, env.config, "4.8", record)  # never raises
+        reply = stap_server.handle_request(got, env.config, "4.8", record, env.key)  # never raises
         stats[f"rc {check_reply(reply)}"] += 1
         assert time.monotonic() - t < 30, "the decoder hung"
         assert outside_files(env) == [], "written outside the request directory"

@@ -184,9 +184,9 @@ def test_compile_queue_serves_in_arrival_order():
     for n in range(8):
         threads.append(threading.Thread(target=compile_one, args=(n,)))
         threads[-1].start()
-        conftest.wait_until(lambda n=n: queue.slots.counts() == (1, n + 1), 5, "not queued")
+        conftest.wait_until(lambda n=n: queue.counts() == (1, n + 1), 5, "not queued")
     first.__exit__(None, None, None)
     for t in threads:
         t.join(10)
     assert order == list(range(8))
-    assert queue.slots.counts() == (0, 0)
+    assert queue.counts() == (0, 0)
