@@ -1285,18 +1285,13 @@ class RequestRecord:
 
     def log_line(self):
         """One bounded line: each field cut with its original length noted."""
-        parts = []
-        for name in self.FIELDS:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            text = repr(value) if isinstance(value, str) else str(value)
-            if len(text) > LOG_FIELD_MAX:
-                text = f"{text[:LOG_FIELD_MAX]}...[{len(text)} chars]"
-            parts.append(f"{name}={text}")
-        line = "request " + " ".join(parts)
-        return line if len(line) <= LOG_LINE_MAX else line[:LOG_LINE_MAX] + \
-            f"...[{len(line)} chars]"
+        parts = [f"{name}={cut(repr(v) if isinstance(v, str) else str(v), LOG_FIELD_MAX)}"
+                 for name in self.FIELDS if (v := getattr(self, name)) is not None]
+        return cut("request " + " ".join(parts), LOG_LINE_MAX)
+
+
+def cut(text, limit):
+    return text if len(text) <= limit else f"{text[:limit]}...[{len(text)} chars]"
 
 
 class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -1722,10 +1717,8 @@ def more_data_waiting(sock):
 
 
 def format_address(address):
-    host, port = address[0], address[1]
-    if host.startswith("::ffff:"):
-        host = host[7:]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """A client's HOST:PORT ([HOST]:PORT for IPv6), an IPv4 client as IPv4."""
+    return str(client.Peer(address[0].removeprefix("::ffff:"), address[1]))
 
 
 @functools.cache
