@@ -63,9 +63,9 @@ def main(argv):
     wrap(server.subprocess, "Popen", "  subprocess.Popen() calls (fork+exec, all)")
     totals = []
     for _ in range(int(reps) + 1):
-        fields = server.RequestRecord()
+        record = server.RequestRecord()
         t = time.perf_counter()
-        server.handle_request(data, config, version, fields, key)
+        server.handle_request(data, config, version, record, key)
         totals.append((time.perf_counter() - t) * 1000)
     # the first round is a warm-up
     out = {"handle_request total": statistics.median(totals[1:])}
@@ -73,7 +73,7 @@ def main(argv):
         per = len(v) // (int(reps) + 1) or 1
         rounds = [sum(v[i * per:(i + 1) * per]) for i in range(1, int(reps) + 1)]
         out[k] = statistics.median(rounds) if rounds else statistics.median(v)
-    out["rc"] = fields.get("rc")
+    out["rc"] = record.rc
     print(json.dumps(out))
 
 
