@@ -158,10 +158,10 @@ def build_option_parser(prog):
 
 
 def state_dir(kind):
-    """Where status ("run") and log ("log") files live for this user."""
-    if client.is_root():
-        return {"run": "/run/stap-server", "log": "/var/log/stap-server"}[kind]
-    return os.path.join(client.systemtap_dir(), kind)
+    """Where this user's status ("run"), log ("log") and compile cache ("cache") files live."""
+    system, own = {"run": ("/run/stap-server", "run"), "log": ("/var/log/stap-server", "log"),
+                   "cache": ("/var/cache/stap-server", "compile-cache")}[kind]
+    return system if client.is_root() else os.path.join(client.systemtap_dir(), own)
 
 
 def status_path(pid):
@@ -173,10 +173,12 @@ def parse_config(argv, prog=PROG):
     imply filled in (defaults that depend on the user, the database, the
     compile account, the archive limits, the options every stap run gets)."""
     config = build_option_parser(prog).parse_args(argv)
-    for name in ["max_threads", "max_per_address", "max_compressed_request", "max_request_size",
-                 "max_pending_bytes"] + [limit_option(n) for n, *_ in COMPILE_LIMITS]:
-        if getattr(config, name) < 1:
-            raise Error(f"--{name.replace('_', '-')} must be at least 1")
+    config.compile_limits = {n: getattr(config, f"compile_{n}".replace("-", "_"))
+                             for n, *_ in COMPILE_LIMITS}
+    for name in ["max-threads", "max-per-address", "max-compressed-request", "max-request-size",
+                 "max-pending-bytes"] + [f"compile-{n}" for n in config.compile_limits]:
+        if getattr(config, name.replace("-", "_")) < 1:
+            raise Error(f"--{name} must be at least 1")
     config.arch = config.arch or os.uname().machine
     config.releases = served_releases(config.releases)
     config.stap_options = (
@@ -187,20 +189,14 @@ def parse_config(argv, prog=PROG):
     config.db = CertDB(config.ssl or client.server_db_path())
     config.log = config.log or os.path.join(state_dir("log"), "stap-server.log")
     config.user = compile_user(config.user)  # None: compiles run as the server's own user
-    config.compile_limits = {n: getattr(config, limit_option(n)) for n, *_ in COMPILE_LIMITS}
     config.limits = Limits(  # the entries keep the client's bounds; the real server's words
         max_total_bytes=config.max_request_size,
         too_large="Uncompressed request size of {total} bytes is not within the expected "
         "range of 1 to {limit} bytes (--max-request-size)")
     config.tmpdir = os.path.abspath(config.tmpdir or tempfile.gettempdir())
-    config.cache_dir = os.path.abspath(config.cache_dir or default_cache_dir())
+    config.cache_dir = os.path.abspath(config.cache_dir or state_dir("cache"))
     config.dns_update = dns_update_target(config)  # the zone name becomes the whole target
     return config
-
-
-def limit_option(name):
-    """The attribute of a compile limit's option: "file-size" -> compile_file_size."""
-    return "compile_" + name.replace("-", "_")
 
 
 def dns_update_target(opts):
@@ -248,13 +244,6 @@ def compile_user(name):
     return pw.pw_name
 
 
-def default_cache_dir():
-    """Where stap's caches for compiles live (one directory per compile account)."""
-    if client.is_root():
-        return "/var/cache/stap-server"
-    return os.path.join(client.systemtap_dir(), "compile-cache")
-
-
 # --------------------------------------------------------------------------
 # The server certificate
 # --------------------------------------------------------------------------
@@ -276,8 +265,7 @@ def ensure_server_certificate(db, log=logging):
 
 
 def newest_certificate(db):
-    ders = db.certificates()
-    return max(ders, key=not_after) if ders else None
+    return max(db.certificates(), key=not_after, default=None)
 
 
 def not_after(der):
@@ -301,9 +289,8 @@ def generate_certificate(db):
     """A self-signed RSA-3072/SHA-256 certificate valid for a year,
     replacing any older one; the subject is the one every stap server shares."""
     host = socket.gethostname()
-    short = host.split(".")[0]
     db.make_self_signed(client.SERVER_NICKNAME, client.SERVER_SUBJECT,
-                        dict.fromkeys([host, f"{short}.local", "localhost"]))
+                        dict.fromkeys([host, f"{host.split('.')[0]}.local", "localhost"]))
     der = newest_certificate(db)
     if der is None:
         raise Error(f"certutil made no certificate in {db.path}")
