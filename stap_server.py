@@ -351,10 +351,9 @@ def parse_request(top, config):
     m = re.match(r"^sysinfo:\s*(\S+)\s+(\S+)$", sysinfo)
     if not m:
         raise Error("request has no valid sysinfo entry")
-    args, n = [], 1
-    while (arg := read(f"argv{n}")) is not None:
+    args = []
+    while (arg := read(f"argv{len(args) + 1}")) is not None:
         args.append(arg.decode("utf-8", "surrogateescape"))
-        n += 1
     if not args:
         raise Error("request has no argv1 entry")
     release, arch = m.group(1), m.group(2)
@@ -383,10 +382,8 @@ def client_arguments(args, top, release):
     release, lowered, scripts): no forbidden options, paths inside the
     request, pass 5 (a real client sends no -p for it) lowered to 4, -k
     dropped; scripts are the texts stap will parse, as (label, bytes)."""
-    tokens = client.scan_stap_args(args)
-    out, operands, scripts, listing = [], [], [], False
-    last_pass = None
-    for kind, name, *value in tokens:
+    out, operands, scripts, listing, last_pass = [], [], [], False, None
+    for kind, name, *value in client.scan_stap_args(args):
         value = value[0] if value else None
         if kind == "arg":
             operands.append(name)
@@ -411,8 +408,8 @@ def client_arguments(args, top, release):
         if name == "-e":
             scripts.append(("-e", value.encode("utf-8", "surrogateescape")))
         listing |= name in ("-l", "-L")
-        out.append(name + (value if value is not None else "") if not name.startswith("--")
-                   else name + ("" if value is None else "=" + value))
+        joint = "=" if name.startswith("--") else ""  # --name=value, -Xvalue
+        out.append(name if value is None else name + joint + value)
     if not scripts and operands and not listing:
         script = operands.pop(0)
         confine(script, top, "script")
@@ -447,14 +444,15 @@ def check_argv_size(args):
 def shipped_tapsets(top):
     """(label, bytes) of every tapset file the client shipped with -I: stap
     parses those with guru rights, embedded C included."""
-    found = []
-    for root, dirs, files in os.walk(os.path.join(top, "tapset")):
+    return [(os.path.relpath(path, top), client.read_entry(top, path))
+            for path in walk_files(os.path.join(top, "tapset")) if path.endswith((".stp", ".stpm"))]
+
+
+def walk_files(top):
+    """The path of every file under top, in a stable order."""
+    for root, dirs, files in os.walk(top):
         dirs.sort()
-        for name in sorted(files):
-            if name.endswith((".stp", ".stpm")):
-                path = os.path.join(root, name)
-                found.append((os.path.relpath(path, top), client.read_entry(top, path)))
-    return found
+        yield from (os.path.join(root, name) for name in sorted(files))
 
 
 # stap's lexer, as far as guru checks need it: comments, strings, embedded C.
@@ -467,10 +465,8 @@ def guru_reason(args, scripts):
     """Why this request needs guru mode or names a server-side file, or None.
     The sandbox hides the server's files from the compile anyway; this gives
     the client a reason before stap runs."""
-    options = args[:args.index("--")] if "--" in args else args  # clusters already split
-    for arg in options:
-        if arg == "-g":
-            return f"option {arg}"
+    if "-g" in (args[:args.index("--")] if "--" in args else args):  # clusters already split
+        return "option -g"
     for label, text in scripts:
         for m in STAP_TOKEN.finditer(text):
             if m.group("embedded"):
