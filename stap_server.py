@@ -526,9 +526,8 @@ class Workspace:
     The server reaches into work/ only through descriptors it opened
     itself, without following links."""
 
-    def __init__(self, config):
-        self.config = config
-        self.path = tempfile.mkdtemp(prefix="stap-server.", dir=config.tmpdir)  # 0700
+    def __init__(self, tmpdir):
+        self.path = tempfile.mkdtemp(prefix="stap-server.", dir=tmpdir)  # 0700
         self.work = os.path.join(self.path, "work")
         os.mkdir(self.work, 0o700)
         self.work_fd = None
@@ -539,12 +538,9 @@ class Workspace:
         self.work_fd = os.open(self.work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         os.mkdir("tmp", 0o700, dir_fd=self.work_fd)
         if account is not None:
-            tmp_fd = os.open("tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                             dir_fd=self.work_fd)
-            try:
-                os.fchown(tmp_fd, account.pw_uid, account.pw_gid)
-            finally:
-                os.close(tmp_fd)
+            # tmp, as made above: only the server can write work/ until the fchown below
+            os.chown("tmp", account.pw_uid, account.pw_gid, dir_fd=self.work_fd,
+                     follow_symlinks=False)
             os.fchown(self.work_fd, account.pw_uid, account.pw_gid)
             # bwrap (0.8 resolves even a --bind-fd source by path) runs as the
             # compile account and must get through to work/: traverse only.
@@ -611,7 +607,7 @@ def prepare_compile_step(config):
                         "everything the compile account can; results are not cached")
         return
     try:
-        ws = Workspace(config)
+        ws = Workspace(config.tmpdir)
     except OSError as e:
         raise Error(f"cannot make request directories in {config.tmpdir}: {e.strerror}") from None
     try:
@@ -706,8 +702,7 @@ def sandbox_argv(config, work_fd, cache):
         elif os.path.isdir(d):
             argv += ["--ro-bind", d, d]
             shown.append(d)
-    for p in private_paths(config):
-        p = os.path.abspath(p)
+    for p in map(os.path.abspath, private_paths(config)):
         if any(inside(p, d) for d in shown) and os.path.lexists(p):
             # an empty read-only directory, or /dev/null, in its place
             argv += (["--size", "4096", "--tmpfs", p, "--remount-ro", p] if os.path.isdir(p)
@@ -744,11 +739,9 @@ def stap_argv(config, req, work):
             + [f"--tmpdir={work}/tmp", "--client-options"] + req.args)
 
 
-def compile_env(config, req, work, cache):
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": work,
-           "SYSTEMTAP_DIR": cache, "TMPDIR": f"{work}/tmp", "LANG": "C.UTF-8"}
-    env.update(req.env)
-    return env
+def compile_env(req, work, cache):
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": work,
+            "SYSTEMTAP_DIR": cache, "TMPDIR": f"{work}/tmp", "LANG": "C.UTF-8", **req.env}
 
 
 def run_compile(config, req, ws):
@@ -757,19 +750,19 @@ def run_compile(config, req, ws):
     server opened (and reads back) itself.  A Reply with the module as
     (name, bytes) and the server's paths hidden."""
     ws.hand_over(compile_account(config))
+    host_cache = None if req.guru else account_cache(config)  # guru: a throw-away one in work/
     if config.sandbox:
-        work = SANDBOX_WORK
-        cache = None if req.guru else SANDBOX_CACHE  # guru: a throw-away cache in work/
-        prefix = sandbox_argv(config, ws.work_fd, None if req.guru else account_cache(config))
+        work, cache = SANDBOX_WORK, SANDBOX_CACHE if host_cache else None
+        prefix = sandbox_argv(config, ws.work_fd, host_cache)
     else:
-        work, cache, prefix = ws.work, (None if req.guru else account_cache(config)), []
+        work, cache, prefix = ws.work, host_cache, []
     cache = cache or f"{work}/.systemtap"
     argv = prefix + limits_argv(config) + stap_argv(config, req, work)
     with tempfile.TemporaryFile(dir=ws.path) as out, tempfile.TemporaryFile(dir=ws.path) as err:
         try:
             proc = subprocess.Popen(argv, cwd=ws.work if not config.sandbox else "/",
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    env=compile_env(config, req, work, cache),
+                                    env=compile_env(req, work, cache),
                                     start_new_session=True, pass_fds=(ws.work_fd,),
                                     **as_compile_account(config))
         except OSError as e:
@@ -790,16 +783,13 @@ def watch_compile(proc, ws, config):
     the wall-clock limit or writes more than the disk limit.  Returns (exit
     status, the limit it broke or None)."""
     deadline = time.monotonic() + config.compile_timeout
-    disk = config.compile_limits["disk"]
     while True:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             return proc.wait(timeout=DISK_CHECK_INTERVAL), None
-        except subprocess.TimeoutExpired:
-            pass
         if time.monotonic() > deadline:
             kill_group(proc)
             return 1, f"wall-clock limit ({config.compile_timeout:g} s, --compile-timeout)"
-        if ws.disk_use() > disk:
+        if ws.disk_use() > config.compile_limits["disk"]:
             kill_group(proc)
             return 1, limit_text(config, "disk")
 
@@ -819,16 +809,13 @@ LIMIT_SIGNS = (
     ("cpu", 128 + signal.SIGXCPU, rb"CPU time limit exceeded"),
     ("memory", None, rb"Cannot allocate memory|MemoryError|bad_alloc|memory exhausted"
                      rb"|[Oo]ut of memory"),
-    ("processes", None, rb"[Cc]annot fork|fork: Resource temporarily unavailable"
-                        rb"|fork: retry"),
+    ("processes", None, rb"[Cc]annot fork|fork: Resource temporarily unavailable|fork: retry"),
 )
 
 
 def limit_breached(rc, stderr, config):
-    if rc == 0:
-        return None
     for name, status, words in LIMIT_SIGNS:
-        if rc == status or re.search(words, stderr):
+        if rc != 0 and (rc == status or re.search(words, stderr)):
             return limit_text(config, name)
     return None
 
@@ -842,10 +829,8 @@ def limit_text(config, name):
 
 
 def kill_group(proc):
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
@@ -1022,7 +1007,7 @@ def handle_request(data, config, version, record, key, cache=None, compiles=None
     (a ServerKey) signs the reply and modules built for stapusr/stapsys; the
     compile waits for a slot of compiles (a CompileQueue)."""
     compiles = compiles or CompileQueue(config.max_threads)
-    ws = Workspace(config)
+    ws = Workspace(config.tmpdir)
     try:
         try:
             client.extract_archive(client.open_archive(data), ws.work, config.limits)
