@@ -849,13 +849,10 @@ def reply_for_client(compiled, req, key, version):
     name (or goes, when the client asked for pass 5), the server's notices
     lead stderr, and a module built for stapusr or stapsys gets key's
     signature beside it."""
-    lines = []
-    for line in compiled.stdout.splitlines(keepends=True):
-        if line.rstrip(b"\n").endswith(b".ko") and compiled.module:
-            if req.lowered:
-                continue
-            line = compiled.module[0].encode() + b"\n"
-        lines.append(line)
+    lines = compiled.stdout.splitlines(keepends=True)
+    if compiled.module:  # the module path line: its name, or nothing when the client runs pass 5
+        named = b"" if req.lowered else compiled.module[0].encode() + b"\n"
+        lines = [named if line.rstrip(b"\n").endswith(b".ko") else line for line in lines]
     module = compiled.module
     if module and req.signed:
         module = module + (key.module_signature(module[1]),)
@@ -992,8 +989,7 @@ def der(tag, *content):
 
 
 def error_reply(key, version, message):
-    return signed_reply(key, Reply(1, b"", f"stap-serverd: ERROR: {message}\n".encode(),
-                                   version))
+    return signed_reply(key, Reply(1, b"", f"stap-serverd: ERROR: {message}\n".encode(), version))
 
 
 def signed_reply(key, reply):
@@ -1015,9 +1011,8 @@ def handle_request(data, config, version, record, key, cache=None, compiles=None
         except Error as e:
             record.update(rc=1, error=str(e))
             return error_reply(key, version, str(e))
-        record.update(version=req.version, release=req.release, options=" ".join(req.args))
-        if req.guru:
-            record.update(guru=True)
+        record.update(version=req.version, release=req.release, options=" ".join(req.args),
+                      guru=req.guru or None)  # the log line names guru requests only
 
         def compile_and_sign():
             try:
@@ -1071,10 +1066,8 @@ class ResultCache:
             if key in self.entries:
                 self.entries.move_to_end(key)
                 return self.entries[key], "hit"
-            compiling = self.running.get(key)
-            first = compiling is None
-            if first:
-                compiling = self.running[key] = Compiling()
+            first = key not in self.running
+            compiling = self.running.setdefault(key, Compiling())
         if not first:
             with merging():
                 compiling.done.wait()
@@ -1082,11 +1075,10 @@ class ResultCache:
                 return compiling.reply, "merged" if compiling.ok else "merged-failed"
             return compute()[0], "miss"  # its compile broke down: try ours
         try:
-            reply, cacheable = compute()
-            compiling.reply, compiling.ok = reply, cacheable
-            if cacheable:
-                self.store(key, reply)
-            return reply, "miss"
+            compiling.reply, compiling.ok = compute()
+            if compiling.ok:
+                self.store(key, compiling.reply)
+            return compiling.reply, "miss"
         finally:
             with self.lock:
                 del self.running[key]
@@ -1125,13 +1117,9 @@ def result_key(req, top, config, version):
     for part in ([version, req.release, req.arch, config.user or ""] + req.args
                  + config.stap_options + sorted(f"{k}={v}" for k, v in req.env.items())):
         h.update(part.encode("utf-8", "surrogateescape") + b"\0")
-    for root, dirs, files in os.walk(top):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, top)
-            if rel in ("version", "locale"):
-                continue
+    for path in walk_files(top):
+        rel = os.path.relpath(path, top)
+        if rel not in ("version", "locale"):
             h.update(rel.encode("utf-8", "surrogateescape") + b"\0")
             with open(path, "rb") as f:
                 h.update(hashlib.sha256(f.read()).digest())
@@ -1151,19 +1139,12 @@ def installation_stamp(config, release):
     cached = _stamps.get(release)
     if cached and now - cached[0] < STAMP_TTL:
         return cached[1]
-    stap = shutil.which(stap_program()) or stap_program()
     build = f"/lib/modules/{release}/build"
-    trees = ["/usr/share/systemtap"] + server_trees(config)
-    h = hashlib.sha256()
-    for path in [stap] + [os.path.join(build, f) for f in
-                          (".config", "Module.symvers", "include/generated/utsrelease.h")]:
-        h.update(stat_line(path))
-    for tree in trees:
-        for root, dirs, files in os.walk(tree):
-            dirs.sort()
-            for name in sorted(files):
-                h.update(stat_line(os.path.join(root, name)))
-    stamp = h.hexdigest()
+    paths = [shutil.which(stap_program()) or stap_program(), f"{build}/.config",
+             f"{build}/Module.symvers", f"{build}/include/generated/utsrelease.h"]
+    for tree in ["/usr/share/systemtap"] + server_trees(config):
+        paths += walk_files(tree)
+    stamp = hashlib.sha256(b"".join(map(stat_line, paths))).hexdigest()
     _stamps[release] = (now, stamp)
     return stamp
 
