@@ -158,10 +158,10 @@ def build_option_parser(prog):
 
 
 def state_dir(kind):
-    """Where status ("run") and log ("log") files live for this user."""
-    if client.is_root():
-        return {"run": "/run/stap-server", "log": "/var/log/stap-server"}[kind]
-    return os.path.join(client.systemtap_dir(), kind)
+    """Where this user's status ("run"), log ("log") and compile cache ("cache") files live."""
+    system, own = {"run": ("/run/stap-server", "run"), "log": ("/var/log/stap-server", "log"),
+                   "cache": ("/var/cache/stap-server", "compile-cache")}[kind]
+    return system if client.is_root() else os.path.join(client.systemtap_dir(), own)
 
 
 def status_path(pid):
@@ -173,10 +173,12 @@ def parse_config(argv, prog=PROG):
     imply filled in (defaults that depend on the user, the database, the
     compile account, the archive limits, the options every stap run gets)."""
     config = build_option_parser(prog).parse_args(argv)
-    for name in ["max_threads", "max_per_address", "max_compressed_request", "max_request_size",
-                 "max_pending_bytes"] + [limit_option(n) for n, *_ in COMPILE_LIMITS]:
-        if getattr(config, name) < 1:
-            raise Error(f"--{name.replace('_', '-')} must be at least 1")
+    config.compile_limits = {n: getattr(config, f"compile_{n}".replace("-", "_"))
+                             for n, *_ in COMPILE_LIMITS}
+    for name in ["max-threads", "max-per-address", "max-compressed-request", "max-request-size",
+                 "max-pending-bytes"] + [f"compile-{n}" for n in config.compile_limits]:
+        if getattr(config, name.replace("-", "_")) < 1:
+            raise Error(f"--{name} must be at least 1")
     config.arch = config.arch or os.uname().machine
     config.releases = served_releases(config.releases)
     config.stap_options = (
@@ -187,20 +189,14 @@ def parse_config(argv, prog=PROG):
     config.db = CertDB(config.ssl or client.server_db_path())
     config.log = config.log or os.path.join(state_dir("log"), "stap-server.log")
     config.user = compile_user(config.user)  # None: compiles run as the server's own user
-    config.compile_limits = {n: getattr(config, limit_option(n)) for n, *_ in COMPILE_LIMITS}
     config.limits = Limits(  # the entries keep the client's bounds; the real server's words
         max_total_bytes=config.max_request_size,
         too_large="Uncompressed request size of {total} bytes is not within the expected "
         "range of 1 to {limit} bytes (--max-request-size)")
     config.tmpdir = os.path.abspath(config.tmpdir or tempfile.gettempdir())
-    config.cache_dir = os.path.abspath(config.cache_dir or default_cache_dir())
+    config.cache_dir = os.path.abspath(config.cache_dir or state_dir("cache"))
     config.dns_update = dns_update_target(config)  # the zone name becomes the whole target
     return config
-
-
-def limit_option(name):
-    """The attribute of a compile limit's option: "file-size" -> compile_file_size."""
-    return "compile_" + name.replace("-", "_")
 
 
 def dns_update_target(opts):
@@ -248,13 +244,6 @@ def compile_user(name):
     return pw.pw_name
 
 
-def default_cache_dir():
-    """Where stap's caches for compiles live (one directory per compile account)."""
-    if client.is_root():
-        return "/var/cache/stap-server"
-    return os.path.join(client.systemtap_dir(), "compile-cache")
-
-
 # --------------------------------------------------------------------------
 # The server certificate
 # --------------------------------------------------------------------------
@@ -276,8 +265,7 @@ def ensure_server_certificate(db, log=logging):
 
 
 def newest_certificate(db):
-    ders = db.certificates()
-    return max(ders, key=not_after) if ders else None
+    return max(db.certificates(), key=not_after, default=None)
 
 
 def not_after(der):
@@ -301,9 +289,8 @@ def generate_certificate(db):
     """A self-signed RSA-3072/SHA-256 certificate valid for a year,
     replacing any older one; the subject is the one every stap server shares."""
     host = socket.gethostname()
-    short = host.split(".")[0]
     db.make_self_signed(client.SERVER_NICKNAME, client.SERVER_SUBJECT,
-                        dict.fromkeys([host, f"{short}.local", "localhost"]))
+                        dict.fromkeys([host, f"{host.split('.')[0]}.local", "localhost"]))
     der = newest_certificate(db)
     if der is None:
         raise Error(f"certutil made no certificate in {db.path}")
@@ -364,10 +351,9 @@ def parse_request(top, config):
     m = re.match(r"^sysinfo:\s*(\S+)\s+(\S+)$", sysinfo)
     if not m:
         raise Error("request has no valid sysinfo entry")
-    args, n = [], 1
-    while (arg := read(f"argv{n}")) is not None:
+    args = []
+    while (arg := read(f"argv{len(args) + 1}")) is not None:
         args.append(arg.decode("utf-8", "surrogateescape"))
-        n += 1
     if not args:
         raise Error("request has no argv1 entry")
     release, arch = m.group(1), m.group(2)
@@ -396,10 +382,8 @@ def client_arguments(args, top, release):
     release, lowered, scripts): no forbidden options, paths inside the
     request, pass 5 (a real client sends no -p for it) lowered to 4, -k
     dropped; scripts are the texts stap will parse, as (label, bytes)."""
-    tokens = client.scan_stap_args(args)
-    out, operands, scripts, listing = [], [], [], False
-    last_pass = None
-    for kind, name, *value in tokens:
+    out, operands, scripts, listing, last_pass = [], [], [], False, None
+    for kind, name, *value in client.scan_stap_args(args):
         value = value[0] if value else None
         if kind == "arg":
             operands.append(name)
@@ -424,8 +408,8 @@ def client_arguments(args, top, release):
         if name == "-e":
             scripts.append(("-e", value.encode("utf-8", "surrogateescape")))
         listing |= name in ("-l", "-L")
-        out.append(name + (value if value is not None else "") if not name.startswith("--")
-                   else name + ("" if value is None else "=" + value))
+        joint = "=" if name.startswith("--") else ""  # --name=value, -Xvalue
+        out.append(name if value is None else name + joint + value)
     if not scripts and operands and not listing:
         script = operands.pop(0)
         confine(script, top, "script")
@@ -460,14 +444,15 @@ def check_argv_size(args):
 def shipped_tapsets(top):
     """(label, bytes) of every tapset file the client shipped with -I: stap
     parses those with guru rights, embedded C included."""
-    found = []
-    for root, dirs, files in os.walk(os.path.join(top, "tapset")):
+    return [(os.path.relpath(path, top), client.read_entry(top, path))
+            for path in walk_files(os.path.join(top, "tapset")) if path.endswith((".stp", ".stpm"))]
+
+
+def walk_files(top):
+    """The path of every file under top, in a stable order."""
+    for root, dirs, files in os.walk(top):
         dirs.sort()
-        for name in sorted(files):
-            if name.endswith((".stp", ".stpm")):
-                path = os.path.join(root, name)
-                found.append((os.path.relpath(path, top), client.read_entry(top, path)))
-    return found
+        yield from (os.path.join(root, name) for name in sorted(files))
 
 
 # stap's lexer, as far as guru checks need it: comments, strings, embedded C.
@@ -480,10 +465,8 @@ def guru_reason(args, scripts):
     """Why this request needs guru mode or names a server-side file, or None.
     The sandbox hides the server's files from the compile anyway; this gives
     the client a reason before stap runs."""
-    options = args[:args.index("--")] if "--" in args else args  # clusters already split
-    for arg in options:
-        if arg == "-g":
-            return f"option {arg}"
+    if "-g" in (args[:args.index("--")] if "--" in args else args):  # clusters already split
+        return "option -g"
     for label, text in scripts:
         for m in STAP_TOKEN.finditer(text):
             if m.group("embedded"):
@@ -543,9 +526,8 @@ class Workspace:
     The server reaches into work/ only through descriptors it opened
     itself, without following links."""
 
-    def __init__(self, config):
-        self.config = config
-        self.path = tempfile.mkdtemp(prefix="stap-server.", dir=config.tmpdir)  # 0700
+    def __init__(self, tmpdir):
+        self.path = tempfile.mkdtemp(prefix="stap-server.", dir=tmpdir)  # 0700
         self.work = os.path.join(self.path, "work")
         os.mkdir(self.work, 0o700)
         self.work_fd = None
@@ -556,12 +538,9 @@ class Workspace:
         self.work_fd = os.open(self.work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         os.mkdir("tmp", 0o700, dir_fd=self.work_fd)
         if account is not None:
-            tmp_fd = os.open("tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                             dir_fd=self.work_fd)
-            try:
-                os.fchown(tmp_fd, account.pw_uid, account.pw_gid)
-            finally:
-                os.close(tmp_fd)
+            # tmp, as made above: only the server can write work/ until the fchown below
+            os.chown("tmp", account.pw_uid, account.pw_gid, dir_fd=self.work_fd,
+                     follow_symlinks=False)
             os.fchown(self.work_fd, account.pw_uid, account.pw_gid)
             # bwrap (0.8 resolves even a --bind-fd source by path) runs as the
             # compile account and must get through to work/: traverse only.
@@ -628,7 +607,7 @@ def prepare_compile_step(config):
                         "everything the compile account can; results are not cached")
         return
     try:
-        ws = Workspace(config)
+        ws = Workspace(config.tmpdir)
     except OSError as e:
         raise Error(f"cannot make request directories in {config.tmpdir}: {e.strerror}") from None
     try:
@@ -723,8 +702,7 @@ def sandbox_argv(config, work_fd, cache):
         elif os.path.isdir(d):
             argv += ["--ro-bind", d, d]
             shown.append(d)
-    for p in private_paths(config):
-        p = os.path.abspath(p)
+    for p in map(os.path.abspath, private_paths(config)):
         if any(inside(p, d) for d in shown) and os.path.lexists(p):
             # an empty read-only directory, or /dev/null, in its place
             argv += (["--size", "4096", "--tmpfs", p, "--remount-ro", p] if os.path.isdir(p)
@@ -761,11 +739,9 @@ def stap_argv(config, req, work):
             + [f"--tmpdir={work}/tmp", "--client-options"] + req.args)
 
 
-def compile_env(config, req, work, cache):
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": work,
-           "SYSTEMTAP_DIR": cache, "TMPDIR": f"{work}/tmp", "LANG": "C.UTF-8"}
-    env.update(req.env)
-    return env
+def compile_env(req, work, cache):
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": work,
+            "SYSTEMTAP_DIR": cache, "TMPDIR": f"{work}/tmp", "LANG": "C.UTF-8", **req.env}
 
 
 def run_compile(config, req, ws):
@@ -774,19 +750,19 @@ def run_compile(config, req, ws):
     server opened (and reads back) itself.  A Reply with the module as
     (name, bytes) and the server's paths hidden."""
     ws.hand_over(compile_account(config))
+    host_cache = None if req.guru else account_cache(config)  # guru: a throw-away one in work/
     if config.sandbox:
-        work = SANDBOX_WORK
-        cache = None if req.guru else SANDBOX_CACHE  # guru: a throw-away cache in work/
-        prefix = sandbox_argv(config, ws.work_fd, None if req.guru else account_cache(config))
+        work, cache = SANDBOX_WORK, SANDBOX_CACHE if host_cache else None
+        prefix = sandbox_argv(config, ws.work_fd, host_cache)
     else:
-        work, cache, prefix = ws.work, (None if req.guru else account_cache(config)), []
+        work, cache, prefix = ws.work, host_cache, []
     cache = cache or f"{work}/.systemtap"
     argv = prefix + limits_argv(config) + stap_argv(config, req, work)
     with tempfile.TemporaryFile(dir=ws.path) as out, tempfile.TemporaryFile(dir=ws.path) as err:
         try:
             proc = subprocess.Popen(argv, cwd=ws.work if not config.sandbox else "/",
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    env=compile_env(config, req, work, cache),
+                                    env=compile_env(req, work, cache),
                                     start_new_session=True, pass_fds=(ws.work_fd,),
                                     **as_compile_account(config))
         except OSError as e:
@@ -807,16 +783,13 @@ def watch_compile(proc, ws, config):
     the wall-clock limit or writes more than the disk limit.  Returns (exit
     status, the limit it broke or None)."""
     deadline = time.monotonic() + config.compile_timeout
-    disk = config.compile_limits["disk"]
     while True:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             return proc.wait(timeout=DISK_CHECK_INTERVAL), None
-        except subprocess.TimeoutExpired:
-            pass
         if time.monotonic() > deadline:
             kill_group(proc)
             return 1, f"wall-clock limit ({config.compile_timeout:g} s, --compile-timeout)"
-        if ws.disk_use() > disk:
+        if ws.disk_use() > config.compile_limits["disk"]:
             kill_group(proc)
             return 1, limit_text(config, "disk")
 
@@ -836,16 +809,13 @@ LIMIT_SIGNS = (
     ("cpu", 128 + signal.SIGXCPU, rb"CPU time limit exceeded"),
     ("memory", None, rb"Cannot allocate memory|MemoryError|bad_alloc|memory exhausted"
                      rb"|[Oo]ut of memory"),
-    ("processes", None, rb"[Cc]annot fork|fork: Resource temporarily unavailable"
-                        rb"|fork: retry"),
+    ("processes", None, rb"[Cc]annot fork|fork: Resource temporarily unavailable|fork: retry"),
 )
 
 
 def limit_breached(rc, stderr, config):
-    if rc == 0:
-        return None
     for name, status, words in LIMIT_SIGNS:
-        if rc == status or re.search(words, stderr):
+        if rc != 0 and (rc == status or re.search(words, stderr)):
             return limit_text(config, name)
     return None
 
@@ -859,10 +829,8 @@ def limit_text(config, name):
 
 
 def kill_group(proc):
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
@@ -881,13 +849,10 @@ def reply_for_client(compiled, req, key, version):
     name (or goes, when the client asked for pass 5), the server's notices
     lead stderr, and a module built for stapusr or stapsys gets key's
     signature beside it."""
-    lines = []
-    for line in compiled.stdout.splitlines(keepends=True):
-        if line.rstrip(b"\n").endswith(b".ko") and compiled.module:
-            if req.lowered:
-                continue
-            line = compiled.module[0].encode() + b"\n"
-        lines.append(line)
+    lines = compiled.stdout.splitlines(keepends=True)
+    if compiled.module:  # the module path line: its name, or nothing when the client runs pass 5
+        named = b"" if req.lowered else compiled.module[0].encode() + b"\n"
+        lines = [named if line.rstrip(b"\n").endswith(b".ko") else line for line in lines]
     module = compiled.module
     if module and req.signed:
         module = module + (key.module_signature(module[1]),)
@@ -1024,8 +989,7 @@ def der(tag, *content):
 
 
 def error_reply(key, version, message):
-    return signed_reply(key, Reply(1, b"", f"stap-serverd: ERROR: {message}\n".encode(),
-                                   version))
+    return signed_reply(key, Reply(1, b"", f"stap-serverd: ERROR: {message}\n".encode(), version))
 
 
 def signed_reply(key, reply):
@@ -1039,7 +1003,7 @@ def handle_request(data, config, version, record, key, cache=None, compiles=None
     (a ServerKey) signs the reply and modules built for stapusr/stapsys; the
     compile waits for a slot of compiles (a CompileQueue)."""
     compiles = compiles or CompileQueue(config.max_threads)
-    ws = Workspace(config)
+    ws = Workspace(config.tmpdir)
     try:
         try:
             client.extract_archive(client.open_archive(data), ws.work, config.limits)
@@ -1047,9 +1011,8 @@ def handle_request(data, config, version, record, key, cache=None, compiles=None
         except Error as e:
             record.update(rc=1, error=str(e))
             return error_reply(key, version, str(e))
-        record.update(version=req.version, release=req.release, options=" ".join(req.args))
-        if req.guru:
-            record.update(guru=True)
+        record.update(version=req.version, release=req.release, options=" ".join(req.args),
+                      guru=req.guru or None)  # the log line names guru requests only
 
         def compile_and_sign():
             try:
@@ -1103,10 +1066,8 @@ class ResultCache:
             if key in self.entries:
                 self.entries.move_to_end(key)
                 return self.entries[key], "hit"
-            compiling = self.running.get(key)
-            first = compiling is None
-            if first:
-                compiling = self.running[key] = Compiling()
+            first = key not in self.running
+            compiling = self.running.setdefault(key, Compiling())
         if not first:
             with merging():
                 compiling.done.wait()
@@ -1114,11 +1075,10 @@ class ResultCache:
                 return compiling.reply, "merged" if compiling.ok else "merged-failed"
             return compute()[0], "miss"  # its compile broke down: try ours
         try:
-            reply, cacheable = compute()
-            compiling.reply, compiling.ok = reply, cacheable
-            if cacheable:
-                self.store(key, reply)
-            return reply, "miss"
+            compiling.reply, compiling.ok = compute()
+            if compiling.ok:
+                self.store(key, compiling.reply)
+            return compiling.reply, "miss"
         finally:
             with self.lock:
                 del self.running[key]
@@ -1157,13 +1117,9 @@ def result_key(req, top, config, version):
     for part in ([version, req.release, req.arch, config.user or ""] + req.args
                  + config.stap_options + sorted(f"{k}={v}" for k, v in req.env.items())):
         h.update(part.encode("utf-8", "surrogateescape") + b"\0")
-    for root, dirs, files in os.walk(top):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, top)
-            if rel in ("version", "locale"):
-                continue
+    for path in walk_files(top):
+        rel = os.path.relpath(path, top)
+        if rel not in ("version", "locale"):
             h.update(rel.encode("utf-8", "surrogateescape") + b"\0")
             with open(path, "rb") as f:
                 h.update(hashlib.sha256(f.read()).digest())
@@ -1183,19 +1139,12 @@ def installation_stamp(config, release):
     cached = _stamps.get(release)
     if cached and now - cached[0] < STAMP_TTL:
         return cached[1]
-    stap = shutil.which(stap_program()) or stap_program()
     build = f"/lib/modules/{release}/build"
-    trees = ["/usr/share/systemtap"] + server_trees(config)
-    h = hashlib.sha256()
-    for path in [stap] + [os.path.join(build, f) for f in
-                          (".config", "Module.symvers", "include/generated/utsrelease.h")]:
-        h.update(stat_line(path))
-    for tree in trees:
-        for root, dirs, files in os.walk(tree):
-            dirs.sort()
-            for name in sorted(files):
-                h.update(stat_line(os.path.join(root, name)))
-    stamp = h.hexdigest()
+    paths = [shutil.which(stap_program()) or stap_program(), f"{build}/.config",
+             f"{build}/Module.symvers", f"{build}/include/generated/utsrelease.h"]
+    for tree in ["/usr/share/systemtap"] + server_trees(config):
+        paths += walk_files(tree)
+    stamp = hashlib.sha256(b"".join(map(stat_line, paths))).hexdigest()
     _stamps[release] = (now, stamp)
     return stamp
 
