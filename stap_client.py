@@ -1774,22 +1774,22 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
 
 def receive_answers(sock, answers, wait):
     """Read one datagram within wait seconds into answers; True if it was a response."""
-    if not select.select([sock], [], [], max(0, wait))[0]:
-        return False
-    wire, ancdata, _flags, (source_ip, _port) = sock.recvmsg(9000, socket.CMSG_SPACE(12))
-    message, _ = parse_mdns(wire)
+    message, _, (source_ip, _port), ifindex = receive_mdns(sock, wait)
     if message is None or not message.flags & dns.flags.QR:
         return False
-    answers.add(message, source_ip, interface_name(pktinfo_ifindex(ancdata)))
+    answers.add(message, source_ip, interface_name(ifindex))
     return True
 
 
-def pktinfo_ifindex(ancdata):
-    """The receiving interface index from an IP_PKTINFO control message."""
-    for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
-            return struct.unpack_from("i", data)[0]
-    return 0
+def receive_mdns(sock, wait):
+    """The next datagram within wait seconds: (dns.message.Message or None for garbage or
+    nothing, QU flags, source (address, port), arrival interface index from IP_PKTINFO or 0)."""
+    if not select.select([sock], [], [], max(0, wait))[0]:
+        return None, [], (None, None), 0
+    wire, ancdata, _flags, source = sock.recvmsg(9000, socket.CMSG_SPACE(12))
+    ifindex = next((struct.unpack_from("i", data)[0] for level, kind, data in ancdata
+                    if level == socket.IPPROTO_IP and kind == IP_PKTINFO), 0)
+    return *parse_mdns(wire), source, ifindex
 
 
 def interface_name(ifindex):
@@ -1799,14 +1799,13 @@ def interface_name(ifindex):
         return ""
 
 
-def send_to_group(sock, interfaces, wire):
-    """Send one query to the mDNS group out of every interface."""
+def send_to_group(sock, interfaces, wire, dest=(MDNS_GROUP, MDNS_PORT)):
+    """Send one message out of every interface, to the mDNS group unless told otherwise."""
     for iface in interfaces:
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(iface.address))
-        try:
-            sock.sendto(wire, (MDNS_GROUP, MDNS_PORT))
-        except OSError:
-            continue  # e.g. an interface going down meanwhile
+        with contextlib.suppress(OSError):  # e.g. an interface going down meanwhile
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                            socket.inet_aton(iface.address))
+            sock.sendto(wire, dest)
 
 
 # --------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import logging.handlers
 import os
 import pwd
 import re
-import select
 import shutil
 import signal
 import socket
@@ -1942,13 +1941,6 @@ class AvahiPublisher:
         self.proc.stderr.close()
 
 
-def mdns_response(answers, additional=(), query_id=0):
-    msg = dns.message.Message(id=query_id)
-    msg.flags = dns.flags.QR | dns.flags.AA
-    msg.answer, msg.additional = list(answers), list(additional)
-    return msg
-
-
 class MdnsResponder:
     """A minimal multicast DNS responder for our own instances (RFC 6762), answering from the
     Offer as it is at each question.
@@ -2017,9 +2009,7 @@ class MdnsResponder:
             client.send_to_group(sock, self.interfaces,
                                  client.mdns_query([(fqdn, dns.rdatatype.SRV)]))
             while (left := deadline - time.monotonic()) > 0:
-                if not select.select([sock], [], [], left)[0]:
-                    break
-                message, _ = client.parse_mdns(sock.recvfrom(9000)[0])
+                message = client.receive_mdns(sock, left)[0]
                 if message is not None and message.flags & dns.flags.QR and \
                         any(rrset.name == fqdn for rrset in message.answer):
                     return True
@@ -2061,18 +2051,14 @@ class MdnsResponder:
 
     def serve(self):
         while not self.stopping.is_set():
-            if not select.select([self.sock], [], [], 0.2)[0]:
-                continue
             try:
-                wire, ancdata, _flags, source = self.sock.recvmsg(9000, socket.CMSG_SPACE(12))
-                self.handle_packet(wire, source, client.pktinfo_ifindex(ancdata))
+                self.handle_packet(*client.receive_mdns(self.sock, 0.2))
             except Exception:  # noqa: BLE001 - keep serving
                 continue
 
-    def handle_packet(self, wire, source, ifindex):
-        message, unicast_flags = client.parse_mdns(wire)
+    def handle_packet(self, message, unicast_flags, source, ifindex):
         if message is None:
-            return  # garbage
+            return  # nothing, or garbage
         if message.flags & dns.flags.QR:
             self.resolve_conflicts(message)  # another responder's answer
             return
@@ -2082,13 +2068,10 @@ class MdnsResponder:
         legacy = source[1] != client.MDNS_PORT  # a one-shot query (6.7)
         table = self.records(min(MDNS_TTL, 10) if legacy else MDNS_TTL, iface)
         answers, additional = self.answer(message.question, table)
-        if not answers:
-            return
-        reply = mdns_response(answers, additional, message.id if legacy else 0)
-        if legacy:
-            reply.question = list(message.question)
-        unicast = legacy or any(unicast_flags)
-        self.send_packet(reply, source if unicast else (client.MDNS_GROUP, client.MDNS_PORT), iface)
+        if answers:
+            unicast = legacy or any(unicast_flags)
+            self.send(iface, answers, additional, message if legacy else None,
+                      source if unicast else (client.MDNS_GROUP, client.MDNS_PORT))
 
     def resolve_conflicts(self, message):
         """Two servers that probed at the same moment can claim one name (RFC 6762 9): when
@@ -2116,13 +2099,15 @@ class MdnsResponder:
         return next((i for i in self.interfaces if i.index == ifindex),
                     None if ifindex else self.interfaces[0])
 
-    def send_packet(self, msg, dest, iface):
-        try:
-            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                                 socket.inet_aton(iface.address))
-            self.sock.sendto(msg.to_wire(), dest)
-        except OSError:
-            pass  # best effort, like any mDNS
+    def send(self, iface, answers, additional, legacy_query=None,
+             dest=(client.MDNS_GROUP, client.MDNS_PORT)):
+        """A response out of iface, best effort like any mDNS; one to a legacy query carries its
+        id and question (RFC 6762 6.7)."""
+        msg = dns.message.Message(id=legacy_query.id if legacy_query else 0)
+        msg.flags = dns.flags.QR | dns.flags.AA
+        msg.question = list(legacy_query.question) if legacy_query else []
+        msg.answer, msg.additional = answers, additional
+        client.send_to_group(self.sock, [iface], msg.to_wire(), dest)
 
     def announce(self, ttl):
         """Unsolicited response with our records on every interface: an announcement (ttl > 0)
@@ -2132,8 +2117,7 @@ class MdnsResponder:
             table = self.records(ttl, iface)
             host = [rr for rr in table if rr.name == self.hostname]
             ours = [rr for rr in table if rr.name not in (self.meta, self.hostname)]
-            self.send_packet(mdns_response(ours, host if ttl else []),
-                             (client.MDNS_GROUP, client.MDNS_PORT), iface)
+            self.send(iface, ours, host if ttl else [])
 
 
 # --------------------------------------------------------------------------
