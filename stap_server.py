@@ -1753,14 +1753,6 @@ def alternative_name(name):
     return f"{match[1]} #{int(match[2]) + 1}" if match else f"{name} #2"
 
 
-def instance_names(host, count):
-    """A distinct instance name for each of count sysinfos; collisions bump the suffix later."""
-    names = [INSTANCE_PREFIX + host]
-    while len(names) < count:
-        names.append(alternative_name(names[-1]))
-    return names
-
-
 def txt_rdata_text(strings):
     """TXT strings in DNS presentation form: each quoted, quotes escaped."""
     return " ".join('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"' for t in strings)
@@ -1781,7 +1773,11 @@ class Offer:
     host: str = dataclasses.field(default_factory=lambda: socket.gethostname().split(".")[0])
 
     def names(self):
-        return instance_names(self.host, len(self.sysinfos))
+        """A distinct instance name for each sysinfo; collisions bump the suffix later."""
+        names = [INSTANCE_PREFIX + self.host]
+        while len(names) < len(self.sysinfos):
+            names.append(alternative_name(names[-1]))
+        return names
 
     def txt(self, sysinfo):
         """One instance's TXT strings, as real systemtap clients read them, then our load hint
@@ -1805,14 +1801,13 @@ class Advertiser:
     def start(self, how="auto"):
         """Publish ("auto": avahi when a daemon answers, else our own responder; or "avahi" /
         "mdns" only); returns the mode used.  Raises DiscoveryError on failure."""
-        if not self.mode:
-            if how != "mdns" and self.start_avahi():
-                self.mode = "avahi"
-            elif how == "avahi":
-                raise client.DiscoveryError("no avahi daemon answers (--advertise=avahi)")
-            else:
-                self.responder = MdnsResponder(self.offer)
-                self.names, self.mode = self.responder.names, "mdns"
+        if how != "mdns" and self.start_avahi():
+            self.mode = "avahi"
+        elif how == "avahi":
+            raise client.DiscoveryError("no avahi daemon answers (--advertise=avahi)")
+        else:
+            self.responder = MdnsResponder(self.offer)
+            self.names, self.mode = self.responder.names, "mdns"
         return self.mode
 
     def start_avahi(self):
@@ -1923,7 +1918,6 @@ class AvahiPublisher:
                 raise client.DiscoveryError(
                     f'avahi-publish-service: {self.stderr_lines[-1:] or "failed"}')
             if time.monotonic() > deadline:
-                self.stop()
                 raise client.DiscoveryError(f"avahi-publish-service: no registration after "
                                             f"{timeout:.0f} s: {self.stderr_lines[-1:]}")
         return True
@@ -1983,10 +1977,8 @@ class MdnsResponder:
         sock.bind(("0.0.0.0", client.MDNS_PORT))
         for iface in self.interfaces:  # ip_mreqn: group, any local address, interface
             mreqn = struct.pack("4s4si", socket.inet_aton(client.MDNS_GROUP), bytes(4), iface.index)
-            try:
+            with contextlib.suppress(OSError):  # already joined (shared group)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
-            except OSError:
-                pass  # already joined (shared group)
         return sock
 
     # --- names ---
@@ -2079,9 +2071,7 @@ class MdnsResponder:
         the next free name, and the other defends the name by announcing it again (the newcomer
         may have missed its first announcement)."""
         for rrset in message.answer:
-            if rrset.rdtype != dns.rdatatype.SRV:
-                continue
-            ports = {rd.port for rd in rrset} - {self.offer.port}
+            ports = {rd.port for rd in rrset if rd.rdtype == dns.rdatatype.SRV} - {self.offer.port}
             for i, name in enumerate(self.names):
                 if not ports or rrset.name != self.instance_fqdn(name):
                     continue
@@ -2169,7 +2159,7 @@ class ZoneRegistration:
                 msg.absent(instance, "SRV")  # prerequisite: the name is free
                 msg.add(self.stype, DNS_TTL, "PTR", instance.to_text())
                 msg.add(instance, DNS_TTL, "SRV", f"0 0 {self.offer.port} {self.host}")
-                msg.add(instance, DNS_TTL, "TXT", self.txt(sysinfo))
+                msg.add(instance, DNS_TTL, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))
                 msg.replace(self.host, DNS_TTL, "A", address)
                 rcode = self.send(msg)
                 if rcode == dns.rcode.NOERROR:
@@ -2186,25 +2176,23 @@ class ZoneRegistration:
         """New TXT records: a renewed certificate's serial, a new load hint."""
         msg = self.update()
         for instance, sysinfo in self.instances:
-            msg.replace(instance, DNS_TTL, "TXT", self.txt(sysinfo))
+            msg.replace(instance, DNS_TTL, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))
+        self.send_or_warn(msg)
+
+    def withdraw(self):
+        """Every instance gone, in one update."""
+        msg = self.update()
+        for instance, _ in self.instances:
+            msg.delete(self.stype, "PTR", instance.to_text())
+            msg.delete(instance)
+        self.send_or_warn(msg)
+        self.instances = []
+
+    def send_or_warn(self, msg):
         try:
             self.send(msg)
         except Error as e:
             logging.warning("%s", e)
-
-    def withdraw(self):
-        for instance, _ in self.instances:
-            msg = self.update()
-            msg.delete(self.stype, "PTR", instance.to_text())
-            msg.delete(instance)
-            try:
-                self.send(msg)
-            except Error as e:
-                logging.warning("%s", e)
-        self.instances = []
-
-    def txt(self, sysinfo):
-        return txt_rdata_text(self.offer.txt(sysinfo))
 
     def address(self):
         """The address clients reach us at: the one we listen on, or the one our packets to the
