@@ -31,6 +31,7 @@ import struct
 import sys
 import tempfile
 import time
+import types
 import zipfile
 
 dns = None  # dnspython, imported by require_dnspython() for the mDNS fallback only
@@ -1324,11 +1325,6 @@ class ServerRecord(collections.namedtuple(
     version, certinfo (certificate serial, colon-separated hex), txt (every TXT key) and the
     DNS-SD instance name."""
 
-    @property
-    def key(self):
-        # The same server seen on several interfaces is one server.
-        return (self.name, self.address, self.port)
-
 
 def record_from_txt(name, host, address, port, txt):
     """A ServerRecord from resolved DNS-SD data and its TXT dict."""
@@ -1359,10 +1355,11 @@ def format_server_line(rec):
 
 
 def unique_records(records):
-    """Drop repeats (same name, address and port), keep the order found."""
+    """Drop repeats (same name, address and port: one server seen on several interfaces), keep
+    the order found."""
     first = {}
     for rec in records:
-        first.setdefault(rec.key, rec)
+        first.setdefault((rec.name, rec.address, rec.port), rec)
     return list(first.values())
 
 
@@ -1401,11 +1398,9 @@ def wide_area_domains(extra=()):
     $sysconfdir/systemtap/stap-server-domains ("search": the host's search domains).  None
     unless configured: a client sends no unicast DNS query for servers unless told to."""
     domains = list(extra)
-    try:
-        with open(os.path.join(sysconfdir(), "systemtap", DOMAINS_FILE)) as f:
-            domains += [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
-    except OSError:
-        pass
+    path = os.path.join(sysconfdir(), "systemtap", DOMAINS_FILE)
+    with contextlib.suppress(OSError), open(path) as f:
+        domains += [domain for line in f if (domain := line.split("#")[0].strip())]
     return list(dict.fromkeys(domains))
 
 
@@ -1464,10 +1459,7 @@ def collect_output(proc, deadline, done):
     (stdout, stderr, reached EOF)."""
     chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     open_streams = [s for s in chunks if not s.closed]
-    while open_streams:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
+    while open_streams and (left := deadline - time.monotonic()) > 0:
         # Wake up now and then so done() also sees time passing.
         readable, _, _ = select.select(open_streams, [], [], min(left, 0.05) if done else left)
         for stream in readable:
@@ -1658,11 +1650,11 @@ def parse_mdns(wire):
 
 class MdnsAnswers:
     """What the responses said so far: for each instance (named by a PTR or by its own records)
-    an InstanceData, and each host's addresses."""
+    its data (see instance()), and each host's addresses."""
 
     def __init__(self):
-        self.instances = {}  # instance dns.name -> InstanceData
-        self.addresses = {}  # host dns.name -> [addresses]
+        self.instances = {}  # instance dns.name -> its data
+        self.addresses = {}  # host dns.name -> {address: None}, in the order found
 
     def add(self, message, source_ip, iface=""):
         stype = service_name()
@@ -1680,12 +1672,13 @@ class MdnsAnswers:
                     address = rd.address
                     if address.lower().startswith("fe80:") and iface:
                         address = f"{address}%{iface}"  # link-local needs its scope
-                    known = self.addresses.setdefault(owner, [])
-                    if address not in known:
-                        known.append(address)
+                    self.addresses.setdefault(owner, {})[address] = None
 
     def instance(self, name, source_ip):
-        return self.instances.setdefault(name, InstanceData(source_ip))
+        """Its SRV (target, port), TXT dict, whether a PTR currently advertises it, and the
+        address the first response about it came from."""
+        return self.instances.setdefault(name, types.SimpleNamespace(
+            srv=None, txt=None, advertised=False, source=source_ip))
 
     def advertised(self):
         return [(name, data) for name, data in self.instances.items() if data.advertised]
@@ -1707,15 +1700,6 @@ class MdnsAnswers:
                                 address, data.srv[1], data.txt or {})
                 for name, data in self.advertised() if data.srv
                 for address in self.addresses.get(data.srv[0]) or [data.source]]
-
-
-class InstanceData:
-    """One instance's SRV (target, port), TXT dict, whether a PTR currently advertises it, and
-    the address the first response about it came from."""
-
-    def __init__(self, source):
-        self.srv = self.txt = None
-        self.advertised, self.source = False, source
 
 
 def instance_label(fqdn):
@@ -1774,22 +1758,22 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
 
 def receive_answers(sock, answers, wait):
     """Read one datagram within wait seconds into answers; True if it was a response."""
-    if not select.select([sock], [], [], max(0, wait))[0]:
-        return False
-    wire, ancdata, _flags, (source_ip, _port) = sock.recvmsg(9000, socket.CMSG_SPACE(12))
-    message, _ = parse_mdns(wire)
+    message, _, (source_ip, _port), ifindex = receive_mdns(sock, wait)
     if message is None or not message.flags & dns.flags.QR:
         return False
-    answers.add(message, source_ip, interface_name(pktinfo_ifindex(ancdata)))
+    answers.add(message, source_ip, interface_name(ifindex))
     return True
 
 
-def pktinfo_ifindex(ancdata):
-    """The receiving interface index from an IP_PKTINFO control message."""
-    for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
-            return struct.unpack_from("i", data)[0]
-    return 0
+def receive_mdns(sock, wait):
+    """The next datagram within wait seconds: (dns.message.Message or None for garbage or
+    nothing, QU flags, source (address, port), arrival interface index from IP_PKTINFO or 0)."""
+    if not select.select([sock], [], [], max(0, wait))[0]:
+        return None, [], (None, None), 0
+    wire, ancdata, _flags, source = sock.recvmsg(9000, socket.CMSG_SPACE(12))
+    ifindex = next((struct.unpack_from("i", data)[0] for level, kind, data in ancdata
+                    if level == socket.IPPROTO_IP and kind == IP_PKTINFO), 0)
+    return *parse_mdns(wire), source, ifindex
 
 
 def interface_name(ifindex):
@@ -1799,14 +1783,13 @@ def interface_name(ifindex):
         return ""
 
 
-def send_to_group(sock, interfaces, wire):
-    """Send one query to the mDNS group out of every interface."""
+def send_to_group(sock, interfaces, wire, dest=(MDNS_GROUP, MDNS_PORT)):
+    """Send one message out of every interface, to the mDNS group unless told otherwise."""
     for iface in interfaces:
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(iface.address))
-        try:
-            sock.sendto(wire, (MDNS_GROUP, MDNS_PORT))
-        except OSError:
-            continue  # e.g. an interface going down meanwhile
+        with contextlib.suppress(OSError):  # e.g. an interface going down meanwhile
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                            socket.inet_aton(iface.address))
+            sock.sendto(wire, dest)
 
 
 # --------------------------------------------------------------------------

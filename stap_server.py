@@ -30,7 +30,6 @@ import logging.handlers
 import os
 import pwd
 import re
-import select
 import shutil
 import signal
 import socket
@@ -1696,14 +1695,6 @@ def alternative_name(name):
     return f"{match[1]} #{int(match[2]) + 1}" if match else f"{name} #2"
 
 
-def instance_names(host, count):
-    """A distinct instance name for each of count sysinfos; collisions bump the suffix later."""
-    names = [INSTANCE_PREFIX + host]
-    while len(names) < count:
-        names.append(alternative_name(names[-1]))
-    return names
-
-
 def txt_rdata_text(strings):
     """TXT strings in DNS presentation form: each quoted, quotes escaped."""
     return " ".join('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"' for t in strings)
@@ -1724,7 +1715,11 @@ class Offer:
     host: str = dataclasses.field(default_factory=lambda: socket.gethostname().split(".")[0])
 
     def names(self):
-        return instance_names(self.host, len(self.sysinfos))
+        """A distinct instance name for each sysinfo; collisions bump the suffix later."""
+        names = [INSTANCE_PREFIX + self.host]
+        while len(names) < len(self.sysinfos):
+            names.append(alternative_name(names[-1]))
+        return names
 
     def txt(self, sysinfo):
         """One instance's TXT strings, as real systemtap clients read them, then our load hint
@@ -1748,14 +1743,13 @@ class Advertiser:
     def start(self, how="auto"):
         """Publish ("auto": avahi when a daemon answers, else our own responder; or "avahi" /
         "mdns" only); returns the mode used.  Raises DiscoveryError on failure."""
-        if not self.mode:
-            if how != "mdns" and self.start_avahi():
-                self.mode = "avahi"
-            elif how == "avahi":
-                raise client.DiscoveryError("no avahi daemon answers (--advertise=avahi)")
-            else:
-                self.responder = MdnsResponder(self.offer)
-                self.names, self.mode = self.responder.names, "mdns"
+        if how != "mdns" and self.start_avahi():
+            self.mode = "avahi"
+        elif how == "avahi":
+            raise client.DiscoveryError("no avahi daemon answers (--advertise=avahi)")
+        else:
+            self.responder = MdnsResponder(self.offer)
+            self.names, self.mode = self.responder.names, "mdns"
         return self.mode
 
     def start_avahi(self):
@@ -1866,7 +1860,6 @@ class AvahiPublisher:
                 raise client.DiscoveryError(
                     f'avahi-publish-service: {self.stderr_lines[-1:] or "failed"}')
             if time.monotonic() > deadline:
-                self.stop()
                 raise client.DiscoveryError(f"avahi-publish-service: no registration after "
                                             f"{timeout:.0f} s: {self.stderr_lines[-1:]}")
         return True
@@ -1882,13 +1875,6 @@ class AvahiPublisher:
             self.proc.wait()
         self.reader.join(2)
         self.proc.stderr.close()
-
-
-def mdns_response(answers, additional=(), query_id=0):
-    msg = dns.message.Message(id=query_id)
-    msg.flags = dns.flags.QR | dns.flags.AA
-    msg.answer, msg.additional = list(answers), list(additional)
-    return msg
 
 
 class MdnsResponder:
@@ -1933,10 +1919,8 @@ class MdnsResponder:
         sock.bind(("0.0.0.0", client.MDNS_PORT))
         for iface in self.interfaces:  # ip_mreqn: group, any local address, interface
             mreqn = struct.pack("4s4si", socket.inet_aton(client.MDNS_GROUP), bytes(4), iface.index)
-            try:
+            with contextlib.suppress(OSError):  # already joined (shared group)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
-            except OSError:
-                pass  # already joined (shared group)
         return sock
 
     # --- names ---
@@ -1959,9 +1943,7 @@ class MdnsResponder:
             client.send_to_group(sock, self.interfaces,
                                  client.mdns_query([(fqdn, dns.rdatatype.SRV)]))
             while (left := deadline - time.monotonic()) > 0:
-                if not select.select([sock], [], [], left)[0]:
-                    break
-                message, _ = client.parse_mdns(sock.recvfrom(9000)[0])
+                message = client.receive_mdns(sock, left)[0]
                 if message is not None and message.flags & dns.flags.QR and \
                         any(rrset.name == fqdn for rrset in message.answer):
                     return True
@@ -2003,18 +1985,14 @@ class MdnsResponder:
 
     def serve(self):
         while not self.stopping.is_set():
-            if not select.select([self.sock], [], [], 0.2)[0]:
-                continue
             try:
-                wire, ancdata, _flags, source = self.sock.recvmsg(9000, socket.CMSG_SPACE(12))
-                self.handle_packet(wire, source, client.pktinfo_ifindex(ancdata))
+                self.handle_packet(*client.receive_mdns(self.sock, 0.2))
             except Exception:  # noqa: BLE001 - keep serving
                 continue
 
-    def handle_packet(self, wire, source, ifindex):
-        message, unicast_flags = client.parse_mdns(wire)
+    def handle_packet(self, message, unicast_flags, source, ifindex):
         if message is None:
-            return  # garbage
+            return  # nothing, or garbage
         if message.flags & dns.flags.QR:
             self.resolve_conflicts(message)  # another responder's answer
             return
@@ -2024,13 +2002,10 @@ class MdnsResponder:
         legacy = source[1] != client.MDNS_PORT  # a one-shot query (6.7)
         table = self.records(min(MDNS_TTL, 10) if legacy else MDNS_TTL, iface)
         answers, additional = self.answer(message.question, table)
-        if not answers:
-            return
-        reply = mdns_response(answers, additional, message.id if legacy else 0)
-        if legacy:
-            reply.question = list(message.question)
-        unicast = legacy or any(unicast_flags)
-        self.send_packet(reply, source if unicast else (client.MDNS_GROUP, client.MDNS_PORT), iface)
+        if answers:
+            unicast = legacy or any(unicast_flags)
+            self.send(iface, answers, additional, message if legacy else None,
+                      source if unicast else (client.MDNS_GROUP, client.MDNS_PORT))
 
     def resolve_conflicts(self, message):
         """Two servers that probed at the same moment can claim one name (RFC 6762 9): when
@@ -2038,9 +2013,7 @@ class MdnsResponder:
         the next free name, and the other defends the name by announcing it again (the newcomer
         may have missed its first announcement)."""
         for rrset in message.answer:
-            if rrset.rdtype != dns.rdatatype.SRV:
-                continue
-            ports = {rd.port for rd in rrset} - {self.offer.port}
+            ports = {rd.port for rd in rrset if rd.rdtype == dns.rdatatype.SRV} - {self.offer.port}
             for i, name in enumerate(self.names):
                 if not ports or rrset.name != self.instance_fqdn(name):
                     continue
@@ -2058,13 +2031,15 @@ class MdnsResponder:
         return next((i for i in self.interfaces if i.index == ifindex),
                     None if ifindex else self.interfaces[0])
 
-    def send_packet(self, msg, dest, iface):
-        try:
-            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                                 socket.inet_aton(iface.address))
-            self.sock.sendto(msg.to_wire(), dest)
-        except OSError:
-            pass  # best effort, like any mDNS
+    def send(self, iface, answers, additional, legacy_query=None,
+             dest=(client.MDNS_GROUP, client.MDNS_PORT)):
+        """A response out of iface, best effort like any mDNS; one to a legacy query carries its
+        id and question (RFC 6762 6.7)."""
+        msg = dns.message.Message(id=legacy_query.id if legacy_query else 0)
+        msg.flags = dns.flags.QR | dns.flags.AA
+        msg.question = list(legacy_query.question) if legacy_query else []
+        msg.answer, msg.additional = answers, additional
+        client.send_to_group(self.sock, [iface], msg.to_wire(), dest)
 
     def announce(self, ttl):
         """Unsolicited response with our records on every interface: an announcement (ttl > 0)
@@ -2074,8 +2049,7 @@ class MdnsResponder:
             table = self.records(ttl, iface)
             host = [rr for rr in table if rr.name == self.hostname]
             ours = [rr for rr in table if rr.name not in (self.meta, self.hostname)]
-            self.send_packet(mdns_response(ours, host if ttl else []),
-                             (client.MDNS_GROUP, client.MDNS_PORT), iface)
+            self.send(iface, ours, host if ttl else [])
 
 
 # --------------------------------------------------------------------------
@@ -2127,7 +2101,7 @@ class ZoneRegistration:
                 msg.absent(instance, "SRV")  # prerequisite: the name is free
                 msg.add(self.stype, DNS_TTL, "PTR", instance.to_text())
                 msg.add(instance, DNS_TTL, "SRV", f"0 0 {self.offer.port} {self.host}")
-                msg.add(instance, DNS_TTL, "TXT", self.txt(sysinfo))
+                msg.add(instance, DNS_TTL, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))
                 msg.replace(self.host, DNS_TTL, "A", address)
                 rcode = self.send(msg)
                 if rcode == dns.rcode.NOERROR:
@@ -2144,25 +2118,23 @@ class ZoneRegistration:
         """New TXT records: a renewed certificate's serial, a new load hint."""
         msg = self.update()
         for instance, sysinfo in self.instances:
-            msg.replace(instance, DNS_TTL, "TXT", self.txt(sysinfo))
+            msg.replace(instance, DNS_TTL, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))
+        self.send_or_warn(msg)
+
+    def withdraw(self):
+        """Every instance gone, in one update."""
+        msg = self.update()
+        for instance, _ in self.instances:
+            msg.delete(self.stype, "PTR", instance.to_text())
+            msg.delete(instance)
+        self.send_or_warn(msg)
+        self.instances = []
+
+    def send_or_warn(self, msg):
         try:
             self.send(msg)
         except Error as e:
             logging.warning("%s", e)
-
-    def withdraw(self):
-        for instance, _ in self.instances:
-            msg = self.update()
-            msg.delete(self.stype, "PTR", instance.to_text())
-            msg.delete(instance)
-            try:
-                self.send(msg)
-            except Error as e:
-                logging.warning("%s", e)
-        self.instances = []
-
-    def txt(self, sysinfo):
-        return txt_rdata_text(self.offer.txt(sysinfo))
 
     def address(self):
         """The address clients reach us at: the one we listen on, or the one our packets to the

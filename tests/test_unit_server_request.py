@@ -25,7 +25,6 @@ from stap_server import (
     format_address,
     guru_reason,
     hide_paths,
-    instance_names,
     is_serverd_cmdline,
     limit_breached,
     limit_text,
@@ -299,9 +298,9 @@ def test_one_client_is_an_address_or_an_ipv6_64():
 
 def test_instance_names_and_texts():
     assert alternative_name("X") == "X #2" and alternative_name("X #9") == "X #10"
-    assert instance_names("h", 3) == ["Systemtap Compile Server on h",
-                                      "Systemtap Compile Server on h #2",
-                                      "Systemtap Compile Server on h #3"]
+    assert Offer(1, ["a", "b", "c"], "4.8", "", host="h").names() == [
+        "Systemtap Compile Server on h", "Systemtap Compile Server on h #2",
+        "Systemtap Compile Server on h #3"]
     assert Offer(1, ["r x86_64"], "4.8", "01:02", hint={"slots": 2}).txt("r x86_64") == [
         "sysinfo=r x86_64", "version=4.8", "certinfo=01:02", "optinfo=", "slots=2"]
     assert txt_rdata_text(['a="b"', "c\\d"]) == '"a=\\"b\\"" "c\\\\d"'
