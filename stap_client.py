@@ -423,11 +423,10 @@ STAP_OPTIONS = {
     "--clean-cache": Treatment(server="damages the cache"),
     "--sign-module": Treatment(server="names a key directory"),
 }
-NO_TREATMENT = Treatment()
 
 
 def treatment(name):
-    return STAP_OPTIONS.get(name, NO_TREATMENT)
+    return STAP_OPTIONS.get(name, Treatment())
 
 
 class StapSays(Error):
@@ -476,12 +475,10 @@ def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS, check=None):
     to a unique prefix): ("opt", "-p", "4"), ("opt", "--vp", "01") or
     ("arg", "x").  UsageError says what getopt would say; check(name,
     value) runs on each option as it is read."""
-    tokens, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
+    tokens, args = [], iter(argv)
+    for arg in args:
         if arg == "--":
-            tokens += [("arg", a) for a in argv[i:]]
+            tokens += [("arg", a) for a in args]
             break
         if arg.startswith("--"):
             given, eq, value = arg[2:].partition("=")
@@ -490,28 +487,25 @@ def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS, check=None):
             if not eq:
                 value = None
                 if kind == VALUE:
-                    if i >= len(argv):
+                    value = next(args, None)
+                    if value is None:
                         raise UsageError(f"option '--{name}' requires an argument")
-                    value, i = argv[i], i + 1
             elif kind == NO_VALUE:
                 raise UsageError(f"option '--{name}' doesn't allow an argument")
             tokens.append(("opt", "--" + name, value))
             if check and value is not None:
                 check("--" + name, value)
         elif arg.startswith("-") and arg != "-":
-            for j in range(1, len(arg)):  # a cluster such as -vvp4
-                letter = arg[j]
+            for j, letter in enumerate(arg[1:], 1):  # a cluster such as -vvp4
                 at = STAP_SHORT_OPTIONS.find(letter)
                 if letter == ":" or at < 0:
                     raise UsageError(f"invalid option -- '{letter}'")
                 if STAP_SHORT_OPTIONS[at + 1:at + 2] != ":":
                     tokens.append(("opt", "-" + letter, None))
                     continue
-                value = arg[j + 1:]
-                if not value:
-                    if i >= len(argv):
-                        raise UsageError(f"option requires an argument -- '{letter}'")
-                    value, i = argv[i], i + 1
+                value = arg[j + 1:] or next(args, None)
+                if value is None:
+                    raise UsageError(f"option requires an argument -- '{letter}'")
                 tokens.append(("opt", "-" + letter, value))
                 if check:
                     check("-" + letter, value)
@@ -568,18 +562,15 @@ def parse_stap_args(argv, stdin=None):
     """Split stap-client's arguments into an Invocation: what the server
     gets (laid out as the real client does: options, script, "--", script
     arguments), the files to ship, and what staprun gets."""
-    inv = Invocation()
-    operands, have_script_text = [], False
-    tokens = scan_stap_args(argv, {**STAP_LONG_OPTIONS, **CLIENT_LONG_OPTIONS},
-                            check_as_stap_does)
+    inv, operands = Invocation(), []
+    tokens = scan_stap_args(argv, {**STAP_LONG_OPTIONS, **CLIENT_LONG_OPTIONS}, check_as_stap_does)
     for kind, name, *value in tokens:
         if kind == "arg":
             operands.append(name)
-        elif name.startswith("--"):
-            handle_long(inv, name, value[0])
         else:
-            have_script_text |= handle_short(inv, name[1], value[0])
+            handle_option(inv, name, value[0])
     inv.listing = any(a.startswith(("-l", "-L")) for a in inv.server_args)
+    have_script_text = any(a.startswith("-e") for a in inv.server_args)
     if not have_script_text and not inv.help and not inv.version and not inv.listing:
         if not operands:
             raise NO_SCRIPT
@@ -597,89 +588,65 @@ def add_privilege(inv):
     if inv.last_pass < 5 or is_root() or any(
             a.startswith(("--privilege", "--unprivileged")) for a in inv.server_args):
         return
-    groups = set()
-    for name in ("stapdev", "stapsys", "stapusr"):
-        try:
+    level = None
+    for name in ("stapusr", "stapsys", "stapdev"):  # the most privileged group decides
+        with contextlib.suppress(KeyError):
             if grp.getgrnam(name).gr_gid in os.getgroups() + [os.getegid()]:
-                groups.add(name)
-        except KeyError:
-            continue
-    level = None if "stapdev" in groups else next(
-        (g for g in ("stapsys", "stapusr") if g in groups), None)
-    if level:
+                level = name
+    if level in ("stapusr", "stapsys"):
         inv.server_args.insert(0, f"--privilege={level}")
         inv.notes.append(f"--privilege={level} was automatically selected because you are a "
                          f"member of the group{'s stapusr and' if level == 'stapsys' else ''} "
                          f"{level}.  [man stap]")
 
 
-# Short options stap-client itself reads: letter -> the Invocation attribute
-# that a flag sets, or that takes the option's value.
-CLIENT_FLAGS = {"h": "help", "V": "version", "k": "keep", "F": "flight_recorder"}
-CLIENT_VALUES = {"o": "output", "r": "release", "a": "arch", "m": "module_name"}
+# Options stap-client itself reads: name -> the Invocation attribute that a flag sets, that takes
+# the option's value, or that collects its values.
+CLIENT_FLAGS = {"-h": "help", "--help": "help", "-V": "version", "--version": "version",
+                "-k": "keep", "-F": "flight_recorder"}
+CLIENT_VALUES = {"-o": "output", "-r": "release", "-a": "arch", "-m": "module_name"}
+CLIENT_LISTS = {"-G": "globals", "--server": "servers", "--ssl": "ssl_dirs", "--domain": "domains"}
 
 
-def handle_short(inv, letter, value):
-    """Record one short option; True when it supplies the script text (-e)."""
-    how = treatment("-" + letter)
-    if how.client not in (None, LOCAL):
-        raise Error(f"-{letter} {how.client}")
-    if letter == "r" and "/" in value:
-        raise Error(f"-r {value} names a local build tree; give a kernel release instead")
-    if letter in CLIENT_FLAGS:
-        setattr(inv, CLIENT_FLAGS[letter], True)
-    elif letter in CLIENT_VALUES:
-        setattr(inv, CLIENT_VALUES[letter], value)
-    elif letter == "p":
-        inv.last_pass = int(value)  # 1-5: checked as stap does
-    elif letter == "I":
-        value = add_tree(inv, value)
-    elif letter == "v":
-        inv.verbose += 1
-    elif letter == "G":
-        inv.globals.append(value)
-    if how.staprun:
-        inv.staprun_opts += [how.staprun] + ([value] if value is not None else [])
-    if how.client != LOCAL:
-        inv.server_args.append("-" + letter + (value if value is not None else ""))
-    return letter == "e"
-
-
-def handle_long(inv, name, value):
+def handle_option(inv, name, value):
+    """Record one option: what stap-client makes of it, and what the server and staprun get."""
     how = treatment(name)
     if how.client not in (None, LOCAL):
         raise Error(f"{name} {how.client}")
+    own = name[2:] in CLIENT_LONG_OPTIONS  # --server=VALUE and the like: never sent
+    if own and not value:
+        raise Error(f"option {name} needs a value ({name}=VALUE)")
+    if name == "-r" and "/" in value:
+        raise Error(f"-r {value} names a local build tree; give a kernel release instead")
     if name == "--server":
-        parse_server_spec(need_value(name, value))  # a bad one fails before any work
-        inv.servers.append(value)
-    elif name == "--ssl":
-        inv.ssl_dirs.append(need_value(name, value))
-    elif name == "--domain":
-        inv.domains.append(need_value(name, value))
+        parse_server_spec(value)  # a bad one fails before any work
+    if name in CLIENT_FLAGS:
+        setattr(inv, CLIENT_FLAGS[name], True)
+    elif name in CLIENT_VALUES:
+        setattr(inv, CLIENT_VALUES[name], value)
+    elif name in CLIENT_LISTS:
+        getattr(inv, CLIENT_LISTS[name]).append(value)
     elif name == "--deadline":
         try:
-            inv.deadline = float(need_value(name, value))
+            inv.deadline = float(value)
         except ValueError:
             raise Error(f"--deadline={value}: give seconds") from None
-    elif name == "--help":
-        inv.help = True
-    elif name == "--version":
-        inv.version = True
-    else:
-        inv.server_args.append(name + ("" if value is None else "=" + value))
-    return False
-
-
-def need_value(name, value):
-    if not value:
-        raise Error(f"option {name} needs a value ({name}=VALUE)")
-    return value
+    elif name == "-p":
+        inv.last_pass = int(value)  # 1-5: checked as stap does
+    elif name == "-I":
+        value = add_tree(inv, value)
+    elif name == "-v":
+        inv.verbose += 1
+    if how.staprun:
+        inv.staprun_opts += [how.staprun] + ([value] if value is not None else [])
+    if how.client != LOCAL and not own:
+        separator = "=" if name.startswith("--") else ""
+        inv.server_args.append(name + ("" if value is None else separator + value))
 
 
 def add_script(inv, name, stdin):
     if name == "-":
-        data = (stdin or sys.stdin.buffer).read()
-        inv.files.append(("script/-", data))
+        inv.files.append(("script/-", (stdin or sys.stdin.buffer).read()))
         inv.server_args.append("script/-")
         return
     path = os.path.abspath(name)
