@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib  # zipfile's own inflater: already loaded
 
 dns = None  # dnspython, imported by require_dnspython() for the mDNS fallback only
 
@@ -738,8 +739,7 @@ def build_request(inv):
                 zf.writestr(name, source)
             else:
                 zf.write(source, name)
-        loc = locale_lines()
-        if loc:
+        if loc := locale_lines():
             zf.writestr("locale", loc)
     return buf.getvalue()
 
@@ -790,32 +790,24 @@ def extract_archive(zf, dest, limits, only=None):
         if only is not None and info.filename not in only and not info.is_dir():
             continue
         target = os.path.join(dest, info.filename)
-        try:  # a duplicate or a file/directory clash, a full disk
+        try:
             if info.is_dir():
                 os.makedirs(target, 0o755, exist_ok=True)
                 continue
             os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        except OSError as e:
-            raise Error(f"cannot unpack archive entry {info.filename}: {e.strerror}") from None
-        try:
             with zf.open(info) as src, os.fdopen(fd, "wb") as out:
                 while chunk := src.read(1 << 16):
                     written += len(chunk)
                     if written > limits.max_total_bytes:
                         raise Error("archive inflates beyond its declared size")
                     out.write(chunk)
-        except (zipfile.BadZipFile, zlib_error(), EOFError, NotImplementedError,
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
                 RuntimeError, ValueError) as e:
             raise Error(f"archive entry {info.filename} is corrupt ({e})") from None
-        except OSError as e:
+        except OSError as e:  # a duplicate or a file/directory clash, a full disk
             raise Error(f"cannot unpack archive entry {info.filename}: {e.strerror}") from None
     return [i.filename for i in infos]
-
-
-def zlib_error():
-    import zlib
-    return zlib.error
 
 
 class Reply(collections.namedtuple("Reply", "rc stdout stderr version module",
@@ -853,8 +845,7 @@ def read_reply(data, dest, peer_der, limits=Limits()):
         rc = int(read("rc").strip() or b"1")
     except ValueError:
         raise Error("reply's rc entry is not a number") from None
-    modules = [n for n in names if MODULE_DIR.match(n) and n.endswith(".ko")
-               and n.count("/") == 1]
+    modules = [n for n in names if MODULE_DIR.match(n) and n.endswith(".ko") and n.count("/") == 1]
     if len({n.split("/")[0] for n in names if MODULE_DIR.match(n)}) > 1 or len(modules) > 1:
         raise Error("reply holds more than one module directory")
     return Reply(rc=rc, stdout=read("stdout") or b"", stderr=read("stderr") or b"",
@@ -977,14 +968,11 @@ def jar_verified_names(zf, names, peer_der):
     for name, (raw, fields) in manifest.items():
         if name is None:
             continue
-        if signed.get(name, (b"", {}))[1].get(b"SHA1-Digest") != sha1_b64(raw) \
-                or name not in names:
+        if signed.get(name, (b"", {}))[1].get(b"SHA1-Digest") != sha1_b64(raw) or name not in names:
             raise Error(f"reply signature does not verify ({name} altered)")
-        digest = hashlib.sha1()
         with zf.open(name) as f:
-            for block in iter(lambda: f.read(1 << 16), b""):
-                digest.update(block)
-        if fields.get(b"SHA1-Digest") != base64.b64encode(digest.digest()):
+            digest = hashlib.file_digest(f, "sha1").digest()
+        if fields.get(b"SHA1-Digest") != base64.b64encode(digest):
             raise Error(f"reply signature does not verify ({name} altered)")
         covered.add(name)
     return covered
