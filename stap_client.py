@@ -80,8 +80,7 @@ def sysconfdir():
 
 
 def systemtap_dir():
-    return os.environ.get("SYSTEMTAP_DIR") or os.path.join(
-        os.path.expanduser("~"), ".systemtap")
+    return os.environ.get("SYSTEMTAP_DIR") or os.path.join(os.path.expanduser("~"), ".systemtap")
 
 
 def is_root():
@@ -115,8 +114,7 @@ def local_sysinfo(release=None, arch=None):
 # External tools: one wrapper each, with a timeout and stderr kept
 # --------------------------------------------------------------------------
 
-class ToolResult(collections.namedtuple("ToolResult",
-                                        "argv returncode stdout stderr timed_out")):
+class ToolResult(collections.namedtuple("ToolResult", "argv returncode stdout stderr")):
     """What an external program did: exit status (None if we stopped it),
     its output as bytes."""
 
@@ -137,7 +135,7 @@ def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True, do
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
     except FileNotFoundError:
         if done:
-            return ToolResult(argv, 127, b"", b"not installed", False)
+            return ToolResult(argv, 127, b"", b"not installed")
         raise Error(f"{name} is not installed (needed for: {' '.join(argv[1:3])})") from None
     if input:
         with contextlib.suppress(BrokenPipeError), proc.stdin:
@@ -155,7 +153,7 @@ def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True, do
     proc.wait()
     for stream in (proc.stdout, proc.stderr):
         stream.close()
-    result = ToolResult(argv, None if timed_out else proc.returncode, out, err, timed_out)
+    result = ToolResult(argv, None if timed_out else proc.returncode, out, err)
     if timed_out and not done:
         raise Error(f"{name} timed out after {timeout} s")
     if check and not done and result.returncode != 0:
@@ -298,8 +296,7 @@ def fingerprint(der):
 
 def colon_fingerprint(der):
     """AB:CD:... of the certificate's SHA-256, as certutil and openssl show it."""
-    fp = fingerprint(der).upper()
-    return ":".join(fp[i:i + 2] for i in range(0, len(fp), 2))
+    return hashlib.sha256(der).digest().hex(":").upper()
 
 
 def tbs_fields(der):
@@ -326,14 +323,13 @@ def client_databases(ssl_dirs=()):
     """The usable client databases in search order: each --ssl directory,
     then the user's own (root's too), then the global one.  A database that
     fails its permission check is skipped with a warning."""
-    candidates = [(d, None, True) for d in ssl_dirs]
-    if os.path.abspath(user_client_db_path()) != os.path.abspath(global_client_db_path()):
-        candidates.append((user_client_db_path(), os.geteuid(), False))
-    candidates.append((global_client_db_path(), 0, False))
-    usable, searched = [], []
-    for path, owner, explicit in candidates:
-        db = CertDB(path)
-        searched.append(db.path)
+    candidates = [(CertDB(d), None, True) for d in ssl_dirs]
+    user, system = CertDB(user_client_db_path()), CertDB(global_client_db_path())
+    if user.path != system.path:
+        candidates.append((user, os.geteuid(), False))
+    candidates.append((system, 0, False))
+    usable = []
+    for db, owner, explicit in candidates:
         if not db.exists():
             if explicit:
                 warn(f"skipping certificate database {db.path}: it does not exist")
@@ -345,8 +341,8 @@ def client_databases(ssl_dirs=()):
             continue
         usable.append(db)
     if not usable:
-        raise Error("no usable client certificate database (searched "
-                    + ", ".join(searched) + "); trust a server with stap-add-server-cert")
+        raise Error("no usable client certificate database (searched " + ", ".join(
+            db.path for db, _, _ in candidates) + "); trust a server with stap-add-server-cert")
     return usable
 
 
@@ -1054,7 +1050,7 @@ def nss_modules():
 def open_databases(dbs):
     """Open each database read-only in this process; NSS then trusts a peer
     that any of them trusts."""
-    nss, ssl, _, nerror = nss_modules()
+    nss, _, _, nerror = nss_modules()
     flags = nss.NSS_INIT_READONLY | nss.NSS_INIT_NOROOTINIT | nss.NSS_INIT_NOMODDB
     for db in dbs:
         if db.spec not in _nss_contexts:
@@ -1062,7 +1058,6 @@ def open_databases(dbs):
                 _nss_contexts[db.spec] = nss.nss_init_context(db.spec, flags=flags)
             except nerror.NSPRError as e:
                 raise Error(f"cannot open certificate database {db.path}: {e.strerror}") from None
-    ssl.set_domestic_policy()
     restrict_cipher_suites()
 
 
@@ -1079,9 +1074,10 @@ def forward_secret_aead(info):
 
 
 def restrict_cipher_suites():
-    """Make every TLS socket this process opens from now on negotiate only
-    forward-secret AEAD suites (sockets copy the defaults)."""
+    """Under the domestic policy, make every TLS socket this process opens from now on negotiate
+    only forward-secret AEAD suites (sockets copy the defaults)."""
     ssl = nss_modules()[1]
+    ssl.set_domestic_policy()
     allowed = {s for s in ssl.ssl_implemented_ciphers
                if forward_secret_aead(ssl.get_cipher_suite_info(s))}
     if not allowed:
@@ -1094,11 +1090,8 @@ def nss_interval(seconds):
     return nss_modules()[2].seconds_to_interval(int(max(1, seconds)))
 
 
-class Peer:
-    """A server to connect to; address is filled in once connected."""
-
-    def __init__(self, host, port, address=None):
-        self.host, self.port, self.address = host, port, address
+class Peer(collections.namedtuple("Peer", "host port")):
+    """A server to connect to."""
 
     def __str__(self):
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -1166,7 +1159,6 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
             if "why" in verdict:
                 raise Error(f"server {peer} refused: {verdict['why']}") from None
             raise Lost(f"TLS handshake with {peer} failed: {e.strerror}") from None
-        peer.address = addr[0]
         return sock, verdict["der"]
     raise Unavailable(last or f"cannot resolve {peer.host}")
 
@@ -1245,10 +1237,8 @@ def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_byte
             size += len(chunk)
             if size > limit:
                 raise Error(f"reply larger than {limit} bytes")
-    except nerror.NSPRError as e:
-        if e.errno == nerror.PR_END_OF_FILE_ERROR:
-            pass  # the peer closed without close_notify: judged by the archive
-        else:
+    except nerror.NSPRError as e:  # end of file, without close_notify: judged by the archive
+        if e.errno != nerror.PR_END_OF_FILE_ERROR:
             raise Lost(f"transfer failed: {e.strerror}") from None
     finally:
         sock.close()
@@ -1909,18 +1899,15 @@ def candidate_servers(inv, identity=b""):
                 chosen = [r for r in records if advertised_serial(r) == serial]
                 if not chosen:
                     warn(f"--server={spec}: no advertised server has that certificate serial")
-                peers += [Peer(r.address, r.port)
-                          for r in compatible_first(chosen, target, identity)]
-                continue
-            on_host = [r for r in records if host in (r.host, r.host.split(".")[0], r.address)]
-            if on_host:
-                peers += [Peer(r.address, r.port)
-                          for r in compatible_first(on_host, target, identity)]
+            else:
+                chosen = [r for r in records if host in (r.host, r.host.split(".")[0], r.address)]
+            if chosen or host is None:  # a serial names no host to try ports on
+                peers += compatible_first(chosen, target, identity)
                 continue
             # avahi may resolve a server to another of its addresses (an IPv6
             # link-local one for an IPv4 name): try the host at each
             # advertised port; a wrong one is refused at once.
-            ports = dict.fromkeys(r.port for r in compatible_first(records, target, identity))
+            ports = dict.fromkeys(p.port for p in compatible_first(records, target, identity))
             if not ports:
                 warn(f"--server={host}: no server is advertised on host {host} ({how})")
             peers += [Peer(host, port) for port in ports]
@@ -1979,16 +1966,13 @@ def rank_servers(records, identity, signers=None):
 def trusted_serials():
     """{"ssl": serials trusted for TLS here, "signer": serials whose module
     signatures staprun accepts here}, from the databases as they are."""
-    found = {"ssl": set(), "signer": set()}
     try:
         dbs = client_databases()
     except Error:
         dbs = []
     signers = CertDB(staprun_db_path())
-    for kind, group in (("ssl", dbs), ("signer", [signers] if signers.exists() else [])):
-        for db in group:
-            found[kind].update(certificate_serial(der) for der in db.certificates())
-    return found
+    serials = lambda group: {certificate_serial(der) for db in group for der in db.certificates()}
+    return {"ssl": serials(dbs), "signer": serials([signers] if signers.exists() else [])}
 
 
 def advertised_serial(rec):
@@ -2017,9 +2001,10 @@ def describe_search(records, how):
 
 
 def compatible_first(records, target, identity=b""):
-    """Servers for the target kernel first, then the others, each ranked."""
-    return rank_servers([r for r in records if r.sysinfo == target], identity) + \
+    """Peers for these servers: those for the target kernel first, then the others, each ranked."""
+    ranked = rank_servers([r for r in records if r.sysinfo == target], identity) + \
         rank_servers([r for r in records if r.sysinfo != target], identity)
+    return [Peer(r.address, r.port) for r in ranked]
 
 
 def local_paths(data, inv):
@@ -2138,8 +2123,8 @@ def names_a_file(source):
 def add_certificate(der, dirname):
     db = CertDB(dirname)
     if not db.exists():
-        world = os.path.abspath(dirname) in (os.path.abspath(global_client_db_path()),
-                                             os.path.abspath(staprun_db_path()))
+        world = db.path in (os.path.abspath(global_client_db_path()),
+                            os.path.abspath(staprun_db_path()))
         db.create(mode=0o755, world_readable=world)
     db.add_trusted_server(der)
 
@@ -2153,10 +2138,9 @@ def fetch_certificate(spec):
         if not found:
             raise Error(f"{spec}: no port given, and no server is advertised on that host")
         host, port = found[0].address, found[0].port
-    nss, ssl = nss_modules()[:2]
+    nss = nss_modules()[0]
     if not nss.nss_is_initialized():
         nss.nss_init_nodb()
-    ssl.set_domestic_policy()
     restrict_cipher_suites()
     sock, der = tls_connect(Peer(host, port), fetch_only=True)
     try:
@@ -2176,8 +2160,7 @@ def confirmed(der, source, dirname):
           f"  valid:       {cert.valid_not_before_str} to {cert.valid_not_after_str}\n"
           f"  SHA-256:     {colon_fingerprint(der)}", flush=True)
     print(f"Trust it in {os.path.abspath(dirname)}? [y/N] ", end="", flush=True)
-    answer = sys.stdin.readline().strip().lower()
-    return answer in ("y", "yes")
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def revoke_certificate(which, db):
