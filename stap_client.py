@@ -33,6 +33,7 @@ import tempfile
 import time
 import types
 import zipfile
+import zlib  # zipfile's own inflater: already loaded
 
 dns = None  # dnspython, imported by require_dnspython() for the mDNS fallback only
 
@@ -80,8 +81,7 @@ def sysconfdir():
 
 
 def systemtap_dir():
-    return os.environ.get("SYSTEMTAP_DIR") or os.path.join(
-        os.path.expanduser("~"), ".systemtap")
+    return os.environ.get("SYSTEMTAP_DIR") or os.path.join(os.path.expanduser("~"), ".systemtap")
 
 
 def is_root():
@@ -115,8 +115,7 @@ def local_sysinfo(release=None, arch=None):
 # External tools: one wrapper each, with a timeout and stderr kept
 # --------------------------------------------------------------------------
 
-class ToolResult(collections.namedtuple("ToolResult",
-                                        "argv returncode stdout stderr timed_out")):
+class ToolResult(collections.namedtuple("ToolResult", "argv returncode stdout stderr")):
     """What an external program did: exit status (None if we stopped it),
     its output as bytes."""
 
@@ -137,7 +136,7 @@ def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True, do
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
     except FileNotFoundError:
         if done:
-            return ToolResult(argv, 127, b"", b"not installed", False)
+            return ToolResult(argv, 127, b"", b"not installed")
         raise Error(f"{name} is not installed (needed for: {' '.join(argv[1:3])})") from None
     if input:
         with contextlib.suppress(BrokenPipeError), proc.stdin:
@@ -155,7 +154,7 @@ def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True, do
     proc.wait()
     for stream in (proc.stdout, proc.stderr):
         stream.close()
-    result = ToolResult(argv, None if timed_out else proc.returncode, out, err, timed_out)
+    result = ToolResult(argv, None if timed_out else proc.returncode, out, err)
     if timed_out and not done:
         raise Error(f"{name} timed out after {timeout} s")
     if check and not done and result.returncode != 0:
@@ -298,8 +297,7 @@ def fingerprint(der):
 
 def colon_fingerprint(der):
     """AB:CD:... of the certificate's SHA-256, as certutil and openssl show it."""
-    fp = fingerprint(der).upper()
-    return ":".join(fp[i:i + 2] for i in range(0, len(fp), 2))
+    return hashlib.sha256(der).digest().hex(":").upper()
 
 
 def tbs_fields(der):
@@ -326,14 +324,13 @@ def client_databases(ssl_dirs=()):
     """The usable client databases in search order: each --ssl directory,
     then the user's own (root's too), then the global one.  A database that
     fails its permission check is skipped with a warning."""
-    candidates = [(d, None, True) for d in ssl_dirs]
-    if os.path.abspath(user_client_db_path()) != os.path.abspath(global_client_db_path()):
-        candidates.append((user_client_db_path(), os.geteuid(), False))
-    candidates.append((global_client_db_path(), 0, False))
-    usable, searched = [], []
-    for path, owner, explicit in candidates:
-        db = CertDB(path)
-        searched.append(db.path)
+    candidates = [(CertDB(d), None, True) for d in ssl_dirs]
+    user, system = CertDB(user_client_db_path()), CertDB(global_client_db_path())
+    if user.path != system.path:
+        candidates.append((user, os.geteuid(), False))
+    candidates.append((system, 0, False))
+    usable = []
+    for db, owner, explicit in candidates:
         if not db.exists():
             if explicit:
                 warn(f"skipping certificate database {db.path}: it does not exist")
@@ -345,8 +342,8 @@ def client_databases(ssl_dirs=()):
             continue
         usable.append(db)
     if not usable:
-        raise Error("no usable client certificate database (searched "
-                    + ", ".join(searched) + "); trust a server with stap-add-server-cert")
+        raise Error("no usable client certificate database (searched " + ", ".join(
+            db.path for db, _, _ in candidates) + "); trust a server with stap-add-server-cert")
     return usable
 
 
@@ -424,11 +421,10 @@ STAP_OPTIONS = {
     "--clean-cache": Treatment(server="damages the cache"),
     "--sign-module": Treatment(server="names a key directory"),
 }
-NO_TREATMENT = Treatment()
 
 
 def treatment(name):
-    return STAP_OPTIONS.get(name, NO_TREATMENT)
+    return STAP_OPTIONS.get(name, Treatment())
 
 
 class StapSays(Error):
@@ -477,12 +473,10 @@ def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS, check=None):
     to a unique prefix): ("opt", "-p", "4"), ("opt", "--vp", "01") or
     ("arg", "x").  UsageError says what getopt would say; check(name,
     value) runs on each option as it is read."""
-    tokens, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
+    tokens, args = [], iter(argv)
+    for arg in args:
         if arg == "--":
-            tokens += [("arg", a) for a in argv[i:]]
+            tokens += [("arg", a) for a in args]
             break
         if arg.startswith("--"):
             given, eq, value = arg[2:].partition("=")
@@ -491,28 +485,25 @@ def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS, check=None):
             if not eq:
                 value = None
                 if kind == VALUE:
-                    if i >= len(argv):
+                    value = next(args, None)
+                    if value is None:
                         raise UsageError(f"option '--{name}' requires an argument")
-                    value, i = argv[i], i + 1
             elif kind == NO_VALUE:
                 raise UsageError(f"option '--{name}' doesn't allow an argument")
             tokens.append(("opt", "--" + name, value))
             if check and value is not None:
                 check("--" + name, value)
         elif arg.startswith("-") and arg != "-":
-            for j in range(1, len(arg)):  # a cluster such as -vvp4
-                letter = arg[j]
+            for j, letter in enumerate(arg[1:], 1):  # a cluster such as -vvp4
                 at = STAP_SHORT_OPTIONS.find(letter)
                 if letter == ":" or at < 0:
                     raise UsageError(f"invalid option -- '{letter}'")
                 if STAP_SHORT_OPTIONS[at + 1:at + 2] != ":":
                     tokens.append(("opt", "-" + letter, None))
                     continue
-                value = arg[j + 1:]
-                if not value:
-                    if i >= len(argv):
-                        raise UsageError(f"option requires an argument -- '{letter}'")
-                    value, i = argv[i], i + 1
+                value = arg[j + 1:] or next(args, None)
+                if value is None:
+                    raise UsageError(f"option requires an argument -- '{letter}'")
                 tokens.append(("opt", "-" + letter, value))
                 if check:
                     check("-" + letter, value)
@@ -569,18 +560,15 @@ def parse_stap_args(argv, stdin=None):
     """Split stap-client's arguments into an Invocation: what the server
     gets (laid out as the real client does: options, script, "--", script
     arguments), the files to ship, and what staprun gets."""
-    inv = Invocation()
-    operands, have_script_text = [], False
-    tokens = scan_stap_args(argv, {**STAP_LONG_OPTIONS, **CLIENT_LONG_OPTIONS},
-                            check_as_stap_does)
+    inv, operands = Invocation(), []
+    tokens = scan_stap_args(argv, {**STAP_LONG_OPTIONS, **CLIENT_LONG_OPTIONS}, check_as_stap_does)
     for kind, name, *value in tokens:
         if kind == "arg":
             operands.append(name)
-        elif name.startswith("--"):
-            handle_long(inv, name, value[0])
         else:
-            have_script_text |= handle_short(inv, name[1], value[0])
+            handle_option(inv, name, value[0])
     inv.listing = any(a.startswith(("-l", "-L")) for a in inv.server_args)
+    have_script_text = any(a.startswith("-e") for a in inv.server_args)
     if not have_script_text and not inv.help and not inv.version and not inv.listing:
         if not operands:
             raise NO_SCRIPT
@@ -598,89 +586,65 @@ def add_privilege(inv):
     if inv.last_pass < 5 or is_root() or any(
             a.startswith(("--privilege", "--unprivileged")) for a in inv.server_args):
         return
-    groups = set()
-    for name in ("stapdev", "stapsys", "stapusr"):
-        try:
+    level = None
+    for name in ("stapusr", "stapsys", "stapdev"):  # the most privileged group decides
+        with contextlib.suppress(KeyError):
             if grp.getgrnam(name).gr_gid in os.getgroups() + [os.getegid()]:
-                groups.add(name)
-        except KeyError:
-            continue
-    level = None if "stapdev" in groups else next(
-        (g for g in ("stapsys", "stapusr") if g in groups), None)
-    if level:
+                level = name
+    if level in ("stapusr", "stapsys"):
         inv.server_args.insert(0, f"--privilege={level}")
         inv.notes.append(f"--privilege={level} was automatically selected because you are a "
                          f"member of the group{'s stapusr and' if level == 'stapsys' else ''} "
                          f"{level}.  [man stap]")
 
 
-# Short options stap-client itself reads: letter -> the Invocation attribute
-# that a flag sets, or that takes the option's value.
-CLIENT_FLAGS = {"h": "help", "V": "version", "k": "keep", "F": "flight_recorder"}
-CLIENT_VALUES = {"o": "output", "r": "release", "a": "arch", "m": "module_name"}
+# Options stap-client itself reads: name -> the Invocation attribute that a flag sets, that takes
+# the option's value, or that collects its values.
+CLIENT_FLAGS = {"-h": "help", "--help": "help", "-V": "version", "--version": "version",
+                "-k": "keep", "-F": "flight_recorder"}
+CLIENT_VALUES = {"-o": "output", "-r": "release", "-a": "arch", "-m": "module_name"}
+CLIENT_LISTS = {"-G": "globals", "--server": "servers", "--ssl": "ssl_dirs", "--domain": "domains"}
 
 
-def handle_short(inv, letter, value):
-    """Record one short option; True when it supplies the script text (-e)."""
-    how = treatment("-" + letter)
-    if how.client not in (None, LOCAL):
-        raise Error(f"-{letter} {how.client}")
-    if letter == "r" and "/" in value:
-        raise Error(f"-r {value} names a local build tree; give a kernel release instead")
-    if letter in CLIENT_FLAGS:
-        setattr(inv, CLIENT_FLAGS[letter], True)
-    elif letter in CLIENT_VALUES:
-        setattr(inv, CLIENT_VALUES[letter], value)
-    elif letter == "p":
-        inv.last_pass = int(value)  # 1-5: checked as stap does
-    elif letter == "I":
-        value = add_tree(inv, value)
-    elif letter == "v":
-        inv.verbose += 1
-    elif letter == "G":
-        inv.globals.append(value)
-    if how.staprun:
-        inv.staprun_opts += [how.staprun] + ([value] if value is not None else [])
-    if how.client != LOCAL:
-        inv.server_args.append("-" + letter + (value if value is not None else ""))
-    return letter == "e"
-
-
-def handle_long(inv, name, value):
+def handle_option(inv, name, value):
+    """Record one option: what stap-client makes of it, and what the server and staprun get."""
     how = treatment(name)
     if how.client not in (None, LOCAL):
         raise Error(f"{name} {how.client}")
+    own = name[2:] in CLIENT_LONG_OPTIONS  # --server=VALUE and the like: never sent
+    if own and not value:
+        raise Error(f"option {name} needs a value ({name}=VALUE)")
+    if name == "-r" and "/" in value:
+        raise Error(f"-r {value} names a local build tree; give a kernel release instead")
     if name == "--server":
-        parse_server_spec(need_value(name, value))  # a bad one fails before any work
-        inv.servers.append(value)
-    elif name == "--ssl":
-        inv.ssl_dirs.append(need_value(name, value))
-    elif name == "--domain":
-        inv.domains.append(need_value(name, value))
+        parse_server_spec(value)  # a bad one fails before any work
+    if name in CLIENT_FLAGS:
+        setattr(inv, CLIENT_FLAGS[name], True)
+    elif name in CLIENT_VALUES:
+        setattr(inv, CLIENT_VALUES[name], value)
+    elif name in CLIENT_LISTS:
+        getattr(inv, CLIENT_LISTS[name]).append(value)
     elif name == "--deadline":
         try:
-            inv.deadline = float(need_value(name, value))
+            inv.deadline = float(value)
         except ValueError:
             raise Error(f"--deadline={value}: give seconds") from None
-    elif name == "--help":
-        inv.help = True
-    elif name == "--version":
-        inv.version = True
-    else:
-        inv.server_args.append(name + ("" if value is None else "=" + value))
-    return False
-
-
-def need_value(name, value):
-    if not value:
-        raise Error(f"option {name} needs a value ({name}=VALUE)")
-    return value
+    elif name == "-p":
+        inv.last_pass = int(value)  # 1-5: checked as stap does
+    elif name == "-I":
+        value = add_tree(inv, value)
+    elif name == "-v":
+        inv.verbose += 1
+    if how.staprun:
+        inv.staprun_opts += [how.staprun] + ([value] if value is not None else [])
+    if how.client != LOCAL and not own:
+        separator = "=" if name.startswith("--") else ""
+        inv.server_args.append(name + ("" if value is None else separator + value))
 
 
 def add_script(inv, name, stdin):
     if name == "-":
-        data = (stdin or sys.stdin.buffer).read()
-        inv.files.append(("script/-", data))
+        inv.files.append(("script/-", (stdin or sys.stdin.buffer).read()))
         inv.server_args.append("script/-")
         return
     path = os.path.abspath(name)
@@ -772,8 +736,7 @@ def build_request(inv):
                 zf.writestr(name, source)
             else:
                 zf.write(source, name)
-        loc = locale_lines()
-        if loc:
+        if loc := locale_lines():
             zf.writestr("locale", loc)
     return buf.getvalue()
 
@@ -824,32 +787,24 @@ def extract_archive(zf, dest, limits, only=None):
         if only is not None and info.filename not in only and not info.is_dir():
             continue
         target = os.path.join(dest, info.filename)
-        try:  # a duplicate or a file/directory clash, a full disk
+        try:
             if info.is_dir():
                 os.makedirs(target, 0o755, exist_ok=True)
                 continue
             os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        except OSError as e:
-            raise Error(f"cannot unpack archive entry {info.filename}: {e.strerror}") from None
-        try:
             with zf.open(info) as src, os.fdopen(fd, "wb") as out:
                 while chunk := src.read(1 << 16):
                     written += len(chunk)
                     if written > limits.max_total_bytes:
                         raise Error("archive inflates beyond its declared size")
                     out.write(chunk)
-        except (zipfile.BadZipFile, zlib_error(), EOFError, NotImplementedError,
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
                 RuntimeError, ValueError) as e:
             raise Error(f"archive entry {info.filename} is corrupt ({e})") from None
-        except OSError as e:
+        except OSError as e:  # a duplicate or a file/directory clash, a full disk
             raise Error(f"cannot unpack archive entry {info.filename}: {e.strerror}") from None
     return [i.filename for i in infos]
-
-
-def zlib_error():
-    import zlib
-    return zlib.error
 
 
 class Reply(collections.namedtuple("Reply", "rc stdout stderr version module",
@@ -887,8 +842,7 @@ def read_reply(data, dest, peer_der, limits=Limits()):
         rc = int(read("rc").strip() or b"1")
     except ValueError:
         raise Error("reply's rc entry is not a number") from None
-    modules = [n for n in names if MODULE_DIR.match(n) and n.endswith(".ko")
-               and n.count("/") == 1]
+    modules = [n for n in names if MODULE_DIR.match(n) and n.endswith(".ko") and n.count("/") == 1]
     if len({n.split("/")[0] for n in names if MODULE_DIR.match(n)}) > 1 or len(modules) > 1:
         raise Error("reply holds more than one module directory")
     return Reply(rc=rc, stdout=read("stdout") or b"", stderr=read("stderr") or b"",
@@ -1011,14 +965,11 @@ def jar_verified_names(zf, names, peer_der):
     for name, (raw, fields) in manifest.items():
         if name is None:
             continue
-        if signed.get(name, (b"", {}))[1].get(b"SHA1-Digest") != sha1_b64(raw) \
-                or name not in names:
+        if signed.get(name, (b"", {}))[1].get(b"SHA1-Digest") != sha1_b64(raw) or name not in names:
             raise Error(f"reply signature does not verify ({name} altered)")
-        digest = hashlib.sha1()
         with zf.open(name) as f:
-            for block in iter(lambda: f.read(1 << 16), b""):
-                digest.update(block)
-        if fields.get(b"SHA1-Digest") != base64.b64encode(digest.digest()):
+            digest = hashlib.file_digest(f, "sha1").digest()
+        if fields.get(b"SHA1-Digest") != base64.b64encode(digest):
             raise Error(f"reply signature does not verify ({name} altered)")
         covered.add(name)
     return covered
@@ -1100,7 +1051,7 @@ def nss_modules():
 def open_databases(dbs):
     """Open each database read-only in this process; NSS then trusts a peer
     that any of them trusts."""
-    nss, ssl, _, nerror = nss_modules()
+    nss, _, _, nerror = nss_modules()
     flags = nss.NSS_INIT_READONLY | nss.NSS_INIT_NOROOTINIT | nss.NSS_INIT_NOMODDB
     for db in dbs:
         if db.spec not in _nss_contexts:
@@ -1108,7 +1059,6 @@ def open_databases(dbs):
                 _nss_contexts[db.spec] = nss.nss_init_context(db.spec, flags=flags)
             except nerror.NSPRError as e:
                 raise Error(f"cannot open certificate database {db.path}: {e.strerror}") from None
-    ssl.set_domestic_policy()
     restrict_cipher_suites()
 
 
@@ -1125,9 +1075,10 @@ def forward_secret_aead(info):
 
 
 def restrict_cipher_suites():
-    """Make every TLS socket this process opens from now on negotiate only
-    forward-secret AEAD suites (sockets copy the defaults)."""
+    """Under the domestic policy, make every TLS socket this process opens from now on negotiate
+    only forward-secret AEAD suites (sockets copy the defaults)."""
     ssl = nss_modules()[1]
+    ssl.set_domestic_policy()
     allowed = {s for s in ssl.ssl_implemented_ciphers
                if forward_secret_aead(ssl.get_cipher_suite_info(s))}
     if not allowed:
@@ -1140,11 +1091,8 @@ def nss_interval(seconds):
     return nss_modules()[2].seconds_to_interval(int(max(1, seconds)))
 
 
-class Peer:
-    """A server to connect to; address is filled in once connected."""
-
-    def __init__(self, host, port, address=None):
-        self.host, self.port, self.address = host, port, address
+class Peer(collections.namedtuple("Peer", "host port")):
+    """A server to connect to."""
 
     def __str__(self):
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -1212,7 +1160,6 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
             if "why" in verdict:
                 raise Error(f"server {peer} refused: {verdict['why']}") from None
             raise Lost(f"TLS handshake with {peer} failed: {e.strerror}") from None
-        peer.address = addr[0]
         return sock, verdict["der"]
     raise Unavailable(last or f"cannot resolve {peer.host}")
 
@@ -1291,10 +1238,8 @@ def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_byte
             size += len(chunk)
             if size > limit:
                 raise Error(f"reply larger than {limit} bytes")
-    except nerror.NSPRError as e:
-        if e.errno == nerror.PR_END_OF_FILE_ERROR:
-            pass  # the peer closed without close_notify: judged by the archive
-        else:
+    except nerror.NSPRError as e:  # end of file, without close_notify: judged by the archive
+        if e.errno != nerror.PR_END_OF_FILE_ERROR:
             raise Lost(f"transfer failed: {e.strerror}") from None
     finally:
         sock.close()
@@ -1937,18 +1882,15 @@ def candidate_servers(inv, identity=b""):
                 chosen = [r for r in records if advertised_serial(r) == serial]
                 if not chosen:
                     warn(f"--server={spec}: no advertised server has that certificate serial")
-                peers += [Peer(r.address, r.port)
-                          for r in compatible_first(chosen, target, identity)]
-                continue
-            on_host = [r for r in records if host in (r.host, r.host.split(".")[0], r.address)]
-            if on_host:
-                peers += [Peer(r.address, r.port)
-                          for r in compatible_first(on_host, target, identity)]
+            else:
+                chosen = [r for r in records if host in (r.host, r.host.split(".")[0], r.address)]
+            if chosen or host is None:  # a serial names no host to try ports on
+                peers += compatible_first(chosen, target, identity)
                 continue
             # avahi may resolve a server to another of its addresses (an IPv6
             # link-local one for an IPv4 name): try the host at each
             # advertised port; a wrong one is refused at once.
-            ports = dict.fromkeys(r.port for r in compatible_first(records, target, identity))
+            ports = dict.fromkeys(p.port for p in compatible_first(records, target, identity))
             if not ports:
                 warn(f"--server={host}: no server is advertised on host {host} ({how})")
             peers += [Peer(host, port) for port in ports]
@@ -2007,16 +1949,13 @@ def rank_servers(records, identity, signers=None):
 def trusted_serials():
     """{"ssl": serials trusted for TLS here, "signer": serials whose module
     signatures staprun accepts here}, from the databases as they are."""
-    found = {"ssl": set(), "signer": set()}
     try:
         dbs = client_databases()
     except Error:
         dbs = []
     signers = CertDB(staprun_db_path())
-    for kind, group in (("ssl", dbs), ("signer", [signers] if signers.exists() else [])):
-        for db in group:
-            found[kind].update(certificate_serial(der) for der in db.certificates())
-    return found
+    serials = lambda group: {certificate_serial(der) for db in group for der in db.certificates()}
+    return {"ssl": serials(dbs), "signer": serials([signers] if signers.exists() else [])}
 
 
 def advertised_serial(rec):
@@ -2045,9 +1984,10 @@ def describe_search(records, how):
 
 
 def compatible_first(records, target, identity=b""):
-    """Servers for the target kernel first, then the others, each ranked."""
-    return rank_servers([r for r in records if r.sysinfo == target], identity) + \
+    """Peers for these servers: those for the target kernel first, then the others, each ranked."""
+    ranked = rank_servers([r for r in records if r.sysinfo == target], identity) + \
         rank_servers([r for r in records if r.sysinfo != target], identity)
+    return [Peer(r.address, r.port) for r in ranked]
 
 
 def local_paths(data, inv):
@@ -2166,8 +2106,8 @@ def names_a_file(source):
 def add_certificate(der, dirname):
     db = CertDB(dirname)
     if not db.exists():
-        world = os.path.abspath(dirname) in (os.path.abspath(global_client_db_path()),
-                                             os.path.abspath(staprun_db_path()))
+        world = db.path in (os.path.abspath(global_client_db_path()),
+                            os.path.abspath(staprun_db_path()))
         db.create(mode=0o755, world_readable=world)
     db.add_trusted_server(der)
 
@@ -2181,10 +2121,9 @@ def fetch_certificate(spec):
         if not found:
             raise Error(f"{spec}: no port given, and no server is advertised on that host")
         host, port = found[0].address, found[0].port
-    nss, ssl = nss_modules()[:2]
+    nss = nss_modules()[0]
     if not nss.nss_is_initialized():
         nss.nss_init_nodb()
-    ssl.set_domestic_policy()
     restrict_cipher_suites()
     sock, der = tls_connect(Peer(host, port), fetch_only=True)
     try:
@@ -2204,8 +2143,7 @@ def confirmed(der, source, dirname):
           f"  valid:       {cert.valid_not_before_str} to {cert.valid_not_after_str}\n"
           f"  SHA-256:     {colon_fingerprint(der)}", flush=True)
     print(f"Trust it in {os.path.abspath(dirname)}? [y/N] ", end="", flush=True)
-    answer = sys.stdin.readline().strip().lower()
-    return answer in ("y", "yes")
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def revoke_certificate(which, db):
