@@ -314,10 +314,8 @@ def trust_locally(der, log=logging):
     """Trust our certificate in this user's (root: every user's) client
     database, creating it if missing and never wiping it."""
     db = CertDB(client.local_client_db_path())
-    if not db.exists():
-        db.create(mode=0o755, world_readable=client.is_root())
-    if der not in db.certificates():
-        db.add_trusted_server(der)
+    if not db.exists() or der not in db.certificates():
+        client.add_certificate(der, db.path)
         log.info("trusted the server certificate in %s", db.path)
 
 
@@ -1180,7 +1178,6 @@ def init_nss(config):
         nss.nss_init(config.db.spec)
     except nerror.NSPRError as e:
         raise Error(f"cannot open server database {config.db.path}: {e.strerror}") from None
-    ssl.set_domestic_policy()
     client.restrict_cipher_suites()
     ssl.config_server_session_id_cache()
 
