@@ -989,6 +989,10 @@ def error_reply(key, version, message):
     return signed_reply(key, Reply(1, b"", f"stap-serverd: ERROR: {message}\n".encode(), version))
 
 
+def busy_reply(key, version, why):
+    return error_reply(key, version, f"{client.BUSY_MESSAGE}: {why}; try again later")
+
+
 def signed_reply(key, reply):
     return key.signed_jar(reply_entries(reply))
 
@@ -997,8 +1001,9 @@ def handle_request(data, config, version, record, key, cache=None, compiles=None
     """The signed reply bytes for one framed request body (bytes or a file);
     never raises for a bad request or a failed compile (the client gets rc 1
     and the reason).  record (a RequestRecord) gets what the log says; key
-    (a ServerKey) signs the reply and modules built for stapusr/stapsys; the
-    compile waits for a slot of compiles (a CompileQueue)."""
+    (a ServerKey) signs the reply and modules built for stapusr/stapsys; a
+    compile waits for a slot of compiles (a CompileQueue), or gets a busy
+    reply when it could not wait (a cached or merged reply needs no slot)."""
     compiles = compiles or CompileQueue(config.max_threads)
     ws = Workspace(config.tmpdir)
     try:
@@ -1012,6 +1017,10 @@ def handle_request(data, config, version, record, key, cache=None, compiles=None
                       guru=req.guru or None)  # the log line names guru requests only
 
         def compile_and_sign():
+            busy = compiles.busy_reason(config.max_wait, config.queue)
+            if busy:
+                record.update(rc=1, error="busy")
+                return busy_reply(key, version, busy), False
             try:
                 with compiles.compiling():
                     compiled = run_compile(config, req, ws)
@@ -1401,17 +1410,12 @@ class CompileHandler(socketserver.BaseRequestHandler):
         logging.info("%s", self.record.log_line())
 
     def answer(self, body):
-        """Queue the request for a compile slot, or reply busy at once when
-        it cannot wait: too many bytes pending (body is then the Busy reason),
-        an expected wait past --max-wait, or a queue past --queue."""
-        server = self.server
-        busy = body if isinstance(body, Busy) else \
-            server.compiles.busy_reason(server.config.max_wait, server.config.queue)
-        signer = self.credentials.signer
-        if busy:
+        """The reply to the request body, or a busy reply at once when too
+        many bytes are pending (body is then the Busy reason)."""
+        server, signer = self.server, self.credentials.signer
+        if isinstance(body, Busy):
             self.record.update(rc=1, error="busy")
-            return error_reply(signer, server.version,
-                               f"{client.BUSY_MESSAGE}: {busy}; try again later")
+            return busy_reply(signer, server.version, body)
         return handle_request(body, server.config, server.version, self.record, signer,
                               server.results, server.compiles)
 

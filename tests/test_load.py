@@ -155,6 +155,21 @@ def test_busy_server_then_the_client_retries_until_served(busy_server, sandbox, 
     assert busy, request_lines(busy_server)
 
 
+def test_a_cached_result_is_served_while_every_slot_is_busy(busy_server, sandbox, krel):
+    """A repeat request needs no compile slot: the result cache answers it even while the one
+    slot is taken and --max-wait forbids waiting for it."""
+    args = ["stap-client", f"--server={busy_server.address}", "--deadline=1", "-r", krel, "-p2",
+            "-e", "probe begin { exit() }"]
+    assert sandbox.run(*args, timeout=60).returncode == 0
+    slow = occupy(sandbox, busy_server, krel)
+    proc = sandbox.run(*args, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert b"begin" in proc.stdout
+    assert slow.poll() is None, "the slow compile ended first: the slot was free"
+    assert "cache='hit'" in request_lines(busy_server)[-1], request_lines(busy_server)
+    assert slow.wait(30) == 0
+
+
 def test_busy_reply_says_why_and_the_deadline_ends_the_retries(busy_server, sandbox, krel):
     slow = occupy(sandbox, busy_server, krel)
     proc = sandbox.run("stap-client", f"--server={busy_server.address}", "--deadline=1",
