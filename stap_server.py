@@ -1169,7 +1169,7 @@ def stat_line(path):
 #
 #   socketserver.TCPServer + ThreadingMixIn
 #    └─ CompileServer     the socket, admission (connections, per-address
-#                         slots, pending bytes, the compile queue), the
+#                         slots, pending bytes), the compile queue, the
 #                         result cache, renewal checks between accepts
 #   socketserver.BaseRequestHandler
 #    └─ CompileHandler    one connection, in its own thread: TLS, the
