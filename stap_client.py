@@ -62,14 +62,13 @@ class Error(Exception):
 
 
 class Unavailable(Error):
-    """A server that cannot take the request now (busy, or not listening):
-    another server, or the same one later, may."""
+    """A server that cannot take the request now (busy, or not listening): another server, or the
+    same one later, may."""
 
 
 class Lost(Unavailable):
-    """A server that dropped the request (closed without a reply, a broken
-    transfer or handshake): it died, or it refuses this request.  Worth one
-    more try, not more."""
+    """A server that dropped the request (closed without a reply, a broken transfer or handshake):
+    it died, or it refuses this request.  Worth one more try, not more."""
 
 
 def warn(message):
@@ -116,8 +115,7 @@ def local_sysinfo(release=None, arch=None):
 # --------------------------------------------------------------------------
 
 class ToolResult(collections.namedtuple("ToolResult", "argv returncode stdout stderr")):
-    """What an external program did: exit status (None if we stopped it),
-    its output as bytes."""
+    """What an external program did: exit status (None if we stopped it), its output as bytes."""
 
     def error(self):
         """One line for an error message: the program and its last words."""
@@ -125,10 +123,9 @@ class ToolResult(collections.namedtuple("ToolResult", "argv returncode stdout st
 
 
 def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True, done=None):
-    """Run a program without a shell, collecting its output until it exits.
-    With done, a program that runs on (avahi-browse) is stopped once
-    done(stdout so far) is true or at the timeout, and what it printed is
-    kept; else the timeout is an Error, and so is a failure when check."""
+    """Run a program without a shell, collecting its output until it exits.  With done, a program
+    that runs on (avahi-browse) is stopped once done(stdout so far) is true or at the timeout, and
+    what it printed is kept; else the timeout is an Error, and so is a failure when check."""
     import subprocess  # here: a compile request (-p4 and below) runs no program
     name = os.path.basename(argv[0])
     try:
@@ -180,9 +177,8 @@ SECRET_FILES = ("key4.db", "key3.db", "pw")
 
 
 class CertDB:
-    """One NSS certificate database directory, and every certutil call.
-    (Signing and checking signatures happen in-process: see ServerKey in
-    the server and check_pkcs7_signature here.)"""
+    """One NSS certificate database directory, and every certutil call.  (Signing and checking
+    signatures happen in-process: see ServerKey in the server and check_pkcs7_signature here.)"""
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
@@ -213,8 +209,8 @@ class CertDB:
                 os.chmod(f, 0o644 if world_readable else 0o600)
 
     def check_permissions(self, owner=None, secret=False):
-        """Raise Error naming the first problem: foreign owner, group/other
-        write access, or (secret) group/other read access to key files."""
+        """Raise Error naming the first problem: foreign owner, group/other write access, or
+        (secret) group/other read access to key files."""
         for path in [self.path] + [os.path.join(self.path, f) for f in DB_FILES + ("pw",)]:
             try:
                 st = os.lstat(path)
@@ -243,11 +239,10 @@ class CertDB:
         certutil(self, "-A", "-n", SERVER_NICKNAME, "-t", "P,P,P", input=der)
 
     def make_self_signed(self, nickname, subject, dns_names):
-        """A new RSA-3072/SHA-256 key and self-signed certificate, valid for a
-        year and trusted as a peer, in place of any filed under nickname.
-        Its serial is certutil's own, the time in units of 2**19 us, as real
-        servers make theirs: the real client names a server by a serial of
-        five bytes (00 and four), which certutil -m cannot give."""
+        """A new RSA-3072/SHA-256 key and self-signed certificate, valid for a year and trusted as a
+        peer, in place of any filed under nickname.  Its serial is certutil's own, the time in units
+        of 2**19 us, as real servers make theirs: the real client names a server by a serial of five
+        bytes (00 and four), which certutil -m cannot give."""
         noise = os.path.join(self.path, "noise")
         with open(os.open(noise, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(os.urandom(2048))
@@ -261,8 +256,8 @@ class CertDB:
             os.unlink(noise)
 
     def remove_servers(self):
-        """Delete every certificate filed under the servers' nickname (certutil
-        cannot pick one of several that share it)."""
+        """Delete every certificate filed under the servers' nickname (certutil cannot pick one of
+        several that share it)."""
         for _ in range(len(self.certificates()) + 1):
             if certutil(self, "-D", "-n", SERVER_NICKNAME, check=False).returncode != 0:
                 break
@@ -301,8 +296,8 @@ def colon_fingerprint(der):
 
 
 def tbs_fields(der):
-    """The fields of a DER certificate's TBSCertificate after its version:
-    serial, signature, issuer, validity, subject, ... as der_children gives them."""
+    """The fields of a DER certificate's TBSCertificate after its version: serial, signature,
+    issuer, validity, subject, ... as der_children gives them."""
     _, start, end = der_element(der, 0)  # Certificate
     _, start, end = der_element(der, start)  # TBSCertificate
     fields = list(der_children(der, start, end))
@@ -321,9 +316,9 @@ def staprun_db_path():
 
 
 def client_databases(ssl_dirs=()):
-    """The usable client databases in search order: each --ssl directory,
-    then the user's own (root's too), then the global one.  A database that
-    fails its permission check is skipped with a warning."""
+    """The usable client databases in search order: each --ssl directory, then the user's own
+    (root's too), then the global one.  A database that fails its permission check is skipped with a
+    warning."""
     candidates = [(CertDB(d), None, True) for d in ssl_dirs]
     user, system = CertDB(user_client_db_path()), CertDB(global_client_db_path())
     if user.path != system.path:
@@ -351,9 +346,9 @@ def client_databases(ssl_dirs=()):
 # Stap's options
 # --------------------------------------------------------------------------
 
-# stap 4.8's command line, as its getopt_long reads it: the short options
-# (":" after a letter: it takes a value) and the long ones in stap's order,
-# each with its kind of value; colour is color's other spelling.
+# stap 4.8's command line, as its getopt_long reads it: the short options (":" after a letter: it
+# takes a value) and the long ones in stap's order, each with its kind of value; colour is color's
+# other spelling.
 STAP_SHORT_OPTIONS = "hVvtp:I:e:E:o:R:r:a:m:kgPc:x:D:bs:uqiwl:d:L:FS:B:J:jWG:T:"
 NO_VALUE, VALUE, OPTIONAL_VALUE = "none", "required", "optional"
 STAP_LONG_OPTIONS = dict(
@@ -380,12 +375,10 @@ LOCAL, PATH = "local", "path"
 
 class Treatment(collections.namedtuple("Treatment", "client server staprun",
                                        defaults=(None, None, None))):
-    """How each side of the compile server treats one stap option.
-    client: None (sent to the server), LOCAL (kept here for pass 5), or why
-    stap-client refuses it.  server: None (passed to stap), PATH (its value
-    must stay inside the request), LOCAL (the client's business: dropped),
-    or why stap-serverd refuses it.  staprun: what pass 5 gives staprun for
-    it (stap 4.8's mapping)."""
+    """How each side of the compile server treats one stap option.  client: None (sent to the
+    server), LOCAL (kept here for pass 5), or why stap-client refuses it.  server: None (passed to
+    stap), PATH (its value must stay inside the request), LOCAL (the client's business: dropped), or
+    why stap-serverd refuses it.  staprun: what pass 5 gives staprun for it (stap 4.8's mapping)."""
 
 
 NOT_HERE = "and cannot be used with stap-client"
@@ -428,8 +421,8 @@ def treatment(name):
 
 
 class StapSays(Error):
-    """A command line stap itself refuses while reading it: the message is
-    exactly what stap 4.8 prints (stap-client stands for stap --use-server)."""
+    """A command line stap itself refuses while reading it: the message is exactly what stap 4.8
+    prints (stap-client stands for stap --use-server)."""
 
 
 TRY_HELP = ("Try '--help' for more information. [man stap]\n"
@@ -468,10 +461,9 @@ def check_as_stap_does(name, value):
 
 
 def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS, check=None):
-    """Tokens of a stap command line as stap's getopt_long reads it (options
-    may follow operands; "--" ends options; long options may be shortened
-    to a unique prefix): ("opt", "-p", "4"), ("opt", "--vp", "01") or
-    ("arg", "x").  UsageError says what getopt would say; check(name,
+    """Tokens of a stap command line as stap's getopt_long reads it (options may follow operands;
+    "--" ends options; long options may be shortened to a unique prefix): ("opt", "-p", "4"),
+    ("opt", "--vp", "01") or ("arg", "x").  UsageError says what getopt would say; check(name,
     value) runs on each option as it is read."""
     tokens, args = [], iter(argv)
     for arg in args:
@@ -526,8 +518,8 @@ def long_option(given, long_options):
     return matches[0]
 
 
-# The client's records are plain classes and named tuples: importing
-# dataclasses would cost a fifth of every stap-client run's start-up.
+# The client's records are plain classes and named tuples: importing dataclasses would cost a fifth
+# of every stap-client run's start-up.
 
 class Invocation:
     """stap-client's argv, split into what goes where."""
@@ -557,9 +549,9 @@ class Invocation:
 
 
 def parse_stap_args(argv, stdin=None):
-    """Split stap-client's arguments into an Invocation: what the server
-    gets (laid out as the real client does: options, script, "--", script
-    arguments), the files to ship, and what staprun gets."""
+    """Split stap-client's arguments into an Invocation: what the server gets (laid out as the real
+    client does: options, script, "--", script arguments), the files to ship, and what staprun
+    gets."""
     inv, operands = Invocation(), []
     tokens = scan_stap_args(argv, {**STAP_LONG_OPTIONS, **CLIENT_LONG_OPTIONS}, check_as_stap_does)
     for kind, name, *value in tokens:
@@ -580,9 +572,8 @@ def parse_stap_args(argv, stdin=None):
 
 
 def add_privilege(inv):
-    """As stap does for pass 5: a user who may load only signed modules
-    (stapusr, or stapsys, but not stapdev) asks for a module built, and
-    signed by the server, at that privilege."""
+    """As stap does for pass 5: a user who may load only signed modules (stapusr, or stapsys, but
+    not stapdev) asks for a module built, and signed by the server, at that privilege."""
     if inv.last_pass < 5 or is_root() or any(
             a.startswith(("--privilege", "--unprivileged")) for a in inv.server_args):
         return
@@ -655,9 +646,9 @@ def add_script(inv, name, stdin):
 
 
 def add_tree(inv, directory):
-    """Ship every regular file under an -I directory (a missing one ships
-    nothing: stap ignores it); the argument the server sees is the tree's
-    place inside the request.  What a request can carry bounds the tree."""
+    """Ship every regular file under an -I directory (a missing one ships nothing: stap ignores it);
+    the argument the server sees is the tree's place inside the request.  What a request can carry
+    bounds the tree."""
     top = os.path.abspath(directory)
     count = size = 0
     for root, dirs, names in os.walk(top):
@@ -717,8 +708,8 @@ LOCALE_KEYS = ("LANG", "LC_ALL", "LC_CTYPE", "LC_COLLATE", "LC_MESSAGES", "LC_TI
 
 
 def locale_lines(environ=None):
-    """LANG and LC_* as they are: the server passes on the values it finds
-    safe and tells the client which it did not, as the real server does."""
+    """LANG and LC_* as they are: the server passes on the values it finds safe and tells the client
+    which it did not, as the real server does."""
     env = os.environ if environ is None else environ
     return "".join(f"{k}={env[k]}\n" for k in LOCALE_KEYS if k in env)
 
@@ -742,8 +733,8 @@ def build_request(inv):
 
 
 def safe_members(zf, limits):
-    """Check every entry before anything is written; raise Error naming the
-    first bad one.  Directories and regular files only."""
+    """Check every entry before anything is written; raise Error naming the first bad one.
+    Directories and regular files only."""
     infos = zf.infolist()
     if len(infos) > limits.max_entries:
         raise Error(f"archive has {len(infos)} entries (limit {limits.max_entries})")
@@ -779,8 +770,8 @@ def open_archive(data):
 
 
 def extract_archive(zf, dest, limits, only=None):
-    """Write the checked entries under dest (regular files 0644, dirs 0755),
-    counting the bytes actually inflated; `only` restricts to those names."""
+    """Write the checked entries under dest (regular files 0644, dirs 0755), counting the bytes
+    actually inflated; `only` restricts to those names."""
     infos = safe_members(zf, limits)
     written = 0
     for info in infos:
@@ -809,9 +800,8 @@ def extract_archive(zf, dest, limits, only=None):
 
 class Reply(collections.namedtuple("Reply", "rc stdout stderr version module",
                                    defaults=(None, None))):
-    """One reply from the server's compile to the client's delivery; module
-    is (name, bytes[, signature]) on the server, the received .ko's path
-    here, or None."""
+    """One reply from the server's compile to the client's delivery; module is (name, bytes[,
+    signature]) on the server, the received .ko's path here, or None."""
 
     @property
     def busy(self):
@@ -918,8 +908,8 @@ def jar_digests(data):
 
 
 def jar_manifests(entries):
-    """(manifest, signature file) for [(name, bytes)]: the manifest digests
-    each entry, the signature file each manifest section."""
+    """(manifest, signature file) for [(name, bytes)]: the manifest digests each entry, the
+    signature file each manifest section."""
     main = b"Manifest-Version: 1.0\n" + JAR_CREATOR
     sections = [b"Name: " + name.encode() + b"\n" + jar_digests(data) for name, data in entries]
     signature_file = [b"Signature-Version: 1.0\n" + JAR_CREATOR + jar_digests(main)]
@@ -928,8 +918,8 @@ def jar_manifests(entries):
 
 
 def jar_sections(text):
-    """{name: (section bytes, {key: value})} of a manifest or signature
-    file; the main section under the name None."""
+    """{name: (section bytes, {key: value})} of a manifest or signature file; the main section under
+    the name None."""
     sections = {}
     for chunk in text.split(b"\n\n"):
         if not chunk:
@@ -944,8 +934,8 @@ def jar_sections(text):
 
 
 def jar_verified_names(zf, names, peer_der):
-    """The entries of a signed reply whose digests its signature covers,
-    signed with the key of peer_der (the server we shook hands with)."""
+    """The entries of a signed reply whose digests its signature covers, signed with the key of
+    peer_der (the server we shook hands with)."""
     blocks = [n for n in names if re.match(r"META-INF/[^/]+\.(RSA|rsa)$", n)]
     if len(blocks) != 1:
         raise Error("reply signature has no single signature block")
@@ -980,8 +970,8 @@ def sha1_b64(data):
 
 
 def check_pkcs7_signature(pkcs7, content, peer_der):
-    """Raise Error unless pkcs7 is a detached SignedData of content, with
-    authenticated attributes, carrying peer_der alone and signed by its key."""
+    """Raise Error unless pkcs7 is a detached SignedData of content, with authenticated attributes,
+    carrying peer_der alone and signed by its key."""
     _, s, e = der_element(pkcs7, 0)  # ContentInfo
     _, _, s, e = der_list(pkcs7, s, e)[1]  # [0] EXPLICIT content
     _, s, e = der_element(pkcs7, s)  # SignedData
@@ -1015,8 +1005,8 @@ def check_pkcs7_signature(pkcs7, content, peer_der):
 
 
 def rsa_signature_valid(cert_der, digest_info, signature):
-    """RSA PKCS#1 v1.5 check of signature over digest_info with the public
-    key of cert_der: the whole encoded block is compared, nothing parsed."""
+    """RSA PKCS#1 v1.5 check of signature over digest_info with the public key of cert_der: the
+    whole encoded block is compared, nothing parsed."""
     _, _, s, e = tbs_fields(cert_der)[5]  # SubjectPublicKeyInfo
     _, _, s, _ = der_list(cert_der, s, e)[1]  # BIT STRING: unused-bit count, RSAPublicKey
     _, s, e = der_element(cert_der, s + 1)
@@ -1049,8 +1039,8 @@ def nss_modules():
 
 
 def open_databases(dbs):
-    """Open each database read-only in this process; NSS then trusts a peer
-    that any of them trusts."""
+    """Open each database read-only in this process; NSS then trusts a peer that any of them
+    trusts."""
     nss, _, _, nerror = nss_modules()
     flags = nss.NSS_INIT_READONLY | nss.NSS_INIT_NOROOTINIT | nss.NSS_INIT_NOMODDB
     for db in dbs:
@@ -1062,11 +1052,10 @@ def open_databases(dbs):
     restrict_cipher_suites()
 
 
-# Forward secrecy and authenticated encryption only: ECDHE or TLS 1.3 key
-# exchange, GCM or ChaCha20-Poly1305.  Judged from NSS's own description of
-# each suite, so suites a newer NSS adds are sorted too; python-nss exports no
-# constant for TLS 1.3 or AEAD, and static ECDH shares ECDHE's kea number, so
-# the names decide.  The real stap 4.8 client offers all of these.
+# Forward secrecy and authenticated encryption only: ECDHE or TLS 1.3 key exchange, GCM or
+# ChaCha20-Poly1305.  Judged from NSS's own description of each suite, so suites a newer NSS adds
+# are sorted too; python-nss exports no constant for TLS 1.3 or AEAD, and static ECDH shares ECDHE's
+# kea number, so the names decide.  The real stap 4.8 client offers all of these.
 FORWARD_SECRET_KEA = ("ECDHE", "TLS 1.3")
 
 
@@ -1118,9 +1107,8 @@ def parse_server_spec(spec):
 
 
 def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
-    """A TLS socket to peer whose certificate a database trusts; returns
-    (socket, peer certificate DER).  fetch_only: accept any certificate, for
-    a person to judge before anything is sent."""
+    """A TLS socket to peer whose certificate a database trusts; returns (socket, peer certificate
+    DER).  fetch_only: accept any certificate, for a person to judge before anything is sent."""
     nss, _, _, nerror = nss_modules()
     verdict = {}
 
@@ -1165,9 +1153,9 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
 
 
 def tls_socket(raw, as_server):
-    """A connected TCP socket as an NSS TLS socket (TLS 1.2 or 1.3), without
-    Nagle: small TLS records (the last one, close_notify) must not wait for a
-    delayed ACK, which costs 40 ms a round trip."""
+    """A connected TCP socket as an NSS TLS socket (TLS 1.2 or 1.3), without Nagle: small TLS
+    records (the last one, close_notify) must not wait for a delayed ACK, which costs 40 ms a round
+    trip."""
     ssl = nss_modules()[1]
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock = ssl.SSLSocket.import_tcp_socket(raw.detach())
@@ -1267,8 +1255,8 @@ class ServerRecord(collections.namedtuple(
         "ServerRecord", "host address port sysinfo version certinfo txt name")):
     """One advertised compile server instance, as seen from one address: host ('stap-host-a.local'),
     address (IPv4, or IPv6 with %iface when link-local), port, sysinfo ('<release> <arch>'),
-    version, certinfo (certificate serial, colon-separated hex), txt (every TXT key) and the
-    DNS-SD instance name."""
+    version, certinfo (certificate serial, colon-separated hex), txt (every TXT key) and the DNS-SD
+    instance name."""
 
 
 def record_from_txt(name, host, address, port, txt):
@@ -1291,8 +1279,8 @@ def txt_dict(strings):
 
 
 def format_server_line(rec):
-    """`HOST ADDRESS PORT 'sysinfo=RELEASE ARCH' 'version=..' ...`: the keys real servers
-    advertise first, then the others sorted."""
+    """`HOST ADDRESS PORT 'sysinfo=RELEASE ARCH' 'version=..' ...`: the keys real servers advertise
+    first, then the others sorted."""
     known = ["version", "certinfo", "optinfo"]
     keys = [k for k in known if k in rec.txt] + sorted(set(rec.txt) - {"sysinfo", *known})
     fields = [f"'sysinfo={rec.sysinfo}'"] + [f"'{k}={rec.txt[k]}'" for k in keys]
@@ -1300,8 +1288,8 @@ def format_server_line(rec):
 
 
 def unique_records(records):
-    """Drop repeats (same name, address and port: one server seen on several interfaces), keep
-    the order found."""
+    """Drop repeats (same name, address and port: one server seen on several interfaces), keep the
+    order found."""
     first = {}
     for rec in records:
         first.setdefault((rec.name, rec.address, rec.port), rec)
@@ -1309,17 +1297,16 @@ def unique_records(records):
 
 
 def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT, sysinfo=None):
-    """Servers advertised on the local network (and in the configured DNS domains), compatible
-    ones only unless all_servers."""
+    """Servers advertised on the local network (and in the configured DNS domains), compatible ones
+    only unless all_servers."""
     wanted = sysinfo or local_sysinfo()
     records, _ = browse(timeout, wide_area_domains())
     return [r for r in records if all_servers or r.sysinfo == wanted]
 
 
 def browse(timeout=DISCOVERY_TIMEOUT, domains=()):
-    """(every advertised server, how we looked): avahi when a daemon answers, else our own
-    multicast DNS query; at the same time unicast DNS in the given domains (wide-area DNS-SD),
-    if any."""
+    """(every advertised server, how we looked): avahi when a daemon answers, else our own multicast
+    DNS query; at the same time unicast DNS in the given domains (wide-area DNS-SD), if any."""
     deadline = time.monotonic() + timeout
     wide = WideAreaBrowse(domains, timeout) if domains else None
     records, how = browse_avahi(timeout), "avahi"
@@ -1340,8 +1327,8 @@ DOMAINS_FILE = "stap-server-domains"  # in $sysconfdir/systemtap: a domain a lin
 
 def wide_area_domains(extra=()):
     """The DNS domains to browse besides the local link: --domain options, then the lines of
-    $sysconfdir/systemtap/stap-server-domains ("search": the host's search domains).  None
-    unless configured: a client sends no unicast DNS query for servers unless told to."""
+    $sysconfdir/systemtap/stap-server-domains ("search": the host's search domains).  None unless
+    configured: a client sends no unicast DNS query for servers unless told to."""
     domains = list(extra)
     path = os.path.join(sysconfdir(), "systemtap", DOMAINS_FILE)
     with contextlib.suppress(OSError), open(path) as f:
@@ -1350,9 +1337,9 @@ def wide_area_domains(extra=()):
 
 
 class WideAreaBrowse:
-    """A browse of _stap._tcp in unicast DNS, run in a thread beside the multicast one.  Each
-    domain first asks b._dns-sd._udp.DOMAIN which domains to browse (RFC 6763 11), else
-    browses the domain itself."""
+    """A browse of _stap._tcp in unicast DNS, run in a thread beside the multicast one.  Each domain
+    first asks b._dns-sd._udp.DOMAIN which domains to browse (RFC 6763 11), else browses the domain
+    itself."""
 
     def __init__(self, domains, timeout):
         import threading  # only configured domains need it
@@ -1459,8 +1446,8 @@ def parse_avahi_browse(text):
         if len(fields) < 9 or fields[0] != "=":
             continue
         iface, proto, name, _type, _domain, host, address, port = fields[1:9]
-        # A link-local address needs its scope.  (proto is the transport the record came over:
-        # an IPv6 address can arrive over IPv4.)
+        # A link-local address needs its scope.  (proto is the transport the record came over: an
+        # IPv6 address can arrive over IPv4.)
         if address.lower().startswith("fe80:") and "%" not in address:
             address = f"{address}%{iface}"
         txt = txt_dict(parse_avahi_txt(fields[9] if len(fields) > 9 else ""))
@@ -1521,8 +1508,8 @@ def ipv4_interfaces():
 
 
 def require_dnspython():
-    """Import dnspython on first use: most runs never need it, and it costs a sixth of the
-    client's start-up."""
+    """Import dnspython on first use: most runs never need it, and it costs a sixth of the client's
+    start-up."""
     global dns
     if dns is None:
         try:
@@ -1594,8 +1581,8 @@ def parse_mdns(wire):
 
 
 class MdnsAnswers:
-    """What the responses said so far: for each instance (named by a PTR or by its own records)
-    its data (see instance()), and each host's addresses."""
+    """What the responses said so far: for each instance (named by a PTR or by its own records) its
+    data (see instance()), and each host's addresses."""
 
     def __init__(self):
         self.instances = {}  # instance dns.name -> its data
@@ -1620,8 +1607,8 @@ class MdnsAnswers:
                     self.addresses.setdefault(owner, {})[address] = None
 
     def instance(self, name, source_ip):
-        """Its SRV (target, port), TXT dict, whether a PTR currently advertises it, and the
-        address the first response about it came from."""
+        """Its SRV (target, port), TXT dict, whether a PTR currently advertises it, and the address
+        the first response about it came from."""
         return self.instances.setdefault(name, types.SimpleNamespace(
             srv=None, txt=None, advertised=False, source=source_ip))
 
@@ -1711,8 +1698,8 @@ def receive_answers(sock, answers, wait):
 
 
 def receive_mdns(sock, wait):
-    """The next datagram within wait seconds: (dns.message.Message or None for garbage or
-    nothing, QU flags, source (address, port), arrival interface index from IP_PKTINFO or 0)."""
+    """The next datagram within wait seconds: (dns.message.Message or None for garbage or nothing,
+    QU flags, source (address, port), arrival interface index from IP_PKTINFO or 0)."""
     if not select.select([sock], [], [], max(0, wait))[0]:
         return None, [], (None, None), 0
     wire, ancdata, _flags, source = sock.recvmsg(9000, socket.CMSG_SPACE(12))
@@ -1796,9 +1783,8 @@ def stap_client(argv):
 
 
 def compile_anywhere(inv, request, dbs, tmp):
-    """Try each candidate server in turn; the first complete reply wins.
-    While every one is busy or unreachable, try them all again after a
-    growing, jittered pause, until the deadline."""
+    """Try each candidate server in turn; the first complete reply wins.  While every one is busy or
+    unreachable, try them all again after a growing, jittered pause, until the deadline."""
     open_databases(dbs)
     peers, searched = candidate_servers(inv, request_identity(request))
     if not peers:
@@ -1830,8 +1816,8 @@ def compile_anywhere(inv, request, dbs, tmp):
 
 
 def try_server(inv, peer, request, attempt, say_why=True):
-    """One exchange with peer: a Reply, or the Error that ended it (said as
-    a warning when say_why)."""
+    """One exchange with peer: a Reply, or the Error that ended it (said as a warning when
+    say_why)."""
     os.mkdir(attempt, 0o700)
     progress(inv, f"compiling on server {peer}...")
     try:
@@ -1862,9 +1848,9 @@ def progress(inv, message):
 
 
 def candidate_servers(inv, identity=b""):
-    """(servers to try in order, what discovery saw): the --server options
-    in order, else the compatible advertised servers, best first (see
-    rank_servers; identity tells identical requests apart from others)."""
+    """(servers to try in order, what discovery saw): the --server options in order, else the
+    compatible advertised servers, best first (see rank_servers; identity tells identical requests
+    apart from others)."""
     target = local_sysinfo(inv.release, inv.arch)
     specs = [(None, None) if SERIAL_SPEC.match(spec) else parse_server_spec(spec)
              for spec in inv.servers]
@@ -1887,9 +1873,8 @@ def candidate_servers(inv, identity=b""):
             if chosen or host is None:  # a serial names no host to try ports on
                 peers += compatible_first(chosen, target, identity)
                 continue
-            # avahi may resolve a server to another of its addresses (an IPv6
-            # link-local one for an IPv4 name): try the host at each
-            # advertised port; a wrong one is refused at once.
+            # avahi may resolve a server to another of its addresses (an IPv6 link-local one for an
+            # IPv4 name): try the host at each advertised port; a wrong one is refused at once.
             ports = dict.fromkeys(p.port for p in compatible_first(records, target, identity))
             if not ports:
                 warn(f"--server={host}: no server is advertised on host {host} ({how})")
@@ -1905,8 +1890,8 @@ def candidate_servers(inv, identity=b""):
 
 
 def request_identity(request):
-    """What makes two requests the same (every entry's name, size and CRC,
-    but not the client's version and locale): zips differ in their dates."""
+    """What makes two requests the same (every entry's name, size and CRC, but not the client's
+    version and locale): zips differ in their dates."""
     with zipfile.ZipFile(io.BytesIO(request)) as zf:
         parts = sorted(f"{i.filename}\0{i.file_size}\0{i.CRC}" for i in zf.infolist()
                        if i.filename not in ("version", "locale"))
@@ -1917,8 +1902,8 @@ WAIT_GRACE = 2.0  # seconds: servers this close to the freest count as equally f
 
 
 def expected_wait(rec):
-    """Seconds a new request would wait on rec, from its advertised load
-    hint (slots, busy, queued, compile); 0 for a server without one."""
+    """Seconds a new request would wait on rec, from its advertised load hint (slots, busy, queued,
+    compile); 0 for a server without one."""
     try:
         slots, busy = int(rec.txt["slots"]), int(rec.txt["busy"])
         queued, compile_s = int(rec.txt["queued"]), float(rec.txt["compile"])
@@ -1928,11 +1913,10 @@ def expected_wait(rec):
 
 
 def rank_servers(records, identity, signers=None):
-    """Best first: trusted signers first when staprun will want a signature;
-    then the servers about as free as the freest, in rendezvous order for
-    this request, so that identical requests meet the same server's result
-    cache; then the busier ones by expected wait; newer versions first
-    among equals."""
+    """Best first: trusted signers first when staprun will want a signature; then the servers about
+    as free as the freest, in rendezvous order for this request, so that identical requests meet the
+    same server's result cache; then the busier ones by expected wait; newer versions first among
+    equals."""
     waits = {id(r): expected_wait(r) for r in records}
     freest = min(waits.values(), default=0.0)
 
@@ -1947,8 +1931,8 @@ def rank_servers(records, identity, signers=None):
 
 
 def trusted_serials():
-    """{"ssl": serials trusted for TLS here, "signer": serials whose module
-    signatures staprun accepts here}, from the databases as they are."""
+    """{"ssl": serials trusted for TLS here, "signer": serials whose module signatures staprun
+    accepts here}, from the databases as they are."""
     try:
         dbs = client_databases()
     except Error:
@@ -1991,9 +1975,8 @@ def compatible_first(records, target, identity=b""):
 
 
 def local_paths(data, inv):
-    """Name the user's own files as stap would here: the server saw them as
-    script/PATH and tapset/PATH (and stdin as script/-), whether they were
-    sent or are missing."""
+    """Name the user's own files as stap would here: the server saw them as script/PATH and
+    tapset/PATH (and stdin as script/-), whether they were sent or are missing."""
     names = {name for name, _ in inv.files} | {
         a[2:] if a.startswith("-I") else a for a in inv.server_args
         if a.startswith(("script/", "-Itapset/"))}
@@ -2008,8 +1991,8 @@ def local_paths(data, inv):
 
 
 def without_module_paths(stdout):
-    """A server names the module it built (a path on its side); like the real
-    client, drop those lines and name the delivered module ourselves."""
+    """A server names the module it built (a path on its side); like the real client, drop those
+    lines and name the delivered module ourselves."""
     return b"".join(l for l in stdout.splitlines(keepends=True)
                     if not l.rstrip(b"\n").endswith(b".ko"))
 
@@ -2048,8 +2031,8 @@ def run_staprun(inv, module):
 
 
 def stap_find_servers(argv):
-    """List servers; only compatible ones unless --all.  Other arguments are
-    ignored.  Each line says how this host trusts the server."""
+    """List servers; only compatible ones unless --all.  Other arguments are ignored.  Each line
+    says how this host trusts the server."""
     extra = [a.split("=", 1)[1] for a in argv if a.startswith("--domain=")]
     every, how = browse(DISCOVERY_TIMEOUT, wide_area_domains(extra))
     wanted = local_sysinfo()
@@ -2113,8 +2096,8 @@ def add_certificate(der, dirname):
 
 
 def fetch_certificate(spec):
-    """The certificate a server presents, fetched over TLS without trusting
-    it (nothing but the certificate-only frame is sent)."""
+    """The certificate a server presents, fetched over TLS without trusting it (nothing but the
+    certificate-only frame is sent)."""
     host, port = parse_server_spec(spec)
     if port is None:
         found = [r for r in browse()[0] if host in (r.host, r.host.split(".")[0], r.address)]
@@ -2147,8 +2130,8 @@ def confirmed(der, source, dirname):
 
 
 def revoke_certificate(which, db):
-    """Remove the certificates whose serial or SHA-256 fingerprint is which
-    (hex, colons optional) from db; the others stay trusted."""
+    """Remove the certificates whose serial or SHA-256 fingerprint is which (hex, colons optional)
+    from db; the others stay trusted."""
     if not db.exists():
         raise Error(f"{db.path} is not a certificate database")
     key = which.lower().replace(":", "").lstrip("0")

@@ -112,8 +112,8 @@ def build_option_parser(prog):
         help="run stap without bubblewrap (unsafe: warned at start and in every log line)")
     add("--allow-guru", action="store_true", help="let clients use guru mode (-g, embedded "
         "C); such compiles stay sandboxed, use a throw-away stap cache and are never cached")
-    # The real stap-serverd's names and meanings, so that configurations carry over
-    # (its defaults, 5 KB and 50 KB, would refuse ordinary -I tapset trees).
+    # The real stap-serverd's names and meanings, so that configurations carry over (its
+    # defaults, 5 KB and 50 KB, would refuse ordinary -I tapset trees).
     add("--max-compressed-request", type=int, default=16 << 20, metavar="BYTES",
         help="largest request as sent, compressed (default 16 MiB)")
     add("--max-request-size", "--max-unpacked-size", dest="max_request_size", type=int,
@@ -168,9 +168,9 @@ def status_path(pid):
 
 
 def parse_config(argv, prog=PROG):
-    """The server's configuration: its options, checked, with what they
-    imply filled in (defaults that depend on the user, the database, the
-    compile account, the archive limits, the options every stap run gets)."""
+    """The server's configuration: its options, checked, with what they imply filled in (defaults
+    that depend on the user, the database, the compile account, the archive limits, the options
+    every stap run gets)."""
     config = build_option_parser(prog).parse_args(argv)
     config.compile_limits = {n: getattr(config, f"compile_{n}".replace("-", "_"))
                              for n, *_ in COMPILE_LIMITS}
@@ -223,9 +223,8 @@ def served_releases(requested):
 
 
 def compile_user(name):
-    """The dedicated account a root server compiles as; None: as ourselves.
-    Never root, and never the shared nobody: whatever else runs as that
-    account could tamper with compiles."""
+    """The dedicated account a root server compiles as; None: as ourselves.  Never root, and never
+    the shared nobody: whatever else runs as that account could tamper with compiles."""
     if not client.is_root():
         if name:
             raise Error("--user needs a server started by root")
@@ -248,8 +247,8 @@ def compile_user(name):
 # --------------------------------------------------------------------------
 
 def ensure_server_certificate(db, log=logging):
-    """The server's certificate DER: made on first start, renewed when it
-    expires within 30 days; trusted in the local client database."""
+    """The server's certificate DER: made on first start, renewed when it expires within 30 days;
+    trusted in the local client database."""
     if not db.exists():
         log.info("creating certificate database %s", db.path)
         db.create(mode=0o700)
@@ -268,8 +267,8 @@ def newest_certificate(db):
 
 
 def not_after(der):
-    """Expiry of a certificate as a Unix time, read from its DER (NSS is not
-    initialised yet when the server checks its certificate)."""
+    """Expiry of a certificate as a Unix time, read from its DER (NSS is not initialised yet when
+    the server checks its certificate)."""
     try:
         _, _, start, end = client.tbs_fields(der)[3]  # serial, signature, issuer, validity
         _, _, start, end = list(client.der_children(der, start, end))[1]  # notAfter
@@ -285,8 +284,8 @@ def expires_within(der, seconds):
 
 
 def generate_certificate(db):
-    """A self-signed RSA-3072/SHA-256 certificate valid for a year,
-    replacing any older one; the subject is the one every stap server shares."""
+    """A self-signed RSA-3072/SHA-256 certificate valid for a year, replacing any older one; the
+    subject is the one every stap server shares."""
     host = socket.gethostname()
     db.make_self_signed(client.SERVER_NICKNAME, client.SERVER_SUBJECT,
                         dict.fromkeys([host, f"{host.split('.')[0]}.local", "localhost"]))
@@ -311,8 +310,8 @@ def replace_file(path, data):
 
 
 def trust_locally(der, log=logging):
-    """Trust our certificate in this user's (root: every user's) client
-    database, creating it if missing and never wiping it."""
+    """Trust our certificate in this user's (root: every user's) client database, creating it if
+    missing and never wiping it."""
     db = CertDB(client.local_client_db_path())
     if not db.exists() or der not in db.certificates():
         client.add_certificate(der, db.path)
@@ -375,10 +374,9 @@ def parse_request(top, config):
 
 
 def client_arguments(args, top, release):
-    """Check the client's stap arguments and return (arguments to pass,
-    release, lowered, scripts): no forbidden options, paths inside the
-    request, pass 5 (a real client sends no -p for it) lowered to 4, -k
-    dropped; scripts are the texts stap will parse, as (label, bytes)."""
+    """Check the client's stap arguments and return (arguments to pass, release, lowered, scripts):
+    no forbidden options, paths inside the request, pass 5 (a real client sends no -p for it)
+    lowered to 4, -k dropped; scripts are the texts stap will parse, as (label, bytes)."""
     out, operands, scripts, listing, last_pass = [], [], [], False, None
     for kind, name, *value in client.scan_stap_args(args):
         value = value[0] if value else None
@@ -421,9 +419,9 @@ def client_arguments(args, top, release):
 
 
 def confine(path, top, what):
-    """A path must stay inside the request; one that does not exist there is
-    passed on, for stap to answer in its own words (a missing script), or
-    ignore (a missing -I directory), as with the real server."""
+    """A path must stay inside the request; one that does not exist there is passed on, for stap to
+    answer in its own words (a missing script), or ignore (a missing -I directory), as with the real
+    server."""
     real = os.path.realpath(os.path.join(top, path))
     if not (real + os.sep).startswith(os.path.realpath(top) + os.sep):
         raise Error(f"{what} path {path} is not inside the request")
@@ -439,8 +437,8 @@ def check_argv_size(args):
 
 
 def shipped_tapsets(top):
-    """(label, bytes) of every tapset file the client shipped with -I: stap
-    parses those with guru rights, embedded C included."""
+    """(label, bytes) of every tapset file the client shipped with -I: stap parses those with guru
+    rights, embedded C included."""
     return [(os.path.relpath(path, top), client.read_entry(top, path))
             for path in walk_files(os.path.join(top, "tapset")) if path.endswith((".stp", ".stpm"))]
 
@@ -459,9 +457,8 @@ HEADER_SPEC = re.compile(rb'^"[\w.-]*((?:<[^<>"]+>)+)"$')  # "kernel<linux/sched
 
 
 def guru_reason(args, scripts):
-    """Why this request needs guru mode or names a server-side file, or None.
-    The sandbox hides the server's files from the compile anyway; this gives
-    the client a reason before stap runs."""
+    """Why this request needs guru mode or names a server-side file, or None.  The sandbox hides the
+    server's files from the compile anyway; this gives the client a reason before stap runs."""
     if "-g" in (args[:args.index("--")] if "--" in args else args):  # clusters already split
         return "option -g"
     for label, text in scripts:
@@ -481,8 +478,8 @@ LOCALE_VALUE = re.compile(r"^[A-Za-z0-9@_.=-]*$")  # what the real server passes
 
 
 def locale_env(data):
-    """(the client's locale settings that are safe to pass, the server's
-    words on each line it dropped, as the real server says them)."""
+    """(the client's locale settings that are safe to pass, the server's words on each line it
+    dropped, as the real server says them)."""
     env, notices = {}, []
     for line in (data or b"").decode(errors="replace").splitlines():
         key, eq, value = line.partition("=")
@@ -504,8 +501,8 @@ def locale_env(data):
 # Where the compile sees its request directory and stap's cache.
 SANDBOX_WORK = "/stap/request"
 SANDBOX_CACHE = "/stap/cache"
-# What the compile sees of the host, read-only: programs, libraries, headers,
-# kernel build trees, configuration.  Nothing else exists in the sandbox.
+# What the compile sees of the host, read-only: programs, libraries, headers, kernel build trees,
+# configuration.  Nothing else exists in the sandbox.
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SANDBOX_TMPFS = 16 << 20  # the sandbox's /tmp; the real scratch space is the request's tmp/
 MAX_OUTPUT = 16 << 20  # stdout or stderr kept for a reply
@@ -517,11 +514,10 @@ def stap_program():
 
 
 class Workspace:
-    """One request's private directory, owned by the server, mode 0700:
-    the client's files and stap's scratch space live in work/, the only
-    part the compile account owns and the only part the sandbox sees.
-    The server reaches into work/ only through descriptors it opened
-    itself, without following links."""
+    """One request's private directory, owned by the server, mode 0700: the client's files and
+    stap's scratch space live in work/, the only part the compile account owns and the only part the
+    sandbox sees.  The server reaches into work/ only through descriptors it opened itself, without
+    following links."""
 
     def __init__(self, tmpdir):
         self.path = tempfile.mkdtemp(prefix="stap-server.", dir=tmpdir)  # 0700
@@ -530,8 +526,8 @@ class Workspace:
         self.work_fd = None
 
     def hand_over(self, account):
-        """Give work/ and a fresh work/tmp to the compile account; the
-        client's files stay the server's (read-only to the compile)."""
+        """Give work/ and a fresh work/tmp to the compile account; the client's files stay the
+        server's (read-only to the compile)."""
         self.work_fd = os.open(self.work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         os.mkdir("tmp", 0o700, dir_fd=self.work_fd)
         if account is not None:
@@ -539,13 +535,13 @@ class Workspace:
             os.chown("tmp", account.pw_uid, account.pw_gid, dir_fd=self.work_fd,
                      follow_symlinks=False)
             os.fchown(self.work_fd, account.pw_uid, account.pw_gid)
-            # bwrap (0.8 resolves even a --bind-fd source by path) runs as the
-            # compile account and must get through to work/: traverse only.
+            # bwrap (0.8 resolves even a --bind-fd source by path) runs as the compile account and
+            # must get through to work/: traverse only.
             os.chmod(self.path, 0o711)
 
     def disk_use(self):
-        """Bytes under work/, each entry counted as at least one block (an
-        inode bomb is a disk bomb too); links are never followed."""
+        """Bytes under work/, each entry counted as at least one block (an inode bomb is a disk bomb
+        too); links are never followed."""
         total = 0
         for _, dirs, files, dir_fd in os.fwalk(".", dir_fd=self.work_fd, follow_symlinks=False):
             for name in dirs + files:
@@ -557,8 +553,8 @@ class Workspace:
         return total
 
     def module(self, limit):
-        """(name, bytes) of the one .ko stap left in work/tmp, or None;
-        anything but a regular file within the size limit is ignored."""
+        """(name, bytes) of the one .ko stap left in work/tmp, or None; anything but a regular file
+        within the size limit is ignored."""
         try:
             tmp_fd = os.open("tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
                              dir_fd=self.work_fd)
@@ -582,8 +578,8 @@ class Workspace:
 
 
 def read_regular(name, dir_fd, limit):
-    """The bytes of a regular file at most limit long, or None; a link, a
-    fifo or a device is not opened for reading."""
+    """The bytes of a regular file at most limit long, or None; a link, a fifo or a device is not
+    opened for reading."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except OSError:
@@ -596,8 +592,8 @@ def read_regular(name, dir_fd, limit):
 
 
 def prepare_compile_step(config):
-    """At start: stap's cache for compiles, and a sandbox that works (or a
-    loud warning under --no-sandbox)."""
+    """At start: stap's cache for compiles, and a sandbox that works (or a loud warning under
+    --no-sandbox)."""
     cache = prepare_compile_cache(config)
     if not config.sandbox:
         logging.warning("WARNING: --no-sandbox: compiles run unconfined and can read "
@@ -643,9 +639,8 @@ def account_cache(config):
 
 
 def prepare_compile_cache(config):
-    """Make the compile account's cache directory, or check the one there:
-    a directory (not a link) owned by the compile account, in a parent that
-    only the server can write."""
+    """Make the compile account's cache directory, or check the one there: a directory (not a link)
+    owned by the compile account, in a parent that only the server can write."""
     os.makedirs(config.cache_dir, 0o755, exist_ok=True)
     st = os.lstat(config.cache_dir)
     if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
@@ -675,8 +670,8 @@ def prepare_compile_cache(config):
 
 
 def private_paths(config):
-    """The server's own files and directories, hidden from the compile when
-    they lie inside the system directories the sandbox shows."""
+    """The server's own files and directories, hidden from the compile when they lie inside the
+    system directories the sandbox shows."""
     home = pwd.getpwuid(os.geteuid()).pw_dir
     return [config.db.path, config.log, state_dir("run"), config.tmpdir, config.cache_dir,
             client.systemtap_dir(), os.environ.get("HOME") or home, home]
@@ -687,10 +682,9 @@ def inside(path, top):
 
 
 def sandbox_argv(config, work_fd, cache):
-    """bwrap's part of the compile's command line: no network, its own
-    process tree, the system directories read-only, the server's own files
-    masked, the request's work/ the only writable place (with cache, stap's
-    cache)."""
+    """bwrap's part of the compile's command line: no network, its own process tree, the system
+    directories read-only, the server's own files masked, the request's work/ the only writable
+    place (with cache, stap's cache)."""
     argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
     shown = []
     for d in SYSTEM_DIRS:
@@ -721,8 +715,8 @@ def server_trees(config):
 
 
 def limits_argv(config):
-    """prlimit inside the sandbox, so that the process count is the compile's
-    own (counted per user namespace) and not the account's."""
+    """prlimit inside the sandbox, so that the process count is the compile's own (counted per user
+    namespace) and not the account's."""
     lim = config.compile_limits
     nproc = [f"--nproc={lim['processes']}"] if config.sandbox else []  # else: the whole account's
     return ["prlimit", f"--fsize={lim['file-size']}", f"--as={lim['memory']}", *nproc,
@@ -742,10 +736,9 @@ def compile_env(req, work, cache):
 
 
 def run_compile(config, req, ws):
-    """One stap run in its sandbox, as the compile account, within the
-    resource limits; stdin is /dev/null, stdout and stderr go to files the
-    server opened (and reads back) itself.  A Reply with the module as
-    (name, bytes) and the server's paths hidden."""
+    """One stap run in its sandbox, as the compile account, within the resource limits; stdin is
+    /dev/null, stdout and stderr go to files the server opened (and reads back) itself.  A Reply
+    with the module as (name, bytes) and the server's paths hidden."""
     ws.hand_over(compile_account(config))
     host_cache = None if req.guru else account_cache(config)  # guru: a throw-away one in work/
     if config.sandbox:
@@ -776,9 +769,8 @@ def run_compile(config, req, ws):
 
 
 def watch_compile(proc, ws, config):
-    """Wait for the compile; kill its whole process group when it runs past
-    the wall-clock limit or writes more than the disk limit.  Returns (exit
-    status, the limit it broke or None)."""
+    """Wait for the compile; kill its whole process group when it runs past the wall-clock limit or
+    writes more than the disk limit.  Returns (exit status, the limit it broke or None)."""
     deadline = time.monotonic() + config.compile_timeout
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -799,8 +791,8 @@ def read_back(f):
     return data
 
 
-# How a broken rlimit shows: the signal that killed the compile's top process
-# (128 + signal, through bwrap), or the words its children printed.
+# How a broken rlimit shows: the signal that killed the compile's top process (128 + signal, through
+# bwrap), or the words its children printed.
 LIMIT_SIGNS = (
     ("file-size", 128 + signal.SIGXFSZ, rb"File size limit exceeded"),
     ("cpu", 128 + signal.SIGXCPU, rb"CPU time limit exceeded"),
@@ -842,10 +834,9 @@ def hide_paths(data, paths):
 # --------------------------------------------------------------------------
 
 def reply_for_client(compiled, req, key, version):
-    """The reply to a compile: the module path line becomes the module's
-    name (or goes, when the client asked for pass 5), the server's notices
-    lead stderr, and a module built for stapusr or stapsys gets key's
-    signature beside it."""
+    """The reply to a compile: the module path line becomes the module's name (or goes, when the
+    client asked for pass 5), the server's notices lead stderr, and a module built for stapusr or
+    stapsys gets key's signature beside it."""
     lines = compiled.stdout.splitlines(keepends=True)
     if compiled.module:  # the module path line: its name, or nothing when the client runs pass 5
         named = b"" if req.lowered else compiled.module[0].encode() + b"\n"
@@ -877,8 +868,8 @@ class SECItem(ctypes.Structure):
 
 @functools.cache
 def nss3():
-    """The NSS library python-nss already loaded (one process, one NSS),
-    with the few calls that sign with a private key: python-nss has none."""
+    """The NSS library python-nss already loaded (one process, one NSS), with the few calls that
+    sign with a private key: python-nss has none."""
     try:
         lib = ctypes.CDLL("libnss3.so")  # NSS keeps an unversioned soname
     except OSError:
@@ -897,10 +888,9 @@ def nss3():
 
 
 class ServerKey:
-    """The private key of the server certificate der, found once in the
-    NSS database this process opened, and used in place: it signs every
-    reply (a JAR, as signtool -Z would) and the .ko.sgn of modules built
-    for stapusr and stapsys.  The key is never exported or written out."""
+    """The private key of the server certificate der, found once in the NSS database this process
+    opened, and used in place: it signs every reply (a JAR, as signtool -Z would) and the .ko.sgn of
+    modules built for stapusr and stapsys.  The key is never exported or written out."""
 
     def __init__(self, der):
         lib = nss3()
@@ -933,10 +923,9 @@ class ServerKey:
         return self.sign(data, "SEC_OID_PKCS1_SHA256_WITH_RSA_ENCRYPTION")
 
     def signed_jar(self, entries):
-        """entries as a zip signed the way signtool -Z signs a directory:
-        digests of every entry in a manifest, of the manifest in a
-        signature file, and a PKCS#7 signature of that file (SHA-1, the one
-        digest NSS's JAR verifier knows)."""
+        """entries as a zip signed the way signtool -Z signs a directory: digests of every entry in
+        a manifest, of the manifest in a signature file, and a PKCS#7 signature of that file (SHA-1,
+        the one digest NSS's JAR verifier knows)."""
         manifest, signature_file = client.jar_manifests(entries)
         block = self.pkcs7_signature(signature_file)
         out = io.BytesIO()
@@ -952,9 +941,9 @@ class ServerKey:
         return out.getvalue()
 
     def pkcs7_signature(self, content):
-        """A detached PKCS#7 SignedData of content with authenticated
-        attributes (content type, signing time, SHA-1 digest), carrying our
-        certificate: signtool's signature block, byte for byte in layout."""
+        """A detached PKCS#7 SignedData of content with authenticated attributes (content type,
+        signing time, SHA-1 digest), carrying our certificate: signtool's signature block, byte for
+        byte in layout."""
         oid = client.DER_OID
         attributes = [
             der(0x30, oid["contentType"], der(0x31, oid["data"])),
@@ -998,12 +987,11 @@ def signed_reply(key, reply):
 
 
 def handle_request(data, config, version, record, key, cache=None, compiles=None):
-    """The signed reply bytes for one framed request body (bytes or a file);
-    never raises for a bad request or a failed compile (the client gets rc 1
-    and the reason).  record (a RequestRecord) gets what the log says; key
-    (a ServerKey) signs the reply and modules built for stapusr/stapsys; a
-    compile waits for a slot of compiles (a CompileQueue), or gets a busy
-    reply when it could not wait (a cached or merged reply needs no slot)."""
+    """The signed reply bytes for one framed request body (bytes or a file); never raises for a bad
+    request or a failed compile (the client gets rc 1 and the reason).  record (a RequestRecord)
+    gets what the log says; key (a ServerKey) signs the reply and modules built for stapusr/stapsys;
+    a compile waits for a slot of compiles (a CompileQueue), or gets a busy reply when it could not
+    wait (a cached or merged reply needs no slot)."""
     compiles = compiles or CompileQueue(config.max_threads)
     ws = Workspace(config.tmpdir)
     try:
@@ -1049,10 +1037,9 @@ def handle_request(data, config, version, record, key, cache=None, compiles=None
 # --------------------------------------------------------------------------
 
 class ResultCache:
-    """Signed replies of successful compiles, keyed by everything that
-    decides them; bounded in bytes (least recently used go first).
-    Identical requests arriving together compile once and share the reply,
-    a failed one too."""
+    """Signed replies of successful compiles, keyed by everything that decides them; bounded in
+    bytes (least recently used go first).  Identical requests arriving together compile once and
+    share the reply, a failed one too."""
 
     def __init__(self, max_bytes):
         self.max_bytes = max_bytes
@@ -1062,10 +1049,9 @@ class ResultCache:
         self.running = {}  # key -> its Compiling
 
     def lookup(self, key, compute, merging=contextlib.nullcontext):
-        """(reply, "hit" | "merged" | "merged-failed" | "miss" | "skip");
-        compute() -> (reply, cacheable: it succeeded).  "merged": answered
-        by an identical request that was compiling when this one came
-        ("merged-failed": with its failure); merging() is held meanwhile."""
+        """(reply, "hit" | "merged" | "merged-failed" | "miss" | "skip"); compute() -> (reply,
+        cacheable: it succeeded).  "merged": answered by an identical request that was compiling
+        when this one came ("merged-failed": with its failure); merging() is held meanwhile."""
         if key is None or self.max_bytes <= 0:
             return compute()[0], "skip"
         with self.lock:
@@ -1108,15 +1094,15 @@ class Compiling:
         self.done, self.reply, self.ok = threading.Event(), None, False
 
 
-# Options whose output differs run to run (timings, progress) or that a
-# server should run afresh: requests with them are not cached.
+# Options whose output differs run to run (timings, progress) or that a server should run afresh:
+# requests with them are not cached.
 UNCACHED_OPTIONS = ("-v", "--vp", "-t", "--benchmark")
 
 
 def result_key(req, top, config, version):
-    """A digest of the request's files and arguments, the server's options and
-    identity, and stamps of stap, its tapsets and runtime and the kernel
-    build tree; None when the request must not be cached."""
+    """A digest of the request's files and arguments, the server's options and identity, and stamps
+    of stap, its tapsets and runtime and the kernel build tree; None when the request must not be
+    cached."""
     if any(a.startswith(UNCACHED_OPTIONS) for a in req.args):
         return None
     h = hashlib.sha256()
@@ -1139,8 +1125,8 @@ STAMP_TTL = 5  # seconds: walking the tapset and runtime trees costs a few ms
 
 
 def installation_stamp(config, release):
-    """Changes whenever stap, its tapsets or runtime, the server's -I/-R
-    trees or the release's build tree change."""
+    """Changes whenever stap, its tapsets or runtime, the server's -I/-R trees or the release's
+    build tree change."""
     now = time.monotonic()
     cached = _stamps.get(release)
     if cached and now - cached[0] < STAMP_TTL:
@@ -1192,8 +1178,8 @@ def init_nss(config):
 
 
 class Credentials:
-    """The server certificate der, its key for TLS and for signing; a renewal
-    puts new Credentials in place for connections accepted from then on."""
+    """The server certificate der, its key for TLS and for signing; a renewal puts new Credentials
+    in place for connections accepted from then on."""
 
     def __init__(self, der):
         nss = client.nss_modules()[0]
@@ -1219,8 +1205,8 @@ class Credentials:
 
 
 class RequestRecord:
-    """What the log line says about one connection, filled in as it goes;
-    the first error noted is the one kept."""
+    """What the log line says about one connection, filled in as it goes; the first error noted is
+    the one kept."""
 
     FIELDS = ("client", "sandbox", "size", "version", "release", "options", "guru", "cache",
               "rc", "error", "seconds")
@@ -1249,9 +1235,9 @@ def cut(text, limit):
 
 
 class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """Accepts TLS connections; each is handled in its own thread, and
-    compiles run at most max_threads at once; the others wait in arrival
-    order, as long as their expected wait and the bytes held allow."""
+    """Accepts TLS connections; each is handled in its own thread, and compiles run at most
+    max_threads at once; the others wait in arrival order, as long as their expected wait and the
+    bytes held allow."""
 
     daemon_threads = True  # shutdown() waits for them itself, with a grace period
     block_on_close = False
@@ -1285,8 +1271,8 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         super().server_bind()
 
     def get_request(self):
-        """Accept only while a connection slot is free: past MAX_CONNECTIONS
-        the kernel's backlog holds the rest."""
+        """Accept only while a connection slot is free: past MAX_CONNECTIONS the kernel's backlog
+        holds the rest."""
         if not self.connections.acquire(timeout=0.5):
             raise OSError("every connection slot is taken")
         try:
@@ -1330,8 +1316,8 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return True
 
     def drain(self, grace=30):
-        """After shutdown(): close the socket and let in-flight requests
-        finish within grace seconds."""
+        """After shutdown(): close the socket and let in-flight requests finish within grace
+        seconds."""
         self.server_close()
         deadline = time.monotonic() + grace
         for t in list(self.handlers):
@@ -1339,8 +1325,7 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 
 class PendingBytes:
-    """Announced sizes of the requests being received or waiting, bounded
-    by --max-pending-bytes."""
+    """Announced sizes of the requests being received or waiting, bounded by --max-pending-bytes."""
 
     def __init__(self, limit):
         self.limit, self.held, self.lock = limit, 0, threading.Lock()
@@ -1358,9 +1343,9 @@ class PendingBytes:
 
 
 class CompileHandler(socketserver.BaseRequestHandler):
-    """One connection.  setup() waits for the client address's share of
-    unread connections, handle() shakes hands, spools the request to disk,
-    gives the share back and answers, finish() writes the log line."""
+    """One connection.  setup() waits for the client address's share of unread connections, handle()
+    shakes hands, spools the request to disk, gives the share back and answers, finish() writes the
+    log line."""
 
     def setup(self):
         self.started = time.monotonic()
@@ -1410,8 +1395,8 @@ class CompileHandler(socketserver.BaseRequestHandler):
         logging.info("%s", self.record.log_line())
 
     def answer(self, body):
-        """The reply to the request body, or a busy reply at once when too
-        many bytes are pending (body is then the Busy reason)."""
+        """The reply to the request body, or a busy reply at once when too many bytes are pending
+        (body is then the Busy reason)."""
         server, signer = self.server, self.credentials.signer
         if isinstance(body, Busy):
             self.record.update(rc=1, error="busy")
@@ -1425,9 +1410,8 @@ class Busy(str):
 
 
 class FifoSlots:
-    """At most `limit` holders of each key at once; the others wait strictly
-    in arrival order (a freed slot is handed to the first waiter, never
-    grabbed by a newcomer)."""
+    """At most `limit` holders of each key at once; the others wait strictly in arrival order (a
+    freed slot is handed to the first waiter, never grabbed by a newcomer)."""
 
     def __init__(self, limit):
         self.limit = limit
@@ -1468,9 +1452,8 @@ class FifoSlots:
 
 
 class CompileQueue(FifoSlots):
-    """At most `limit` compiles at once (--max-threads), the others waiting
-    in arrival order; recent compile times give each newcomer its expected
-    wait, and the advertisement its load hint."""
+    """At most `limit` compiles at once (--max-threads), the others waiting in arrival order; recent
+    compile times give each newcomer its expected wait, and the advertisement its load hint."""
 
     def __init__(self, limit):
         super().__init__(limit)
@@ -1494,8 +1477,8 @@ class CompileQueue(FifoSlots):
         return (ahead // self.limit + 1) * self.recent
 
     def hint(self):
-        """What the advertisement says of the load: slots, busy, queued, and
-        a recent compile's seconds."""
+        """What the advertisement says of the load: slots, busy, queued, and a recent compile's
+        seconds."""
         running, queued = self.counts()
         return {"slots": self.limit, "busy": running, "queued": queued,
                 "compile": round(self.recent, 1)}
@@ -1515,8 +1498,8 @@ class CompileQueue(FifoSlots):
 
     @contextlib.contextmanager
     def merging(self):
-        """A request that waits for an identical one's compile: being
-        answered too, it counts in the concurrency the log tells."""
+        """A request that waits for an identical one's compile: being answered too, it counts in the
+        concurrency the log tells."""
         with self.lock:
             self.merged += 1
         self.log_concurrency()
@@ -1537,12 +1520,11 @@ DROP_LOG_INTERVAL = 10  # seconds: dropped connections are logged as a count
 
 
 class AddressSlots(FifoSlots):
-    """Connections whose request is not read yet, by client address (IPv6:
-    its /64).  Past the limit a new connection waits in line for its
-    address's next free slot (up to a deadline), so silent peers of one
-    address keep only that address waiting, while a burst of real clients
-    from one address (a build farm behind NAT) is served in turn.
-    Connections dropped after waiting are logged as counts."""
+    """Connections whose request is not read yet, by client address (IPv6: its /64).  Past the limit
+    a new connection waits in line for its address's next free slot (up to a deadline), so silent
+    peers of one address keep only that address waiting, while a burst of real clients from one
+    address (a build farm behind NAT) is served in turn.  Connections dropped after waiting are
+    logged as counts."""
 
     def __init__(self, limit):
         super().__init__(limit)
@@ -1587,9 +1569,8 @@ LOG_LINE_MAX = 1900  # a whole line stays under 2 KB with the time stamp
 
 @contextlib.contextmanager
 def read_request(sock, record, config, pending):
-    """The request body spooled into an anonymous file (None for a
-    certificate-only probe or a bad frame); its announced size is held in
-    pending (--max-pending-bytes) until the reply has gone."""
+    """The request body spooled into an anonymous file (None for a certificate-only probe or a bad
+    frame); its announced size is held in pending (--max-pending-bytes) until the reply has gone."""
     deadline = time.monotonic() + config.io_timeout
     quick_ack(sock)
     size = record.size = int.from_bytes(read_exactly(sock, 4, deadline), "big", signed=True)
@@ -1644,10 +1625,9 @@ def read_exactly(sock, n, deadline):
 
 
 def quick_ack(sock):
-    """Acknowledge at once while reading a request: a client that writes the
-    size and the archive separately (the real stap does) otherwise waits on
-    Nagle for our delayed ACK, 40 ms a request.  Linux re-arms delayed
-    ACKs by itself, so this is repeated before each read."""
+    """Acknowledge at once while reading a request: a client that writes the size and the archive
+    separately (the real stap does) otherwise waits on Nagle for our delayed ACK, 40 ms a request.
+    Linux re-arms delayed ACKs by itself, so this is repeated before each read."""
     try:
         with socket.fromfd(sock.fileno(), socket.AF_INET6, socket.SOCK_STREAM) as dup:
             dup.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
@@ -1656,8 +1636,8 @@ def quick_ack(sock):
 
 
 def more_data_waiting(sock):
-    """True when the peer already sent bytes beyond the announced request
-    (looked at without waiting: a client sends nothing after its request)."""
+    """True when the peer already sent bytes beyond the announced request (looked at without
+    waiting: a client sends nothing after its request)."""
     _, _, nio, nerror = client.nss_modules()
     try:
         return bool(sock.recv(1, nio.PR_INTERVAL_NO_WAIT))
@@ -1672,8 +1652,8 @@ def format_address(address):
 
 @functools.cache
 def stap_version():
-    """The numeric version of the installed stap, e.g. 4.8 (the protocol level
-    a reply announces; real clients abort on a non-numeric one)."""
+    """The numeric version of the installed stap, e.g. 4.8 (the protocol level a reply announces;
+    real clients abort on a non-numeric one)."""
     out = client.run_tool([stap_program(), "-V"], check=False)
     m = re.search(rb"version (\d+(?:\.\d+)*)", out.stdout + out.stderr)
     return m.group(1).decode() if m else client.PROTOCOL_VERSION
@@ -1703,9 +1683,9 @@ def txt_rdata_text(strings):
 
 @dataclasses.dataclass
 class Offer:
-    """What a server advertises, as every publisher reads it (avahi, our own responder, a DNS
-    zone): one DNS-SD instance per served sysinfo, at port on host (its short name).  The
-    server's Advertising renews certinfo and the load hint in place."""
+    """What a server advertises, as every publisher reads it (avahi, our own responder, a DNS zone):
+    one DNS-SD instance per served sysinfo, at port on host (its short name).  The server's
+    Advertising renews certinfo and the load hint in place."""
     port: int
     sysinfos: list
     version: str
@@ -1723,8 +1703,8 @@ class Offer:
         return names
 
     def txt(self, sysinfo):
-        """One instance's TXT strings, as real systemtap clients read them, then our load hint
-        (real clients ignore keys they do not know)."""
+        """One instance's TXT strings, as real systemtap clients read them, then our load hint (real
+        clients ignore keys they do not know)."""
         known = {"sysinfo": sysinfo, "version": self.version, "certinfo": self.certinfo,
                  "optinfo": self.optinfo}
         return [f"{key}={value}" for key, value in [*known.items(), *self.hint.items()]]
@@ -1732,8 +1712,8 @@ class Offer:
 
 class Advertiser:
     """Advertise an Offer on the link: one DNS-SD instance per served sysinfo, each through an
-    `avahi-publish-service` child when an avahi daemon answers, else through our own multicast
-    DNS responder."""
+    `avahi-publish-service` child when an avahi daemon answers, else through our own multicast DNS
+    responder."""
 
     def __init__(self, offer):
         self.offer = offer
@@ -1742,8 +1722,8 @@ class Advertiser:
         self.publishers, self.responder = [], None
 
     def start(self, how="auto"):
-        """Publish ("auto": avahi when a daemon answers, else our own responder; or "avahi" /
-        "mdns" only); returns the mode used.  Raises DiscoveryError on failure."""
+        """Publish ("auto": avahi when a daemon answers, else our own responder; or "avahi" / "mdns"
+        only); returns the mode used.  Raises DiscoveryError on failure."""
         if how != "mdns" and self.start_avahi():
             self.mode = "avahi"
         elif how == "avahi":
@@ -1789,9 +1769,9 @@ def ipv6_addresses(ifname):
 
 
 def reachable_interfaces(listen):
-    """Interfaces where clients can reach a server listening on `listen`: every one for a
-    wildcard address, else the one holding the address (for loopback, lo alone: a loopback
-    server is never announced to the network)."""
+    """Interfaces where clients can reach a server listening on `listen`: every one for a wildcard
+    address, else the one holding the address (for loopback, lo alone: a loopback server is never
+    announced to the network)."""
     interfaces = client.ipv4_interfaces()
     if listen in WILDCARDS:
         return interfaces
@@ -1801,11 +1781,11 @@ def reachable_interfaces(listen):
 
 
 class AvahiPublisher:
-    """One `avahi-publish-service` child: the instance lives while it does.  A child that
-    fails on a name that another client of this host's avahi daemon holds is started again
-    under the next name (avahi renames by itself only on a collision with another host); one
-    that ends after it registered (the daemon restarted) is started again, waiting for the
-    daemon (-f), so the server is advertised again."""
+    """One `avahi-publish-service` child: the instance lives while it does.  A child that fails on a
+    name that another client of this host's avahi daemon holds is started again under the next name
+    (avahi renames by itself only on a collision with another host); one that ends after it
+    registered (the daemon restarted) is started again, waiting for the daemon (-f), so the server
+    is advertised again."""
 
     def __init__(self, name, port, txt):
         self.name, self.port, self.txt = name, port, txt
@@ -1824,8 +1804,8 @@ class AvahiPublisher:
 
     def read_stderr(self):
         # avahi-publish-service reports on stderr: "Established under name 'X'", "Service name
-        # collision, renaming service to 'X #2'" (it then re-registers by itself) or a
-        # failure.  Keep draining it so the child never blocks on a full pipe.
+        # collision, renaming service to 'X #2'" (it then re-registers by itself) or a failure.
+        # Keep draining it so the child never blocks on a full pipe.
         while True:
             for line in self.proc.stderr:
                 self.stderr_lines = (self.stderr_lines + [line.rstrip("\n")])[-20:]
@@ -1915,8 +1895,8 @@ class MdnsResponder:
         sock.setsockopt(socket.IPPROTO_IP, client.IP_PKTINFO, 1)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-        # Multicast reaches only a socket bound to the wildcard (or the group) address; the
-        # tests run this only inside network namespaces.
+        # Multicast reaches only a socket bound to the wildcard (or the group) address; the tests
+        # run this only inside network namespaces.
         sock.bind(("0.0.0.0", client.MDNS_PORT))
         for iface in self.interfaces:  # ip_mreqn: group, any local address, interface
             mreqn = struct.pack("4s4si", socket.inet_aton(client.MDNS_GROUP), bytes(4), iface.index)
@@ -1973,8 +1953,8 @@ class MdnsResponder:
         return table
 
     def answer(self, questions, table):
-        """(answers, additionals): the rrsets asked for, and what the asker wants next (RFC
-        6763 12): a PTR's targets, and the host's addresses for a PTR or SRV."""
+        """(answers, additionals): the rrsets asked for, and what the asker wants next
+        (RFC 6763 12): a PTR's targets, and the host's addresses for a PTR or SRV."""
         answers = [rr for rr in table if any(
             q.name == rr.name and q.rdtype in (rr.rdtype, dns.rdatatype.ANY) for q in questions)]
         wanted = {rd.target for rr in answers if rr.rdtype == dns.rdatatype.PTR for rd in rr}
@@ -2009,10 +1989,10 @@ class MdnsResponder:
                       source if unicast else (client.MDNS_GROUP, client.MDNS_PORT))
 
     def resolve_conflicts(self, message):
-        """Two servers that probed at the same moment can claim one name (RFC 6762 9): when
-        another announces our instance with another port, the one with the higher port takes
-        the next free name, and the other defends the name by announcing it again (the newcomer
-        may have missed its first announcement)."""
+        """Two servers that probed at the same moment can claim one name (RFC 6762 9): when another
+        announces our instance with another port, the one with the higher port takes the next free
+        name, and the other defends the name by announcing it again (the newcomer may have missed
+        its first announcement)."""
         for rrset in message.answer:
             ports = {rd.port for rd in rrset if rd.rdtype == dns.rdatatype.SRV} - {self.offer.port}
             for i, name in enumerate(self.names):
@@ -2034,8 +2014,8 @@ class MdnsResponder:
 
     def send(self, iface, answers, additional, legacy_query=None,
              dest=(client.MDNS_GROUP, client.MDNS_PORT)):
-        """A response out of iface, best effort like any mDNS; one to a legacy query carries its
-        id and question (RFC 6762 6.7)."""
+        """A response out of iface, best effort like any mDNS; one to a legacy query carries its id
+        and question (RFC 6762 6.7)."""
         msg = dns.message.Message(id=legacy_query.id if legacy_query else 0)
         msg.flags = dns.flags.QR | dns.flags.AA
         msg.question = list(legacy_query.question) if legacy_query else []
@@ -2043,9 +2023,9 @@ class MdnsResponder:
         client.send_to_group(self.sock, [iface], msg.to_wire(), dest)
 
     def announce(self, ttl):
-        """Unsolicited response with our records on every interface: an announcement (ttl > 0)
-        at start, a goodbye (ttl 0) at stop.  Not the meta PTR, nor in a goodbye the host's
-        addresses: they may still serve other servers."""
+        """Unsolicited response with our records on every interface: an announcement (ttl > 0) at
+        start, a goodbye (ttl 0) at stop.  Not the meta PTR, nor in a goodbye the host's addresses:
+        they may still serve other servers."""
         for iface in self.interfaces:
             table = self.records(ttl, iface)
             host = [rr for rr in table if rr.name == self.hostname]
@@ -2054,8 +2034,8 @@ class MdnsResponder:
 
 
 # --------------------------------------------------------------------------
-# Wide-area DNS-SD: the same records in a unicast DNS zone (RFC 6763 over
-# RFC 2136 DNS UPDATE, signed with TSIG), for clients beyond multicast
+# Wide-area DNS-SD: the same records in a unicast DNS zone (RFC 6763 over RFC 2136 DNS UPDATE,
+# signed with TSIG), for clients beyond multicast
 # --------------------------------------------------------------------------
 
 DNS_TTL = 120
@@ -2178,8 +2158,8 @@ def write_status(config, port, der):
 
 
 def remove_stale_status():
-    """Drop status files left by servers that were killed (SIGKILL gives
-    them no chance to remove their own)."""
+    """Drop status files left by servers that were killed (SIGKILL gives them no chance to remove
+    their own)."""
     for name in os.listdir(state_dir("run")):
         m = re.match(r"^stap-serverd\.(\d+)\.json$", name)
         if m and int(m.group(1)) != os.getpid() and not_our_server(int(m.group(1))):
@@ -2222,8 +2202,8 @@ def stap_serverd(argv):
     prepare_compile_step(config)
     server = CompileServer(config, der)
     port = server.port
-    # shutdown() waits for serve_forever() to return: it cannot run in the
-    # signal handler, which interrupts serve_forever()'s own thread.
+    # shutdown() waits for serve_forever() to return: it cannot run in the signal handler, which
+    # interrupts serve_forever()'s own thread.
     stop = lambda signum, frame: threading.Thread(target=server.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -2246,11 +2226,11 @@ LOAD_CHECK = 1.0  # seconds between looks at the load, to refresh the hint
 
 
 class Advertising:
-    """The server's DNS-SD presence, on the link (unless --advertise none) and in a DNS zone
-    (with --dns-update), both read from one Offer: the link's started in the background so that
-    the server accepts connections at once; both renewed with a renewed certificate (its serial
-    is advertised) and when the load changes meaningfully (at most every --load-refresh
-    seconds); withdrawn at shutdown."""
+    """The server's DNS-SD presence, on the link (unless --advertise none) and in a DNS zone (with
+    --dns-update), both read from one Offer: the link's started in the background so that the server
+    accepts connections at once; both renewed with a renewed certificate (its serial is advertised)
+    and when the load changes meaningfully (at most every --load-refresh seconds); withdrawn at
+    shutdown."""
 
     def __init__(self, config, port, version, der, queue):
         self.config, self.queue = config, queue
@@ -2290,9 +2270,9 @@ class Advertising:
                 self.refresh(hint=hint)
 
     def refresh(self, der=None, hint=None):
-        """Tell the network of a renewed certificate or a new load hint: the zone by DNS
-        UPDATE, the link by publishing again (avahi-publish-service takes its TXT once), unless
-        only the load changed and our own responder answers from the offer anyway."""
+        """Tell the network of a renewed certificate or a new load hint: the zone by DNS UPDATE, the
+        link by publishing again (avahi-publish-service takes its TXT once), unless only the load
+        changed and our own responder answers from the offer anyway."""
         with self.lock:
             if self.stopping.is_set():
                 return
@@ -2320,8 +2300,8 @@ class Advertising:
 
 
 def load_changed(old, new):
-    """Worth telling the network: the work in hand moved to another power of two, or a compile
-    now takes half as long again (or less) as before."""
+    """Worth telling the network: the work in hand moved to another power of two, or a compile now
+    takes half as long again (or less) as before."""
     def bucket(h):
         return (h["busy"] + h["queued"]).bit_length()
     return bucket(old) != bucket(new) or not (
@@ -2389,8 +2369,8 @@ def stap_stop_server(argv):
 
 
 def not_our_server(pid):
-    """Why pid is not a running stap-serverd of this product that the caller
-    may stop; None when it is one."""
+    """Why pid is not a running stap-serverd of this product that the caller may stop; None when it
+    is one."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
