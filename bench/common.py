@@ -379,6 +379,7 @@ class OurServer:
     def stop(self):
         forget_server(self.pid)
         stop_pid(self.pid)
+        release_server(self.pid)
 
 
 def start_our_server(box, krel, rt, *extra, log=None, host=None, listen="127.0.0.1",
@@ -534,16 +535,35 @@ def machine_busy():
 
 
 _SERVERS = {}   # pid of a server we started (not our child) -> CPU seconds when last seen
+_SERVER_GROUPS = {}  # pid -> the CpuGroup its compiles are counted in
+BENCH_CPU = {}  # "group": the CpuGroup the whole benchmark runs in (run.py's main makes it)
 
 
 def track_server(pid):
     _SERVERS[pid] = 0.0
+    group = CpuGroup(f"server-{pid}")
+    if group.available:  # from now on its compiles start inside it
+        group.add(pid)
+        _SERVER_GROUPS[pid] = group
+
+
+def release_server(pid):
+    group = _SERVER_GROUPS.pop(pid, None)
+    if group:
+        group.__exit__()
+
+
+def server_cpu(pid):
+    """CPU seconds of a server we started and of its compiles: its cgroup's count, which also
+    sees compiles reaped inside the sandbox's pid namespace; else what /proc tells of pid."""
+    group = _SERVER_GROUPS.get(pid)
+    return group.seconds() if group else process_cpu(pid)
 
 
 def forget_server(pid):
     """Called just before stopping it: keep the CPU it used."""
     if pid in _SERVERS:
-        cpu = process_cpu(pid)
+        cpu = server_cpu(pid)
         if cpu is not None:
             _SERVERS[pid] = cpu
         _SERVERS[pid] = -abs(_SERVERS[pid]) - 1e-9   # negative: stopped, value frozen
@@ -555,11 +575,17 @@ def own_servers_cpu():
         if last < 0:
             total += -last
             continue
-        cpu = process_cpu(pid)
+        cpu = server_cpu(pid)
         if cpu is not None:
             _SERVERS[pid] = cpu
         total += _SERVERS[pid]
     return total
+
+
+def bench_cpu():
+    """CPU seconds of every process of the benchmark so far (its cgroup), or None."""
+    group = BENCH_CPU.get("group")
+    return group.seconds() if group else None
 
 
 def own_children_cpu():
@@ -570,26 +596,29 @@ def own_children_cpu():
 
 class CpuWindow:
     """CPU used during a with-block: by the server pid (with its compiles),
-    by our own child processes (clients), and by everything else."""
+    by our own child processes (clients), and by everything else (the
+    machine less the benchmark's cgroup, where there is one)."""
 
     def __init__(self, server_pid):
         self.pid = server_pid
 
     def __enter__(self):
         self.t = time.perf_counter()
-        self.s0 = process_cpu(self.pid) if self.pid else None
+        self.s0 = server_cpu(self.pid) if self.pid else None
         self.c0, self.m0 = own_children_cpu(), machine_busy()
-        self.o0 = own_servers_cpu()
+        self.o0, self.g0 = own_servers_cpu(), bench_cpu()
         return self
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.t
-        s1 = process_cpu(self.pid) if self.pid else None
+        s1 = server_cpu(self.pid) if self.pid else None
         self.server = s1 - self.s0 if s1 is not None and self.s0 is not None else None
         self.clients = own_children_cpu() - self.c0
         self.machine = machine_busy() - self.m0
         self.own_servers = own_servers_cpu() - self.o0
-        self.other = self.machine - self.own_servers - self.clients
+        g1 = bench_cpu()
+        ours = g1 - self.g0 if g1 is not None else self.own_servers + self.clients
+        self.other = max(0.0, self.machine - ours)  # the two clocks differ by a tick or so
 
     def background(self):
         n = os.cpu_count()
@@ -622,7 +651,8 @@ class CpuGroup:
 
     def __init__(self, name):
         self.path = self.kind = self.home = None
-        for kind, root in self.ROOTS:
+        outer = BENCH_CPU.get("group")  # inside the benchmark's own group, which then counts it too
+        for kind, root in [(outer.kind, outer.path)] if outer else self.ROOTS:
             marker = "cgroup.controllers" if kind == "v2" else "cpuacct.usage"
             if not os.path.exists(os.path.join(root, marker)):
                 continue
@@ -631,7 +661,8 @@ class CpuGroup:
                 os.mkdir(path)
             except OSError:
                 continue
-            self.path, self.kind, self.home = path, kind, root + self._own_cgroup(kind)
+            self.path, self.kind = path, kind
+            self.home = root if outer else root + self._own_cgroup(kind)
             break
 
     @staticmethod

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     BENCH,
+    BENCH_CPU,
     CLIENT,
     COMPILE_CACHE,
     PY,
@@ -55,13 +56,13 @@ from common import (  # noqa: E402
     make_sandbox,
     own_children_cpu,
     prepare_work,
-    process_cpu,
     progress,
     real_client_env,
     real_serverd_problem,
     result_cache_off_args,
     rss_kib,
     runtime_fixture,
+    server_cpu,
     server_help,
     start_our_server,
     stop_pid,
@@ -239,10 +240,10 @@ def bench_overhead(ctx, report):
     cpu = {"local": [], "server": []}
 
     def with_cpu(kind, fn):
-        c0, s0 = own_children_cpu(), process_cpu(srv.pid)
+        c0, s0 = own_children_cpu(), server_cpu(srv.pid)
         sample = fn()
         cpu[kind].append(own_children_cpu() - c0 if kind == "local"
-                         else process_cpu(srv.pid) - s0)
+                         else server_cpu(srv.pid) - s0)
         return sample
 
     interleaved([(cloc, lambda: with_cpu("local",
@@ -1043,6 +1044,12 @@ def main(argv=None):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     reports = []
     with contextlib.ExitStack() as stack:
+        # Every process the benchmark starts (servers, their sandboxed compiles, clients) runs in
+        # one cgroup, so that "other processes" is the machine less exactly that.
+        group = stack.enter_context(CpuGroup("stap-bench"))
+        if group.available:
+            group.add(os.getpid())
+            BENCH_CPU["group"] = group
         ctx = Context(opts, stack)
         info = host_info(ctx)
         print(f"stap-server benchmarks {stamp}: {info['nproc']} CPUs, release {ctx.krel}, "
