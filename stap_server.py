@@ -2073,8 +2073,17 @@ class ZoneRegistration:
         return reply.rcode()
 
     def register(self):
-        """Add every instance under a name nobody else holds in the zone."""
-        address = self.address()
+        """Add every instance under a name nobody else holds in the zone; when the zone refuses
+        one, withdraw those added before it (the server will not start)."""
+        try:
+            self.add_instances(self.address())
+        except Error:
+            self.withdraw()
+            raise
+        logging.info("registered in %s at %s: %s", self.zone, self.server,
+                     ", ".join(i.to_text() for i, _ in self.instances))
+
+    def add_instances(self, address):
         for sysinfo, name in zip(self.offer.sysinfos, self.offer.names()):
             for _ in range(20):
                 instance = dns.name.Name([name.encode()]).concatenate(self.stype)
@@ -2089,11 +2098,8 @@ class ZoneRegistration:
                     self.instances.append((instance, sysinfo))
                     break
                 if rcode != dns.rcode.YXRRSET:
-                    raise Error(f"DNS UPDATE of {self.zone} at {self.server} refused: "
-                                f"{dns.rcode.to_text(rcode)}")
+                    raise Error(self.refusal(rcode))
                 name = alternative_name(name)
-        logging.info("registered in %s at %s: %s", self.zone, self.server,
-                     ", ".join(i.to_text() for i, _ in self.instances))
 
     def refresh(self):
         """New TXT records: a renewed certificate's serial, a new load hint."""
@@ -2104,6 +2110,8 @@ class ZoneRegistration:
 
     def withdraw(self):
         """Every instance gone, in one update."""
+        if not self.instances:
+            return
         msg = self.update()
         for instance, _ in self.instances:
             msg.delete(self.stype, "PTR", instance.to_text())
@@ -2112,10 +2120,17 @@ class ZoneRegistration:
         self.instances = []
 
     def send_or_warn(self, msg):
+        """One update whose failure the log tells, and the server survives."""
         try:
-            self.send(msg)
+            rcode = self.send(msg)
         except Error as e:
             logging.warning("%s", e)
+            return
+        if rcode != dns.rcode.NOERROR:
+            logging.warning("%s", self.refusal(rcode))
+
+    def refusal(self, rcode):
+        return f"DNS UPDATE of {self.zone} at {self.server} refused: {dns.rcode.to_text(rcode)}"
 
     def address(self):
         """The address clients reach us at: the one we listen on, or the one our packets to the

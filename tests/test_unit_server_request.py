@@ -320,3 +320,40 @@ def test_what_stap_stop_server_takes_for_a_server():
     assert not is_serverd_cmdline(["python3", "stap_server.py", "stap-start-server"])
     assert not is_serverd_cmdline(["sleep", "stap-serverd"])
     assert not is_serverd_cmdline(["python3"])
+
+
+# --------------------------------------------------------------------------
+# A DNS zone that refuses an update (the zone's server is a stand-in: no network)
+# --------------------------------------------------------------------------
+
+def zone_registration(tmp_path, rcodes):
+    """A ZoneRegistration of two sysinfos whose updates get rcodes in turn; the sent updates
+    are kept."""
+    import dns.rcode
+    key = tmp_path / "k.key"
+    key.write_text('key "k" { algorithm hmac-sha256; secret "c2VjcmV0c2VjcmV0c2VjcmV0"; };\n')
+    offer = Offer(7000, ["6.1 x86_64", "6.2 x86_64"], "4.8", "01:02", listen="10.0.0.5",
+                  host="h")
+    zone = stap_server.ZoneRegistration(("example.test.", "10.0.0.53", 53, str(key)), offer)
+    zone.sent, answers = [], iter(rcodes)
+    zone.send = lambda msg: zone.sent.append(msg.to_text()) or getattr(dns.rcode, next(answers))
+    return zone
+
+
+def test_a_zone_refusing_the_second_instance_gets_the_first_withdrawn(tmp_path):
+    zone = zone_registration(tmp_path, ["NOERROR", "REFUSED", "NOERROR"])
+    with pytest.raises(Error, match="refused: REFUSED"):
+        zone.register()
+    assert len(zone.sent) == 3
+    withdrawal = zone.sent[-1]  # a failed start leaves nothing of it in the zone
+    assert "Systemtap\\032Compile\\032Server\\032on\\032h._stap._tcp.example.test. ANY ANY" \
+        in withdrawal.splitlines(), withdrawal
+    assert zone.instances == []
+
+
+def test_a_refused_zone_refresh_is_a_warning(tmp_path, caplog):
+    zone = zone_registration(tmp_path, ["NOERROR", "NOERROR", "NOTAUTH"])
+    zone.register()
+    with caplog.at_level("WARNING"):
+        zone.refresh()
+    assert "DNS UPDATE of example.test. at 10.0.0.53 refused: NOTAUTH" in caplog.text
