@@ -710,8 +710,10 @@ def sandbox_argv(config, work_fd, cache):
 
 
 def server_trees(config):
+    """The server's own -R and -I directories (stap_options is option, value pairs: a -B or -D
+    value that reads "-I" names no tree)."""
     opts = config.stap_options
-    return [v for o, v in zip(opts, opts[1:]) if o in ("-R", "-I")]
+    return [v for o, v in zip(opts[::2], opts[1::2]) if o in ("-R", "-I")]
 
 
 def limits_argv(config):

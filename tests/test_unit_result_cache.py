@@ -5,6 +5,7 @@ makes two requests the same, from the request directory and the server's
 options."""
 
 import threading
+import types
 
 import conftest
 import pytest
@@ -181,3 +182,10 @@ def test_the_installation_stamp_follows_stap(tmp_path, monkeypatch):
     stap.write_text("#!/bin/sh\necho another stap\n")
     monkeypatch.setattr(stap_server, "_stamps", {})  # not within STAMP_TTL of the last look
     assert stap_server.installation_stamp(config(stap_options=[]), "no-such-release") != before
+
+
+def test_server_trees_are_the_values_of_its_own_R_and_I():
+    """stap_options is option, value pairs: a -B or -D whose value reads "-I" names no tree."""
+    cfg = types.SimpleNamespace(stap_options=["-R", "/rt", "-B", "-I", "-D", "/not-a-tree",
+                                              "-I", "/tapsets"])
+    assert stap_server.server_trees(cfg) == ["/rt", "/tapsets"]
