@@ -1869,7 +1869,7 @@ def candidate_servers(inv, identity=b""):
                 if not chosen:
                     warn(f"--server={spec}: no advertised server has that certificate serial")
             else:
-                chosen = [r for r in records if host in (r.host, r.host.split(".")[0], r.address)]
+                chosen = advertised_on(records, host)
             if chosen or host is None:  # a serial names no host to try ports on
                 peers += compatible_first(chosen, target, identity)
                 continue
@@ -1884,7 +1884,7 @@ def candidate_servers(inv, identity=b""):
     signers = None
     if compatible and any(a.startswith(("--privilege=stap", "--unprivileged"))
                           for a in inv.server_args):  # staprun will want a trusted signature
-        signers = trusted_serials()["signer"]
+        signers = signer_serials()  # the client databases were opened and checked already
     return [Peer(r.address, r.port) for r in rank_servers(compatible, identity, signers)], \
         describe_search(records, how)
 
@@ -1930,6 +1930,11 @@ def rank_servers(records, identity, signers=None):
     return sorted(records, key=key)
 
 
+def advertised_on(records, host):
+    """The records of servers on host: its full or short name, or an address it is seen at."""
+    return [r for r in records if host in (r.host, r.host.split(".")[0], r.address)]
+
+
 def trusted_serials():
     """{"ssl": serials trusted for TLS here, "signer": serials whose module signatures staprun
     accepts here}, from the databases as they are."""
@@ -1937,9 +1942,17 @@ def trusted_serials():
         dbs = client_databases()
     except Error:
         dbs = []
-    signers = CertDB(staprun_db_path())
-    serials = lambda group: {certificate_serial(der) for db in group for der in db.certificates()}
-    return {"ssl": serials(dbs), "signer": serials([signers] if signers.exists() else [])}
+    return {"ssl": serials_in(dbs), "signer": signer_serials()}
+
+
+def signer_serials():
+    """The serials whose module signatures staprun accepts here."""
+    db = CertDB(staprun_db_path())
+    return serials_in([db] if db.exists() else [])
+
+
+def serials_in(dbs):
+    return {certificate_serial(der) for db in dbs for der in db.certificates()}
 
 
 def advertised_serial(rec):
@@ -2100,7 +2113,7 @@ def fetch_certificate(spec):
     certificate-only frame is sent)."""
     host, port = parse_server_spec(spec)
     if port is None:
-        found = [r for r in browse()[0] if host in (r.host, r.host.split(".")[0], r.address)]
+        found = advertised_on(browse()[0], host)
         if not found:
             raise Error(f"{spec}: no port given, and no server is advertised on that host")
         host, port = found[0].address, found[0].port
