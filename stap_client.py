@@ -21,6 +21,7 @@ import grp
 import hashlib
 import io
 import os
+import posixpath
 import re
 import select
 import shutil
@@ -751,6 +752,9 @@ def safe_members(zf, limits):
         if info.file_size > 1 << 20 and \
                 info.file_size > limits.max_ratio * max(info.compress_size, 1):
             raise Error(f"archive entry {info.filename} is compressed suspiciously well")
+    if total > 1 << 20 and total > limits.max_ratio * max(sum(i.compress_size for i in infos), 1):
+        raise Error(f"archive unpacks to {total} bytes, more than {limits.max_ratio} times its "
+                    "compressed size")  # many entries each under the one-entry bound
     return infos
 
 
@@ -767,6 +771,11 @@ def open_archive(data):
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError,
             NotImplementedError) as e:  # e.g. "zip file version 6.4"
         raise Error(f"not a valid zip archive ({e})") from None
+
+
+# What inflating a damaged or hostile entry raises.
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+              ValueError)
 
 
 def extract_archive(zf, dest, limits, only=None):
@@ -790,12 +799,66 @@ def extract_archive(zf, dest, limits, only=None):
                     if written > limits.max_total_bytes:
                         raise Error("archive inflates beyond its declared size")
                     out.write(chunk)
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
-                RuntimeError, ValueError) as e:
+        except ZIP_ERRORS as e:
             raise Error(f"archive entry {info.filename} is corrupt ({e})") from None
         except OSError as e:  # a duplicate or a file/directory clash, a full disk
             raise Error(f"cannot unpack archive entry {info.filename}: {e.strerror}") from None
     return [i.filename for i in infos]
+
+
+class RequestArchive:
+    """A received request read in place from its zip: every entry checked first, nothing written
+    until extract().  Paths are the entries' names (script/..., tapset/..., argvN)."""
+
+    def __init__(self, zf, limits):
+        self.zf, self.limits = zf, limits
+        files = [i for i in safe_members(zf, limits) if not i.is_dir()]
+        self.infos = {i.filename: i for i in files}
+        if len(self.infos) < len(files):
+            twice = collections.Counter(i.filename for i in files).most_common(1)[0][0]
+            raise Error(f"archive entry {twice} appears twice")
+        self.unpacked_size = sum(i.file_size for i in self.infos.values())
+
+    def size(self, name):
+        """The entry's unpacked size, or None when it is not a file of the request."""
+        info = self.infos.get(name)
+        return info and info.file_size
+
+    def read(self, name):
+        """An entry's bytes, or None when the request has no such file (a directory is none)."""
+        if name not in self.infos:
+            return None
+        try:
+            with self.zf.open(self.infos[name]) as f:
+                return f.read()
+        except ZIP_ERRORS as e:
+            raise Error(f"archive entry {name} is corrupt ({e})") from None
+
+    def files(self, prefix=""):
+        """The names of the files under prefix, in a stable order."""
+        return sorted(n for n in self.infos if n.startswith(prefix))
+
+    def contains(self, path):
+        """Whether a relative path stays inside the request once unpacked (it holds no links, so
+        its lexical form says where it leads)."""
+        resolved = posixpath.normpath(posixpath.join("/request", path))
+        return resolved == "/request" or resolved.startswith("/request/")
+
+    def digest(self, skip=()):
+        """SHA-256 of every file's name and bytes but those named in skip, streamed (nothing is
+        held in memory)."""
+        h = hashlib.sha256()
+        for name in (n for n in self.files() if n not in skip):
+            h.update(name.encode("utf-8", "surrogateescape") + b"\0")
+            try:
+                with self.zf.open(self.infos[name]) as f:
+                    h.update(hashlib.file_digest(f, "sha256").digest())
+            except ZIP_ERRORS as e:
+                raise Error(f"archive entry {name} is corrupt ({e})") from None
+        return h.hexdigest()
+
+    def extract(self, dest):
+        extract_archive(self.zf, dest, self.limits)
 
 
 class Reply(collections.namedtuple("Reply", "rc stdout stderr version module",

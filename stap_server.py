@@ -24,10 +24,12 @@ import functools
 import hashlib
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import logging.handlers
 import os
+import posixpath
 import pwd
 import re
 import shutil
@@ -119,8 +121,12 @@ def build_option_parser(prog):
     add("--max-request-size", "--max-unpacked-size", dest="max_request_size", type=int,
         default=256 << 20, metavar="BYTES", help="largest request once unpacked (default 256 MiB)")
     add("--max-pending-bytes", type=int, default=256 << 20, metavar="BYTES",
-        help="request bytes being received at once, all clients together (default 256 MiB); "
-        "requests are spooled to disk, not held in memory")
+        help="disk held by the requests not answered yet, all clients together: as sent while "
+        "they are received or wait, as unpacked while they compile (default 256 MiB); past it "
+        "a request gets a busy reply")
+    add("--tmpdir-min-free", type=int, default=None, metavar="BYTES",
+        help="free space to keep in --tmpdir: a request that would leave less gets a busy reply "
+        "(default: 5%% of its file system, at most 1 GiB)")
     add("--io-timeout", type=float, default=30, metavar="SECONDS",
         help="request read limit (default 30)")
     add("--handshake-timeout", type=float, default=5, metavar="SECONDS",
@@ -193,9 +199,20 @@ def parse_config(argv, prog=PROG):
         too_large="Uncompressed request size of {total} bytes is not within the expected "
         "range of 1 to {limit} bytes (--max-request-size)")
     config.tmpdir = os.path.abspath(config.tmpdir or tempfile.gettempdir())
+    if config.tmpdir_min_free is None:
+        config.tmpdir_min_free = default_min_free(config.tmpdir)
     config.cache_dir = os.path.abspath(config.cache_dir or state_dir("cache"))
     config.dns_update = dns_update_target(config)  # the zone name becomes the whole target
     return config
+
+
+def default_min_free(tmpdir):
+    """5 % of the temporary directory's file system, at most 1 GiB (0 when it cannot be asked)."""
+    try:
+        st = os.statvfs(tmpdir)
+    except OSError:
+        return 0
+    return min(st.f_blocks * st.f_frsize // 20, 1 << 30)
 
 
 def dns_update_target(opts):
@@ -339,21 +356,22 @@ class Request:
     notices: bytes = b""  # the server's own words for the client's stderr
 
 
-def parse_request(top, config):
-    """Read an unpacked request; raise Error with the line the client sees."""
-    read = lambda n: client.read_entry(top, n)
+def parse_request(archive, config):
+    """Read a request from its archive (a client.RequestArchive), nothing unpacked yet; raise Error
+    with the line the client sees."""
+    read = archive.read
     version = (read("version") or b"").decode(errors="replace").strip() or "1.0"
     sysinfo = (read("sysinfo") or b"").decode(errors="replace").strip()
     m = re.match(r"^sysinfo:\s*(\S+)\s+(\S+)$", sysinfo)
     if not m:
         raise Error("request has no valid sysinfo entry")
-    args = []
-    while (arg := read(f"argv{len(args) + 1}")) is not None:
-        args.append(arg.decode("utf-8", "surrogateescape"))
-    if not args:
+    names = list(itertools.takewhile(archive.size, (f"argv{n}" for n in itertools.count(1))))
+    if not names:
         raise Error("request has no argv1 entry")
+    check_argv_size([archive.size(n) for n in names])
+    args = [read(n).decode("utf-8", "surrogateescape") for n in names]
     release, arch = m.group(1), m.group(2)
-    args, release, lowered, scripts = client_arguments(args, top, release)
+    args, release, lowered, scripts = client_arguments(args, archive, release)
     options = args[:args.index("--")] if "--" in args else args
     signed = any(a in ("--privilege=stapusr", "--privilege=stapsys", "--unprivileged")
                  for a in options)
@@ -364,8 +382,7 @@ def parse_request(top, config):
     if arch != config.arch and passes and passes[-1] == "4":  # stap parses for any arch here
         raise Error(f"this server builds {config.arch} modules only: stap cannot build for "
                     f"{arch} here (passes 1-3 for {arch} work)")
-    check_argv_size(args)
-    guru = guru_reason(args, scripts + shipped_tapsets(top))
+    guru = guru_reason(args, itertools.chain(scripts, shipped_tapsets(archive)))
     if guru and not config.allow_guru:
         raise Error(f"{guru}: guru mode is not allowed on this server")
     env, notices = locale_env(read("locale"))
@@ -373,7 +390,7 @@ def parse_request(top, config):
                    notices=notices)
 
 
-def client_arguments(args, top, release):
+def client_arguments(args, archive, release):
     """Check the client's stap arguments and return (arguments to pass, release, lowered, scripts):
     no forbidden options, paths inside the request, pass 5 (a real client sends no -p for it)
     lowered to 4, -k dropped; scripts are the texts stap will parse, as (label, bytes)."""
@@ -394,7 +411,7 @@ def client_arguments(args, top, release):
             release = value
             continue  # the server supplies -r itself
         if how.server == client.PATH:
-            confine(value, top, name)
+            confine(value, archive, name)
         if name == "-m" and not re.match(r"^[A-Za-z0-9_]+$", value):
             raise Error(f"-m {value}: a module name is letters, digits and underscores")
         if name == "-p":
@@ -407,8 +424,8 @@ def client_arguments(args, top, release):
         out.append(name if value is None else name + joint + value)
     if not scripts and operands and not listing:
         script = operands.pop(0)
-        confine(script, top, "script")
-        scripts.append((script, client.read_entry(top, script) or b""))  # b"": a directory
+        confine(script, archive, "script")
+        scripts.append((script, archive.read(posixpath.normpath(script)) or b""))  # b"": a dir
         out.append(script)
     lowered = last_pass in (None, "5") and not listing
     if last_pass is None and lowered:
@@ -418,29 +435,28 @@ def client_arguments(args, top, release):
     return out, release, lowered, scripts
 
 
-def confine(path, top, what):
+def confine(path, archive, what):
     """A path must stay inside the request; one that does not exist there is passed on, for stap to
     answer in its own words (a missing script), or ignore (a missing -I directory), as with the real
     server."""
-    real = os.path.realpath(os.path.join(top, path))
-    if not (real + os.sep).startswith(os.path.realpath(top) + os.sep):
+    if not archive.contains(path):
         raise Error(f"{what} path {path} is not inside the request")
 
 
-def check_argv_size(args):
-    """stap's argument list must fit the kernel's limits, or the exec fails."""
-    longest = max(len(a.encode("utf-8", "surrogateescape")) for a in args)
-    total = sum(len(a.encode("utf-8", "surrogateescape")) + 1 for a in args)
+def check_argv_size(sizes):
+    """stap's argument list (the sizes of its arguments in bytes) must fit the kernel's limits, or
+    the exec fails; checked before the arguments are read."""
+    longest, total = max(sizes), sum(n + 1 for n in sizes)
     if longest > MAX_ARG_BYTES or total > MAX_ARGV_BYTES:
         raise Error(f"the request's arguments are too long ({total} bytes, the longest "
                     f"{longest}; limits {MAX_ARGV_BYTES} in all, {MAX_ARG_BYTES} each)")
 
 
-def shipped_tapsets(top):
-    """(label, bytes) of every tapset file the client shipped with -I: stap parses those with guru
-    rights, embedded C included."""
-    return [(os.path.relpath(path, top), client.read_entry(top, path))
-            for path in walk_files(os.path.join(top, "tapset")) if path.endswith((".stp", ".stpm"))]
+def shipped_tapsets(archive):
+    """(label, bytes) of every tapset file the client shipped with -I, one at a time: stap parses
+    those with guru rights, embedded C included."""
+    return ((name, archive.read(name)) for name in archive.files("tapset/")
+            if name.endswith((".stp", ".stpm")))
 
 
 def walk_files(top):
@@ -522,8 +538,18 @@ class Workspace:
     def __init__(self, tmpdir):
         self.path = tempfile.mkdtemp(prefix="stap-server.", dir=tmpdir)  # 0700
         self.work = os.path.join(self.path, "work")
-        os.mkdir(self.work, 0o700)
         self.work_fd = None
+        try:
+            os.mkdir(self.work, 0o700)
+        except OSError:
+            self.remove()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
 
     def hand_over(self, account):
         """Give work/ and a fresh work/tmp to the compile account; the client's files stay the
@@ -980,7 +1006,9 @@ def error_reply(key, version, message):
     return signed_reply(key, Reply(1, b"", f"stap-serverd: ERROR: {message}\n".encode(), version))
 
 
-def busy_reply(key, version, why):
+def busy_reply(key, version, why, record):
+    """The reply to a request the server has no room for now; the log line says why."""
+    record.update(rc=1, error=f"busy: {why}")
     return error_reply(key, version, f"{client.BUSY_MESSAGE}: {why}; try again later")
 
 
@@ -988,50 +1016,69 @@ def signed_reply(key, reply):
     return key.signed_jar(reply_entries(reply))
 
 
-def handle_request(data, config, version, record, key, cache=None, compiles=None):
-    """The signed reply bytes for one framed request body (bytes or a file); never raises for a bad
-    request or a failed compile (the client gets rc 1 and the reason).  record (a RequestRecord)
-    gets what the log says; key (a ServerKey) signs the reply and modules built for stapusr/stapsys;
-    a compile waits for a slot of compiles (a CompileQueue), or gets a busy reply when it could not
-    wait (a cached or merged reply needs no slot)."""
-    compiles = compiles or CompileQueue(config.max_threads)
-    ws = Workspace(config.tmpdir)
-    try:
+class CompileService:
+    """Answers requests: the configuration, the stap version replies announce, the result cache, the
+    compile queue and the bytes held for unanswered requests.  A request is read in place from its
+    archive; it is unpacked only once a compile slot is its own, so waiting requests hold only
+    their compressed bytes."""
+
+    def __init__(self, config, version=None):
+        self.config, self.version = config, version or stap_version()
+        self.results = ResultCache(config.result_cache_size)
+        self.compiles = CompileQueue(config.max_threads)
+        self.pending = PendingBytes(config.max_pending_bytes, config.tmpdir,
+                                    config.tmpdir_min_free)
+
+    def handle(self, body, record, key):
+        """The signed reply bytes for one framed request body (bytes or a file); never raises for a
+        bad request or a failed compile (the client gets rc 1 and the reason).  record (a
+        RequestRecord) gets what the log says; key (a ServerKey) signs the reply and modules built
+        for stapusr/stapsys."""
+        config = self.config
         try:
-            client.extract_archive(client.open_archive(data), ws.work, config.limits)
-            req = parse_request(ws.work, config)
+            archive = client.RequestArchive(client.open_archive(body), config.limits)
+            req = parse_request(archive, config)
+            cache_key = None if req.guru or not config.sandbox else result_key(
+                req, archive, config, self.version)
         except Error as e:
             record.update(rc=1, error=str(e))
-            return error_reply(key, version, str(e))
+            return error_reply(key, self.version, str(e))
         record.update(version=req.version, release=req.release, options=" ".join(req.args),
                       guru=req.guru or None)  # the log line names guru requests only
-
-        def compile_and_sign():
-            busy = compiles.busy_reason(config.max_wait, config.queue)
-            if busy:
-                record.update(rc=1, error="busy")
-                return busy_reply(key, version, busy), False
-            try:
-                with compiles.compiling():
-                    compiled = run_compile(config, req, ws)
-            except (Error, OSError) as e:
-                record.update(rc=1, error=str(e))
-                return error_reply(key, version, str(e)), False
-            reply = reply_for_client(compiled, req, key, version)
-            record.update(rc=reply.rc)
-            return signed_reply(key, reply), reply.rc == 0
-
-        if cache is None:
-            return compile_and_sign()[0]
-        cache_key = None if req.guru or not config.sandbox else result_key(
-            req, ws.work, config, version)
-        reply, how = cache.lookup(cache_key, compile_and_sign, compiles.merging)
+        reply, how = self.results.lookup(
+            cache_key, lambda: self.compile_and_sign(req, archive, record, key),
+            self.compiles.merging)
         record.update(cache=how)
         if how in ("hit", "merged", "merged-failed"):  # answered without compiling here
             record.update(rc=1 if how == "merged-failed" else 0)
         return reply
-    finally:
-        ws.remove()
+
+    def compile_and_sign(self, req, archive, record, key):
+        """(signed reply, cacheable): wait for a compile slot (or a busy reply when the wait would
+        be too long), unpack the request (or a busy reply when the disk has no room for it),
+        compile, sign."""
+        config = self.config
+        busy = self.compiles.busy_reason(config.max_wait, config.queue)
+        if busy:
+            return busy_reply(key, self.version, busy, record), False
+        with self.compiles.compiling():
+            busy = self.pending.reserve(archive.unpacked_size)
+            if busy:
+                return busy_reply(key, self.version, busy, record), False
+            try:
+                with Workspace(config.tmpdir) as ws:
+                    archive.extract(ws.work)
+                    compiled = run_compile(config, req, ws)
+            except (Error, OSError) as e:
+                message = str(e) if isinstance(e, Error) else \
+                    f"cannot prepare the compile in {config.tmpdir}: {e.strerror}"
+                record.update(rc=1, error=message)
+                return error_reply(key, self.version, message), False
+            finally:
+                self.pending.give_back(archive.unpacked_size)
+        reply = reply_for_client(compiled, req, key, self.version)
+        record.update(rc=reply.rc)
+        return signed_reply(key, reply), reply.rc == 0
 
 
 # --------------------------------------------------------------------------
@@ -1101,24 +1148,20 @@ class Compiling:
 UNCACHED_OPTIONS = ("-v", "--vp", "-t", "--benchmark")
 
 
-def result_key(req, top, config, version):
-    """A digest of the request's files and arguments, the server's options and identity, and stamps
-    of stap, its tapsets and runtime and the kernel build tree; None when the request must not be
-    cached."""
+def result_key(req, archive, config, version):
+    """A digest of everything that decides the reply: every field of the parsed request (its
+    arguments, release, locale and the notices that locale gave, privilege...), every file of the
+    request, the server's options and identity, and stamps of stap, its tapsets and runtime and the
+    kernel build tree; None when the request must not be cached.  The client's protocol version is
+    left out: it changes nothing in the reply."""
     if any(a.startswith(UNCACHED_OPTIONS) for a in req.args):
         return None
     h = hashlib.sha256()
-    for part in ([version, req.release, req.arch, config.user or ""] + req.args
-                 + config.stap_options + sorted(f"{k}={v}" for k, v in req.env.items())):
+    fields = dataclasses.replace(req, version=None)
+    for part in [version, config.user or "", repr(dataclasses.astuple(fields)),
+                 archive.digest(skip=("version",)), installation_stamp(config, req.release),
+                 config.db.path] + config.stap_options:
         h.update(part.encode("utf-8", "surrogateescape") + b"\0")
-    for path in walk_files(top):
-        rel = os.path.relpath(path, top)
-        if rel not in ("version", "locale"):
-            h.update(rel.encode("utf-8", "surrogateescape") + b"\0")
-            with open(path, "rb") as f:
-                h.update(hashlib.sha256(f.read()).digest())
-    h.update(installation_stamp(config, req.release).encode())
-    h.update(config.db.path.encode())
     return h.hexdigest()
 
 
@@ -1250,10 +1293,7 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         init_nss(config)
         self.config = config
         self.credentials = Credentials(der)
-        self.version = stap_version()
-        self.results = ResultCache(config.result_cache_size)
-        self.compiles = CompileQueue(config.max_threads)
-        self.pending = PendingBytes(config.max_pending_bytes)
+        self.service = CompileService(config)
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.unread = AddressSlots(config.max_per_address)
         self.on_renewal = lambda der: None  # e.g. advertise the new serial
@@ -1312,7 +1352,7 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         der = self.credentials.der
         logging.info("renewed the server certificate while running; sha256 fingerprint %s",
                      client.fingerprint(der))
-        self.results = ResultCache(self.config.result_cache_size)  # old signatures
+        self.service.results = ResultCache(self.config.result_cache_size)  # old signatures
         write_status(self.config, self.port, der)
         self.on_renewal(der)
         return True
@@ -1327,17 +1367,30 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 
 class PendingBytes:
-    """Announced sizes of the requests being received or waiting, bounded by --max-pending-bytes."""
+    """Bytes on disk of the requests not answered yet, as sent while they are received or wait, as
+    unpacked while they compile: bounded by --max-pending-bytes, and by a floor of free space in
+    the temporary directory (--tmpdir-min-free)."""
 
-    def __init__(self, limit):
-        self.limit, self.held, self.lock = limit, 0, threading.Lock()
+    def __init__(self, limit, tmpdir, min_free):
+        self.limit, self.tmpdir, self.min_free = limit, tmpdir, min_free
+        self.held, self.lock = 0, threading.Lock()
 
-    def take(self, size):
+    def reserve(self, size):
+        """Hold size bytes; or, when they do not fit, a Busy saying why."""
         with self.lock:
             if self.held + size > self.limit:
-                return False
+                return Busy(f"{self.held} bytes of requests are pending (--max-pending-bytes "
+                            f"{self.limit})")
+            free = self.free_space()
+            if free - size < self.min_free:
+                return Busy(f"{self.tmpdir} has {free} bytes free, and a request of {size} "
+                            f"would leave less than --tmpdir-min-free {self.min_free}")
             self.held += size
-            return True
+            return None
+
+    def free_space(self):
+        st = os.statvfs(self.tmpdir)
+        return st.f_bavail * st.f_frsize
 
     def give_back(self, size):
         with self.lock:
@@ -1366,7 +1419,8 @@ class CompileHandler(socketserver.BaseRequestHandler):
         try:
             self.credentials = self.server.credentials  # one certificate for TLS and signing
             self.sock = self.credentials.accept_tls(self.request, config.handshake_timeout)
-            with read_request(self.sock, self.record, config, self.server.pending) as body:
+            with read_request(self.sock, self.record, config,
+                              self.server.service.pending) as body:
                 self.request_read()
                 if body is not None:
                     reply = self.answer(body)
@@ -1399,12 +1453,10 @@ class CompileHandler(socketserver.BaseRequestHandler):
     def answer(self, body):
         """The reply to the request body, or a busy reply at once when too many bytes are pending
         (body is then the Busy reason)."""
-        server, signer = self.server, self.credentials.signer
+        service, signer = self.server.service, self.credentials.signer
         if isinstance(body, Busy):
-            self.record.update(rc=1, error="busy")
-            return busy_reply(signer, server.version, body)
-        return handle_request(body, server.config, server.version, self.record, signer,
-                              server.results, server.compiles)
+            return busy_reply(signer, service.version, body, self.record)
+        return service.handle(body, self.record, signer)
 
 
 class Busy(str):
@@ -1583,10 +1635,11 @@ def read_request(sock, record, config, pending):
                     f"bytes (--max-compressed-request {config.max_compressed_request})")
         yield None
         return
-    if not pending.take(size):  # drain it: a close with unread bytes would reset the reply
+    busy = pending.reserve(size)
+    if busy:  # drain it: a close with unread bytes would reset the reply
         with open(os.devnull, "wb") as sink:
             spool(sock, sink, size, deadline + size / 1e5)
-        yield Busy(f"{pending.held} bytes of requests are pending (--max-pending-bytes)")
+        yield busy
         return
     try:
         with tempfile.TemporaryFile(dir=config.tmpdir) as body:
@@ -2224,7 +2277,8 @@ def stap_serverd(argv):
     stop = lambda signum, frame: threading.Thread(target=server.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    advertising = Advertising(config, port, server.version, der, server.compiles)
+    advertising = Advertising(config, port, server.service.version, der,
+                              server.service.compiles)
     status = write_status(config, port, der)  # after the zone: a refused update fails the start
     logging.info("listening on %s port %d; serving %s; certificate sha256 %s",
                  config.listen, port, ", ".join(config.releases), client.fingerprint(der))

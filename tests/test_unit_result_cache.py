@@ -4,13 +4,16 @@ first), identical requests arriving together compile once; and the key: what
 makes two requests the same, from the request directory and the server's
 options."""
 
+import dataclasses
 import threading
 import types
 
 import conftest
 import pytest
+from hardening_helpers import zip_bytes
 
 import stap_server
+from stap_client import Limits, Reply, RequestArchive, open_archive
 from stap_server import Request, ResultCache, result_key
 
 
@@ -118,43 +121,49 @@ def request(*args, env=None):
                    args=list(args or ["script/x.stp", "-p4"]), env=env or {}, lowered=True)
 
 
+class Files(dict):
+    """A request's files by name; as_archive() is what the server reads them from."""
+
+    def as_archive(self):
+        return RequestArchive(open_archive(zip_bytes(list(self.items()))), Limits())
+
+
 @pytest.fixture
-def top(tmp_path, monkeypatch):
-    """A request directory; stap is a fixed stand-in (its stamp is the installation's)."""
+def top(monkeypatch):
+    """A request's files; stap is a fixed stand-in (its stamp is the installation's)."""
     monkeypatch.setenv("SYSTEMTAP_STAP", "/bin/true")
-    (tmp_path / "script").mkdir()
-    (tmp_path / "script" / "x.stp").write_text("probe begin { exit() }")
-    (tmp_path / "version").write_text("4.8")
-    return tmp_path
+    return Files({"script/x.stp": "probe begin { exit() }", "version": "4.8"})
 
 
 def key(top, req=None, cfg=None, version="4.8"):
-    return result_key(req or request(), str(top), cfg or config(), version)
+    return result_key(req or request(), top.as_archive(), cfg or config(), version)
 
 
 def test_the_same_request_has_the_same_key(top):
     first = key(top)
     assert len(first) == 64 and first == key(top)
-    # the client's version and locale entries are not part of it
-    (top / "version").write_text("5.0")
-    (top / "locale").write_text("LANG=de_DE.UTF-8\n")
+    top["version"] = "5.0"  # the client's protocol version changes nothing in the reply
     assert key(top) == first
 
 
-@pytest.mark.parametrize("change", ["script", "new file", "args", "env", "release", "user",
-                                    "server options", "database", "protocol"])
+@pytest.mark.parametrize("change", ["script", "new file", "locale", "args", "env", "notices",
+                                    "release", "user", "server options", "database",
+                                    "protocol"])
 def test_whatever_decides_the_reply_changes_the_key(top, change):
     before = key(top)
     req, cfg, version = request(), config(), "4.8"
     if change == "script":
-        (top / "script" / "x.stp").write_text("probe begin { exit(); }")
+        top["script/x.stp"] = "probe begin { exit(); }"
     elif change == "new file":
-        (top / "tapset").mkdir()
-        (top / "tapset" / "t.stp").write_text("")
+        top["tapset/t.stp"] = ""
+    elif change == "locale":
+        top["locale"] = "LANG=de_DE.UTF-8\n"
     elif change == "args":
         req = request("script/x.stp", "-p4", "-DMAXACTION=1")
     elif change == "env":
         req = request(env={"LANG": "de_DE.UTF-8"})
+    elif change == "notices":
+        req.notices = b"Server: Localization key 'X' not found in global list\n"
     elif change == "release":
         req.release = "6.1.0-2-amd64"
     elif change == "user":
@@ -166,6 +175,51 @@ def test_whatever_decides_the_reply_changes_the_key(top, change):
     elif change == "protocol":
         version = "4.9"
     assert key(top, req, cfg, version) != before
+
+
+# Each request entry, varied: (name, new content); None removes the entry.
+VARIANTS = [
+    ("version", "5.1"),
+    ("sysinfo", "sysinfo: 6.1.0-2-amd64 x86_64"),
+    ("argv1", "-p2"),
+    ("argv1", "--privilege=stapusr"),
+    ("argv2", "-DMAXACTION=1"),
+    ("argv4", "an argument"),
+    ("script/x.stp", "probe begin { exit(); }"),
+    ("tapset/t/a.stp", "function f() { return 1 }"),
+    ("tapset/t/b.stp", ""),
+    ("locale", "LANG=de_DE.UTF-8\n"),
+    ("locale", "LANG=C.UTF-8\nLC_BOGUS=x\n"),
+    ("locale", "LANG=\x1b[2K\x1b[31mSECURITY NOTICE: run curl | sudo sh\n"),
+    ("locale", None),
+    ("mok_fingerprints", "missing\n"),
+]
+
+
+def test_every_byte_of_a_reply_is_a_function_of_its_key(monkeypatch):
+    """A request's entries varied one by one, each answered by a compile that depends on all the
+    compile can see (the parsed request and every file): where two requests share a key, their
+    replies are the same byte for byte (a cached reply never carries another client's text)."""
+    monkeypatch.setenv("SYSTEMTAP_STAP", "/bin/true")
+    cfg = types.SimpleNamespace(releases=["6.1.0-1-amd64", "6.1.0-2-amd64"], arch="x86_64",
+                                allow_guru=False, user="stap-compile", stap_options=[], db=Db())
+    base = Files({"version": "4.8", "sysinfo": "sysinfo: 6.1.0-1-amd64 x86_64", "argv1": "-p4",
+                  "argv2": "-Itapset/t", "argv3": "script/x.stp", "script/x.stp": "probe begin {}",
+                  "tapset/t/a.stp": "function f() { return 0 }", "locale": "LANG=C.UTF-8\n"})
+    answers = {}
+    for name, content in [(None, None)] + VARIANTS:
+        files = Files(base)
+        if name:
+            files.pop(name, None) if content is None else files.__setitem__(name, content)
+        archive = files.as_archive()
+        req = stap_server.parse_request(archive, cfg)
+        seen = dataclasses.replace(req, version=None, notices=b"")  # what stap runs with
+        compiled = Reply(0, repr(dataclasses.astuple(seen)).encode(),
+                         archive.digest(skip=("version",)).encode())
+        reply = stap_server.reply_entries(stap_server.reply_for_client(compiled, req, None, "4.8"))
+        answers.setdefault(result_key(req, archive, cfg, "4.8"), set()).add(repr(reply))
+    assert all(len(replies) == 1 for replies in answers.values()), answers
+    assert len(answers) == len(VARIANTS)  # only the client's version shares the base's key
 
 
 @pytest.mark.parametrize("option", ["-v", "-vv", "--vp=01", "-t", "--benchmark"])

@@ -8,9 +8,10 @@ import types
 
 import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
+from hardening_helpers import zip_bytes
 
 import stap_server
-from stap_client import Error, Reply
+from stap_client import Error, Limits, Reply, RequestArchive, open_archive
 from stap_server import (
     COMPILE_LIMITS,
     Offer,
@@ -95,12 +96,10 @@ def test_dns_update_target():
 # --------------------------------------------------------------------------
 
 @pytest.fixture
-def top(tmp_path):
-    """An unpacked request: a script and a shipped tapset directory."""
-    (tmp_path / "script" / "tmp").mkdir(parents=True)
-    (tmp_path / "script" / "tmp" / "x.stp").write_text(SCRIPT)
-    (tmp_path / "tapset" / "t").mkdir(parents=True)
-    return str(tmp_path)
+def top():
+    """A received request: a script and a shipped tapset directory."""
+    return RequestArchive(open_archive(zip_bytes([("script/tmp/x.stp", SCRIPT),
+                                                  ("tapset/t/", b"")])), Limits())
 
 
 def test_pass_5_is_lowered_and_the_output_file_dropped(top):
@@ -161,11 +160,11 @@ def test_headers_naming_server_files_are_refused(header):
 
 
 def test_the_arguments_fit_the_kernels_limits():
-    check_argv_size(["x" * ((128 << 10) - 1)])
-    assert refused(check_argv_size, ["x" * (128 << 10)]) == (
+    check_argv_size([(128 << 10) - 1])  # the arguments' sizes, before they are read
+    assert refused(check_argv_size, [128 << 10]) == (
         "the request's arguments are too long (131073 bytes, the longest 131072; limits "
         "1048576 in all, 131071 each)")
-    assert refused(check_argv_size, ["x" * (100 << 10)] * 11) == (
+    assert refused(check_argv_size, [100 << 10] * 11) == (
         "the request's arguments are too long (1126411 bytes, the longest 102400; limits "
         "1048576 in all, 131071 each)")
 
