@@ -1200,8 +1200,8 @@ def stat_line(path):
 #
 #   socketserver.TCPServer + ThreadingMixIn
 #    └─ CompileServer     the socket, admission (connections, per-address
-#                         slots, pending bytes), the compile queue, the
-#                         result cache, renewal checks between accepts
+#                         slots), its CompileService (result cache, compile
+#                         queue, pending bytes), renewal checks between accepts
 #   socketserver.BaseRequestHandler
 #    └─ CompileHandler    one connection, in its own thread: TLS, the
 #                         request spooled to disk, the reply, a log line
