@@ -72,7 +72,22 @@ class Lost(Unavailable):
 
 
 def warn(message):
-    print(f"{PROG}: WARNING: {message}", file=sys.stderr)
+    print(f"{PROG}: WARNING: {printable(message)}", file=sys.stderr)
+
+
+# Characters a terminal acts on instead of showing: C0 controls, DEL, C1 controls, the Unicode
+# format and bidi controls that hide or reorder text, and the surrogates of undecodable bytes.
+TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e"
+                               "\u2060-\u2069\ufeff\ufff9-\ufffb\ud800-\udfff]")
+
+
+def printable(text):
+    r"""text (str, or bytes read as UTF-8) safe to print: each control character as \xHH, or
+    \uHHHH beyond U+00FF.  Whatever came from the network goes through here before a terminal."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return TERMINAL_CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100
+                                 else f"\\u{ord(m[0]):04x}", text)
 
 
 def sysconfdir():
@@ -809,6 +824,7 @@ class Reply(collections.namedtuple("Reply", "rc stdout stderr version module",
 
 
 MODULE_DIR = re.compile(r"^stap[A-Za-z0-9_]{6}/")
+MODULE_NAME = re.compile(r"[A-Za-z0-9_]+\.ko\Z")  # what stap names a module (-m's pattern)
 
 
 def read_reply(data, dest, peer_der, limits=Limits()):
@@ -835,6 +851,9 @@ def read_reply(data, dest, peer_der, limits=Limits()):
     modules = [n for n in names if MODULE_DIR.match(n) and n.endswith(".ko") and n.count("/") == 1]
     if len({n.split("/")[0] for n in names if MODULE_DIR.match(n)}) > 1 or len(modules) > 1:
         raise Error("reply holds more than one module directory")
+    if modules and not MODULE_NAME.match(modules[0].split("/")[1]):
+        raise Error(f"reply's module '{modules[0].split('/')[1]}' is not named as stap names "
+                    "modules")
     return Reply(rc=rc, stdout=read("stdout") or b"", stderr=read("stderr") or b"",
                  version=(read("version") or b"").decode(errors="replace").strip(),
                  module=os.path.join(unpacked, modules[0]) if modules else None)
@@ -1844,7 +1863,7 @@ def backoff(attempt):
 def progress(inv, message):
     """Where the request stands, for a person watching (a terminal) or -v."""
     if inv.verbose or sys.stderr.isatty():
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+        print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def candidate_servers(inv, identity=b""):
@@ -2052,9 +2071,9 @@ def stap_find_servers(argv):
     records = [r for r in every if "--all" in argv or r.sysinfo == wanted]
     trust = trusted_serials() if records else {}
     for rec in records:
-        print(format_server_line(rec) + f" 'trust={trust_of(rec, trust)}'")
+        print(printable(format_server_line(rec) + f" 'trust={trust_of(rec, trust)}'"))
     if not records and sys.stderr.isatty():  # a person asked: say what was seen
-        print(f"{PROG}: {describe_search(every, how)}", file=sys.stderr)
+        print(f"{PROG}: {printable(describe_search(every, how))}", file=sys.stderr)
     return 0 if records else 1
 
 
@@ -2133,10 +2152,11 @@ def confirmed(der, source, dirname):
     """Show the certificate and ask a person whether to trust it."""
     nss = nss_modules()[0]
     cert = nss.Certificate(der)
-    print(f"Server {source} presents this certificate:\n"
-          f"  subject:     {cert.subject}\n"
+    print(f"Server {printable(source)} presents this certificate:\n"
+          f"  subject:     {printable(str(cert.subject))}\n"
           f"  serial:      {colon_hex(certificate_serial(der))}\n"
-          f"  valid:       {cert.valid_not_before_str} to {cert.valid_not_after_str}\n"
+          f"  valid:       {printable(cert.valid_not_before_str)} to "
+          f"{printable(cert.valid_not_after_str)}\n"
           f"  SHA-256:     {colon_fingerprint(der)}", flush=True)
     print(f"Trust it in {os.path.abspath(dirname)}? [y/N] ", end="", flush=True)
     return sys.stdin.readline().strip().lower() in ("y", "yes")
@@ -2187,7 +2207,7 @@ def dispatch(commands, argv):
         print(e.stap_says() if isinstance(e, UsageError) else e, file=sys.stderr)
         return 1
     except Error as e:
-        print(f"{name}: ERROR: {e}", file=sys.stderr)
+        print(f"{name}: ERROR: {printable(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
