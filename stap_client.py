@@ -16,6 +16,7 @@ server module; the server imports this one.
 import base64
 import collections
 import contextlib
+import errno
 import fcntl
 import grp
 import hashlib
@@ -64,6 +65,20 @@ class Error(Exception):
 class Unavailable(Error):
     """A server that cannot take the request now (busy, or not listening): another server, or the
     same one later, may."""
+
+
+class LocalFault(Error):
+    """A failure of this host's own file system (full, read-only, not writable): no other server
+    would fare better.  strerror: the cause alone."""
+
+    def __init__(self, message, strerror):
+        super().__init__(message)
+        self.strerror = strerror
+
+
+# What the operating system says when the fault is the writer's own disk, not what it writes.
+LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                errno.EMFILE, errno.ENFILE, errno.ENOMEM}
 
 
 class Lost(Unavailable):
@@ -809,7 +824,10 @@ def extract_archive(zf, dest, limits, only=None):
                 RuntimeError, ValueError) as e:
             raise Error(f"archive entry {info.filename} is corrupt ({e})") from None
         except OSError as e:  # a duplicate or a file/directory clash, a full disk
-            raise Error(f"cannot unpack archive entry {info.filename}: {e.strerror}") from None
+            message = f"cannot unpack archive entry {info.filename}: {e.strerror}"
+            if e.errno in LOCAL_ERRNOS:
+                raise LocalFault(message, e.strerror) from None
+            raise Error(message) from None
     return [i.filename for i in infos]
 
 
@@ -839,7 +857,7 @@ def read_reply(data, dest, peer_der, limits=Limits()):
         if stray:
             raise Error(f"reply entry {stray[0]} is not covered by the server's signature")
     unpacked = os.path.join(dest, "reply")
-    os.mkdir(unpacked, 0o700)
+    make_private_dir(unpacked)
     extract_archive(zf, unpacked, limits, only)
     read = lambda n: read_entry(unpacked, n)
     if read("rc") is None:
@@ -857,6 +875,13 @@ def read_reply(data, dest, peer_der, limits=Limits()):
     return Reply(rc=rc, stdout=read("stdout") or b"", stderr=read("stderr") or b"",
                  version=(read("version") or b"").decode(errors="replace").strip(),
                  module=os.path.join(unpacked, modules[0]) if modules else None)
+
+
+def make_private_dir(path):
+    try:
+        os.mkdir(path, 0o700)
+    except OSError as e:
+        raise LocalFault(f"cannot make directory {path}: {e.strerror}", e.strerror) from None
 
 
 def read_entry(top, name):
@@ -1774,7 +1799,7 @@ def stap_client(argv):
     for note in inv.notes:
         progress(inv, note)
     request = build_request(inv)
-    tmp = tempfile.mkdtemp(prefix="stap-client.")  # mode 0700
+    tmp = private_tmpdir()
     try:
         reply = compile_anywhere(inv, request, dbs, tmp)
         sys.stdout.buffer.write(local_paths(without_module_paths(reply.stdout), inv))
@@ -1799,6 +1824,16 @@ def stap_client(argv):
             print(f'Keeping temporary directory "{tmp}"', file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def private_tmpdir():
+    """A new directory of mode 0700 in $TMPDIR, as stap takes it (not another directory in its
+    place), else in Python's temporary directory."""
+    top = os.environ.get("TMPDIR") or tempfile.gettempdir()
+    try:
+        return tempfile.mkdtemp(prefix="stap-client.", dir=top)
+    except OSError as e:
+        raise Error(f"cannot make a temporary directory in {top} (TMPDIR): {e.strerror}") from None
 
 
 def compile_anywhere(inv, request, dbs, tmp):
@@ -1836,12 +1871,16 @@ def compile_anywhere(inv, request, dbs, tmp):
 
 def try_server(inv, peer, request, attempt, say_why=True):
     """One exchange with peer: a Reply, or the Error that ended it (said as a warning when
-    say_why)."""
-    os.mkdir(attempt, 0o700)
+    say_why); a fault of this host's temporary directory is an Error of its own."""
     progress(inv, f"compiling on server {peer}...")
     try:
+        make_private_dir(attempt)
         sock, peer_der = tls_connect(peer)
         reply = read_reply(exchange(sock, request), attempt, peer_der)
+    except LocalFault as e:
+        shutil.rmtree(attempt, ignore_errors=True)
+        raise Error(f"cannot unpack the reply in {attempt}: {e.strerror} (the temporary "
+                    f"directory, TMPDIR={os.path.dirname(os.path.dirname(attempt))})") from None
     except Error as e:
         reply = e
     else:
@@ -2033,7 +2072,35 @@ def deliver_module(module):
     """Put the module (and its signature) in the current directory, as stap does."""
     for path in (module, module + ".sgn"):
         if os.path.exists(path):
-            shutil.copyfile(path, os.path.basename(path))
+            with open(path, "rb") as source:
+                write_whole(os.path.basename(path), source)
+
+
+def write_whole(path, source, mode=0o666):
+    """Copy the file object source to path through a new temporary file beside it, renamed into
+    place: the file appears whole or not at all, and a link already at path is replaced, never
+    followed.  mode is before the umask, as for the files stap writes."""
+    target = os.path.abspath(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        while True:  # a name nobody has: another run may be writing beside us
+            temp = os.path.join(os.path.dirname(target),
+                                f".{os.path.basename(target)}.{os.urandom(4).hex()}")
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(temp, flags, mode)
+                break
+    except OSError as e:
+        raise Error(f"cannot write {target}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())  # whole on the disk before it has the name
+        os.rename(temp, target)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise Error(f"cannot write {target}: {e.strerror}") from None
 
 
 def run_staprun(inv, module):
