@@ -2069,17 +2069,32 @@ def without_module_paths(stdout):
 
 
 def deliver_module(module):
-    """Put the module (and its signature) in the current directory, as stap does."""
-    for path in (module, module + ".sgn"):
-        if os.path.exists(path):
-            with open(path, "rb") as source:
-                write_whole(os.path.basename(path), source)
+    """Put the module (and its signature) in the current directory, as stap does: both are written
+    in full under temporary names first, so that a failure leaves neither (nor a new module beside
+    an old signature)."""
+    written = []
+    try:
+        for path in (module, module + ".sgn"):
+            if os.path.exists(path):
+                with open(path, "rb") as source:
+                    written.append((write_temporary(os.path.basename(path), source),
+                                    os.path.abspath(os.path.basename(path))))
+        for temp, target in written:
+            try:
+                os.rename(temp, target)  # a link at target is replaced, not followed
+            except OSError as e:
+                raise Error(f"cannot write {target}: {e.strerror}") from None
+    finally:
+        for temp, _ in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
 
 
-def write_whole(path, source, mode=0o666):
-    """Copy the file object source to path through a new temporary file beside it, renamed into
-    place: the file appears whole or not at all, and a link already at path is replaced, never
-    followed.  mode is before the umask, as for the files stap writes."""
+def write_temporary(path, source, mode=0o666):
+    """Copy the file object source to a new file beside path (O_EXCL|O_NOFOLLOW: never through a
+    link or into a file already there) and sync it; returns its name, for the caller to rename into
+    place.  mode is before the umask, as for the files stap writes.  A failure is an Error naming
+    path, and removes the partial file."""
     target = os.path.abspath(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -2096,11 +2111,11 @@ def write_whole(path, source, mode=0o666):
             shutil.copyfileobj(source, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())  # whole on the disk before it has the name
-        os.rename(temp, target)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise Error(f"cannot write {target}: {e.strerror}") from None
+    return temp
 
 
 def run_staprun(inv, module):
