@@ -16,11 +16,11 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts a 
 # --------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def small_tmpfs(path, size="64k", full=False):
+def small_tmpfs(path, size="64k", full=False, readonly=False):
     """A tmpfs of size at path (made), mounted for the block; full: filled to the last byte."""
     os.makedirs(path, 0o755)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
-                   check=True)
+    options = f"size={size},mode=0755" + (",ro" if readonly else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path], check=True)
     try:
         if full:
             fd = os.open(os.path.join(path, "filler"), os.O_WRONLY | os.O_CREAT, 0o644)
@@ -65,6 +65,15 @@ def test_reply_into_a_full_tmpdir(server, sandbox, krel):
                                      "No space left on device", "TMPDIR")
         assert "no server could compile" not in last, last
         assert os.listdir(tmp) == ["filler"], os.listdir(tmp)
+
+
+def test_reply_into_a_read_only_tmpdir(server, sandbox, krel):
+    """A TMPDIR the client cannot write is named, not silently replaced by another directory."""
+    with small_tmpfs(sandbox.path("ro-tmp"), readonly=True) as tmp:
+        proc = sandbox.run("stap-client", f"--server={server.address}", "-r", krel, "-p2",
+                           "-e", SCRIPT, env={"TMPDIR": tmp})
+        assert_one_error_line(proc, f"cannot make a temporary directory in {tmp} (TMPDIR)",
+                              "Read-only file system")
 
 
 def test_module_replaces_a_planted_link(server, sandbox, krel):
