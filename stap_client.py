@@ -16,6 +16,7 @@ server module; the server imports this one.
 import base64
 import collections
 import contextlib
+import errno
 import fcntl
 import grp
 import hashlib
@@ -67,13 +68,42 @@ class Unavailable(Error):
     same one later, may."""
 
 
+class LocalFault(Error):
+    """A failure of this host's own file system (full, read-only, not writable): no other server
+    would fare better.  strerror: the cause alone."""
+
+    def __init__(self, message, strerror):
+        super().__init__(message)
+        self.strerror = strerror
+
+
+# What the operating system says when the fault is the writer's own disk, not what it writes.
+LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+
+
 class Lost(Unavailable):
     """A server that dropped the request (closed without a reply, a broken transfer or handshake):
     it died, or it refuses this request.  Worth one more try, not more."""
 
 
 def warn(message):
-    print(f"{PROG}: WARNING: {message}", file=sys.stderr)
+    print(f"{PROG}: WARNING: {printable(message)}", file=sys.stderr)
+
+
+# Characters a terminal acts on instead of showing: C0 controls, DEL, C1 controls, the Unicode
+# format and bidi controls that hide or reorder text, and the surrogates of undecodable bytes.
+TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e"
+                               "\u2060-\u2069\ufeff\ufff9-\ufffb\ud800-\udfff]")
+
+
+def printable(text):
+    r"""text (str, or bytes read as UTF-8) safe to print: each control character as \xHH, or
+    \uHHHH beyond U+00FF.  Whatever came from the network goes through here before a terminal."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return TERMINAL_CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100
+                                 else f"\\u{ord(m[0]):04x}", text)
 
 
 def sysconfdir():
@@ -802,7 +832,10 @@ def extract_archive(zf, dest, limits, only=None):
         except ZIP_ERRORS as e:
             raise Error(f"archive entry {info.filename} is corrupt ({e})") from None
         except OSError as e:  # a duplicate or a file/directory clash, a full disk
-            raise Error(f"cannot unpack archive entry {info.filename}: {e.strerror}") from None
+            message = f"cannot unpack archive entry {info.filename}: {e.strerror}"
+            if e.errno in LOCAL_ERRNOS:
+                raise LocalFault(message, e.strerror) from None
+            raise Error(message) from None
     return [i.filename for i in infos]
 
 
@@ -872,6 +905,7 @@ class Reply(collections.namedtuple("Reply", "rc stdout stderr version module",
 
 
 MODULE_DIR = re.compile(r"^stap[A-Za-z0-9_]{6}/")
+MODULE_NAME = re.compile(r"[A-Za-z0-9_]+\.ko\Z")  # what stap names a module (-m's pattern)
 
 
 def read_reply(data, dest, peer_der, limits=Limits()):
@@ -886,7 +920,7 @@ def read_reply(data, dest, peer_der, limits=Limits()):
         if stray:
             raise Error(f"reply entry {stray[0]} is not covered by the server's signature")
     unpacked = os.path.join(dest, "reply")
-    os.mkdir(unpacked, 0o700)
+    make_private_dir(unpacked)
     extract_archive(zf, unpacked, limits, only)
     read = lambda n: read_entry(unpacked, n)
     if read("rc") is None:
@@ -898,9 +932,19 @@ def read_reply(data, dest, peer_der, limits=Limits()):
     modules = [n for n in names if MODULE_DIR.match(n) and n.endswith(".ko") and n.count("/") == 1]
     if len({n.split("/")[0] for n in names if MODULE_DIR.match(n)}) > 1 or len(modules) > 1:
         raise Error("reply holds more than one module directory")
+    if modules and not MODULE_NAME.match(modules[0].split("/")[1]):
+        raise Error(f"reply's module '{modules[0].split('/')[1]}' is not named as stap names "
+                    "modules")
     return Reply(rc=rc, stdout=read("stdout") or b"", stderr=read("stderr") or b"",
                  version=(read("version") or b"").decode(errors="replace").strip(),
                  module=os.path.join(unpacked, modules[0]) if modules else None)
+
+
+def make_private_dir(path):
+    try:
+        os.mkdir(path, 0o700)
+    except OSError as e:
+        raise LocalFault(f"cannot make directory {path}: {e.strerror}", e.strerror) from None
 
 
 def read_entry(top, name):
@@ -1818,7 +1862,7 @@ def stap_client(argv):
     for note in inv.notes:
         progress(inv, note)
     request = build_request(inv)
-    tmp = tempfile.mkdtemp(prefix="stap-client.")  # mode 0700
+    tmp = private_tmpdir()
     try:
         reply = compile_anywhere(inv, request, dbs, tmp)
         sys.stdout.buffer.write(local_paths(without_module_paths(reply.stdout), inv))
@@ -1843,6 +1887,16 @@ def stap_client(argv):
             print(f'Keeping temporary directory "{tmp}"', file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def private_tmpdir():
+    """A new directory of mode 0700 in $TMPDIR, as stap takes it (not another directory in its
+    place), else in Python's temporary directory."""
+    top = os.environ.get("TMPDIR") or tempfile.gettempdir()
+    try:
+        return tempfile.mkdtemp(prefix="stap-client.", dir=top)
+    except OSError as e:
+        raise Error(f"cannot make a temporary directory in {top} (TMPDIR): {e.strerror}") from None
 
 
 def compile_anywhere(inv, request, dbs, tmp):
@@ -1880,12 +1934,16 @@ def compile_anywhere(inv, request, dbs, tmp):
 
 def try_server(inv, peer, request, attempt, say_why=True):
     """One exchange with peer: a Reply, or the Error that ended it (said as a warning when
-    say_why)."""
-    os.mkdir(attempt, 0o700)
+    say_why); a fault of this host's temporary directory is an Error of its own."""
     progress(inv, f"compiling on server {peer}...")
     try:
+        make_private_dir(attempt)
         sock, peer_der = tls_connect(peer)
         reply = read_reply(exchange(sock, request), attempt, peer_der)
+    except LocalFault as e:
+        shutil.rmtree(attempt, ignore_errors=True)
+        raise Error(f"cannot unpack the reply in {attempt}: {e.strerror} (the temporary "
+                    f"directory, TMPDIR={os.path.dirname(os.path.dirname(attempt))})") from None
     except Error as e:
         reply = e
     else:
@@ -1907,7 +1965,7 @@ def backoff(attempt):
 def progress(inv, message):
     """Where the request stands, for a person watching (a terminal) or -v."""
     if inv.verbose or sys.stderr.isatty():
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+        print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def candidate_servers(inv, identity=b""):
@@ -2074,10 +2132,53 @@ def without_module_paths(stdout):
 
 
 def deliver_module(module):
-    """Put the module (and its signature) in the current directory, as stap does."""
-    for path in (module, module + ".sgn"):
-        if os.path.exists(path):
-            shutil.copyfile(path, os.path.basename(path))
+    """Put the module (and its signature) in the current directory, as stap does: both are written
+    in full under temporary names first, so that a failure leaves neither (nor a new module beside
+    an old signature)."""
+    written = []
+    try:
+        for path in (module, module + ".sgn"):
+            if os.path.exists(path):
+                with open(path, "rb") as source:
+                    written.append((write_temporary(os.path.basename(path), source),
+                                    os.path.abspath(os.path.basename(path))))
+        for temp, target in written:
+            try:
+                os.rename(temp, target)  # a link at target is replaced, not followed
+            except OSError as e:
+                raise Error(f"cannot write {target}: {e.strerror}") from None
+    finally:
+        for temp, _ in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+
+
+def write_temporary(path, source, mode=0o666):
+    """Copy the file object source to a new file beside path (O_EXCL|O_NOFOLLOW: never through a
+    link or into a file already there) and sync it; returns its name, for the caller to rename into
+    place.  mode is before the umask, as for the files stap writes.  A failure is an Error naming
+    path, and removes the partial file."""
+    target = os.path.abspath(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        while True:  # a name nobody has: another run may be writing beside us
+            temp = os.path.join(os.path.dirname(target),
+                                f".{os.path.basename(target)}.{os.urandom(4).hex()}")
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(temp, flags, mode)
+                break
+    except OSError as e:
+        raise Error(f"cannot write {target}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())  # whole on the disk before it has the name
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise Error(f"cannot write {target}: {e.strerror}") from None
+    return temp
 
 
 def run_staprun(inv, module):
@@ -2115,9 +2216,9 @@ def stap_find_servers(argv):
     records = [r for r in every if "--all" in argv or r.sysinfo == wanted]
     trust = trusted_serials() if records else {}
     for rec in records:
-        print(format_server_line(rec) + f" 'trust={trust_of(rec, trust)}'")
+        print(printable(format_server_line(rec) + f" 'trust={trust_of(rec, trust)}'"))
     if not records and sys.stderr.isatty():  # a person asked: say what was seen
-        print(f"{PROG}: {describe_search(every, how)}", file=sys.stderr)
+        print(f"{PROG}: {printable(describe_search(every, how))}", file=sys.stderr)
     return 0 if records else 1
 
 
@@ -2196,10 +2297,11 @@ def confirmed(der, source, dirname):
     """Show the certificate and ask a person whether to trust it."""
     nss = nss_modules()[0]
     cert = nss.Certificate(der)
-    print(f"Server {source} presents this certificate:\n"
-          f"  subject:     {cert.subject}\n"
+    print(f"Server {printable(source)} presents this certificate:\n"
+          f"  subject:     {printable(str(cert.subject))}\n"
           f"  serial:      {colon_hex(certificate_serial(der))}\n"
-          f"  valid:       {cert.valid_not_before_str} to {cert.valid_not_after_str}\n"
+          f"  valid:       {printable(cert.valid_not_before_str)} to "
+          f"{printable(cert.valid_not_after_str)}\n"
           f"  SHA-256:     {colon_fingerprint(der)}", flush=True)
     print(f"Trust it in {os.path.abspath(dirname)}? [y/N] ", end="", flush=True)
     return sys.stdin.readline().strip().lower() in ("y", "yes")
@@ -2250,7 +2352,7 @@ def dispatch(commands, argv):
         print(e.stap_says() if isinstance(e, UsageError) else e, file=sys.stderr)
         return 1
     except Error as e:
-        print(f"{name}: ERROR: {e}", file=sys.stderr)
+        print(f"{name}: ERROR: {printable(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

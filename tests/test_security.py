@@ -610,3 +610,139 @@ def test_a_prepared_compile_cache_is_refused(sandbox, krel, secret_dir):
     assert proc.returncode == 1
     assert f"{parent} must be a directory of uid 0 that group and others cannot write" \
         in proc.stderr.decode(), proc.stderr
+
+
+# --------------------------------------------------------------------------
+# Text from the network reaches no terminal raw (issue 20 finding 5)
+# --------------------------------------------------------------------------
+
+from netns import network_factory  # noqa: E402,F401  (a fixture)
+from test_faults import FakeServer, client_tmp, trusted_box  # noqa: E402,F401  (trusted_box: a fixture)
+
+import stap_client  # noqa: E402
+
+# A multicast DNS responder for one hostile advertisement: it answers every query (unicast, to
+# the asker's port) with the PTR, SRV, TXT and A records of an instance whose name, host name and
+# TXT values carry terminal controls.
+HOSTILE_RESPONDER = r"""
+import socket
+import dns.message, dns.name, dns.flags, dns.rdataclass, dns.rdatatype, dns.rrset
+from dns.rdtypes.ANY.PTR import PTR
+from dns.rdtypes.ANY.TXT import TXT
+from dns.rdtypes.IN.A import A
+from dns.rdtypes.IN.SRV import SRV
+IN = dns.rdataclass.IN
+service = dns.name.from_text("_stap._tcp.local.")
+instance = dns.name.Name((b"Evil\x1b[2J server",) + service.labels)
+host = dns.name.Name((b"evil\x1b[2Jhost", b"local", b""))
+txt = [b"sysinfo=6.1.0-99-amd64\x1b[1A\xc2\x9b31m\xe2\x80\xae x86_64",
+       b"version=4.8\x1b[2J\x1b[H\x07",
+       b"certinfo=01:02\r\nh 10.0.0.1 1 'sysinfo=x' 'trust=ssl,signer'\x1b[K",
+       b"optinfo=\x7f\x9b", b"e\x1bvil=\x00x"]
+records = [(service, PTR(IN, dns.rdatatype.PTR, instance)),
+           (instance, SRV(IN, dns.rdatatype.SRV, 0, 0, 5555, host)),
+           (instance, TXT(IN, dns.rdatatype.TXT, txt)),
+           (host, A(IN, dns.rdatatype.A, "127.0.0.1"))]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("", 5353))
+sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                socket.inet_aton("224.0.0.251") + socket.inet_aton("127.0.0.1"))
+print("ready", flush=True)
+while True:
+    wire, source = sock.recvfrom(9000)
+    try:
+        query = dns.message.from_wire(wire)
+    except Exception:
+        continue
+    if query.flags & dns.flags.QR or source[1] == 5353:
+        continue
+    reply = dns.message.make_response(query)
+    reply.flags |= dns.flags.AA
+    for name, rdata in records:
+        reply.answer.append(dns.rrset.from_rdata(name, 120, rdata))
+    sock.sendto(reply.to_wire(), source)
+"""
+
+# What must never reach a terminal: C0 controls but the line ends, DEL, C1 (in UTF-8), and the
+# bidi override.
+RAW_CONTROLS = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80\xae")
+
+
+def test_escaping_of_network_text():
+    p = stap_client.printable
+    assert p("plain text: é, 中, ~") == "plain text: é, 中, ~"
+    assert p("a\x1b[2Jb\x07\x00\x7f") == r"a\x1b[2Jb\x07\x00\x7f"
+    assert p("line\r\nnext\tx") == r"line\x0d\x0anext\x09x"
+    assert p("c1 \x9b31m and \x85") == r"c1 \x9b31m and \x85"
+    assert p("bidi \u202eevil\u202c \u2066x\u2069 \u200f\ufeff\u2028") == \
+        r"bidi \u202eevil\u202c \u2066x\u2069 \u200f\ufeff\u2028"
+    assert p(b"bytes \x1b\xff") == r"bytes \x1b" + "\ufffd"
+
+
+def test_hostile_advertisement_printed_escaped(network_factory, sandbox):  # noqa: F811
+    """stap-find-servers --all and stap-client, on a host where a hostile responder advertises a
+    server whose every field carries terminal controls, print them escaped: one line for the one
+    server, the fake trust line inside it, nothing raw."""
+    host = network_factory(single=True).hosts[0]
+    responder = host.popen([conftest.PYTHON, "-c", HOSTILE_RESPONDER], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    assert responder.stdout.readline() == b"ready\n", responder.stderr.read()
+    find = host.run([conftest.PYTHON, conftest.CLIENT, "stap-find-servers", "--all"],
+                    env=sandbox.env, text=False)
+    out = find.stdout
+    assert find.returncode == 0, find.stderr
+    assert len(out.splitlines()) == 1, out
+    assert not RAW_CONTROLS.search(out), out
+    assert rb"'version=4.8\x1b[2J\x1b[H\x07'" in out, out
+    assert rb"\x0d\x0ah 10.0.0.1 1 'sysinfo=x' 'trust=ssl,signer'\x1b[K'" in out, out
+    assert rb"\x9b31m\u202e x86_64'" in out, out
+    assert out.endswith(b" 'trust=none'\n"), out
+
+    stap_client.CertDB(os.path.join(sandbox.systemtap_dir, "ssl", "client")).create(0o700)
+    client = host.run([conftest.PYTHON, conftest.CLIENT, "stap-client", "-p2", "-e",
+                       "probe begin { exit() }"], env=sandbox.env, text=False)
+    err = client.stderr
+    assert client.returncode == 1, err
+    assert err.startswith(b"stap-client: ERROR: no compile server found") and \
+        err.count(b"\n") == 1, err
+    assert rb"serves 6.1.0-99-amd64\x1b[1A\x9b31m\u202e x86_64" in err, err
+    assert not RAW_CONTROLS.search(err), err
+
+
+HOSTILE_MODULES = {
+    "escapes": ("stap000000/stap_\x1b[31mRED.ko",
+                r"reply's module 'stap_\\x1b\[31mRED\.ko' is not named as stap names modules"),
+    "traversal": ("stap000000/../x.ko",
+                  r"archive entry name 'stap000000/\.\./x\.ko' is not a plain relative path"),
+    "not-a-module-name": ("stap000000/stap x;.ko",
+                          r"reply's module 'stap x;\.ko' is not named as stap names modules"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MODULES))
+def test_reply_naming_a_module_stap_would_not_is_refused(trusted_box, krel, staprun, case):
+    """A trusted server's reply whose module name stap could not have made is refused in one
+    line: nothing is written in the current directory, nothing printed raw, staprun not run."""
+    name, expected = HOSTILE_MODULES[case]
+    reply = zip_bytes([("version", b"4.8"), ("rc", b"0"), ("stdout", b""), ("stderr", b""),
+                       (name, b"\x7fELF module")])
+    fake = FakeServer(trusted_box, reply)
+    env, record = staprun
+    tmp = client_tmp(trusted_box)
+    cwd = trusted_box.path("here")
+    os.makedirs(cwd)
+    try:
+        proc = trusted_box.run("stap-client", f"--server=127.0.0.1:{fake.port}", "-r", krel,
+                               "-p4", "-e", "probe begin { exit() }",
+                               env={**env, "TMPDIR": tmp}, cwd=cwd, timeout=60)
+    finally:
+        fake.close()
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 1, err
+    assert re.search(expected, err), err
+    assert err.strip().splitlines()[-1].startswith("stap-client: ERROR: "), err
+    assert "\x1b" not in err + proc.stdout.decode(errors="replace")
+    assert os.listdir(cwd) == [], "stap-client wrote into its cwd"
+    assert os.listdir(tmp) == [], "stap-client left temporary files"
+    assert not os.path.exists(record + ".args"), "staprun ran"
