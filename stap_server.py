@@ -32,6 +32,7 @@ import os
 import posixpath
 import pwd
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -1202,6 +1203,8 @@ def stat_line(path):
 #    └─ CompileServer     the socket, admission (connections, per-address
 #                         slots), its CompileService (result cache, compile
 #                         queue, pending bytes), renewal checks between accepts
+#   ConnectionTable       the connections held; when full, a newcomer
+#                         evicts the largest holder's oldest unread one
 #   socketserver.BaseRequestHandler
 #    └─ CompileHandler    one connection, in its own thread: TLS, the
 #                         request spooled to disk, the reply, a log line
@@ -1210,6 +1213,7 @@ def stat_line(path):
 #   FifoSlots             slots handed on in arrival order, per key
 #    ├─ CompileQueue      compile slots, the expected wait, the load hint
 #    └─ AddressSlots      unread connections per client address
+#   DropCounts            dropped connections, logged as counts
 
 def init_nss(config):
     """Open the server database for this process's TLS and signing."""
@@ -1294,8 +1298,9 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.config = config
         self.credentials = Credentials(der)
         self.service = CompileService(config)
-        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.unread = AddressSlots(config.max_per_address)
+        self.drops = DropCounts()
+        self.unread = AddressSlots(config.max_per_address, self.drops)
+        self.table = ConnectionTable(descriptors_for_connections(), self.unread, self.drops)
         self.on_renewal = lambda der: None  # e.g. advertise the new serial
         self.handlers = set()
         self.next_renewal_check = time.monotonic() + config.renew_check
@@ -1312,20 +1317,18 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
-    def get_request(self):
-        """Accept only while a connection slot is free: past MAX_CONNECTIONS the kernel's backlog
-        holds the rest."""
-        if not self.connections.acquire(timeout=0.5):
-            raise OSError("every connection slot is taken")
-        try:
-            return super().get_request()
-        except BaseException:
-            self.connections.release()
-            raise
+    def process_request(self, request, client_address):
+        """Into the connection table (perhaps in an evicted one's place) before its thread starts:
+        the server always accepts, so that no one waits in the kernel's backlog behind connections
+        it holds."""
+        if self.table.admit(request, address_key(client_address[0])) is None:
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
 
     def close_request(self, request):
         super().close_request(request)
-        self.connections.release()
+        self.table.release(request)
 
     def process_request_thread(self, request, client_address):
         self.handlers.add(threading.current_thread())
@@ -1335,7 +1338,9 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.handlers.discard(threading.current_thread())
 
     def service_actions(self):
-        """Between accepts: the certificate's renewal check, when due."""
+        """Between accepts: the counts of dropped connections and the certificate's renewal check,
+        when due."""
+        self.drops.report()
         if time.monotonic() >= self.next_renewal_check:
             self.next_renewal_check += self.config.renew_check
             self.renew_if_expiring()
@@ -1408,7 +1413,8 @@ class CompileHandler(socketserver.BaseRequestHandler):
                                     sandbox=None if self.server.config.sandbox else "off")
         self.sock = None
         self.address = address_key(self.client_address[0])
-        self.admitted = self.unread = self.server.unread.take(self.address,
+        self.conn = self.server.table.connection(self.request)
+        self.admitted = self.unread = self.server.unread.wait(self.address, self.conn.turn,
                                                               self.server.config.io_timeout)
 
     def handle(self):
@@ -1422,7 +1428,7 @@ class CompileHandler(socketserver.BaseRequestHandler):
             with read_request(self.sock, self.record, config,
                               self.server.service.pending) as body:
                 self.request_read()
-                if body is not None:
+                if body is not None and not self.conn.evicted:
                     reply = self.answer(body)
                     self.sock.sendall(reply, client.nss_interval(config.io_timeout
                                                                  + len(reply) / 1e5))
@@ -1440,13 +1446,14 @@ class CompileHandler(socketserver.BaseRequestHandler):
         if self.unread:
             self.unread = False
             self.server.unread.give_back(self.address)
+            self.server.table.read(self.conn)
 
     def finish(self):
-        if not self.admitted:
-            return  # counted among the address's dropped connections
         self.request_read()
         if self.sock is not None:
             self.sock.close()
+        if not self.admitted or self.conn.evicted:
+            return  # counted among the dropped connections
         self.record.seconds = f"{time.monotonic() - self.started:.3f}"
         logging.info("%s", self.record.log_line())
 
@@ -1463,6 +1470,13 @@ class Busy(str):
     """Why a request cannot wait for a compile slot: the text of a busy reply."""
 
 
+class Turn(threading.Event):
+    """One holder's place in a line of FifoSlots: set once it is handed a slot (handed) or taken
+    out of the line."""
+
+    handed = False
+
+
 class FifoSlots:
     """At most `limit` holders of each key at once; the others wait strictly in arrival order (a
     freed slot is handed to the first waiter, never grabbed by a newcomer)."""
@@ -1471,28 +1485,45 @@ class FifoSlots:
         self.limit = limit
         self.lock = threading.Lock()
         self.held = collections.Counter()
-        self.waiting = collections.defaultdict(collections.deque)  # key -> Events, first first
+        self.waiting = collections.defaultdict(collections.deque)  # key -> Turns, first first
 
     def take(self, key=None, timeout=None):
         """True once a slot of key is ours; False when none came free in time."""
+        turn = self.enter(key)
+        turn.wait(timeout)
+        return self.withdraw(key, turn)
+
+    def enter(self, key=None):
+        """A Turn in key's line, handed a slot at once if one is free and no one waits."""
+        turn = Turn()
         with self.lock:
             if self.held[key] < self.limit and not self.waiting[key]:
                 self.held[key] += 1
-                return True
-            turn = threading.Event()
-            self.waiting[key].append(turn)
-        if turn.wait(timeout):
-            return True  # give_back() handed us its slot
+                turn.handed = True
+                turn.set()
+            else:
+                self.waiting[key].append(turn)
+        return turn
+
+    def withdraw(self, key, turn):
+        """Take turn out of key's line (waking its waiter) unless it was handed a slot; True if it
+        was (the slot is then to be given back)."""
         with self.lock:
-            if turn.is_set():  # just now
-                return True
-            self.waiting[key].remove(turn)
-            return False
+            if not turn.handed:
+                line = self.waiting[key]
+                with contextlib.suppress(ValueError):
+                    line.remove(turn)
+                if not line:
+                    del self.waiting[key]
+                turn.set()
+            return turn.handed
 
     def give_back(self, key=None):
         with self.lock:
             if self.waiting[key]:
-                self.waiting[key].popleft().set()  # the slot passes on; held stays
+                turn = self.waiting[key].popleft()  # the slot passes on; held stays
+                turn.handed = True
+                turn.set()
                 return
             del self.waiting[key]
             self.held[key] -= 1
@@ -1569,8 +1600,43 @@ class CompileQueue(FifoSlots):
             logging.info("Processing %d concurrent requests...", running)
 
 
-MAX_CONNECTIONS = 1024  # open connections, all addresses together
-DROP_LOG_INTERVAL = 10  # seconds: dropped connections are logged as a count
+MAX_CONNECTIONS = 1024  # connections held open, all addresses together (threads, descriptors)
+FDS_PER_CONNECTION = 2  # its own descriptor and the table's duplicate
+FD_RESERVE = 128  # descriptors for everything else: the databases, the log, compiles' pipes
+DROP_LOG_INTERVAL = 10  # seconds: dropped connections are logged as counts
+DROP_LOG_LINES = 5  # addresses named for each reason in one report
+
+
+class DropCounts:
+    """Dropped connections, logged as counts by reason and address: the first at once, then at
+    most DROP_LOG_LINES addresses for each reason (and a total of the others) every
+    DROP_LOG_INTERVAL seconds, so that a flood of connections cannot flood the log."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts = collections.Counter()  # (reason, address) -> connections
+        self.last_report = -DROP_LOG_INTERVAL
+
+    def note(self, address, reason):
+        with self.lock:
+            self.counts[reason, address] += 1
+        self.report()
+
+    def report(self):
+        """Log the counts if the interval has passed (also called between accepts, so that the
+        tail of a burst is not kept back until the next drop)."""
+        with self.lock:
+            if not self.counts or time.monotonic() - self.last_report < DROP_LOG_INTERVAL:
+                return
+            counts, self.counts = self.counts, collections.Counter()
+            self.last_report = time.monotonic()
+        for reason in dict.fromkeys(reason for reason, _ in counts):
+            ranked = [(n, address) for (r, address), n in counts.most_common() if r == reason]
+            for n, address in ranked[:DROP_LOG_LINES]:
+                logging.warning("dropped %d connections from %s %s", n, address, reason)
+            if rest := ranked[DROP_LOG_LINES:]:
+                logging.warning("dropped %d connections from %d other addresses %s",
+                                sum(n for n, _ in rest), len(rest), reason)
 
 
 class AddressSlots(FifoSlots):
@@ -1580,28 +1646,136 @@ class AddressSlots(FifoSlots):
     address (a build farm behind NAT) is served in turn.  Connections dropped after waiting are
     logged as counts."""
 
-    def __init__(self, limit):
+    def __init__(self, limit, drops):
         super().__init__(limit)
-        self.dropped = collections.Counter()
-        self.last_report = -DROP_LOG_INTERVAL  # the first drop is logged at once
+        self.drops = drops
 
-    def take(self, key, timeout):
-        if super().take(key, timeout):
+    def wait(self, key, turn, timeout):
+        """True once turn holds a slot of key; False when none came free within timeout (a drop,
+        counted) or the connection table took the turn out of the line (an eviction)."""
+        in_time = turn.wait(timeout)
+        if self.withdraw(key, turn):
             return True
-        with self.lock:
-            self.dropped[key] += 1
-            self.report_drops(timeout)
+        if not in_time:
+            self.drops.note(key, f"after {timeout:.0f} s in line: {self.limit} connections of "
+                            "that address were still unread (--max-per-address)")
         return False
 
-    def report_drops(self, timeout):
-        if time.monotonic() - self.last_report < DROP_LOG_INTERVAL:
-            return
-        for key, n in self.dropped.most_common(5):
-            logging.warning("dropped %d connections from %s after %.0f s in line: %d "
-                            "connections of that address were still unread "
-                            "(--max-per-address)", n, key, timeout, self.limit)
-        self.dropped.clear()
-        self.last_report = time.monotonic()
+
+class Connection:
+    """One connection the table holds: its address, its turn in the address's line, and a duplicate
+    of its socket, the table's own, to shut it down with when it is evicted (the handler's
+    descriptor passes to NSS and may be closed and reused at any moment)."""
+
+    __slots__ = ("address", "turn", "handle", "number", "evicted")
+
+    def __init__(self, address, turn, handle, number):
+        self.address, self.turn, self.handle, self.number = address, turn, handle, number
+        self.evicted = False
+
+
+class ConnectionTable:
+    """The connections the server holds, at most `limit`.  When it is full, a newcomer takes the
+    place of the oldest unread connection (its request not read yet) of the address holding the
+    most unread ones; a newcomer whose address holds as many as any other takes its own address's
+    oldest.  So the unread connections beyond an even share go first, oldest first, an address
+    never loses its last one to make room for a bigger one, and no crowd of addresses keeps
+    another out.  Until the table is full nothing is evicted (a burst from one address waits in
+    that address's line, AddressSlots).  A newcomer is refused only when every connection held
+    has its request read."""
+
+    def __init__(self, limit, slots, drops):
+        self.limit, self.slots, self.drops = limit, slots, drops
+        self.lock = threading.Lock()
+        self.held = {}  # accepted socket -> Connection, until its handler closes it
+        self.places = 0  # connections held that were not evicted
+        self.unread = {}  # address -> its unread Connections, oldest first
+        self.accepted = 0
+
+    def admit(self, sock, address):
+        """A Connection for the accepted sock, in its address's line for a slot, perhaps in the
+        place of an evicted one; None if it is refused."""
+        with self.lock:
+            if self.places >= self.limit and not self.make_room(address):
+                self.drops.note(address, f"at once: the {self.limit} connections the server "
+                                "holds all have their requests read")
+                return None
+            self.accepted += 1
+            conn = Connection(address, self.slots.enter(address), sock.dup(), self.accepted)
+            self.held[sock] = conn
+            self.places += 1
+            self.unread.setdefault(address, collections.deque()).append(conn)
+            return conn
+
+    def make_room(self, address):
+        """Evict the connection whose place a newcomer from address takes; False if none may go."""
+        own = self.unread.get(address, ())
+        largest = max(self.unread.values(), key=lambda line: (len(line), -line[0].number),
+                      default=())
+        victims = largest if len(largest) > len(own) else own
+        if not victims:
+            return False
+        self.evict(victims[0])
+        return True
+
+    def evict(self, conn):
+        """Drop conn: out of its address's line, and its socket shut down, so that its handler's
+        handshake or read returns at once."""
+        self.forget_unread(conn)
+        conn.evicted = True
+        self.places -= 1
+        self.slots.withdraw(conn.address, conn.turn)
+        with contextlib.suppress(OSError):
+            conn.handle.shutdown(socket.SHUT_RDWR)
+        conn.handle.close()
+        self.drops.note(conn.address, f"(unread, oldest first) to make room for addresses "
+                        f"holding fewer: the server holds at most {self.limit} connections")
+
+    def forget_unread(self, conn):
+        line = self.unread.get(conn.address, ())
+        if conn in line:
+            line.remove(conn)
+            if not line:
+                del self.unread[conn.address]
+
+    def connection(self, sock):
+        with self.lock:
+            return self.held[sock]
+
+    def read(self, conn):
+        """conn's request is read (or never will be): it can no longer be evicted.  False if it was
+        evicted already."""
+        with self.lock:
+            self.forget_unread(conn)
+            return not conn.evicted
+
+    def release(self, sock):
+        """sock's handler is done: its place is free (unless its eviction freed it already)."""
+        with self.lock:
+            conn = self.held.pop(sock, None)
+            if conn is None or conn.evicted:
+                return
+            self.forget_unread(conn)
+            self.places -= 1
+        conn.handle.close()
+
+
+def descriptors_for_connections():
+    """Raise the soft limit of open descriptors (to at most the hard limit) to what MAX_CONNECTIONS
+    need: a distribution's default of 1,024 would not do.  The connections the limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_CONNECTIONS * FDS_PER_CONNECTION + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < want:
+        allowed = max(1, (soft - FD_RESERVE) // FDS_PER_CONNECTION)
+        logging.warning("holding at most %d connections, not %d: the limit of open files is %d "
+                        "(raise it to %d)", allowed, MAX_CONNECTIONS, soft, want)
+        return allowed
+    return MAX_CONNECTIONS
 
 
 def address_key(host):

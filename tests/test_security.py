@@ -11,13 +11,15 @@ build time, so each test plays an attacker against a real server:
 - a compile that swaps its results for links, fifos and links to root-only
   files, and a process of the compile account outside the sandbox that
   does the same for the whole test, against a root server;
-- silent connections from one address, megabyte arguments, weak TLS,
-  and every resource limit of a compile."""
+- silent connections from one address and from 100 addresses (more than
+  the server holds), megabyte arguments, weak TLS, and every resource
+  limit of a compile."""
 
 import os
 import pwd
 import random
 import re
+import resource
 import shutil
 import socket
 import string
@@ -374,6 +376,111 @@ def test_silent_connections_from_one_address_keep_no_one_out(servers, sandbox, k
         for s in held:
             s.close()
     assert_serves(sandbox, srv, krel)
+
+
+SILENT_ADDRESSES = [f"127.0.1.{n}" for n in range(1, 101)]  # all of 127/8 is routed to lo
+SILENT_EACH = 16  # the default --max-per-address
+TABLE = 1024  # the connections the server holds (stap_server.MAX_CONNECTIONS)
+
+
+def test_silent_connections_from_many_addresses_keep_no_one_out(servers, sandbox, krel):
+    """1,600 silent connections from 100 addresses, each within --max-per-address, more than
+    the 1,024 the server holds: a client on 127.0.0.1 is served in seconds, not after the silent
+    ones' handshake timeout (the old listener stopped accepting at 1,024 and the client waited
+    in the kernel's backlog: here >= 60 s).  The oldest silent connections of the addresses
+    holding the most were dropped, no address lost all of them, and the drops are logged as
+    counts.  The server raises its own descriptor limit: it starts with a soft limit of 1,024."""
+    with fd_soft_limit(1024):
+        srv = servers.start(sandbox, krel, None, "--handshake-timeout", "60",
+                            "--io-timeout", "60")
+    held = {}
+    with fd_soft_limit(4 * len(SILENT_ADDRESSES) * SILENT_EACH):
+        try:
+            accepting = True
+            for address in SILENT_ADDRESSES:
+                held[address] = [silent_connection(address, srv.port) for _ in range(SILENT_EACH)]
+                accepting = accepting and accepted(srv.port, 10)
+            started = time.monotonic()
+            proc = client(sandbox, srv, "-r", krel, "-p2", "-e", "probe begin { exit() }")
+            took = time.monotonic() - started
+            print(f"\n{len(held) * SILENT_EACH} silent connections from {len(held)} addresses "
+                  f"({'all accepted' if accepting else 'the server stopped accepting'}); "
+                  f"the client took {took:.2f} s")
+            assert proc.returncode == 0, text(proc)
+            assert took < 10, f"the client waited {took:.1f} s"
+            still_open = {a: sum(map(is_open, socks)) for a, socks in held.items()}
+            print(f"still open: {sum(still_open.values())}, per address "
+                  f"{min(still_open.values())}..{max(still_open.values())}")
+            assert TABLE - 32 <= sum(still_open.values()) <= TABLE, still_open
+            assert min(still_open.values()) >= 1, still_open
+            conftest.wait_until(lambda: re.search(r"dropped \d+ connections from 127\.0\.1\.",
+                                                  open(srv.log).read()), 10, "no drop logged")
+        finally:
+            for s in (s for socks in held.values() for s in socks):
+                s.close()
+    drops = [l for l in open(srv.log) if "dropped" in l]
+    assert len(drops) <= 20, drops  # counts, not a line per connection
+    assert_serves(sandbox, srv, krel)
+
+
+class fd_soft_limit:
+    """The soft limit of open descriptors set to n meanwhile (at most the hard limit)."""
+
+    def __init__(self, n):
+        self.saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.n = min(n, self.saved[1])
+
+    def __enter__(self):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.n, self.saved[1]))
+
+    def __exit__(self, *exc):
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.saved)
+
+
+def silent_connection(source, port):
+    """A TCP connection from source that never says a word, started without waiting."""
+    s = socket.socket()
+    s.setblocking(False)
+    s.bind((source, 0))
+    s.connect_ex(("127.0.0.1", port))
+    return s
+
+
+def accepted(port, timeout):
+    """Whether the server accepted every connection to port within timeout seconds.  (Silent
+    connections are opened an address at a time, each batch accepted before the next: past the
+    kernel's backlog a connection completes with a SYN cookie and, silent, never reaches the
+    server.)"""
+    try:
+        return conftest.wait_until(lambda: not kernel_held(port), timeout, "",
+                                   error=TimeoutError)
+    except TimeoutError:
+        return False
+
+
+def kernel_held(port):
+    """Connections to port that the kernel holds for the server: its listening socket's accept
+    queue, and handshakes not yet complete (SYN_RECV)."""
+    held = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) != port:
+                continue
+            if fields[3] == "0A":  # LISTEN: rx_queue is the accept queue
+                held += int(fields[4].split(":")[1], 16)
+            held += fields[3] == "03"
+    return held
+
+
+def is_open(s):
+    """Whether the server still holds the connection (it has sent nothing and not closed it)."""
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def test_megabyte_arguments_get_rc_1_and_a_short_log_line(servers, sandbox, krel):
