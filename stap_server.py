@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import errno
 import functools
 import hashlib
 import io
@@ -1316,6 +1317,16 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if self.address_family == socket.AF_INET6:  # IPv4 clients too, as ::ffff:a.b.c.d
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
+
+    def get_request(self):
+        """accept(); out of descriptors, a pause first, rather than a busy loop on a listening
+        socket that stays readable (evicted connections' handlers are closing theirs)."""
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.05)
+            raise
 
     def process_request(self, request, client_address):
         """Into the connection table (perhaps in an evicted one's place) before its thread starts:
