@@ -2261,7 +2261,7 @@ def read_tsig_key(path):
     """(keyring, key name, algorithm) from a BIND key statement."""
     import dns.tsigkeyring
     try:
-        with open(path) as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as f:  # checked at start: no link
             m = TSIG_KEY.search(f.read())
     except OSError as e:
         raise Error(f"cannot read the TSIG key {path}: {e.strerror}") from None

@@ -292,6 +292,13 @@ def test_the_log_is_private_to_the_server(who, servers, krel):
         client(box, srv, "-r", krel, "-p2", "-e", "probe begin { exit() }")
         conftest.wait_until(lambda: os.path.exists(log), 10, "no new log")
         assert mode_of(log) == 0o640
+        if box.user:  # another account's log that anyone may write: not the server's to fix
+            theirs = box.path("theirs.log")
+            os.close(os.open(theirs, os.O_CREAT | os.O_WRONLY, 0o666))
+            os.chmod(theirs, 0o666)
+            assert start_refused(box, krel, "--log", theirs) == (
+                f"stap-start-server: ERROR: the log {theirs} is open to others (mode 0666) and "
+                f"not the server's to change: chmod 640 {theirs}")
     finally:
         shutil.rmtree(box.top, ignore_errors=True)
 
