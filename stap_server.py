@@ -70,6 +70,15 @@ COMPILE_LIMITS = (
     ("disk", 1 << 30, "BYTES", "everything one compile writes in its request directory"),
 )
 
+# Every option that names a file or directory is one of these two (a unit test holds the parser to
+# it).  A secret's file is masked wherever the compile's sandbox would show it, and the server
+# refuses to start unless only its own account can read and write it.
+SECRET_FILE_OPTIONS = ("--tsig-key",)
+# The server's own database, log and directories (masked by private_paths), and the trees the
+# compile is meant to read.
+OTHER_PATH_OPTIONS = ("--ssl", "--log", "-R", "-I", "--tmpdir", "--cache-dir")
+LOG_MODE, LOG_DIR_MODE = 0o640, 0o750  # the log names every client and the start of every script
+
 # --------------------------------------------------------------------------
 # Server configuration
 # --------------------------------------------------------------------------
@@ -205,6 +214,8 @@ def parse_config(argv, prog=PROG):
         config.tmpdir_min_free = default_min_free(config.tmpdir)
     config.cache_dir = os.path.abspath(config.cache_dir or state_dir("cache"))
     config.dns_update = dns_update_target(config)  # the zone name becomes the whole target
+    for option, path in secret_files(config):
+        check_secret_file(option, path)
     return config
 
 
@@ -226,6 +237,34 @@ def dns_update_target(opts):
         raise Error("--dns-update, --dns-server and --tsig-key go together")
     host, port = client.parse_server_spec(opts.dns_server)
     return (opts.dns_update.rstrip(".") + ".", host, port or 53, os.path.abspath(opts.tsig_key))
+
+
+def secret_files(config):
+    """(option, absolute path) of each file that a SECRET_FILE_OPTIONS option names."""
+    return [(o, os.path.abspath(v)) for o in SECRET_FILE_OPTIONS
+            if (v := getattr(config, o.lstrip("-").replace("-", "_"), None))]
+
+
+def check_secret_file(option, path):
+    """Refuse a secret file that is a link, not a regular file, another account's, or open to
+    group or others: one line naming the file and the fix."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise Error(f"cannot read {option} {path}: {e.strerror}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode):
+        raise Error(f"{option} {path} is a symbolic link; name the key file itself (mode 0600, "
+                    "the server account's)")
+    if not stat.S_ISREG(st.st_mode):
+        raise Error(f"{option} {path} is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise Error(f"{option} {path} belongs to uid {st.st_uid}, not to the server's account "
+                    f"(uid {os.geteuid()}); give the server a copy of its own: as uid "
+                    f"{os.geteuid()}, install -m 600 {path} NEWFILE")
+    if mode & 0o066:
+        raise Error(f"{option} {path}: group or others may read or write it (mode {mode:04o}); "
+                    f"chmod 600 {path}")
 
 
 def served_releases(requested):
@@ -714,7 +753,7 @@ def sandbox_argv(config, work_fd, cache):
     directories read-only, the server's own files masked, the request's work/ the only writable
     place (with cache, stap's cache)."""
     argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
-    shown = []
+    shown, masked = [], []
     for d in SYSTEM_DIRS:
         if os.path.islink(d):
             argv += ["--symlink", os.readlink(d), d]
@@ -726,15 +765,35 @@ def sandbox_argv(config, work_fd, cache):
             # an empty read-only directory, or /dev/null, in its place
             argv += (["--size", "4096", "--tmpfs", p, "--remount-ro", p] if os.path.isdir(p)
                      else ["--ro-bind", "/dev/null", p])
+            masked.append(os.path.realpath(p))
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SANDBOX_TMPFS), "--tmpfs", "/tmp"]
+    binds = [(d, d) for d in shown]
     for p in server_trees(config) + [shutil.which(stap_program()) or stap_program()]:
         p = os.path.realpath(p)
         if os.path.exists(p) and not any(inside(p, d) for d in shown):
             argv += ["--ro-bind", p, p]  # the server's own -R/-I trees, a stand-in stap
+            binds.append((p, p))
     argv += ["--bind-fd", str(work_fd), SANDBOX_WORK]
     if cache:
         argv += ["--bind", cache, SANDBOX_CACHE]
+        binds.append((os.path.realpath(cache), SANDBOX_CACHE))
+    argv += secret_masks(config, binds, masked)
     return argv + ["--remount-ro", "/", "--chdir", SANDBOX_WORK, "--"]
+
+
+def secret_masks(config, binds, masked):
+    """/dev/null over each secret file at every place where the sandbox shows it, after all the
+    binds: binds are (host path, where the sandbox shows it), a directory or a file; a secret in
+    a masked private directory of a system directory is hidden already (and that empty directory
+    is read-only: no mount point could be made in it)."""
+    argv = []
+    for _, path in secret_files(config):
+        real = os.path.realpath(path)
+        for host, there in binds:
+            hidden = host == there and any(real == m or inside(real, m) for m in masked)
+            if (real == host or inside(real, host)) and not hidden:
+                argv += ["--ro-bind", "/dev/null", there + real[len(host):]]
+    return argv
 
 
 def server_trees(config):
@@ -2387,7 +2446,7 @@ def read_tsig_key(path):
     """(keyring, key name, algorithm) from a BIND key statement."""
     import dns.tsigkeyring
     try:
-        with open(path) as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as f:  # checked at start: no link
             m = TSIG_KEY.search(f.read())
     except OSError as e:
         raise Error(f"cannot read the TSIG key {path}: {e.strerror}") from None
@@ -2436,12 +2495,35 @@ def read_status(pid):
 # Commands
 # --------------------------------------------------------------------------
 
-def setup_logging(path):
+def open_log(path):
+    """A descriptor for appending to the log: made LOG_MODE, in a directory made LOG_DIR_MODE; one
+    that group could write or others read is tightened (or refused when it is not ours)."""
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), 0o755, exist_ok=True)
-        handler = logging.handlers.WatchedFileHandler(path)  # reopens a rotated log
+        os.makedirs(os.path.dirname(os.path.abspath(path)), LOG_DIR_MODE, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE)
     except OSError as e:
         raise Error(f"cannot write the log {path}: {e.strerror}") from None
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & ~LOG_MODE & 0o777:
+        try:
+            os.fchmod(fd, mode & LOG_MODE)
+        except OSError:
+            os.close(fd)
+            raise Error(f"the log {path} is open to others (mode {mode:04o}) and not the "
+                        f"server's to change: chmod 640 {path}") from None
+    return fd
+
+
+class LogFile(logging.handlers.WatchedFileHandler):
+    """The log, reopened (after a rotation or removal) the way it was first opened."""
+
+    def _open(self):
+        return open(open_log(self.baseFilename), self.mode, encoding=self.encoding,
+                    errors=self.errors)
+
+
+def setup_logging(path):
+    handler = LogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s stap-serverd[%(process)d] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -2583,8 +2665,7 @@ def server_command(args):
 def start_server(args, timeout=START_TIMEOUT):
     """Start stap-serverd detached; return its pid once it accepts connections."""
     config = parse_config(args, prog="stap-start-server")  # fail early on bad options
-    os.makedirs(os.path.dirname(os.path.abspath(config.log)), 0o755, exist_ok=True)
-    with open(config.log, "ab") as log:
+    with open(open_log(config.log), "ab") as log:  # the daemon's stdout and stderr
         offset = log.tell()
         proc = subprocess.Popen(server_command(args), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log, start_new_session=True, close_fds=True)

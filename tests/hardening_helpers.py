@@ -2,12 +2,15 @@
 test_load, test_faults): raw protocol traffic to a running server, request
 and reply archives built by hand, and checks that a server still serves."""
 
+import base64
 import io
 import os
 import pwd
 import re
+import shutil
 import socket
 import stat
+import subprocess
 import time
 import zipfile
 
@@ -209,3 +212,36 @@ def is_regular_or_dir(path):
 
 
 ERROR_LINE = re.compile(r"^stap-serverd: ERROR: .+", re.MULTILINE)
+
+
+def write_tsig_key(path, name):
+    """A BIND key statement made the documented way, with tsig-keygen under umask 077 (written by
+    hand where BIND's tools are missing): mode 0600, the caller's.  Returns its secret."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        if shutil.which("tsig-keygen"):
+            f.flush()
+            subprocess.run(["tsig-keygen", name], stdout=f, check=True)
+        else:
+            secret = base64.b64encode(os.urandom(32)).decode()
+            f.write(f'key "{name}" {{ algorithm hmac-sha256; secret "{secret}"; }};\n')
+    with open(path) as f:
+        return re.search(r'secret "([^"]+)"', f.read()).group(1)
+
+
+def write_named_conf(workdir, zone, keyfile, key_name, listen, ns_address, port=53):
+    """named.conf (returned) and the zone file for a BIND 9 in workdir: it serves zone as its
+    primary on the listen addresses, updatable with the key, and says "browse this domain"."""
+    with open(os.path.join(workdir, f"{zone}.zone"), "w") as f:
+        f.write(f"$TTL 60\n@ IN SOA ns.{zone}. admin.{zone}. 1 60 60 600 60\n"
+                f"@ IN NS ns.{zone}.\nns IN A {ns_address}\n"
+                "b._dns-sd._udp IN PTR @\n")  # "browse this domain" (RFC 6763 11)
+    conf = os.path.join(workdir, "named.conf")
+    with open(conf, "w") as f:
+        f.write(f'include "{keyfile}";\ncontrols {{ }};\n'
+                f'options {{ directory "{workdir}"; pid-file "{workdir}/named.pid"; '
+                f'session-keyfile "{workdir}/session.key"; '
+                f'listen-on port {port} {{ {"; ".join(listen)}; }}; '
+                'listen-on-v6 { none; }; recursion no; dnssec-validation no; };\n'
+                f'zone "{zone}" {{ type primary; file "{workdir}/{zone}.zone"; '
+                f'allow-update {{ key "{key_name}"; }}; }};\n')
+    return conf

@@ -25,6 +25,7 @@ import socket
 import string
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -42,6 +43,8 @@ from hardening_helpers import (
     server_tmpdir,
     stand_in_stap as stand_in,
     wait_request_lines,
+    write_named_conf,
+    write_tsig_key,
     zip_bytes,
 )
 
@@ -144,6 +147,162 @@ def test_guru_allowed_is_still_sandboxed_and_never_cached(servers, sandbox, krel
         assert proc.returncode == 0, text(proc)
     lines = request_lines(srv)[-2:]
     assert all("guru=True" in l and "cache='skip'" in l for l in lines), lines
+
+
+# --------------------------------------------------------------------------
+# Secrets the server reads (--tsig-key) and its log
+# --------------------------------------------------------------------------
+
+ZONE = "fleet.test"
+KEY_NAME = "stap-update"
+
+
+def free_loopback_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def loopback_zone():
+    """(port, key file): a real BIND 9 serving ZONE on 127.0.0.1:port, updatable with the key
+    (root's, mode 0600, as the README makes it)."""
+    if not shutil.which("named"):
+        pytest.skip("BIND 9 is not installed (tools/install-deps installs bind9)")
+    workdir = tempfile.mkdtemp(prefix="stap-zone.")
+    keyfile = os.path.join(workdir, "bind.key")
+    write_tsig_key(keyfile, KEY_NAME)
+    port = free_loopback_port()
+    conf = write_named_conf(workdir, ZONE, keyfile, KEY_NAME, ["127.0.0.1"], "127.0.0.1", port)
+    log = os.path.join(workdir, "named.log")
+    with open(log, "w") as out:
+        named = subprocess.Popen(["named", "-g", "-c", conf], stdout=out,
+                                 stderr=subprocess.STDOUT)
+    try:
+        conftest.wait_until(lambda: "running" in open(log).read(), 20,
+                            lambda: f"named did not start: {open(log).read()[-2000:]}")
+        yield port, keyfile
+    finally:
+        conftest.stop_pid(named)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def server_copy_of_key(bind_key, path, user):
+    """The server's own copy of the zone's key, 0600 and the server account's (README)."""
+    shutil.copyfile(bind_key, path)
+    os.chmod(path, 0o600)
+    if user:
+        pw = pwd.getpwnam(user)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    with open(path) as f:
+        return re.search(r'secret "([^"]+)"', f.read()).group(1).encode()
+
+
+@pytest.mark.parametrize("where", ["etc", "server -I tree"])
+def test_guru_incbin_of_the_tsig_key_finds_nothing(where, servers, user_sandbox, krel, runtime,
+                                                  loopback_zone):
+    """An ordinary user's server (its compiles run as that user, who may read the key) registers
+    in a zone with a key that lies under /etc, or in its own -I tree: --allow-guru, and a -p4
+    .incbin of the key finds no such file, where the old sandbox built it into the module."""
+    port, bind_key = loopback_zone
+    box = user_sandbox
+    if where == "etc":
+        keydir = f"/etc/stap-test-{uuid.uuid4().hex[:8]}"
+        os.mkdir(keydir, 0o755)
+        extra = []
+    else:
+        keydir = box.path("server-tapsets")
+        os.mkdir(keydir, 0o755)
+        extra = ["-I", keydir]
+    key = os.path.join(keydir, "update.key")
+    try:
+        secret = server_copy_of_key(bind_key, key, box.user)
+        srv = servers.start(box, krel, runtime, "--allow-guru", "--dns-update", ZONE,
+                            "--dns-server", f"127.0.0.1:{port}", "--tsig-key", key, *extra)
+        proc = client(box, srv, "-r", krel, "-p4", "-g", "-m", "steal",
+                      "-e", KEY_INCBIN.format(key=key), timeout=300)
+        assert secret not in proc.stdout + proc.stderr, text(proc)
+        assert proc.returncode == 1, text(proc)
+        # masked by /dev/null, which the assembler does not take for a file
+        assert f"file not found: {key}" in proc.stderr.decode(), text(proc)
+        assert not any(n.endswith(".ko") for n in os.listdir(box.top))
+    finally:
+        if where == "etc":
+            shutil.rmtree(keydir, ignore_errors=True)
+
+
+def start_refused(box, krel, *args):
+    """The one line of a refused stap-start-server."""
+    proc = box.run("stap-start-server", "--listen", "127.0.0.1", "-r", krel, "--advertise",
+                   "none", "--log", box.path("refused.log"), *args, timeout=60)
+    assert proc.returncode == 1, text(proc)
+    err = proc.stderr.decode().strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_key_file_that_is_not_private_is_refused_in_one_line(sandbox, krel):
+    """A key others or BIND's group may read, another account's, or a link: the start is refused
+    with one line that names the file and the fix, before anything is sent to the zone."""
+    key = sandbox.path("update.key")
+    write_tsig_key(key, KEY_NAME)
+    zone = ["--dns-update", ZONE, "--dns-server", "127.0.0.1:9", "--tsig-key"]
+    os.chmod(key, 0o644)  # tsig-keygen > FILE under umask 022
+    assert start_refused(sandbox, krel, *zone, key) == (
+        f"stap-start-server: ERROR: --tsig-key {key}: group or others may read or write it "
+        f"(mode 0644); chmod 600 {key}")
+    os.chmod(key, 0o640)
+    assert f"(mode 0640); chmod 600 {key}" in start_refused(sandbox, krel, *zone, key)
+    os.chmod(key, 0o600)
+    staptest = conftest.ensure_test_user()
+    os.chown(key, staptest.pw_uid, staptest.pw_gid)
+    assert start_refused(sandbox, krel, *zone, key) == (
+        f"stap-start-server: ERROR: --tsig-key {key} belongs to uid {staptest.pw_uid}, not to "
+        f"the server's account (uid 0); give the server a copy of its own: as uid 0, "
+        f"install -m 600 {key} NEWFILE")
+    os.chown(key, 0, 0)
+    link = sandbox.path("link.key")
+    os.symlink(key, link)
+    assert start_refused(sandbox, krel, *zone, link) == (
+        f"stap-start-server: ERROR: --tsig-key {link} is a symbolic link; name the key file "
+        "itself (mode 0600, the server account's)")
+
+
+def mode_of(path):
+    return os.lstat(path).st_mode & 0o7777
+
+
+@pytest.mark.parametrize("who", ["root", "staptest"])
+def test_the_log_is_private_to_the_server(who, servers, krel):
+    """The log names every client and the start of every script: made 0640 in a directory made
+    0750, by stap-start-server and by the server; an existing one others could read is tightened
+    at the next start."""
+    box = conftest.make_sandbox(None if who == "root" else conftest.TEST_USER)
+    try:
+        logdir = box.path("logs")
+        log = os.path.join(logdir, "server.log")
+        srv = servers.start(box, krel, None, "--log", log)
+        assert (mode_of(log), mode_of(logdir)) == (0o640, 0o750)
+        assert os.stat(log).st_uid == (pwd.getpwnam(box.user).pw_uid if box.user else 0)
+        srv.stop()
+        os.chmod(log, 0o666)
+        srv = servers.start(box, krel, None, "--log", log)
+        assert mode_of(log) == 0o640
+        with open(log) as f:
+            assert f"listening on 127.0.0.1 port {srv.port}" in f.read()
+        os.unlink(log)  # as a rotation does: the server makes a new one on its next line
+        client(box, srv, "-r", krel, "-p2", "-e", "probe begin { exit() }")
+        conftest.wait_until(lambda: os.path.exists(log), 10, "no new log")
+        assert mode_of(log) == 0o640
+        if box.user:  # another account's log that anyone may write: not the server's to fix
+            theirs = box.path("theirs.log")
+            os.close(os.open(theirs, os.O_CREAT | os.O_WRONLY, 0o666))
+            os.chmod(theirs, 0o666)
+            assert start_refused(box, krel, "--log", theirs) == (
+                f"stap-start-server: ERROR: the log {theirs} is open to others (mode 0666) and "
+                f"not the server's to change: chmod 640 {theirs}")
+    finally:
+        shutil.rmtree(box.top, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------

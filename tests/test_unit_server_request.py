@@ -4,6 +4,8 @@ pass 5 lowered to 4), guru mode, the locale passed to stap, the compile's
 limits and how a broken one is told, the reply's entries, the log line, and
 the names and texts it advertises with."""
 
+import os
+import re
 import types
 
 import conftest  # noqa: F401  (puts the modules on sys.path)
@@ -14,6 +16,8 @@ import stap_server
 from stap_client import Error, Limits, Reply, RequestArchive, open_archive
 from stap_server import (
     COMPILE_LIMITS,
+    OTHER_PATH_OPTIONS,
+    SECRET_FILE_OPTIONS,
     Offer,
     Request,
     RequestRecord,
@@ -21,6 +25,7 @@ from stap_server import (
     alternative_name,
     build_option_parser,
     check_argv_size,
+    check_secret_file,
     client_arguments,
     dns_update_target,
     format_address,
@@ -35,6 +40,7 @@ from stap_server import (
     parse_config,
     reply_entries,
     reply_for_client,
+    secret_files,
     txt_rdata_text,
 )
 
@@ -89,6 +95,51 @@ def test_dns_update_target():
     assert refused(dns_update_target, types.SimpleNamespace(
         dns_update="example.test", dns_server=None, tsig_key=None)) == \
         "--dns-update, --dns-server and --tsig-key go together"
+
+
+def test_every_path_option_is_classified_as_secret_or_not():
+    """A new option naming a file must be declared a secret (masked in the sandbox, checked at
+    start) or not; the parser's metavars tell which options name files."""
+    actions = build_option_parser("stap-serverd")._actions
+    paths = {a.option_strings[0] for a in actions if re.search(r"FILE|DIR|PATH", a.metavar or "")}
+    assert paths == set(SECRET_FILE_OPTIONS) | set(OTHER_PATH_OPTIONS)
+    assert not set(SECRET_FILE_OPTIONS) & set(OTHER_PATH_OPTIONS)
+    config = build_option_parser("stap-serverd").parse_args(["--tsig-key", "k", "--log", "l"])
+    assert secret_files(config) == [("--tsig-key", os.path.abspath("k"))]
+
+
+def test_a_secret_file_must_be_private(tmp_path):
+    key = tmp_path / "k.key"
+    key.write_text("key")
+    key.chmod(0o604)
+    assert refused(check_secret_file, "--tsig-key", str(key)) == \
+        f"--tsig-key {key}: group or others may read or write it (mode 0604); chmod 600 {key}"
+    key.chmod(0o620)
+    assert "(mode 0620); chmod 600" in refused(check_secret_file, "--tsig-key", str(key))
+    key.chmod(0o600)
+    check_secret_file("--tsig-key", str(key))
+    (tmp_path / "link").symlink_to(key)
+    assert "link is a symbolic link; name the key file itself" in \
+        refused(check_secret_file, "--tsig-key", str(tmp_path / "link"))
+    assert refused(check_secret_file, "--tsig-key", str(tmp_path)) == \
+        f"--tsig-key {tmp_path} is not a regular file"
+    assert refused(check_secret_file, "--tsig-key", str(tmp_path / "no")) == \
+        f"cannot read --tsig-key {tmp_path / 'no'}: No such file or directory"
+
+
+@pytest.mark.parametrize("key,masks", [
+    ("/etc/k.key", ["/etc/k.key"]),  # shown by the /etc bind
+    ("/srv/tapsets/k.key", ["/srv/tapsets/k.key"]),  # shown by the -I tree's own bind
+    ("/var/cache/stap/u/k.key", ["/stap/cache/k.key"]),  # shown where the cache is bound
+    ("/etc/db/k.key", []),  # in a private directory masked by an empty one already
+    ("/home/u/k.key", []),  # shown nowhere
+])
+def test_a_secret_is_masked_wherever_the_sandbox_shows_it(key, masks):
+    config = types.SimpleNamespace(tsig_key=key)
+    binds = [("/usr", "/usr"), ("/etc", "/etc"), ("/srv/tapsets", "/srv/tapsets"),
+             ("/var/cache/stap/u", "/stap/cache")]
+    argv = stap_server.secret_masks(config, binds, masked=["/etc/db"])
+    assert argv == [x for m in masks for x in ("--ro-bind", "/dev/null", m)]
 
 
 # --------------------------------------------------------------------------

@@ -4,7 +4,6 @@ subnet, routed through a third namespace where multicast does not reach,
 finds and uses it through unicast DNS; a wrong key is refused with one
 line; a stopped server's records go."""
 
-import base64
 import os
 import re
 import shutil
@@ -13,15 +12,11 @@ import time
 
 import pytest
 from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
-from hardening_helpers import stand_in_stap
+from hardening_helpers import stand_in_stap, write_named_conf, write_tsig_key
 from netns import TestNetwork, skip_reason
 
 ZONE = "fleet.test"
 KEY_NAME = "stap-update"
-
-
-def key_statement(secret):
-    return f'key "{KEY_NAME}" {{ algorithm hmac-sha256; secret "{secret}"; }};\n'
 
 
 @pytest.fixture
@@ -37,22 +32,11 @@ def fleet(krel):
         a, b = net.hosts
         r, w = net.router, net.router.workdir
         keyfile = os.path.join(w, "update.key")
-        with open(keyfile, "w") as f:
-            f.write(key_statement(base64.b64encode(os.urandom(32)).decode()))
-        with open(os.path.join(w, f"{ZONE}.zone"), "w") as f:
-            f.write(f"$TTL 60\n@ IN SOA ns.{ZONE}. admin.{ZONE}. 1 60 60 600 60\n"
-                    f"@ IN NS ns.{ZONE}.\nns IN A 10.201.1.1\n"
-                    "b._dns-sd._udp IN PTR @\n")  # "browse this domain" (RFC 6763 11)
-        with open(os.path.join(w, "named.conf"), "w") as f:
-            f.write(f'include "{keyfile}";\ncontrols {{ }};\n'
-                    f'options {{ directory "{w}"; pid-file "{w}/named.pid"; '
-                    f'session-keyfile "{w}/session.key"; listen-on {{ 10.201.1.1; 10.201.2.1; }}; '
-                    'listen-on-v6 { none; }; recursion no; dnssec-validation no; };\n'
-                    f'zone "{ZONE}" {{ type primary; file "{w}/{ZONE}.zone"; '
-                    f'allow-update {{ key "{KEY_NAME}"; }}; }};\n')
+        write_tsig_key(keyfile, KEY_NAME)  # as the README says: mode 0600, the server's
+        conf = write_named_conf(w, ZONE, keyfile, KEY_NAME, ["10.201.1.1", "10.201.2.1"],
+                                "10.201.1.1")
         log = open(os.path.join(w, "named.log"), "w")
-        r.popen(["named", "-g", "-c", os.path.join(w, "named.conf")], stdout=log,
-                stderr=subprocess.STDOUT)
+        r.popen(["named", "-g", "-c", conf], stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: "running" in open(os.path.join(w, "named.log")).read(), 10,
                    "named did not start")
         resolv = os.path.join(b.workdir, "resolv.conf")
@@ -114,8 +98,7 @@ def test_found_and_used_across_subnets_then_gone(fleet, krel):
 def test_a_wrong_key_is_refused_in_one_line(fleet, krel):
     a, _, _, keyfile, box = fleet
     wrong = box.path("wrong.key")
-    with open(wrong, "w") as f:
-        f.write(key_statement(base64.b64encode(os.urandom(32)).decode()))
+    write_tsig_key(wrong, KEY_NAME)
     proc = start(a, box, krel, wrong)
     assert proc.returncode == 1
     err = proc.stderr.strip()
