@@ -399,7 +399,8 @@ STAP_LONG_OPTIONS = dict(
 SAME_OPTION = {"colour": "color"}
 # stap-client's own options, beside stap's (each given as --name=VALUE).
 CLIENT_LONG_OPTIONS = {"server": OPTIONAL_VALUE, "ssl": OPTIONAL_VALUE,
-                       "domain": OPTIONAL_VALUE, "deadline": OPTIONAL_VALUE}
+                       "domain": OPTIONAL_VALUE, "deadline": OPTIONAL_VALUE,
+                       "each-kernel": OPTIONAL_VALUE}
 
 LOCAL, PATH = "local", "path"
 
@@ -577,6 +578,7 @@ class Invocation:
         self.notes = []  # what was decided for the user, shown as progress
         self.listing = False  # -l or -L: stap lists probes, builds no module
         self.script = None  # (its name in the request, its name as the user gave it)
+        self.each_kernel = None  # --each-kernel: the releases to check the script against
 
 
 def parse_stap_args(argv, stdin=None):
@@ -646,6 +648,8 @@ def handle_option(inv, name, value):
         setattr(inv, CLIENT_VALUES[name], value)
     elif name in CLIENT_LISTS:
         getattr(inv, CLIENT_LISTS[name]).append(value)
+    elif name == "--each-kernel":
+        inv.each_kernel = kernel_releases(value)
     elif name == "--deadline":
         try:
             inv.deadline = float(value)
@@ -1846,6 +1850,10 @@ staprun ($SYSTEMTAP_STAPRUN overrides which program).  Takes stap's options
   --ssl=DIR             also trust servers in this client database (searched first)
   --deadline=SECONDS    keep retrying busy or unreachable servers this long
                         (default 600)
+  --each-kernel=REL[,REL...] | --each-kernel=@FILE
+                        check the script against each kernel release at once (FILE:
+                        one release a line): a line each, "REL ok" or "REL error:
+                        ..."; with -p4 each module is kept as NAME-REL.ko
 Also runs as: python3 stap_client.py stap-client ARGS...
 """
 
@@ -1861,6 +1869,8 @@ def stap_client(argv):
     dbs = client_databases(inv.ssl_dirs)
     for note in inv.notes:
         progress(inv, note)
+    if inv.each_kernel:
+        return check_each_kernel(inv, dbs)
     request = build_request(inv)
     tmp = private_tmpdir()
     try:
@@ -1887,6 +1897,83 @@ def stap_client(argv):
             print(f'Keeping temporary directory "{tmp}"', file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+EACH_KERNEL_JOBS = 4  # requests in flight at once for --each-kernel
+RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")
+
+
+def kernel_releases(value):
+    """--each-kernel's releases: REL[,REL...], or @FILE with one a line (# starts a comment)."""
+    if value.startswith("@"):
+        try:
+            with open(value[1:], encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as e:
+            raise Error(f"--each-kernel: cannot read {value[1:]}: {e.strerror}") from None
+        names = [line.split("#")[0].strip() for line in text.splitlines()]
+    else:
+        names = [n.strip() for n in value.split(",")]
+    names = list(dict.fromkeys(n for n in names if n))
+    bad = [n for n in names if not RELEASE_NAME.match(n)]
+    if bad or not names:
+        raise Error(f"--each-kernel: {printable(bad[0]) if bad else 'no release'} is not a "
+                    "kernel release")
+    return names
+
+
+def check_each_kernel(inv, dbs):
+    """--each-kernel: the script compiled for every release at once (at most EACH_KERNEL_JOBS
+    requests in flight), one line each in the order given: "RELEASE ok", or "RELEASE error:" and
+    the first error line of what went wrong.  0 only when every release passed.  With -p4 each
+    module is kept as NAME-RELEASE.ko."""
+    import concurrent.futures  # here: every other run of stap-client starts faster without it
+    if inv.last_pass == 5 and "-p5" in inv.server_args:
+        raise Error("--each-kernel checks a script for many kernels; pass 5 runs on this one")
+    open_databases(dbs)  # once, before the threads share it
+    tmp = private_tmpdir()
+    failed = 0
+    try:
+        with concurrent.futures.ThreadPoolExecutor(EACH_KERNEL_JOBS) as pool:
+            verdicts = pool.map(lambda r: check_kernel(inv, r, dbs, tmp), inv.each_kernel)
+            for release, verdict in zip(inv.each_kernel, verdicts):
+                print(f"{release} {printable(verdict)}", flush=True)
+                failed += verdict != "ok"
+    finally:
+        if not inv.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def check_kernel(inv, release, dbs, tmp):
+    """One release of --each-kernel: "ok", or "error: " and the first error line."""
+    one = Invocation()
+    one.__dict__.update(inv.__dict__, release=release, each_kernel=None)
+    options, rest = split_at_operands(inv.server_args)
+    one.server_args = [a for a in options if not a.startswith("-r")] + rest
+    try:
+        mine = os.path.join(tmp, release)
+        make_private_dir(mine)
+        reply = compile_anywhere(one, build_request(one), dbs, mine)
+        if reply.rc != 0:
+            return "error: " + first_error_line(reply.stderr)
+        if inv.last_pass == 4 and reply.module:
+            name = os.path.basename(reply.module).removesuffix(".ko")
+            deliver_module(reply.module, f"{name}-{release}.ko")
+    except Error as e:
+        return f"error: {e}"
+    return "ok"
+
+
+def split_at_operands(args):
+    """(options, from "--" on): the script's own arguments are not options."""
+    at = args.index("--") if "--" in args else len(args)
+    return args[:at], args[at:]
+
+
+def first_error_line(stderr):
+    lines = stderr.decode(errors="replace").splitlines()
+    return next((l for l in lines if "error" in l.lower()), lines[-1] if lines else "failed")
 
 
 def private_tmpdir():
@@ -2131,17 +2218,17 @@ def without_module_paths(stdout):
                     if not l.rstrip(b"\n").endswith(b".ko"))
 
 
-def deliver_module(module):
-    """Put the module (and its signature) in the current directory, as stap does: both are written
-    in full under temporary names first, so that a failure leaves neither (nor a new module beside
-    an old signature)."""
+def deliver_module(module, name=None):
+    """Put the module (and its signature) in the current directory, as stap does, under its own
+    name or name: both are written in full under temporary names first, so that a failure leaves
+    neither (nor a new module beside an old signature)."""
+    name = name or os.path.basename(module)
     written = []
     try:
-        for path in (module, module + ".sgn"):
+        for path, target in ((module, name), (module + ".sgn", name + ".sgn")):
             if os.path.exists(path):
                 with open(path, "rb") as source:
-                    written.append((write_temporary(os.path.basename(path), source),
-                                    os.path.abspath(os.path.basename(path))))
+                    written.append((write_temporary(target, source), os.path.abspath(target)))
         for temp, target in written:
             try:
                 os.rename(temp, target)  # a link at target is replaced, not followed
