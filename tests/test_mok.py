@@ -13,6 +13,7 @@ modules, so loading is not tested; the signature is checked with modinfo and
 `openssl cms -verify` against the certificate."""
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -210,10 +211,62 @@ def test_our_client_without_a_common_mok_gets_the_message_and_a_key(mok_server, 
     assert ("No matching machine owner key (MOK) available on the server to sign the "
             "module.") in err
     assert "mokutil --import signing_key.x509" in err
+    assert "saved as signing_key.x509" in err and "reboot" in err  # our client's paragraph
     with open(os.path.join(cwd, "signing_key.x509"), "rb") as f, \
             open(cert_of(moks, fp), "rb") as g:
         assert f.read() == g.read()
     assert not [n for n in os.listdir(cwd) if n.endswith(".ko")]
+
+
+def cache_outcomes(srv):
+    with open(srv.log) as f:
+        return re.findall(r" request client=.*? cache='(\w+)'", f.read())
+
+
+def test_signed_modules_are_cached_per_mok(mok_server, host, krel, tmp_path):
+    """The same request with the same MOK: answered from the result cache, the same signed
+    module; with another enrolled MOK the server lacks: not that module, a key to enroll."""
+    srv, moks, fp = mok_server
+    listing = mokutil_listing([cert_of(moks, fp)])
+    script = 'probe begin { println("cached per MOK") exit() }'
+    got = []
+    for n in range(2):
+        work = tmp_path / f"c{n}"
+        work.mkdir()
+        before = len(cache_outcomes(srv))
+        proc = srv.box.run("stap-client", f"--server={srv.address}", "-r", krel, "-p4", "-e",
+                           script, env=host.env(listing), cwd=str(work))
+        assert proc.returncode == 0, proc.stderr
+        got.append(check_signed(module_in(str(work)), cert_of(moks, fp), str(work)))
+        assert cache_outcomes(srv)[before:] == ["hit" if n else "miss"]
+    assert got[0] == got[1]
+    foreign = make_key_pair(str(tmp_path / "elsewhere"))
+    work = tmp_path / "other"
+    work.mkdir()
+    proc = srv.box.run("stap-client", f"--server={srv.address}", "-r", krel, "-p4", "-e", script,
+                       env=host.env(mokutil_listing([cert_of(str(tmp_path / "elsewhere"),
+                                                             foreign)])), cwd=str(work))
+    assert proc.returncode == 1
+    assert (work / "signing_key.x509").exists() and not list(work.glob("*.ko"))
+
+
+def test_a_stapusr_module_is_signed_for_staprun_after_the_mok(mok_server, host, krel, cwd):
+    """--privilege=stapusr and Secure Boot: the .sgn staprun checks covers the module as
+    delivered, its MOK signature included."""
+    srv, moks, fp = mok_server
+    proc = our_client(srv, krel, host.env(mokutil_listing([cert_of(moks, fp)])), cwd,
+                      "--privilege=stapusr", "-p4")
+    assert proc.returncode == 0, proc.stderr
+    module = module_in(cwd)
+    check_signed(module, cert_of(moks, fp), cwd)
+    pub = os.path.join(cwd, "server-pub.pem")
+    with open(pub, "w") as f:
+        subprocess.run(["openssl", "x509", "-inform", "DER", "-in",
+                        os.path.join(srv.status["database"], stap_client.SERVER_CERT_FILE),
+                        "-pubkey", "-noout"], stdout=f, check=True)
+    check = subprocess.run(["openssl", "dgst", "-sha256", "-verify", pub, "-signature",
+                            module + ".sgn", module], capture_output=True, text=True)
+    assert check.stdout.strip() == "Verified OK", check.stdout + check.stderr
 
 
 def test_real_client_gets_a_module_signed_with_its_enrolled_mok(mok_server, host, krel):
