@@ -2017,10 +2017,14 @@ def candidate_servers(inv, identity=b""):
     if compatible and any(a.startswith(("--privilege=stap", "--unprivileged"))
                           for a in inv.server_args):  # staprun will want a trusted signature
         signers = signer_serials()  # the client databases were opened and checked already
-    ranked = rank_servers(compatible, identity, signers)
-    if inv.moks:  # servers holding an enrolled MOK first: the others can only send a key to enroll
-        ranked.sort(key=lambda r: not set(inv.moks) & set(r.txt.get("mok_info", "").split(",")))
+    ranked = mok_holders_first(rank_servers(compatible, identity, signers), inv.moks)
     return [Peer(r.address, r.port) for r in ranked], describe_search(records, how)
+
+
+def mok_holders_first(records, moks):
+    """The servers that advertise one of the enrolled MOKs first, the order kept otherwise: the
+    others can only send a key to enroll (real clients do not try them at all)."""
+    return sorted(records, key=lambda r: not set(moks) & set(r.txt.get("mok_info", "").split(",")))
 
 
 def request_identity(request):

@@ -12,16 +12,19 @@ and a stand-in `mokutil` on PATH that prints --list-enrolled as mokutil does
 modules, so loading is not tested; the signature is checked with modinfo and
 `openssl cms -verify` against the certificate."""
 
+import json
 import os
 import re
 import shutil
 import stat
 import subprocess
 import tempfile
+import time
 import types
 
 import pytest
-from conftest import make_sandbox, need_root, start_server
+from conftest import CLIENT, PYTHON, SERVER, make_sandbox, need_root, start_server, stop_pid
+from netns import network_factory  # noqa: F401  (a fixture)
 
 import stap_client
 import stap_server
@@ -527,3 +530,45 @@ def test_the_offer_advertises_each_mok_and_find_servers_shows_them():
     rec = stap_client.record_from_txt("Systemtap Compile Server on h", "h.local", "192.0.2.1",
                                       4711, stap_client.txt_dict(txt))
     assert f"'mok_info={fps[0]},{fps[1]}'" in stap_client.format_server_line(rec)
+
+
+def test_our_client_tries_servers_holding_its_mok_first():
+    fp, other = ":".join(["0a"] * 20), ":".join(["0b"] * 20)
+    recs = [stap_client.record_from_txt(f"s{n}", f"h{n}", "192.0.2.1", n, txt) for n, txt in
+            enumerate([{}, {"mok_info": other}, {"mok_info": f"{other},{fp}"}, {}])]
+    assert [r.port for r in stap_client.mok_holders_first(recs, [fp])] == [2, 0, 1, 3]
+    assert [r.port for r in stap_client.mok_holders_first(recs, ["missing"])] == [0, 1, 2, 3]
+    assert stap_client.mok_holders_first(recs, []) == recs
+
+
+@pytest.mark.parametrize("avahi", [True, False], ids=["avahi", "mdns"])
+def test_mok_info_is_advertised_and_shown(avahi, network_factory, krel):  # noqa: F811
+    """A server on host A with two MOKs: stap-find-servers on B shows both; with avahi, the
+    real client's --list-servers reads them (its mok_fingerprints)."""
+    a, b = network_factory(avahi=avahi).hosts
+    box = make_sandbox()
+    db = box.path("server-db")
+    fps = sorted(make_key_pair(os.path.join(db, "moks")) for _ in range(2))
+    proc = a.run([PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel, "--ssl", db,
+                  "--log", box.path("server.log")], env=box.env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout.strip())
+    try:
+        port = json.loads(a.run(["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout)[
+            "port"]
+        deadline, line, shown = time.monotonic() + 10, "", []
+        while sorted(shown) != fps and time.monotonic() < deadline:
+            out = b.run([PYTHON, CLIENT, "stap-find-servers", "--all"], env=box.env).stdout
+            line = next((l for l in out.splitlines() if f" {port} " in l), "")
+            shown = re.findall(r"'mok_info=([^']*)'", line)
+            shown = shown[0].split(",") if shown else []  # in whatever order the TXT came
+        assert sorted(shown) == fps, line
+        if avahi:
+            env = {**box.env, "SYSTEMTAP_DIR": box.path("real-client")}
+            out = b.run([STAP, "--list-servers=all"], env=env, timeout=60)
+            listed = re.search(r'mok_fingerprints="([^"]*)"', out.stdout + out.stderr)
+            assert listed, out.stdout + out.stderr
+            assert sorted(listed.group(1).split(", ")) == fps
+    finally:
+        stop_pid(pid)
+        shutil.rmtree(box.top, ignore_errors=True)
