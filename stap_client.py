@@ -579,6 +579,7 @@ class Invocation:
         self.listing = False  # -l or -L: stap lists probes, builds no module
         self.script = None  # (its name in the request, its name as the user gave it)
         self.each_kernel = None  # --each-kernel: the releases to check the script against
+        self.moks = []  # the request's mok_fingerprints: see secure_boot_moks
 
 
 def parse_stap_args(argv, stdin=None):
@@ -620,6 +621,63 @@ def add_privilege(inv):
         inv.notes.append(f"--privilege={level} was automatically selected because you are a "
                          f"member of the group{'s stapusr and' if level == 'stapsys' else ''} "
                          f"{level}.  [man stap]")
+
+
+# Secure Boot: a kernel that loads only signed modules needs one signed with a MOK it trusts
+MOK_CERT_NAME = "signing_key.x509"  # a server's MOK certificate in a reply, saved here
+MOK_LISTING = re.compile(r"^SHA1 Fingerprint: ([0-9a-f:]+)$")
+MOK_ISSUER = re.compile(r"^[ \t]*Issuer: [A-Z]*=(.*)$")
+
+
+def modules_must_be_signed(environ=None, sysfs="/sys"):
+    """As stap decides it: SYSTEMTAP_SIGN or SYSTEMTAP_NOSIGN, else the kernel enforcing module
+    signatures, a securelevel of 1, or lockdown in integrity or confidentiality mode."""
+    env = os.environ if environ is None else environ
+    if "SYSTEMTAP_SIGN" in env:
+        return True
+    if "SYSTEMTAP_NOSIGN" in env:
+        return False
+    look = lambda path: read_entry(sysfs, path) or b""
+    return (look("module/module/parameters/sig_enforce").strip()[:1] == b"Y"
+            or look("kernel/security/securelevel").strip()[:1] == b"1"
+            or bool({b"[integrity]", b"[confidentiality]"}
+                    & set(look("kernel/security/lockdown").split())))
+
+
+def enrolled_systemtap_moks():
+    """The SHA-1 fingerprints of the MOKs enrolled here that systemtap made (issuer Systemtap), read
+    from mokutil --list-enrolled as stap reads it: each fingerprint line, then its first issuer
+    line."""
+    try:
+        out = run_tool(["mokutil", "--list-enrolled"]).stdout
+    except Error as e:
+        raise Error(f"cannot list the machine owner keys (MOK) for module signing: {e}") from None
+    found, fingerprint = [], None
+    for line in out.decode(errors="replace").splitlines():
+        if fingerprint is None:
+            m = MOK_LISTING.match(line)
+            fingerprint = m.group(1) if m else None
+        elif m := MOK_ISSUER.match(line):
+            if "Systemtap" in m.group(1):
+                found.append(fingerprint)
+            fingerprint = None
+    return found
+
+
+def secure_boot_moks():
+    """What a request's mok_fingerprints entry says: nothing when modules need no signature, else
+    the enrolled systemtap MOKs, or "missing" (the server then sends one of its own to enroll)."""
+    if not modules_must_be_signed():
+        return []
+    return enrolled_systemtap_moks() or ["missing"]
+
+
+def explain_mok_enrollment(path):
+    print(f"{PROG}: the server sent its machine owner key (MOK) certificate, saved as {path}: this "
+          "kernel loads only modules signed with an enrolled key.  To enroll it, run 'mokutil "
+          f"--import {path}' as root (it asks for a one-time password), reboot, confirm the key "
+          "with that password in the firmware's MOK manager, then run the script again: the "
+          "server will sign its module with that key.", file=sys.stderr)
 
 
 # Options stap-client itself reads: name -> the Invocation attribute that a flag sets, that takes
@@ -764,6 +822,8 @@ def build_request(inv):
                 zf.write(source, name)
         if loc := locale_lines():
             zf.writestr("locale", loc)
+        if inv.moks:
+            zf.writestr("mok_fingerprints", "".join(f"{fp}\n" for fp in inv.moks))
     return buf.getvalue()
 
 
@@ -898,10 +958,11 @@ class RequestArchive:
         extract_archive(self.zf, dest, self.limits)
 
 
-class Reply(collections.namedtuple("Reply", "rc stdout stderr version module",
-                                   defaults=(None, None))):
+class Reply(collections.namedtuple("Reply", "rc stdout stderr version module mok_cert",
+                                   defaults=(None, None, None))):
     """One reply from the server's compile to the client's delivery; module is (name, bytes[,
-    signature]) on the server, the received .ko's path here, or None."""
+    signature]) on the server, the received .ko's path here, or None; mok_cert, a MOK certificate
+    to enroll (DER bytes on the server, the received file's path here), or None."""
 
     @property
     def busy(self):
@@ -941,7 +1002,8 @@ def read_reply(data, dest, peer_der, limits=Limits()):
                     "modules")
     return Reply(rc=rc, stdout=read("stdout") or b"", stderr=read("stderr") or b"",
                  version=(read("version") or b"").decode(errors="replace").strip(),
-                 module=os.path.join(unpacked, modules[0]) if modules else None)
+                 module=os.path.join(unpacked, modules[0]) if modules else None,
+                 mok_cert=os.path.join(unpacked, MOK_CERT_NAME) if MOK_CERT_NAME in names else None)
 
 
 def make_private_dir(path):
@@ -1378,13 +1440,16 @@ def record_from_txt(name, host, address, port, txt):
 
 
 def txt_dict(strings):
-    """TXT strings ('key=value', bytes or str) as a dict; first key wins."""
+    """TXT strings ('key=value', bytes or str) as a dict; first key wins, but the values of
+    repeated mok_info keys are joined by commas."""
     result = {}
     for item in strings:
         if isinstance(item, bytes):
             item = item.decode("utf-8", "replace")
         key, _, value = item.partition("=")
-        if key and key.lower() not in (k.lower() for k in result):
+        if key == "mok_info" and key in result:  # real servers send one string per MOK
+            result[key] += "," + value
+        elif key and key.lower() not in (k.lower() for k in result):
             result[key] = value  # RFC 6763 6.4: later duplicates ignored
     return result
 
@@ -1866,6 +1931,7 @@ def stap_client(argv):
     if inv.version:
         print(f"stap-client (systemtap compile-server protocol {PROTOCOL_VERSION})")
         return 0
+    inv.moks = secure_boot_moks()  # as stap, before anything else is looked at
     dbs = client_databases(inv.ssl_dirs)
     for note in inv.notes:
         progress(inv, note)
@@ -1879,6 +1945,9 @@ def stap_client(argv):
         sys.stdout.flush()
         sys.stderr.buffer.write(local_paths(reply.stderr, inv))
         sys.stderr.flush()
+        if reply.mok_cert:
+            deliver_module(reply.mok_cert)  # a file we write, written as a module is
+            explain_mok_enrollment(MOK_CERT_NAME)
         if reply.rc != 0:
             return 1
         if inv.listing:
@@ -2093,8 +2162,14 @@ def candidate_servers(inv, identity=b""):
     if compatible and any(a.startswith(("--privilege=stap", "--unprivileged"))
                           for a in inv.server_args):  # staprun will want a trusted signature
         signers = signer_serials()  # the client databases were opened and checked already
-    return [Peer(r.address, r.port) for r in rank_servers(compatible, identity, signers)], \
-        describe_search(records, how)
+    ranked = mok_holders_first(rank_servers(compatible, identity, signers), inv.moks)
+    return [Peer(r.address, r.port) for r in ranked], describe_search(records, how)
+
+
+def mok_holders_first(records, moks):
+    """The servers that advertise one of the enrolled MOKs first, the order kept otherwise: the
+    others can only send a key to enroll (real clients do not try them at all)."""
+    return sorted(records, key=lambda r: not set(moks) & set(r.txt.get("mok_info", "").split(",")))
 
 
 def request_identity(request):

@@ -216,6 +216,7 @@ def parse_config(argv, prog=PROG):
     config.dns_update = dns_update_target(config)  # the zone name becomes the whole target
     for option, path in secret_files(config):
         check_secret_file(option, path)
+    config.mok_info = MokStore(config.db.path).check()  # the MOKs to advertise, checked
     return config
 
 
@@ -395,6 +396,7 @@ class Request:
     guru: bool = False  # guru mode or embedded C, allowed by --allow-guru
     signed: bool = False  # built for stapusr/stapsys: staprun wants our signature
     notices: bytes = b""  # the server's own words for the client's stderr
+    moks: tuple = ()  # the client's enrolled systemtap MOKs (or "missing"): sign for Secure Boot
 
 
 def parse_request(archive, config):
@@ -428,7 +430,28 @@ def parse_request(archive, config):
         raise Error(f"{guru}: guru mode is not allowed on this server")
     env, notices = locale_env(read("locale"))
     return Request(version, release, arch, args, env, lowered, guru=bool(guru), signed=signed,
-                   notices=notices)
+                   notices=notices, moks=mok_fingerprints(read("mok_fingerprints")))
+
+
+MOK_FINGERPRINT = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){19}$")  # SHA-1, as mokutil prints it
+MOK_MISSING = "missing"  # the client must sign but has no systemtap MOK enrolled (real clients)
+MAX_MOKS = 64  # fingerprints in one request
+
+
+def mok_fingerprints(data):
+    """The request's mok_fingerprints entry: the SHA-1 fingerprints of the client's enrolled
+    systemtap MOKs, lower case, in its order, or ("missing",); () when the client does not need a
+    module signed for Secure Boot.  Real servers skip a malformed line; it is refused here, since
+    the client would get a module its kernel will not load."""
+    lines = [l.strip() for l in (data or b"").decode(errors="replace").splitlines() if l.strip()]
+    if len(lines) > MAX_MOKS:
+        raise Error(f"the request names {len(lines)} MOK fingerprints (at most {MAX_MOKS})")
+    for line in lines:
+        if line != MOK_MISSING and not MOK_FINGERPRINT.match(line.lower()):
+            raise Error(f"MOK fingerprint value {ascii(line[:80])} isn't in the correct format "
+                        "(a SHA-1 fingerprint as mokutil prints it: 20 hex bytes joined by "
+                        f"colons; or '{MOK_MISSING}')")
+    return tuple(dict.fromkeys(l.lower() for l in lines))
 
 
 def client_arguments(args, archive, release):
@@ -945,6 +968,8 @@ def reply_entries(reply):
         name, data, *signature = reply.module
         entries.append((f"{RESPONSE_DIR}/{name}", data))
         entries += [(f"{RESPONSE_DIR}/{name}.sgn", sig) for sig in signature]
+    if reply.mok_cert:
+        entries.append((MOK_CERT, reply.mok_cert))  # beside rc, where real clients look
     return entries
 
 
@@ -1077,6 +1102,185 @@ def signed_reply(key, reply):
     return key.signed_jar(reply_entries(reply))
 
 
+# --------------------------------------------------------------------------
+# Secure Boot: modules signed with a machine owner key (MOK) the client's firmware trusts
+# --------------------------------------------------------------------------
+
+MOK_KEY, MOK_CERT = "signing_key.priv", client.MOK_CERT_NAME  # the real server's names
+SIGNATURE_MARKER = b"~Module signature appended~\n"  # how a signed module ends
+# What systemtap's own MOKs are made with: the kernel takes a signing key with digitalSignature
+# usage that is no CA; the issuer "Systemtap" is how clients tell systemtap's MOKs from others.
+MOK_OPENSSL_CONFIG = """\
+[ req ]
+default_bits = 4096
+distinguished_name = req_distinguished_name
+prompt = no
+x509_extensions = myexts
+
+[ req_distinguished_name ]
+O = Systemtap
+CN = Systemtap module signing key
+
+[ myexts ]
+basicConstraints=critical,CA:FALSE
+keyUsage=digitalSignature
+subjectKeyIdentifier=hash
+authorityKeyIdentifier=keyid
+"""
+NO_MATCHING_MOK = ("Server: No matching machine owner key (MOK) available on the server to sign "
+                   "the module.\n")
+ENROLL_MOK = ("Server: The server has no machine owner key (MOK) in common with this system. Use "
+              "the following command to import a server MOK into this system, then reboot: "
+              f"mokutil --import {MOK_CERT}\n")
+
+
+def mok_fingerprint(der):
+    """A certificate's SHA-1 fingerprint as mokutil prints it (ab:cd:...)."""
+    return hashlib.sha1(der).digest().hex(":")
+
+
+class MokStore:
+    """The server's MOK key pairs, <server db>/moks/<fingerprint>/ holding signing_key.priv (the
+    server's alone) and signing_key.x509, as the real server keeps them.  Keys are used only by
+    sign-file, run by this process outside any sandbox: no compile ever sees them."""
+
+    def __init__(self, db_path):
+        self.path = os.path.join(db_path, "moks")
+        self.lock = threading.Lock()  # one key pair made at a time
+
+    def check(self):
+        """At start: the fingerprints of the key pairs; Error for a MOK directory that is a link or
+        incomplete, a private key group or others may read, a certificate not its directory's."""
+        if not os.path.lexists(self.path):
+            return []
+        if os.path.islink(self.path) or not os.path.isdir(self.path):
+            raise Error(f"MOK directory {self.path} is a link or no directory: refused")
+        found = [name for name in sorted(os.listdir(self.path)) if MOK_FINGERPRINT.match(name)]
+        for name in found:
+            problem = self.problem(name)
+            if problem:
+                raise Error(problem)
+        return found
+
+    def problem(self, fp):
+        """Why the key pair fp cannot be used, or None."""
+        top = os.path.join(self.path, fp)
+        try:
+            if os.path.islink(self.path) or not stat.S_ISDIR(os.lstat(top).st_mode):
+                return f"MOK directory {top} is a link or no directory: refused"
+            key, cert = (os.lstat(os.path.join(top, n)) for n in (MOK_KEY, MOK_CERT))
+        except FileNotFoundError as e:
+            return f"MOK directory {top} lacks {os.path.basename(e.filename)}"
+        if not (stat.S_ISREG(key.st_mode) and stat.S_ISREG(cert.st_mode)):
+            return f"MOK key pair in {top} is not two regular files (a link?): refused"
+        if key.st_mode & 0o044:
+            return (f"MOK private key {top}/{MOK_KEY} is readable by group or others: refused "
+                    f"(chmod 600 {top}/{MOK_KEY})")
+        try:
+            der = client.read_certificate_file(os.path.join(top, MOK_CERT))
+        except Error as e:
+            return str(e)
+        if mok_fingerprint(der) != fp:
+            return (f"MOK certificate {top}/{MOK_CERT} has the fingerprint {mok_fingerprint(der)}, "
+                    "not its directory's name")
+        return None
+
+    def matching(self, fingerprints):
+        """The first of the client's fingerprints the server has a usable key pair for, or None."""
+        for fp in fingerprints:
+            if fp == MOK_MISSING or not os.path.lexists(os.path.join(self.path, fp)):
+                continue
+            problem = self.problem(fp)
+            if problem is None:
+                return fp
+            logging.warning("not signing with MOK %s: %s", fp, problem)
+        return None
+
+    def certificate_to_enroll(self):
+        """The DER certificate of one of the server's key pairs, made now if it has none."""
+        with self.lock:
+            usable = [fp for fp in self.listing() if self.problem(fp) is None]
+            fp = usable[0] if usable else self.generate()
+        return client.read_certificate_file(os.path.join(self.path, fp, MOK_CERT))
+
+    def listing(self):
+        try:
+            return sorted(n for n in os.listdir(self.path) if MOK_FINGERPRINT.match(n))
+        except FileNotFoundError:
+            return []
+
+    def generate(self):
+        """Make a key pair with openssl, as systemtap makes its MOKs; its fingerprint."""
+        os.makedirs(self.path, 0o755, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="new.", dir=self.path)  # 0700: the key is never exposed
+        try:
+            config, key, cert = (os.path.join(tmp, n) for n in ("openssl.cnf", MOK_KEY, MOK_CERT))
+            with open(config, "w") as f:
+                f.write(MOK_OPENSSL_CONFIG)
+            client.run_tool(["openssl", "req", "-new", "-nodes", "-utf8", "-sha256", "-days",
+                             "36500", "-batch", "-x509", "-config", config, "-outform", "DER",
+                             "-out", cert, "-keyout", key])
+            os.chmod(key, 0o600)
+            os.unlink(config)
+            fp = mok_fingerprint(client.read_certificate_file(cert))
+            os.rename(tmp, os.path.join(self.path, fp))
+        except (Error, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = e if isinstance(e, Error) else e.strerror
+            raise Error(f"cannot make a MOK key pair in {self.path}: {why}") from None
+        logging.info("made MOK key pair %s", fp)
+        return fp
+
+    def sign(self, fp, data, release, tmpdir):
+        """The module data with its appended signature (SHA-256) by the key pair fp, made by the
+        release's own sign-file in a private directory of the server's."""
+        program = sign_file_program(release)
+        top = os.path.join(self.path, fp)
+        try:
+            with tempfile.TemporaryDirectory(prefix="stap-server.sign.", dir=tmpdir) as work:
+                module = os.path.join(work, "module.ko")
+                with open(module, "wb") as f:
+                    f.write(data)
+                client.run_tool([program, "sha256", os.path.join(top, MOK_KEY),
+                                 os.path.join(top, MOK_CERT), module])
+                with open(module, "rb") as f:
+                    signed = f.read()
+        except OSError as e:
+            raise Error(f"cannot sign the module in {tmpdir}: {e.strerror}") from None
+        if not signed.endswith(SIGNATURE_MARKER) or len(signed) <= len(data):
+            raise Error(f"{program} appended no module signature")
+        return signed
+
+
+def sign_file_program(release, root="/"):
+    """The kernel's scripts/sign-file for release: in its build tree, or in Debian's linux-kbuild
+    package of its version; Error naming both when neither has it."""
+    version = ".".join(release.split("-")[0].split(".")[:2])
+    candidates = [f"lib/modules/{release}/build/scripts/sign-file",
+                  f"usr/lib/linux-kbuild-{version}/scripts/sign-file"]
+    for path in (os.path.join(root, c) for c in candidates):
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise Error("cannot sign the module for Secure Boot: the kernel's sign-file is not installed "
+                f"(looked for /{candidates[0]} and /{candidates[1]}; install the headers of "
+                f"{release})")
+
+
+def for_secure_boot(compiled, req, moks, tmpdir):
+    """The compile's reply for a client that must load signed modules (it sent MOK fingerprints):
+    the module signed with the MOK it has enrolled, or, with none in common, rc 1, the real server's
+    words and one of the server's certificates to enroll (as the real client saves it)."""
+    if not req.moks or not compiled.module:
+        return compiled
+    fp = moks.matching(req.moks)
+    if fp:
+        name, data = compiled.module
+        return compiled._replace(module=(name, moks.sign(fp, data, req.release, tmpdir)))
+    return compiled._replace(rc=1, module=None, stdout=client.without_module_paths(compiled.stdout),
+                             stderr=compiled.stderr + (NO_MATCHING_MOK + ENROLL_MOK).encode(),
+                             mok_cert=moks.certificate_to_enroll())
+
+
 class CompileService:
     """Answers requests: the configuration, the stap version replies announce, the result cache, the
     compile queue and the bytes held for unanswered requests.  A request is read in place from its
@@ -1089,6 +1293,7 @@ class CompileService:
         self.compiles = CompileQueue(config.max_threads)
         self.pending = PendingBytes(config.max_pending_bytes, config.tmpdir,
                                     config.tmpdir_min_free)
+        self.moks = MokStore(config.db.path)
 
     def handle(self, body, record, key):
         """The signed reply bytes for one framed request body (bytes or a file); never raises for a
@@ -1130,6 +1335,7 @@ class CompileService:
                 with Workspace(config.tmpdir) as ws:
                     archive.extract(ws.work)
                     compiled = run_compile(config, req, ws)
+                compiled = for_secure_boot(compiled, req, self.moks, config.tmpdir)
             except (Error, OSError) as e:
                 message = str(e) if isinstance(e, Error) else \
                     f"cannot prepare the compile in {config.tmpdir}: {e.strerror}"
@@ -1990,6 +2196,7 @@ class Offer:
     version: str
     certinfo: str  # the certificate's serial, as certinfo() gives it
     optinfo: str = ""  # the server's own stap options
+    mok_info: list = dataclasses.field(default_factory=list)  # fingerprints of its MOKs
     listen: str = None  # the address the server listens on (see WILDCARDS)
     hint: dict = dataclasses.field(default_factory=dict)  # the load: CompileQueue.hint()
     host: str = dataclasses.field(default_factory=lambda: socket.gethostname().split(".")[0])
@@ -2006,7 +2213,8 @@ class Offer:
         clients ignore keys they do not know)."""
         known = {"sysinfo": sysinfo, "version": self.version, "certinfo": self.certinfo,
                  "optinfo": self.optinfo}
-        return [f"{key}={value}" for key, value in [*known.items(), *self.hint.items()]]
+        return [f"{key}={value}" for key, value in [*known.items(), *self.hint.items()]] + \
+            [f"mok_info={fp}" for fp in self.mok_info]  # one string each, as the real server
 
 
 class Advertiser:
@@ -2574,7 +2782,7 @@ class Advertising:
         self.config, self.queue = config, queue
         self.offer = Offer(port, [f"{r} {config.arch}" for r in config.releases], version,
                            certinfo(der), " ".join(config.stap_options), listen=config.listen,
-                           hint=queue.hint())
+                           hint=queue.hint(), mok_info=config.mok_info)
         self.link = self.thread = None
         self.stopping = threading.Event()
         self.lock = threading.Lock()  # renewal and the load follower both re-publish

@@ -40,7 +40,7 @@ def test_each_kernel_checks_every_release_and_keeps_each_module(server, sandbox,
 
 def test_each_kernel_says_stap_s_first_error_line(server, sandbox, krel):
     proc = sandbox.run("stap-client", f"--server={server.address}", "-p2",
-                       f"--each-kernel={krel}", "-e", "probe kernel.function(\"no_such_fn_x\") {}",
+                       f"--each-kernel={krel}", "-e", 'probe kernel.function("no_such_fn_x") {}',
                        timeout=300)
     assert proc.returncode == 1
     line = proc.stdout.decode().strip()
