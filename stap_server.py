@@ -75,8 +75,8 @@ COMPILE_LIMITS = (
 # refuses to start unless only its own account can read and write it.
 SECRET_FILE_OPTIONS = ("--tsig-key",)
 # The server's own database, log and directories (masked by private_paths), and the trees the
-# compile is meant to read.
-OTHER_PATH_OPTIONS = ("--ssl", "--log", "-R", "-I", "--tmpdir", "--cache-dir")
+# compile is meant to read (--build-env: a build environment's root, the compile's view of /).
+OTHER_PATH_OPTIONS = ("--ssl", "--log", "-R", "-I", "--tmpdir", "--cache-dir", "--build-env")
 LOG_MODE, LOG_DIR_MODE = 0o640, 0o750  # the log names every client and the start of every script
 
 # --------------------------------------------------------------------------
@@ -125,6 +125,10 @@ def build_option_parser(prog):
         help="run stap without bubblewrap (unsafe: warned at start and in every log line)")
     add("--allow-guru", action="store_true", help="let clients use guru mode (-g, embedded "
         "C); such compiles stay sandboxed, use a throw-away stap cache and are never cached")
+    add("--build-env", dest="build_envs", action="append", default=[], metavar="NAME=DIR",
+        help="also build with the systemtap of the root file system DIR, owned by root or the "
+        "server's account and not writable by others (repeatable; tools/make-build-env makes "
+        "one): each request goes to the environment on its client's side of stap 5.0")
     # The real stap-serverd's names and meanings, so that configurations carry over (its
     # defaults, 5 KB and 50 KB, would refuse ordinary -I tapset trees).
     add("--max-compressed-request", type=int, default=16 << 20, metavar="BYTES",
@@ -217,7 +221,132 @@ def parse_config(argv, prog=PROG):
     for option, path in secret_files(config):
         check_secret_file(option, path)
     config.mok_info = MokStore(config.db.path).check()  # the MOKs to advertise, checked
+    config.build_envs = [build_env_option(v) for v in config.build_envs]  # versions: at start
+    if config.build_envs and not config.sandbox:
+        raise Error("--build-env needs the sandbox: it is the compile's view of the environment")
     return config
+
+
+# --------------------------------------------------------------------------
+# Build environments: root file systems holding another systemtap
+# --------------------------------------------------------------------------
+
+HOST_ENV = "host"  # the default environment: the host's own system directories
+RUNTIME_BOUNDARY = (5, 0)  # stap 5.0 changed the messages between a module and staprun (NEWS)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildEnv:
+    name: str
+    root: str  # "/" for the host
+    version: str = None  # its stap's version, asked at start
+
+
+def build_env_option(value):
+    """A --build-env NAME=DIR, checked: DIR a directory (not a link) owned by root or the server's
+    account that group and others cannot write (its programs run every compile)."""
+    name, sep, root = value.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name == HOST_ENV or not root:
+        raise Error(f"--build-env {value}: expected NAME=DIR, NAME letters, digits, '_.-' "
+                    f"(not '{HOST_ENV}')")
+    root = os.path.abspath(root)
+    try:
+        st = os.lstat(root)
+    except OSError as e:
+        raise Error(f"--build-env {value}: {root}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        raise Error(f"--build-env {value}: {root} must be a directory (not a link) owned by root "
+                    f"or uid {os.geteuid()} that group and others cannot write")
+    return BuildEnv(name, root)
+
+
+def version_tuple(text):
+    """(major, minor) of a version such as 4.8 or 5.1.1; (0, 0) for one that is not numeric."""
+    m = re.match(r"(\d+)(?:\.(\d+))?", text or "")
+    return (int(m[1]), int(m[2] or 0)) if m else (0, 0)
+
+
+def new_runtime(version):
+    """Whether stap version speaks 5.0's runtime-staprun messages (a client: needs a module that
+    does)."""
+    return version_tuple(version) >= RUNTIME_BOUNDARY
+
+
+def version_distance(a, b):
+    """How far apart two versions are: 5.3 is closer to 6.0 than 5.1 is."""
+    (a1, a2), (b1, b2) = version_tuple(a), version_tuple(b)
+    return abs((a1 - b1) * 1000 + a2 - b2)
+
+
+def returns_module(req):
+    """Whether the reply would carry a module (pass 4, or pass 5 lowered to 4)."""
+    passes = [a[2:] for a in req.args if re.fullmatch(r"-p[1-5]", a)]
+    return req.lowered or (bool(passes) and passes[-1] == "4")
+
+
+def choose_build_env(envs, req):
+    """The environment for req: one whose stap is on the client's side of the 5.0 runtime boundary,
+    the closest version first (the first listed, the host, among equals); for passes 1-3 the
+    closest of all when no environment is on its side; Error when a module is wanted and none
+    is."""
+    side = [e for e in envs if new_runtime(e.version) == new_runtime(req.version)]
+    if not side and returns_module(req):
+        have = ", ".join(sorted({e.version for e in envs}, key=version_tuple))
+        need = "5.0 or later" if new_runtime(req.version) else "older than 5.0"
+        raise Error(f"this server builds modules with stap {have}; a systemtap {req.version} "
+                    f"client needs one built by stap {need} (its staprun cannot run the "
+                    "others); passes 1-3 work")
+    return min(side or envs, key=lambda e: version_distance(e.version, req.version))
+
+
+def kernel_trees(release):
+    """The host's directories that make up release's kernel tree, as real paths: /lib/modules/REL,
+    the trees its links name (build, source) and those the top-level links of these name (Debian:
+    the -common twin, linux-kbuild's scripts and tools)."""
+    top = os.path.realpath(f"/lib/modules/{release}")
+    trees = [top] if os.path.isdir(top) else []
+    for tree in trees:  # grows as links name more
+        try:
+            links = [e.path for e in os.scandir(tree) if e.is_symlink()]
+        except OSError:
+            continue
+        for target in map(os.path.realpath, links):
+            if os.path.isdir(target) and not any(target == t or inside(target, t) for t in trees):
+                trees.append(target)
+    return trees
+
+
+def make_mount_points(env, releases):
+    """Empty directories in env's root where the sandbox shows the host's kernel trees (bwrap
+    cannot make them under a read-only bind); Error when the server may not make them."""
+    for tree in (t for r in releases for t in kernel_trees(r)):
+        try:
+            os.makedirs(rooted(env.root, tree), 0o755, exist_ok=True)
+        except OSError as e:
+            raise Error(f"--build-env {env.name}: cannot make the mount point "
+                        f"{rooted(env.root, tree)}: {e.strerror}") from None
+
+
+def rooted(root, path):
+    return os.path.join(root, path.lstrip("/"))
+
+
+def system_view(root, releases):
+    """bwrap's binds of the system directories: root's (the host's: "/") read-only at /usr, /etc...
+    and, for another root, the host's kernel trees of releases read-only at their own paths on top
+    (the headers the server serves).  Returns (argv, the system directories shown)."""
+    argv, shown = [], []
+    for d in SYSTEM_DIRS:
+        source = rooted(root, d)
+        if os.path.islink(source):
+            argv += ["--symlink", os.readlink(source), d]
+        elif os.path.isdir(source):
+            argv += ["--ro-bind", source, d]
+            shown.append(d)
+    if root != "/":
+        for tree in (t for r in releases for t in kernel_trees(r)):
+            argv += ["--ro-bind", tree, tree]
+    return argv, shown
 
 
 def default_min_free(tmpdir):
@@ -397,6 +526,7 @@ class Request:
     signed: bool = False  # built for stapusr/stapsys: staprun wants our signature
     notices: bytes = b""  # the server's own words for the client's stderr
     moks: tuple = ()  # the client's enrolled systemtap MOKs (or "missing"): sign for Secure Boot
+    build_env: "BuildEnv" = None  # where it compiles (None: the host), chosen per request
 
 
 def parse_request(archive, config):
@@ -689,28 +819,51 @@ def prepare_compile_step(config):
         logging.warning("WARNING: --no-sandbox: compiles run unconfined and can read "
                         "everything the compile account can; results are not cached")
         return
+    why = sandbox_trial(config, cache, ["true"])[1]
+    if why:
+        raise Error(f"cannot sandbox compiles: {why}; install bubblewrap and prlimit "
+                    "(Debian: bubblewrap, util-linux) and allow unprivileged user "
+                    "namespaces (sysctl user.max_user_namespaces, "
+                    "kernel.unprivileged_userns_clone), or start with --no-sandbox")
+    config.build_envs = [ask_build_env(config, cache, env) for env in config.build_envs]
+
+
+def sandbox_trial(config, cache, command, root="/"):
+    """Run command in a compile's sandbox (with the build environment at root) as the compile
+    account, within the limits: (its output, None), or (None, why it failed)."""
     try:
         ws = Workspace(config.tmpdir)
     except OSError as e:
         raise Error(f"cannot make request directories in {config.tmpdir}: {e.strerror}") from None
     try:
         ws.hand_over(compile_account(config))
-        argv = sandbox_argv(config, ws.work_fd, cache) + limits_argv(config) + ["true"]
+        argv = sandbox_argv(config, ws.work_fd, cache, root, config.releases) \
+            + limits_argv(config) + command
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=30, cwd="/",
                                   pass_fds=(ws.work_fd,), **as_compile_account(config))
-            why = None if proc.returncode == 0 else client.last_line(proc.stderr)
         except FileNotFoundError as e:
-            why = f"{e.filename} is not installed"
+            return None, f"{e.filename} is not installed"
         except subprocess.TimeoutExpired:
-            why = "bwrap did not finish within 30 s"
+            return None, "bwrap did not finish within 30 s"
+        if proc.returncode:
+            return None, client.last_line(proc.stderr) or f"exit status {proc.returncode}"
+        return proc.stdout + proc.stderr, None
     finally:
         ws.remove()
-    if why:
-        raise Error(f"cannot sandbox compiles: {why}; install bubblewrap and prlimit "
-                    "(Debian: bubblewrap, util-linux) and allow unprivileged user "
-                    "namespaces (sysctl user.max_user_namespaces, "
-                    "kernel.unprivileged_userns_clone), or start with --no-sandbox")
+
+
+def ask_build_env(config, cache, env):
+    """env with its stap's version, asked with `stap -V` in its own sandbox (the host's kernel
+    trees get mount points in its root first); Error when it has no working stap."""
+    make_mount_points(env, config.releases)
+    out, why = sandbox_trial(config, cache, [stap_program(), "-V"], env.root)
+    version = version_of(out) if out else None
+    if not version:
+        raise Error(f"--build-env {env.name}: `stap -V` in {env.root} failed: "
+                    f"{why or 'it printed no version'}")
+    logging.info("build environment %s: %s, stap %s", env.name, env.root, version)
+    return dataclasses.replace(env, version=version)
 
 
 def compile_account(config):
@@ -771,20 +924,16 @@ def inside(path, top):
     return path != top and path.startswith(top.rstrip("/") + "/")
 
 
-def sandbox_argv(config, work_fd, cache):
+def sandbox_argv(config, work_fd, cache, root="/", releases=()):
     """bwrap's part of the compile's command line: no network, its own process tree, the system
-    directories read-only, the server's own files masked, the request's work/ the only writable
-    place (with cache, stap's cache)."""
+    directories (of the build environment at root) read-only, the server's own files masked, the
+    request's work/ the only writable place (with cache, stap's cache)."""
     argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
-    shown, masked = [], []
-    for d in SYSTEM_DIRS:
-        if os.path.islink(d):
-            argv += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            argv += ["--ro-bind", d, d]
-            shown.append(d)
+    view, shown = system_view(root, releases)
+    argv += view
+    masked = []
     for p in map(os.path.abspath, private_paths(config)):
-        if any(inside(p, d) for d in shown) and os.path.lexists(p):
+        if any(inside(p, d) for d in shown) and os.path.lexists(rooted(root, p)):
             # an empty read-only directory, or /dev/null, in its place
             argv += (["--size", "4096", "--tmpfs", p, "--remount-ro", p] if os.path.isdir(p)
                      else ["--ro-bind", "/dev/null", p])
@@ -838,8 +987,17 @@ def limits_argv(config):
 def stap_argv(config, req, work):
     """The real stap, as an argument list: the server's options, a private
     --tmpdir, --client-options, then the client's arguments."""
-    return ([stap_program(), "-r", req.release, "-a", req.arch] + config.stap_options
+    return ([stap_program(), "-r", req.release, "-a", req.arch] + env_options(config, req)
             + [f"--tmpdir={work}/tmp", "--client-options"] + req.args)
+
+
+def env_options(config, req):
+    """The server's stap options for req's build environment: -R names the host stap's runtime,
+    which another environment's stap must not build with."""
+    if req.build_env is None or req.build_env.root == "/":
+        return config.stap_options
+    opts = config.stap_options
+    return [x for o, v in zip(opts[::2], opts[1::2]) if o != "-R" for x in (o, v)]
 
 
 def compile_env(req, work, cache):
@@ -855,7 +1013,8 @@ def run_compile(config, req, ws):
     host_cache = None if req.guru else account_cache(config)  # guru: a throw-away one in work/
     if config.sandbox:
         work, cache = SANDBOX_WORK, SANDBOX_CACHE if host_cache else None
-        prefix = sandbox_argv(config, ws.work_fd, host_cache)
+        root = req.build_env.root if req.build_env else "/"
+        prefix = sandbox_argv(config, ws.work_fd, host_cache, root, [req.release])
     else:
         work, cache, prefix = ws.work, host_cache, []
     cache = cache or f"{work}/.systemtap"
@@ -1294,6 +1453,7 @@ class CompileService:
         self.pending = PendingBytes(config.max_pending_bytes, config.tmpdir,
                                     config.tmpdir_min_free)
         self.moks = MokStore(config.db.path)
+        self.envs = [BuildEnv(HOST_ENV, "/", self.version)] + config.build_envs
 
     def handle(self, body, record, key):
         """The signed reply bytes for one framed request body (bytes or a file); never raises for a
@@ -1304,12 +1464,14 @@ class CompileService:
         try:
             archive = client.RequestArchive(client.open_archive(body), config.limits)
             req = parse_request(archive, config)
+            req = dataclasses.replace(req, build_env=choose_build_env(self.envs, req))
             cache_key = None if req.guru or not config.sandbox else result_key(
                 req, archive, config, self.version)
         except Error as e:
             record.update(rc=1, error=str(e))
             return error_reply(key, self.version, str(e))
-        record.update(version=req.version, release=req.release, options=" ".join(req.args),
+        record.update(version=req.version, release=req.release, env=req.build_env.name,
+                      options=" ".join(req.args),
                       guru=req.guru or None)  # the log line names guru requests only
         reply, how = self.results.lookup(
             cache_key, lambda: self.compile_and_sign(req, archive, record, key),
@@ -1343,7 +1505,7 @@ class CompileService:
                 return error_reply(key, self.version, message), False
             finally:
                 self.pending.give_back(archive.unpacked_size)
-        reply = reply_for_client(compiled, req, key, self.version)
+        reply = reply_for_client(compiled, req, key, req.build_env.version)
         record.update(rc=reply.rc)
         return signed_reply(key, reply), reply.rc == 0
 
@@ -1426,7 +1588,8 @@ def result_key(req, archive, config, version):
     h = hashlib.sha256()
     fields = dataclasses.replace(req, version=None)
     for part in [version, config.user or "", repr(dataclasses.astuple(fields)),
-                 archive.digest(skip=("version",)), installation_stamp(config, req.release),
+                 archive.digest(skip=("version",)),
+                 installation_stamp(config, req.release, req.build_env),
                  config.db.path] + config.stap_options:
         h.update(part.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
@@ -1436,20 +1599,23 @@ _stamps = {}
 STAMP_TTL = 5  # seconds: walking the tapset and runtime trees costs a few ms
 
 
-def installation_stamp(config, release):
-    """Changes whenever stap, its tapsets or runtime, the server's -I/-R trees or the release's
-    build tree change."""
+def installation_stamp(config, release, env=None):
+    """Changes whenever stap, its tapsets or runtime (those of the build environment env, None: the
+    host), the server's -I/-R trees or the release's build tree change."""
     now = time.monotonic()
-    cached = _stamps.get(release)
+    root = env.root if env else "/"
+    cached = _stamps.get((root, release))
     if cached and now - cached[0] < STAMP_TTL:
         return cached[1]
     build = f"/lib/modules/{release}/build"
-    paths = [shutil.which(stap_program()) or stap_program(), f"{build}/.config",
-             f"{build}/Module.symvers", f"{build}/include/generated/utsrelease.h"]
-    for tree in ["/usr/share/systemtap"] + server_trees(config):
+    stap = shutil.which(stap_program()) or stap_program() if root == "/" else \
+        rooted(root, "usr/bin/stap")
+    paths = [stap, f"{build}/.config", f"{build}/Module.symvers",
+             f"{build}/include/generated/utsrelease.h"]
+    for tree in [rooted(root, "usr/share/systemtap")] + server_trees(config):
         paths += walk_files(tree)
     stamp = hashlib.sha256(b"".join(map(stat_line, paths))).hexdigest()
-    _stamps[release] = (now, stamp)
+    _stamps[(root, release)] = (now, stamp)
     return stamp
 
 
@@ -1523,7 +1689,7 @@ class RequestRecord:
     """What the log line says about one connection, filled in as it goes; the first error noted is
     the one kept."""
 
-    FIELDS = ("client", "sandbox", "size", "version", "release", "options", "guru", "cache",
+    FIELDS = ("client", "sandbox", "size", "version", "release", "env", "options", "guru", "cache",
               "rc", "error", "seconds")
     __slots__ = FIELDS  # a misspelt field is an AttributeError
 
@@ -2160,8 +2326,13 @@ def stap_version():
     """The numeric version of the installed stap, e.g. 4.8 (the protocol level a reply announces;
     real clients abort on a non-numeric one)."""
     out = client.run_tool([stap_program(), "-V"], check=False)
-    m = re.search(rb"version (\d+(?:\.\d+)*)", out.stdout + out.stderr)
-    return m.group(1).decode() if m else client.PROTOCOL_VERSION
+    return version_of(out.stdout + out.stderr) or client.PROTOCOL_VERSION
+
+
+def version_of(output):
+    """The version in what `stap -V` printed, or None."""
+    m = re.search(rb"version (\d+(?:\.\d+)*)", output)
+    return m.group(1).decode() if m else None
 
 
 # --------------------------------------------------------------------------

@@ -320,7 +320,7 @@ def test_request_log_lines_are_bounded():
     assert record.log_line() == \
         f"request client='10.0.0.1:5' options='{'x' * 199}...[252 chars] rc=0"
     full = RequestRecord(**{name: "y" * 300 for name in RequestRecord.FIELDS}).log_line()
-    assert full == full[:stap_server.LOG_LINE_MAX] + "...[2444 chars]"
+    assert full == full[:stap_server.LOG_LINE_MAX] + "...[2663 chars]"
 
 
 def test_the_first_error_of_a_request_is_kept():
