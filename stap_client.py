@@ -46,6 +46,9 @@ dns = None  # dnspython, imported by require_dnspython() for the mDNS fallback o
 SYSCONFDIR = "/etc"  # make install rewrites this line
 SYSCONFDIR_ENV = "STAP_SYSCONFDIR"  # overrides SYSCONFDIR, for tests
 PROTOCOL_VERSION = "4.8"  # the systemtap protocol level we speak as a client
+# The request's version says which modules the client's staprun runs: ours sends its protocol level,
+# a staprun before 5.0 (the real clients send their own version).
+RUNTIME_BOUNDARY = (5, 0)  # stap 5.0 changed the messages between a module and staprun (NEWS)
 SERVER_NICKNAME = "stap-server"  # the one nickname real clients file servers under
 SERVER_SUBJECT = "CN=Systemtap Compile Server, OU=Systemtap"
 SERVER_CERT_FILE = "stap-server.cert"  # DER, like the real server's stap.cert
@@ -2162,8 +2165,30 @@ def candidate_servers(inv, identity=b""):
     if compatible and any(a.startswith(("--privilege=stap", "--unprivileged"))
                           for a in inv.server_args):  # staprun will want a trusted signature
         signers = signer_serials()  # the client databases were opened and checked already
-    ranked = mok_holders_first(rank_servers(compatible, identity, signers), inv.moks)
+    ranked = mok_holders_first(same_runtime_first(rank_servers(compatible, identity, signers)),
+                               inv.moks)
     return [Peer(r.address, r.port) for r in ranked], describe_search(records, how)
+
+
+def version_tuple(text):
+    """(major, minor) of a version such as 4.8 or 5.1.1; (0, 0) for one that is not numeric."""
+    m = re.match(r"(\d+)(?:\.(\d+))?", text or "")
+    return (int(m[1]), int(m[2] or 0)) if m else (0, 0)
+
+
+def new_runtime(version):
+    """Whether stap version is on 5.0's side of the runtime-staprun boundary (a client: needs a
+    module built by such a stap)."""
+    return version_tuple(version) >= RUNTIME_BOUNDARY
+
+
+def same_runtime_first(records, version=PROTOCOL_VERSION):
+    """The servers that build modules our staprun runs (one of their advertised stap versions is on
+    its side of 5.0: TXT versions=, else version=) first, the order kept otherwise."""
+    def serves(rec):
+        served = (rec.txt.get("versions") or rec.version).split(",")
+        return any(new_runtime(v) == new_runtime(version) for v in served)
+    return sorted(records, key=lambda r: not serves(r))
 
 
 def mok_holders_first(records, moks):

@@ -232,7 +232,6 @@ def parse_config(argv, prog=PROG):
 # --------------------------------------------------------------------------
 
 HOST_ENV = "host"  # the default environment: the host's own system directories
-RUNTIME_BOUNDARY = (5, 0)  # stap 5.0 changed the messages between a module and staprun (NEWS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,21 +259,9 @@ def build_env_option(value):
     return BuildEnv(name, root)
 
 
-def version_tuple(text):
-    """(major, minor) of a version such as 4.8 or 5.1.1; (0, 0) for one that is not numeric."""
-    m = re.match(r"(\d+)(?:\.(\d+))?", text or "")
-    return (int(m[1]), int(m[2] or 0)) if m else (0, 0)
-
-
-def new_runtime(version):
-    """Whether stap version speaks 5.0's runtime-staprun messages (a client: needs a module that
-    does)."""
-    return version_tuple(version) >= RUNTIME_BOUNDARY
-
-
 def version_distance(a, b):
     """How far apart two versions are: 5.3 is closer to 6.0 than 5.1 is."""
-    (a1, a2), (b1, b2) = version_tuple(a), version_tuple(b)
+    (a1, a2), (b1, b2) = client.version_tuple(a), client.version_tuple(b)
     return abs((a1 - b1) * 1000 + a2 - b2)
 
 
@@ -289,10 +276,11 @@ def choose_build_env(envs, req):
     the closest version first (the first listed, the host, among equals); for passes 1-3 the
     closest of all when no environment is on its side; Error when a module is wanted and none
     is."""
-    side = [e for e in envs if new_runtime(e.version) == new_runtime(req.version)]
+    new = client.new_runtime
+    side = [e for e in envs if new(e.version) == new(req.version)]
     if not side and returns_module(req):
-        have = ", ".join(sorted({e.version for e in envs}, key=version_tuple))
-        need = "5.0 or later" if new_runtime(req.version) else "older than 5.0"
+        have = ", ".join(sorted({e.version for e in envs}, key=client.version_tuple))
+        need = "5.0 or later" if new(req.version) else "older than 5.0"
         raise Error(f"this server builds modules with stap {have}; a systemtap {req.version} "
                     f"client needs one built by stap {need} (its staprun cannot run the "
                     "others); passes 1-3 work")
@@ -2368,6 +2356,7 @@ class Offer:
     certinfo: str  # the certificate's serial, as certinfo() gives it
     optinfo: str = ""  # the server's own stap options
     mok_info: list = dataclasses.field(default_factory=list)  # fingerprints of its MOKs
+    versions: list = dataclasses.field(default_factory=list)  # with --build-env: every stap's
     listen: str = None  # the address the server listens on (see WILDCARDS)
     hint: dict = dataclasses.field(default_factory=dict)  # the load: CompileQueue.hint()
     host: str = dataclasses.field(default_factory=lambda: socket.gethostname().split(".")[0])
@@ -2380,12 +2369,14 @@ class Offer:
         return names
 
     def txt(self, sysinfo):
-        """One instance's TXT strings, as real systemtap clients read them, then our load hint (real
-        clients ignore keys they do not know)."""
+        """One instance's TXT strings, as real systemtap clients read them, then our load hint and,
+        with build environments, every stap version served (real clients ignore keys they do not
+        know)."""
         known = {"sysinfo": sysinfo, "version": self.version, "certinfo": self.certinfo,
                  "optinfo": self.optinfo}
         return [f"{key}={value}" for key, value in [*known.items(), *self.hint.items()]] + \
-            [f"mok_info={fp}" for fp in self.mok_info]  # one string each, as the real server
+            [f"mok_info={fp}" for fp in self.mok_info] + \
+            ([f"versions={','.join(self.versions)}"] if self.versions else [])
 
 
 class Advertiser:
@@ -2942,6 +2933,12 @@ def stap_serverd(argv):
 LOAD_CHECK = 1.0  # seconds between looks at the load, to refresh the hint
 
 
+def served_versions(host_version, envs):
+    """The stap versions a server with build environments advertises (TXT versions=, the host's
+    first; `version=` stays the host's, which real clients read); none without environments."""
+    return list(dict.fromkeys([host_version] + [e.version for e in envs])) if envs else []
+
+
 class Advertising:
     """The server's DNS-SD presence, on the link (unless --advertise none) and in a DNS zone (with
     --dns-update), both read from one Offer: the link's started in the background so that the server
@@ -2953,7 +2950,8 @@ class Advertising:
         self.config, self.queue = config, queue
         self.offer = Offer(port, [f"{r} {config.arch}" for r in config.releases], version,
                            certinfo(der), " ".join(config.stap_options), listen=config.listen,
-                           hint=queue.hint(), mok_info=config.mok_info)
+                           hint=queue.hint(), mok_info=config.mok_info,
+                           versions=served_versions(version, config.build_envs))
         self.link = self.thread = None
         self.stopping = threading.Event()
         self.lock = threading.Lock()  # renewal and the load follower both re-publish

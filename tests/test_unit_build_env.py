@@ -6,13 +6,15 @@ import os
 import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
-from stap_client import Error
+from stap_client import Error, ServerRecord, same_runtime_first
 from stap_server import (
     BuildEnv,
+    Offer,
     Request,
     build_env_option,
     choose_build_env,
     kernel_trees,
+    served_versions,
     system_view,
 )
 
@@ -108,3 +110,22 @@ def test_kernel_trees_follow_the_links_of_the_release_directory():
     for link in ("scripts", "include"):
         target = os.path.realpath(f"/lib/modules/{releases[0]}/build/{link}")
         assert any(target == t or target.startswith(t + "/") for t in trees)
+
+
+def test_the_offer_advertises_every_version_only_with_environments():
+    offer = Offer(1, ["r x86_64"], "4.8", "01:02", versions=served_versions("4.8", [TRIXIE]))
+    assert offer.txt("r x86_64")[-1] == "versions=4.8,5.1"
+    assert "version=4.8" in offer.txt("r x86_64")  # what real clients read: the host's
+    assert served_versions("4.8", []) == []
+    assert not any(t.startswith("versions=") for t in Offer(1, ["r"], "4.8", "").txt("r"))
+
+
+def record(name, version, versions=None):
+    txt = {"version": version} | ({"versions": versions} if versions else {})
+    return ServerRecord(name, "10.0.0.1", 1, "r x86_64", version, "01", txt, name)
+
+
+def test_our_client_tries_servers_that_build_for_its_staprun_first():
+    only5, old, both = record("a", "5.1"), record("b", "4.8"), record("c", "5.1", "5.1,4.8")
+    assert same_runtime_first([only5, old, both]) == [old, both, only5]  # ours: before 5.0
+    assert same_runtime_first([old, only5, both], "5.1") == [only5, both, old]
