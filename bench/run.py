@@ -12,6 +12,7 @@ nothing here asserts a timing.  See bench/README.md.
 import argparse
 import contextlib
 import datetime
+import glob
 import io
 import json
 import os
@@ -72,8 +73,8 @@ from common import (  # noqa: E402
     wait_until,
 )
 
-BENCHMARKS = ["overhead", "sandbox", "interop", "load", "fleet", "resultcache", "concurrency",
-              "discovery", "startup", "profile"]
+BENCHMARKS = ["overhead", "sandbox", "buildenv", "interop", "load", "fleet", "resultcache",
+              "concurrency", "discovery", "startup", "profile"]
 
 
 # --------------------------------------------------------------------------
@@ -309,6 +310,94 @@ def bench_sandbox(ctx, report):
         else:
             text += f" ({cost / off * 100:+.1f} % of {off:.2f} s)"
         report.summary(text, key=f"sandbox_{what}", seconds=cost)
+
+
+# --------------------------------------------------------------------------
+# 1d. A request compiled in a build environment (--build-env) against one on the host
+# --------------------------------------------------------------------------
+
+BUILD_ENV_TARBALLS = "/var/cache/stap-compile-server-tests/build-env-trixie-*.tar"
+
+
+def build_env_root(ctx):
+    """The Debian 13 root that tests/test_build_env.py caches (tools/make-build-env), unpacked into
+    this run's directory; None when there is none."""
+    tarballs = sorted(glob.glob(BUILD_ENV_TARBALLS), key=os.path.getmtime)
+    if not tarballs:
+        return None
+    root = os.path.join(ctx.top, "trixie")
+    os.mkdir(root, 0o755)
+    subprocess.run(["tar", "-C", root, "-xf", tarballs[-1]], check=True, timeout=600)
+    return root
+
+
+def client_51(ctx, root, home):
+    """The real systemtap 5.1 client of root, entered with bwrap (loopback, as the host's): argv
+    prefix; the run's scripts appear at /tmp/run and the fixed ones at /tmp/fixed."""
+    return ["bwrap", "--die-with-parent", "--ro-bind", root, "/", "--proc", "/proc", "--dev",
+            "/dev", "--tmpfs", "/tmp", "--ro-bind", ctx.scripts, "/tmp/run", "--ro-bind", SCRIPTS,
+            "/tmp/fixed", "--bind", home, "/root", "--chdir", "/root", "--clearenv",
+            "--setenv", "HOME", "/root", "--setenv", "SYSTEMTAP_DIR", "/root/.systemtap",
+            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "stap"]
+
+
+def bench_buildenv(ctx, report):
+    """One server with the Debian 13 environment beside the host (result cache off): the real 5.1
+    client's requests compile in the environment, the real 4.8 client's on the host, interleaved;
+    the server's own times compared (the clients differ, so end to end is shown, not compared)."""
+    root = build_env_root(ctx)
+    if root is None:
+        report.not_measured("no Debian 13 build environment: `pytest tests/test_build_env.py` "
+                            f"caches one ({BUILD_ENV_TARBALLS})")
+        return
+    progress("starting our server with --build-env trixie (result cache off)")
+    srv = start_our_server(ctx.box, ctx.krel, ctx.rt, *(ctx.cache_off or []), "--build-env",
+                           f"trixie={root}", log=ctx.box.path("server-buildenv.log"))
+    ctx.stack.callback(srv.stop)
+    srv.tail = LogTail(srv.log)
+    env48 = real_client_env(ctx.top)
+    subprocess.run(["stap", "--trust-servers=ssl,no-prompt", f"--use-server={srv.address}"],
+                   env=env48, capture_output=True, timeout=60, check=True)
+    home = os.path.join(ctx.top, "client-51")
+    db = os.path.join(home, ".systemtap", "ssl", "client")
+    os.makedirs(os.path.dirname(db), 0o755)
+    subprocess.run([PY, CLIENT, "stap-add-server-cert", "--yes", srv.address, db],
+                   env=srv.box.env, capture_output=True, timeout=60, check=True)
+    inside = {ctx.scripts: "/tmp/run", SCRIPTS: "/tmp/fixed"}
+
+    def run(client, script):
+        script = inside[os.path.dirname(script)] + "/" + os.path.basename(script) \
+            if client == "5.1" else script
+        argv = (client_51(ctx, root, home) if client == "5.1" else ["stap"]) + \
+            [f"--use-server={srv.address}", "-r", ctx.krel, "-p4", script]
+        s = timed(argv, env=env48, cwd=home if client == "5.1" else ctx.cwd, timeout=900)
+        clean_modules(home)
+        clean_modules(ctx.cwd)
+        attach_log(srv, s)
+        return s
+    for client in ("4.8", "5.1"):
+        ctx.ensure_warm(f"the {client} client's build environment",
+                        lambda c=client: run(c, ctx.unique_script("warm")))
+        run(client, ctx.hit_script)  # untimed: puts the script in that stap's cache
+    names = {"4.8": "host (stap 4.8, real 4.8 client)", "5.1": "trixie (stap 5.1, real 5.1 client)"}
+    hit = {c: Series(f"-p4 stap cache hit, {names[c]}") for c in names}
+    cold = {c: Series(f"-p4 cold compile, {names[c]}") for c in names}
+    progress(f"1d: -p4 hit on the host and in the environment, {ctx.opts.reps} x 2")
+    interleaved([(hit[c], lambda c=c: run(c, ctx.hit_script)) for c in names], ctx.opts.reps)
+    progress(f"1d: -p4 cold on the host and in the environment, {ctx.opts.cold_reps} x 2")
+    interleaved([(cold[c], lambda c=c: run(c, ctx.unique_script(f"env{c}")))
+                 for c in names], ctx.opts.cold_reps)
+    for series in (hit, cold):
+        report.row(series["4.8"])
+        report.row(series["5.1"], series["4.8"])
+    for what, series in (("hit", hit), ("cold", cold)):
+        env, host = series["5.1"].server_median, series["4.8"].server_median
+        if env is None or host is None:
+            report.not_measured(f"build environment cost ({what}): no server times in the log")
+            continue
+        report.summary(f"a -p4 {what} in the build environment (server side): {env:.3f} s vs "
+                       f"{host:.3f} s on the host ({(env - host) * 1000:+.0f} ms)",
+                       key=f"buildenv_{what}", seconds=env - host)
 
 
 # --------------------------------------------------------------------------
@@ -976,6 +1065,8 @@ def bench_profile(ctx, report):
 RUNNERS = {"overhead": ("1. stap-client round trip vs local stap (-p4)", bench_overhead),
            "sandbox": ("1c. the cost of the bubblewrap sandbox (-p4, result cache off)",
                        bench_sandbox),
+           "buildenv": ("1d. a request in a build environment (Debian 13, stap 5.1) vs the "
+                        "host's (-p4, result cache off)", bench_buildenv),
            "interop": ("2. ours vs the real stap-serverd 4.8 / stap --use-server "
                        "(one network namespace)", bench_interop),
            "load": ("2b. 30 and 100 concurrent clients, --max-threads 2, every pairing",
