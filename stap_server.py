@@ -819,6 +819,26 @@ def limit_text(config, name):
             f"--compile-{name})")
 
 
+# Failures of a compile that are the server's to fix, as they show in its stderr (the client sees
+# all of it; the log line names the cause): a limit the server killed it for, a full disk, bwrap.
+SERVER_SIDE_CAUSES = (
+    (rb"^stap-serverd: ERROR: (the compile exceeded its .*)$", "{0}"),
+    (rb"No space left on device", "No space left on device in --tmpdir {tmpdir} or the stap "
+                                  "cache {cache}"),
+    (rb"^(bwrap: .*)$", "sandbox failure: {0}"),
+)
+
+
+def server_side_cause(stderr, config):
+    """The log's words for why a compile failed when the server is to blame, or None."""
+    for pattern, words in SERVER_SIDE_CAUSES:
+        m = re.search(pattern, stderr, re.MULTILINE)
+        if m:
+            return words.format(*(g.decode(errors="replace") for g in m.groups()),
+                                tmpdir=config.tmpdir, cache=config.cache_dir)
+    return None
+
+
 def kill_group(proc):
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -1019,6 +1039,8 @@ def handle_request(data, config, version, record, key, cache=None, compiles=None
                 return error_reply(key, version, str(e)), False
             reply = reply_for_client(compiled, req, key, version)
             record.update(rc=reply.rc)
+            if reply.rc:
+                record.fail(server_side_cause(compiled.stderr, config))
             return signed_reply(key, reply), reply.rc == 0
 
         if cache is None:
@@ -2211,10 +2233,48 @@ def setup_logging(path):
 
 
 def stap_serverd(argv):
-    """The server, in the foreground, until SIGTERM or SIGINT."""
-    config = parse_config(argv)
+    """The server, in the foreground, until SIGTERM or SIGINT.  An error that stops it is a line of
+    its log too: under systemd its stderr reaches only the journal."""
+    try:
+        config = parse_config(argv)
+    except Error as e:
+        log_config_error(argv, e)
+        raise
     setup_logging(config.log)
     logging.info("starting: %s", " ".join(sys.argv))
+    try:
+        return serve(config)
+    except Error as e:
+        logging.error("ERROR: %s", e)
+        if stderr_is_log(config.log):  # stap-start-server's daemon: the line is there already
+            return 1
+        raise
+
+
+def log_config_error(argv, error):
+    """Write a configuration error to the log named by --log, if it names one (a typo on a command
+    line creates no log file)."""
+    p = OptionParser(add_help=False)
+    p.add_argument("--log")
+    try:
+        path = p.parse_known_args(argv)[0].log
+    except Error:  # --log without a value
+        return
+    if path:
+        with contextlib.suppress(Error):
+            setup_logging(path)
+            logging.error("ERROR: %s", error)
+
+
+def stderr_is_log(path):
+    try:
+        out, log = os.fstat(sys.stderr.fileno()), os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (out.st_dev, out.st_ino) == (log.st_dev, log.st_ino)
+
+
+def serve(config):
     der = ensure_server_certificate(config.db)
     prepare_compile_step(config)
     server = CompileServer(config, der)

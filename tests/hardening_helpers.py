@@ -2,12 +2,14 @@
 test_load, test_faults): raw protocol traffic to a running server, request
 and reply archives built by hand, and checks that a server still serves."""
 
+import contextlib
 import io
 import os
 import pwd
 import re
 import socket
 import stat
+import subprocess
 import time
 import zipfile
 
@@ -209,3 +211,15 @@ def is_regular_or_dir(path):
 
 
 ERROR_LINE = re.compile(r"^stap-serverd: ERROR: .+", re.MULTILINE)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size):
+    """A tmpfs of size (mount's size=, e.g. "1m") mounted on the new directory path meanwhile."""
+    os.makedirs(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=True)

@@ -455,13 +455,15 @@ def limited_server(krel):
 def test_each_resource_limit_is_named(breach, limited_server, krel):
     box, srv = limited_server
     name, option, value, unit = LIMITS[breach]
-    started = time.monotonic()
+    started, logged = time.monotonic(), len(request_lines(srv))
     proc = client(box, srv, "-r", krel, "-p2", "-e", f"probe begin {{ /* {breach} */ }}")
     assert proc.returncode == 1, text(proc)
     assert (f"stap-serverd: ERROR: the compile exceeded its {name} limit ({value}{unit}, {option})"
             in proc.stderr.decode()), text(proc)
     assert time.monotonic() - started < 30
     assert request_dirs(server_tmpdir(box)) == []
+    line = wait_request_lines(srv, logged + 1)[-1]  # the server's log names the cause too
+    assert f"error='the compile exceeded its {name} limit ({value}{unit}, {option})" in line, line
 
 
 # --------------------------------------------------------------------------
