@@ -222,12 +222,40 @@ def served_releases(requested):
     return usable
 
 
+# What a server that is not root needs to compile as another account, as a root server does: hand
+# it the request directory (chown), read back and remove what it left there (dac_override), stop it
+# (kill) and become it (setgid, setuid).  The packaged unit gives its account these.
+SWITCH_CAPABILITIES = {"chown": 0, "dac_override": 1, "kill": 5, "setgid": 6, "setuid": 7}
+
+
+def effective_capabilities():
+    """The capability bits this process has in effect (CapEff)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+
+
+def can_switch_user():
+    """Root, or a server holding every capability that compiling as another account takes."""
+    return client.is_root() or all(
+        effective_capabilities() >> bit & 1 for bit in SWITCH_CAPABILITIES.values())
+
+
+def drop_ambient_capabilities():
+    """No program the server runs inherits its capabilities: a process switched to the compile
+    account keeps them up to its exec, and an ambient set would carry them through it."""
+    pr_cap_ambient, pr_cap_ambient_clear_all = 47, 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_cap_ambient, pr_cap_ambient_clear_all, 0, 0, 0)
+
+
 def compile_user(name):
-    """The dedicated account a root server compiles as; None: as ourselves.  Never root, and never
-    the shared nobody: whatever else runs as that account could tamper with compiles."""
-    if not client.is_root():
+    """The dedicated account a root (or capable) server compiles as; None: as ourselves.  Never
+    root, never the shared nobody (whatever else runs as that account could tamper with compiles)
+    and never the server's own account, which owns its key."""
+    if not can_switch_user():
         if name:
-            raise Error("--user needs a server started by root")
+            raise Error("--user needs a server started by root or holding the capabilities "
+                        + ", ".join(f"CAP_{c.upper()}" for c in SWITCH_CAPABILITIES))
         return None
     name = name or COMPILE_ACCOUNT
     try:
@@ -239,6 +267,9 @@ def compile_user(name):
     if pw.pw_uid == 0 or pw.pw_name == "nobody":
         raise Error(f"--user {name}: the compile account must be a dedicated "
                     "unprivileged account, not root or nobody")
+    if pw.pw_uid == os.geteuid():
+        raise Error(f"--user {name}: the compile account must not be the server's own, "
+                    "which owns its key")
     return pw.pw_name
 
 
@@ -2242,6 +2273,7 @@ def stap_serverd(argv):
         raise
     setup_logging(config.log)
     logging.info("starting: %s", " ".join(sys.argv))
+    drop_ambient_capabilities()
     try:
         return serve(config)
     except Error as e:

@@ -42,6 +42,7 @@ from hardening_helpers import (
 
 COMPILE_ACCOUNT = "stap-compile"
 UNIT_ACCOUNT = "stap-server"  # what the package's unit runs as (User=stap-server)
+UNIT_CAPABILITIES = "+chown,+dac_override,+kill,+setgid,+setuid"  # and its AmbientCapabilities=
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: other accounts, root-only files")
@@ -157,6 +158,7 @@ report() {  # PATH: absent, or what it holds and whether it can be written
 }
 for p in {paths}; do report "$p"; done
 echo "uid=$(id -u)"
+echo "capabilities=$(awk '/^Cap(Prm|Eff|Amb):/ {print $2}' /proc/self/status | paste -sd,)"
 echo "pids=$(ls /proc | grep -c '^[0-9]')"
 if python3 -c 'import socket; socket.create_connection(("127.0.0.1", {port}), 2)' 2>/dev/null
 then echo network=yes; else echo network=no; fi
@@ -193,6 +195,8 @@ def test_compile_step_sees_nothing_of_the_server(who, servers, krel):
     if user == UNIT_ACCOUNT:
         ensure_unit_account()
     box = conftest.make_sandbox(user)
+    if user == UNIT_ACCOUNT:  # the unit's AmbientCapabilities=: it compiles as stap-compile
+        box.caps = UNIT_CAPABILITIES
     etc_db = f"/etc/stap-test-{uuid.uuid4().hex[:8]}/ssl/server"
     extra = ["--ssl", etc_db] if user is None else []
     tmpdir = server_tmpdir(box)
@@ -206,8 +210,9 @@ def test_compile_step_sees_nothing_of_the_server(who, servers, krel):
         assert proc.returncode == 0, text(proc)
         out = proc.stdout.decode()
         assert_sees_nothing(out, paths)
-        uid = pwd.getpwnam(user or COMPILE_ACCOUNT).pw_uid
+        uid = pwd.getpwnam(COMPILE_ACCOUNT if user in (None, UNIT_ACCOUNT) else user).pw_uid
         assert f"uid={uid}" in out, out
+        assert "capabilities=0000000000000000,0000000000000000,0000000000000000" in out, out
     finally:
         shutil.rmtree(os.path.dirname(os.path.dirname(etc_db)), ignore_errors=True)
         shutil.rmtree(box.top, ignore_errors=True)
