@@ -2269,7 +2269,9 @@ def stap_serverd(argv):
     try:
         config = parse_config(argv)
     except Error as e:
-        log_config_error(argv, e)
+        log = log_config_error(argv, e)
+        if log and stderr_is_log(log):
+            return 1
         raise
     setup_logging(config.log)
     logging.info("starting: %s", " ".join(sys.argv))
@@ -2285,17 +2287,18 @@ def stap_serverd(argv):
 
 def log_config_error(argv, error):
     """Write a configuration error to the log named by --log, if it names one (a typo on a command
-    line creates no log file)."""
+    line creates no log file); the log's path, or None."""
     p = OptionParser(add_help=False)
     p.add_argument("--log")
     try:
         path = p.parse_known_args(argv)[0].log
-    except Error:  # --log without a value
-        return
-    if path:
-        with contextlib.suppress(Error):
+        if path:
             setup_logging(path)
             logging.error("ERROR: %s", error)
+            return path
+    except Error:  # --log without a value, or a log that cannot be written
+        pass
+    return None
 
 
 def stderr_is_log(path):
