@@ -281,12 +281,40 @@ def served_releases(requested):
     return usable
 
 
+# What a server that is not root needs to compile as another account, as a root server does: hand
+# it the request directory (chown), read back and remove what it left there (dac_override), stop it
+# (kill) and become it (setgid, setuid).  The packaged unit gives its account these.
+SWITCH_CAPABILITIES = {"chown": 0, "dac_override": 1, "kill": 5, "setgid": 6, "setuid": 7}
+
+
+def effective_capabilities():
+    """The capability bits this process has in effect (CapEff)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+
+
+def can_switch_user():
+    """Root, or a server holding every capability that compiling as another account takes."""
+    return client.is_root() or all(
+        effective_capabilities() >> bit & 1 for bit in SWITCH_CAPABILITIES.values())
+
+
+def drop_ambient_capabilities():
+    """No program the server runs inherits its capabilities: a process switched to the compile
+    account keeps them up to its exec, and an ambient set would carry them through it."""
+    pr_cap_ambient, pr_cap_ambient_clear_all = 47, 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_cap_ambient, pr_cap_ambient_clear_all, 0, 0, 0)
+
+
 def compile_user(name):
-    """The dedicated account a root server compiles as; None: as ourselves.  Never root, and never
-    the shared nobody: whatever else runs as that account could tamper with compiles."""
-    if not client.is_root():
+    """The dedicated account a root (or capable) server compiles as; None: as ourselves.  Never
+    root, never the shared nobody (whatever else runs as that account could tamper with compiles)
+    and never the server's own account, which owns its key."""
+    if not can_switch_user():
         if name:
-            raise Error("--user needs a server started by root")
+            raise Error("--user needs a server started by root or holding the capabilities "
+                        + ", ".join(f"CAP_{c.upper()}" for c in SWITCH_CAPABILITIES))
         return None
     name = name or COMPILE_ACCOUNT
     try:
@@ -298,6 +326,9 @@ def compile_user(name):
     if pw.pw_uid == 0 or pw.pw_name == "nobody":
         raise Error(f"--user {name}: the compile account must be a dedicated "
                     "unprivileged account, not root or nobody")
+    if pw.pw_uid == os.geteuid():
+        raise Error(f"--user {name}: the compile account must not be the server's own, "
+                    "which owns its key")
     return pw.pw_name
 
 
@@ -929,6 +960,26 @@ def limit_text(config, name):
             f"--compile-{name})")
 
 
+# Failures of a compile that are the server's to fix, as they show in its stderr (the client sees
+# all of it; the log line names the cause): a limit the server killed it for, a full disk, bwrap.
+SERVER_SIDE_CAUSES = (
+    (rb"^stap-serverd: ERROR: (the compile exceeded its .*)$", "{0}"),
+    (rb"No space left on device", "No space left on device in --tmpdir {tmpdir} or the stap "
+                                  "cache {cache}"),
+    (rb"^(bwrap: .*)$", "sandbox failure: {0}"),
+)
+
+
+def server_side_cause(stderr, config):
+    """The log's words for why a compile failed when the server is to blame, or None."""
+    for pattern, words in SERVER_SIDE_CAUSES:
+        m = re.search(pattern, stderr, re.MULTILINE)
+        if m:
+            return words.format(*(g.decode(errors="replace") for g in m.groups()),
+                                tmpdir=config.tmpdir, cache=config.cache_dir)
+    return None
+
+
 def kill_group(proc):
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -1345,6 +1396,8 @@ class CompileService:
                 self.pending.give_back(archive.unpacked_size)
         reply = reply_for_client(compiled, req, key, self.version)
         record.update(rc=reply.rc)
+        if reply.rc:
+            record.fail(server_side_cause(compiled.stderr, config))
         return signed_reply(key, reply), reply.rc == 0
 
 
@@ -2739,10 +2792,52 @@ def setup_logging(path):
 
 
 def stap_serverd(argv):
-    """The server, in the foreground, until SIGTERM or SIGINT."""
-    config = parse_config(argv)
+    """The server, in the foreground, until SIGTERM or SIGINT.  An error that stops it is a line of
+    its log too: under systemd its stderr reaches only the journal."""
+    try:
+        config = parse_config(argv)
+    except Error as e:
+        log = log_config_error(argv, e)
+        if log and stderr_is_log(log):
+            return 1
+        raise
     setup_logging(config.log)
     logging.info("starting: %s", " ".join(sys.argv))
+    drop_ambient_capabilities()
+    try:
+        return serve(config)
+    except Error as e:
+        logging.error("ERROR: %s", e)
+        if stderr_is_log(config.log):  # stap-start-server's daemon: the line is there already
+            return 1
+        raise
+
+
+def log_config_error(argv, error):
+    """Write a configuration error to the log named by --log, if it names one (a typo on a command
+    line creates no log file); the log's path, or None."""
+    p = OptionParser(add_help=False)
+    p.add_argument("--log")
+    try:
+        path = p.parse_known_args(argv)[0].log
+        if path:
+            setup_logging(path)
+            logging.error("ERROR: %s", error)
+            return path
+    except Error:  # --log without a value, or a log that cannot be written
+        pass
+    return None
+
+
+def stderr_is_log(path):
+    try:
+        out, log = os.fstat(sys.stderr.fileno()), os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (out.st_dev, out.st_ino) == (log.st_dev, log.st_ino)
+
+
+def serve(config):
     der = ensure_server_certificate(config.db)
     prepare_compile_step(config)
     server = CompileServer(config, der)

@@ -50,6 +50,7 @@ from hardening_helpers import (
 
 COMPILE_ACCOUNT = "stap-compile"
 UNIT_ACCOUNT = "stap-server"  # what the package's unit runs as (User=stap-server)
+UNIT_CAPABILITIES = "+chown,+dac_override,+kill,+setgid,+setuid"  # and its AmbientCapabilities=
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: other accounts, root-only files")
@@ -321,6 +322,7 @@ report() {  # PATH: absent, or what it holds and whether it can be written
 }
 for p in {paths}; do report "$p"; done
 echo "uid=$(id -u)"
+echo "capabilities=$(awk '/^Cap(Prm|Eff|Amb):/ {print $2}' /proc/self/status | paste -sd,)"
 echo "pids=$(ls /proc | grep -c '^[0-9]')"
 if python3 -c 'import socket; socket.create_connection(("127.0.0.1", {port}), 2)' 2>/dev/null
 then echo network=yes; else echo network=no; fi
@@ -357,6 +359,8 @@ def test_compile_step_sees_nothing_of_the_server(who, servers, krel):
     if user == UNIT_ACCOUNT:
         ensure_unit_account()
     box = conftest.make_sandbox(user)
+    if user == UNIT_ACCOUNT:  # the unit's AmbientCapabilities=: it compiles as stap-compile
+        box.caps = UNIT_CAPABILITIES
     etc_db = f"/etc/stap-test-{uuid.uuid4().hex[:8]}/ssl/server"
     extra = ["--ssl", etc_db] if user is None else []
     tmpdir = server_tmpdir(box)
@@ -370,8 +374,9 @@ def test_compile_step_sees_nothing_of_the_server(who, servers, krel):
         assert proc.returncode == 0, text(proc)
         out = proc.stdout.decode()
         assert_sees_nothing(out, paths)
-        uid = pwd.getpwnam(user or COMPILE_ACCOUNT).pw_uid
+        uid = pwd.getpwnam(COMPILE_ACCOUNT if user in (None, UNIT_ACCOUNT) else user).pw_uid
         assert f"uid={uid}" in out, out
+        assert "capabilities=0000000000000000,0000000000000000,0000000000000000" in out, out
     finally:
         shutil.rmtree(os.path.dirname(os.path.dirname(etc_db)), ignore_errors=True)
         shutil.rmtree(box.top, ignore_errors=True)
@@ -816,13 +821,15 @@ def limited_server(krel):
 def test_each_resource_limit_is_named(breach, limited_server, krel):
     box, srv = limited_server
     name, option, value, unit = LIMITS[breach]
-    started = time.monotonic()
+    started, logged = time.monotonic(), len(request_lines(srv))
     proc = client(box, srv, "-r", krel, "-p2", "-e", f"probe begin {{ /* {breach} */ }}")
     assert proc.returncode == 1, text(proc)
     assert (f"stap-serverd: ERROR: the compile exceeded its {name} limit ({value}{unit}, {option})"
             in proc.stderr.decode()), text(proc)
     assert time.monotonic() - started < 30
     assert request_dirs(server_tmpdir(box)) == []
+    line = wait_request_lines(srv, logged + 1)[-1]  # the server's log names the cause too
+    assert f"error='the compile exceeded its {name} limit ({value}{unit}, {option})" in line, line
 
 
 # --------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from stap_server import (
     reply_entries,
     reply_for_client,
     secret_files,
+    server_side_cause,
     txt_rdata_text,
 )
 
@@ -261,6 +262,22 @@ def test_a_broken_limit_is_recognised_by_its_signal_or_words():
     assert limit_breached(1, b"sh: fork: retry: Resource", config) == \
         limit_text(config, "processes")
     assert limit_breached(1, b"semantic error: no match", config) is None
+
+
+def test_the_server_side_cause_of_a_failed_compile():
+    """What the log line names: the server's to fix, never the client's script."""
+    config = types.SimpleNamespace(tmpdir="/srv/tmp", cache_dir="/srv/cache")
+    assert server_side_cause(b"Pass 4\nstap-serverd: ERROR: the compile exceeded its cpu limit "
+                             b"(1 s, --compile-cpu)\n", config) == \
+        "the compile exceeded its cpu limit (1 s, --compile-cpu)"
+    assert server_side_cause(b"cc1: fatal error: error writing to x.s: No space left on device",
+                             config) == ("No space left on device in --tmpdir /srv/tmp or the "
+                                         "stap cache /srv/cache")
+    assert server_side_cause(b"bwrap: Creating new namespace failed: Operation not permitted\n",
+                             config) == ("sandbox failure: bwrap: Creating new namespace failed: "
+                                         "Operation not permitted")
+    assert server_side_cause(b"semantic error: no match while resolving probe point\n",
+                             config) is None
 
 
 def test_prlimit_arguments():
