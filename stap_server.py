@@ -868,6 +868,7 @@ def prepare_knowledge(config):
     """At start: make CACHE_DIR and CACHE_DIR/knowledge, or check them and each kernel's directory
     in it (ours, not a link, not writable by group or others)."""
     root = os.path.join(config.cache_dir, KNOWLEDGE)
+    os.makedirs(config.cache_dir, 0o755, exist_ok=True)
     for path in (config.cache_dir, root):
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o755)
