@@ -990,6 +990,7 @@ def store_knowledge(path, files):
             with open(os.open(os.path.join(made, rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL
                               | os.O_NOFOLLOW, 0o644), "wb") as f:
                 f.write(data)
+                os.fsync(f.fileno())  # renamed whole after a power cut, never empty
         os.chmod(made, 0o755)
         os.rename(made, path)
     except OSError as e:
