@@ -44,7 +44,7 @@ def need_root():
 
 
 # --------------------------------------------------------------------------
-# The kernel release, the runtime fixture, a warm stap cache
+# The kernel release, the runtime fixture, stap's knowledge of the kernel
 # --------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
