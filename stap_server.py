@@ -155,8 +155,9 @@ def build_option_parser(prog):
         "running server checks whether its certificate expires within 30 days and renews it "
         "(default 3600)")
     add("--tmpdir", metavar="DIR", help="where request directories go")
-    add("--cache-dir", metavar="DIR", help="stap's caches for compiles, one subdirectory per "
-        "compile account (default: /var/cache/stap-server for root, "
+    add("--cache-dir", metavar="DIR", help="where the server keeps what stap learns once per "
+        "kernel (its configuration header, made by a warm-up run of the server's own), read-only "
+        "to compiles (default: /var/cache/stap-server for root, "
         "$SYSTEMTAP_DIR/compile-cache otherwise)")
     add("--dns-update", metavar="ZONE", help="also register in this DNS zone (wide-area "
         "DNS-SD, for clients on other subnets) by DNS UPDATE signed with --tsig-key, sent to "
@@ -174,7 +175,7 @@ def build_option_parser(prog):
 
 
 def state_dir(kind):
-    """Where this user's status ("run"), log ("log") and compile cache ("cache") files live."""
+    """Where this user's status ("run"), log ("log") and stap knowledge ("cache") files live."""
     system, own = {"run": ("/run/stap-server", "run"), "log": ("/var/log/stap-server", "log"),
                    "cache": ("/var/cache/stap-server", "compile-cache")}[kind]
     return system if client.is_root() else os.path.join(client.systemtap_dir(), own)
@@ -609,9 +610,9 @@ def locale_env(data):
 # The compile step: stap in a bubblewrap sandbox, as the compile account
 # --------------------------------------------------------------------------
 
-# Where the compile sees its request directory and stap's cache.
+# Where the compile sees its request directory.
 SANDBOX_WORK = "/stap/request"
-SANDBOX_CACHE = "/stap/cache"
+STAP_DIR = ".systemtap"  # the compile's SYSTEMTAP_DIR, in work/: stap's cache is its own
 # What the compile sees of the host, read-only: programs, libraries, headers, kernel build trees,
 # configuration.  Nothing else exists in the sandbox.
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -646,19 +647,60 @@ class Workspace:
     def __exit__(self, *exc):
         self.remove()
 
-    def hand_over(self, account):
-        """Give work/ and a fresh work/tmp to the compile account; the client's files stay the
-        server's (read-only to the compile)."""
+    def hand_over(self, account, knowledge=None):
+        """Give work/, a fresh work/tmp and stap's own cache for this compile (work/.systemtap,
+        holding copies of the kernel's knowledge, {path in stap's cache: bytes}) to the compile
+        account; the client's files stay the server's (read-only to the compile)."""
         self.work_fd = os.open(self.work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         os.mkdir("tmp", 0o700, dir_fd=self.work_fd)
+        made = ["tmp"] + self.private_cache(knowledge or {})
         if account is not None:
-            # tmp, as made above: only the server can write work/ until the fchown below
-            os.chown("tmp", account.pw_uid, account.pw_gid, dir_fd=self.work_fd,
-                     follow_symlinks=False)
+            # as made above: only the server can write work/ until the fchown below
+            for name in made:
+                os.chown(name, account.pw_uid, account.pw_gid, dir_fd=self.work_fd,
+                         follow_symlinks=False)
             os.fchown(self.work_fd, account.pw_uid, account.pw_gid)
             # bwrap (0.8 resolves even a --bind-fd source by path) runs as the compile account and
             # must get through to work/: traverse only.
             os.chmod(self.path, 0o711)
+
+    def private_cache(self, knowledge):
+        """Make work/.systemtap/cache with a copy of each knowledge file in it (0644, the
+        server's); return the directories made, which the compile account gets."""
+        try:
+            os.mkdir(STAP_DIR, 0o755, dir_fd=self.work_fd)
+        except FileExistsError:
+            raise Error(f"request entry {STAP_DIR} is not allowed: the compile's own stap "
+                        "cache goes there") from None
+        made = [STAP_DIR, f"{STAP_DIR}/cache"]
+        os.mkdir(made[1], 0o755, dir_fd=self.work_fd)
+        for rel, data in sorted(knowledge.items()):
+            sub = f"{made[1]}/{os.path.dirname(rel)}"
+            if sub not in made:
+                os.mkdir(sub, 0o755, dir_fd=self.work_fd)
+                made.append(sub)
+            fd = os.open(f"{made[1]}/{rel}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o644, dir_fd=self.work_fd)
+            with open(fd, "wb") as f:
+                f.write(data)
+        return made
+
+    def stap_knowledge(self):
+        """{path in stap's cache: bytes} of the kernel configuration headers (stapconf_*.h) that
+        stap left in this request's own cache; read through descriptors, links and other odd
+        entries skipped."""
+        found = {}
+        with contextlib.ExitStack() as stack:
+            cache_fd = open_subdir(f"{STAP_DIR}/cache", self.work_fd, stack)
+            for sub in sorted(os.listdir(cache_fd)) if cache_fd is not None else []:
+                sub_fd = open_subdir(sub, cache_fd, stack) if re.fullmatch(r"[0-9a-f]{2}", sub) \
+                    else None
+                for name in os.listdir(sub_fd) if sub_fd is not None else []:
+                    data = (read_regular(name, sub_fd, KNOWLEDGE_FILE_LIMIT)
+                            if KNOWLEDGE_FILE.fullmatch(name) else None)
+                    if data is not None and len(found) < KNOWLEDGE_FILES:
+                        found[f"{sub}/{name}"] = data
+        return found
 
     def disk_use(self):
         """Bytes under work/, each entry counted as at least one block (an inode bomb is a disk bomb
@@ -698,6 +740,19 @@ class Workspace:
         shutil.rmtree(self.path, ignore_errors=True)  # fd-based: never follows links
 
 
+def open_subdir(path, dir_fd, stack):
+    """A descriptor of the directory path under dir_fd (closed with stack), or None; no component
+    may be a link."""
+    fd = dir_fd
+    for part in path.split("/"):
+        try:
+            fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError:
+            return None
+        stack.callback(os.close, fd)
+    return fd
+
+
 def read_regular(name, dir_fd, limit):
     """The bytes of a regular file at most limit long, or None; a link, a fifo or a device is not
     opened for reading."""
@@ -713,9 +768,9 @@ def read_regular(name, dir_fd, limit):
 
 
 def prepare_compile_step(config):
-    """At start: stap's cache for compiles, and a sandbox that works (or a loud warning under
-    --no-sandbox)."""
-    cache = prepare_compile_cache(config)
+    """At start: the directory of stap's knowledge, and a sandbox that works (or a loud warning
+    under --no-sandbox)."""
+    prepare_knowledge(config)
     if not config.sandbox:
         logging.warning("WARNING: --no-sandbox: compiles run unconfined and can read "
                         "everything the compile account can; results are not cached")
@@ -726,7 +781,7 @@ def prepare_compile_step(config):
         raise Error(f"cannot make request directories in {config.tmpdir}: {e.strerror}") from None
     try:
         ws.hand_over(compile_account(config))
-        argv = sandbox_argv(config, ws.work_fd, cache) + limits_argv(config) + ["true"]
+        argv = sandbox_argv(config, ws.work_fd) + limits_argv(config) + ["true"]
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=30, cwd="/",
                                   pass_fds=(ws.work_fd,), **as_compile_account(config))
@@ -754,42 +809,6 @@ def as_compile_account(config):
     return dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[]) if account else {}
 
 
-def account_cache(config):
-    """stap's cache for the compile account: CACHE_DIR/ACCOUNT."""
-    return os.path.join(config.cache_dir, config.user or pwd.getpwuid(os.geteuid()).pw_name)
-
-
-def prepare_compile_cache(config):
-    """Make the compile account's cache directory, or check the one there: a directory (not a link)
-    owned by the compile account, in a parent that only the server can write."""
-    os.makedirs(config.cache_dir, 0o755, exist_ok=True)
-    st = os.lstat(config.cache_dir)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
-        raise Error(f"{config.cache_dir} must be a directory of uid {os.geteuid()} "
-                    "that group and others cannot write")
-    account = compile_account(config)
-    path = account_cache(config)
-    try:
-        os.mkdir(path, 0o700)
-        created = True
-    except FileExistsError:
-        created = False
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise Error(f"stap cache {path} is not a directory: {e.strerror}") from None
-    try:
-        uid = account.pw_uid if account else os.geteuid()
-        if created and account:
-            os.fchown(fd, account.pw_uid, account.pw_gid)
-        elif os.fstat(fd).st_uid != uid:
-            raise Error(f"stap cache {path} is owned by uid {os.fstat(fd).st_uid}, "
-                        f"not the compile account's {uid}")
-    finally:
-        os.close(fd)
-    return path
-
-
 def private_paths(config):
     """The server's own files and directories, hidden from the compile when they lie inside the
     system directories the sandbox shows."""
@@ -802,10 +821,10 @@ def inside(path, top):
     return path != top and path.startswith(top.rstrip("/") + "/")
 
 
-def sandbox_argv(config, work_fd, cache):
+def sandbox_argv(config, work_fd):
     """bwrap's part of the compile's command line: no network, its own process tree, the system
     directories read-only, the server's own files masked, the request's work/ the only writable
-    place (with cache, stap's cache)."""
+    place (stap's cache included: work/.systemtap)."""
     argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
     shown, masked = [], []
     for d in SYSTEM_DIRS:
@@ -828,9 +847,6 @@ def sandbox_argv(config, work_fd, cache):
             argv += ["--ro-bind", p, p]  # the server's own -R/-I trees, a stand-in stap
             binds.append((p, p))
     argv += ["--bind-fd", str(work_fd), SANDBOX_WORK]
-    if cache:
-        argv += ["--bind", cache, SANDBOX_CACHE]
-        binds.append((os.path.realpath(cache), SANDBOX_CACHE))
     argv += secret_masks(config, binds, masked)
     return argv + ["--remount-ro", "/", "--chdir", SANDBOX_WORK, "--"]
 
@@ -878,18 +894,17 @@ def compile_env(req, work, cache):
             "SYSTEMTAP_DIR": cache, "TMPDIR": f"{work}/tmp", "LANG": "C.UTF-8", **req.env}
 
 
-def run_compile(config, req, ws):
+def run_compile(config, req, ws, knowledge=None):
     """One stap run in its sandbox, as the compile account, within the resource limits; stdin is
-    /dev/null, stdout and stderr go to files the server opened (and reads back) itself.  A Reply
-    with the module as (name, bytes) and the server's paths hidden."""
-    ws.hand_over(compile_account(config))
-    host_cache = None if req.guru else account_cache(config)  # guru: a throw-away one in work/
+    /dev/null, stdout and stderr go to files the server opened (and reads back) itself; stap's
+    cache is the request's own, with copies of the kernel's knowledge in it.  A Reply with the
+    module as (name, bytes) and the server's paths hidden."""
+    ws.hand_over(compile_account(config), knowledge)
     if config.sandbox:
-        work, cache = SANDBOX_WORK, SANDBOX_CACHE if host_cache else None
-        prefix = sandbox_argv(config, ws.work_fd, host_cache)
+        work, prefix = SANDBOX_WORK, sandbox_argv(config, ws.work_fd)
     else:
-        work, cache, prefix = ws.work, host_cache, []
-    cache = cache or f"{work}/.systemtap"
+        work, prefix = ws.work, []
+    cache = f"{work}/{STAP_DIR}"
     argv = prefix + limits_argv(config) + stap_argv(config, req, work)
     with tempfile.TemporaryFile(dir=ws.path) as out, tempfile.TemporaryFile(dir=ws.path) as err:
         try:
@@ -990,6 +1005,159 @@ def hide_paths(data, paths):
     for p in sorted((p for p in paths if p), key=len, reverse=True):
         data = data.replace(p.encode(), b"<server>")
     return data
+
+
+# --------------------------------------------------------------------------
+# stap's knowledge of a kernel: made once by the server's own warm-up, copied into each compile
+# --------------------------------------------------------------------------
+#
+# The first pass 4 for a kernel spends 10-60 s probing its headers for stapconf_HASH.h.  No
+# compile writes anything another compile reads: each has its own stap cache (work/.systemtap).
+# The header is shared only from CACHE_DIR/knowledge/RELEASE-ARCH-STAMP/, the server's own,
+# made from a run of the server's own script and copied into each compile's cache.
+
+KNOWLEDGE = "knowledge"
+KNOWLEDGE_FILE = re.compile(r"stapconf_[0-9a-f]+_\d+\.h")
+KNOWLEDGE_FILE_LIMIT = 1 << 20
+KNOWLEDGE_FILES = 16
+WARM_UP_SCRIPT = "probe begin { exit() }"
+WARM_UP_RETRY = 600  # seconds before a failed warm-up is tried again
+
+
+def prepare_knowledge(config):
+    """At start: make CACHE_DIR and CACHE_DIR/knowledge, or check them and each kernel's directory
+    in it (ours, not a link, not writable by group or others)."""
+    root = os.path.join(config.cache_dir, KNOWLEDGE)
+    os.makedirs(config.cache_dir, 0o755, exist_ok=True)
+    for path in (config.cache_dir, root):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o755)
+        os.close(open_server_dir(path))
+    for name in sorted(os.listdir(root)):
+        if not name.startswith(".new-"):  # a crashed warm-up's: never renamed into place
+            os.close(open_server_dir(os.path.join(root, name)))
+
+
+def open_server_dir(path):
+    """A descriptor of path, a directory of ours (not a link) that group and others cannot write;
+    Error otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        fd = None
+    if fd is None or os.fstat(fd).st_uid != os.geteuid() or os.fstat(fd).st_mode & 0o022:
+        if fd is not None:
+            os.close(fd)
+        raise Error(f"{path} must be a directory of uid {os.geteuid()} "
+                    "that group and others cannot write")
+    return fd
+
+
+def builds_module(req):
+    """Whether the request runs pass 4, the one pass that needs the kernel's knowledge."""
+    options = req.args[:req.args.index("--")] if "--" in req.args else req.args
+    passes = [a[2:] for a in options if re.fullmatch(r"-p[1-5]", a)]
+    return passes[-1:] == ["4"]
+
+
+class KernelKnowledge:
+    """One kernel's knowledge in this process: files ({path in stap's cache: bytes}) once loaded
+    or made; the lock makes one warm-up at a time, which requests for the kernel wait for."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.files = None
+        self.failed = None  # time.monotonic() of a failed warm-up
+
+
+_knowledge = {}
+_knowledge_lock = threading.Lock()
+
+
+def kernel_knowledge(config, req):
+    """The knowledge files a compile of req gets copies of ({} when it needs none or there is
+    none); the first request for a kernel that the server has no knowledge of runs the warm-up."""
+    if not builds_module(req):
+        return {}
+    stamp = installation_stamp(config, req.release)[:16]
+    path = os.path.join(config.cache_dir, KNOWLEDGE, f"{req.release}-{config.arch}-{stamp}")
+    with _knowledge_lock:
+        known = _knowledge.setdefault(path, KernelKnowledge())
+    with known.lock:
+        if known.files is None or (not known.files
+                                   and time.monotonic() - known.failed > WARM_UP_RETRY):
+            known.files = load_knowledge(path)
+            if known.files is None:
+                known.files = warm_up(config, req.release, path)
+                known.failed = None if known.files else time.monotonic()
+        return known.files
+
+
+def load_knowledge(path):
+    """The files of a knowledge directory made before, or None when there is none (a directory
+    that is not the server's own is skipped, with a warning)."""
+    try:
+        top = open_server_dir(path)
+    except Error as e:
+        if os.path.lexists(path):
+            logging.warning("WARNING: stap knowledge skipped: %s", e)
+        return None
+    files = {}
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.close, top)
+        for sub in sorted(os.listdir(top)):
+            sub_fd = open_subdir(sub, top, stack)
+            for name in sorted(os.listdir(sub_fd)) if sub_fd is not None else []:
+                data = read_regular(name, sub_fd, KNOWLEDGE_FILE_LIMIT)
+                if data is not None and KNOWLEDGE_FILE.fullmatch(name):
+                    files[f"{sub}/{name}"] = data
+    return files or None
+
+
+def warm_up(config, release, path):
+    """Run stap once as a compile runs, on the server's own script, keep the kernel's knowledge it
+    made in its own cache, and store it at path; {} (and a warning) when it made none."""
+    logging.info("stap knowledge for %s %s: warming up (%s)", release, config.arch, path)
+    started = time.monotonic()
+    req = Request("", release, config.arch, ["-p4", "-e", WARM_UP_SCRIPT], {}, lowered=False)
+    ws = Workspace(config.tmpdir)
+    try:
+        compiled = run_compile(config, req, ws)
+        files = ws.stap_knowledge() if compiled.rc == 0 else {}
+    except (Error, OSError) as e:
+        compiled, files = Reply(1, b"", str(e).encode()), {}
+    finally:
+        ws.remove()
+    if not files:
+        why = client.last_line(compiled.stderr) if compiled.rc else "it made no stapconf header"
+        logging.warning("WARNING: stap knowledge for %s %s: the warm-up failed (%s); compiles "
+                        "go on without it", release, config.arch, why)
+        return {}
+    store_knowledge(path, files)
+    logging.info("stap knowledge for %s %s ready in %.1f s: %s", release, config.arch,
+                 time.monotonic() - started, ", ".join(sorted(files)))
+    return files
+
+
+def store_knowledge(path, files):
+    """Write files into a new directory beside path and rename it into place, so that a crash
+    leaves nothing half-made; a failure (another server got there first) leaves path as it is."""
+    made = None
+    try:
+        made = tempfile.mkdtemp(prefix=".new-", dir=os.path.dirname(path))
+        for rel, data in files.items():
+            os.makedirs(os.path.join(made, os.path.dirname(rel)), 0o755, exist_ok=True)
+            with open(os.open(os.path.join(made, rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                              | os.O_NOFOLLOW, 0o644), "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())  # renamed whole after a power cut, never empty
+        os.chmod(made, 0o755)
+        os.rename(made, path)
+    except OSError as e:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        if not os.path.isdir(path):
+            logging.warning("WARNING: cannot store stap knowledge in %s: %s", path, e.strerror)
 
 
 # --------------------------------------------------------------------------
@@ -1378,6 +1546,11 @@ class CompileService:
         busy = self.compiles.busy_reason(config.max_wait, config.queue)
         if busy:
             return busy_reply(key, self.version, busy, record), False
+        try:
+            knowledge = kernel_knowledge(config, req)  # may wait for the kernel's warm-up
+        except (Error, OSError) as e:
+            record.update(rc=1, error=str(e))
+            return error_reply(key, self.version, str(e)), False
         with self.compiles.compiling():
             busy = self.pending.reserve(archive.unpacked_size)
             if busy:
@@ -1385,7 +1558,7 @@ class CompileService:
             try:
                 with Workspace(config.tmpdir) as ws:
                     archive.extract(ws.work)
-                    compiled = run_compile(config, req, ws)
+                    compiled = run_compile(config, req, ws, knowledge)
                 compiled = for_secure_boot(compiled, req, self.moks, config.tmpdir)
             except (Error, OSError) as e:
                 message = str(e) if isinstance(e, Error) else \

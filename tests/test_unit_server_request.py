@@ -5,6 +5,7 @@ limits and how a broken one is told, the reply's entries, the log line, and
 the names and texts it advertises with."""
 
 import os
+import pathlib
 import re
 import types
 
@@ -424,3 +425,54 @@ def test_a_refused_zone_refresh_is_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         zone.refresh()
     assert "DNS UPDATE of example.test. at 10.0.0.53 refused: NOTAUTH" in caplog.text
+
+
+# --------------------------------------------------------------------------
+# stap's cache: each compile's own, with copies of the server's knowledge
+# --------------------------------------------------------------------------
+
+HEADER = "ea/stapconf_eae2_722.h"
+
+
+def test_each_compile_gets_its_own_stap_cache_with_copies_of_the_knowledge(tmp_path):
+    ws = stap_server.Workspace(str(tmp_path))
+    try:
+        ws.hand_over(None, {HEADER: b"#define X 1\n"})
+        cache = pathlib.Path(ws.work, ".systemtap", "cache")
+        assert (cache / HEADER).read_bytes() == b"#define X 1\n"
+        (cache / "ea" / "stapconf_ffff_1.h").symlink_to("/etc/passwd")  # a compile's link
+        (cache / "ea" / "stap_ffff_1.ko").write_bytes(b"module")
+        assert ws.stap_knowledge() == {HEADER: b"#define X 1\n"}
+    finally:
+        ws.remove()
+
+
+def test_a_request_holding_the_compiles_stap_directory_is_refused(tmp_path):
+    ws = stap_server.Workspace(str(tmp_path))
+    try:
+        pathlib.Path(ws.work, ".systemtap").mkdir()
+        assert refused(ws.hand_over, None) == ("request entry .systemtap is not allowed: the "
+                                               "compile's own stap cache goes there")
+    finally:
+        ws.remove()
+
+
+@pytest.mark.parametrize("args, builds", [(["-p4", "-e" + SCRIPT], True),
+                                          (["-p4", "-p2", "x.stp"], False),
+                                          (["x.stp", "-p4", "--", "-p2"], True),
+                                          (["-L", 'kernel.function("x")'], False)])
+def test_only_pass_4_waits_for_the_kernels_knowledge(args, builds):
+    assert stap_server.builds_module(Request("4.8", "r", "x86_64", args, {}, False)) is builds
+
+
+def test_knowledge_is_stored_whole_and_only_the_servers_own_is_loaded(tmp_path, caplog):
+    path = str(tmp_path / "6.1.0-1-amd64-x86_64-0123456789abcdef")
+    assert stap_server.load_knowledge(path) is None
+    stap_server.store_knowledge(path, {HEADER: b"h"})
+    assert stap_server.load_knowledge(path) == {HEADER: b"h"}
+    assert [n for n in tmp_path.iterdir() if n.name.startswith(".new-")] == []
+    stap_server.store_knowledge(path, {HEADER: b"other"})  # there already: left as it is
+    assert stap_server.load_knowledge(path) == {HEADER: b"h"}
+    (tmp_path / "6.1.0-1-amd64-x86_64-0123456789abcdef").chmod(0o775)
+    assert stap_server.load_knowledge(path) is None
+    assert "must be a directory of uid" in caplog.text
