@@ -810,11 +810,12 @@ def as_compile_account(config):
 
 
 def private_paths(config):
-    """The server's own files and directories, hidden from the compile when they lie inside the
-    system directories the sandbox shows."""
+    """The server's own files and directories, and the files its options name as secrets: none of
+    them exists for the compile."""
     home = pwd.getpwuid(os.geteuid()).pw_dir
     return [config.db.path, config.log, state_dir("run"), config.tmpdir, config.cache_dir,
-            client.systemtap_dir(), os.environ.get("HOME") or home, home]
+            client.systemtap_dir(), os.environ.get("HOME") or home, home] + [
+                path for _, path in secret_files(config)]
 
 
 def inside(path, top):
@@ -826,43 +827,41 @@ def sandbox_argv(config, work_fd):
     directories read-only, the server's own files masked, the request's work/ the only writable
     place (stap's cache included: work/.systemtap)."""
     argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
-    shown, masked = [], []
+    binds = []  # (host path, where the sandbox shows it)
     for d in SYSTEM_DIRS:
         if os.path.islink(d):
             argv += ["--symlink", os.readlink(d), d]
         elif os.path.isdir(d):
             argv += ["--ro-bind", d, d]
-            shown.append(d)
-    for p in map(os.path.abspath, private_paths(config)):
-        if any(inside(p, d) for d in shown) and os.path.lexists(p):
-            # an empty read-only directory, or /dev/null, in its place
-            argv += (["--size", "4096", "--tmpfs", p, "--remount-ro", p] if os.path.isdir(p)
-                     else ["--ro-bind", "/dev/null", p])
-            masked.append(os.path.realpath(p))
+            binds.append((d, d))
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SANDBOX_TMPFS), "--tmpfs", "/tmp"]
-    binds = [(d, d) for d in shown]
     for p in server_trees(config) + [shutil.which(stap_program()) or stap_program()]:
         p = os.path.realpath(p)
-        if os.path.exists(p) and not any(inside(p, d) for d in shown):
+        if os.path.exists(p) and not any(p == h or inside(p, h) for h, _ in binds):
             argv += ["--ro-bind", p, p]  # the server's own -R/-I trees, a stand-in stap
             binds.append((p, p))
     argv += ["--bind-fd", str(work_fd), SANDBOX_WORK]
-    argv += secret_masks(config, binds, masked)
+    argv += private_masks(config, binds)
     return argv + ["--remount-ro", "/", "--chdir", SANDBOX_WORK, "--"]
 
 
-def secret_masks(config, binds, masked):
-    """/dev/null over each secret file at every place where the sandbox shows it, after all the
-    binds: binds are (host path, where the sandbox shows it), a directory or a file; a secret in
-    a masked private directory of a system directory is hidden already (and that empty directory
-    is read-only: no mount point could be made in it)."""
-    argv = []
-    for _, path in secret_files(config):
-        real = os.path.realpath(path)
+def private_masks(config, binds):
+    """Cover each private path wherever a bind shows it, after all the binds (a later bind would
+    uncover it): a directory by an empty read-only one, a file by /dev/null.  Parents first; a
+    path inside one covered already is hidden with it (and no mount point could be made in that
+    empty directory)."""
+    argv, covered = [], []
+    for real in sorted({os.path.realpath(p) for p in private_paths(config)}, key=len):
+        if not os.path.lexists(real):
+            continue
         for host, there in binds:
-            hidden = host == there and any(real == m or inside(real, m) for m in masked)
-            if (real == host or inside(real, host)) and not hidden:
-                argv += ["--ro-bind", "/dev/null", there + real[len(host):]]
+            spot = there + real[len(host):]
+            if not (real == host or inside(real, host)) or \
+                    any(spot == c or inside(spot, c) for c in covered):
+                continue
+            argv += (["--size", "4096", "--tmpfs", spot, "--remount-ro", spot]
+                     if os.path.isdir(real) else ["--ro-bind", "/dev/null", spot])
+            covered.append(spot)
     return argv
 
 

@@ -354,11 +354,13 @@ def assert_sees_nothing(out, paths):
     assert int(re.search(r"^pids=(\d+)", out, re.M).group(1)) <= 8, out
 
 
-@pytest.mark.parametrize("who", ["root", "staptest", "unit account"])
+@pytest.mark.parametrize("who", ["root", "staptest", "unit account", "staptest, -I its own"])
 def test_compile_step_sees_nothing_of_the_server(who, servers, krel):
     """Root's server keeps its database under /etc (the packaged default is
-    /etc/systemtap/ssl/server); the others under their own homes."""
-    user = {"root": None, "staptest": conftest.TEST_USER, "unit account": UNIT_ACCOUNT}[who]
+    /etc/systemtap/ssl/server); the others under their own homes.  A server whose own -I tree
+    holds its files (its home: SYSTEMTAP_DIR, database and all) shows none of them."""
+    user = {"root": None, "staptest": conftest.TEST_USER, "unit account": UNIT_ACCOUNT,
+            "staptest, -I its own": conftest.TEST_USER}[who]
     if user == UNIT_ACCOUNT:
         ensure_unit_account()
     box = conftest.make_sandbox(user)
@@ -366,6 +368,8 @@ def test_compile_step_sees_nothing_of_the_server(who, servers, krel):
         box.caps = UNIT_CAPABILITIES
     etc_db = f"/etc/stap-test-{uuid.uuid4().hex[:8]}/ssl/server"
     extra = ["--ssl", etc_db] if user is None else []
+    if who.endswith("-I its own"):
+        extra = ["-I", box.env["HOME"]]
     tmpdir = server_tmpdir(box)
     try:
         box.env["SYSTEMTAP_STAP"] = stand_in(box, "echo placeholder\n")

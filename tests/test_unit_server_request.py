@@ -129,19 +129,24 @@ def test_a_secret_file_must_be_private(tmp_path):
         f"cannot read --tsig-key {tmp_path / 'no'}: No such file or directory"
 
 
-@pytest.mark.parametrize("key,masks", [
-    ("/etc/k.key", ["/etc/k.key"]),  # shown by the /etc bind
-    ("/srv/tapsets/k.key", ["/srv/tapsets/k.key"]),  # shown by the -I tree's own bind
-    ("/var/cache/stap/u/k.key", ["/stap/cache/k.key"]),  # shown where the cache is bound
-    ("/etc/db/k.key", []),  # in a private directory masked by an empty one already
-    ("/home/u/k.key", []),  # shown nowhere
-])
-def test_a_secret_is_masked_wherever_the_sandbox_shows_it(key, masks):
-    config = types.SimpleNamespace(tsig_key=key)
-    binds = [("/usr", "/usr"), ("/etc", "/etc"), ("/srv/tapsets", "/srv/tapsets"),
-             ("/var/cache/stap/u", "/stap/cache")]
-    argv = stap_server.secret_masks(config, binds, masked=["/etc/db"])
-    assert argv == [x for m in masks for x in ("--ro-bind", "/dev/null", m)]
+def test_private_paths_are_covered_wherever_the_sandbox_shows_them(tmp_path, monkeypatch):
+    """After every bind: a private directory by an empty read-only one, a private file (a
+    secret) by /dev/null, at each place a bind shows it; nothing inside what is covered already,
+    nothing shown nowhere."""
+    etc, tree, home = tmp_path / "etc", tmp_path / "tree", tmp_path / "home"
+    for d in (etc / "db", tree / "ssl" / "server", home):
+        d.mkdir(parents=True)
+    for f in (etc / "k.key", etc / "db" / "k2.key", tree / "t.key", home / "h.key"):
+        f.write_text("secret")
+    private = [etc / "db", etc / "db" / "k2.key", etc / "k.key", tree / "ssl" / "server",
+               tree / "t.key", home / "h.key", tmp_path / "missing"]
+    monkeypatch.setattr(stap_server, "private_paths", lambda config: list(map(str, private)))
+    binds = [(str(etc), "/etc"), (str(tree), str(tree))]
+    argv = stap_server.private_masks(None, binds)
+    cover_dir = lambda p: ["--size", "4096", "--tmpfs", p, "--remount-ro", p]
+    assert argv == (cover_dir("/etc/db") + ["--ro-bind", "/dev/null", "/etc/k.key"]
+                    + ["--ro-bind", "/dev/null", f"{tree}/t.key"]
+                    + cover_dir(f"{tree}/ssl/server")), argv
 
 
 # --------------------------------------------------------------------------
