@@ -256,7 +256,8 @@ def ensure_server_certificate(db, log=logging):
     der = newest_certificate(db)
     if der is None or expires_within(der, RENEW_BEFORE):
         der = generate_certificate(db)
-        log.info("new server certificate, sha256 fingerprint %s", client.fingerprint(der))
+        log.info("new server certificate: serial %s, SHA-256 fingerprint %s", certinfo(der),
+                 client.fingerprint(der))
     write_certificate_file(db, der)
     trust_locally(der, log)
     return der
@@ -1310,8 +1311,8 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             logging.error("certificate renewal failed: %s", e)
             return False
         der = self.credentials.der
-        logging.info("renewed the server certificate while running; sha256 fingerprint %s",
-                     client.fingerprint(der))
+        logging.info("renewed the server certificate while running: serial %s, SHA-256 "
+                     "fingerprint %s", certinfo(der), client.fingerprint(der))
         self.results = ResultCache(self.config.result_cache_size)  # old signatures
         write_status(self.config, self.port, der)
         self.on_renewal(der)
@@ -2167,6 +2168,7 @@ def write_status(config, port, der):
     os.makedirs(state_dir("run"), 0o755, exist_ok=True)
     remove_stale_status()
     status = {"pid": os.getpid(), "port": port, "fingerprint": client.fingerprint(der),
+              "serial": certinfo(der),
               "releases": config.releases, "arch": config.arch, "uid": os.geteuid(),
               "log": config.log, "database": config.db.path}
     path = status_path(os.getpid())
@@ -2226,8 +2228,9 @@ def stap_serverd(argv):
     signal.signal(signal.SIGINT, stop)
     advertising = Advertising(config, port, server.version, der, server.compiles)
     status = write_status(config, port, der)  # after the zone: a refused update fails the start
-    logging.info("listening on %s port %d; serving %s; certificate sha256 %s",
-                 config.listen, port, ", ".join(config.releases), client.fingerprint(der))
+    logging.info("listening on %s port %d; serving %s; certificate serial %s, SHA-256 "
+                 "fingerprint %s", config.listen, port, ", ".join(config.releases), certinfo(der),
+                 client.fingerprint(der))
     server.on_renewal = advertising.refresh
     try:
         server.serve_forever(poll_interval=0.5)
@@ -2326,10 +2329,8 @@ def load_changed(old, new):
 
 
 def certinfo(der):
-    """The certificate serial as real servers advertise it: the DER integer's bytes in
-    colon-separated hex (a leading 00 kept)."""
-    _, _, start, end = client.tbs_fields(der)[0]
-    return ":".join(f"{b:02x}" for b in der[start:end])
+    """The certificate serial as real servers advertise it (client.serial_text)."""
+    return client.serial_text(client.certificate_serial(der))
 
 
 def server_command(args):
