@@ -7,6 +7,7 @@ import re
 import time
 
 from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid
+from hardening_helpers import stand_in_stap
 from netns import network_factory  # noqa: F401  (a fixture)
 
 import stap_client
@@ -84,6 +85,20 @@ def test_untrusted_server_said_once_with_the_fix(server, krel):
     assert "SEC_ERROR" not in line and "stap-server.cert" not in line, line
     verbose = stranger.run(*args[:-2], "-v", "-e", SCRIPT, timeout=120)
     assert verbose.returncode == 1 and b"SEC_ERROR" in verbose.stderr  # NSS's words for -v
+
+
+def test_progress_off_a_terminal_says_what_it_waits_for(servers, sandbox, krel):
+    slow = stand_in_stap(sandbox, 'sleep 7\nexec /usr/bin/stap "$@"\n')
+    srv = servers.start(sandbox, krel, None, env={"SYSTEMTAP_STAP": slow})
+    proc, seconds = timed(sandbox.run, "stap-client", f"--server={srv.address}", "-r", krel,
+                          "-p1", "-e", SCRIPT, timeout=120)  # stderr is a pipe
+    assert proc.returncode == 0, proc.stderr
+    lines = [l for l in text(proc.stderr).splitlines() if l.startswith("stap-client: ")]
+    print(f"{seconds:.1f} s:", *lines, sep="\n  ")
+    assert any(l.startswith(f"stap-client: waiting for server {srv.address} (") for l in lines), \
+        lines
+    assert all(f"server {srv.address}" in l for l in lines), lines
+    assert len(lines) <= seconds / 3 + 1  # at most one line every three seconds
 
 
 def start_on(host, box, krel):
