@@ -209,3 +209,17 @@ def test_find_servers_refuses_an_unknown_option(sandbox):
     assert proc.returncode == 1 and proc.stdout == b""
     assert one_line(proc.stderr).startswith("stap-find-servers: ERROR: unknown option --al; "
                                             "usage: stap-find-servers [--all]")
+
+
+def test_which_failures_are_worth_another_try():
+    busy, lost = stap_client.Unavailable("server busy"), stap_client.Lost("closed without a reply")
+    refused = stap_client.Unreachable("cannot connect: Connection refused")
+    untrusted = stap_client.Untrusted("not trusted here", "SEC_ERROR_UNTRUSTED_ISSUER")
+    worth = stap_client.worth_trying
+    assert worth([]) and worth([busy] * 50)  # busy: until the deadline
+    assert worth([refused]) and not worth([refused, refused])  # not there: one more try
+    assert worth([busy, lost]) and not worth([lost, busy, refused])
+    assert not worth([untrusted]) and not worth([busy, stap_client.Error("bad reply")])
+    assert stap_client.what_happened([lost, refused, refused]) == \
+        "closed without a reply, then cannot connect: Connection refused"
+    assert stap_client.what_happened([busy, busy]) == "server busy"
