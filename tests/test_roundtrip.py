@@ -261,7 +261,9 @@ def test_server_log_has_one_line_per_request(server, sandbox, krel):
         assert field in line, line
 
 
-def test_progress_only_for_a_person(server, sandbox, krel):
+def test_progress_of_a_quick_compile_only_with_v(server, sandbox, krel):
+    """Off a terminal too, progress waits a few seconds (test_first_hour shows a slow compile's);
+    -v says each step at once."""
     proc = client(sandbox, server, "-r", krel, "-p1", "-e", "probe begin {}")
     assert proc.returncode == 0 and b"compiling on server" not in proc.stderr
     proc = client(sandbox, server, "-r", krel, "-p1", "-v", "-e", "probe begin {}")
