@@ -347,7 +347,8 @@ def ensure_server_certificate(db, log=logging):
     der = newest_certificate(db)
     if der is None or expires_within(der, RENEW_BEFORE):
         der = generate_certificate(db)
-        log.info("new server certificate, sha256 fingerprint %s", client.fingerprint(der))
+        log.info("new server certificate: serial %s, SHA-256 fingerprint %s", certinfo(der),
+                 client.fingerprint(der))
     write_certificate_file(db, der)
     trust_locally(der, log)
     return der
@@ -1856,8 +1857,8 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             logging.error("certificate renewal failed: %s", e)
             return False
         der = self.credentials.der
-        logging.info("renewed the server certificate while running; sha256 fingerprint %s",
-                     client.fingerprint(der))
+        logging.info("renewed the server certificate while running: serial %s, SHA-256 "
+                     "fingerprint %s", certinfo(der), client.fingerprint(der))
         self.service.results = ResultCache(self.config.result_cache_size)  # old signatures
         write_status(self.config, self.port, der)
         self.on_renewal(der)
@@ -2897,6 +2898,7 @@ def write_status(config, port, der):
     os.makedirs(state_dir("run"), 0o755, exist_ok=True)
     remove_stale_status()
     status = {"pid": os.getpid(), "port": port, "fingerprint": client.fingerprint(der),
+              "serial": certinfo(der),
               "releases": config.releases, "arch": config.arch, "uid": os.geteuid(),
               "log": config.log, "database": config.db.path}
     path = status_path(os.getpid())
@@ -3022,8 +3024,9 @@ def serve(config):
     advertising = Advertising(config, port, server.service.version, der,
                               server.service.compiles)
     status = write_status(config, port, der)  # after the zone: a refused update fails the start
-    logging.info("listening on %s port %d; serving %s; certificate sha256 %s",
-                 config.listen, port, ", ".join(config.releases), client.fingerprint(der))
+    logging.info("listening on %s port %d; serving %s; certificate serial %s, SHA-256 "
+                 "fingerprint %s", config.listen, port, ", ".join(config.releases), certinfo(der),
+                 client.fingerprint(der))
     server.on_renewal = advertising.refresh
     try:
         server.serve_forever(poll_interval=0.5)
@@ -3122,10 +3125,8 @@ def load_changed(old, new):
 
 
 def certinfo(der):
-    """The certificate serial as real servers advertise it: the DER integer's bytes in
-    colon-separated hex (a leading 00 kept)."""
-    _, _, start, end = client.tbs_fields(der)[0]
-    return ":".join(f"{b:02x}" for b in der[start:end])
+    """The certificate serial as real servers advertise it (client.serial_text)."""
+    return client.serial_text(client.certificate_serial(der))
 
 
 def server_command(args):
