@@ -5,7 +5,7 @@ Commands (chosen by the name this file is run under, or by the first
 argument when run as ``python3 stap_client.py COMMAND ...``):
 
   stap-client [--server=HOST[:PORT]]... [--ssl=DIR]... [STAP ARGUMENTS]
-  stap-find-servers [--all]
+  stap-find-servers [--all] [--domain=DOMAIN]...
   stap-add-server-cert CERTFILE DIRNAME
 
 Data flows top to bottom: options -> certificate databases -> request
@@ -57,7 +57,7 @@ BUSY_MESSAGE = "server busy"  # stderr marker of a busy reply: try the next serv
 TOOL_TIMEOUT = 60
 CONNECT_TIMEOUT = 10
 REPLY_TIMEOUT = 900  # a cold pass-4 compile on a loaded server can take minutes
-DEADLINE = 600  # seconds stap-client keeps retrying busy or unreachable servers
+DEADLINE = 600  # seconds stap-client keeps retrying busy servers
 
 PROG = "stap-client"
 
@@ -88,6 +88,20 @@ LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 class Lost(Unavailable):
     """A server that dropped the request (closed without a reply, a broken transfer or handshake):
     it died, or it refuses this request.  Worth one more try, not more."""
+
+
+class Unreachable(Lost):
+    """A server that is not there: the connection was refused, no route leads to the host, or it
+    did not answer.  Retrying cannot fix a typo in --server: one more try, not more."""
+
+
+class Untrusted(Error):
+    """A server whose certificate no usable client database trusts; detail is NSS's own words,
+    for -v."""
+
+    def __init__(self, message, detail=""):
+        super().__init__(message)
+        self.detail = detail
 
 
 def warn(message):
@@ -320,13 +334,19 @@ def read_certificate_file(path):
     return data
 
 
+# One way to write a certificate wherever a person reads it (prompts, messages, logs, the status
+# file, stap-find-servers), so that an administrator can compare them at a glance.
+
 def fingerprint(der):
-    return hashlib.sha256(der).hexdigest()
-
-
-def colon_fingerprint(der):
-    """AB:CD:... of the certificate's SHA-256, as certutil and openssl show it."""
+    """The certificate's SHA-256 fingerprint as AB:CD:..., as certutil -L and openssl show it."""
     return hashlib.sha256(der).digest().hex(":").upper()
+
+
+def serial_text(serial):
+    """A certificate serial (an integer) as servers advertise it in certinfo, which the real client
+    reads: its DER integer's bytes in colon-separated lowercase hex, a leading 00 when the top bit
+    is set (00:cc:3e:05:fc)."""
+    return serial.to_bytes(serial.bit_length() // 8 + 1, "big").hex(":")
 
 
 def tbs_fields(der):
@@ -1296,7 +1316,7 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
         try:
             cert.verify_now(certdb, check_sig, nss.certificateUsageSSLServer)
         except nerror.NSPRError as e:
-            verdict["why"] = certificate_problem(e, cert)
+            verdict["why"] = certificate_problem(e, cert, peer)
             return False
         if not is_ip_address(peer.host) and not cert.verify_hostname(peer.host):
             warn(f"server {peer} presents a certificate for "
@@ -1311,7 +1331,8 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
             raw.connect(addr)
         except OSError as e:
             raw.close()
-            last = f"cannot connect to {peer}: {e.strerror or e}"
+            last = "cannot connect: " + (f"no answer within {timeout} s"
+                                         if isinstance(e, socket.timeout) else e.strerror or str(e))
             continue
         sock = tls_socket(raw, as_server=False)
         sock.set_hostname(peer.host)
@@ -1322,10 +1343,10 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
         except nerror.NSPRError as e:
             sock.close()
             if "why" in verdict:
-                raise Error(f"server {peer} refused: {verdict['why']}") from None
+                raise verdict["why"] from None
             raise Lost(f"TLS handshake with {peer} failed: {e.strerror}") from None
         return sock, verdict["der"]
-    raise Unavailable(last or f"cannot resolve {peer.host}")
+    raise Unreachable(last or f"cannot resolve {peer.host}")
 
 
 def tls_socket(raw, as_server):
@@ -1359,14 +1380,14 @@ def resolve(peer):
     return [(fam, sa) for fam, _, _, _, sa in infos]
 
 
-def certificate_problem(err, cert):
+def certificate_problem(err, cert, peer):
+    """Why peer's certificate was refused, in the user's words (NSS's own as the detail)."""
     text = err.strerror or str(err)
     if "EXPIRED" in str(err) or "expired" in text.lower():
-        return f"its certificate expired on {cert.valid_not_after_str}"
-    return (f"its certificate (serial {colon_hex(cert.serial_number)}) is not trusted "
-            f"by any client database ({text}); to trust it, copy the server's "
-            f"{SERVER_CERT_FILE} here and run: stap-add-server-cert {SERVER_CERT_FILE} "
-            f"{local_client_db_path()}")
+        return Untrusted(f"server {peer} refused: its certificate expired on "
+                         f"{cert.valid_not_after_str}", text)
+    return Untrusted(f"not trusted here (certificate serial {serial_text(cert.serial_number)}); "
+                     f"to trust it: stap-add-server-cert {peer}", text)
 
 
 def alt_names(cert):
@@ -1378,14 +1399,9 @@ def alt_names(cert):
         return []
 
 
-def colon_hex(serial):
-    h = format(serial, "x")
-    h = ("0" if len(h) % 2 else "") + h
-    return ":".join(h[i:i + 2] for i in range(0, len(h), 2))
-
-
-def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_bytes):
-    """Send the framed request; read the reply to EOF."""
+def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_bytes, waiting=None):
+    """Send the framed request; read the reply to EOF, calling waiting() about once a second
+    while nothing arrives."""
     _, _, nio, nerror = nss_modules()
     chunks, size, deadline = [], 0, time.monotonic() + timeout
     try:
@@ -1395,7 +1411,13 @@ def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_byte
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Error(f"no complete reply within {timeout} s")
-            chunk = sock.recv(1 << 16, nss_interval(left))
+            try:
+                chunk = sock.recv(1 << 16, nss_interval(min(left, 1.0) if waiting else left))
+            except nerror.NSPRError as e:
+                if e.errno != nerror.PR_IO_TIMEOUT_ERROR or not waiting:
+                    raise
+                waiting()
+                continue
             if not chunk:
                 break
             chunks.append(chunk)
@@ -1916,8 +1938,8 @@ staprun ($SYSTEMTAP_STAPRUN overrides which program).  Takes stap's options
   --server=HOST[:PORT]  use this server (repeatable, tried in order); no port:
                         the port HOST advertises.  IPv6: [ADDR]:PORT
   --ssl=DIR             also trust servers in this client database (searched first)
-  --deadline=SECONDS    keep retrying busy or unreachable servers this long
-                        (default 600)
+  --deadline=SECONDS    keep retrying busy servers this long (default 600);
+                        one that refuses or cannot be reached fails in seconds
   --each-kernel=REL[,REL...] | --each-kernel=@FILE
                         check the script against each kernel release at once (FILE:
                         one release a line): a line each, "REL ok" or "REL error:
@@ -2059,46 +2081,77 @@ def private_tmpdir():
 
 
 def compile_anywhere(inv, request, dbs, tmp):
-    """Try each candidate server in turn; the first complete reply wins.  While every one is busy or
-    unreachable, try them all again after a growing, jittered pause, until the deadline."""
+    """Try each candidate server in turn; the first complete reply wins.  A busy server is tried
+    again after a growing, jittered pause until the deadline; one that is not there or dropped the
+    request gets one more try, and one that cannot serve it (not trusted) none.  Each server that
+    failed is named once, with what happened there."""
     open_databases(dbs)
-    peers, searched = candidate_servers(inv, request_identity(request))
+    peers, searched = candidate_servers(inv, request_identity(request), dbs)
     if not peers:
         raise Error(f"no compile server found for {local_sysinfo(inv.release, inv.arch)}: "
                     f"{searched}; start one with stap-start-server, or name one with "
                     "--server=HOST:PORT")
+    news = Progress(inv.verbose)
     started = time.monotonic()
-    lost = collections.Counter()  # peer -> requests it dropped
+    failures = [[] for _ in peers]  # what each server did, in order
+    latest = None  # (server, its last failure)
     for attempt in range(1 << 30):
-        reasons, retry = [], False
         for n, peer in enumerate(peers):
-            if lost[n] >= 2:
+            if not worth_trying(failures[n]):
                 continue
             reply = try_server(inv, peer, request,
                                os.path.join(tmp, f"server{n}" + (f".{attempt}" if attempt else "")),
-                               say_why=attempt == 0 or inv.verbose)
+                               news)
             if isinstance(reply, Reply):
+                for other, why in zip(peers, failures):
+                    if why and other != peer:
+                        warn(f"{other}: {what_happened(why)}")
                 return reply
-            reasons.append(f"{peer}: {reply}")
-            lost[n] += isinstance(reply, Lost)
-            retry |= isinstance(reply, Unavailable) and lost[n] < 2
+            failures[n].append(reply)
+            latest = peer, reply
         left = started + inv.deadline - time.monotonic()
-        if not retry or left <= 0:
-            raise Error("no server could compile the script (" + "; ".join(reasons) + ")")
+        if not any(worth_trying(f) for f in failures) or left <= 0:
+            raise Error("no server could compile the script (" + "; ".join(
+                f"{peer}: {what_happened(why)}" for peer, why in zip(peers, failures) if why) + ")")
         pause = min(left, backoff(attempt))
-        progress(inv, f"no server free ({reasons[-1]}); trying again in {pause:.1f} s "
+        news.say(f"{latest[0]}: {latest[1]}; trying again in {pause:.1f} s "
                  f"({time.monotonic() - started:.0f} s so far, --deadline={inv.deadline:g})")
-        time.sleep(pause)
+        news.sleep(pause)
 
 
-def try_server(inv, peer, request, attempt, say_why=True):
-    """One exchange with peer: a Reply, or the Error that ended it (said as a warning when
-    say_why); a fault of this host's temporary directory is an Error of its own."""
-    progress(inv, f"compiling on server {peer}...")
+def worth_trying(failures):
+    """Whether a server that failed so is worth another try: a busy one is, until the deadline; one
+    that is not there or dropped the request, once; one that cannot serve it (not trusted), not."""
+    if not failures:
+        return True
+    return isinstance(failures[-1], Unavailable) and sum(isinstance(f, Lost) for f in failures) < 2
+
+
+def what_happened(failures):
+    """A server's failures in a few words: the first, and the last when it differs."""
+    said = list(dict.fromkeys(str(f) for f in failures))
+    return said[0] if len(said) == 1 else f"{said[0]}, then {said[-1]}"
+
+
+def try_server(inv, peer, request, attempt, news):
+    """One exchange with peer: a Reply, or the Error that ended it (shown at once with -v)."""
+    news.say(f"connecting to server {peer}...")
+    asked = time.monotonic()
+    next_news = [PROGRESS_GAP]
+
+    def waiting():
+        waited = time.monotonic() - asked
+        if waited >= next_news[0]:  # ever less often: 3, 6, 12, 24 s ...
+            next_news[0] *= 2
+            news.say(f"waiting for server {peer} ({waited:.0f} s): it compiles the script, or it "
+                     "is queued there")
+        news.tick()
+
     try:
         make_private_dir(attempt)
         sock, peer_der = tls_connect(peer)
-        reply = read_reply(exchange(sock, request), attempt, peer_der)
+        news.say(f"compiling on server {peer}...")
+        reply = read_reply(exchange(sock, request, waiting=waiting), attempt, peer_der)
     except LocalFault as e:
         shutil.rmtree(attempt, ignore_errors=True)
         raise Error(f"cannot unpack the reply in {attempt}: {e.strerror} (the temporary "
@@ -2109,8 +2162,8 @@ def try_server(inv, peer, request, attempt, say_why=True):
         if not reply.busy:
             return reply
         reply = Unavailable(last_line(reply.stderr))
-    if say_why or not isinstance(reply, Unavailable):
-        warn(f"{peer}: {reply}")
+    if inv.verbose:
+        warn(f"{peer}: {reply}" + (f" ({reply.detail})" if getattr(reply, "detail", "") else ""))
     shutil.rmtree(attempt, ignore_errors=True)
     return reply
 
@@ -2122,15 +2175,45 @@ def backoff(attempt):
 
 
 def progress(inv, message):
-    """Where the request stands, for a person watching (a terminal) or -v."""
+    """A note for a person watching (a terminal) or -v, as stap prints it."""
     if inv.verbose or sys.stderr.isatty():
         print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
 
 
-def candidate_servers(inv, identity=b""):
+PROGRESS_GAP = 3.0  # seconds of quiet before the first line of progress, and between two
+
+
+class Progress:
+    """Where the request stands, on stderr whether or not it is a terminal: with -v every step as
+    it comes; else nothing for the first PROGRESS_GAP seconds (a quick compile says nothing), then
+    the latest step not yet shown, at most one line every PROGRESS_GAP seconds."""
+
+    def __init__(self, verbose):
+        self.verbose, self.news, self.shown = verbose, None, time.monotonic()
+
+    def say(self, message):
+        if self.verbose:
+            print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+        else:
+            self.news = message
+            self.tick()
+
+    def tick(self):
+        if self.news and time.monotonic() - self.shown >= PROGRESS_GAP:
+            print(f"{PROG}: {self.news}", file=sys.stderr, flush=True)
+            self.news, self.shown = None, time.monotonic()
+
+    def sleep(self, seconds):
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.5))
+            self.tick()
+
+
+def candidate_servers(inv, identity=b"", dbs=()):
     """(servers to try in order, what discovery saw): the --server options in order, else the
-    compatible advertised servers, best first (see rank_servers; identity tells identical requests
-    apart from others)."""
+    compatible advertised servers that a database of dbs trusts, best first (see rank_servers;
+    identity tells identical requests apart from others)."""
     target = local_sysinfo(inv.release, inv.arch)
     specs = [(None, None) if SERIAL_SPEC.match(spec) else parse_server_spec(spec)
              for spec in inv.servers]
@@ -2160,7 +2243,7 @@ def candidate_servers(inv, identity=b""):
                 warn(f"--server={host}: no server is advertised on host {host} ({how})")
             peers += [Peer(host, port) for port in ports]
         return peers, f"no server advertised on the named hosts ({how})"
-    compatible = [r for r in records if r.sysinfo == target]
+    compatible = trusted_only([r for r in records if r.sysinfo == target], dbs, inv.verbose)
     signers = None
     if compatible and any(a.startswith(("--privilege=stap", "--unprivileged"))
                           for a in inv.server_args):  # staprun will want a trusted signature
@@ -2195,6 +2278,29 @@ def mok_holders_first(records, moks):
     """The servers that advertise one of the enrolled MOKs first, the order kept otherwise: the
     others can only send a key to enroll (real clients do not try them at all)."""
     return sorted(records, key=lambda r: not set(moks) & set(r.txt.get("mok_info", "").split(",")))
+
+
+def trusted_only(records, dbs, verbose):
+    """The advertised servers whose certificate serial a database of dbs trusts: anyone on the link
+    can advertise servers, and each untrusted one would cost a handshake or a timeout.  None left of
+    several: an Error that says how to trust one."""
+    trusted = serials_in(dbs)
+    kept = [r for r in records if advertised_serial(r) in trusted]
+    for rec in records:
+        if rec not in kept and verbose:
+            serial = advertised_serial(rec)
+            warn(f"skipping server {Peer(rec.address, rec.port)}: its certificate (serial "
+                 f"{'unknown' if serial is None else serial_text(serial)}) is not trusted here")
+    if records and not kept:
+        first = Peer(records[0].address, records[0].port)
+        raise Error(f"no trusted compile server for {records[0].sysinfo}: "
+                    f"{plural(len(records), 'server')} advertised, none trusted here; to trust "
+                    f"one: stap-add-server-cert {first}")
+    return kept
+
+
+def plural(count, noun):
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def request_identity(request):
@@ -2265,9 +2371,10 @@ def serials_in(dbs):
 
 def advertised_serial(rec):
     try:
-        return int(rec.certinfo.replace(":", ""), 16)
+        serial = int(rec.certinfo.replace(":", ""), 16)
     except ValueError:
         return None
+    return serial if serial >= 0 else None
 
 
 def trust_of(rec, trust):
@@ -2394,9 +2501,17 @@ def run_staprun(inv, module):
     return 0
 
 
+FIND_USAGE = "usage: stap-find-servers [--all] [--domain=DOMAIN]..."
+
+
 def stap_find_servers(argv):
-    """List servers; only compatible ones unless --all.  Other arguments are ignored.  Each line
-    says how this host trusts the server."""
+    """List servers; only compatible ones unless --all.  An unknown option is refused (a typo of
+    --all would list nothing); other words are ignored.  Each line says how this host trusts the
+    server."""
+    unknown = [a for a in argv if a.startswith("-") and a != "--all"
+               and not a.startswith("--domain=")]
+    if unknown:
+        raise Error(f"unknown option {unknown[0]}; {FIND_USAGE}")
     extra = [a.split("=", 1)[1] for a in argv if a.startswith("--domain=")]
     every, how = browse(DISCOVERY_TIMEOUT, wide_area_domains(extra))
     wanted = local_sysinfo()
@@ -2404,7 +2519,10 @@ def stap_find_servers(argv):
     trust = trusted_serials() if records else {}
     for rec in records:
         print(printable(format_server_line(rec) + f" 'trust={trust_of(rec, trust)}'"))
-    if not records and sys.stderr.isatty():  # a person asked: say what was seen
+    if every and not records:  # servers for other kernels: say so, whoever asked
+        seen = plural(len({(r.host, r.port) for r in every}), "server")
+        print(f"{PROG}: {seen} found, none for {wanted}; --all lists them", file=sys.stderr)
+    elif not records and sys.stderr.isatty():  # a person asked: say how we looked
         print(f"{PROG}: {printable(describe_search(every, how))}", file=sys.stderr)
     return 0 if records else 1
 
@@ -2442,7 +2560,16 @@ def stap_add_server_cert(argv):
         if "--yes" not in flags and not confirmed(der, source, dirname):
             raise Error(f"not trusted: nothing was added to {os.path.abspath(dirname)}")
     add_certificate(der, dirname)
+    print(f"trusted {certificate_text(der)}"
+          + (" as a module signer" if "--signer" in flags else "")
+          + f" in {os.path.abspath(dirname)}")
     return 0
+
+
+def certificate_text(der):
+    """A certificate as messages name it: its serial and its fingerprint."""
+    return f"the certificate with serial {serial_text(certificate_serial(der))}, SHA-256 " \
+        f"fingerprint {fingerprint(der)},"
 
 
 def names_a_file(source):
@@ -2486,29 +2613,32 @@ def confirmed(der, source, dirname):
     cert = nss.Certificate(der)
     print(f"Server {printable(source)} presents this certificate:\n"
           f"  subject:     {printable(str(cert.subject))}\n"
-          f"  serial:      {colon_hex(certificate_serial(der))}\n"
+          f"  serial:      {serial_text(certificate_serial(der))}\n"
           f"  valid:       {printable(cert.valid_not_before_str)} to "
           f"{printable(cert.valid_not_after_str)}\n"
-          f"  SHA-256:     {colon_fingerprint(der)}", flush=True)
+          f"  SHA-256:     {fingerprint(der)}", flush=True)
     print(f"Trust it in {os.path.abspath(dirname)}? [y/N] ", end="", flush=True)
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def revoke_certificate(which, db):
-    """Remove the certificates whose serial or SHA-256 fingerprint is which (hex, colons optional)
-    from db; the others stay trusted."""
+    """Remove the certificates whose serial or SHA-256 fingerprint is which from db; the others
+    stay trusted.  Hex in any case, colons and a leading 00 or 0x optional: the forms messages
+    showed before one was chosen still work."""
     if not db.exists():
         raise Error(f"{db.path} is not a certificate database")
-    key = which.lower().replace(":", "").lstrip("0")
+    key = which.lower().replace(":", "").removeprefix("0x").lstrip("0")
     ders = db.certificates()
-    keep = [d for d in ders if key not in (fingerprint(d).lstrip("0"),
-                                           format(certificate_serial(d), "x"))]
-    if len(keep) == len(ders):
+    gone = [d for d in ders if key in (hashlib.sha256(d).hexdigest().lstrip("0"),
+                                       format(certificate_serial(d), "x"))]
+    if not gone:
         raise Error(f"no certificate with serial or fingerprint {which} in {db.path}")
     db.remove_servers()
-    for der in keep:
-        db.add_trusted_server(der)
-    print(f"revoked {len(ders) - len(keep)} certificate(s) in {db.path}")
+    for der in ders:
+        if der not in gone:
+            db.add_trusted_server(der)
+    for der in gone:
+        print(f"revoked {certificate_text(der)} in {db.path}")
     return 0
 
 

@@ -159,8 +159,9 @@ def build_option_parser(prog):
         "running server checks whether its certificate expires within 30 days and renews it "
         "(default 3600)")
     add("--tmpdir", metavar="DIR", help="where request directories go")
-    add("--cache-dir", metavar="DIR", help="stap's caches for compiles, one subdirectory per "
-        "compile account (default: /var/cache/stap-server for root, "
+    add("--cache-dir", metavar="DIR", help="where the server keeps what stap learns once per "
+        "kernel (its configuration header, made by a warm-up run of the server's own), read-only "
+        "to compiles (default: /var/cache/stap-server for root, "
         "$SYSTEMTAP_DIR/compile-cache otherwise)")
     add("--dns-update", metavar="ZONE", help="also register in this DNS zone (wide-area "
         "DNS-SD, for clients on other subnets) by DNS UPDATE signed with --tsig-key, sent to "
@@ -178,7 +179,7 @@ def build_option_parser(prog):
 
 
 def state_dir(kind):
-    """Where this user's status ("run"), log ("log") and compile cache ("cache") files live."""
+    """Where this user's status ("run"), log ("log") and stap knowledge ("cache") files live."""
     system, own = {"run": ("/run/stap-server", "run"), "log": ("/var/log/stap-server", "log"),
                    "cache": ("/var/cache/stap-server", "compile-cache")}[kind]
     return system if client.is_root() else os.path.join(client.systemtap_dir(), own)
@@ -265,12 +266,6 @@ def version_distance(a, b):
     return abs((a1 - b1) * 1000 + a2 - b2)
 
 
-def returns_module(req):
-    """Whether the reply would carry a module (pass 4, or pass 5 lowered to 4)."""
-    passes = [a[2:] for a in req.args if re.fullmatch(r"-p[1-5]", a)]
-    return req.lowered or (bool(passes) and passes[-1] == "4")
-
-
 def choose_build_env(envs, req):
     """The environment for req: one whose stap is on the client's side of the 5.0 runtime boundary,
     the closest version first (the first listed, the host, among equals); for passes 1-3 the
@@ -278,7 +273,7 @@ def choose_build_env(envs, req):
     is."""
     new = client.new_runtime
     side = [e for e in envs if new(e.version) == new(req.version)]
-    if not side and returns_module(req):
+    if not side and builds_module(req):  # pass 4, or pass 5 lowered to it
         have = ", ".join(sorted({e.version for e in envs}, key=client.version_tuple))
         need = "5.0 or later" if new(req.version) else "older than 5.0"
         raise Error(f"this server builds modules with stap {have}; a systemtap {req.version} "
@@ -322,19 +317,21 @@ def rooted(root, path):
 def system_view(root, releases):
     """bwrap's binds of the system directories: root's (the host's: "/") read-only at /usr, /etc...
     and, for another root, the host's kernel trees of releases read-only at their own paths on top
-    (the headers the server serves).  Returns (argv, the system directories shown)."""
-    argv, shown = [], []
+    (the headers the server serves).  Returns (argv, binds: (host path, where the sandbox shows
+    it))."""
+    argv, binds = [], []
     for d in SYSTEM_DIRS:
         source = rooted(root, d)
         if os.path.islink(source):
             argv += ["--symlink", os.readlink(source), d]
         elif os.path.isdir(source):
             argv += ["--ro-bind", source, d]
-            shown.append(d)
+            binds.append((source, d))
     if root != "/":
         for tree in (t for r in releases for t in kernel_trees(r)):
             argv += ["--ro-bind", tree, tree]
-    return argv, shown
+            binds.append((tree, tree))
+    return argv, binds
 
 
 def default_min_free(tmpdir):
@@ -398,12 +395,40 @@ def served_releases(requested):
     return usable
 
 
+# What a server that is not root needs to compile as another account, as a root server does: hand
+# it the request directory (chown), read back and remove what it left there (dac_override), stop it
+# (kill) and become it (setgid, setuid).  The packaged unit gives its account these.
+SWITCH_CAPABILITIES = {"chown": 0, "dac_override": 1, "kill": 5, "setgid": 6, "setuid": 7}
+
+
+def effective_capabilities():
+    """The capability bits this process has in effect (CapEff)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+
+
+def can_switch_user():
+    """Root, or a server holding every capability that compiling as another account takes."""
+    return client.is_root() or all(
+        effective_capabilities() >> bit & 1 for bit in SWITCH_CAPABILITIES.values())
+
+
+def drop_ambient_capabilities():
+    """No program the server runs inherits its capabilities: a process switched to the compile
+    account keeps them up to its exec, and an ambient set would carry them through it."""
+    pr_cap_ambient, pr_cap_ambient_clear_all = 47, 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_cap_ambient, pr_cap_ambient_clear_all, 0, 0, 0)
+
+
 def compile_user(name):
-    """The dedicated account a root server compiles as; None: as ourselves.  Never root, and never
-    the shared nobody: whatever else runs as that account could tamper with compiles."""
-    if not client.is_root():
+    """The dedicated account a root (or capable) server compiles as; None: as ourselves.  Never
+    root, never the shared nobody (whatever else runs as that account could tamper with compiles)
+    and never the server's own account, which owns its key."""
+    if not can_switch_user():
         if name:
-            raise Error("--user needs a server started by root")
+            raise Error("--user needs a server started by root or holding the capabilities "
+                        + ", ".join(f"CAP_{c.upper()}" for c in SWITCH_CAPABILITIES))
         return None
     name = name or COMPILE_ACCOUNT
     try:
@@ -415,6 +440,9 @@ def compile_user(name):
     if pw.pw_uid == 0 or pw.pw_name == "nobody":
         raise Error(f"--user {name}: the compile account must be a dedicated "
                     "unprivileged account, not root or nobody")
+    if pw.pw_uid == os.geteuid():
+        raise Error(f"--user {name}: the compile account must not be the server's own, "
+                    "which owns its key")
     return pw.pw_name
 
 
@@ -432,7 +460,8 @@ def ensure_server_certificate(db, log=logging):
     der = newest_certificate(db)
     if der is None or expires_within(der, RENEW_BEFORE):
         der = generate_certificate(db)
-        log.info("new server certificate, sha256 fingerprint %s", client.fingerprint(der))
+        log.info("new server certificate: serial %s, SHA-256 fingerprint %s", certinfo(der),
+                 client.fingerprint(der))
     write_certificate_file(db, der)
     trust_locally(der, log)
     return der
@@ -696,9 +725,9 @@ def locale_env(data):
 # The compile step: stap in a bubblewrap sandbox, as the compile account
 # --------------------------------------------------------------------------
 
-# Where the compile sees its request directory and stap's cache.
+# Where the compile sees its request directory.
 SANDBOX_WORK = "/stap/request"
-SANDBOX_CACHE = "/stap/cache"
+STAP_DIR = ".systemtap"  # the compile's SYSTEMTAP_DIR, in work/: stap's cache is its own
 # What the compile sees of the host, read-only: programs, libraries, headers, kernel build trees,
 # configuration.  Nothing else exists in the sandbox.
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -733,19 +762,60 @@ class Workspace:
     def __exit__(self, *exc):
         self.remove()
 
-    def hand_over(self, account):
-        """Give work/ and a fresh work/tmp to the compile account; the client's files stay the
-        server's (read-only to the compile)."""
+    def hand_over(self, account, knowledge=None):
+        """Give work/, a fresh work/tmp and stap's own cache for this compile (work/.systemtap,
+        holding copies of the kernel's knowledge, {path in stap's cache: bytes}) to the compile
+        account; the client's files stay the server's (read-only to the compile)."""
         self.work_fd = os.open(self.work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         os.mkdir("tmp", 0o700, dir_fd=self.work_fd)
+        made = ["tmp"] + self.private_cache(knowledge or {})
         if account is not None:
-            # tmp, as made above: only the server can write work/ until the fchown below
-            os.chown("tmp", account.pw_uid, account.pw_gid, dir_fd=self.work_fd,
-                     follow_symlinks=False)
+            # as made above: only the server can write work/ until the fchown below
+            for name in made:
+                os.chown(name, account.pw_uid, account.pw_gid, dir_fd=self.work_fd,
+                         follow_symlinks=False)
             os.fchown(self.work_fd, account.pw_uid, account.pw_gid)
             # bwrap (0.8 resolves even a --bind-fd source by path) runs as the compile account and
             # must get through to work/: traverse only.
             os.chmod(self.path, 0o711)
+
+    def private_cache(self, knowledge):
+        """Make work/.systemtap/cache with a copy of each knowledge file in it (0644, the
+        server's); return the directories made, which the compile account gets."""
+        try:
+            os.mkdir(STAP_DIR, 0o755, dir_fd=self.work_fd)
+        except FileExistsError:
+            raise Error(f"request entry {STAP_DIR} is not allowed: the compile's own stap "
+                        "cache goes there") from None
+        made = [STAP_DIR, f"{STAP_DIR}/cache"]
+        os.mkdir(made[1], 0o755, dir_fd=self.work_fd)
+        for rel, data in sorted(knowledge.items()):
+            sub = f"{made[1]}/{os.path.dirname(rel)}"
+            if sub not in made:
+                os.mkdir(sub, 0o755, dir_fd=self.work_fd)
+                made.append(sub)
+            fd = os.open(f"{made[1]}/{rel}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o644, dir_fd=self.work_fd)
+            with open(fd, "wb") as f:
+                f.write(data)
+        return made
+
+    def stap_knowledge(self):
+        """{path in stap's cache: bytes} of the kernel configuration headers (stapconf_*.h) that
+        stap left in this request's own cache; read through descriptors, links and other odd
+        entries skipped."""
+        found = {}
+        with contextlib.ExitStack() as stack:
+            cache_fd = open_subdir(f"{STAP_DIR}/cache", self.work_fd, stack)
+            for sub in sorted(os.listdir(cache_fd)) if cache_fd is not None else []:
+                sub_fd = open_subdir(sub, cache_fd, stack) if re.fullmatch(r"[0-9a-f]{2}", sub) \
+                    else None
+                for name in os.listdir(sub_fd) if sub_fd is not None else []:
+                    data = (read_regular(name, sub_fd, KNOWLEDGE_FILE_LIMIT)
+                            if KNOWLEDGE_FILE.fullmatch(name) else None)
+                    if data is not None and len(found) < KNOWLEDGE_FILES:
+                        found[f"{sub}/{name}"] = data
+        return found
 
     def disk_use(self):
         """Bytes under work/, each entry counted as at least one block (an inode bomb is a disk bomb
@@ -785,6 +855,19 @@ class Workspace:
         shutil.rmtree(self.path, ignore_errors=True)  # fd-based: never follows links
 
 
+def open_subdir(path, dir_fd, stack):
+    """A descriptor of the directory path under dir_fd (closed with stack), or None; no component
+    may be a link."""
+    fd = dir_fd
+    for part in path.split("/"):
+        try:
+            fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError:
+            return None
+        stack.callback(os.close, fd)
+    return fd
+
+
 def read_regular(name, dir_fd, limit):
     """The bytes of a regular file at most limit long, or None; a link, a fifo or a device is not
     opened for reading."""
@@ -800,23 +883,23 @@ def read_regular(name, dir_fd, limit):
 
 
 def prepare_compile_step(config):
-    """At start: stap's cache for compiles, and a sandbox that works (or a loud warning under
-    --no-sandbox)."""
-    cache = prepare_compile_cache(config)
+    """At start: the directory of stap's knowledge, and a sandbox that works (or a loud warning
+    under --no-sandbox)."""
+    prepare_knowledge(config)
     if not config.sandbox:
         logging.warning("WARNING: --no-sandbox: compiles run unconfined and can read "
                         "everything the compile account can; results are not cached")
         return
-    why = sandbox_trial(config, cache, ["true"])[1]
+    why = sandbox_trial(config, ["true"])[1]
     if why:
         raise Error(f"cannot sandbox compiles: {why}; install bubblewrap and prlimit "
                     "(Debian: bubblewrap, util-linux) and allow unprivileged user "
                     "namespaces (sysctl user.max_user_namespaces, "
                     "kernel.unprivileged_userns_clone), or start with --no-sandbox")
-    config.build_envs = [ask_build_env(config, cache, env) for env in config.build_envs]
+    config.build_envs = [ask_build_env(config, env) for env in config.build_envs]
 
 
-def sandbox_trial(config, cache, command, root="/"):
+def sandbox_trial(config, command, root="/"):
     """Run command in a compile's sandbox (with the build environment at root) as the compile
     account, within the limits: (its output, None), or (None, why it failed)."""
     try:
@@ -825,8 +908,8 @@ def sandbox_trial(config, cache, command, root="/"):
         raise Error(f"cannot make request directories in {config.tmpdir}: {e.strerror}") from None
     try:
         ws.hand_over(compile_account(config))
-        argv = sandbox_argv(config, ws.work_fd, cache, root, config.releases) \
-            + limits_argv(config) + command
+        argv = sandbox_argv(config, ws.work_fd, root, config.releases) + limits_argv(config) \
+            + command
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=30, cwd="/",
                                   pass_fds=(ws.work_fd,), **as_compile_account(config))
@@ -841,11 +924,11 @@ def sandbox_trial(config, cache, command, root="/"):
         ws.remove()
 
 
-def ask_build_env(config, cache, env):
+def ask_build_env(config, env):
     """env with its stap's version, asked with `stap -V` in its own sandbox (the host's kernel
     trees get mount points in its root first); Error when it has no working stap."""
     make_mount_points(env, config.releases)
-    out, why = sandbox_trial(config, cache, [stap_program(), "-V"], env.root)
+    out, why = sandbox_trial(config, [stap_program(), "-V"], env.root)
     version = version_of(out) if out else None
     if not version:
         raise Error(f"--build-env {env.name}: `stap -V` in {env.root} failed: "
@@ -864,95 +947,55 @@ def as_compile_account(config):
     return dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[]) if account else {}
 
 
-def account_cache(config):
-    """stap's cache for the compile account: CACHE_DIR/ACCOUNT."""
-    return os.path.join(config.cache_dir, config.user or pwd.getpwuid(os.geteuid()).pw_name)
-
-
-def prepare_compile_cache(config):
-    """Make the compile account's cache directory, or check the one there: a directory (not a link)
-    owned by the compile account, in a parent that only the server can write."""
-    os.makedirs(config.cache_dir, 0o755, exist_ok=True)
-    st = os.lstat(config.cache_dir)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
-        raise Error(f"{config.cache_dir} must be a directory of uid {os.geteuid()} "
-                    "that group and others cannot write")
-    account = compile_account(config)
-    path = account_cache(config)
-    try:
-        os.mkdir(path, 0o700)
-        created = True
-    except FileExistsError:
-        created = False
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise Error(f"stap cache {path} is not a directory: {e.strerror}") from None
-    try:
-        uid = account.pw_uid if account else os.geteuid()
-        if created and account:
-            os.fchown(fd, account.pw_uid, account.pw_gid)
-        elif os.fstat(fd).st_uid != uid:
-            raise Error(f"stap cache {path} is owned by uid {os.fstat(fd).st_uid}, "
-                        f"not the compile account's {uid}")
-    finally:
-        os.close(fd)
-    return path
-
-
 def private_paths(config):
-    """The server's own files and directories, hidden from the compile when they lie inside the
-    system directories the sandbox shows."""
+    """The server's own files and directories, and the files its options name as secrets: none of
+    them exists for the compile."""
     home = pwd.getpwuid(os.geteuid()).pw_dir
     return [config.db.path, config.log, state_dir("run"), config.tmpdir, config.cache_dir,
-            client.systemtap_dir(), os.environ.get("HOME") or home, home]
+            client.systemtap_dir(), os.environ.get("HOME") or home, home] + [
+                path for _, path in secret_files(config)]
 
 
 def inside(path, top):
     return path != top and path.startswith(top.rstrip("/") + "/")
 
 
-def sandbox_argv(config, work_fd, cache, root="/", releases=()):
+def sandbox_argv(config, work_fd, root="/", releases=()):
     """bwrap's part of the compile's command line: no network, its own process tree, the system
-    directories (of the build environment at root) read-only, the server's own files masked, the
-    request's work/ the only writable place (with cache, stap's cache)."""
+    directories (of the build environment at root, with the host's kernel trees of releases)
+    read-only, the server's own files masked, the request's work/ the only writable place (stap's
+    cache included: work/.systemtap)."""
     argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
-    view, shown = system_view(root, releases)
+    view, binds = system_view(root, releases)  # binds: (host path, where the sandbox shows it)
     argv += view
-    masked = []
-    for p in map(os.path.abspath, private_paths(config)):
-        if any(inside(p, d) for d in shown) and os.path.lexists(rooted(root, p)):
-            # an empty read-only directory, or /dev/null, in its place
-            argv += (["--size", "4096", "--tmpfs", p, "--remount-ro", p] if os.path.isdir(p)
-                     else ["--ro-bind", "/dev/null", p])
-            masked.append(os.path.realpath(p))
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SANDBOX_TMPFS), "--tmpfs", "/tmp"]
-    binds = [(d, d) for d in shown]
     for p in server_trees(config) + [shutil.which(stap_program()) or stap_program()]:
-        p = os.path.realpath(p)
-        if os.path.exists(p) and not any(inside(p, d) for d in shown):
+        p = os.path.realpath(p)  # unless shown there already (another environment: its own)
+        if os.path.exists(p) and not any(p == t or inside(p, t) for _, t in binds):
             argv += ["--ro-bind", p, p]  # the server's own -R/-I trees, a stand-in stap
             binds.append((p, p))
     argv += ["--bind-fd", str(work_fd), SANDBOX_WORK]
-    if cache:
-        argv += ["--bind", cache, SANDBOX_CACHE]
-        binds.append((os.path.realpath(cache), SANDBOX_CACHE))
-    argv += secret_masks(config, binds, masked)
+    argv += private_masks(config, binds)
     return argv + ["--remount-ro", "/", "--chdir", SANDBOX_WORK, "--"]
 
 
-def secret_masks(config, binds, masked):
-    """/dev/null over each secret file at every place where the sandbox shows it, after all the
-    binds: binds are (host path, where the sandbox shows it), a directory or a file; a secret in
-    a masked private directory of a system directory is hidden already (and that empty directory
-    is read-only: no mount point could be made in it)."""
-    argv = []
-    for _, path in secret_files(config):
-        real = os.path.realpath(path)
+def private_masks(config, binds):
+    """Cover each private path wherever a bind shows it, after all the binds (a later bind would
+    uncover it): a directory by an empty read-only one, a file by /dev/null.  Parents first; a
+    path inside one covered already is hidden with it (and no mount point could be made in that
+    empty directory)."""
+    argv, covered = [], []
+    for real in sorted({os.path.realpath(p) for p in private_paths(config)}, key=len):
+        if not os.path.lexists(real):
+            continue
         for host, there in binds:
-            hidden = host == there and any(real == m or inside(real, m) for m in masked)
-            if (real == host or inside(real, host)) and not hidden:
-                argv += ["--ro-bind", "/dev/null", there + real[len(host):]]
+            spot = there + real[len(host):]
+            if not (real == host or inside(real, host)) or \
+                    any(spot == c or inside(spot, c) for c in covered):
+                continue
+            argv += (["--size", "4096", "--tmpfs", spot, "--remount-ro", spot]
+                     if os.path.isdir(real) else ["--ro-bind", "/dev/null", spot])
+            covered.append(spot)
     return argv
 
 
@@ -993,19 +1036,18 @@ def compile_env(req, work, cache):
             "SYSTEMTAP_DIR": cache, "TMPDIR": f"{work}/tmp", "LANG": "C.UTF-8", **req.env}
 
 
-def run_compile(config, req, ws):
+def run_compile(config, req, ws, knowledge=None):
     """One stap run in its sandbox, as the compile account, within the resource limits; stdin is
-    /dev/null, stdout and stderr go to files the server opened (and reads back) itself.  A Reply
-    with the module as (name, bytes) and the server's paths hidden."""
-    ws.hand_over(compile_account(config))
-    host_cache = None if req.guru else account_cache(config)  # guru: a throw-away one in work/
+    /dev/null, stdout and stderr go to files the server opened (and reads back) itself; stap's
+    cache is the request's own, with copies of the kernel's knowledge in it.  A Reply with the
+    module as (name, bytes) and the server's paths hidden."""
+    ws.hand_over(compile_account(config), knowledge)
     if config.sandbox:
-        work, cache = SANDBOX_WORK, SANDBOX_CACHE if host_cache else None
         root = req.build_env.root if req.build_env else "/"
-        prefix = sandbox_argv(config, ws.work_fd, host_cache, root, [req.release])
+        work, prefix = SANDBOX_WORK, sandbox_argv(config, ws.work_fd, root, [req.release])
     else:
-        work, cache, prefix = ws.work, host_cache, []
-    cache = cache or f"{work}/.systemtap"
+        work, prefix = ws.work, []
+    cache = f"{work}/{STAP_DIR}"
     argv = prefix + limits_argv(config) + stap_argv(config, req, work)
     with tempfile.TemporaryFile(dir=ws.path) as out, tempfile.TemporaryFile(dir=ws.path) as err:
         try:
@@ -1076,6 +1118,26 @@ def limit_text(config, name):
             f"--compile-{name})")
 
 
+# Failures of a compile that are the server's to fix, as they show in its stderr (the client sees
+# all of it; the log line names the cause): a limit the server killed it for, a full disk, bwrap.
+SERVER_SIDE_CAUSES = (
+    (rb"^stap-serverd: ERROR: (the compile exceeded its .*)$", "{0}"),
+    (rb"No space left on device", "No space left on device in --tmpdir {tmpdir} or the stap "
+                                  "cache {cache}"),
+    (rb"^(bwrap: .*)$", "sandbox failure: {0}"),
+)
+
+
+def server_side_cause(stderr, config):
+    """The log's words for why a compile failed when the server is to blame, or None."""
+    for pattern, words in SERVER_SIDE_CAUSES:
+        m = re.search(pattern, stderr, re.MULTILINE)
+        if m:
+            return words.format(*(g.decode(errors="replace") for g in m.groups()),
+                                tmpdir=config.tmpdir, cache=config.cache_dir)
+    return None
+
+
 def kill_group(proc):
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -1086,6 +1148,161 @@ def hide_paths(data, paths):
     for p in sorted((p for p in paths if p), key=len, reverse=True):
         data = data.replace(p.encode(), b"<server>")
     return data
+
+
+# --------------------------------------------------------------------------
+# stap's knowledge of a kernel: made once by the server's own warm-up, copied into each compile
+# --------------------------------------------------------------------------
+#
+# The first pass 4 for a kernel spends 10-60 s probing its headers for stapconf_HASH.h.  No
+# compile writes anything another compile reads: each has its own stap cache (work/.systemtap).
+# The header is shared only from CACHE_DIR/knowledge/RELEASE-ARCH-STAMP/, the server's own,
+# made from a run of the server's own script and copied into each compile's cache.
+
+KNOWLEDGE = "knowledge"
+KNOWLEDGE_FILE = re.compile(r"stapconf_[0-9a-f]+_\d+\.h")
+KNOWLEDGE_FILE_LIMIT = 1 << 20
+KNOWLEDGE_FILES = 16
+WARM_UP_SCRIPT = "probe begin { exit() }"
+WARM_UP_RETRY = 600  # seconds before a failed warm-up is tried again
+
+
+def prepare_knowledge(config):
+    """At start: make CACHE_DIR and CACHE_DIR/knowledge, or check them and each kernel's directory
+    in it (ours, not a link, not writable by group or others)."""
+    root = os.path.join(config.cache_dir, KNOWLEDGE)
+    os.makedirs(config.cache_dir, 0o755, exist_ok=True)
+    for path in (config.cache_dir, root):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o755)
+        os.close(open_server_dir(path))
+    for name in sorted(os.listdir(root)):
+        if not name.startswith(".new-"):  # a crashed warm-up's: never renamed into place
+            os.close(open_server_dir(os.path.join(root, name)))
+
+
+def open_server_dir(path):
+    """A descriptor of path, a directory of ours (not a link) that group and others cannot write;
+    Error otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        fd = None
+    if fd is None or os.fstat(fd).st_uid != os.geteuid() or os.fstat(fd).st_mode & 0o022:
+        if fd is not None:
+            os.close(fd)
+        raise Error(f"{path} must be a directory of uid {os.geteuid()} "
+                    "that group and others cannot write")
+    return fd
+
+
+def builds_module(req):
+    """Whether the request runs pass 4, the one pass that needs the kernel's knowledge."""
+    options = req.args[:req.args.index("--")] if "--" in req.args else req.args
+    passes = [a[2:] for a in options if re.fullmatch(r"-p[1-5]", a)]
+    return passes[-1:] == ["4"]
+
+
+class KernelKnowledge:
+    """One kernel's knowledge in this process: files ({path in stap's cache: bytes}) once loaded
+    or made; the lock makes one warm-up at a time, which requests for the kernel wait for."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.files = None
+        self.failed = None  # time.monotonic() of a failed warm-up
+
+
+_knowledge = {}
+_knowledge_lock = threading.Lock()
+
+
+def kernel_knowledge(config, req):
+    """The knowledge files a compile of req gets copies of ({} when it needs none or there is
+    none); the first request for a kernel that the server has no knowledge of runs the warm-up."""
+    if not builds_module(req):
+        return {}
+    stamp = installation_stamp(config, req.release, req.build_env)[:16]  # one per environment
+    path = os.path.join(config.cache_dir, KNOWLEDGE, f"{req.release}-{config.arch}-{stamp}")
+    with _knowledge_lock:
+        known = _knowledge.setdefault(path, KernelKnowledge())
+    with known.lock:
+        if known.files is None or (not known.files
+                                   and time.monotonic() - known.failed > WARM_UP_RETRY):
+            known.files = load_knowledge(path)
+            if known.files is None:
+                known.files = warm_up(config, req.release, path, req.build_env)
+                known.failed = None if known.files else time.monotonic()
+        return known.files
+
+
+def load_knowledge(path):
+    """The files of a knowledge directory made before, or None when there is none (a directory
+    that is not the server's own is skipped, with a warning)."""
+    try:
+        top = open_server_dir(path)
+    except Error as e:
+        if os.path.lexists(path):
+            logging.warning("WARNING: stap knowledge skipped: %s", e)
+        return None
+    files = {}
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.close, top)
+        for sub in sorted(os.listdir(top)):
+            sub_fd = open_subdir(sub, top, stack)
+            for name in sorted(os.listdir(sub_fd)) if sub_fd is not None else []:
+                data = read_regular(name, sub_fd, KNOWLEDGE_FILE_LIMIT)
+                if data is not None and KNOWLEDGE_FILE.fullmatch(name):
+                    files[f"{sub}/{name}"] = data
+    return files or None
+
+
+def warm_up(config, release, path, env=None):
+    """Run stap once as a compile runs (in the build environment env, None: the host), on the
+    server's own script, keep the kernel's knowledge it made in its own cache, and store it at
+    path; {} (and a warning) when it made none."""
+    logging.info("stap knowledge for %s %s: warming up (%s)", release, config.arch, path)
+    started = time.monotonic()
+    req = Request("", release, config.arch, ["-p4", "-e", WARM_UP_SCRIPT], {}, lowered=False,
+                  build_env=env)
+    ws = Workspace(config.tmpdir)
+    try:
+        compiled = run_compile(config, req, ws)
+        files = ws.stap_knowledge() if compiled.rc == 0 else {}
+    except (Error, OSError) as e:
+        compiled, files = Reply(1, b"", str(e).encode()), {}
+    finally:
+        ws.remove()
+    if not files:
+        why = client.last_line(compiled.stderr) if compiled.rc else "it made no stapconf header"
+        logging.warning("WARNING: stap knowledge for %s %s: the warm-up failed (%s); compiles "
+                        "go on without it", release, config.arch, why)
+        return {}
+    store_knowledge(path, files)
+    logging.info("stap knowledge for %s %s ready in %.1f s: %s", release, config.arch,
+                 time.monotonic() - started, ", ".join(sorted(files)))
+    return files
+
+
+def store_knowledge(path, files):
+    """Write files into a new directory beside path and rename it into place, so that a crash
+    leaves nothing half-made; a failure (another server got there first) leaves path as it is."""
+    made = None
+    try:
+        made = tempfile.mkdtemp(prefix=".new-", dir=os.path.dirname(path))
+        for rel, data in files.items():
+            os.makedirs(os.path.join(made, os.path.dirname(rel)), 0o755, exist_ok=True)
+            with open(os.open(os.path.join(made, rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                              | os.O_NOFOLLOW, 0o644), "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())  # renamed whole after a power cut, never empty
+        os.chmod(made, 0o755)
+        os.rename(made, path)
+    except OSError as e:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        if not os.path.isdir(path):
+            logging.warning("WARNING: cannot store stap knowledge in %s: %s", path, e.strerror)
 
 
 # --------------------------------------------------------------------------
@@ -1477,6 +1694,11 @@ class CompileService:
         busy = self.compiles.busy_reason(config.max_wait, config.queue)
         if busy:
             return busy_reply(key, self.version, busy, record), False
+        try:
+            knowledge = kernel_knowledge(config, req)  # may wait for the kernel's warm-up
+        except (Error, OSError) as e:
+            record.update(rc=1, error=str(e))
+            return error_reply(key, self.version, str(e)), False
         with self.compiles.compiling():
             busy = self.pending.reserve(archive.unpacked_size)
             if busy:
@@ -1484,7 +1706,7 @@ class CompileService:
             try:
                 with Workspace(config.tmpdir) as ws:
                     archive.extract(ws.work)
-                    compiled = run_compile(config, req, ws)
+                    compiled = run_compile(config, req, ws, knowledge)
                 compiled = for_secure_boot(compiled, req, self.moks, config.tmpdir)
             except (Error, OSError) as e:
                 message = str(e) if isinstance(e, Error) else \
@@ -1495,6 +1717,8 @@ class CompileService:
                 self.pending.give_back(archive.unpacked_size)
         reply = reply_for_client(compiled, req, key, req.build_env.version)
         record.update(rc=reply.rc)
+        if reply.rc:
+            record.fail(server_side_cause(compiled.stderr, config))
         return signed_reply(key, reply), reply.rc == 0
 
 
@@ -1785,8 +2009,8 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             logging.error("certificate renewal failed: %s", e)
             return False
         der = self.credentials.der
-        logging.info("renewed the server certificate while running; sha256 fingerprint %s",
-                     client.fingerprint(der))
+        logging.info("renewed the server certificate while running: serial %s, SHA-256 "
+                     "fingerprint %s", certinfo(der), client.fingerprint(der))
         self.service.results = ResultCache(self.config.result_cache_size)  # old signatures
         write_status(self.config, self.port, der)
         self.on_renewal(der)
@@ -2834,6 +3058,7 @@ def write_status(config, port, der):
     os.makedirs(state_dir("run"), 0o755, exist_ok=True)
     remove_stale_status()
     status = {"pid": os.getpid(), "port": port, "fingerprint": client.fingerprint(der),
+              "serial": certinfo(der),
               "releases": config.releases, "arch": config.arch, "uid": os.geteuid(),
               "log": config.log, "database": config.db.path}
     path = status_path(os.getpid())
@@ -2901,10 +3126,52 @@ def setup_logging(path):
 
 
 def stap_serverd(argv):
-    """The server, in the foreground, until SIGTERM or SIGINT."""
-    config = parse_config(argv)
+    """The server, in the foreground, until SIGTERM or SIGINT.  An error that stops it is a line of
+    its log too: under systemd its stderr reaches only the journal."""
+    try:
+        config = parse_config(argv)
+    except Error as e:
+        log = log_config_error(argv, e)
+        if log and stderr_is_log(log):
+            return 1
+        raise
     setup_logging(config.log)
     logging.info("starting: %s", " ".join(sys.argv))
+    drop_ambient_capabilities()
+    try:
+        return serve(config)
+    except Error as e:
+        logging.error("ERROR: %s", e)
+        if stderr_is_log(config.log):  # stap-start-server's daemon: the line is there already
+            return 1
+        raise
+
+
+def log_config_error(argv, error):
+    """Write a configuration error to the log named by --log, if it names one (a typo on a command
+    line creates no log file); the log's path, or None."""
+    p = OptionParser(add_help=False)
+    p.add_argument("--log")
+    try:
+        path = p.parse_known_args(argv)[0].log
+        if path:
+            setup_logging(path)
+            logging.error("ERROR: %s", error)
+            return path
+    except Error:  # --log without a value, or a log that cannot be written
+        pass
+    return None
+
+
+def stderr_is_log(path):
+    try:
+        out, log = os.fstat(sys.stderr.fileno()), os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (out.st_dev, out.st_ino) == (log.st_dev, log.st_ino)
+
+
+def serve(config):
     der = ensure_server_certificate(config.db)
     prepare_compile_step(config)
     server = CompileServer(config, der)
@@ -2917,8 +3184,9 @@ def stap_serverd(argv):
     advertising = Advertising(config, port, server.service.version, der,
                               server.service.compiles)
     status = write_status(config, port, der)  # after the zone: a refused update fails the start
-    logging.info("listening on %s port %d; serving %s; certificate sha256 %s",
-                 config.listen, port, ", ".join(config.releases), client.fingerprint(der))
+    logging.info("listening on %s port %d; serving %s; certificate serial %s, SHA-256 "
+                 "fingerprint %s", config.listen, port, ", ".join(config.releases), certinfo(der),
+                 client.fingerprint(der))
     server.on_renewal = advertising.refresh
     try:
         server.serve_forever(poll_interval=0.5)
@@ -3024,10 +3292,8 @@ def load_changed(old, new):
 
 
 def certinfo(der):
-    """The certificate serial as real servers advertise it: the DER integer's bytes in
-    colon-separated hex (a leading 00 kept)."""
-    _, _, start, end = client.tbs_fields(der)[0]
-    return ":".join(f"{b:02x}" for b in der[start:end])
+    """The certificate serial as real servers advertise it (client.serial_text)."""
+    return client.serial_text(client.certificate_serial(der))
 
 
 def server_command(args):

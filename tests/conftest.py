@@ -44,7 +44,7 @@ def need_root():
 
 
 # --------------------------------------------------------------------------
-# The kernel release, the runtime fixture, a warm stap cache
+# The kernel release, the runtime fixture, stap's knowledge of the kernel
 # --------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -72,8 +72,8 @@ def runtime(krel, shared_dir):
 
 @pytest.fixture(scope="session")
 def cache_dir(shared_dir):
-    """stap's cache for a root server's compile account, kept for the session."""
-    path = os.path.join(shared_dir, "compile-cache")
+    """A root server's --cache-dir (stap's knowledge of each kernel), kept between sessions."""
+    path = os.path.join(shared_dir, "knowledge-cache")
     os.makedirs(path, 0o755, exist_ok=True)
     return path
 

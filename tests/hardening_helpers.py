@@ -3,6 +3,7 @@ test_load, test_faults): raw protocol traffic to a running server, request
 and reply archives built by hand, and checks that a server still serves."""
 
 import base64
+import contextlib
 import io
 import os
 import pwd
@@ -245,3 +246,21 @@ def write_named_conf(workdir, zone, keyfile, key_name, listen, ns_address, port=
                 f'zone "{zone}" {{ type primary; file "{workdir}/{zone}.zone"; '
                 f'allow-update {{ key "{key_name}"; }}; }};\n')
     return conf
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size="64k", full=False, readonly=False):
+    """A tmpfs of size at path (made), mounted for the block; full: filled to the last byte."""
+    os.makedirs(path, 0o755)
+    options = f"size={size},mode=0755" + (",ro" if readonly else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path], check=True)
+    try:
+        if full:
+            fd = os.open(os.path.join(path, "filler"), os.O_WRONLY | os.O_CREAT, 0o644)
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * 4096):
+                    pass
+            os.close(fd)
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=True)

@@ -135,6 +135,7 @@ class Sandbox:
     top: str
     env: dict
     user: str = None  # None: root
+    caps: str = None  # setpriv's capability list the user's commands get, as a unit gives them
 
     @property
     def sysconfdir(self):
@@ -154,7 +155,12 @@ class Sandbox:
 
     def run_argv(self, argv, timeout=300, input=None, cwd=None, env=None):
         kw = {}
-        if self.user:
+        if self.user and self.caps:  # AmbientCapabilities= and CapabilityBoundingSet=
+            caps = f"-all,{self.caps}"
+            argv = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups",
+                    f"--inh-caps={caps}", f"--ambient-caps={caps}", f"--bounding-set={caps}",
+                    "--", *argv]
+        elif self.user:
             pw = pwd.getpwnam(self.user)
             kw = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
         return subprocess.run(argv, env={**self.env, **(env or {})}, capture_output=True,

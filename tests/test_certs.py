@@ -347,7 +347,8 @@ def test_status_file_contents(server, sandbox):
     with open(status_file(sandbox, server.pid)) as f:
         status = json.load(f)
     assert status["pid"] == server.pid and status["port"] == server.port
-    assert len(status["fingerprint"]) == 64
+    assert re.fullmatch(r"([0-9A-F]{2}:){31}[0-9A-F]{2}", status["fingerprint"]), status
+    assert re.fullmatch(r"([0-9a-f]{2}:)*[0-9a-f]{2}", status["serial"]), status
 
 
 RENEW_WHILE_RUNNING = r"""

@@ -72,7 +72,7 @@ def test_find_servers_on_b_sees_server_on_a(avahi, network_factory, krel, runtim
         assert rest.endswith("'trust=ssl'"), rest
         cert = os.path.join(status["database"], stap_client.SERVER_CERT_FILE)
         with open(cert, "rb") as f:
-            serial = stap_client.colon_hex(stap_client.certificate_serial(f.read()))
+            serial = stap_client.serial_text(stap_client.certificate_serial(f.read()))
         assert f"'certinfo={serial}'" in rest or f"'certinfo=00:{serial}'" in rest, rest
         proc = b.run([PYTHON, CLIENT, "stap-add-server-cert", "--signer", cert], env=box.env)
         assert proc.returncode == 0, proc.stderr

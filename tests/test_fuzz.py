@@ -49,7 +49,7 @@ def fuzz_env(krel):
             ["-r", krel, "--ssl", db.path, "--tmpdir", tmpdir, "--cache-dir", cache,
              "--max-compressed-request", str(MAX_REQUEST), "--max-request-size", str(1 << 20),
              "--log", box.path("server.log")])
-        stap_server.prepare_compile_step(config)  # the compile cache and a working sandbox
+        stap_server.prepare_compile_step(config)  # the knowledge directory, a working sandbox
         stap_client.open_databases([db])  # read-only, beside the tests' client databases
         key = stap_server.ServerKey(der)
         client_db = stap_client.CertDB(stap_client.global_client_db_path())

@@ -170,7 +170,7 @@ def test_real_client_pass4_module_signed_reply(our_server, real_client, krel, wo
 
 
 def test_real_client_pass4_cache_hit(our_server, real_client, krel, workdir):
-    """Without -m: the server-named module; twice, the second a stap cache hit."""
+    """Without -m: the server-named module; twice, the second a result-cache hit."""
     env, _ = real_client
     for _ in range(2):
         proc = run([STAP, use_server(our_server), "-r", krel, "-p4", "-e", SCRIPT], env, workdir)

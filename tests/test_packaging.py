@@ -215,16 +215,32 @@ def unit_path(top):
     return found[0]
 
 
-def read_unit(top):
+def read_unit_section(top, section):
     unit = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
     unit.optionxform = str
     with open(unit_path(top)) as f:
+        unit.read_string(f.read())
+    return unit[section]
+
+
+def read_unit(top):
+    with open(unit_path(top)) as f:
         # Repeated keys (Environment=) are merged by configparser: keep them all.
         text = f.read()
-    unit.read_string(text)
     environment = dict(v.split("=", 1) for v in
                        re.findall(r"^Environment=(\S+)$", text, re.MULTILINE))
-    return unit["Service"], environment
+    return read_unit_section(top, "Service"), environment
+
+
+# What stap-serverd needs to compile as stap-compile without being root (stap_server.py's
+# SWITCH_CAPABILITIES), in setpriv's words.
+UNIT_CAPABILITIES = "+chown,+dac_override,+kill,+setgid,+setuid"
+
+
+def unit_capabilities(service):
+    """The unit's AmbientCapabilities=, as setpriv's list (+name,...)."""
+    return ",".join(sorted("+" + c.lower().removeprefix("cap_")
+                           for c in service["AmbientCapabilities"].split()))
 
 
 def test_systemd_unit(extracted, tmp_path):
@@ -235,6 +251,15 @@ def test_systemd_unit(extracted, tmp_path):
     assert service["KillMode"] == "mixed"  # SIGTERM to the server alone, not to stap
     assert service["StateDirectory"] == "stap-server"
     assert service["LogsDirectory"] == "stap-server"
+    assert service["LogsDirectoryMode"] == "0750"
+    # Compiles run as stap-compile, never as stap-server (which owns the key): the
+    # capabilities to switch to it, and no others.
+    assert unit_capabilities(service) == UNIT_CAPABILITIES
+    assert set(service["CapabilityBoundingSet"].split()) == set(
+        service["AmbientCapabilities"].split())
+    # A server that fails at start is not restarted every 5 s forever.
+    unit = read_unit_section(extracted, "Unit")
+    assert int(unit["StartLimitBurst"]) <= 10 and int(unit["StartLimitIntervalSec"]) >= 60
     assert environment["SYSTEMTAP_DIR"] == "/var/lib/stap-server/.systemtap"
     execstart = shlex.split(service["ExecStart"])
     assert execstart[0] == "/usr/bin/stap-serverd"
@@ -395,22 +420,39 @@ dpkg -i /tmp/debs/stap-compile-client_*.deb
 stap-client --help > /dev/null && result client_alone ok
 dpkg -i /tmp/debs/stap-compile-server_*.deb
 result account "$(getent passwd stap-server | cut -d: -f3,6,7)"
+result compile_account "$(getent passwd stap-compile | cut -d: -f3,7)"
 [ -e /var/lib/stap-server/.systemtap ] && result state_at_install yes || result state_at_install no
+result dirs "$(stat -c %U:%G:%a /var/lib/stap-server /var/log/stap-server | paste -sd,)"
 stap-client --help > /dev/null && result stap_client_help 0
 stap-start-server --help > /dev/null && result stap_start_server_help 0
 rc=0; stap-stop-server 2> /tmp/stop.err || rc=$?
 result stap_stop_server_usage "$rc $(head -1 /tmp/stop.err | tr ' ' _)"
 
 if [ -n "$KREL" ]; then
-    # What systemd does for the unit: StateDirectory=, LogsDirectory=, the
-    # EnvironmentFile=, User=/Group=, Environment=, then ExecStart=.
-    install -d -o stap-server -g stap-server -m 0755 /var/lib/stap-server /var/log/stap-server
+    # What systemd does for the unit (its directories are the postinst's): the
+    # EnvironmentFile=, User=/Group=, AmbientCapabilities= and
+    # CapabilityBoundingSet=, Environment=, then ExecStart=.  A stap stand-in
+    # reports what a compile runs as and can read, and runs the real stap.
     echo "STAP_SERVER_OPTIONS=\"-r $KREL --listen 127.0.0.1 --advertise none\"" \
         >> /etc/default/stap-compile-server
     set -a; . /etc/default/stap-compile-server; set +a
+    cat > /usr/local/bin/stap-whoami <<'STANDIN'
+#!/bin/sh
+case "$*" in
+  *WHOAMI*) echo "compile_user=$(id -un)"
+            echo "compile_caps=$(awk '/^Cap(Prm|Eff|Amb):/ {print $2}' /proc/self/status |
+                                 paste -sd,)"
+            cat /var/lib/stap-server/.systemtap/ssl/server/key4.db > /dev/null 2>&1 &&
+                echo compile_key=read || echo compile_key=unreadable ;;
+  *) exec /usr/bin/stap "$@" ;;
+esac
+STANDIN
+    chmod 0755 /usr/local/bin/stap-whoami
+    caps=-all,$UNIT_CAPS
     env -i $UNIT_ENV STAP_SERVER_OPTIONS="$STAP_SERVER_OPTIONS" \
-        setpriv --reuid=stap-server --regid=stap-server --init-groups \
-        sh -c "umask 022; exec $UNIT_EXEC" &
+        SYSTEMTAP_STAP=/usr/local/bin/stap-whoami \
+        setpriv --reuid=stap-server --regid=stap-server --init-groups --inh-caps=$caps \
+        --ambient-caps=$caps --bounding-set=$caps sh -c "umask 022; exec $UNIT_EXEC" &
     pid=$!
     status=/var/lib/stap-server/.systemtap/run/stap-serverd.$pid.json
     for i in $(seq 600); do [ -e "$status" ] && break; kill -0 $pid; sleep 0.1; done
@@ -431,6 +473,11 @@ if [ -n "$KREL" ]; then
         > /tmp/p2.out 2> /tmp/p2.err || rc=$?
     cat /tmp/p2.err
     result compile_rc $rc
+    stap-client --server=127.0.0.1:$port -r "$KREL" -p2 -e 'probe begin { /* WHOAMI */ }' |
+        sed -n 's/^\(compile_[a-z]*\)=/RESULT \1=/p'
+    key=/var/lib/stap-server/.systemtap/ssl/server/key4.db
+    setpriv --reuid=stap-compile --regid=stap-compile --clear-groups cat $key > /dev/null &&
+        result compile_account_key read || result compile_account_key unreadable
     result log_after_rotation "$(grep -c 'request' /var/log/stap-server/stap-server.log || true)"
 
     kill -TERM $pid
@@ -438,9 +485,21 @@ if [ -n "$KREL" ]; then
     result stop_rc $rc
     result status_after_stop "$([ -e "$status" ] && echo present || echo removed)"
     result log_stopped "$(grep -c 'stopped' /var/log/stap-server/stap-server.log || true)"
+
+    # A server started without systemd (by root) is stopped when the package goes.
+    rootpid=$(stap-start-server -r "$KREL" --listen 127.0.0.1 --advertise none \
+              --log /tmp/root-server.log)
+    dpkg --remove stap-compile-server
+    result root_server_status "$(ls /run/stap-server | tr '\n' ,)"
+    result root_server_log "$(tail -1 /tmp/root-server.log | sed 's/.*\] //' | tr ' ' _)"
+    result root_server_state "$(awk '{print $3}' /proc/$rootpid/stat 2>/dev/null || echo gone)"
 fi
 
-dpkg --purge stap-compile-server stap-compile-client
+dpkg --purge stap-compile-server > /tmp/purge.out
+cat /tmp/purge.out
+result purge_says_revoke "$(grep -c 'stap-add-server-cert --revoke' /tmp/purge.out || true)"
+result purge_revoked "$(grep -c '^revoked 1 certificate' /tmp/purge.out || true)"
+dpkg --purge stap-compile-client
 result purged_state "$([ -e /var/lib/stap-server ] && echo present || echo removed)"
 left=removed
 [ -e /usr/lib/stap-server ] && left=$(ls -A /usr/lib/stap-server | tr '\n' ,)
@@ -485,6 +544,7 @@ def test_install_in_debootstrap_chroot(debs, chroot_tarball, extracted):
                             f"export KREL={shlex.quote(krel or '')}",
                             f"export UNIT_ENV={shlex.quote(env_words)}",
                             f"export UNIT_EXEC={shlex.quote(service['ExecStart'])}",
+                            f"export UNIT_CAPS={unit_capabilities(service)}",
                             f"enter_root {root} bash -s"])
         proc = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
@@ -499,6 +559,10 @@ def test_install_in_debootstrap_chroot(debs, chroot_tarball, extracted):
         assert int(uid) < 1000 and home == "/var/lib/stap-server" and "nologin" in shell
         assert results["client_alone"] == "ok"
         assert results["state_at_install"] == "no"  # the certificate waits for the first start
+        # The postinst's directories, for a server started without systemd too.
+        assert results["dirs"] == "stap-server:stap-server:755,stap-server:stap-server:750"
+        uid, shell = results["compile_account"].split(":")
+        assert int(uid) < 1000 and "nologin" in shell
         assert results["stap_stop_server_usage"] == "1 usage:_stap-stop-server_PID"
         if krel:
             assert results["status_file"] == "yes", log[-6000:]
@@ -510,6 +574,20 @@ def test_install_in_debootstrap_chroot(debs, chroot_tarball, extracted):
             assert results["stop_rc"] == "0"
             assert results["status_after_stop"] == "removed"
             assert results["log_stopped"] == "1"
+            # The unit's server compiles as stap-compile, with no capability, and neither
+            # its sandbox nor its account can read the key.
+            assert results["compile_user"] == "stap-compile", log[-6000:]
+            assert results["compile_caps"] == ",".join(["0000000000000000"] * 3)
+            assert results["compile_key"] == "unreadable"
+            assert results["compile_account_key"] == "unreadable"
+            # prerm stopped the server root started by hand: status file gone, log says so.
+            assert results["root_server_status"] == "", results["root_server_status"]
+            assert results["root_server_log"] == "stopped"
+            assert results["root_server_state"] in ("gone", "Z"), results["root_server_state"]
+            # purge revokes the server's certificate where this host trusted it, and says
+            # how to do it on the others.
+            assert results["purge_revoked"] == "1"
+            assert int(results["purge_says_revoke"]) >= 1
         assert results["purged_state"] == "removed"
         assert results["purged_lib"] == "removed", results["purged_lib"]
         assert results["purged_bin"] == "0"

@@ -50,6 +50,7 @@ from hardening_helpers import (
 
 COMPILE_ACCOUNT = "stap-compile"
 UNIT_ACCOUNT = "stap-server"  # what the package's unit runs as (User=stap-server)
+UNIT_CAPABILITIES = "+chown,+dac_override,+kill,+setgid,+setuid"  # and its AmbientCapabilities=
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: other accounts, root-only files")
@@ -321,6 +322,7 @@ report() {  # PATH: absent, or what it holds and whether it can be written
 }
 for p in {paths}; do report "$p"; done
 echo "uid=$(id -u)"
+echo "capabilities=$(awk '/^Cap(Prm|Eff|Amb):/ {print $2}' /proc/self/status | paste -sd,)"
 echo "pids=$(ls /proc | grep -c '^[0-9]')"
 if python3 -c 'import socket; socket.create_connection(("127.0.0.1", {port}), 2)' 2>/dev/null
 then echo network=yes; else echo network=no; fi
@@ -331,11 +333,14 @@ then echo network=yes; else echo network=no; fi
 
 
 def server_paths(box, srv, tmpdir):
-    """The server's own files and directories, as an attacker would aim."""
+    """The server's own files and directories, as an attacker would aim (stap's knowledge in
+    --cache-dir, and where compiles used to share stap's cache, included)."""
     db = srv.status["database"]
+    cache = os.path.join(box.systemtap_dir, "compile-cache") if box.user else \
+        "/var/cache/stap-server"
     return [db, os.path.join(db, "key4.db"), os.path.join(db, "cert9.db"), srv.log,
             os.path.dirname(conftest.status_file(box, srv.pid)), tmpdir,
-            box.systemtap_dir, box.env["HOME"], "/root"]
+            box.systemtap_dir, box.env["HOME"], "/root", cache, "/stap/cache"]
 
 
 def assert_sees_nothing(out, paths):
@@ -349,16 +354,22 @@ def assert_sees_nothing(out, paths):
     assert int(re.search(r"^pids=(\d+)", out, re.M).group(1)) <= 8, out
 
 
-@pytest.mark.parametrize("who", ["root", "staptest", "unit account"])
+@pytest.mark.parametrize("who", ["root", "staptest", "unit account", "staptest, -I its own"])
 def test_compile_step_sees_nothing_of_the_server(who, servers, krel):
     """Root's server keeps its database under /etc (the packaged default is
-    /etc/systemtap/ssl/server); the others under their own homes."""
-    user = {"root": None, "staptest": conftest.TEST_USER, "unit account": UNIT_ACCOUNT}[who]
+    /etc/systemtap/ssl/server); the others under their own homes.  A server whose own -I tree
+    holds its files (its home: SYSTEMTAP_DIR, database and all) shows none of them."""
+    user = {"root": None, "staptest": conftest.TEST_USER, "unit account": UNIT_ACCOUNT,
+            "staptest, -I its own": conftest.TEST_USER}[who]
     if user == UNIT_ACCOUNT:
         ensure_unit_account()
     box = conftest.make_sandbox(user)
+    if user == UNIT_ACCOUNT:  # the unit's AmbientCapabilities=: it compiles as stap-compile
+        box.caps = UNIT_CAPABILITIES
     etc_db = f"/etc/stap-test-{uuid.uuid4().hex[:8]}/ssl/server"
     extra = ["--ssl", etc_db] if user is None else []
+    if who.endswith("-I its own"):
+        extra = ["-I", box.env["HOME"]]
     tmpdir = server_tmpdir(box)
     try:
         box.env["SYSTEMTAP_STAP"] = stand_in(box, "echo placeholder\n")
@@ -370,8 +381,9 @@ def test_compile_step_sees_nothing_of_the_server(who, servers, krel):
         assert proc.returncode == 0, text(proc)
         out = proc.stdout.decode()
         assert_sees_nothing(out, paths)
-        uid = pwd.getpwnam(user or COMPILE_ACCOUNT).pw_uid
+        uid = pwd.getpwnam(COMPILE_ACCOUNT if user in (None, UNIT_ACCOUNT) else user).pw_uid
         assert f"uid={uid}" in out, out
+        assert "capabilities=0000000000000000,0000000000000000,0000000000000000" in out, out
     finally:
         shutil.rmtree(os.path.dirname(os.path.dirname(etc_db)), ignore_errors=True)
         shutil.rmtree(box.top, ignore_errors=True)
@@ -504,6 +516,116 @@ def test_compile_account_attacking_all_along(servers, sandbox, krel, secret_dir,
     assert_untouched(secret_dir)
     assert os.listdir(attacker_dir) == []
     assert request_dirs(tmpdir) == []
+
+
+# --------------------------------------------------------------------------
+# No writable state shared between compiles: stap's cache is each compile's own
+# --------------------------------------------------------------------------
+
+TROJAN = b"TROJAN-MODULE-" + uuid.uuid4().hex.encode()
+
+# Everything outside /proc, /sys, /dev and the read-only system directories (read-only binds, as
+# test_compile_step_sees_nothing_of_the_server shows) that the compile can write: every module,
+# C file and header is overwritten, and a module is planted in every directory.
+SPREAD = """
+case "$*" in
+  *SPREAD*) ;;
+  *) exec /usr/bin/stap "$@" ;;
+esac
+find / \\( -path /proc -o -path /sys -o -path /dev -o -path /usr -o -path /etc -o -path /lib \\
+         -o -path /lib32 -o -path /lib64 -o -path /libx32 -o -path /bin -o -path /sbin \\) \\
+     -prune -o -writable -print 2>/dev/null > /tmp/writable
+while read -r p; do
+  if [ -d "$p" ]; then printf '{trojan}' > "$p/stap_planted.ko" && echo "planted in $p"
+  else case "$p" in *.ko|*.c|*.h) printf '{trojan}' > "$p" && echo "overwrote $p";; esac; fi
+done < /tmp/writable
+exit 1
+"""
+
+
+def knowledge_files(cache, krel):
+    """{path: bytes} of the stapconf headers in a --cache-dir's knowledge of krel."""
+    found = {}
+    for root, _, names in os.walk(os.path.join(cache, "knowledge")):
+        parts = os.path.relpath(root, cache).split(os.sep)  # knowledge/KERNEL/XX
+        if len(parts) == 3 and parts[1].startswith(f"{krel}-"):
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    found[os.path.join(root, name)] = f.read()
+    return found
+
+
+def warm_ups(srv):
+    with open(srv.log) as f:
+        return len(re.findall(r"stap knowledge for \S+ \S+: warming up", f.read()))
+
+
+def test_compromised_compile_cannot_change_another_clients_module(servers, sandbox, krel,
+                                                                  runtime):
+    """A victim compiles a script; a compromised stap (a compiler bug) then
+    writes into everything it can reach; the victim's next request for the
+    same script (another locale: no result-cache hit, a real compile) gets
+    its own module, signed, not the attacker's.  (It got the attacker's,
+    from the stap cache all compiles shared read-write.)  The server's
+    knowledge of the kernel is unchanged."""
+    cache = sandbox.path("cache")
+    os.mkdir(cache, 0o755)
+    sandbox.env["SYSTEMTAP_STAP"] = stand_in(sandbox, SPREAD.replace("{trojan}", TROJAN.decode()))
+    srv = servers.start(sandbox, krel, runtime, cache=cache)
+    script = 'probe begin { println("victim") exit() }'
+    victim = ["-r", krel, "-p4", "--privilege=stapusr", "-e", script]
+    proc = client(sandbox, srv, *victim, env={"LANG": "C.UTF-8"}, timeout=600)
+    assert proc.returncode == 0, text(proc)
+    knowledge = knowledge_files(cache, krel)
+    proc = client(sandbox, srv, "-r", krel, "-p4", "-e", "probe begin { /* SPREAD */ }",
+                  timeout=300)
+    assert proc.returncode == 1, text(proc)
+    spread = proc.stdout.decode()
+    print(spread)
+    for name in os.listdir(sandbox.top):
+        if ".ko" in name:
+            os.unlink(sandbox.path(name))
+    proc = client(sandbox, srv, *victim, env={"LANG": "en_US.UTF-8"}, timeout=300)
+    assert proc.returncode == 0, text(proc)
+    modules = sorted(n for n in os.listdir(sandbox.top) if ".ko" in n)
+    assert len(modules) == 2 and modules[1] == modules[0] + ".sgn", modules
+    with open(sandbox.path(modules[0]), "rb") as f:
+        module = f.read()
+    assert TROJAN not in module and module.startswith(b"\x7fELF"), "the attacker's module"
+    assert [l.split("cache=")[1][:6] for l in request_lines(srv)[-1:]] == ["'miss'"]
+    assert re.search(r"^planted in <server>/cache/[0-9a-f]{2}$", spread, re.M), spread  # its own
+    assert knowledge and all(TROJAN not in data for data in knowledge.values()), knowledge
+    assert knowledge_files(cache, krel) == knowledge
+    assert warm_ups(srv) == 1
+
+
+def test_real_compiles_share_only_the_servers_knowledge(servers, sandbox, krel, runtime,
+                                                        cache_dir):
+    """Two real -p4 compiles of new scripts succeed; at most the first waits
+    for a warm-up, the second and a restarted server's compile reuse its
+    knowledge: files of the server's own, read-only to the compile account."""
+    srv = servers.start(sandbox, krel, runtime, cache=cache_dir)
+    before = None
+    for n in range(2):
+        proc = client(sandbox, srv, "-r", krel, "-p4", "-m", f"fresh{n}", "-e",
+                      f'probe begin {{ printf("{uuid.uuid4().hex}\\n") exit() }}', timeout=600)
+        assert proc.returncode == 0, text(proc)
+        assert os.path.exists(sandbox.path(f"fresh{n}.ko"))
+        before = warm_ups(srv) if before is None else before
+    assert before <= 1 and warm_ups(srv) == before, "the second compile warmed up again"
+    knowledge = knowledge_files(cache_dir, krel)
+    assert knowledge, "no knowledge stored"
+    for path in knowledge:
+        for p in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+            st = os.lstat(p)
+            assert st.st_uid == 0 and not st.st_mode & 0o022, f"{p} is not the server's alone"
+    srv.stop()
+    again = servers.start(sandbox, krel, runtime, "--log", sandbox.path("again.log"),
+                          cache=cache_dir)
+    proc = client(sandbox, again, "-r", krel, "-p4", "-e",
+                  f'probe begin {{ printf("{uuid.uuid4().hex}\\n") exit() }}', timeout=300)
+    assert proc.returncode == 0, text(proc)
+    assert warm_ups(again) == 0
 
 
 # --------------------------------------------------------------------------
@@ -816,13 +938,15 @@ def limited_server(krel):
 def test_each_resource_limit_is_named(breach, limited_server, krel):
     box, srv = limited_server
     name, option, value, unit = LIMITS[breach]
-    started = time.monotonic()
+    started, logged = time.monotonic(), len(request_lines(srv))
     proc = client(box, srv, "-r", krel, "-p2", "-e", f"probe begin {{ /* {breach} */ }}")
     assert proc.returncode == 1, text(proc)
     assert (f"stap-serverd: ERROR: the compile exceeded its {name} limit ({value}{unit}, {option})"
             in proc.stderr.decode()), text(proc)
     assert time.monotonic() - started < 30
     assert request_dirs(server_tmpdir(box)) == []
+    line = wait_request_lines(srv, logged + 1)[-1]  # the server's log names the cause too
+    assert f"error='the compile exceeded its {name} limit ({value}{unit}, {option})" in line, line
 
 
 # --------------------------------------------------------------------------
@@ -850,37 +974,42 @@ def test_without_bwrap_the_server_refuses_to_start_unless_told(servers, sandbox,
     assert lines and all("sandbox='off'" in line for line in lines), lines
 
 
-def test_a_prepared_compile_cache_is_refused(sandbox, krel, secret_dir):
-    """The server makes the compile account's stap cache itself, and takes
-    an existing one only if it is a real directory of that account in a
-    parent only the server can write: no link is followed, nothing chowned."""
+def test_a_knowledge_directory_not_the_servers_alone_is_refused(sandbox, krel, secret_dir):
+    """The server keeps stap's knowledge in CACHE_DIR/knowledge/RELEASE-ARCH-STAMP and starts only
+    if every one of these is a real directory of its own that group and others cannot write: no
+    link is followed, nothing chowned."""
     parent = sandbox.path("caches")
-    os.mkdir(parent, 0o755)
-    mine = os.path.join(parent, COMPILE_ACCOUNT)
+    top = os.path.join(parent, "knowledge")
+    os.makedirs(top, 0o755)
+    kernel = os.path.join(top, f"{krel}-{os.uname().machine}-0123456789abcdef")
     staptest = conftest.ensure_test_user()
 
-    def start():
-        return sandbox.run("stap-start-server", "--listen", "127.0.0.1", "-r", krel,
+    def refused(path):
+        proc = sandbox.run("stap-start-server", "--listen", "127.0.0.1", "-r", krel,
                            "--advertise", "none", "--cache-dir", parent)
+        assert proc.returncode == 1
+        err = proc.stderr.decode().strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{path} must be a directory of uid 0 that group and others cannot write" in err
 
-    os.symlink(secret_dir[0], mine)  # a link to a root-only directory
-    proc = start()
-    assert proc.returncode == 1
-    assert f"stap cache {mine} is not a directory" in proc.stderr.decode(), proc.stderr
+    os.symlink(secret_dir[0], kernel)  # a link to a root-only directory
+    refused(kernel)
     assert_untouched(secret_dir)
-    os.unlink(mine)
-    os.mkdir(mine, 0o700)  # someone else's directory
-    os.chown(mine, staptest.pw_uid, staptest.pw_gid)
-    proc = start()
-    assert proc.returncode == 1
-    assert (f"stap cache {mine} is owned by uid {staptest.pw_uid}, not the compile account's"
-            in proc.stderr.decode()), proc.stderr
-    os.rmdir(mine)
+    os.unlink(kernel)
+    os.mkdir(kernel, 0o755)
+    os.chmod(kernel, 0o775)  # group-writable
+    refused(kernel)
+    os.chmod(kernel, 0o755)
+    os.chown(kernel, staptest.pw_uid, staptest.pw_gid)  # someone else's
+    refused(kernel)
+    os.rmdir(kernel)
+    os.rmdir(top)
+    os.symlink(secret_dir[0], top)
+    refused(top)
+    assert_untouched(secret_dir)
+    os.unlink(top)
     os.chmod(parent, 0o777)  # a parent that others can write
-    proc = start()
-    assert proc.returncode == 1
-    assert f"{parent} must be a directory of uid 0 that group and others cannot write" \
-        in proc.stderr.decode(), proc.stderr
+    refused(parent)
 
 
 # --------------------------------------------------------------------------

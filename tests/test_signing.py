@@ -209,8 +209,8 @@ def test_add_server_cert_from_the_server_after_a_look(server, sandbox):
     refused = sandbox.run("stap-add-server-cert", server.address, db, input=b"n\n")
     out = refused.stdout.decode()
     assert refused.returncode == 1
-    assert f"SHA-256:     {stap_client.colon_fingerprint(der)}" in out, out
-    assert f"serial:      {stap_client.colon_hex(stap_client.certificate_serial(der))}" in out
+    assert f"SHA-256:     {stap_client.fingerprint(der)}" in out, out
+    assert f"serial:      {stap_client.serial_text(stap_client.certificate_serial(der))}" in out
     assert "subject:     CN=Systemtap Compile Server,OU=Systemtap" in out
     assert out.index("SHA-256") < out.index("[y/N]")  # shown before anything is granted
     assert refused.stderr.decode().strip() == (
@@ -244,7 +244,7 @@ def test_add_server_cert_signer_and_revoke(servers, server, sandbox, krel, user_
     assert user.returncode == 1
     assert b"--signer: only root decides whose module signatures staprun accepts" in user.stderr
     # revoke by serial (colons or not) and by fingerprint; the other stays
-    serial = stap_client.colon_hex(stap_client.certificate_serial(der))
+    serial = stap_client.serial_text(stap_client.certificate_serial(der))
     proc = sandbox.run("stap-add-server-cert", "--revoke", serial, signers.path)
     assert proc.returncode == 0, proc.stderr
     assert signers.certificates() == [other_der]

@@ -88,10 +88,10 @@ def test_the_system_view_of_a_root_binds_its_directories_and_the_hosts_kernel_tr
     (root / "usr" / "lib").mkdir(parents=True)
     (root / "etc").mkdir()
     (root / "lib").symlink_to("usr/lib")
-    argv, shown = system_view(str(root), [])
+    argv, binds = system_view(str(root), [])
     assert argv == ["--ro-bind", f"{root}/usr", "/usr", "--ro-bind", f"{root}/etc", "/etc",
                     "--symlink", "usr/lib", "/lib"]
-    assert shown == ["/usr", "/etc"]
+    assert binds == [(f"{root}/usr", "/usr"), (f"{root}/etc", "/etc")]
     assert system_view("/", [])[0][:3] == ["--ro-bind", "/usr", "/usr"]  # the host: as it is
 
 

@@ -19,14 +19,13 @@ from stap_client import (
     Error,
     certificate_serial,
     check_pkcs7_signature,
-    colon_fingerprint,
-    colon_hex,
     der_children,
     der_element,
     fingerprint,
     read_certificate_file,
     read_reply,
     rsa_signature_valid,
+    serial_text,
     tbs_fields,
 )
 
@@ -154,17 +153,19 @@ def test_der_element_refuses(data, message):
 def test_serial_with_and_without_the_version_field():
     assert certificate_serial(CERT) == 0x7060531A
     assert certificate_serial(certificate(0xC102, version=False)) == 0xC102
-    assert colon_hex(certificate_serial(certificate(0xC102))) == "c1:02"
+    assert serial_text(certificate_serial(certificate(0xC102))) == "00:c1:02"
     # serial, signature, issuer, validity, subject, key: the fields after the version
     fields = tbs_fields(CERT)
     assert [tag for tag, *_ in fields] == [0x02, 0x30, 0x30, 0x30, 0x30, 0x30]
     assert CERT[fields[2][1]:fields[2][3]] == name("Systemtap Compile Server")
 
 
-def test_colon_hex():
-    assert colon_hex(5) == "05"
-    assert colon_hex(0x0A0B) == "0a:0b"
-    assert colon_hex(0x7060531A) == "70:60:53:1a"
+def test_serial_text_is_what_servers_advertise():
+    assert serial_text(5) == "05"
+    assert serial_text(0x0A0B) == "0a:0b"
+    assert serial_text(0x7060531A) == "70:60:53:1a"
+    assert serial_text(0xCC3E05FC) == "00:cc:3e:05:fc"  # the DER integer's leading 00 kept
+    assert stap_server.certinfo(certificate(0xCC3E05FC)) == "00:cc:3e:05:fc"
 
 
 def test_expiry_in_utc_and_generalized_time():
@@ -180,10 +181,8 @@ def test_expiry_in_utc_and_generalized_time():
 
 def test_fingerprints():
     digest = hashlib.sha256(CERT).hexdigest()
-    assert fingerprint(CERT) == digest
-    assert colon_fingerprint(CERT) == ":".join(
-        digest.upper()[i:i + 2] for i in range(0, 64, 2))
-    assert len(colon_fingerprint(CERT)) == 95
+    assert fingerprint(CERT) == ":".join(digest.upper()[i:i + 2] for i in range(0, 64, 2))
+    assert len(fingerprint(CERT)) == 95
 
 
 def test_certificate_files_in_der_or_pem(tmp_path):

@@ -5,6 +5,7 @@ limits and how a broken one is told, the reply's entries, the log line, and
 the names and texts it advertises with."""
 
 import os
+import pathlib
 import re
 import types
 
@@ -41,6 +42,7 @@ from stap_server import (
     reply_entries,
     reply_for_client,
     secret_files,
+    server_side_cause,
     txt_rdata_text,
 )
 
@@ -127,19 +129,24 @@ def test_a_secret_file_must_be_private(tmp_path):
         f"cannot read --tsig-key {tmp_path / 'no'}: No such file or directory"
 
 
-@pytest.mark.parametrize("key,masks", [
-    ("/etc/k.key", ["/etc/k.key"]),  # shown by the /etc bind
-    ("/srv/tapsets/k.key", ["/srv/tapsets/k.key"]),  # shown by the -I tree's own bind
-    ("/var/cache/stap/u/k.key", ["/stap/cache/k.key"]),  # shown where the cache is bound
-    ("/etc/db/k.key", []),  # in a private directory masked by an empty one already
-    ("/home/u/k.key", []),  # shown nowhere
-])
-def test_a_secret_is_masked_wherever_the_sandbox_shows_it(key, masks):
-    config = types.SimpleNamespace(tsig_key=key)
-    binds = [("/usr", "/usr"), ("/etc", "/etc"), ("/srv/tapsets", "/srv/tapsets"),
-             ("/var/cache/stap/u", "/stap/cache")]
-    argv = stap_server.secret_masks(config, binds, masked=["/etc/db"])
-    assert argv == [x for m in masks for x in ("--ro-bind", "/dev/null", m)]
+def test_private_paths_are_covered_wherever_the_sandbox_shows_them(tmp_path, monkeypatch):
+    """After every bind: a private directory by an empty read-only one, a private file (a
+    secret) by /dev/null, at each place a bind shows it; nothing inside what is covered already,
+    nothing shown nowhere."""
+    etc, tree, home = tmp_path / "etc", tmp_path / "tree", tmp_path / "home"
+    for d in (etc / "db", tree / "ssl" / "server", home):
+        d.mkdir(parents=True)
+    for f in (etc / "k.key", etc / "db" / "k2.key", tree / "t.key", home / "h.key"):
+        f.write_text("secret")
+    private = [etc / "db", etc / "db" / "k2.key", etc / "k.key", tree / "ssl" / "server",
+               tree / "t.key", home / "h.key", tmp_path / "missing"]
+    monkeypatch.setattr(stap_server, "private_paths", lambda config: list(map(str, private)))
+    binds = [(str(etc), "/etc"), (str(tree), str(tree))]
+    argv = stap_server.private_masks(None, binds)
+    cover_dir = lambda p: ["--size", "4096", "--tmpfs", p, "--remount-ro", p]
+    assert argv == (cover_dir("/etc/db") + ["--ro-bind", "/dev/null", "/etc/k.key"]
+                    + ["--ro-bind", "/dev/null", f"{tree}/t.key"]
+                    + cover_dir(f"{tree}/ssl/server")), argv
 
 
 # --------------------------------------------------------------------------
@@ -261,6 +268,22 @@ def test_a_broken_limit_is_recognised_by_its_signal_or_words():
     assert limit_breached(1, b"sh: fork: retry: Resource", config) == \
         limit_text(config, "processes")
     assert limit_breached(1, b"semantic error: no match", config) is None
+
+
+def test_the_server_side_cause_of_a_failed_compile():
+    """What the log line names: the server's to fix, never the client's script."""
+    config = types.SimpleNamespace(tmpdir="/srv/tmp", cache_dir="/srv/cache")
+    assert server_side_cause(b"Pass 4\nstap-serverd: ERROR: the compile exceeded its cpu limit "
+                             b"(1 s, --compile-cpu)\n", config) == \
+        "the compile exceeded its cpu limit (1 s, --compile-cpu)"
+    assert server_side_cause(b"cc1: fatal error: error writing to x.s: No space left on device",
+                             config) == ("No space left on device in --tmpdir /srv/tmp or the "
+                                         "stap cache /srv/cache")
+    assert server_side_cause(b"bwrap: Creating new namespace failed: Operation not permitted\n",
+                             config) == ("sandbox failure: bwrap: Creating new namespace failed: "
+                                         "Operation not permitted")
+    assert server_side_cause(b"semantic error: no match while resolving probe point\n",
+                             config) is None
 
 
 def test_prlimit_arguments():
@@ -407,3 +430,54 @@ def test_a_refused_zone_refresh_is_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         zone.refresh()
     assert "DNS UPDATE of example.test. at 10.0.0.53 refused: NOTAUTH" in caplog.text
+
+
+# --------------------------------------------------------------------------
+# stap's cache: each compile's own, with copies of the server's knowledge
+# --------------------------------------------------------------------------
+
+HEADER = "ea/stapconf_eae2_722.h"
+
+
+def test_each_compile_gets_its_own_stap_cache_with_copies_of_the_knowledge(tmp_path):
+    ws = stap_server.Workspace(str(tmp_path))
+    try:
+        ws.hand_over(None, {HEADER: b"#define X 1\n"})
+        cache = pathlib.Path(ws.work, ".systemtap", "cache")
+        assert (cache / HEADER).read_bytes() == b"#define X 1\n"
+        (cache / "ea" / "stapconf_ffff_1.h").symlink_to("/etc/passwd")  # a compile's link
+        (cache / "ea" / "stap_ffff_1.ko").write_bytes(b"module")
+        assert ws.stap_knowledge() == {HEADER: b"#define X 1\n"}
+    finally:
+        ws.remove()
+
+
+def test_a_request_holding_the_compiles_stap_directory_is_refused(tmp_path):
+    ws = stap_server.Workspace(str(tmp_path))
+    try:
+        pathlib.Path(ws.work, ".systemtap").mkdir()
+        assert refused(ws.hand_over, None) == ("request entry .systemtap is not allowed: the "
+                                               "compile's own stap cache goes there")
+    finally:
+        ws.remove()
+
+
+@pytest.mark.parametrize("args, builds", [(["-p4", "-e" + SCRIPT], True),
+                                          (["-p4", "-p2", "x.stp"], False),
+                                          (["x.stp", "-p4", "--", "-p2"], True),
+                                          (["-L", 'kernel.function("x")'], False)])
+def test_only_pass_4_waits_for_the_kernels_knowledge(args, builds):
+    assert stap_server.builds_module(Request("4.8", "r", "x86_64", args, {}, False)) is builds
+
+
+def test_knowledge_is_stored_whole_and_only_the_servers_own_is_loaded(tmp_path, caplog):
+    path = str(tmp_path / "6.1.0-1-amd64-x86_64-0123456789abcdef")
+    assert stap_server.load_knowledge(path) is None
+    stap_server.store_knowledge(path, {HEADER: b"h"})
+    assert stap_server.load_knowledge(path) == {HEADER: b"h"}
+    assert [n for n in tmp_path.iterdir() if n.name.startswith(".new-")] == []
+    stap_server.store_knowledge(path, {HEADER: b"other"})  # there already: left as it is
+    assert stap_server.load_knowledge(path) == {HEADER: b"h"}
+    (tmp_path / "6.1.0-1-amd64-x86_64-0123456789abcdef").chmod(0o775)
+    assert stap_server.load_knowledge(path) is None
+    assert "must be a directory of uid" in caplog.text

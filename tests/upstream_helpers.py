@@ -228,6 +228,15 @@ def run(argv, env, cwd, timeout=TIMEOUT, input=None):
                           stdin=None if input is not None else subprocess.DEVNULL)
 
 
+def without_progress(stderr):
+    """Our client's stderr less its progress lines, which it prints once a request has taken a few
+    seconds (on a terminal or not): they follow the machine's load, and the real client, which
+    upstream's expectations come from, has none."""
+    return "".join(line for line in stderr.splitlines(keepends=True)
+                   if not line.startswith("stap-client: ")
+                   or line.startswith(("stap-client: ERROR: ", "stap-client: WARNING: ")))
+
+
 class Pairings:
     """One of our servers (options given), the real client trusting it, the
     reference real server (options given) and a real client trusting that
@@ -290,8 +299,11 @@ class Pairings:
             timeout=TIMEOUT):
         if pairing == "real-server" and self.reference is None:
             pytest.skip("no reference server in this module")
-        return run(self.argv(pairing, args, server_last), self.env(pairing, env),
+        proc = run(self.argv(pairing, args, server_last), self.env(pairing, env),
                    cwd or self.workdir(), timeout, input)
+        if pairing == "our-client":
+            proc.stderr = without_progress(proc.stderr)
+        return proc
 
     def server_log(self, pairing):
         """The log text of the server this pairing talks to."""
