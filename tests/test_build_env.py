@@ -310,3 +310,30 @@ def test_real_51_client_finds_our_server_by_itself(client51, servers, krel, warm
     proc = client51.run("--use-server", "-r", krel, "-p4", "-m", "found51", "-e", SCRIPT)
     assert proc.returncode == 0, proc.stderr
     assert stap_translator(client51.file("found51.ko")).startswith("5.")
+
+
+def test_a_build_env_without_a_working_stap_or_writable_by_others_refuses_the_start(krel):
+    """Each in one line: a root whose stap cannot run (here: an empty one), a root others may
+    write."""
+    need_root()
+    box = make_sandbox()
+    bare = tempfile.mkdtemp(prefix="stap-bare-root.", dir="/var/tmp")
+    os.chmod(bare, 0o755)
+    try:
+        def start():
+            proc = box.run("stap-start-server", "--listen", "127.0.0.1", "-r", krel, "--log",
+                           box.path("server.log"), "--advertise", "none", "--build-env",
+                           f"bare={bare}", timeout=60)
+            assert proc.returncode != 0
+            lines = proc.stderr.decode().strip().splitlines()
+            assert len(lines) == 1, lines
+            return lines[0]
+        assert re.fullmatch(rf"stap-start-server: ERROR: --build-env bare: `stap -V` in {bare} "
+                            r"failed: .+", start())
+        os.chmod(bare, 0o777)
+        assert start() == (f"stap-start-server: ERROR: --build-env bare={bare}: {bare} must be a "
+                           "directory (not a link) owned by root or uid 0 that group and others "
+                           "cannot write")
+    finally:
+        shutil.rmtree(bare, ignore_errors=True)
+        shutil.rmtree(box.top, ignore_errors=True)
