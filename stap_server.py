@@ -883,8 +883,8 @@ def read_regular(name, dir_fd, limit):
 
 
 def prepare_compile_step(config):
-    """At start: the directory of stap's knowledge, and a sandbox that works (or a loud warning
-    under --no-sandbox)."""
+    """At start: the directory of stap's knowledge, a sandbox that works (or a loud warning under
+    --no-sandbox) and the stap version of each build environment."""
     prepare_knowledge(config)
     if not config.sandbox:
         logging.warning("WARNING: --no-sandbox: compiles run unconfined and can read "
