@@ -75,8 +75,9 @@ def marked_pids(mark):
     return [p for p in found if conftest.pid_alive(p)]
 
 
-def wait_for_marked(mark, count=2, timeout=30):
-    """The stand-in and its sleeping child, once both run."""
+def wait_for_marked(mark, count=2, timeout=150):
+    """The stand-in and its sleeping child, once both run (a request for a module first waits for
+    the server's warm-up of the kernel's knowledge: the stand-in is a stap of its own)."""
     return conftest.wait_until(lambda: len(marked_pids(mark)) >= count and marked_pids(mark),
                                timeout, f"the stand-in stap never started ({mark})")
 
