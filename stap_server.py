@@ -681,10 +681,11 @@ def inside(path, top):
     return path != top and path.startswith(top.rstrip("/") + "/")
 
 
-def sandbox_argv(config, work_fd, cache):
+def sandbox_argv(config, work_fd, cache, binds=()):
     """bwrap's part of the compile's command line: no network, its own process tree, the system
     directories read-only, the server's own files masked, the request's work/ the only writable
-    place (with cache, stap's cache)."""
+    place (with cache, stap's cache); binds: more bwrap arguments, added before the root is made
+    read-only."""
     argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
     shown = []
     for d in SYSTEM_DIRS:
@@ -706,7 +707,7 @@ def sandbox_argv(config, work_fd, cache):
     argv += ["--bind-fd", str(work_fd), SANDBOX_WORK]
     if cache:
         argv += ["--bind", cache, SANDBOX_CACHE]
-    return argv + ["--remount-ro", "/", "--chdir", SANDBOX_WORK, "--"]
+    return argv + list(binds) + ["--remount-ro", "/", "--chdir", SANDBOX_WORK, "--"]
 
 
 def server_trees(config):
@@ -725,10 +726,12 @@ def limits_argv(config):
             f"--cpu={lim['cpu']}:{lim['cpu'] + 5}", "--core=0", "--"]
 
 
-def stap_argv(config, req, work):
-    """The real stap, as an argument list: the server's options, a private
-    --tmpdir, --client-options, then the client's arguments."""
+def stap_argv(config, req, work, runtime=None):
+    """The real stap, as an argument list: the server's options (runtime, a fixed copy, replaces
+    its -R: stap takes the last), a private --tmpdir, --client-options, then the client's
+    arguments."""
     return ([stap_program(), "-r", req.release, "-a", req.arch] + config.stap_options
+            + (["-R", runtime] if runtime else [])
             + [f"--tmpdir={work}/tmp", "--client-options"] + req.args)
 
 
@@ -743,13 +746,15 @@ def run_compile(config, req, ws):
     with the module as (name, bytes) and the server's paths hidden."""
     ws.hand_over(compile_account(config))
     host_cache = None if req.guru else account_cache(config)  # guru: a throw-away one in work/
+    fixed = fixed_runtime(config, req.release)
     if config.sandbox:
         work, cache = SANDBOX_WORK, SANDBOX_CACHE if host_cache else None
-        prefix = sandbox_argv(config, ws.work_fd, host_cache)
+        prefix = sandbox_argv(config, ws.work_fd, host_cache, runtime_binds(fixed))
+        runtime = fixed and fixed.view
     else:
-        work, cache, prefix = ws.work, host_cache, []
+        work, cache, prefix, runtime = ws.work, host_cache, [], fixed and fixed.path
     cache = cache or f"{work}/.systemtap"
-    argv = prefix + limits_argv(config) + stap_argv(config, req, work)
+    argv = prefix + limits_argv(config) + stap_argv(config, req, work, runtime)
     with tempfile.TemporaryFile(dir=ws.path) as out, tempfile.TemporaryFile(dir=ws.path) as err:
         try:
             proc = subprocess.Popen(argv, cwd=ws.work if not config.sandbox else "/",
@@ -764,8 +769,10 @@ def run_compile(config, req, ws):
     breach = breach or limit_breached(rc, stderr, config)
     if breach:
         stderr += f"stap-serverd: ERROR: the compile exceeded its {breach}\n".encode()
+    elif rc:
+        stderr += runtime_failure(stderr, runtime or source_runtime(config), fixed)
     module = ws.module(config.compile_limits["file-size"]) if rc == 0 else None
-    hide = (ws.path, work, cache)
+    hide = (ws.path, work, cache, fixed and fixed.path)
     return Reply(rc=1 if rc else 0, stdout=hide_paths(stdout, hide),
                  stderr=hide_paths(stderr, hide), module=module)
 
@@ -829,6 +836,162 @@ def hide_paths(data, paths):
     for p in sorted((p for p in paths if p), key=len, reverse=True):
         data = data.replace(p.encode(), b"<server>")
     return data
+
+
+# --------------------------------------------------------------------------
+# The stap runtime, fixed per kernel: the known fixes are data
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeFix:
+    """A known change the installed runtime needs for some kernels: it applies when the kernel's
+    header (relative to its source tree) matches kernel_test and the runtime's file matches
+    runtime_test; then every match of old in that file becomes new."""
+    name: str
+    why: str
+    header: str
+    kernel_test: bytes
+    file: str
+    runtime_test: bytes
+    old: bytes
+    new: bytes
+
+
+RUNTIME_FIXES = (
+    RuntimeFix("task_work_cancel_func",
+               "the kernel renamed task_work_cancel to task_work_cancel_func",
+               "include/linux/task_work.h", rb"\btask_work_cancel_func\b",
+               "stp_task_work.c", rb'kallsyms_lookup_name\("task_work_cancel"\)',
+               rb"\btask_work_cancel\b", b"task_work_cancel_func"),
+)
+STOCK_RUNTIME = "/usr/share/systemtap/runtime"
+SANDBOX_RUNTIME = "/stap/runtime"  # where a compile sees a fixed runtime, read-only
+FIXED_RUNTIMES = ".runtime"  # in the cache directory; no account name starts with a dot
+MAX_FIX_INPUT = 1 << 20  # bytes of a header or runtime file a feature test reads
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedRuntime:
+    path: str  # the server's copy
+    view: str  # the same, as the compile sees it
+    fixes: tuple
+
+
+def source_runtime(config):
+    """The runtime stap would use: the server's -R, else the installed one."""
+    opts = config.stap_options
+    given = [v for o, v in zip(opts[::2], opts[1::2]) if o == "-R"]
+    return given[-1] if given else STOCK_RUNTIME
+
+
+def kernel_trees(release):
+    """The release's build and source trees: a header can sit in either (Debian keeps most in the
+    -common twin that source names)."""
+    return [f"/lib/modules/{release}/build", f"/lib/modules/{release}/source"]
+
+
+def file_matches(path, pattern):
+    try:
+        with open(path, "rb") as f:
+            return re.search(pattern, f.read(MAX_FIX_INPUT)) is not None
+    except OSError:
+        return False
+
+
+def needed_fixes(trees, runtime):
+    """The fixes of RUNTIME_FIXES that runtime needs to build for the kernel of trees."""
+    return tuple(fix for fix in RUNTIME_FIXES
+                 if file_matches(os.path.join(runtime, fix.file), fix.runtime_test)
+                 and any(file_matches(os.path.join(tree, fix.header), fix.kernel_test)
+                         for tree in trees))
+
+
+_fixed = {}  # release -> (time, FixedRuntime or None)
+_fixed_lock = threading.Lock()
+
+
+def fixed_runtime(config, release):
+    """The FixedRuntime to build for release with, or None when the runtime needs no fix; looked
+    up again after STAMP_TTL, each fix logged when a release first gets its copy."""
+    now = time.monotonic()
+    with _fixed_lock:
+        cached = _fixed.get(release)
+        if cached and now - cached[0] < STAMP_TTL:
+            return cached[1]
+        fixed = runtime_copy(config, kernel_trees(release))
+        if fixed and fixed != (cached and cached[1]):
+            for fix in fixed.fixes:
+                logging.info("runtime fix %s for %s: %s (runtime %s)", fix.name, release,
+                             fix.why, fixed.path)
+        _fixed[release] = (now, fixed)
+        return fixed
+
+
+def runtime_copy(config, trees):
+    """The fixed copy of the runtime for the kernel of trees, or None when it needs no fix.  A copy
+    is made once per source runtime (its files' stamps) and set of fixes, in the cache directory."""
+    source = source_runtime(config)
+    fixes = needed_fixes(trees, source)
+    if not fixes:
+        return None
+    digest = hashlib.sha256(b"".join([f.name.encode() + b"\0" for f in fixes]
+                                     + [stat_line(p) for p in walk_files(source)]))
+    name = digest.hexdigest()[:16]
+    path = os.path.join(config.cache_dir, FIXED_RUNTIMES, name)
+    if not os.path.isdir(path):
+        make_fixed_runtime(source, fixes, path)
+    return FixedRuntime(path, f"{SANDBOX_RUNTIME}/{name}", fixes)
+
+
+def make_fixed_runtime(source, fixes, path):
+    """Copy source with fixes applied to path: made under a temporary name and renamed, readable by
+    the compile account, writable only by the server."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, 0o755, exist_ok=True)
+    st = os.lstat(parent)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
+        raise Error(f"{parent} must be a directory of uid {os.geteuid()} "
+                    "that group and others cannot write")
+    new = tempfile.mkdtemp(prefix=".new.", dir=parent)
+    try:
+        shutil.copytree(source, new, symlinks=True, dirs_exist_ok=True)
+        for fix in fixes:
+            name = os.path.join(new, fix.file)
+            with open(name, "rb") as f:
+                text = re.sub(fix.old, fix.new, f.read())
+            with open(name, "wb") as f:
+                f.write(text)
+        for top, dirs, files in os.walk(new):
+            for d in dirs:
+                os.chmod(os.path.join(top, d), 0o755)
+            for n in files:
+                if not os.path.islink(os.path.join(top, n)):
+                    os.chmod(os.path.join(top, n), 0o644)
+        os.chmod(new, 0o755)
+        os.rename(new, path)
+    except OSError as e:
+        shutil.rmtree(new, ignore_errors=True)
+        if os.path.isdir(path):
+            return  # another server made it meanwhile
+        raise Error(f"cannot make a fixed stap runtime in {parent}: {e.strerror}") from None
+
+
+def runtime_binds(fixed):
+    """bwrap arguments that show a fixed runtime to the compile, read-only."""
+    return ["--ro-bind", fixed.path, fixed.view] if fixed else []
+
+
+def runtime_failure(stderr, runtime, fixed):
+    """The server's line after stap's output when pass 4 failed in the runtime, or b""."""
+    m = re.search(rb"^" + re.escape(runtime.encode())
+                  + rb"/([^:\s]+):\d+(?::\d+)?: (?:fatal )?error:", stderr, re.M)
+    if not m:
+        return b""
+    known = (f"even with the known fixes {', '.join(f.name for f in fixed.fixes)} applied"
+             if fixed else "and no known runtime fix applies")
+    return (f"stap-serverd: ERROR: pass 4 failed in the stap runtime "
+            f"({m.group(1).decode(errors='replace')}) {known}: this systemtap may be too old "
+            "for this kernel\n").encode()
 
 
 # --------------------------------------------------------------------------
@@ -1118,6 +1281,8 @@ def result_key(req, top, config, version):
             with open(path, "rb") as f:
                 h.update(hashlib.sha256(f.read()).digest())
     h.update(installation_stamp(config, req.release).encode())
+    fixes = needed_fixes(kernel_trees(req.release), source_runtime(config))
+    h.update(" ".join(f.name for f in fixes).encode())
     h.update(config.db.path.encode())
     return h.hexdigest()
 
@@ -2217,6 +2382,8 @@ def stap_serverd(argv):
     logging.info("starting: %s", " ".join(sys.argv))
     der = ensure_server_certificate(config.db)
     prepare_compile_step(config)
+    for release in config.releases:  # each fixed runtime made, and its fixes logged, at start
+        fixed_runtime(config, release)
     server = CompileServer(config, der)
     port = server.port
     # shutdown() waits for serve_forever() to return: it cannot run in the signal handler, which
