@@ -91,6 +91,8 @@ def build_option_parser(prog):
     add("--log", metavar="FILE", help="log file")
     add("-r", dest="releases", action="append", default=[], metavar="RELEASE",
         help="serve this kernel release (repeatable; default: the running kernel)")
+    add("-i", dest="installed", action="store_true",
+        help="serve every kernel release whose build tree is installed (with any -r)")
     add("-a", dest="arch", help="serve this architecture (default: this machine's)")
     add("-R", dest="runtime", metavar="DIR", help="stap runtime directory")
     add("-I", dest="includes", action="append", default=[], metavar="DIR",
@@ -179,7 +181,7 @@ def parse_config(argv, prog=PROG):
         if getattr(config, name.replace("-", "_")) < 1:
             raise Error(f"--{name} must be at least 1")
     config.arch = config.arch or os.uname().machine
-    config.releases = served_releases(config.releases)
+    config.releases = served_releases(config.releases, config.installed)
     config.stap_options = (
         (["-R", os.path.abspath(config.runtime)] if config.runtime else [])
         + [x for d in config.includes for x in ("-I", os.path.abspath(d))]
@@ -209,9 +211,14 @@ def dns_update_target(opts):
     return (opts.dns_update.rstrip(".") + ".", host, port or 53, os.path.abspath(opts.tsig_key))
 
 
-def served_releases(requested):
-    """The requested releases (default: the running one) that have a build tree."""
-    releases = requested or [os.uname().release]
+def served_releases(requested, installed=False):
+    """The requested releases (default: the running one, unless installed) that have a build tree,
+    with installed every release that has one."""
+    releases = requested or ([] if installed else [os.uname().release])
+    if installed:
+        releases += sorted(set(installed_releases()) - set(releases))
+        if not releases:
+            raise Error("-i: no kernel build tree is installed (/lib/modules/*/build)")
     usable = [r for r in releases if os.path.isdir(f"/lib/modules/{r}/build")]
     missing = sorted(set(releases) - set(usable))
     if not usable:
@@ -220,6 +227,16 @@ def served_releases(requested):
     for r in missing:
         logging.warning("not serving %s: no build tree /lib/modules/%s/build", r, r)
     return usable
+
+
+def installed_releases():
+    """Every release with a build tree, /lib/modules/RELEASE/build, that is a plain release name."""
+    try:
+        names = os.listdir("/lib/modules")
+    except OSError:
+        return []
+    return [r for r in names if RELEASE_NAME.fullmatch(r) and ".." not in r
+            and os.path.isdir(f"/lib/modules/{r}/build")]
 
 
 def compile_user(name):
@@ -324,6 +341,9 @@ def trust_locally(der, log=logging):
 
 MAX_ARGV_BYTES = 1 << 20  # all of stap's arguments; the kernel allows 2 MiB with the environment
 MAX_ARG_BYTES = (128 << 10) - 1  # one argument (the kernel's MAX_ARG_STRLEN)
+# A kernel release as uname prints it (at most 64 characters): it names directories and, for a
+# fetching server, packages, so no path, no shell or apt syntax and no leading dash.
+RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
 
 
 @dataclasses.dataclass
@@ -354,6 +374,7 @@ def parse_request(top, config):
         raise Error("request has no argv1 entry")
     release, arch = m.group(1), m.group(2)
     args, release, lowered, scripts = client_arguments(args, top, release)
+    check_release(release, "release")
     options = args[:args.index("--")] if "--" in args else args
     signed = any(a in ("--privilege=stapusr", "--privilege=stapsys", "--unprivileged")
                  for a in options)
@@ -391,7 +412,7 @@ def client_arguments(args, top, release):
         if name == "-r":
             if "/" in value:
                 raise Error(f"-r {value}: a build tree path is not allowed; give a release")
-            release = value
+            release = check_release(value, "-r")
             continue  # the server supplies -r itself
         if how.server == client.PATH:
             confine(value, top, name)
@@ -416,6 +437,15 @@ def client_arguments(args, top, release):
     if operands:
         out += ["--"] + operands
     return out, release, lowered, scripts
+
+
+def check_release(release, what):
+    """release, if it is a plain kernel release name; else an Error before anything runs."""
+    if not RELEASE_NAME.fullmatch(release) or ".." in release:
+        raise Error(f"{what} {cut(release, 80)!r} is not a kernel release name (letters, digits "
+                    "and . _ + ~ -, starting with a letter or digit, no .., at most 64 "
+                    "characters)")
+    return release
 
 
 def confine(path, top, what):
