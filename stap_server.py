@@ -93,6 +93,13 @@ def build_option_parser(prog):
         help="serve this kernel release (repeatable; default: the running kernel)")
     add("-i", dest="installed", action="store_true",
         help="serve every kernel release whose build tree is installed (with any -r)")
+    add("--fetch-kernels", action="store_true", help="serve any release the host's package "
+        "archive carries: fetch its headers with apt-get download (as this account, never "
+        "root) into the kernel cache when a request names one not installed")
+    add("--kernel-cache", metavar="DIR", help="where fetched kernels are kept (default: the "
+        "--cache-dir directory's name with -kernels added)")
+    add("--kernel-cache-size", type=int, default=8 << 30, metavar="BYTES",
+        help="bound of the kernel cache, least recently used out first (default 8 GiB)")
     add("-a", dest="arch", help="serve this architecture (default: this machine's)")
     add("-R", dest="runtime", metavar="DIR", help="stap runtime directory")
     add("-I", dest="includes", action="append", default=[], metavar="DIR",
@@ -197,6 +204,13 @@ def parse_config(argv, prog=PROG):
     config.tmpdir = os.path.abspath(config.tmpdir or tempfile.gettempdir())
     config.cache_dir = os.path.abspath(config.cache_dir or state_dir("cache"))
     config.dns_update = dns_update_target(config)  # the zone name becomes the whole target
+    config.kernel_cache = os.path.abspath(config.kernel_cache or config.cache_dir + "-kernels")
+    config.kernels = None
+    if config.fetch_kernels:
+        if client.is_root():
+            raise Error("--fetch-kernels: apt and dpkg-deb never run as root for a client; start "
+                        "the server as an unprivileged account (the packaged unit's stap-server)")
+        config.kernels = KernelCache(config.kernel_cache, config.kernel_cache_size)
     return config
 
 
@@ -357,6 +371,7 @@ class Request:
     guru: bool = False  # guru mode or embedded C, allowed by --allow-guru
     signed: bool = False  # built for stapusr/stapsys: staprun wants our signature
     notices: bytes = b""  # the server's own words for the client's stderr
+    kernel: object = None  # a FetchedKernel, for a release that is not installed
 
 
 def parse_request(top, config):
@@ -378,7 +393,7 @@ def parse_request(top, config):
     options = args[:args.index("--")] if "--" in args else args
     signed = any(a in ("--privilege=stapusr", "--privilege=stapsys", "--unprivileged")
                  for a in options)
-    if release not in config.releases:
+    if release not in config.releases and not config.fetch_kernels:
         raise Error(f"this server does not serve {release} {arch} (it serves "
                     + ", ".join(f"{r} {config.arch}" for r in config.releases) + ")")
     passes = [a[2:] for a in options if re.fullmatch(r"-p[1-5]", a)]
@@ -704,7 +719,7 @@ def private_paths(config):
     system directories the sandbox shows."""
     home = pwd.getpwuid(os.geteuid()).pw_dir
     return [config.db.path, config.log, state_dir("run"), config.tmpdir, config.cache_dir,
-            client.systemtap_dir(), os.environ.get("HOME") or home, home]
+            config.kernel_cache, client.systemtap_dir(), os.environ.get("HOME") or home, home]
 
 
 def inside(path, top):
@@ -776,10 +791,11 @@ def run_compile(config, req, ws):
     with the module as (name, bytes) and the server's paths hidden."""
     ws.hand_over(compile_account(config))
     host_cache = None if req.guru else account_cache(config)  # guru: a throw-away one in work/
-    fixed = fixed_runtime(config, req.release)
+    fixed = fixed_runtime(config, req.release, req.kernel)
     if config.sandbox:
         work, cache = SANDBOX_WORK, SANDBOX_CACHE if host_cache else None
-        prefix = sandbox_argv(config, ws.work_fd, host_cache, runtime_binds(fixed))
+        prefix = sandbox_argv(config, ws.work_fd, host_cache,
+                              runtime_binds(fixed) + kernel_binds(req.kernel))
         runtime = fixed and fixed.view
     else:
         work, cache, prefix, runtime = ws.work, host_cache, [], fixed and fixed.path
@@ -914,9 +930,12 @@ def source_runtime(config):
     return given[-1] if given else STOCK_RUNTIME
 
 
-def kernel_trees(release):
+def kernel_trees(release, kernel=None):
     """The release's build and source trees: a header can sit in either (Debian keeps most in the
-    -common twin that source names)."""
+    -common twin that source names); for a fetched kernel, the /usr/src trees it unpacked."""
+    if kernel is not None:
+        src = os.path.join(kernel.root, "usr", "src")
+        return [os.path.join(src, n) for n in sorted(os.listdir(src))]
     return [f"/lib/modules/{release}/build", f"/lib/modules/{release}/source"]
 
 
@@ -940,15 +959,16 @@ _fixed = {}  # release -> (time, FixedRuntime or None)
 _fixed_lock = threading.Lock()
 
 
-def fixed_runtime(config, release):
-    """The FixedRuntime to build for release with, or None when the runtime needs no fix; looked
-    up again after STAMP_TTL, each fix logged when a release first gets its copy."""
+def fixed_runtime(config, release, kernel=None):
+    """The FixedRuntime to build for release (kernel: a FetchedKernel) with, or None when the
+    runtime needs no fix; looked up again after STAMP_TTL, each fix logged when a release first
+    gets its copy."""
     now = time.monotonic()
     with _fixed_lock:
         cached = _fixed.get(release)
         if cached and now - cached[0] < STAMP_TTL:
             return cached[1]
-        fixed = runtime_copy(config, kernel_trees(release))
+        fixed = runtime_copy(config, kernel_trees(release, kernel))
         if fixed and fixed != (cached and cached[1]):
             for fix in fixed.fixes:
                 logging.info("runtime fix %s for %s: %s (runtime %s)", fix.name, release,
@@ -1022,6 +1042,274 @@ def runtime_failure(stderr, runtime, fixed):
     return (f"stap-serverd: ERROR: pass 4 failed in the stap runtime "
             f"({m.group(1).decode(errors='replace')}) {known}: this systemtap may be too old "
             "for this kernel\n").encode()
+
+
+# --------------------------------------------------------------------------
+# Kernels fetched from the distribution's archive (--fetch-kernels)
+# --------------------------------------------------------------------------
+#
+# apt-get download (the host's apt configuration and keys; every file is checked against the
+# signed index's SHA256) as the server's account, never root; dpkg-deb -x (no maintainer
+# script) into a temporary directory, renamed into the kernel cache; compiles see the tree
+# read-only at the paths the packages use.
+
+FETCH_TIMEOUT = 300  # seconds for one apt-get download
+FAILED_FETCH_TTL = 300  # seconds a failed fetch is answered from memory
+KERNEL_TREES = "trees"  # in the kernel cache: RELEASE/ is the unpacked root of its packages
+DOWNLOADS = "debs"  # in the kernel cache: the verified .deb files
+
+
+@dataclasses.dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+    filename: str  # the archive's file name, NAME_VERSION_ARCH.deb
+    sha256: str
+    depends: str
+
+
+@dataclasses.dataclass
+class FetchedKernel:
+    release: str
+    root: str  # the unpacked packages: ROOT/usr/src/..., ROOT/lib/modules/RELEASE
+    size: int
+    users: int = 0
+
+
+def apt_package(name):
+    """The archive's candidate of package name (from apt's signed lists), or None."""
+    res = client.run_tool(["apt-cache", "show", "--no-all-versions", name], check=False)
+    if res.returncode != 0:
+        return None
+    fields = dict(re.findall(r"^([A-Za-z0-9-]+): ?(.*)$", res.stdout.decode(errors="replace"),
+                             re.M))
+    if not all(k in fields for k in ("Version", "Filename", "SHA256")):
+        return None
+    return Package(name, fields["Version"], os.path.basename(fields["Filename"]),
+                   fields["SHA256"].lower(), fields.get("Depends", ""))
+
+
+def installed_version(name):
+    res = client.run_tool(["dpkg-query", "-W", "-f", "${Version}", name], check=False)
+    return res.stdout.decode().strip() if res.returncode == 0 else None
+
+
+def kernel_packages(release):
+    """The packages that present release's headers: linux-headers-RELEASE, the -common twin it
+    depends on, and the linux-kbuild it asks for when the installed one is older or missing."""
+    headers = apt_package(f"linux-headers-{release}")
+    if headers is None:
+        raise Error(f"the archive has no kernel {release} (no package linux-headers-{release})")
+    packages = [headers]
+    for dep in (d.strip() for d in headers.depends.split(",")):
+        m = re.match(r"^(linux-headers-\S+-common|linux-kbuild-\S+)(?:\s*\((>=|=)\s*(\S+)\))?",
+                     dep)
+        if not m:
+            continue
+        if m.group(1).startswith("linux-kbuild-"):
+            have = installed_version(m.group(1))
+            if have and (not m.group(3) or client.run_tool(
+                    ["dpkg", "--compare-versions", have, "ge", m.group(3)],
+                    check=False).returncode == 0):
+                continue  # the installed kbuild will do
+        package = apt_package(m.group(1))
+        if package is None:
+            raise Error(f"the archive has no {m.group(1)}, which linux-headers-{release} needs")
+        packages.append(package)
+    return packages
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_size(top):
+    """Bytes under top, each entry at least a block; links are not followed."""
+    total = 0
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                total += max(os.lstat(os.path.join(root, name)).st_blocks * 512, 4096)
+    return total
+
+
+class KernelCache:
+    """Unpacked kernel header packages, one root per release, bounded in bytes (least recently
+    used first out, never one a compile is using); one fetch per release at a time, the others
+    wait for it; a failed fetch is remembered for FAILED_FETCH_TTL seconds."""
+
+    def __init__(self, top, max_bytes):
+        self.top, self.max_bytes = top, max_bytes
+        self.kernels = collections.OrderedDict()  # release -> FetchedKernel, oldest use first
+        self.fetching = set()
+        self.failed = {}  # release -> (time, message)
+        self.cond = threading.Condition()
+        self.opened = False
+
+    def open(self):
+        """Make the cache's directories, or check those there, and take in the trees of earlier
+        runs (oldest use first); half-made ones of a crash are removed."""
+        for d in (self.top, self.path(KERNEL_TREES), self.path(DOWNLOADS)):
+            os.makedirs(d, 0o755, exist_ok=True)
+            st = os.lstat(d)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
+                raise Error(f"{d} must be a directory of uid {os.geteuid()} "
+                            "that group and others cannot write")
+        trees = self.path(KERNEL_TREES)
+        found = []
+        for name in os.listdir(trees):
+            path = os.path.join(trees, name)
+            if name.startswith(".") or not RELEASE_NAME.fullmatch(name):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                found.append((os.lstat(path).st_mtime, name, path))
+        for _, name, path in sorted(found):
+            self.kernels[name] = FetchedKernel(name, path, tree_size(path))
+        self.opened = True
+
+    def path(self, *parts):
+        return os.path.join(self.top, *parts)
+
+    @contextlib.contextmanager
+    def using(self, release):
+        """The FetchedKernel of release, fetched first if needed, kept from eviction meanwhile."""
+        kernel = self.acquire(release)
+        try:
+            yield kernel
+        finally:
+            with self.cond:
+                kernel.users -= 1
+                self.evict()
+
+    def acquire(self, release):
+        with self.cond:
+            if not self.opened:
+                self.open()
+            while release in self.fetching:
+                self.cond.wait()
+            kernel = self.kernels.get(release)
+            if kernel is None:
+                failed = self.failed.get(release)
+                if failed and time.monotonic() - failed[0] < FAILED_FETCH_TTL:
+                    raise Error(failed[1])
+                self.fetching.add(release)
+        if kernel is None:
+            try:
+                kernel = self.fetch(release)
+            except Error as e:
+                with self.cond:
+                    self.failed[release] = (time.monotonic(), str(e))
+                raise
+            finally:
+                with self.cond:
+                    self.fetching.discard(release)
+                    self.cond.notify_all()
+        with self.cond:
+            kernel.users += 1
+            self.kernels[release] = kernel
+            self.kernels.move_to_end(release)
+            with contextlib.suppress(OSError):
+                os.utime(kernel.root)  # the order of use survives a restart
+            self.evict()
+        return kernel
+
+    def evict(self):
+        """Remove the least recently used trees that no compile is using while over the bound.
+        Called with the lock held."""
+        total = sum(k.size for k in self.kernels.values())
+        for release, kernel in list(self.kernels.items()):
+            if total <= self.max_bytes:
+                break
+            if kernel.users == 0:
+                del self.kernels[release]
+                total -= kernel.size
+                shutil.rmtree(kernel.root, ignore_errors=True)
+                logging.info("kernel cache: removed %s (%d bytes; cache over %d bytes)",
+                             release, kernel.size, self.max_bytes)
+
+    def fetch(self, release):
+        """Download (or take from the download cache) and unpack release's packages."""
+        start = time.monotonic()
+        packages = kernel_packages(release)
+        debs, downloaded = [], 0
+        for package in packages:
+            path, fresh = self.download(package)
+            debs.append(path)
+            downloaded += fresh
+        new = tempfile.mkdtemp(prefix=".new.", dir=self.path(KERNEL_TREES))
+        try:
+            for deb in debs:
+                res = client.run_tool(["dpkg-deb", "-x", deb, new], check=False,
+                                      timeout=FETCH_TIMEOUT)
+                if res.returncode != 0:
+                    os.unlink(deb)  # the checked file went bad on disk: fetch it again next time
+                    raise Error(f"cannot unpack {os.path.basename(deb)} for {release}: "
+                                f"{client.last_line(res.stderr)}")
+            if not os.path.isdir(os.path.join(new, "lib", "modules", release)):
+                raise Error(f"linux-headers-{release} has no /lib/modules/{release}")
+            root = self.path(KERNEL_TREES, release)
+            os.rename(new, root)
+        except OSError as e:
+            shutil.rmtree(new, ignore_errors=True)
+            raise Error(f"cannot unpack the kernel {release}: {e.strerror}") from None
+        except Error:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        size = tree_size(root)
+        logging.info("kernel cache: fetched %s (%s; %d bytes downloaded, %d unpacked) in %.1f s",
+                     release, ", ".join(f"{p.name} {p.version}" for p in packages), downloaded,
+                     size, time.monotonic() - start)
+        return FetchedKernel(release, root, size)
+
+    def download(self, package):
+        """(path of the package's checked .deb in the download cache, bytes downloaded): a cached
+        file whose SHA256 is not the signed index's is downloaded again."""
+        path = self.path(DOWNLOADS, package.filename)
+        if os.path.isfile(path) and file_sha256(path) == package.sha256:
+            return path, 0
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        work = tempfile.mkdtemp(prefix=".new.", dir=self.path(DOWNLOADS))
+        try:
+            res = client.run_tool(["apt-get", "download", "-q",
+                                   f"{package.name}={package.version}"], cwd=work,
+                                  check=False, timeout=FETCH_TIMEOUT)
+            got = os.path.join(work, package.filename)
+            if res.returncode != 0 or not os.path.isfile(got):
+                raise Error(f"cannot download {package.name} {package.version} from the "
+                            f"archive: {client.last_line(res.stderr or res.stdout)}")
+            if file_sha256(got) != package.sha256:
+                raise Error(f"{package.filename} from the archive does not match its index")
+            size = os.path.getsize(got)
+            os.rename(got, path)
+            return path, size
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def kernel_binds(kernel):
+    """bwrap arguments that present a fetched kernel as installed: its /lib/modules/RELEASE and
+    /usr/src trees (the only ones there, on read-only tmpfs mounts) and its kbuild, read-only."""
+    if kernel is None:
+        return []
+    argv = []
+    for inside in ("/usr/src", os.path.realpath("/lib/modules")):
+        mine = os.path.join(kernel.root, inside.lstrip("/"))
+        if inside.endswith("/modules"):
+            mine = os.path.join(kernel.root, "lib", "modules")
+        argv += ["--size", "65536", "--tmpfs", inside]
+        for name in sorted(os.listdir(mine)):
+            argv += ["--ro-bind", os.path.join(mine, name), os.path.join(inside, name)]
+        argv += ["--remount-ro", inside]
+    kbuild = os.path.join(kernel.root, "usr", "lib")
+    for name in sorted(os.listdir(kbuild)) if os.path.isdir(kbuild) else []:
+        if name.startswith("linux-kbuild-") and os.path.isdir(f"/usr/lib/{name}"):
+            argv += ["--ro-bind", os.path.join(kbuild, name), f"/usr/lib/{name}"]
+    return argv
 
 
 # --------------------------------------------------------------------------
@@ -1189,10 +1477,13 @@ def handle_request(data, config, version, record, key, cache=None, compiles=None
     wait (a cached or merged reply needs no slot)."""
     compiles = compiles or CompileQueue(config.max_threads)
     ws = Workspace(config.tmpdir)
+    held = contextlib.ExitStack()  # a fetched kernel this request uses
     try:
         try:
             client.extract_archive(client.open_archive(data), ws.work, config.limits)
             req = parse_request(ws.work, config)
+            if req.release not in config.releases and config.kernels:
+                req.kernel = held.enter_context(config.kernels.using(req.release))
         except Error as e:
             record.update(rc=1, error=str(e))
             return error_reply(key, version, str(e))
@@ -1224,6 +1515,7 @@ def handle_request(data, config, version, record, key, cache=None, compiles=None
             record.update(rc=1 if how == "merged-failed" else 0)
         return reply
     finally:
+        held.close()
         ws.remove()
 
 
@@ -1311,7 +1603,7 @@ def result_key(req, top, config, version):
             with open(path, "rb") as f:
                 h.update(hashlib.sha256(f.read()).digest())
     h.update(installation_stamp(config, req.release).encode())
-    fixes = needed_fixes(kernel_trees(req.release), source_runtime(config))
+    fixes = needed_fixes(kernel_trees(req.release, req.kernel), source_runtime(config))
     h.update(" ".join(f.name for f in fixes).encode())
     h.update(config.db.path.encode())
     return h.hexdigest()

@@ -150,3 +150,28 @@ def test_a_failure_in_the_runtime_gets_one_line_after_staps_output(trees, tmp_pa
     assert b"(linux/runtime.h) even with the known fixes task_work_cancel_func applied" in line
     script_error = b"/stap/request/tmp/stap_1_src.c:9:2: error: embedded C broke\n"
     assert runtime_failure(script_error, "/usr/share/systemtap/runtime", None) == b""
+
+
+def test_a_fetched_kernel_is_shown_alone_and_read_only(tmp_path):
+    """kernel_binds: the fetched release's /lib/modules entry and /usr/src trees on read-only
+    tmpfs mounts that hide the host's, and its kbuild over the installed one."""
+    root = tmp_path / "trees" / "6.1.0-50-amd64"
+    for d in ("usr/src/linux-headers-6.1.0-50-amd64", "usr/src/linux-headers-6.1.0-50-common",
+              "lib/modules/6.1.0-50-amd64", "usr/lib/linux-kbuild-no-such"):
+        (root / d).mkdir(parents=True)
+    kernel = stap_server.FetchedKernel("6.1.0-50-amd64", str(root), 0)
+    modules = os.path.realpath("/lib/modules")
+    assert stap_server.kernel_binds(kernel) == [
+        "--size", "65536", "--tmpfs", "/usr/src",
+        "--ro-bind", f"{root}/usr/src/linux-headers-6.1.0-50-amd64",
+        "/usr/src/linux-headers-6.1.0-50-amd64",
+        "--ro-bind", f"{root}/usr/src/linux-headers-6.1.0-50-common",
+        "/usr/src/linux-headers-6.1.0-50-common",
+        "--remount-ro", "/usr/src",
+        "--size", "65536", "--tmpfs", modules,
+        "--ro-bind", f"{root}/lib/modules/6.1.0-50-amd64", f"{modules}/6.1.0-50-amd64",
+        "--remount-ro", modules]  # a kbuild the host lacks is not bound
+    assert stap_server.kernel_trees("6.1.0-50-amd64", kernel) == [
+        f"{root}/usr/src/linux-headers-6.1.0-50-amd64",
+        f"{root}/usr/src/linux-headers-6.1.0-50-common"]
+    assert stap_server.kernel_binds(None) == []

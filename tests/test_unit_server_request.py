@@ -186,7 +186,8 @@ def request_release(top, release):
         f.write(f"sysinfo: {release} x86_64")
     with open(os.path.join(top, "argv1"), "w") as f:
         f.write("-p2")
-    config = types.SimpleNamespace(releases=[release], arch="x86_64", allow_guru=False)
+    config = types.SimpleNamespace(releases=[release], arch="x86_64", allow_guru=False,
+                                   fetch_kernels=False)
     return parse_request(top, config).release
 
 
