@@ -2740,7 +2740,7 @@ class Advertising:
 
     def __init__(self, config, port, version, der, queue):
         self.config, self.queue = config, queue
-        self.offer = Offer(port, [f"{r} {config.arch}" for r in config.releases], version,
+        self.offer = Offer(port, advertised_sysinfos(config), version,
                            certinfo(der), " ".join(config.stap_options), listen=config.listen,
                            hint=queue.hint())
         self.link = self.thread = None
@@ -2803,6 +2803,13 @@ class Advertising:
                 self.withdraw_link()
             if self.zone:
                 self.zone.withdraw()
+
+
+def advertised_sysinfos(config):
+    """One sysinfo per served release; with --fetch-kernels also the bare architecture, which the
+    real client takes as serving any release (nss_get_or_keep_compatible_server_info)."""
+    return [f"{r} {config.arch}" for r in config.releases] + (
+        [config.arch] if config.fetch_kernels else [])
 
 
 def load_changed(old, new):

@@ -73,9 +73,9 @@ class Root:
         self.root = os.path.dirname(os.path.dirname(os.path.dirname(headers_tree)))
 
 
-def fetching_server(servers, box, krel, cache, compile_cache, *extra):
+def fetching_server(servers, box, krel, cache, compile_cache, *extra, env=None):
     return servers.start(box, krel, None, "--fetch-kernels", "--kernel-cache", cache,
-                         "--cache-dir", compile_cache, *extra)
+                         "--cache-dir", compile_cache, *extra, env=env)
 
 
 def fetch_lines(srv, release):
@@ -172,6 +172,24 @@ def test_a_truncated_download_is_fetched_again(releases, servers, user_sandbox, 
     assert proc.returncode == 0, proc.stderr.decode()
     assert stap_server.file_sha256(deb) == package.sha256
     assert [n for n in os.listdir(os.path.join(kernel_cache, "trees"))] == [release]
+
+
+def test_an_unreachable_archive_is_one_line(releases, servers, user_sandbox, krel,
+                                           user_compile_cache):
+    """apt goes through a proxy on a closed loopback port: nothing is downloaded or kept."""
+    cache = user_sandbox.path("empty-kernels")  # no download cache to fall back on
+    srv = fetching_server(servers, user_sandbox, krel, cache, user_compile_cache,
+                          env={"http_proxy": "http://127.0.0.1:9", "https_proxy":
+                               "http://127.0.0.1:9"})
+    proc = client(user_sandbox, srv, "-r", releases[0], "-p2", "-e", "probe begin { exit() }",
+                  timeout=600)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1
+    assert re.search(r"^stap-serverd: ERROR: cannot download linux-headers-\S+ \S+ from the "
+                     r"archive: E: .*127\.0\.0\.1", err, re.M), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert os.listdir(os.path.join(cache, "trees")) == []
+    assert os.listdir(os.path.join(cache, "debs")) == []
 
 
 def test_the_cache_bound_evicts_kernels_no_compile_uses(releases, servers, user_sandbox, krel,
