@@ -1605,6 +1605,8 @@ def result_key(req, top, config, version):
     h.update(installation_stamp(config, req.release).encode())
     fixes = needed_fixes(kernel_trees(req.release, req.kernel), source_runtime(config))
     h.update(" ".join(f.name for f in fixes).encode())
+    if req.kernel:  # a fetched kernel: its unpacking (a new inode when fetched again)
+        h.update(stat_line(os.path.join(req.kernel.root, "lib", "modules", req.release)))
     h.update(config.db.path.encode())
     return h.hexdigest()
 

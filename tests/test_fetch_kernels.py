@@ -120,6 +120,28 @@ def test_pass_4_for_a_release_not_installed(releases, servers, user_sandbox, kre
     assert sorted(os.listdir(os.path.join(kernel_cache, "trees"))) == [release]
 
 
+def test_the_real_client_gets_a_module_for_a_fetched_release(releases, servers, user_sandbox,
+                                                             krel, kernel_cache,
+                                                             user_compile_cache, tmp_path):
+    stap = shutil.which("stap")
+    if not stap:
+        pytest.skip("stap is not installed")
+    release = releases[0]
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache)
+    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "SYSTEMTAP_DIR": str(tmp_path / ".systemtap")}
+    trust = subprocess.run([stap, "--trust-servers=ssl,no-prompt", f"--use-server={srv.address}"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert trust.returncode == 0, trust.stderr
+    proc = subprocess.run([stap, f"--use-server={srv.address}", "-r", release, "-p4", "-m",
+                           "real_fetched", "-e", "probe begin { exit() }"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    vermagic = subprocess.run(["modinfo", "-F", "vermagic", str(tmp_path / "real_fetched.ko")],
+                              capture_output=True, text=True).stdout
+    assert vermagic.split()[0] == release, vermagic
+
+
 def test_two_clients_at_once_cause_one_fetch(releases, servers, user_sandbox, krel,
                                             kernel_cache, user_compile_cache):
     release = releases[1]

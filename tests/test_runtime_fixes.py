@@ -97,19 +97,24 @@ def test_a_compile_cannot_change_the_fixed_runtime(needs_fix, servers, sandbox, 
 
 
 @pytest.fixture
-def broken_runtime(krel, sandbox):
+def broken_runtime(krel, shared_dir):
     """(-R directory, fixes the server applies to it): a copy of the runtime stap would use
     for krel, with the server's fixes ("fixed") or the stock one ("stock"), and an #error in
-    runtime.h, which every module includes."""
+    runtime.h, which every module includes.  Kept in shared_dir under a name that changes with
+    the source: stap probes the kernel's configuration once per runtime path."""
     def make(kind):
-        source = (fixed_runtime_for(krel, sandbox.path("fixed")) if kind == "fixed" else None) \
+        source = (fixed_runtime_for(krel, shared_dir) if kind == "fixed" else None) \
             or stap_server.STOCK_RUNTIME
-        path = sandbox.path(f"broken-{kind}")
-        shutil.copytree(source, path)
-        with open(os.path.join(path, "runtime.h"), "a") as f:
-            f.write("#error deliberately broken\n")
-        for d in (sandbox.top, path):
-            os.chmod(d, 0o755)
+        stamp = hashlib.sha256(b"".join(map(stap_server.stat_line,
+                                            stap_server.walk_files(source)))).hexdigest()[:12]
+        path = os.path.join(shared_dir, f"broken-runtime-{kind}-{stamp}")
+        if not os.path.isdir(path):
+            new = path + ".new"
+            shutil.rmtree(new, ignore_errors=True)
+            shutil.copytree(source, new)
+            with open(os.path.join(new, "runtime.h"), "a") as f:
+                f.write("#error deliberately broken\n")
+            os.rename(new, path)
         return path, stap_server.needed_fixes(stap_server.kernel_trees(krel), path)
     return make
 
