@@ -187,6 +187,12 @@ def parse_config(argv, prog=PROG):
                  "max-pending-bytes"] + [f"compile-{n}" for n in config.compile_limits]:
         if getattr(config, name.replace("-", "_")) < 1:
             raise Error(f"--{name} must be at least 1")
+    if config.fetch_kernels and not config.sandbox:
+        raise Error("--fetch-kernels needs the sandbox: only there is a fetched kernel "
+                    "presented as installed (drop --no-sandbox)")
+    if config.fetch_kernels and client.is_root():
+        raise Error("--fetch-kernels: apt and dpkg-deb never run as root for a client; start "
+                    "the server as an unprivileged account (the packaged unit's stap-server)")
     config.arch = config.arch or os.uname().machine
     config.releases = served_releases(config.releases, config.installed)
     config.stap_options = (
@@ -205,12 +211,8 @@ def parse_config(argv, prog=PROG):
     config.cache_dir = os.path.abspath(config.cache_dir or state_dir("cache"))
     config.dns_update = dns_update_target(config)  # the zone name becomes the whole target
     config.kernel_cache = os.path.abspath(config.kernel_cache or config.cache_dir + "-kernels")
-    config.kernels = None
-    if config.fetch_kernels:
-        if client.is_root():
-            raise Error("--fetch-kernels: apt and dpkg-deb never run as root for a client; start "
-                        "the server as an unprivileged account (the packaged unit's stap-server)")
-        config.kernels = KernelCache(config.kernel_cache, config.kernel_cache_size)
+    config.kernels = KernelCache(config.kernel_cache, config.kernel_cache_size) \
+        if config.fetch_kernels else None
     return config
 
 

@@ -93,6 +93,12 @@ def test_dash_i_serves_every_installed_build_tree():
         [installed[-1]] + installed[:-1]  # -r first, then the rest, each once
 
 
+def test_fetching_kernels_needs_the_sandbox():
+    assert refused(parse_config, ["--fetch-kernels", "--no-sandbox"]) == (
+        "--fetch-kernels needs the sandbox: only there is a fetched kernel presented as "
+        "installed (drop --no-sandbox)")
+
+
 def test_dns_update_target():
     opts = types.SimpleNamespace(dns_update="example.test", dns_server="10.0.0.53",
                                  tsig_key="/etc/k.key")
