@@ -1502,7 +1502,7 @@ def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT, sysinfo=None):
     only unless all_servers."""
     wanted = sysinfo or local_sysinfo()
     records, _ = browse(timeout, wide_area_domains())
-    return [r for r in records if all_servers or r.sysinfo == wanted]
+    return [r for r in records if all_servers or r.sysinfo in (wanted, wanted.split()[-1])]
 
 
 def browse(timeout=DISCOVERY_TIMEOUT, domains=()):
@@ -2243,13 +2243,18 @@ def candidate_servers(inv, identity=b"", dbs=()):
                 warn(f"--server={host}: no server is advertised on host {host} ({how})")
             peers += [Peer(host, port) for port in ports]
         return peers, f"no server advertised on the named hosts ({how})"
-    compatible = trusted_only([r for r in records if r.sysinfo == target], dbs, inv.verbose)
+    exact, fetching = serving(records, target)
+    trusted = trusted_only(exact + fetching, dbs, inv.verbose)
     signers = None
-    if compatible and any(a.startswith(("--privilege=stap", "--unprivileged"))
-                          for a in inv.server_args):  # staprun will want a trusted signature
+    if (exact or fetching) and any(a.startswith(("--privilege=stap", "--unprivileged"))
+                                   for a in inv.server_args):  # staprun will want a signature
         signers = signer_serials()  # the client databases were opened and checked already
-    ranked = mok_holders_first(same_runtime_first(rank_servers(compatible, identity, signers)),
-                               inv.moks)
+
+    def ranked_within(group):  # the servers of one kind (exact release, or fetching ones)
+        kept = rank_servers([r for r in group if r in trusted], identity, signers)
+        return mok_holders_first(same_runtime_first(kept), inv.moks)
+
+    ranked = ranked_within(exact) + ranked_within(fetching)
     return [Peer(r.address, r.port) for r in ranked], describe_search(records, how)
 
 
@@ -2301,6 +2306,17 @@ def trusted_only(records, dbs, verbose):
 
 def plural(count, noun):
     return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def serving(records, target):
+    """(servers that have the release of target, "RELEASE ARCH"; servers that fetch kernels for
+    its architecture, advertised with the bare architecture as the real client takes it), each
+    server in the first list it fits."""
+    exact = [r for r in records if r.sysinfo == target]
+    have = {(r.address, r.port) for r in exact}
+    fetching = [r for r in records if r.sysinfo == target.split()[-1]
+                and (r.address, r.port) not in have]
+    return exact, fetching
 
 
 def request_identity(request):
@@ -2396,9 +2412,12 @@ def describe_search(records, how):
 
 
 def compatible_first(records, target, identity=b""):
-    """Peers for these servers: those for the target kernel first, then the others, each ranked."""
-    ranked = rank_servers([r for r in records if r.sysinfo == target], identity) + \
-        rank_servers([r for r in records if r.sysinfo != target], identity)
+    """Peers for these servers: those for the target kernel first, then those that fetch kernels,
+    then the others, each ranked."""
+    exact, fetching = serving(records, target)
+    chosen = {(r.address, r.port) for r in exact + fetching}
+    ranked = rank_servers(exact, identity) + rank_servers(fetching, identity) + \
+        rank_servers([r for r in records if (r.address, r.port) not in chosen], identity)
     return [Peer(r.address, r.port) for r in ranked]
 
 
@@ -2515,7 +2534,7 @@ def stap_find_servers(argv):
     extra = [a.split("=", 1)[1] for a in argv if a.startswith("--domain=")]
     every, how = browse(DISCOVERY_TIMEOUT, wide_area_domains(extra))
     wanted = local_sysinfo()
-    records = [r for r in every if "--all" in argv or r.sysinfo == wanted]
+    records = [r for r in every if "--all" in argv or r.sysinfo in (wanted, wanted.split()[-1])]
     trust = trusted_serials() if records else {}
     for rec in records:
         print(printable(format_server_line(rec) + f" 'trust={trust_of(rec, trust)}'"))

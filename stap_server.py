@@ -76,7 +76,8 @@ COMPILE_LIMITS = (
 SECRET_FILE_OPTIONS = ("--tsig-key",)
 # The server's own database, log and directories (masked by private_paths), and the trees the
 # compile is meant to read (--build-env: a build environment's root, the compile's view of /).
-OTHER_PATH_OPTIONS = ("--ssl", "--log", "-R", "-I", "--tmpdir", "--cache-dir", "--build-env")
+OTHER_PATH_OPTIONS = ("--ssl", "--log", "-R", "-I", "--tmpdir", "--cache-dir", "--build-env",
+                      "--kernel-cache")
 LOG_MODE, LOG_DIR_MODE = 0o640, 0o750  # the log names every client and the start of every script
 
 # --------------------------------------------------------------------------
@@ -104,6 +105,15 @@ def build_option_parser(prog):
     add("--log", metavar="FILE", help="log file")
     add("-r", dest="releases", action="append", default=[], metavar="RELEASE",
         help="serve this kernel release (repeatable; default: the running kernel)")
+    add("-i", dest="installed", action="store_true",
+        help="serve every kernel release whose build tree is installed (with any -r)")
+    add("--fetch-kernels", action="store_true", help="serve any release the host's package "
+        "archive carries: fetch its headers with apt-get download (as this account, never "
+        "root) into the kernel cache when a request names one not installed")
+    add("--kernel-cache", metavar="DIR", help="where fetched kernels are kept (default: the "
+        "--cache-dir directory's name with -kernels added)")
+    add("--kernel-cache-size", type=int, default=8 << 30, metavar="BYTES",
+        help="bound of the kernel cache, least recently used out first (default 8 GiB)")
     add("-a", dest="arch", help="serve this architecture (default: this machine's)")
     add("-R", dest="runtime", metavar="DIR", help="stap runtime directory")
     add("-I", dest="includes", action="append", default=[], metavar="DIR",
@@ -200,8 +210,14 @@ def parse_config(argv, prog=PROG):
                  "max-pending-bytes"] + [f"compile-{n}" for n in config.compile_limits]:
         if getattr(config, name.replace("-", "_")) < 1:
             raise Error(f"--{name} must be at least 1")
+    if config.fetch_kernels and not config.sandbox:
+        raise Error("--fetch-kernels needs the sandbox: only there is a fetched kernel "
+                    "presented as installed (drop --no-sandbox)")
+    if config.fetch_kernels and client.is_root():
+        raise Error("--fetch-kernels: apt and dpkg-deb never run as root for a client; start "
+                    "the server as an unprivileged account (the packaged unit's stap-server)")
     config.arch = config.arch or os.uname().machine
-    config.releases = served_releases(config.releases)
+    config.releases = served_releases(config.releases, config.installed)
     config.stap_options = (
         (["-R", os.path.abspath(config.runtime)] if config.runtime else [])
         + [x for d in config.includes for x in ("-I", os.path.abspath(d))]
@@ -225,6 +241,9 @@ def parse_config(argv, prog=PROG):
     config.build_envs = [build_env_option(v) for v in config.build_envs]  # versions: at start
     if config.build_envs and not config.sandbox:
         raise Error("--build-env needs the sandbox: it is the compile's view of the environment")
+    config.kernel_cache = os.path.abspath(config.kernel_cache or config.cache_dir + "-kernels")
+    config.kernels = KernelCache(config.kernel_cache, config.kernel_cache_size) \
+        if config.fetch_kernels else None
     return config
 
 
@@ -382,9 +401,14 @@ def check_secret_file(option, path):
                     f"chmod 600 {path}")
 
 
-def served_releases(requested):
-    """The requested releases (default: the running one) that have a build tree."""
-    releases = requested or [os.uname().release]
+def served_releases(requested, installed=False):
+    """The requested releases (default: the running one, unless installed) that have a build tree,
+    with installed every release that has one."""
+    releases = requested or ([] if installed else [os.uname().release])
+    if installed:
+        releases += sorted(set(installed_releases()) - set(releases))
+        if not releases:
+            raise Error("-i: no kernel build tree is installed (/lib/modules/*/build)")
     usable = [r for r in releases if os.path.isdir(f"/lib/modules/{r}/build")]
     missing = sorted(set(releases) - set(usable))
     if not usable:
@@ -419,6 +443,14 @@ def drop_ambient_capabilities():
     pr_cap_ambient, pr_cap_ambient_clear_all = 47, 4
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(pr_cap_ambient, pr_cap_ambient_clear_all, 0, 0, 0)
+def installed_releases():
+    """Every release with a build tree, /lib/modules/RELEASE/build, that is a plain release name."""
+    try:
+        names = os.listdir("/lib/modules")
+    except OSError:
+        return []
+    return [r for r in names if RELEASE_NAME.fullmatch(r) and ".." not in r
+            and os.path.isdir(f"/lib/modules/{r}/build")]
 
 
 def compile_user(name):
@@ -529,6 +561,9 @@ def trust_locally(der, log=logging):
 
 MAX_ARGV_BYTES = 1 << 20  # all of stap's arguments; the kernel allows 2 MiB with the environment
 MAX_ARG_BYTES = (128 << 10) - 1  # one argument (the kernel's MAX_ARG_STRLEN)
+# A kernel release as uname prints it (at most 64 characters): it names directories and, for a
+# fetching server, packages, so no path, no shell or apt syntax and no leading dash.
+RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
 
 
 @dataclasses.dataclass
@@ -544,6 +579,7 @@ class Request:
     notices: bytes = b""  # the server's own words for the client's stderr
     moks: tuple = ()  # the client's enrolled systemtap MOKs (or "missing"): sign for Secure Boot
     build_env: "BuildEnv" = None  # where it compiles (None: the host), chosen per request
+    kernel: object = None  # a FetchedKernel, for a release that is not installed
 
 
 def parse_request(archive, config):
@@ -562,10 +598,11 @@ def parse_request(archive, config):
     args = [read(n).decode("utf-8", "surrogateescape") for n in names]
     release, arch = m.group(1), m.group(2)
     args, release, lowered, scripts = client_arguments(args, archive, release)
+    check_release(release, "release")
     options = args[:args.index("--")] if "--" in args else args
     signed = any(a in ("--privilege=stapusr", "--privilege=stapsys", "--unprivileged")
                  for a in options)
-    if release not in config.releases:
+    if release not in config.releases and not config.fetch_kernels:
         raise Error(f"this server does not serve {release} {arch} (it serves "
                     + ", ".join(f"{r} {config.arch}" for r in config.releases) + ")")
     passes = [a[2:] for a in options if re.fullmatch(r"-p[1-5]", a)]
@@ -619,7 +656,7 @@ def client_arguments(args, archive, release):
         if name == "-r":
             if "/" in value:
                 raise Error(f"-r {value}: a build tree path is not allowed; give a release")
-            release = value
+            release = check_release(value, "-r")
             continue  # the server supplies -r itself
         if how.server == client.PATH:
             confine(value, archive, name)
@@ -644,6 +681,15 @@ def client_arguments(args, archive, release):
     if operands:
         out += ["--"] + operands
     return out, release, lowered, scripts
+
+
+def check_release(release, what):
+    """release, if it is a plain kernel release name; else an Error before anything runs."""
+    if not RELEASE_NAME.fullmatch(release) or ".." in release:
+        raise Error(f"{what} {cut(release, 80)!r} is not a kernel release name (letters, digits "
+                    "and . _ + ~ -, starting with a letter or digit, no .., at most 64 "
+                    "characters)")
+    return release
 
 
 def confine(path, archive, what):
@@ -952,7 +998,7 @@ def private_paths(config):
     them exists for the compile."""
     home = pwd.getpwuid(os.geteuid()).pw_dir
     return [config.db.path, config.log, state_dir("run"), config.tmpdir, config.cache_dir,
-            client.systemtap_dir(), os.environ.get("HOME") or home, home] + [
+            config.kernel_cache, client.systemtap_dir(), os.environ.get("HOME") or home, home] + [
                 path for _, path in secret_files(config)]
 
 
@@ -960,11 +1006,12 @@ def inside(path, top):
     return path != top and path.startswith(top.rstrip("/") + "/")
 
 
-def sandbox_argv(config, work_fd, root="/", releases=()):
+def sandbox_argv(config, work_fd, root="/", releases=(), extra=()):
     """bwrap's part of the compile's command line: no network, its own process tree, the system
     directories (of the build environment at root, with the host's kernel trees of releases)
     read-only, the server's own files masked, the request's work/ the only writable place (stap's
-    cache included: work/.systemtap)."""
+    cache included: work/.systemtap); extra: more bwrap arguments showing the server's own trees
+    read-only (a fetched kernel's, a fixed runtime), added before the masks."""
     argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
     view, binds = system_view(root, releases)  # binds: (host path, where the sandbox shows it)
     argv += view
@@ -975,6 +1022,7 @@ def sandbox_argv(config, work_fd, root="/", releases=()):
             argv += ["--ro-bind", p, p]  # the server's own -R/-I trees, a stand-in stap
             binds.append((p, p))
     argv += ["--bind-fd", str(work_fd), SANDBOX_WORK]
+    argv += list(extra)
     argv += private_masks(config, binds)
     return argv + ["--remount-ro", "/", "--chdir", SANDBOX_WORK, "--"]
 
@@ -1015,10 +1063,12 @@ def limits_argv(config):
             f"--cpu={lim['cpu']}:{lim['cpu'] + 5}", "--core=0", "--"]
 
 
-def stap_argv(config, req, work):
-    """The real stap, as an argument list: the server's options, a private
-    --tmpdir, --client-options, then the client's arguments."""
+def stap_argv(config, req, work, runtime=None):
+    """The real stap, as an argument list: the server's options for req's build environment
+    (runtime, a fixed copy, replaces its -R: stap takes the last), a private --tmpdir,
+    --client-options, then the client's arguments."""
     return ([stap_program(), "-r", req.release, "-a", req.arch] + env_options(config, req)
+            + (["-R", runtime] if runtime else [])
             + [f"--tmpdir={work}/tmp", "--client-options"] + req.args)
 
 
@@ -1042,13 +1092,17 @@ def run_compile(config, req, ws, knowledge=None):
     cache is the request's own, with copies of the kernel's knowledge in it.  A Reply with the
     module as (name, bytes) and the server's paths hidden."""
     ws.hand_over(compile_account(config), knowledge)
+    on_host = req.build_env is None or req.build_env.root == "/"
+    fixed = fixed_runtime(config, req.release, req.kernel) if on_host else None  # host's runtime
     if config.sandbox:
         root = req.build_env.root if req.build_env else "/"
-        work, prefix = SANDBOX_WORK, sandbox_argv(config, ws.work_fd, root, [req.release])
+        work, runtime = SANDBOX_WORK, fixed and fixed.view
+        prefix = sandbox_argv(config, ws.work_fd, root, [] if req.kernel else [req.release],
+                              runtime_binds(fixed) + kernel_binds(req.kernel))
     else:
-        work, prefix = ws.work, []
+        work, prefix, runtime = ws.work, [], fixed and fixed.path
     cache = f"{work}/{STAP_DIR}"
-    argv = prefix + limits_argv(config) + stap_argv(config, req, work)
+    argv = prefix + limits_argv(config) + stap_argv(config, req, work, runtime)
     with tempfile.TemporaryFile(dir=ws.path) as out, tempfile.TemporaryFile(dir=ws.path) as err:
         try:
             proc = subprocess.Popen(argv, cwd=ws.work if not config.sandbox else "/",
@@ -1063,8 +1117,10 @@ def run_compile(config, req, ws, knowledge=None):
     breach = breach or limit_breached(rc, stderr, config)
     if breach:
         stderr += f"stap-serverd: ERROR: the compile exceeded its {breach}\n".encode()
+    elif rc:
+        stderr += runtime_failure(stderr, runtime or source_runtime(config), fixed)
     module = ws.module(config.compile_limits["file-size"]) if rc == 0 else None
-    hide = (ws.path, work, cache)
+    hide = (ws.path, work, cache, fixed and fixed.path)
     return Reply(rc=1 if rc else 0, stdout=hide_paths(stdout, hide),
                  stderr=hide_paths(stderr, hide), module=module)
 
@@ -1231,7 +1287,7 @@ def kernel_knowledge(config, req):
                                    and time.monotonic() - known.failed > WARM_UP_RETRY):
             known.files = load_knowledge(path)
             if known.files is None:
-                known.files = warm_up(config, req.release, path, req.build_env)
+                known.files = warm_up(config, req.release, path, req.build_env, req.kernel)
                 known.failed = None if known.files else time.monotonic()
         return known.files
 
@@ -1257,14 +1313,14 @@ def load_knowledge(path):
     return files or None
 
 
-def warm_up(config, release, path, env=None):
-    """Run stap once as a compile runs (in the build environment env, None: the host), on the
-    server's own script, keep the kernel's knowledge it made in its own cache, and store it at
-    path; {} (and a warning) when it made none."""
+def warm_up(config, release, path, env=None, kernel=None):
+    """Run stap once as a compile runs (in the build environment env, None: the host; for the
+    fetched kernel, if one), on the server's own script, keep the kernel's knowledge it made in
+    its own cache, and store it at path; {} (and a warning) when it made none."""
     logging.info("stap knowledge for %s %s: warming up (%s)", release, config.arch, path)
     started = time.monotonic()
     req = Request("", release, config.arch, ["-p4", "-e", WARM_UP_SCRIPT], {}, lowered=False,
-                  build_env=env)
+                  build_env=env, kernel=kernel)
     ws = Workspace(config.tmpdir)
     try:
         compiled = run_compile(config, req, ws)
@@ -1303,6 +1359,431 @@ def store_knowledge(path, files):
             shutil.rmtree(made, ignore_errors=True)
         if not os.path.isdir(path):
             logging.warning("WARNING: cannot store stap knowledge in %s: %s", path, e.strerror)
+# The stap runtime, fixed per kernel: the known fixes are data
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeFix:
+    """A known change the installed runtime needs for some kernels: it applies when the kernel's
+    header (relative to its source tree) matches kernel_test and the runtime's file matches
+    runtime_test; then every match of old in that file becomes new."""
+    name: str
+    why: str
+    header: str
+    kernel_test: bytes
+    file: str
+    runtime_test: bytes
+    old: bytes
+    new: bytes
+
+
+RUNTIME_FIXES = (
+    RuntimeFix("task_work_cancel_func",
+               "the kernel renamed task_work_cancel to task_work_cancel_func",
+               "include/linux/task_work.h", rb"\btask_work_cancel_func\b",
+               "stp_task_work.c", rb'kallsyms_lookup_name\("task_work_cancel"\)',
+               rb"\btask_work_cancel\b", b"task_work_cancel_func"),
+)
+STOCK_RUNTIME = "/usr/share/systemtap/runtime"
+SANDBOX_RUNTIME = "/stap/runtime"  # where a compile sees a fixed runtime, read-only
+FIXED_RUNTIMES = ".runtime"  # in the cache directory; no account name starts with a dot
+MAX_FIX_INPUT = 1 << 20  # bytes of a header or runtime file a feature test reads
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedRuntime:
+    path: str  # the server's copy
+    view: str  # the same, as the compile sees it
+    fixes: tuple
+
+
+def source_runtime(config):
+    """The runtime stap would use: the server's -R, else the installed one."""
+    opts = config.stap_options
+    given = [v for o, v in zip(opts[::2], opts[1::2]) if o == "-R"]
+    return given[-1] if given else STOCK_RUNTIME
+
+
+def header_trees(release, kernel=None):
+    """The release's build and source trees: a header can sit in either (Debian keeps most in the
+    -common twin that source names); for a fetched kernel, the /usr/src trees it unpacked."""
+    if kernel is not None:
+        src = os.path.join(kernel.root, "usr", "src")
+        return [os.path.join(src, n) for n in sorted(os.listdir(src))]
+    return [f"/lib/modules/{release}/build", f"/lib/modules/{release}/source"]
+
+
+def file_matches(path, pattern):
+    try:
+        with open(path, "rb") as f:
+            return re.search(pattern, f.read(MAX_FIX_INPUT)) is not None
+    except OSError:
+        return False
+
+
+def needed_fixes(trees, runtime):
+    """The fixes of RUNTIME_FIXES that runtime needs to build for the kernel of trees."""
+    return tuple(fix for fix in RUNTIME_FIXES
+                 if file_matches(os.path.join(runtime, fix.file), fix.runtime_test)
+                 and any(file_matches(os.path.join(tree, fix.header), fix.kernel_test)
+                         for tree in trees))
+
+
+_fixed = {}  # release -> (time, FixedRuntime or None)
+_fixed_lock = threading.Lock()
+
+
+def fixed_runtime(config, release, kernel=None):
+    """The FixedRuntime to build for release (kernel: a FetchedKernel) with, or None when the
+    runtime needs no fix; looked up again after STAMP_TTL, each fix logged when a release first
+    gets its copy."""
+    now = time.monotonic()
+    with _fixed_lock:
+        cached = _fixed.get(release)
+        if cached and now - cached[0] < STAMP_TTL:
+            return cached[1]
+        fixed = runtime_copy(config, header_trees(release, kernel))
+        if fixed and fixed != (cached and cached[1]):
+            for fix in fixed.fixes:
+                logging.info("runtime fix %s for %s: %s (runtime %s)", fix.name, release,
+                             fix.why, fixed.path)
+        _fixed[release] = (now, fixed)
+        return fixed
+
+
+def runtime_copy(config, trees):
+    """The fixed copy of the runtime for the kernel of trees, or None when it needs no fix.  A copy
+    is made once per source runtime (its files' stamps) and set of fixes, in the cache directory."""
+    source = source_runtime(config)
+    fixes = needed_fixes(trees, source)
+    if not fixes:
+        return None
+    digest = hashlib.sha256(b"".join([f.name.encode() + b"\0" for f in fixes]
+                                     + [stat_line(p) for p in walk_files(source)]))
+    name = digest.hexdigest()[:16]
+    path = os.path.join(config.cache_dir, FIXED_RUNTIMES, name)
+    if not os.path.isdir(path):
+        make_fixed_runtime(source, fixes, path)
+    return FixedRuntime(path, f"{SANDBOX_RUNTIME}/{name}", fixes)
+
+
+def make_fixed_runtime(source, fixes, path):
+    """Copy source with fixes applied to path: made under a temporary name and renamed, readable by
+    the compile account, writable only by the server."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, 0o755, exist_ok=True)
+    st = os.lstat(parent)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
+        raise Error(f"{parent} must be a directory of uid {os.geteuid()} "
+                    "that group and others cannot write")
+    new = tempfile.mkdtemp(prefix=".new.", dir=parent)
+    try:
+        shutil.copytree(source, new, symlinks=True, dirs_exist_ok=True)
+        for fix in fixes:
+            name = os.path.join(new, fix.file)
+            with open(name, "rb") as f:
+                text = re.sub(fix.old, fix.new, f.read())
+            with open(name, "wb") as f:
+                f.write(text)
+        for top, dirs, files in os.walk(new):
+            for d in dirs:
+                os.chmod(os.path.join(top, d), 0o755)
+            for n in files:
+                if not os.path.islink(os.path.join(top, n)):
+                    os.chmod(os.path.join(top, n), 0o644)
+        os.chmod(new, 0o755)
+        os.rename(new, path)
+    except OSError as e:
+        shutil.rmtree(new, ignore_errors=True)
+        if os.path.isdir(path):
+            return  # another server made it meanwhile
+        raise Error(f"cannot make a fixed stap runtime in {parent}: {e.strerror}") from None
+
+
+def runtime_binds(fixed):
+    """bwrap arguments that show a fixed runtime to the compile, read-only."""
+    return ["--ro-bind", fixed.path, fixed.view] if fixed else []
+
+
+def runtime_failure(stderr, runtime, fixed):
+    """The server's line after stap's output when pass 4 failed in the runtime, or b""."""
+    m = re.search(rb"^" + re.escape(runtime.encode())
+                  + rb"/([^:\s]+):\d+(?::\d+)?: (?:fatal )?error:", stderr, re.M)
+    if not m:
+        return b""
+    known = (f"even with the known fixes {', '.join(f.name for f in fixed.fixes)} applied"
+             if fixed else "and no known runtime fix applies")
+    return (f"stap-serverd: ERROR: pass 4 failed in the stap runtime "
+            f"({m.group(1).decode(errors='replace')}) {known}: this systemtap may be too old "
+            "for this kernel\n").encode()
+
+
+# --------------------------------------------------------------------------
+# Kernels fetched from the distribution's archive (--fetch-kernels)
+# --------------------------------------------------------------------------
+#
+# apt-get download (the host's apt configuration and keys; every file is checked against the
+# signed index's SHA256) as the server's account, never root; dpkg-deb -x (no maintainer
+# script) into a temporary directory, renamed into the kernel cache; compiles see the tree
+# read-only at the paths the packages use.
+
+FETCH_TIMEOUT = 300  # seconds for one apt-get download
+FAILED_FETCH_TTL = 300  # seconds a failed fetch is answered from memory
+KERNEL_TREES = "trees"  # in the kernel cache: RELEASE/ is the unpacked root of its packages
+DOWNLOADS = "debs"  # in the kernel cache: the verified .deb files
+
+
+@dataclasses.dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+    filename: str  # the archive's file name, NAME_VERSION_ARCH.deb
+    sha256: str
+    depends: str
+
+
+@dataclasses.dataclass
+class FetchedKernel:
+    release: str
+    root: str  # the unpacked packages: ROOT/usr/src/..., ROOT/lib/modules/RELEASE
+    size: int
+    users: int = 0
+
+
+def apt_package(name):
+    """The archive's candidate of package name (from apt's signed lists), or None."""
+    res = client.run_tool(["apt-cache", "show", "--no-all-versions", name], check=False)
+    if res.returncode != 0:
+        return None
+    fields = dict(re.findall(r"^([A-Za-z0-9-]+): ?(.*)$", res.stdout.decode(errors="replace"),
+                             re.M))
+    if not all(k in fields for k in ("Version", "Filename", "SHA256")):
+        return None
+    return Package(name, fields["Version"], os.path.basename(fields["Filename"]),
+                   fields["SHA256"].lower(), fields.get("Depends", ""))
+
+
+def installed_version(name):
+    res = client.run_tool(["dpkg-query", "-W", "-f", "${Version}", name], check=False)
+    return res.stdout.decode().strip() if res.returncode == 0 else None
+
+
+def kernel_packages(release):
+    """The packages that present release's headers: linux-headers-RELEASE, the -common twin it
+    depends on, and the linux-kbuild it asks for when the installed one is older or missing."""
+    headers = apt_package(f"linux-headers-{release}")
+    if headers is None:
+        raise Error(f"the archive has no kernel {release} (no package linux-headers-{release})")
+    packages = [headers]
+    for dep in (d.strip() for d in headers.depends.split(",")):
+        m = re.match(r"^(linux-headers-\S+-common|linux-kbuild-\S+)(?:\s*\((>=|=)\s*(\S+)\))?",
+                     dep)
+        if not m:
+            continue
+        if m.group(1).startswith("linux-kbuild-"):
+            have = installed_version(m.group(1))
+            if have and (not m.group(3) or client.run_tool(
+                    ["dpkg", "--compare-versions", have, "ge", m.group(3)],
+                    check=False).returncode == 0):
+                continue  # the installed kbuild will do
+        package = apt_package(m.group(1))
+        if package is None:
+            raise Error(f"the archive has no {m.group(1)}, which linux-headers-{release} needs")
+        packages.append(package)
+    return packages
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_size(top):
+    """Bytes under top, each entry at least a block; links are not followed."""
+    total = 0
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                total += max(os.lstat(os.path.join(root, name)).st_blocks * 512, 4096)
+    return total
+
+
+class KernelCache:
+    """Unpacked kernel header packages, one root per release, bounded in bytes (least recently
+    used first out, never one a compile is using); one fetch per release at a time, the others
+    wait for it; a failed fetch is remembered for FAILED_FETCH_TTL seconds."""
+
+    def __init__(self, top, max_bytes):
+        self.top, self.max_bytes = top, max_bytes
+        self.kernels = collections.OrderedDict()  # release -> FetchedKernel, oldest use first
+        self.fetching = set()
+        self.failed = {}  # release -> (time, message)
+        self.cond = threading.Condition()
+        self.opened = False
+
+    def open(self):
+        """Make the cache's directories, or check those there, and take in the trees of earlier
+        runs (oldest use first); half-made ones of a crash are removed."""
+        for d in (self.top, self.path(KERNEL_TREES), self.path(DOWNLOADS)):
+            os.makedirs(d, 0o755, exist_ok=True)
+            st = os.lstat(d)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
+                raise Error(f"{d} must be a directory of uid {os.geteuid()} "
+                            "that group and others cannot write")
+        trees = self.path(KERNEL_TREES)
+        found = []
+        for name in os.listdir(trees):
+            path = os.path.join(trees, name)
+            if name.startswith(".") or not RELEASE_NAME.fullmatch(name):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                found.append((os.lstat(path).st_mtime, name, path))
+        for _, name, path in sorted(found):
+            self.kernels[name] = FetchedKernel(name, path, tree_size(path))
+        self.opened = True
+
+    def path(self, *parts):
+        return os.path.join(self.top, *parts)
+
+    @contextlib.contextmanager
+    def using(self, release):
+        """The FetchedKernel of release, fetched first if needed, kept from eviction meanwhile."""
+        kernel = self.acquire(release)
+        try:
+            yield kernel
+        finally:
+            with self.cond:
+                kernel.users -= 1
+                self.evict()
+
+    def acquire(self, release):
+        with self.cond:
+            if not self.opened:
+                self.open()
+            while release in self.fetching:
+                self.cond.wait()
+            kernel = self.kernels.get(release)
+            if kernel is None:
+                failed = self.failed.get(release)
+                if failed and time.monotonic() - failed[0] < FAILED_FETCH_TTL:
+                    raise Error(failed[1])
+                self.fetching.add(release)
+        if kernel is None:
+            try:
+                kernel = self.fetch(release)
+            except Error as e:
+                with self.cond:
+                    self.failed[release] = (time.monotonic(), str(e))
+                raise
+            finally:
+                with self.cond:
+                    self.fetching.discard(release)
+                    self.cond.notify_all()
+        with self.cond:
+            kernel.users += 1
+            self.kernels[release] = kernel
+            self.kernels.move_to_end(release)
+            with contextlib.suppress(OSError):
+                os.utime(kernel.root)  # the order of use survives a restart
+            self.evict()
+        return kernel
+
+    def evict(self):
+        """Remove the least recently used trees that no compile is using while over the bound.
+        Called with the lock held."""
+        total = sum(k.size for k in self.kernels.values())
+        for release, kernel in list(self.kernels.items()):
+            if total <= self.max_bytes:
+                break
+            if kernel.users == 0:
+                del self.kernels[release]
+                total -= kernel.size
+                shutil.rmtree(kernel.root, ignore_errors=True)
+                logging.info("kernel cache: removed %s (%d bytes; cache over %d bytes)",
+                             release, kernel.size, self.max_bytes)
+
+    def fetch(self, release):
+        """Download (or take from the download cache) and unpack release's packages."""
+        start = time.monotonic()
+        packages = kernel_packages(release)
+        debs, downloaded = [], 0
+        for package in packages:
+            path, fresh = self.download(package)
+            debs.append(path)
+            downloaded += fresh
+        new = tempfile.mkdtemp(prefix=".new.", dir=self.path(KERNEL_TREES))
+        try:
+            for deb in debs:
+                res = client.run_tool(["dpkg-deb", "-x", deb, new], check=False,
+                                      timeout=FETCH_TIMEOUT)
+                if res.returncode != 0:
+                    os.unlink(deb)  # the checked file went bad on disk: fetch it again next time
+                    raise Error(f"cannot unpack {os.path.basename(deb)} for {release}: "
+                                f"{client.last_line(res.stderr)}")
+            if not os.path.isdir(os.path.join(new, "lib", "modules", release)):
+                raise Error(f"linux-headers-{release} has no /lib/modules/{release}")
+            root = self.path(KERNEL_TREES, release)
+            os.rename(new, root)
+        except OSError as e:
+            shutil.rmtree(new, ignore_errors=True)
+            raise Error(f"cannot unpack the kernel {release}: {e.strerror}") from None
+        except Error:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        size = tree_size(root)
+        logging.info("kernel cache: fetched %s (%s; %d bytes downloaded, %d unpacked) in %.1f s",
+                     release, ", ".join(f"{p.name} {p.version}" for p in packages), downloaded,
+                     size, time.monotonic() - start)
+        return FetchedKernel(release, root, size)
+
+    def download(self, package):
+        """(path of the package's checked .deb in the download cache, bytes downloaded): a cached
+        file whose SHA256 is not the signed index's is downloaded again."""
+        path = self.path(DOWNLOADS, package.filename)
+        if os.path.isfile(path) and file_sha256(path) == package.sha256:
+            return path, 0
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        work = tempfile.mkdtemp(prefix=".new.", dir=self.path(DOWNLOADS))
+        try:
+            res = client.run_tool(["apt-get", "download", "-q",
+                                   f"{package.name}={package.version}"], cwd=work,
+                                  check=False, timeout=FETCH_TIMEOUT)
+            got = os.path.join(work, package.filename)
+            if res.returncode != 0 or not os.path.isfile(got):
+                raise Error(f"cannot download {package.name} {package.version} from the "
+                            f"archive: {client.last_line(res.stderr or res.stdout)}")
+            if file_sha256(got) != package.sha256:
+                raise Error(f"{package.filename} from the archive does not match its index")
+            size = os.path.getsize(got)
+            os.rename(got, path)
+            return path, size
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def kernel_binds(kernel):
+    """bwrap arguments that present a fetched kernel as installed: its /lib/modules/RELEASE and
+    /usr/src trees (the only ones there, on read-only tmpfs mounts) and its kbuild, read-only."""
+    if kernel is None:
+        return []
+    argv = []
+    for inside in ("/usr/src", os.path.realpath("/lib/modules")):
+        mine = os.path.join(kernel.root, inside.lstrip("/"))
+        if inside.endswith("/modules"):
+            mine = os.path.join(kernel.root, "lib", "modules")
+        argv += ["--size", "65536", "--tmpfs", inside]
+        for name in sorted(os.listdir(mine)):
+            argv += ["--ro-bind", os.path.join(mine, name), os.path.join(inside, name)]
+        argv += ["--remount-ro", inside]
+    kbuild = os.path.join(kernel.root, "usr", "lib")
+    for name in sorted(os.listdir(kbuild)) if os.path.isdir(kbuild) else []:
+        if name.startswith("linux-kbuild-") and os.path.isdir(f"/usr/lib/{name}"):
+            argv += ["--ro-bind", os.path.join(kbuild, name), f"/usr/lib/{name}"]
+    return argv
 
 
 # --------------------------------------------------------------------------
@@ -1665,10 +2146,16 @@ class CompileService:
         bad request or a failed compile (the client gets rc 1 and the reason).  record (a
         RequestRecord) gets what the log says; key (a ServerKey) signs the reply and modules built
         for stapusr/stapsys."""
+        with contextlib.ExitStack() as held:  # a fetched kernel stays while the request uses it
+            return self.answer(body, record, key, held)
+
+    def answer(self, body, record, key, held):
         config = self.config
         try:
             archive = client.RequestArchive(client.open_archive(body), config.limits)
             req = parse_request(archive, config)
+            if req.release not in config.releases and config.kernels:
+                req.kernel = held.enter_context(config.kernels.using(req.release))
             req = dataclasses.replace(req, build_env=choose_build_env(self.envs, req))
             cache_key = None if req.guru or not config.sandbox else result_key(
                 req, archive, config, self.version)
@@ -1798,10 +2285,12 @@ def result_key(req, archive, config, version):
     if any(a.startswith(UNCACHED_OPTIONS) for a in req.args):
         return None
     h = hashlib.sha256()
-    fields = dataclasses.replace(req, version=None)
+    fields = dataclasses.replace(req, version=None, kernel=None)
+    fetched = req.kernel and stat_line(os.path.join(req.kernel.root, "lib", "modules",
+                                                    req.release)).decode()  # a new inode if new
     for part in [version, config.user or "", repr(dataclasses.astuple(fields)),
                  archive.digest(skip=("version",)),
-                 installation_stamp(config, req.release, req.build_env),
+                 installation_stamp(config, req.release, req.build_env), fetched or "",
                  config.db.path] + config.stap_options:
         h.update(part.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
@@ -3174,6 +3663,8 @@ def stderr_is_log(path):
 def serve(config):
     der = ensure_server_certificate(config.db)
     prepare_compile_step(config)
+    for release in config.releases:  # each fixed runtime made, and its fixes logged, at start
+        fixed_runtime(config, release)
     server = CompileServer(config, der)
     port = server.port
     # shutdown() waits for serve_forever() to return: it cannot run in the signal handler, which
@@ -3216,7 +3707,7 @@ class Advertising:
 
     def __init__(self, config, port, version, der, queue):
         self.config, self.queue = config, queue
-        self.offer = Offer(port, [f"{r} {config.arch}" for r in config.releases], version,
+        self.offer = Offer(port, advertised_sysinfos(config), version,
                            certinfo(der), " ".join(config.stap_options), listen=config.listen,
                            hint=queue.hint(), mok_info=config.mok_info,
                            versions=served_versions(version, config.build_envs))
@@ -3280,6 +3771,13 @@ class Advertising:
                 self.withdraw_link()
             if self.zone:
                 self.zone.withdraw()
+
+
+def advertised_sysinfos(config):
+    """One sysinfo per served release; with --fetch-kernels also the bare architecture, which the
+    real client takes as serving any release (nss_get_or_keep_compatible_server_info)."""
+    return [f"{r} {config.arch}" for r in config.releases] + (
+        [config.arch] if config.fetch_kernels else [])
 
 
 def load_changed(old, new):

@@ -61,6 +61,7 @@ REAL_PORT = 5555                                      # inside its own namespace
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from shared import (  # noqa: E402,F401  (run.py imports them from here)
     Sandbox,
+    fixed_runtime_for,
     headers_release,
     make_sandbox,
     stop_pid,
@@ -302,9 +303,9 @@ def prepare_work():
 
 
 def runtime_fixture(krel):
-    out = subprocess.run([os.path.join(ROOT, "tools", "runtime-fixture"), krel, WORK],
-                         capture_output=True, text=True, check=True, timeout=120).stdout.strip()
-    return out or None
+    """The -R runtime that local stap and the real stap-serverd need for krel's headers, made by
+    our server's table of fixes (our server needs no -R), or None."""
+    return fixed_runtime_for(krel, WORK)
 
 
 def local_env():
@@ -390,9 +391,7 @@ def start_our_server(box, krel, rt, *extra, log=None, host=None, listen="127.0.0
             "--cache-dir", COMPILE_CACHE]
     if advertise:
         args += ["--advertise", advertise]
-    if rt:
-        args += ["-R", rt]
-    args += list(extra)
+    args += list(extra)  # rt is for the peers: our server fixes the runtime itself
     prefix = host.prefix() if host else []
     t = time.perf_counter()
     proc = subprocess.run(prefix + args, env=box.env, capture_output=True, text=True,

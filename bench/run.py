@@ -1022,7 +1022,7 @@ def bench_profile(ctx, report):
     # The server's phases, in-process (no TLS), for a -p4 stap-cache hit and a -p2
     for p, script in ((4, ctx.hit_script), (2, ctx.p2_script)):
         proc = subprocess.run([PY, os.path.join(BENCH, "server_phases.py"), ctx.krel,
-                               ctx.rt or "", script, str(p), str(n), "--",
+                               "", script, str(p), str(n), "--",
                                "--cache-dir", COMPILE_CACHE, *(ctx.cache_off or [])],
                               env=srv.box.env, capture_output=True, text=True, timeout=300)
         try:

@@ -111,6 +111,23 @@ def headers_release():
     return rels[-1] if rels else None
 
 
+FIXED_RUNTIME = """import sys, types
+sys.path.insert(0, sys.argv[1])
+import stap_server as s
+fixed = s.runtime_copy(types.SimpleNamespace(stap_options=[], cache_dir=sys.argv[3]),
+                       s.kernel_trees(sys.argv[2]))
+print(fixed.path if fixed else "")
+"""
+
+
+def fixed_runtime_for(krel, top):
+    """The -R directory that a stap run without our server needs for krel's headers (made under
+    top by our server's own table of runtime fixes, in a process of its own), or None."""
+    out = subprocess.run([PYTHON, "-c", FIXED_RUNTIME, ROOT, krel, top], capture_output=True,
+                         text=True, check=True, timeout=120).stdout.strip()
+    return out or None
+
+
 # --------------------------------------------------------------------------
 # Sandboxes: environment for a user, with private sysconfdir and SYSTEMTAP_DIR
 # --------------------------------------------------------------------------

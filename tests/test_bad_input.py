@@ -305,6 +305,12 @@ REQUESTS = {
     "build-tree-r": (lambda k: with_args(k, f"-r/lib/modules/{k}/build", "-p2",
                                          "-eprobe begin{}"),
                      r"a build tree path is not allowed"),
+    "release-shell": (lambda k: base_entries("6.1.0;id"),
+                      r"release '6\.1\.0;id' is not a kernel release name"),
+    "release-dotdot-r": (lambda k: with_args(k, "-r..", "-p2", "-eprobe begin{}"),
+                         r"-r '\.\.' is not a kernel release name"),
+    "release-dash-r": (lambda k: with_args(k, "-r-oDebug::pkg", "-p2", "-eprobe begin{}"),
+                       r"-r '-oDebug::pkg' is not a kernel release name"),
     # another arch: stap parses for it, but no module can be built for it here
     "wrong-arch": (lambda k: base_entries(k, "-p4", "-eprobe begin{}", arch="s390x"),
                    r"builds x86_64 modules only: stap cannot build for s390x here"),

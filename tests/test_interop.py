@@ -284,9 +284,9 @@ def netns_pids(netns):
 
 
 @pytest.fixture(scope="module")
-def real_serverd(krel, runtime, shared_dir):
+def real_serverd(krel, fixed_runtime, shared_dir):
     """The real stap-serverd as nobody in a new network namespace (loopback
-    up), serving KREL with the runtime fixture.  Its home (certificate
+    up), serving KREL with our fixed runtime.  Its home (certificate
     database and stap cache) is kept in the shared test directory so that
     later sessions hit stap's cache; it is killed by pid at the end, and so
     is anything else left in its namespace."""
@@ -306,8 +306,8 @@ def real_serverd(krel, runtime, shared_dir):
              "env", "-i", "PATH=/usr/bin:/bin", f"HOME={home}",
              f"SYSTEMTAP_DIR={home}/.systemtap", "LANG=C.UTF-8",
              REAL_SERVERD, "--port", str(REAL_PORT), "-r", krel]
-    if runtime:
-        inner += ["-R", runtime]
+    if fixed_runtime:
+        inner += ["-R", fixed_runtime]
     inner += ["--log", log]
     script = 'ip link set lo up && exec "$@"'
     out = open(os.path.join(tempfile.gettempdir(), f"interop-serverd.{os.getpid()}.out"), "w+")

@@ -5,11 +5,13 @@ request, then the busier ones; what makes two requests the same; what the
 load hint means."""
 
 import io
+import types
 import zipfile
 
 import conftest  # noqa: F401  (puts the modules on sys.path)
 
 import stap_client
+import stap_server
 from stap_client import ServerRecord, expected_wait, rank_servers, request_identity
 
 
@@ -76,3 +78,28 @@ def test_serial_specs_are_told_from_hosts():
     assert stap_client.SERIAL_SPEC.match("00:c1:02")
     for spec in ("host", "host:1234", "[fe80::1]:1234", "10.0.0.1:5555", "fe80::1"):
         assert not stap_client.SERIAL_SPEC.match(spec), spec
+
+
+def test_servers_with_the_release_first_then_those_that_fetch_kernels():
+    def rec(port, sysinfo, address="10.0.0.1"):
+        return ServerRecord(host="a.local", address=address, port=port, sysinfo=sysinfo,
+                            version="4.8", certinfo="01:02", txt={}, name=f"s{port}{sysinfo}")
+    exact = rec(1, "6.1.0-57-amd64 x86_64")
+    fetching = rec(2, "x86_64")
+    both = [rec(3, "6.1.0-57-amd64 x86_64"), rec(3, "x86_64")]  # one server, two instances
+    other = rec(4, "6.1.0-50-amd64 x86_64")
+    arm = rec(5, "aarch64")
+    records = [other, fetching, arm, *both, exact]
+    assert stap_client.serving(records, "6.1.0-57-amd64 x86_64") == (
+        [both[0], exact], [fetching])
+    assert stap_client.serving(records, "6.1.0-9-amd64 x86_64") == ([], [fetching, both[1]])
+    order = [p.port for p in stap_client.compatible_first(records, "6.1.0-57-amd64 x86_64")]
+    assert set(order[:2]) == {1, 3} and order[2] == 2 and sorted(order[3:]) == [4, 5]
+
+
+def test_a_fetching_server_also_advertises_its_bare_architecture():
+    config = types.SimpleNamespace(releases=["6.1.0-57-amd64"], arch="x86_64",
+                                   fetch_kernels=False)
+    assert stap_server.advertised_sysinfos(config) == ["6.1.0-57-amd64 x86_64"]
+    config.fetch_kernels = True
+    assert stap_server.advertised_sysinfos(config) == ["6.1.0-57-amd64 x86_64", "x86_64"]

@@ -39,6 +39,7 @@ from stap_server import (
     load_changed,
     locale_env,
     parse_config,
+    parse_request,
     reply_entries,
     reply_for_client,
     secret_files,
@@ -84,6 +85,25 @@ def test_option_defaults_and_repeatable_options():
 ])
 def test_bad_options_are_one_line_errors(argv, message):
     assert refused(parse_config, argv) == message
+
+
+def test_dash_i_serves_every_installed_build_tree():
+    installed = sorted(r for r in os.listdir("/lib/modules")
+                       if os.path.isdir(f"/lib/modules/{r}/build")) \
+        if os.path.isdir("/lib/modules") else []
+    if not installed:
+        assert refused(parse_config, ["-i"]) == \
+            "-i: no kernel build tree is installed (/lib/modules/*/build)"
+        return
+    assert parse_config(["-i"]).releases == installed
+    assert parse_config(["-i", "-r", installed[-1]]).releases == \
+        [installed[-1]] + installed[:-1]  # -r first, then the rest, each once
+
+
+def test_fetching_kernels_needs_the_sandbox():
+    assert refused(parse_config, ["--fetch-kernels", "--no-sandbox"]) == (
+        "--fetch-kernels needs the sandbox: only there is a fetched kernel presented as "
+        "installed (drop --no-sandbox)")
 
 
 def test_dns_update_target():
@@ -196,6 +216,38 @@ def test_no_pass_means_pass_5_and_a_listing_compiles_nothing(top):
 ])
 def test_refused_arguments(top, args, message):
     assert refused(client_arguments, args, top, "r") == message
+
+
+GOOD_RELEASES = ["6.1.0-57-amd64", "6.1.0-50-cloud-amd64", "5.14.0-362.8.1.el9_3.x86_64",
+                 "6.12.9+bpo-amd64", "4.19.0-1~exp1", "6" * 64]
+BAD_RELEASES = ["..", "6.1.0..57", "-rf", "6.1.0;id", "$(id)", "`id`", "a b", "6.1.0*",
+                "linux-headers-6.1.0=1.0", "6.1.0-57-amd64:i386", "6.1.0?", "[6]", "~6", ".6",
+                "a\nb", "6" * 65, "6.1.0-57-amd64,6.1.0-50-amd64", "6|x", "6>x", "6'x", '6"x']
+
+
+@pytest.mark.parametrize("release", GOOD_RELEASES)
+def test_a_plain_release_name_is_taken(top, release):
+    assert client_arguments([f"-r{release}", "-e", SCRIPT], top, "r")[1] == release
+    assert request_release(top, release) == release
+
+
+@pytest.mark.parametrize("release", BAD_RELEASES)
+def test_a_release_that_is_not_a_plain_name_is_refused(top, release):
+    message = ("is not a kernel release name (letters, digits and . _ + ~ -, starting with a "
+               "letter or digit, no .., at most 64 characters)")
+    assert refused(client_arguments, [f"-r{release}", "-e", SCRIPT], top, "r") == \
+        f"-r {release!r} {message}"
+    if not re.search(r"\s", release):  # sysinfo is split at white space
+        assert refused(request_release, top, release) == f"release {release!r} {message}"
+
+
+def request_release(top, release):
+    """The release parse_request takes from a request whose sysinfo names it."""
+    archive = RequestArchive(open_archive(zip_bytes([("sysinfo", f"sysinfo: {release} x86_64"),
+                                                     ("argv1", "-p2")])), Limits())
+    config = types.SimpleNamespace(releases=[release], arch="x86_64", allow_guru=False,
+                                   fetch_kernels=False)
+    return parse_request(archive, config).release
 
 
 def test_guru_mode_is_told_with_its_reason():

@@ -49,7 +49,7 @@ import tempfile
 import pytest
 from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
 from netns import TestNetwork, avahi_skip_reason
-from shared import read_text
+from shared import fixed_runtime_for, read_text
 from upstream_helpers import (  # noqa: F401  (stap_users: a fixture)
     REAL_PORT,
     REAL_SERVERD,
@@ -113,8 +113,9 @@ class World:
             argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "env",
                     "-i", "PATH=/usr/bin:/bin", f"HOME={home}",
                     f"SYSTEMTAP_DIR={home}/.systemtap", "LANG=C.UTF-8", REAL_SERVERD,
-                    "--port", str(REAL_PORT), "-r", self.krel, "--log", log] + \
-                (["-R", self.runtime] if self.runtime else [])
+                    "--port", str(REAL_PORT), "-r", self.krel, "--log", log]
+            fixed = fixed_runtime_for(self.krel, self.shared_dir)  # ours needs no -R
+            argv += ["-R", fixed] if fixed else []
             proc = self.host.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
             self.pid, self.port = proc.pid, REAL_PORT

@@ -20,7 +20,7 @@ import time
 import pytest
 from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
 from netns import TestNetwork, avahi_skip_reason
-from shared import read_text
+from shared import fixed_runtime_for, read_text
 from upstream_helpers import (  # noqa: F401  (pairings, pairing: fixtures)
     REAL_PORT,
     REAL_SERVERD,
@@ -174,7 +174,9 @@ def test_server_survives_avahi_restart(server, avahi_host, krel, runtime, cache_
         argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "env", "-i",
                 "PATH=/usr/bin:/bin", f"HOME={home}", f"SYSTEMTAP_DIR={home}/.systemtap",
                 "LANG=C.UTF-8", REAL_SERVERD, "--port", str(REAL_PORT), "-r", krel,
-                "--log", log] + (["-R", runtime] if runtime else [])
+                "--log", log]
+        fixed = fixed_runtime_for(krel, shared_dir)  # ours needs no -R
+        argv += ["-R", fixed] if fixed else []
         proc = host.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
         port = REAL_PORT

@@ -44,7 +44,7 @@ import zipfile
 
 import pytest
 from conftest import CLIENT, PYTHON, make_sandbox, start_server, stop_pid, wait_until
-from shared import complete_der
+from shared import complete_der, fixed_runtime_for
 
 STAP = shutil.which("stap") or "/usr/bin/stap"
 REAL_SERVERD = "/usr/lib/systemtap/stap-serverd"
@@ -260,7 +260,8 @@ class Pairings:
             self.reference = None
             if want_real:
                 self.reference = self.stack.enter_context(
-                    RealServerd(krel, runtime, os.path.join(shared_dir, real_home), *real))
+                    RealServerd(krel, fixed_runtime_for(krel, shared_dir),  # ours needs none
+                                os.path.join(shared_dir, real_home), *real))
                 self.ref_env = real_client_env(os.path.join(self.top, "reference"))
                 proc = run(self.reference.prefix() + [
                     STAP, "--trust-servers=ssl,no-prompt",

@@ -1,0 +1,235 @@
+"""Kernels fetched on demand (issue 21, spec 5 and 9): a server started with --fetch-kernels, by
+an unprivileged account, builds for a release it has not installed, with the headers apt-get
+download fetched from the host's archive and dpkg-deb unpacked into its kernel cache.  The .deb
+files are kept across runs in DEBS (as the debootstrap tarball of test_packaging is), so a warm
+run downloads nothing; the kernel cache itself is new in every test."""
+
+import os
+import pwd
+import re
+import shutil
+import subprocess
+
+import pytest
+from conftest import PYTHON, SHARED, TEST_USER
+from shared import read_text
+
+import stap_client
+import stap_server
+
+DEBS = "/var/cache/stap-compile-server-tests/debs"
+# Releases the archive offers that are (normally) not installed: a generic and a cloud flavour.
+CANDIDATES = ("6.1.0-50-amd64", "6.1.0-50-cloud-amd64", "6.1.0-53-amd64", "6.1.0-53-cloud-amd64")
+
+
+def client(box, srv, *args, **kw):
+    return box.run("stap-client", f"--server={srv.address}", *args, **kw)
+
+
+@pytest.fixture(scope="module")
+def releases():
+    """Two fetchable releases that are not installed."""
+    found = [r for r in CANDIDATES if not os.path.isdir(f"/lib/modules/{r}")
+             and stap_server.apt_package(f"linux-headers-{r}")]
+    if len(found) < 2:
+        pytest.skip(f"the archive offers fewer than two of {', '.join(CANDIDATES)} "
+                    "(run apt-get update)")
+    return found[:2]
+
+
+@pytest.fixture(scope="module")
+def user_compile_cache():
+    """stap's cache for the test account's servers, kept between tests and runs: a first pass 4
+    for a kernel probes its configuration for a minute."""
+    path = os.path.join(SHARED, "fetch-compile-cache")
+    os.makedirs(path, 0o755, exist_ok=True)
+    pw = pwd.getpwnam(TEST_USER)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.fixture
+def kernel_cache(user_sandbox):
+    """A new kernel cache of the test account, its download cache seeded from DEBS; new
+    downloads go back to DEBS afterwards."""
+    path = user_sandbox.path("kernels")
+    debs = os.path.join(path, "debs")
+    os.makedirs(DEBS, 0o755, exist_ok=True)
+    shutil.copytree(DEBS, debs)
+    pw = pwd.getpwnam(TEST_USER)
+    for d in (path, debs, *(os.path.join(debs, n) for n in os.listdir(debs))):
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+    yield path
+    for name in os.listdir(debs):
+        if name.endswith(".deb") and not os.path.exists(os.path.join(DEBS, name)):
+            shutil.copyfile(os.path.join(debs, name), os.path.join(DEBS, name))
+
+
+class Root:
+    """A fetched kernel's root, as kernel_trees takes it."""
+
+    def __init__(self, headers_tree):
+        self.root = os.path.dirname(os.path.dirname(os.path.dirname(headers_tree)))
+
+
+def fetching_server(servers, box, krel, cache, compile_cache, *extra, env=None):
+    return servers.start(box, krel, None, "--fetch-kernels", "--kernel-cache", cache,
+                         "--cache-dir", compile_cache, *extra, env=env)
+
+
+def fetch_lines(srv, release):
+    return [l for l in read_text(srv.log).splitlines() if f"kernel cache: fetched {release} " in l]
+
+
+def module_layout_crc(text):
+    m = re.search(r"^(0x[0-9a-f]+)\s+module_layout\b", text, re.M)
+    return m and int(m.group(1), 16)
+
+
+def test_pass_4_for_a_release_not_installed(releases, servers, user_sandbox, krel,
+                                            kernel_cache, user_compile_cache):
+    release = releases[0]
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache)
+    work = user_sandbox.path("work")
+    os.makedirs(work)
+    os.chown(work, *pwd.getpwnam(TEST_USER)[2:4])
+    proc = client(user_sandbox, srv, "-r", release, "-p4", "-m", "fetched", "-e",
+                  'probe begin { println("fetched"); exit() }', cwd=work, timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode()
+    ko = os.path.join(work, "fetched.ko")
+    vermagic = subprocess.run(["modinfo", "-F", "vermagic", ko], capture_output=True,
+                              text=True).stdout
+    assert vermagic.split()[0] == release, vermagic
+    versions = subprocess.run(["modprobe", "--dump-modversions", ko], capture_output=True,
+                              text=True).stdout
+    tree = os.path.join(kernel_cache, "trees", release, "usr", "src", f"linux-headers-{release}")
+    with open(os.path.join(tree, "Module.symvers")) as f:
+        symvers = f.read()
+    assert module_layout_crc(versions) is not None, versions
+    assert module_layout_crc(versions) == module_layout_crc(symvers)
+    assert len(fetch_lines(srv, release)) == 1
+    if stap_server.needed_fixes(stap_server.kernel_trees(release, Root(tree)),
+                                stap_server.STOCK_RUNTIME):
+        assert f"runtime fix task_work_cancel_func for {release}:" in read_text(srv.log)
+    # another script for the cached release: no fetch
+    proc = client(user_sandbox, srv, "-r", release, "-p4", "-m", "again", "-e",
+                  'probe begin { println("again"); exit() }', cwd=work, timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(fetch_lines(srv, release)) == 1
+    assert sorted(os.listdir(os.path.join(kernel_cache, "trees"))) == [release]
+
+
+def test_the_real_client_gets_a_module_for_a_fetched_release(releases, servers, user_sandbox,
+                                                             krel, kernel_cache,
+                                                             user_compile_cache, tmp_path):
+    stap = shutil.which("stap")
+    if not stap:
+        pytest.skip("stap is not installed")
+    release = releases[0]
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache)
+    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "SYSTEMTAP_DIR": str(tmp_path / ".systemtap")}
+    trust = subprocess.run([stap, "--trust-servers=ssl,no-prompt", f"--use-server={srv.address}"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert trust.returncode == 0, trust.stderr
+    proc = subprocess.run([stap, f"--use-server={srv.address}", "-r", release, "-p4", "-m",
+                           "real_fetched", "-e", "probe begin { exit() }"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    vermagic = subprocess.run(["modinfo", "-F", "vermagic", str(tmp_path / "real_fetched.ko")],
+                              capture_output=True, text=True).stdout
+    assert vermagic.split()[0] == release, vermagic
+
+
+def test_two_clients_at_once_cause_one_fetch(releases, servers, user_sandbox, krel,
+                                            kernel_cache, user_compile_cache):
+    release = releases[1]
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache)
+    argv = [stap_client.__file__, "stap-client", f"--server={srv.address}", "-r", release,
+            "-p2", "-e", "probe begin { exit() }"]
+    procs = [subprocess.Popen([PYTHON, *argv], env=user_sandbox.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              **as_test_user()) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()
+        assert b"begin" in out
+    assert len(fetch_lines(srv, release)) == 1
+
+
+def as_test_user():
+    pw = pwd.getpwnam(TEST_USER)
+    return dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+
+
+def test_an_unknown_release_is_one_line(servers, user_sandbox, krel, kernel_cache,
+                                        user_compile_cache):
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache)
+    for _ in range(2):  # the second answer comes from memory
+        proc = client(user_sandbox, srv, "-r", "6.1.0-9999-amd64", "-p2", "-e",
+                      "probe begin { exit() }", timeout=60)
+        assert proc.returncode == 1
+        assert proc.stderr.decode().strip().splitlines()[-1].endswith(
+            "the archive has no kernel 6.1.0-9999-amd64 (no package "
+            "linux-headers-6.1.0-9999-amd64)"), proc.stderr.decode()
+    assert os.listdir(os.path.join(kernel_cache, "trees")) == []
+
+
+def test_a_truncated_download_is_fetched_again(releases, servers, user_sandbox, krel,
+                                               kernel_cache, user_compile_cache):
+    release = releases[0]
+    package = stap_server.apt_package(f"linux-headers-{release}")
+    deb = os.path.join(kernel_cache, "debs", package.filename)
+    if os.path.exists(deb):
+        with open(deb, "r+b") as f:
+            f.truncate(os.path.getsize(deb) // 2)
+    else:  # not downloaded yet: what a crash mid-write would leave
+        with open(deb, "wb") as f:
+            f.write(b"!<arch>\ndebian-binary   ")
+        os.chown(deb, *pwd.getpwnam(TEST_USER)[2:4])
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache)
+    proc = client(user_sandbox, srv, "-r", release, "-p2", "-e", "probe begin { exit() }",
+                  timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert stap_server.file_sha256(deb) == package.sha256
+    assert [n for n in os.listdir(os.path.join(kernel_cache, "trees"))] == [release]
+
+
+def test_an_unreachable_archive_is_one_line(releases, servers, user_sandbox, krel,
+                                           user_compile_cache):
+    """apt goes through a proxy on a closed loopback port: nothing is downloaded or kept."""
+    cache = user_sandbox.path("empty-kernels")  # no download cache to fall back on
+    srv = fetching_server(servers, user_sandbox, krel, cache, user_compile_cache,
+                          env={"http_proxy": "http://127.0.0.1:9", "https_proxy":
+                               "http://127.0.0.1:9"})
+    proc = client(user_sandbox, srv, "-r", releases[0], "-p2", "-e", "probe begin { exit() }",
+                  timeout=600)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1
+    assert re.search(r"^stap-serverd: ERROR: cannot download linux-headers-\S+ \S+ from the "
+                     r"archive: E: .*127\.0\.0\.1", err, re.M), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert os.listdir(os.path.join(cache, "trees")) == []
+    assert os.listdir(os.path.join(cache, "debs")) == []
+
+
+def test_the_cache_bound_evicts_kernels_no_compile_uses(releases, servers, user_sandbox, krel,
+                                                       kernel_cache, user_compile_cache):
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache,
+                          "--kernel-cache-size", "1")
+    for release in releases:
+        proc = client(user_sandbox, srv, "-r", release, "-p2", "-e", "probe begin { exit() }",
+                      timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode()  # kept while it was used
+        assert os.listdir(os.path.join(kernel_cache, "trees")) == []  # and removed after
+    assert "kernel cache: removed" in read_text(srv.log)
+
+
+def test_a_root_server_does_not_fetch(sandbox, krel):
+    proc = sandbox.run("stap-serverd", "-r", krel, "--fetch-kernels", "--advertise", "none",
+                       timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().strip() == (
+        "stap-serverd: ERROR: --fetch-kernels: apt and dpkg-deb never run as root for a client; "
+        "start the server as an unprivileged account (the packaged unit's stap-server)")
