@@ -151,8 +151,8 @@ def test_server_killed_single_server_exits_1(servers, sandbox, krel, slow_stap, 
     srv = start_with_stap(servers, box, krel, stap)
     tmp = client_tmp(box)
     env, record = staprun
-    rc, _out, err = run_client_killing(box, krel, srv, mark,
-                                      [f"--server={srv.address}", "--deadline=2"],
+    rc, _out, err = run_client_killing(box, krel, srv, mark,  # the deadline leaves room to retry
+                                      [f"--server={srv.address}", "--deadline=60"],
                                       {**env, "TMPDIR": tmp}, pass_args=())
     forget_killed_server(box, srv)
     assert rc == 1, err
