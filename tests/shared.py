@@ -115,7 +115,7 @@ FIXED_RUNTIME = """import sys, types
 sys.path.insert(0, sys.argv[1])
 import stap_server as s
 fixed = s.runtime_copy(types.SimpleNamespace(stap_options=[], cache_dir=sys.argv[3]),
-                       s.kernel_trees(sys.argv[2]))
+                       s.header_trees(sys.argv[2]))
 print(fixed.path if fixed else "")
 """
 
@@ -226,3 +226,12 @@ def read_text(path):
             return f.read()
     except OSError:
         return ""
+
+
+def without_progress(stderr):
+    """Our client's stderr less its progress lines, which it prints once a request has taken a few
+    seconds (on a terminal or not): they follow the machine's load, and the real client, which
+    upstream's expectations come from, has none."""
+    return "".join(line for line in stderr.splitlines(keepends=True)
+                   if not line.startswith("stap-client: ")
+                   or line.startswith(("stap-client: ERROR: ", "stap-client: WARNING: ")))

@@ -22,7 +22,7 @@ def client(box, srv, *args, **kw):
 
 
 def fixes_for(krel):
-    return stap_server.needed_fixes(stap_server.kernel_trees(krel), stap_server.STOCK_RUNTIME)
+    return stap_server.needed_fixes(stap_server.header_trees(krel), stap_server.STOCK_RUNTIME)
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_pass_4_without_R_uses_the_servers_fixed_runtime(needs_fix, servers, san
                                                           cache_dir):
     srv = servers.start(sandbox, krel, cache=cache_dir)
     fixed = stap_server.runtime_copy(types.SimpleNamespace(stap_options=[], cache_dir=cache_dir),
-                                     stap_server.kernel_trees(krel))
+                                     stap_server.header_trees(krel))
     logged = (f"runtime fix task_work_cancel_func for {krel}: the kernel renamed "
               f"task_work_cancel to task_work_cancel_func (runtime {fixed.path})")
     wait_until(lambda: logged in read_text(srv.log), 10, "the runtime fix was not logged")
@@ -115,7 +115,7 @@ def broken_runtime(krel, shared_dir):
             with open(os.path.join(new, "runtime.h"), "a") as f:
                 f.write("#error deliberately broken\n")
             os.rename(new, path)
-        return path, stap_server.needed_fixes(stap_server.kernel_trees(krel), path)
+        return path, stap_server.needed_fixes(stap_server.header_trees(krel), path)
     return make
 
 

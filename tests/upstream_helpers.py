@@ -44,7 +44,7 @@ import zipfile
 
 import pytest
 from conftest import CLIENT, PYTHON, make_sandbox, start_server, stop_pid, wait_until
-from shared import complete_der, fixed_runtime_for
+from shared import complete_der, fixed_runtime_for, without_progress
 
 STAP = shutil.which("stap") or "/usr/bin/stap"
 REAL_SERVERD = "/usr/lib/systemtap/stap-serverd"
@@ -226,15 +226,6 @@ def run(argv, env, cwd, timeout=TIMEOUT, input=None):
     return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, input=input,
                           stdin=None if input is not None else subprocess.DEVNULL)
-
-
-def without_progress(stderr):
-    """Our client's stderr less its progress lines, which it prints once a request has taken a few
-    seconds (on a terminal or not): they follow the machine's load, and the real client, which
-    upstream's expectations come from, has none."""
-    return "".join(line for line in stderr.splitlines(keepends=True)
-                   if not line.startswith("stap-client: ")
-                   or line.startswith(("stap-client: ERROR: ", "stap-client: WARNING: ")))
 
 
 class Pairings:
