@@ -498,7 +498,7 @@ fi
 dpkg --purge stap-compile-server > /tmp/purge.out
 cat /tmp/purge.out
 result purge_says_revoke "$(grep -c 'stap-add-server-cert --revoke' /tmp/purge.out || true)"
-result purge_revoked "$(grep -c '^revoked 1 certificate' /tmp/purge.out || true)"
+result purge_revoked "$(grep -c '^revoked ' /tmp/purge.out || true)"
 dpkg --purge stap-compile-client
 result purged_state "$([ -e /var/lib/stap-server ] && echo present || echo removed)"
 left=removed
