@@ -308,9 +308,10 @@ def test_real_51_client_finds_our_server_by_itself(client51, servers, krel, warm
     """`--use-server` with no address: the 5.1 client picks our advertised server (its TXT says
     version=4.8, the host's) and gets a 5.1 module all the same (once it sees the advertisement:
     avahi takes its time on a loaded machine)."""
-    port = str(servers["both"].port)
-    wait_until(lambda: port in client51.run("--list-servers=online,trusted", timeout=60).stdout,
-               60, "the 5.1 client never saw our server advertised")
+    def listed():
+        proc = client51.run("--list-servers=online,trusted", timeout=60)
+        return f"port={servers['both'].port}" in proc.stdout + proc.stderr
+    wait_until(listed, 60, "the 5.1 client never saw our server advertised")
     proc = client51.run("--use-server", "-r", krel, "-p4", "-m", "found51", "-e", SCRIPT)
     assert proc.returncode == 0, proc.stderr
     assert stap_translator(client51.file("found51.ko")).startswith("5.")
