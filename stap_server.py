@@ -2150,6 +2150,7 @@ class CompileService:
             return self.answer(body, record, key, held)
 
     def answer(self, body, record, key, held):
+        """handle()'s work; held keeps what the request uses (a fetched kernel) until it is done."""
         config = self.config
         try:
             archive = client.RequestArchive(client.open_archive(body), config.limits)
