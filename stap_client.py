@@ -1994,7 +1994,13 @@ def stap_client(argv):
 
 
 EACH_KERNEL_JOBS = 4  # requests in flight at once for --each-kernel
-RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")
+# A kernel release as uname prints it (at most 64 characters): it names directories and, for a
+# fetching server, packages, so no path, no shell or apt syntax and no leading dash or dot.
+RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
+
+
+def is_release_name(name):
+    return RELEASE_NAME.fullmatch(name) is not None and ".." not in name
 
 
 def kernel_releases(value):
@@ -2009,7 +2015,7 @@ def kernel_releases(value):
     else:
         names = [n.strip() for n in value.split(",")]
     names = list(dict.fromkeys(n for n in names if n))
-    bad = [n for n in names if not RELEASE_NAME.match(n)]
+    bad = [n for n in names if not is_release_name(n)]
     if bad or not names:
         raise Error(f"--each-kernel: {printable(bad[0]) if bad else 'no release'} is not a "
                     "kernel release")

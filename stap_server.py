@@ -449,7 +449,7 @@ def installed_releases():
         names = os.listdir("/lib/modules")
     except OSError:
         return []
-    return [r for r in names if RELEASE_NAME.fullmatch(r) and ".." not in r
+    return [r for r in names if client.is_release_name(r)
             and os.path.isdir(f"/lib/modules/{r}/build")]
 
 
@@ -561,11 +561,6 @@ def trust_locally(der, log=logging):
 
 MAX_ARGV_BYTES = 1 << 20  # all of stap's arguments; the kernel allows 2 MiB with the environment
 MAX_ARG_BYTES = (128 << 10) - 1  # one argument (the kernel's MAX_ARG_STRLEN)
-# A kernel release as uname prints it (at most 64 characters): it names directories and, for a
-# fetching server, packages, so no path, no shell or apt syntax and no leading dash.
-RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
-
-
 @dataclasses.dataclass
 class Request:
     version: str
@@ -685,7 +680,7 @@ def client_arguments(args, archive, release):
 
 def check_release(release, what):
     """release, if it is a plain kernel release name; else an Error before anything runs."""
-    if not RELEASE_NAME.fullmatch(release) or ".." in release:
+    if not client.is_release_name(release):
         raise Error(f"{what} {cut(release, 80)!r} is not a kernel release name (letters, digits "
                     "and . _ + ~ -, starting with a letter or digit, no .., at most 64 "
                     "characters)")
@@ -1472,10 +1467,7 @@ def make_fixed_runtime(source, fixes, path):
     the compile account, writable only by the server."""
     parent = os.path.dirname(path)
     os.makedirs(parent, 0o755, exist_ok=True)
-    st = os.lstat(parent)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
-        raise Error(f"{parent} must be a directory of uid {os.geteuid()} "
-                    "that group and others cannot write")
+    os.close(open_server_dir(parent))
     new = tempfile.mkdtemp(prefix=".new.", dir=parent)
     try:
         shutil.copytree(source, new, symlinks=True, dirs_exist_ok=True)
@@ -1629,15 +1621,12 @@ class KernelCache:
         runs (oldest use first); half-made ones of a crash are removed."""
         for d in (self.top, self.path(KERNEL_TREES), self.path(DOWNLOADS)):
             os.makedirs(d, 0o755, exist_ok=True)
-            st = os.lstat(d)
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
-                raise Error(f"{d} must be a directory of uid {os.geteuid()} "
-                            "that group and others cannot write")
+            os.close(open_server_dir(d))
         trees = self.path(KERNEL_TREES)
         found = []
         for name in os.listdir(trees):
             path = os.path.join(trees, name)
-            if name.startswith(".") or not RELEASE_NAME.fullmatch(name):
+            if not client.is_release_name(name):
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 found.append((os.lstat(path).st_mtime, name, path))
