@@ -1506,19 +1506,25 @@ def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT, sysinfo=None):
 
 
 def browse(timeout=DISCOVERY_TIMEOUT, domains=()):
-    """(every advertised server, how we looked): avahi when a daemon answers, else our own multicast
-    DNS query; at the same time unicast DNS in the given domains (wide-area DNS-SD), if any."""
+    """(every advertised server, how we looked): the first of LINK_BROWSERS that answers (avahi,
+    else our own multicast DNS query); at the same time unicast DNS in the given domains, if any."""
     deadline = time.monotonic() + timeout
+    left = lambda: max(0.1, deadline - time.monotonic())  # of the time given
     wide = WideAreaBrowse(domains, timeout) if domains else None
-    records, how = browse_avahi(timeout), "avahi"
-    if records is None:  # no avahi daemon here
-        records = browse_mdns(max(0.1, deadline - time.monotonic()))
-        how = "multicast DNS; no avahi daemon answered"
+    how, records = first_answering(LINK_BROWSERS, lambda browse_link: browse_link(left()))
     if wide:
-        records += wide.result(max(0.1, deadline - time.monotonic()))
+        records += wide.browse(left())
         how += f"; DNS in {', '.join(domains)}"
     records = sorted(unique_records(records), key=lambda r: (r.host, r.port, r.sysinfo, r.address))
     return records, how
+
+
+def first_answering(backends, attempt, choice="auto"):
+    """(name, answer) of the first back end of a registry ("auto": any) whose answer is not None."""
+    for name, backend in backends.items():
+        if choice in ("auto", name) and (answer := attempt(backend)) is not None:
+            return name, answer
+    raise DiscoveryError(f"no {choice} daemon answers")
 
 
 # --- wide-area DNS-SD: the same records over unicast DNS (RFC 6763 11) ------
@@ -1549,8 +1555,8 @@ class WideAreaBrowse:
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
-    def result(self, wait):
-        self.thread.join(wait)
+    def browse(self, timeout):
+        self.thread.join(timeout)
         return list(self.records)
 
     def run(self):
@@ -1562,9 +1568,9 @@ class WideAreaBrowse:
         for domain in dict.fromkeys(names):
             pointed = self.ask(resolver, f"b._dns-sd._udp.{domain}", "PTR")
             for browse_domain in [r.target.to_text() for r in pointed] or [domain]:
-                self.browse(resolver, browse_domain)
+                self.browse_domain(resolver, browse_domain)
 
-    def browse(self, resolver, domain):
+    def browse_domain(self, resolver, domain):
         for ptr in self.ask(resolver, f"{SERVICE_TYPE}.{domain}", "PTR"):
             instance = ptr.target
             txt = txt_dict(s for rd in self.ask(resolver, instance, "TXT") for s in rd.strings)
@@ -1887,6 +1893,10 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
         while select.select([sock], [], [], 0)[0]:  # what arrived by the deadline
             receive_answers(sock, answers, 0)
     return answers.records()
+
+
+# The link's browsers by what they tell the user, preferred first: timeout -> records, None: absent
+LINK_BROWSERS = {"avahi": browse_avahi, "multicast DNS; no avahi daemon answered": browse_mdns}
 
 
 def receive_answers(sock, answers, wait):
