@@ -182,7 +182,7 @@ def build_option_parser(prog):
         "(BIND's key statement, as tsig-keygen writes it)")
     add("--load-refresh", type=float, default=10, metavar="SECONDS",
         help="refresh the advertised load hint at most this often (default 10)")
-    add("--advertise", choices=("auto", "avahi", "mdns", "none"), default="auto",
+    add("--advertise", choices=("auto", *LINK_PUBLISHERS, "none"), default="auto",
         help="how to announce the server (default: avahi if running, else the built-in "
         "mDNS responder)")
     return p
@@ -3082,52 +3082,34 @@ class Offer:
             ([f"versions={','.join(self.versions)}"] if self.versions else [])
 
 
-class Advertiser:
-    """Advertise an Offer on the link: one DNS-SD instance per served sysinfo, each through an
-    `avahi-publish-service` child when an avahi daemon answers, else through our own multicast DNS
-    responder."""
+class AvahiAdvertiser:
+    """An Offer through `avahi-publish-service` children (AvahiPublisher), one per instance."""
 
     def __init__(self, offer):
-        self.offer = offer
-        self.names = []  # instance names actually registered
-        self.mode = None  # 'avahi' or 'mdns' once started
-        self.publishers, self.responder = [], None
+        self.offer, self.publishers, self.names = offer, [], []
 
-    def start(self, how="auto"):
-        """Publish ("auto": avahi when a daemon answers, else our own responder; or "avahi" / "mdns"
-        only); returns the mode used.  Raises DiscoveryError on failure."""
-        if how != "mdns" and self.start_avahi():
-            self.mode = "avahi"
-        elif how == "avahi":
-            raise client.DiscoveryError("no avahi daemon answers (--advertise=avahi)")
-        else:
-            self.responder = MdnsResponder(self.offer)
-            self.names, self.mode = self.responder.names, "mdns"
-        return self.mode
-
-    def start_avahi(self):
-        """True when avahi published every instance, False when no daemon answers."""
+    def start(self):
+        """Self when avahi published every instance, None when no daemon answers."""
         if shutil.which("avahi-publish-service") is None:
-            return False
+            return None
         # Every instance at once: avahi probes each name for ~1 s.
         self.publishers = [AvahiPublisher(name, self.offer.port, self.offer.txt(sysinfo))
                            for name, sysinfo in zip(self.offer.names(), self.offer.sysinfos)]
-        published = False
         try:
-            published = all(pub.wait_established(PUBLISH_TIMEOUT) for pub in self.publishers)
+            if all(pub.wait_established(PUBLISH_TIMEOUT) for pub in self.publishers):
+                self.names = [pub.name for pub in self.publishers]
+                return self
         finally:
-            if not published:  # a failure, or no daemon: our responder may take over
+            if not self.names:  # a failure, or no daemon: our responder may take over
                 self.stop()
-        self.names = [pub.name for pub in self.publishers]
-        return published
+
+    def refresh(self):
+        return False  # avahi-publish-service takes its TXT once: publish again
 
     def stop(self):
-        """Withdraw every instance (avahi: end the children; mDNS: goodbye)."""
         for pub in self.publishers:
             pub.stop()
-        if self.responder:
-            self.responder.stop()
-        self.publishers, self.responder, self.mode = [], None, None
+        self.publishers = []
 
 
 def ipv6_addresses(ifname):
@@ -3245,14 +3227,20 @@ class MdnsResponder:
         self.hostname = dns.name.from_text(f"{offer.host}.{client.MDNS_DOMAIN}.")
         self.meta = dns.name.from_text(f"_services._dns-sd._udp.{client.MDNS_DOMAIN}.")
         self.interfaces = reachable_interfaces(offer.listen)
+
+    def start(self):
         if not self.interfaces:
             raise client.DiscoveryError("no multicast-capable IPv4 interface to advertise on")
-        self.names = self.claim_names(offer.names())
+        self.names = self.claim_names(self.offer.names())
         self.sock = self.open_socket()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.serve, daemon=True, name="mdns-responder")
         self.thread.start()
         self.announce(MDNS_TTL)
+        return self
+
+    def refresh(self):
+        return True  # the load hint is answered from the offer at each question
 
     def stop(self):
         self.stopping.set()
@@ -3405,6 +3393,11 @@ class MdnsResponder:
             self.send(iface, ours, host if ttl else [])
 
 
+# A publisher (ZoneRegistration too): start() publishes an Offer's `names`, returns self (None where
+# absent: no avahi daemon); refresh() in place (True) or not; stop().  The link's, preferred first:
+LINK_PUBLISHERS = {"avahi": AvahiAdvertiser, "mdns": MdnsResponder}
+
+
 # --------------------------------------------------------------------------
 # Wide-area DNS-SD: the same records in a unicast DNS zone (RFC 6763 over RFC 2136 DNS UPDATE,
 # signed with TSIG), for clients beyond multicast
@@ -3444,16 +3437,17 @@ class ZoneRegistration:
                         f"{e.__class__.__name__}: {e}") from None
         return reply.rcode()
 
-    def register(self):
+    def start(self):
         """Add every instance under a name nobody else holds in the zone; when the zone refuses
         one, withdraw those added before it (the server will not start)."""
         try:
             self.add_instances(self.address())
         except Error:
-            self.withdraw()
+            self.stop()
             raise
         logging.info("registered in %s at %s: %s", self.zone, self.server,
                      ", ".join(i.to_text() for i, _ in self.instances))
+        return self
 
     def add_instances(self, address):
         for sysinfo, name in zip(self.offer.sysinfos, self.offer.names()):
@@ -3478,9 +3472,9 @@ class ZoneRegistration:
         msg = self.update()
         for instance, sysinfo in self.instances:
             msg.replace(instance, DNS_TTL, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))
-        self.send_or_warn(msg)
+        return self.send_or_warn(msg) or True
 
-    def withdraw(self):
+    def stop(self):
         """Every instance gone, in one update."""
         if not self.instances:
             return
@@ -3693,7 +3687,7 @@ class Advertising:
     --dns-update), both read from one Offer: the link's started in the background so that the server
     accepts connections at once; both renewed with a renewed certificate (its serial is advertised)
     and when the load changes meaningfully (at most every --load-refresh seconds); withdrawn at
-    shutdown."""
+    shutdown.  The zone's is registered at once: a refused update fails the server's start."""
 
     def __init__(self, config, port, version, der, queue):
         self.config, self.queue = config, queue
@@ -3704,23 +3698,20 @@ class Advertising:
         self.link = self.thread = None
         self.stopping = threading.Event()
         self.lock = threading.Lock()  # renewal and the load follower both re-publish
-        self.zone = ZoneRegistration(config.dns_update, self.offer) if config.dns_update else None
-        if self.zone:
-            self.zone.register()  # before the caller reports a start: a refused update fails it
+        self.zone = config.dns_update and ZoneRegistration(config.dns_update, self.offer).start()
         if config.advertise != "none":
             self.start_link()
         threading.Thread(target=self.follow_load, daemon=True).start()
 
     def start_link(self):
-        self.link = Advertiser(self.offer)
-        self.thread = threading.Thread(target=self.run, args=(self.link,), daemon=True)
+        self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
-    def run(self, link):
+    def run(self):
         try:
-            mode = link.start(self.config.advertise)
-            logging.info("advertised as %s through %s", ", ".join(repr(n) for n in link.names),
-                         mode)
+            mode, self.link = client.first_answering(  # --advertise: "auto" or one of them
+                LINK_PUBLISHERS, lambda make: make(self.offer).start(), self.config.advertise)
+            logging.info("advertised as %s through %s", ", ".join(map(repr, self.link.names)), mode)
         except Error as e:
             logging.warning("not advertised: %s", e)
 
@@ -3735,8 +3726,7 @@ class Advertising:
 
     def refresh(self, der=None, hint=None):
         """Tell the network of a renewed certificate or a new load hint: the zone by DNS UPDATE, the
-        link by publishing again (avahi-publish-service takes its TXT once), unless only the load
-        changed and our own responder answers from the offer anyway."""
+        link in place where its publisher can, else by publishing again."""
         with self.lock:
             if self.stopping.is_set():
                 return
@@ -3746,21 +3736,21 @@ class Advertising:
                 self.offer.hint = hint
             if self.zone:
                 self.zone.refresh()
-            if self.link and (der or self.link.mode != "mdns"):
+            if self.thread and (der or not (self.link and self.link.refresh())):
                 self.withdraw_link()
                 self.start_link()
 
     def withdraw_link(self):
         self.thread.join(15)
-        self.link.stop()
+        self.link = self.link and self.link.stop()  # None once stopped
 
     def stop(self):
         with self.lock:
             self.stopping.set()
-            if self.link:
+            if self.thread:
                 self.withdraw_link()
             if self.zone:
-                self.zone.withdraw()
+                self.zone.stop()
 
 
 def advertised_sysinfos(config):

@@ -468,7 +468,7 @@ def zone_registration(tmp_path, rcodes):
 def test_a_zone_refusing_the_second_instance_gets_the_first_withdrawn(tmp_path):
     zone = zone_registration(tmp_path, ["NOERROR", "REFUSED", "NOERROR"])
     with pytest.raises(Error, match="refused: REFUSED"):
-        zone.register()
+        zone.start()
     assert len(zone.sent) == 3
     withdrawal = zone.sent[-1]  # a failed start leaves nothing of it in the zone
     assert "Systemtap\\032Compile\\032Server\\032on\\032h._stap._tcp.example.test. ANY ANY" \
@@ -478,7 +478,7 @@ def test_a_zone_refusing_the_second_instance_gets_the_first_withdrawn(tmp_path):
 
 def test_a_refused_zone_refresh_is_a_warning(tmp_path, caplog):
     zone = zone_registration(tmp_path, ["NOERROR", "NOERROR", "NOTAUTH"])
-    zone.register()
+    zone.start()
     with caplog.at_level("WARNING"):
         zone.refresh()
     assert "DNS UPDATE of example.test. at 10.0.0.53 refused: NOTAUTH" in caplog.text
