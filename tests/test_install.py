@@ -183,13 +183,15 @@ def test_command_imports_byte_code(installed, command, module):
     assert ("import 'stap_server'" in proc.stderr) == (module == "stap_server"), proc.stderr
 
 
-def test_unknown_name_fails_in_one_line(installed):
-    """A link to the launcher under a name that is no command: one line naming the commands."""
+@pytest.mark.parametrize("args", [["--help"], ["stap-client", "--help"]])
+def test_unknown_name_fails_in_one_line(installed, args):
+    """A link to the launcher under a name that is no command: one line naming the commands,
+    whatever its arguments."""
     dest, _, tmp = installed
     link = os.path.join(tmp, "stap-nonesuch")
     os.symlink(os.path.join(dest, PKGLIB, "launcher"), link)
     try:
-        proc = subprocess.run([link, "--help"], cwd=tmp, env=clean_env(tmp), capture_output=True,
+        proc = subprocess.run([link, *args], cwd=tmp, env=clean_env(tmp), capture_output=True,
                               text=True, timeout=60)
     finally:
         os.unlink(link)
@@ -197,6 +199,17 @@ def test_unknown_name_fails_in_one_line(installed):
     assert proc.stdout == ""
     assert proc.stderr == ("stap-nonesuch: ERROR: not a command of the stap-server utilities; "
                            f"they are: {', '.join(sorted(CLIENT_COMMANDS + SERVER_COMMANDS))}\n")
+
+
+def test_launcher_by_its_own_name(installed):
+    """Run by its own name, the launcher takes the command from its first argument, as the
+    modules do (the benchmarks run it so)."""
+    dest, _, tmp = installed
+    proc = subprocess.run(["/usr/bin/python3", os.path.join(dest, PKGLIB, "launcher"),
+                           "stap-stop-server"], cwd=tmp, env=clean_env(tmp), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "usage: stap-stop-server PID" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_client_without_server_module(installed):

@@ -10,14 +10,18 @@ imports stap_client alone, so that a client-only installation needs no stap_serv
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+HERE = os.path.realpath(__file__)  # __file__ is the link a command was called by
+sys.path.insert(0, os.path.dirname(HERE))
 import stap_client  # noqa: E402  (from beside this file, not from the working directory)
 
 
-def names(commands, argv):
-    """Whether argv names one of commands: its base name, or the first argument (as the modules
-    accept it) when the base name is no command."""
-    return os.path.basename(argv[0]) in commands or (len(argv) > 1 and argv[1] in commands)
+def command_name(argv):
+    """argv[0]'s base name, or the first argument where the launcher is run by its own name (as
+    `python3 stap_client.py COMMAND` runs the module)."""
+    name = os.path.basename(argv[0])
+    if name == os.path.basename(HERE) and len(argv) > 1:
+        return argv[1]
+    return name
 
 
 def server_commands():
@@ -32,12 +36,13 @@ def server_commands():
 
 
 def main(argv):
-    if names(stap_client.COMMANDS, argv):
+    name = command_name(argv)
+    if name in stap_client.COMMANDS:
         return stap_client.main()
     server = server_commands()
-    if names(server, argv):
+    if name in server:
         return sys.modules["stap_server"].main()
-    print(f"{os.path.basename(argv[0])}: ERROR: not a command of the stap-server utilities; "
+    print(f"{name}: ERROR: not a command of the stap-server utilities; "
           f"they are: {', '.join(sorted({**stap_client.COMMANDS, **server}))}", file=sys.stderr)
     return 1
 
