@@ -45,10 +45,9 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 
 import stap_client as client
-from stap_client import CertDB, Error, Limits, Reply  # the names the server uses most
+from stap_client import CertDB, Error, Limits, ReplyContent  # the names the server uses most
 
 try:  # the built-in multicast DNS responder needs dnspython
     dns = client.require_dnspython()
@@ -58,7 +57,6 @@ except client.DiscoveryError:
 PROG = "stap-serverd"
 RENEW_BEFORE = 30 * 86400  # renew a certificate expiring within 30 days
 START_TIMEOUT = 30  # stap-start-server's bound, key generation included
-RESPONSE_DIR = "stap000000"  # the one module directory of a reply
 COMPILE_ACCOUNT = "stap-compile"  # a root server's compile step runs as this account
 
 # Resource limits of every compile: (option suffix, default, unit, what it bounds).
@@ -507,8 +505,8 @@ def not_after(der):
     """Expiry of a certificate as a Unix time, read from its DER (NSS is not initialised yet when
     the server checks its certificate)."""
     try:
-        _, _, start, end = client.tbs_fields(der)[3]  # serial, signature, issuer, validity
-        _, _, start, end = list(client.der_children(der, start, end))[1]  # notAfter
+        _, _, start, end = client.tbs_fields(der).validity
+        _not_before, (_, _, start, end) = client.der_children(der, start, end)
         stamp = der[start:end].decode()
         fmt = "%y%m%d%H%M%SZ" if len(stamp) == 13 else "%Y%m%d%H%M%SZ"  # UTC/GeneralizedTime
         return calendar.timegm(time.strptime(stamp, fmt))
@@ -1084,8 +1082,8 @@ def compile_env(req, work, cache):
 def run_compile(config, req, ws, knowledge=None):
     """One stap run in its sandbox, as the compile account, within the resource limits; stdin is
     /dev/null, stdout and stderr go to files the server opened (and reads back) itself; stap's
-    cache is the request's own, with copies of the kernel's knowledge in it.  A Reply with the
-    module as (name, bytes) and the server's paths hidden."""
+    cache is the request's own, with copies of the kernel's knowledge in it.  A ReplyContent with
+    the module as (name, bytes) and the server's paths hidden."""
     ws.hand_over(compile_account(config), knowledge)
     on_host = req.build_env is None or req.build_env.root == "/"
     fixed = fixed_runtime(config, req.release, req.kernel) if on_host else None  # host's runtime
@@ -1116,8 +1114,8 @@ def run_compile(config, req, ws, knowledge=None):
         stderr += runtime_failure(stderr, runtime or source_runtime(config), fixed)
     module = ws.module(config.compile_limits["file-size"]) if rc == 0 else None
     hide = (ws.path, work, cache, fixed and fixed.path)
-    return Reply(rc=1 if rc else 0, stdout=hide_paths(stdout, hide),
-                 stderr=hide_paths(stderr, hide), module=module)
+    return ReplyContent(rc=1 if rc else 0, stdout=hide_paths(stdout, hide),
+                        stderr=hide_paths(stderr, hide), module=module)
 
 
 def watch_compile(proc, ws, config):
@@ -1321,7 +1319,7 @@ def warm_up(config, release, path, env=None, kernel=None):
         compiled = run_compile(config, req, ws)
         files = ws.stap_knowledge() if compiled.rc == 0 else {}
     except (Error, OSError) as e:
-        compiled, files = Reply(1, b"", str(e).encode()), {}
+        compiled, files = ReplyContent(1, b"", str(e).encode()), {}
     finally:
         ws.remove()
     if not files:
@@ -1794,19 +1792,6 @@ def reply_for_client(compiled, req, key, version):
                              version=version, module=module)
 
 
-def reply_entries(reply):
-    """The reply's entries, (name, bytes) in the real server's layout."""
-    entries = [("version", reply.version.encode()), ("rc", str(reply.rc).encode()),
-               ("stdout", reply.stdout), ("stderr", reply.stderr)]
-    if reply.module:
-        name, data, *signature = reply.module
-        entries.append((f"{RESPONSE_DIR}/{name}", data))
-        entries += [(f"{RESPONSE_DIR}/{name}.sgn", sig) for sig in signature]
-    if reply.mok_cert:
-        entries.append((MOK_CERT, reply.mok_cert))  # beside rc, where real clients look
-    return entries
-
-
 # Signing: NSS signs with the server key where its database keeps it.
 
 class SECItem(ctypes.Structure):
@@ -1870,60 +1855,11 @@ class ServerKey:
         """A module's NAME.ko.sgn: what staprun checks for stapusr and stapsys."""
         return self.sign(data, "SEC_OID_PKCS1_SHA256_WITH_RSA_ENCRYPTION")
 
-    def signed_jar(self, entries):
-        """entries as a zip signed the way signtool -Z signs a directory: digests of every entry in
-        a manifest, of the manifest in a signature file, and a PKCS#7 signature of that file (SHA-1,
-        the one digest NSS's JAR verifier knows)."""
-        manifest, signature_file = client.jar_manifests(entries)
-        block = self.pkcs7_signature(signature_file)
-        out = io.BytesIO()
-        stamp = time.localtime()[:6]
-        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-            for name, data in entries + [(client.JAR_MANIFEST, manifest),
-                                         (client.JAR_SIGNATURE_FILE, signature_file),
-                                         (client.JAR_SIGNATURE_BLOCK, block)]:
-                info = zipfile.ZipInfo(name, stamp)
-                info.external_attr = 0o644 << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
-                zf.writestr(info, data, compresslevel=1 if len(data) > 65536 else None)
-        return out.getvalue()
-
-    def pkcs7_signature(self, content):
-        """A detached PKCS#7 SignedData of content with authenticated attributes (content type,
-        signing time, SHA-1 digest), carrying our certificate: signtool's signature block, byte for
-        byte in layout."""
-        oid = client.DER_OID
-        attributes = [
-            der(0x30, oid["contentType"], der(0x31, oid["data"])),
-            der(0x30, oid["signingTime"], der(0x31, der(0x17, time.strftime(
-                "%y%m%d%H%M%SZ", time.gmtime()).encode()))),
-            der(0x30, oid["messageDigest"], der(0x31, der(0x04, hashlib.sha1(content).digest()))),
-        ]
-        signed = der(0x31, *attributes)
-        signature = self.sign(signed, "SEC_OID_PKCS1_SHA1_WITH_RSA_ENCRYPTION")
-        fields = client.tbs_fields(self.der)
-        serial, issuer = (self.der[f[1]:f[3]] for f in (fields[0], fields[2]))
-        sha1 = der(0x30, oid["sha1"], b"\x05\x00")
-        signer_info = der(0x30, b"\x02\x01\x01", der(0x30, issuer, serial), sha1,
-                          b"\xa0" + signed[1:], der(0x30, oid["rsaEncryption"], b"\x05\x00"),
-                          der(0x04, signature))
-        signed_data = der(0x30, b"\x02\x01\x01", der(0x31, sha1), der(0x30, oid["data"]),
-                          der(0xA0, self.der), der(0x31, signer_info))
-        return der(0x30, oid["signedData"], der(0xA0, signed_data))
-
-
-def der(tag, *content):
-    """A DER element: tag, definite length, content."""
-    body = b"".join(content)
-    n = len(body)
-    if n < 0x80:
-        return bytes((tag, n)) + body
-    length = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(length))) + length + body
 
 
 def error_reply(key, version, message):
-    return signed_reply(key, Reply(1, b"", f"stap-serverd: ERROR: {message}\n".encode(), version))
+    return signed_reply(key, ReplyContent(1, b"", f"stap-serverd: ERROR: {message}\n".encode(),
+                                          version))
 
 
 def busy_reply(key, version, why, record):
@@ -1933,7 +1869,7 @@ def busy_reply(key, version, why, record):
 
 
 def signed_reply(key, reply):
-    return key.signed_jar(reply_entries(reply))
+    return client.signed_jar(client.reply_entries(reply), key.der, key.sign)
 
 
 # --------------------------------------------------------------------------
@@ -3043,11 +2979,6 @@ def alternative_name(name):
     return f"{match[1]} #{int(match[2]) + 1}" if match else f"{name} #2"
 
 
-def txt_rdata_text(strings):
-    """TXT strings in DNS presentation form: each quoted, quotes escaped."""
-    return " ".join('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"' for t in strings)
-
-
 @dataclasses.dataclass
 class Offer:
     """What a server advertises, as every publisher reads it (avahi, our own responder, a DNS zone):
@@ -3305,22 +3236,12 @@ class MdnsResponder:
                  rrset(stype, "PTR", *[fqdn.to_text() for fqdn in fqdns])]
         for fqdn, sysinfo in zip(fqdns, self.offer.sysinfos):
             table += [rrset(fqdn, "SRV", f"0 0 {self.offer.port} {self.hostname}"),
-                      rrset(fqdn, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))]
+                      rrset(fqdn, "TXT", client.txt_rdata_text(self.offer.txt(sysinfo)))]
         table.append(rrset(self.hostname, "A", iface.address))
         # reachable over IPv6 too
         if self.offer.listen in (None, "", "::") and (v6 := ipv6_addresses(iface.name)):
             table.append(rrset(self.hostname, "AAAA", *v6))
         return table
-
-    def answer(self, questions, table):
-        """(answers, additionals): the rrsets asked for, and what the asker wants next
-        (RFC 6763 12): a PTR's targets, and the host's addresses for a PTR or SRV."""
-        answers = [rr for rr in table if any(
-            q.name == rr.name and q.rdtype in (rr.rdtype, dns.rdatatype.ANY) for q in questions)]
-        wanted = {rd.target for rr in answers if rr.rdtype == dns.rdatatype.PTR for rd in rr}
-        if any(rr.rdtype in (dns.rdatatype.PTR, dns.rdatatype.SRV) for rr in answers):
-            wanted.add(self.hostname)
-        return answers, [rr for rr in table if rr.name in wanted and rr not in answers]
 
     # --- serving ---
 
@@ -3342,11 +3263,12 @@ class MdnsResponder:
             return
         legacy = source[1] != client.MDNS_PORT  # a one-shot query (6.7)
         table = self.records(min(MDNS_TTL, 10) if legacy else MDNS_TTL, iface)
-        answers, additional = self.answer(message.question, table)
+        answers, additional = client.mdns_answers(message.question, table, self.hostname)
         if answers:
             unicast = legacy or any(unicast_flags)
-            self.send(iface, answers, additional, message if legacy else None,
-                      source if unicast else (client.MDNS_GROUP, client.MDNS_PORT))
+            client.send_to_group(self.sock, [iface], client.mdns_response(
+                answers, additional, message if legacy else None),
+                source if unicast else (client.MDNS_GROUP, client.MDNS_PORT))
 
     def resolve_conflicts(self, message):
         """Two servers that probed at the same moment can claim one name (RFC 6762 9): when another
@@ -3372,25 +3294,15 @@ class MdnsResponder:
         return next((i for i in self.interfaces if i.index == ifindex),
                     None if ifindex else self.interfaces[0])
 
-    def send(self, iface, answers, additional, legacy_query=None,
-             dest=(client.MDNS_GROUP, client.MDNS_PORT)):
-        """A response out of iface, best effort like any mDNS; one to a legacy query carries its id
-        and question (RFC 6762 6.7)."""
-        msg = dns.message.Message(id=legacy_query.id if legacy_query else 0)
-        msg.flags = dns.flags.QR | dns.flags.AA
-        msg.question = list(legacy_query.question) if legacy_query else []
-        msg.answer, msg.additional = answers, additional
-        client.send_to_group(self.sock, [iface], msg.to_wire(), dest)
-
     def announce(self, ttl):
         """Unsolicited response with our records on every interface: an announcement (ttl > 0) at
         start, a goodbye (ttl 0) at stop.  Not the meta PTR, nor in a goodbye the host's addresses:
         they may still serve other servers."""
         for iface in self.interfaces:
             table = self.records(ttl, iface)
-            host = [rr for rr in table if rr.name == self.hostname]
+            host = [rr for rr in table if ttl and rr.name == self.hostname]
             ours = [rr for rr in table if rr.name not in (self.meta, self.hostname)]
-            self.send(iface, ours, host if ttl else [])
+            client.send_to_group(self.sock, [iface], client.mdns_response(ours, host))
 
 
 # A publisher (ZoneRegistration too): start() publishes an Offer's `names`, returns self (None where
@@ -3457,7 +3369,7 @@ class ZoneRegistration:
                 msg.absent(instance, "SRV")  # prerequisite: the name is free
                 msg.add(self.stype, DNS_TTL, "PTR", instance.to_text())
                 msg.add(instance, DNS_TTL, "SRV", f"0 0 {self.offer.port} {self.host}")
-                msg.add(instance, DNS_TTL, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))
+                msg.add(instance, DNS_TTL, "TXT", client.txt_rdata_text(self.offer.txt(sysinfo)))
                 msg.replace(self.host, DNS_TTL, "A", address)
                 rcode = self.send(msg)
                 if rcode == dns.rcode.NOERROR:
@@ -3471,7 +3383,7 @@ class ZoneRegistration:
         """New TXT records: a renewed certificate's serial, a new load hint."""
         msg = self.update()
         for instance, sysinfo in self.instances:
-            msg.replace(instance, DNS_TTL, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))
+            msg.replace(instance, DNS_TTL, "TXT", client.txt_rdata_text(self.offer.txt(sysinfo)))
         return self.send_or_warn(msg) or True
 
     def stop(self):

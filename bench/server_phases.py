@@ -50,7 +50,7 @@ def main(argv):
     cfg_argv = ["--listen", "127.0.0.1", "-r", krel] + (["-R", rt] if rt else []) + srv_opts
     config = server.parse_config(cfg_argv)
     inv = client.parse_stap_args(["-r", krel, f"-p{p}", script])
-    data = client.build_request(inv)
+    data, _ = client.build_request(inv)
     version = server.stap_version()
     client.open_databases([config.db])
     key = server.ServerKey(server.newest_certificate(config.db))

@@ -333,7 +333,7 @@ rc, stderr, module = eval(sys.stdin.read())
 db = stap_client.CertDB(sys.argv[2])
 stap_client.open_databases([db])
 key = stap_server.ServerKey(stap_server.newest_certificate(db))
-sys.stdout.buffer.write(stap_server.signed_reply(key, stap_client.Reply(
+sys.stdout.buffer.write(stap_server.signed_reply(key, stap_client.ReplyContent(
     rc, b"", stderr, "4.8", module and ("stap_fake.ko", module))))
 """
 

@@ -187,7 +187,7 @@ def check_reply(reply):
         assert rc in (0, 1)
         if rc == 1:  # the stand-in stap (/bin/true) never fails: every rc 1 is the server's
             assert zf.read("stderr").startswith(b"stap-serverd: ERROR: "), zf.read("stderr")
-        assert all(n.startswith(("META-INF/", stap_server.RESPONSE_DIR + "/"))
+        assert all(n.startswith(("META-INF/", stap_client.RESPONSE_DIR + "/"))
                    or n in ("rc", "version", "stdout", "stderr") for n in names), names
     return rc
 

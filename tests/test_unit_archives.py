@@ -3,6 +3,7 @@ archive safely.  Every entry is checked before anything is written (names,
 types, sizes, compression ratio, count, total), unpacking writes only inside
 its directory, and an unsigned reply is read into a Reply."""
 
+import hashlib
 import io
 import os
 import stat
@@ -88,7 +89,9 @@ def test_not_a_zip():
 
 def test_extract_writes_files_0644_and_directories_0755_inside_dest(tmp_path):
     data = zipped([("d/", b""), ("d/e/f", b"deep"), ("top", b"t")])
-    assert extract_archive(open_archive(data), str(tmp_path), Limits()) == ["d/", "d/e/f", "top"]
+    sha1 = extract_archive(open_archive(data), str(tmp_path), Limits())
+    assert list(sha1) == ["d/", "d/e/f", "top"]  # every entry, hashed as it was written
+    assert sha1["d/e/f"].digest() == hashlib.sha1(b"deep").digest()
     assert (tmp_path / "d" / "e" / "f").read_bytes() == b"deep"
     assert stat.S_IMODE(os.stat(tmp_path / "top").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "d").st_mode) == 0o755

@@ -13,7 +13,7 @@ import pytest
 from hardening_helpers import zip_bytes
 
 import stap_server
-from stap_client import Limits, Reply, RequestArchive, open_archive
+from stap_client import Limits, ReplyContent, RequestArchive, open_archive, reply_entries
 from stap_server import Request, ResultCache, result_key
 
 
@@ -214,9 +214,9 @@ def test_every_byte_of_a_reply_is_a_function_of_its_key(monkeypatch):
         archive = files.as_archive()
         req = stap_server.parse_request(archive, cfg)
         seen = dataclasses.replace(req, version=None, notices=b"")  # what stap runs with
-        compiled = Reply(0, repr(dataclasses.astuple(seen)).encode(),
-                         archive.digest(skip=("version",)).encode())
-        reply = stap_server.reply_entries(stap_server.reply_for_client(compiled, req, None, "4.8"))
+        compiled = ReplyContent(0, repr(dataclasses.astuple(seen)).encode(),
+                                archive.digest(skip=("version",)).encode())
+        reply = reply_entries(stap_server.reply_for_client(compiled, req, None, "4.8"))
         answers.setdefault(result_key(req, archive, cfg, "4.8"), set()).add(repr(reply))
     assert all(len(replies) == 1 for replies in answers.values()), answers
     assert len(answers) == len(VARIANTS)  # only the client's version shares the base's key

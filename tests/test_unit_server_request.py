@@ -14,7 +14,15 @@ import pytest
 from hardening_helpers import zip_bytes
 
 import stap_server
-from stap_client import Error, Limits, Reply, RequestArchive, open_archive
+from stap_client import (
+    Error,
+    Limits,
+    ReplyContent,
+    RequestArchive,
+    open_archive,
+    reply_entries,
+    txt_rdata_text,
+)
 from stap_server import (
     COMPILE_LIMITS,
     OTHER_PATH_OPTIONS,
@@ -40,11 +48,9 @@ from stap_server import (
     locale_env,
     parse_config,
     parse_request,
-    reply_entries,
     reply_for_client,
     secret_files,
     server_side_cause,
-    txt_rdata_text,
 )
 
 SCRIPT = "probe begin { exit() }"
@@ -356,12 +362,12 @@ def request(lowered, signed=False, notices=b""):
 
 
 def test_reply_for_client_names_the_module_and_puts_notices_first():
-    compiled = Reply(rc=0, stdout=b"hello\n<server>/stap_1.ko\n",
-                     stderr=b"Pass 4 in <server>/work/tmp\n", module=("stap_1.ko", b"ko"))
+    compiled = ReplyContent(rc=0, stdout=b"hello\n<server>/stap_1.ko\n",
+                            stderr=b"Pass 4 in <server>/work/tmp\n", module=("stap_1.ko", b"ko"))
     assert reply_for_client(compiled, request(lowered=False, notices=b"Server: n\n"), None,
                             "4.8") == \
-        Reply(0, b"hello\nstap_1.ko\n", b"Server: n\nPass 4 in <server>/work/tmp\n", "4.8",
-              ("stap_1.ko", b"ko"))
+        ReplyContent(0, b"hello\nstap_1.ko\n", b"Server: n\nPass 4 in <server>/work/tmp\n", "4.8",
+                     ("stap_1.ko", b"ko"))
     # pass 5: the client names the module itself
     assert reply_for_client(compiled, request(lowered=True), None, "4.8").stdout == b"hello\n"
 
@@ -371,16 +377,16 @@ def test_a_module_for_stapusr_is_signed():
         def module_signature(self, data):
             return b"signature of " + data
 
-    compiled = Reply(rc=0, stdout=b"", stderr=b"", module=("m.ko", b"ko"))
+    compiled = ReplyContent(rc=0, stdout=b"", stderr=b"", module=("m.ko", b"ko"))
     assert reply_for_client(compiled, request(lowered=True, signed=True), Key(), "4.8").module \
         == ("m.ko", b"ko", b"signature of ko")
 
 
 def test_reply_entries_in_the_real_servers_layout():
-    assert reply_entries(Reply(0, b"o", b"e", "4.8", ("m.ko", b"ko", b"sig"))) == [
+    assert reply_entries(ReplyContent(0, b"o", b"e", "4.8", ("m.ko", b"ko", b"sig"))) == [
         ("version", b"4.8"), ("rc", b"0"), ("stdout", b"o"), ("stderr", b"e"),
         ("stap000000/m.ko", b"ko"), ("stap000000/m.ko.sgn", b"sig")]
-    assert reply_entries(Reply(1, b"", b"e", "4.8")) == [
+    assert reply_entries(ReplyContent(1, b"", b"e", "4.8")) == [
         ("version", b"4.8"), ("rc", b"1"), ("stdout", b""), ("stderr", b"e")]
 
 
