@@ -232,6 +232,26 @@ def test_the_dbg_package_when_a_script_needs_it(releases, servers, user_sandbox,
     assert len(dbg_lines(srv, release, ".+")) == 2, read_text(srv.log)
 
 
+def test_a_dbg_package_that_cannot_be_downloaded_is_one_line_after_stap(
+        releases, servers, user_sandbox, krel, kernel_cache, user_compile_cache):
+    """The headers come from the download cache, the -dbg package through a proxy on a closed
+    port: the reply is stap's own failure and one line why, and nothing is kept."""
+    release = releases[0]
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache,
+                          env={"http_proxy": "http://127.0.0.1:9", "https_proxy":
+                               "http://127.0.0.1:9"})
+    proc = client(user_sandbox, srv, "-r", release, "-p2", "-e",
+                  'probe kprobe.function("vfs_read") { println(1) }', timeout=600)
+    err = without_progress(proc.stderr.decode())
+    assert proc.returncode == 1
+    assert "semantic error: no match" in err
+    assert re.search(rf"^stap-serverd: ERROR: cannot fetch the symbol table of {release}: "
+                     rf"cannot download linux-image-{release}-dbg \S+ from the archive: E: .*"
+                     r"127\.0\.0\.1", err.strip().splitlines()[-1]), err
+    assert os.listdir(os.path.join(kernel_cache, "symbols")) == []
+    assert not [n for n in os.listdir(os.path.join(kernel_cache, "debs")) if "-dbg_" in n]
+
+
 def test_an_unknown_release_is_one_line(servers, user_sandbox, krel, kernel_cache,
                                         user_compile_cache):
     srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache)
