@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import logging.handlers
+import lzma
 import os
 import posixpath
 import pwd
@@ -42,6 +43,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -1521,6 +1523,12 @@ FETCH_TIMEOUT = 300  # seconds for one apt-get download
 FAILED_FETCH_TTL = 300  # seconds a failed fetch is answered from memory
 KERNEL_TREES = "trees"  # in the kernel cache: RELEASE/ is the unpacked root of its packages
 DOWNLOADS = "debs"  # in the kernel cache: the verified .deb files
+# From linux-image-RELEASE-dbg, when a script needs them: SYMBOLS/RELEASE/System.map-RELEASE
+# (3.6 MB) and, apart, DEBUGINFO/RELEASE/vmlinux-RELEASE (600 MB), so kprobes do not pay for DWARF.
+SYMBOLS = "symbols"
+DEBUGINFO = "debuginfo"
+DEBUG_FILES = {SYMBOLS: "System.map-{}", DEBUGINFO: "vmlinux-{}"}  # in /usr/lib/debug/boot
+DEBUG_NEEDS = {SYMBOLS: "the symbol table", DEBUGINFO: "the debuginfo"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1538,6 +1546,11 @@ class FetchedKernel:
     root: str  # the unpacked packages: ROOT/usr/src/..., ROOT/lib/modules/RELEASE
     size: int
     users: int = 0
+    debug: dict = dataclasses.field(default_factory=dict)  # SYMBOLS or DEBUGINFO -> its file
+
+    def parts(self):
+        """The kernel's directories in the cache: its tree and the -dbg files fetched for it."""
+        return [self.root] + [os.path.dirname(f) for f in self.debug.values()]
 
 
 def apt_package(name):
@@ -1617,7 +1630,7 @@ class KernelCache:
     def open(self):
         """Make the cache's directories, or check those there, and take in the trees of earlier
         runs (oldest use first); half-made ones of a crash are removed."""
-        for d in (self.top, self.path(KERNEL_TREES), self.path(DOWNLOADS)):
+        for d in (self.top, *map(self.path, (KERNEL_TREES, DOWNLOADS, SYMBOLS, DEBUGINFO))):
             os.makedirs(d, 0o755, exist_ok=True)
             os.close(open_server_dir(d))
         trees = self.path(KERNEL_TREES)
@@ -1629,8 +1642,19 @@ class KernelCache:
             else:
                 found.append((os.lstat(path).st_mtime, name, path))
         for _, name, path in sorted(found):
-            self.kernels[name] = FetchedKernel(name, path, tree_size(path))
+            self.kernels[name] = FetchedKernel(name, path, 0, debug=self.debug_files(name))
+            self.kernels[name].size = sum(map(tree_size, self.kernels[name].parts()))
+        for part in (SYMBOLS, DEBUGINFO):  # half-made ones and those of a removed tree
+            for name in os.listdir(self.path(part)):
+                if name not in self.kernels or part not in self.kernels[name].debug:
+                    shutil.rmtree(self.path(part, name), ignore_errors=True)
         self.opened = True
+
+    def debug_files(self, release):
+        """{SYMBOLS or DEBUGINFO: its file} of the -dbg files fetched for release before."""
+        files = {part: self.path(part, release, DEBUG_FILES[part].format(release))
+                 for part in (SYMBOLS, DEBUGINFO)}
+        return {part: f for part, f in files.items() if os.path.isfile(f)}
 
     def path(self, *parts):
         return os.path.join(self.top, *parts)
@@ -1659,16 +1683,7 @@ class KernelCache:
                     raise Error(failed[1])
                 self.fetching.add(release)
         if kernel is None:
-            try:
-                kernel = self.fetch(release)
-            except Error as e:
-                with self.cond:
-                    self.failed[release] = (time.monotonic(), str(e))
-                raise
-            finally:
-                with self.cond:
-                    self.fetching.discard(release)
-                    self.cond.notify_all()
+            kernel = self.fetch_alone(release, lambda: self.fetch(release))
         with self.cond:
             kernel.users += 1
             self.kernels[release] = kernel
@@ -1677,6 +1692,20 @@ class KernelCache:
                 os.utime(kernel.root)  # the order of use survives a restart
             self.evict()
         return kernel
+
+    def fetch_alone(self, key, fetch):
+        """fetch()'s result, by the thread that put key in self.fetching, whose waiters are woken
+        when it is done; a failure is remembered in self.failed."""
+        try:
+            return fetch()
+        except Error as e:
+            with self.cond:
+                self.failed[key] = (time.monotonic(), str(e))
+            raise
+        finally:
+            with self.cond:
+                self.fetching.discard(key)
+                self.cond.notify_all()
 
     def evict(self):
         """Remove the least recently used trees that no compile is using while over the bound.
@@ -1688,7 +1717,8 @@ class KernelCache:
             if kernel.users == 0:
                 del self.kernels[release]
                 total -= kernel.size
-                shutil.rmtree(kernel.root, ignore_errors=True)
+                for part in kernel.parts():
+                    shutil.rmtree(part, ignore_errors=True)
                 logging.info("kernel cache: removed %s (%d bytes; cache over %d bytes)",
                              release, kernel.size, self.max_bytes)
 
@@ -1751,6 +1781,117 @@ class KernelCache:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    def add_debug(self, kernel, need):
+        """Give kernel (in use by the caller) the -dbg files that need (SYMBOLS or DEBUGINFO, which
+        brings the symbol table too) asks for, unless it has them: one such fetch per release at a
+        time, the others wait for it; a failure is remembered like a failed fetch."""
+        key = f"{kernel.release} -dbg"  # not a release name: acquire() does not wait for it
+        with self.cond:
+            while key in self.fetching:
+                self.cond.wait()
+            if need in kernel.debug:
+                return
+            failed = self.failed.get(key)
+            if failed and time.monotonic() - failed[0] < FAILED_FETCH_TTL:
+                raise Error(failed[1])
+            self.fetching.add(key)
+        files = self.fetch_alone(key, lambda: self.fetch_debug(
+            kernel, [SYMBOLS, DEBUGINFO][:1 + (need == DEBUGINFO)]))
+        with self.cond:
+            kernel.debug.update(files)
+            kernel.size += sum(os.path.getsize(f) for f in files.values())
+            self.evict()
+
+    def fetch_debug(self, kernel, parts):
+        """Download linux-image-RELEASE-dbg, write the files of parts (those kernel has not got)
+        each into its own directory of the cache, renamed into place, and delete the .deb (up to
+        850 MB, the files extracted are what compiles use).  {part: its file}."""
+        start, release = time.monotonic(), kernel.release
+        package = apt_package(f"linux-image-{release}-dbg")
+        if package is None:
+            raise Error(f"the archive has no linux-image-{release}-dbg, which has the symbol "
+                        f"table and debuginfo of {release}")
+        parts = [p for p in parts if p not in kernel.debug]
+        deb, downloaded = self.download(package)
+        news = {p: tempfile.mkdtemp(prefix=".new.", dir=self.path(p)) for p in parts}
+        try:
+            wanted = {f"usr/lib/debug/boot/{DEBUG_FILES[p].format(release)}":
+                      os.path.join(news[p], DEBUG_FILES[p].format(release)) for p in parts}
+            deb_extract(deb, wanted)
+            for p in parts:
+                os.rename(news[p], self.path(p, release))
+        except OSError as e:
+            raise Error(f"cannot unpack {package.filename} for {release}: {e.strerror}") from None
+        finally:
+            for new in news.values():
+                shutil.rmtree(new, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(deb)
+        files = {p: self.path(p, release, DEBUG_FILES[p].format(release)) for p in parts}
+        logging.info("kernel cache: fetched %s of %s (%s %s; %d bytes downloaded, %d kept) in "
+                     "%.1f s", " and ".join(DEBUG_NEEDS[p] for p in parts), release,
+                     package.name, package.version, downloaded,
+                     sum(os.path.getsize(f) for f in files.values()), time.monotonic() - start)
+        return files
+
+
+def deb_extract(deb, wanted):
+    """Write the regular files wanted ({path in the package: file to create}) from the .deb's data
+    archive, reading it once and no further than the last of them: a .deb is an ar archive whose
+    data.tar.* member tarfile reads as a stream (xz, gzip, bzip2 or none).  No maintainer script
+    runs, and nothing but the named files is written.  Error when one is missing."""
+    left = dict(wanted)
+    with open(deb, "rb") as f:
+        data = ar_member(f, "data.tar")
+        try:
+            with tarfile.open(fileobj=data, mode="r|*") as tar:
+                for member in tar:
+                    target = left.pop(member.name.removeprefix("./"), None) \
+                        if member.isreg() else None
+                    if target:
+                        with open(target, "xb") as out:
+                            shutil.copyfileobj(tar.extractfile(member), out, 1 << 20)
+                    if not left:
+                        break
+        except (tarfile.TarError, EOFError, lzma.LZMAError) as e:
+            raise Error(f"cannot read {os.path.basename(deb)}: {e}") from None
+    if left:
+        raise Error(f"{os.path.basename(deb)} has no {', '.join(sorted(left))}")
+
+
+class BoundedReader(io.RawIOBase):
+    """The next size bytes of f, as a file tarfile can stream from."""
+
+    def __init__(self, f, size):
+        self.f, self.left = f, size
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        data = self.f.read(min(len(buf), self.left))
+        self.left -= len(data)
+        buf[:len(data)] = data
+        return len(data)
+
+
+def ar_member(f, prefix):
+    """The first member of the ar archive f whose name starts with prefix, as a BoundedReader;
+    Error when there is none.  A member header is 60 bytes: name 16, dates and ids 32, size 10,
+    then a backquote and a newline; members start at even offsets."""
+    if f.read(8) != b"!<arch>\n":
+        raise Error(f"{os.path.basename(f.name)} is not a Debian package")
+    while True:
+        header = f.read(60)
+        if len(header) < 60 or header[58:60] != b"`\n":
+            raise Error(f"{os.path.basename(f.name)} has no {prefix}* member")
+        size = int(header[48:58]) if header[48:58].strip().isdigit() else -1
+        if size < 0:
+            raise Error(f"{os.path.basename(f.name)} is not a Debian package")
+        if header[:16].decode("ascii", "replace").startswith(prefix):
+            return io.BufferedReader(BoundedReader(f, size), 1 << 20)
+        f.seek(size + size % 2, os.SEEK_CUR)
+
 
 def kernel_binds(kernel):
     """bwrap arguments that present a fetched kernel as installed: its /lib/modules/RELEASE and
@@ -1770,7 +1911,43 @@ def kernel_binds(kernel):
     for name in sorted(os.listdir(kbuild)) if os.path.isdir(kbuild) else []:
         if name.startswith("linux-kbuild-") and os.path.isdir(f"/usr/lib/{name}"):
             argv += ["--ro-bind", os.path.join(kbuild, name), f"/usr/lib/{name}"]
+    return argv + debug_binds(kernel)
+
+
+def debug_binds(kernel, debug_dir="/usr/lib/debug"):
+    """bwrap arguments that show the -dbg files fetched for kernel where stap looks for them:
+    /boot/System.map-RELEASE (/boot is on the sandbox's own root) and
+    /usr/lib/debug/boot/vmlinux-RELEASE, on a tmpfs with the host's other debug files bound back
+    (no mount point can be made in the read-only /usr); /boot/vmlinux-RELEASE, where elfutils
+    also looks, when the host has no /usr/lib/debug."""
+    argv = []
+    if SYMBOLS in kernel.debug:
+        argv += ["--ro-bind", kernel.debug[SYMBOLS], f"/boot/System.map-{kernel.release}"]
+    vmlinux = kernel.debug.get(DEBUGINFO)
+    if vmlinux and not os.path.isdir(debug_dir):
+        argv += ["--ro-bind", vmlinux, f"/boot/vmlinux-{kernel.release}"]
+    elif vmlinux:
+        argv += ["--size", "65536", "--tmpfs", debug_dir]
+        for name in sorted(os.listdir(debug_dir)):
+            if name != "boot":  # other kernels' vmlinux files
+                argv += ["--ro-bind", os.path.join(debug_dir, name), f"{debug_dir}/{name}"]
+        argv += ["--ro-bind", vmlinux, f"{debug_dir}/boot/vmlinux-{kernel.release}",
+                 "--remount-ro", debug_dir]
     return argv
+
+
+def debug_need(stderr, kernel):
+    """SYMBOLS or DEBUGINFO when a compile for a fetched kernel failed in pass 2 for want of its
+    symbol table (a kprobe: "no match" after stap's warning that it has none) or its debuginfo
+    (a DWARF probe), which the kernel has not got yet; else None."""
+    if re.search(rb"^semantic error: missing \S+ kernel/module debuginfo", stderr, re.M):
+        need = DEBUGINFO
+    elif b"WARNING: Kernel function symbol table missing" in stderr and \
+            b"semantic error: while resolving probe point" in stderr:
+        need = SYMBOLS
+    else:
+        return None
+    return None if need in kernel.debug else need
 
 
 # --------------------------------------------------------------------------
@@ -2117,9 +2294,10 @@ class CompileService:
             if busy:
                 return busy_reply(key, self.version, busy, record), False
             try:
-                with Workspace(config.tmpdir) as ws:
-                    archive.extract(ws.work)
-                    compiled = run_compile(config, req, ws, knowledge)
+                compiled = self.compile_once(req, archive, knowledge)
+                need = req.kernel and compiled.rc and debug_need(compiled.stderr, req.kernel)
+                if need:  # once: the -dbg files stap asked for, then the same compile again
+                    compiled = self.with_debug_files(req, archive, knowledge, compiled, need)
                 compiled = for_secure_boot(compiled, req, self.moks, config.tmpdir)
             except (Error, OSError) as e:
                 message = str(e) if isinstance(e, Error) else \
@@ -2133,6 +2311,22 @@ class CompileService:
         if reply.rc:
             record.fail(server_side_cause(compiled.stderr, config))
         return signed_reply(key, reply), reply.rc == 0
+
+    def compile_once(self, req, archive, knowledge):
+        with Workspace(self.config.tmpdir) as ws:
+            archive.extract(ws.work)
+            return run_compile(self.config, req, ws, knowledge)
+
+    def with_debug_files(self, req, archive, knowledge, compiled, need):
+        """The compile again once the fetched kernel has the -dbg files need names; the first
+        compile's reply, with a line that says why, when they cannot be fetched."""
+        try:
+            self.config.kernels.add_debug(req.kernel, need)
+        except Error as e:
+            return compiled._replace(stderr=compiled.stderr + (
+                f"stap-serverd: ERROR: cannot fetch {DEBUG_NEEDS[need]} of {req.release}: "
+                f"{e}\n").encode())
+        return self.compile_once(req, archive, knowledge)
 
 
 # --------------------------------------------------------------------------

@@ -4,11 +4,13 @@ download fetched from the host's archive and dpkg-deb unpacked into its kernel c
 files are kept across runs in DEBS (as the debootstrap tarball of test_packaging is), so a warm
 run downloads nothing; the kernel cache itself is new in every test."""
 
+import contextlib
 import os
 import pwd
 import re
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 from conftest import PYTHON, SHARED, TEST_USER
@@ -56,7 +58,7 @@ def kernel_cache(user_sandbox):
     path = user_sandbox.path("kernels")
     debs = os.path.join(path, "debs")
     os.makedirs(DEBS, 0o755, exist_ok=True)
-    shutil.copytree(DEBS, debs)
+    shutil.copytree(DEBS, debs, ignore=shutil.ignore_patterns("*-dbg_*"))  # 282 MB: see dbg_deb
     pw = pwd.getpwnam(TEST_USER)
     for d in (path, debs, *(os.path.join(debs, n) for n in os.listdir(debs))):
         os.chown(d, pw.pw_uid, pw.pw_gid)
@@ -161,6 +163,93 @@ def test_two_clients_at_once_cause_one_fetch(releases, servers, user_sandbox, kr
 def as_test_user():
     pw = pwd.getpwnam(TEST_USER)
     return dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+
+
+def dbg_deb(release):
+    """The release's -dbg package in DEBS, downloaded (as root, checked) the first time."""
+    package = stap_server.apt_package(f"linux-image-{release}-dbg")
+    if package is None:
+        pytest.skip(f"the archive has no linux-image-{release}-dbg")
+    path = os.path.join(DEBS, package.filename)
+    if not os.path.exists(path):
+        work = tempfile.mkdtemp(dir=DEBS)
+        try:
+            subprocess.run(["apt-get", "download", "-q", f"{package.name}={package.version}"],
+                           cwd=work, check=True, capture_output=True, timeout=900)
+            os.rename(os.path.join(work, package.filename), path)
+        finally:
+            shutil.rmtree(work)
+    assert stap_server.file_sha256(path) == package.sha256
+    return path
+
+
+def seed_download(kernel_cache, deb):
+    """What the server would download, linked into its download cache (it deletes a -dbg .deb
+    once the files are out)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(kernel_cache, "debs", os.path.basename(deb)))
+    os.link(deb, os.path.join(kernel_cache, "debs", os.path.basename(deb)))
+
+
+def dbg_lines(srv, release, what):
+    return [l for l in read_text(srv.log).splitlines()
+            if re.search(f"kernel cache: fetched {what} of {re.escape(release)} "
+                         rf"\(linux-image-{re.escape(release)}-dbg ", l)]
+
+
+def test_the_dbg_package_when_a_script_needs_it(releases, servers, user_sandbox, krel,
+                                                kernel_cache, user_compile_cache):
+    """A kprobe needs the symbol table only (System.map, not the 600 MB vmlinux); a DWARF probe
+    the debuginfo, fetched once for the release.  (A kernel.trace probe needs neither; its first
+    query takes minutes on a loaded machine, so it is not tried here.)"""
+    release = next((r for r in releases if "-cloud-" in r), None)
+    if release is None:
+        pytest.skip(f"no cloud-flavour release among {', '.join(releases)}")
+    deb = dbg_deb(release)
+    seed_download(kernel_cache, deb)
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache)
+    proc = client(user_sandbox, srv, "-r", release, "-p2", "-e",
+                  'probe kprobe.function("vfs_read") { println(1) }', timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(dbg_lines(srv, release, "the symbol table")) == 1
+    assert os.path.isfile(os.path.join(kernel_cache, "symbols", release, f"System.map-{release}"))
+    assert os.listdir(os.path.join(kernel_cache, "debuginfo")) == []
+    assert os.listdir(os.path.join(kernel_cache, "debs")).count(os.path.basename(deb)) == 0
+
+    work = user_sandbox.path("work")
+    os.makedirs(work)
+    os.chown(work, *pwd.getpwnam(TEST_USER)[2:4])
+    seed_download(kernel_cache, deb)
+    proc = client(user_sandbox, srv, "-r", release, "-p4", "-m", "count", "-e",
+                  'probe kernel.function("vfs_read") { println($count) }', cwd=work,
+                  timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert os.path.isfile(os.path.join(work, "count.ko"))
+    assert len(dbg_lines(srv, release, "the debuginfo")) == 1
+    proc = client(user_sandbox, srv, "-r", release, "-p2", "-e",
+                  'probe kernel.function("vfs_write") { println($count) }', timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(dbg_lines(srv, release, ".+")) == 2, read_text(srv.log)
+
+
+def test_a_dbg_package_that_cannot_be_downloaded_is_one_line_after_stap(
+        releases, servers, user_sandbox, krel, kernel_cache, user_compile_cache):
+    """The headers come from the download cache, the -dbg package through a proxy on a closed
+    port: the reply is stap's own failure and one line why, and nothing is kept."""
+    release = releases[0]
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache,
+                          env={"http_proxy": "http://127.0.0.1:9", "https_proxy":
+                               "http://127.0.0.1:9"})
+    proc = client(user_sandbox, srv, "-r", release, "-p2", "-e",
+                  'probe kprobe.function("vfs_read") { println(1) }', timeout=600)
+    err = without_progress(proc.stderr.decode())
+    assert proc.returncode == 1
+    assert "semantic error: no match" in err
+    assert re.search(rf"^stap-serverd: ERROR: cannot fetch the symbol table of {release}: "
+                     rf"cannot download linux-image-{release}-dbg \S+ from the archive: E: .*"
+                     r"127\.0\.0\.1", err.strip().splitlines()[-1]), err
+    assert os.listdir(os.path.join(kernel_cache, "symbols")) == []
+    assert not [n for n in os.listdir(os.path.join(kernel_cache, "debs")) if "-dbg_" in n]
 
 
 def test_an_unknown_release_is_one_line(servers, user_sandbox, krel, kernel_cache,
