@@ -10,8 +10,8 @@ import time
 import uuid
 import zipfile
 
-import conftest
 import pytest
+import shared
 from hardening_helpers import (
     ERROR_LINE,
     assert_serves,
@@ -41,9 +41,9 @@ MAX_UNPACKED = 8 << 20
 def env(krel):
     """One root server for the whole module, with a short I/O timeout, small
     limits and a private --tmpdir."""
-    box = conftest.make_sandbox()
+    box = shared.make_sandbox()
     tmpdir = server_tmpdir(box)
-    srv = conftest.start_server(box, krel, None, "--tmpdir", tmpdir,
+    srv = shared.start_server(box, krel, None, "--tmpdir", tmpdir,
                                 "--io-timeout", str(IO_TIMEOUT),
                                 "--max-compressed-request", str(MAX_REQUEST),
                                 "--max-request-size", str(MAX_UNPACKED))
@@ -58,9 +58,9 @@ def check(env, krel):
     """After the test: no request directory left, the server alive and serving."""
     box, srv, tmpdir = env
     yield env
-    conftest.wait_until(lambda: not request_dirs(tmpdir), 5,
+    shared.wait_until(lambda: not request_dirs(tmpdir), 5,
                         lambda: f"request directories left behind: {request_dirs(tmpdir)}")
-    assert conftest.pid_alive(srv.pid), "the server died"
+    assert shared.pid_alive(srv.pid), "the server died"
     assert_serves(box, srv, krel)
 
 

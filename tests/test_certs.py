@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import (
+from shared import (
     TEST_USER,
     make_sandbox,
     need_root,
@@ -242,7 +242,7 @@ def test_start_failure_prints_nothing_and_leaves_no_server(sandbox):
 
 
 def stap_client_release():
-    from conftest import headers_release
+    from shared import headers_release
     rel = headers_release()
     if not rel:
         pytest.skip("no kernel headers installed")
@@ -392,7 +392,7 @@ def test_renewal_while_running(sandbox, krel):
     make_server_db(server_db, months_ago=12, serial=4243, fmt="sql")
     import sys
 
-    from conftest import ROOT
+    from shared import ROOT
     proc = subprocess.run([sys.executable, "-c", RENEW_WHILE_RUNNING, ROOT, server_db, krel,
                            sandbox.path("log")], env=sandbox.env, capture_output=True,
                           text=True, timeout=60)
@@ -431,7 +431,7 @@ def test_client_refuses_an_expired_certificate(sandbox, krel):
     assert sandbox.run("stap-add-server-cert", certfile, trusted).returncode == 0
     import sys
 
-    from conftest import ROOT
+    from shared import ROOT
     server = subprocess.Popen([sys.executable, "-c", SERVE_AS_IS, ROOT, server_db, krel,
                                sandbox.path("log")], env=sandbox.env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)

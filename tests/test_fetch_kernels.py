@@ -11,8 +11,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import PYTHON, SHARED, TEST_USER
-from shared import read_text, without_progress
+from shared import PYTHON, SHARED, TEST_USER, read_text, without_progress
 
 import stap_client
 import stap_server

@@ -2,14 +2,13 @@
 on one bridge, TestNetwork(hosts=N)), and a client host that finds them by
 multicast DNS and spreads distinct compiles over them."""
 
-import json
 import os
 import re
 import subprocess
 
 import pytest
-from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
 from netns import BRIDGED_SUBNET, TestNetwork, network_factory, skip_reason  # noqa: F401
+from shared import CLIENT, PYTHON, make_sandbox, start_server, stop_pid, wait_until
 
 
 def test_bridged_hosts_share_one_link_and_leave_nothing_behind():
@@ -52,17 +51,12 @@ def test_bridged_hosts_share_one_link_and_leave_nothing_behind():
     assert not any(os.path.exists(f"/proc/{pid}") for pid in holders)
 
 
-def start_server(host, box, krel, cache_dir):
+def start_on(host, box, krel, cache_dir):
     """Our server on host (all its addresses, multicast DNS, one compile
     slot): (pid, status)."""
-    args = [PYTHON, SERVER, "stap-start-server", "--listen", "::", "--advertise", "mdns",
-            "--max-threads", "1", "-r", krel, "--log", box.path(f"{host.hostname}.log"),
-            "--cache-dir", cache_dir]
-    proc = host.run(args, env=box.env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    pid = int(proc.stdout.strip())
-    status = json.loads(host.run(["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout)
-    return pid, status
+    srv = start_server(box, krel, None, "--max-threads", "1", cache=cache_dir, netns=host,
+                       advertise="mdns", log=box.path(f"{host.hostname}.log"))
+    return srv.pid, srv.status
 
 
 def test_compiles_by_discovery_spread_over_servers_on_two_hosts(network_factory,  # noqa: F811
@@ -73,7 +67,7 @@ def test_compiles_by_discovery_spread_over_servers_on_two_hosts(network_factory,
     servers = []
     try:
         for host in (a, b):  # one after the other: the first makes the shared certificate
-            servers.append((host, *start_server(host, box, krel, cache_dir)))
+            servers.append((host, *start_on(host, box, krel, cache_dir)))
         last = []
 
         def both_listed():

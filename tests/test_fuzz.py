@@ -16,8 +16,8 @@ import uuid
 import warnings
 import zipfile
 
-import conftest
 import pytest
+import shared
 from hardening_helpers import base_entries
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -33,7 +33,7 @@ EXAMPLES = int(os.environ.get("HX_FUZZ_EXAMPLES", "300"))
 def fuzz_env(krel):
     """A real server database and Config, in a private sandbox, with stap
     replaced by /bin/true; yields (config, watch dir, client databases)."""
-    box = conftest.make_sandbox()
+    box = shared.make_sandbox()
     watch = box.path("watch")
     tmpdir = os.path.join(watch, "tmp")
     os.makedirs(tmpdir, 0o755)

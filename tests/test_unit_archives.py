@@ -10,7 +10,6 @@ import struct
 import zipfile
 import zlib
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 from stap_client import Error, Limits, extract_archive, open_archive, read_reply, safe_members

@@ -3,7 +3,6 @@ the option, and what the sandbox shows of an environment's root."""
 
 import os
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 from stap_client import Error, ServerRecord, same_runtime_first

@@ -8,8 +8,6 @@ import io
 import types
 import zipfile
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
-
 import stap_client
 import stap_server
 from stap_client import ServerRecord, expected_wait, rank_servers, request_identity

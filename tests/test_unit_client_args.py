@@ -4,7 +4,6 @@ nowhere, the one-line errors, server specs and the locale sent along."""
 
 import os
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 import stap_client

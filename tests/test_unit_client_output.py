@@ -4,7 +4,6 @@ keys, the listing line, repeats, the trust shown), why no server was found,
 the domains configured for wide-area browsing, the retry pause, and the
 server's paths turned back into the user's own in stap's output."""
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 from stap_client import (

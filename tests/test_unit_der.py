@@ -10,7 +10,6 @@ import io
 import ssl
 import zipfile
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 import stap_client

@@ -11,7 +11,6 @@ import resource
 import socket
 import threading
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 from stap_server import AddressSlots, ConnectionTable, DropCounts, FifoSlots

@@ -7,7 +7,6 @@ import os
 import stat
 import types
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 import stap_server

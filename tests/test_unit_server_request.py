@@ -9,7 +9,6 @@ import pathlib
 import re
 import types
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 from hardening_helpers import zip_bytes
 

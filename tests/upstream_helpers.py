@@ -43,8 +43,17 @@ import time
 import zipfile
 
 import pytest
-from conftest import CLIENT, PYTHON, make_sandbox, start_server, stop_pid, wait_until
-from shared import complete_der, fixed_runtime_for, without_progress
+from shared import (
+    CLIENT,
+    PYTHON,
+    complete_der,
+    fixed_runtime_for,
+    make_sandbox,
+    start_server,
+    stop_pid,
+    wait_until,
+    without_progress,
+)
 
 STAP = shutil.which("stap") or "/usr/bin/stap"
 REAL_SERVERD = "/usr/lib/systemtap/stap-serverd"
