@@ -123,3 +123,25 @@ def staprun(tmp_path):
     record = os.path.join(d, "rec")
     yield {"SYSTEMTAP_STAPRUN": script, "STAPRUN_RECORD": record}, record
     shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Tiers: every test says which it is
+# --------------------------------------------------------------------------
+
+def tier_markers(config):
+    """The markers setup.cfg declares as tiers (their description starts with "tier:")."""
+    declared = (line.split(":", 1) for line in config.getini("markers"))
+    return {name.strip() for name, *about in declared
+            if about and about[0].strip().startswith("tier:")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test file without its tier (pytestmark = pytest.mark.TIER) fails the collection:
+    `make test-unit` and `-m` select by tier, and an unmarked test would silently fall out."""
+    tiers = tier_markers(config)
+    wrong = sorted({item.location[0] for item in items
+                    if len({m.name for m in item.iter_markers()} & tiers) != 1})
+    if wrong:
+        raise pytest.UsageError(f"name one tier ({', '.join(sorted(tiers))}) with pytestmark "
+                                f"in: {', '.join(wrong)}")

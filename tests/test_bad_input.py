@@ -32,6 +32,8 @@ from hardening_helpers import (
     zip_bytes,
 )
 
+pytestmark = pytest.mark.integration
+
 IO_TIMEOUT = 2
 MAX_REQUEST = 12 << 20
 MAX_UNPACKED = 8 << 20

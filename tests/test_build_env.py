@@ -34,6 +34,8 @@ from shared import (
 from test_interop import certutil_der, vermagic
 from test_packaging import CACHE, remove_tree
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 MIRROR = os.environ.get("STAP_TEST_MIRROR", "http://deb.debian.org/debian")
 TOOL = os.path.join(ROOT, "tools", "make-build-env")
 HOST_STAP = shutil.which("stap") or "/usr/bin/stap"

@@ -22,6 +22,8 @@ from shared import (
 
 import stap_client
 
+pytestmark = pytest.mark.integration
+
 
 def certutil_list(db):
     out = subprocess.run(["certutil", "-L", "-d", "sql:" + db], capture_output=True,

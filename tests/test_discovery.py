@@ -16,6 +16,8 @@ from shared import CLIENT, PYTHON, SERVER, make_sandbox, start_server, stop_pid,
 
 import stap_client
 
+pytestmark = pytest.mark.integration
+
 
 @contextlib.contextmanager
 def server_on(host, box, krel, runtime, cache_dir):

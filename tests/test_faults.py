@@ -32,6 +32,8 @@ from hardening_helpers import (
 
 import stap_server
 
+pytestmark = pytest.mark.integration
+
 SLOW_SCRIPT = "probe begin { /* SLOWPROBE */ exit() }"
 
 STAP_STANDIN = """#!/bin/sh

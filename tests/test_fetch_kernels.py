@@ -16,6 +16,8 @@ from shared import PYTHON, SHARED, TEST_USER, read_text, without_progress
 import stap_client
 import stap_server
 
+pytestmark = pytest.mark.integration
+
 DEBS = "/var/cache/stap-compile-server-tests/debs"
 # Releases the archive offers that are (normally) not installed: a generic and a cloud flavour.
 CANDIDATES = ("6.1.0-50-amd64", "6.1.0-50-cloud-amd64", "6.1.0-53-amd64", "6.1.0-53-cloud-amd64")

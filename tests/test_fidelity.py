@@ -7,8 +7,11 @@ to send, refused locale values told to the client, and the log's
 
 import subprocess
 
+import pytest
 import shared
 from hardening_helpers import base_entries, frame, parse_reply, raw_exchange, zip_bytes
+
+pytestmark = pytest.mark.integration
 
 
 def client(box, srv, *args, timeout=120):

@@ -15,7 +15,8 @@ from shared import CLIENT, PYTHON, make_sandbox, start_server, stop_pid
 import stap_client
 
 SCRIPT = "probe begin { exit() }"
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts a small tmpfs")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts a small tmpfs")]
 
 
 # --------------------------------------------------------------------------

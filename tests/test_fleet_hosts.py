@@ -10,6 +10,8 @@ import pytest
 from netns import BRIDGED_SUBNET, TestNetwork, network_factory, skip_reason  # noqa: F401
 from shared import CLIENT, PYTHON, make_sandbox, start_server, stop_pid, wait_until
 
+pytestmark = pytest.mark.integration
+
 
 def test_bridged_hosts_share_one_link_and_leave_nothing_behind():
     """Three namespaces on one bridge: their own addresses and names, one

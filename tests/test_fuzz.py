@@ -24,6 +24,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import stap_client
 import stap_server
 
+pytestmark = pytest.mark.integration
+
 TOKEN = "hxfz" + uuid.uuid4().hex[:6]
 MAX_REQUEST = 8 << 20
 EXAMPLES = int(os.environ.get("HX_FUZZ_EXAMPLES", "300"))

@@ -27,6 +27,8 @@ from shared import (
     wait_until,
 )
 
+pytestmark = pytest.mark.integration
+
 STAP = shutil.which("stap") or "/usr/bin/stap"
 REAL_SERVERD = "/usr/lib/systemtap/stap-serverd"
 REAL_PORT = 5555  # inside a fresh network namespace every port is free

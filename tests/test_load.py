@@ -22,6 +22,8 @@ from hardening_helpers import (
     stand_in_stap,
 )
 
+pytestmark = pytest.mark.integration
+
 CLIENTS = 30
 THREADS = 2
 WALL_LIMIT = 150  # seconds for the whole burst (the test's bound is 3 minutes)

@@ -5,8 +5,11 @@ runs a script through it."""
 import os
 import subprocess
 
+import pytest
 from netns import network_factory  # noqa: F401  (a fixture)
 from shared import CLIENT, PYTHON, STAPRUN_STANDIN, make_sandbox, start_server, stop_pid
+
+pytestmark = pytest.mark.integration
 
 MINIMAL_TOOLS = ("certutil", "signtool")
 

@@ -28,6 +28,8 @@ from shared import CLIENT, PYTHON, make_sandbox, need_root, start_server, stop_p
 import stap_client
 import stap_server
 
+pytestmark = pytest.mark.integration
+
 STAP = shutil.which("stap") or "/usr/bin/stap"
 SCRIPT = "probe begin { exit() }"
 MARKER = b"~Module signature appended~\n"

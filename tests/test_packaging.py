@@ -21,6 +21,8 @@ import tempfile
 
 import pytest
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 

@@ -7,6 +7,8 @@ import subprocess
 import pytest
 from shared import TEST_USER, make_sandbox, stop_pid, wait_until
 
+pytestmark = pytest.mark.integration
+
 SCRIPT = 'probe begin { printf("%s|%s\\n", @1, @2); exit() }'
 NASTY_ARGS = ['a "q" b$c;d', "x\ny 'z' \\ &"]
 

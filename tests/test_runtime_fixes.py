@@ -15,6 +15,8 @@ from shared import fixed_runtime_for, read_text, wait_until
 
 import stap_server
 
+pytestmark = pytest.mark.integration
+
 
 def client(box, srv, *args, **kw):
     return box.run("stap-client", f"--server={srv.address}", *args, **kw)

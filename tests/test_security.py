@@ -52,8 +52,9 @@ COMPILE_ACCOUNT = "stap-compile"
 UNIT_ACCOUNT = "stap-server"  # what the package's unit runs as (User=stap-server)
 UNIT_CAPABILITIES = "+chown,+dac_override,+kill,+setgid,+setuid"  # and its AmbientCapabilities=
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="needs root: other accounts, root-only files")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0,
+                                 reason="needs root: other accounts, root-only files")]
 
 
 def client(box, srv, *args, env=None, timeout=120):

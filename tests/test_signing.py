@@ -28,8 +28,9 @@ import stap_client
 STAPUSR = "stapusrtest"  # a scratch user in group stapusr only
 SCRIPT = "probe begin { exit() }"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="needs root: a stapusr account, mount namespaces")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0,
+                                 reason="needs root: a stapusr account, mount namespaces")]
 
 
 @pytest.fixture(scope="module")

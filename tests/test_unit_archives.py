@@ -14,6 +14,8 @@ import pytest
 
 from stap_client import Error, Limits, extract_archive, open_archive, read_reply, safe_members
 
+pytestmark = pytest.mark.unit
+
 
 def zipped(entries, kind=None, method=zipfile.ZIP_DEFLATED):
     """A zip of (name, bytes); kind: a Unix file type recorded for each entry."""

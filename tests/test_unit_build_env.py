@@ -17,6 +17,8 @@ from stap_server import (
     system_view,
 )
 
+pytestmark = pytest.mark.unit
+
 HOST = BuildEnv("host", "/", "4.8")
 TRIXIE = BuildEnv("trixie", "/srv/trixie", "5.1")
 FORKY = BuildEnv("forky", "/srv/forky", "5.3")

@@ -17,6 +17,8 @@ from stap_client import (
     staprun_argv,
 )
 
+pytestmark = pytest.mark.unit
+
 SCRIPT = "probe begin { exit() }"
 
 

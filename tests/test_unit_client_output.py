@@ -23,6 +23,8 @@ from stap_client import (
     without_module_paths,
 )
 
+pytestmark = pytest.mark.unit
+
 TXT = {"sysinfo": "6.1.0-1-amd64 x86_64", "version": "4.8", "certinfo": "0a:0b",
        "optinfo": "", "slots": "2", "busy": "0"}
 

@@ -28,6 +28,8 @@ from stap_client import (
     tbs_fields,
 )
 
+pytestmark = pytest.mark.unit
+
 # --------------------------------------------------------------------------
 # DER, a test key and certificates made from it
 # --------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import pytest
 
 from stap_server import AddressSlots, ConnectionTable, DropCounts, FifoSlots
 
+pytestmark = pytest.mark.unit
+
 
 class Table:
     """A ConnectionTable of `limit` places with one slot per address, fed with socket pairs."""

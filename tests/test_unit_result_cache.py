@@ -16,6 +16,8 @@ import stap_server
 from stap_client import Limits, Reply, RequestArchive, open_archive
 from stap_server import Request, ResultCache, result_key
 
+pytestmark = pytest.mark.unit
+
 
 class Compute:
     """compute() for ResultCache.lookup: counts its calls; may wait for a go."""

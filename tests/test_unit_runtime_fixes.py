@@ -20,6 +20,8 @@ from stap_server import (
     stap_argv,
 )
 
+pytestmark = pytest.mark.unit
+
 OLD_RUNTIME = b"""typedef typeof(&task_work_cancel) task_work_cancel_fn;
 #define task_work_cancel (* (task_work_cancel_fn)kallsyms_task_work_cancel)
         kallsyms_task_work_cancel = (void *)kallsyms_lookup_name("task_work_cancel");

@@ -46,6 +46,8 @@ from stap_server import (
     txt_rdata_text,
 )
 
+pytestmark = pytest.mark.unit
+
 SCRIPT = "probe begin { exit() }"
 
 

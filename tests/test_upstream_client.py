@@ -73,6 +73,8 @@ from upstream_helpers import (  # noqa: F401  (stap_users: a fixture)
     write_scripts,
 )
 
+pytestmark = pytest.mark.upstream
+
 LANES = ["real-client", "our-client", "real-server"]
 PRIVILEGES = ["--unprivileged", "--privilege=stapusr", "--privilege=stapsys"]
 

@@ -44,6 +44,8 @@ from upstream_helpers import (  # noqa: F401  (pairings, pairing: fixtures)
     write_scripts,
 )
 
+pytestmark = pytest.mark.upstream
+
 
 @pytest.fixture(scope="module")
 def scripts(pairings):

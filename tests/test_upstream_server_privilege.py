@@ -48,6 +48,8 @@ from upstream_helpers import (  # noqa: F401  (pairings, stap_users: fixtures)
     write_scripts,
 )
 
+pytestmark = pytest.mark.upstream
+
 PRIVILEGES = ["--unprivileged", "--privilege=stapusr", "--privilege=stapsys",
               "--privilege=stapdev"]
 # who may load a module of each privilege (upstream's expectations)

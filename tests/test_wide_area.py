@@ -15,6 +15,8 @@ from hardening_helpers import stand_in_stap, write_named_conf, write_tsig_key
 from netns import TestNetwork, skip_reason
 from shared import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
 
+pytestmark = pytest.mark.integration
+
 ZONE = "fleet.test"
 KEY_NAME = "stap-update"
 
