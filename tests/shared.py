@@ -24,6 +24,7 @@ ROOT = os.path.dirname(TESTS)
 PYTHON = sys.executable
 CLIENT = os.path.join(ROOT, "stap_client.py")
 SERVER = os.path.join(ROOT, "stap_server.py")
+PROGRAMS = os.path.join(TESTS, "programs")  # what the tests run as programs of their own
 TEST_USER = "staptest"
 SHARED = "/tmp/stap-server-tests"  # world-readable: the compile account reads it
 SERVER_COMMANDS = ("stap-serverd", "stap-start-server", "stap-stop-server",
@@ -59,6 +60,11 @@ def new_serial_window():
 
 def serial_window_used():
     last_serial_window[0] = int(time.time() / CERT_SERIAL_UNIT)
+
+
+def program(name):
+    """The path of tests/programs/NAME.py (each says at its top how it is run)."""
+    return os.path.join(PROGRAMS, f"{name}.py")
 
 
 def wait_until(condition, timeout, message, interval=0.05, error=AssertionError):
@@ -114,20 +120,11 @@ def headers_release():
     return rels[-1] if rels else None
 
 
-FIXED_RUNTIME = """import sys, types
-sys.path.insert(0, sys.argv[1])
-import stap_server as s
-fixed = s.runtime_copy(types.SimpleNamespace(stap_options=[], cache_dir=sys.argv[3]),
-                       s.header_trees(sys.argv[2]))
-print(fixed.path if fixed else "")
-"""
-
-
 def fixed_runtime_for(krel, top):
     """The -R directory that a stap run without our server needs for krel's headers (made under
     top by our server's own table of runtime fixes, in a process of its own), or None."""
-    out = subprocess.run([PYTHON, "-c", FIXED_RUNTIME, ROOT, krel, top], capture_output=True,
-                         text=True, check=True, timeout=120).stdout.strip()
+    out = subprocess.run([PYTHON, program("fixed_runtime"), ROOT, krel, top],
+                         capture_output=True, text=True, check=True, timeout=120).stdout.strip()
     return out or None
 
 

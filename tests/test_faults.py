@@ -245,62 +245,18 @@ def test_full_disk_for_request_directory(servers, sandbox, krel):
 # Hostile replies from a fake server the client trusts
 # --------------------------------------------------------------------------
 
-FAKE_SERVER = r"""
-import socket, sys
-sys.path.insert(0, sys.argv[3])
-import stap_client
-nss, ssl, nio, nerror = stap_client.nss_modules()
-db = stap_client.CertDB(sys.argv[1])
-nss.nss_init(db.spec)
-ssl.set_domestic_policy()
-ssl.config_server_session_id_cache()  # without it NSS dies of SIGFPE
-with open(db.path + "/" + stap_client.SERVER_CERT_FILE, "rb") as f:
-    der = f.read()
-cert = nss.find_cert_from_nickname(stap_client.SERVER_NICKNAME)
-assert bytes(cert.der_data) == der
-key = nss.find_key_by_any_cert(cert)
-with open(sys.argv[2], "rb") as f:
-    reply = f.read()
-listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
-listener.listen(4)
-listener.settimeout(30)
-print(listener.getsockname()[1], flush=True)
-conn, _ = listener.accept()
-sock = ssl.SSLSocket.import_tcp_socket(conn.detach())
-sock.set_ssl_option(ssl.SSL_SECURITY, True)
-sock.set_ssl_option(ssl.SSL_HANDSHAKE_AS_SERVER, True)
-sock.set_ssl_version_range("tls1.2", "tls1.3")
-sock.config_secure_server(cert, key, cert.find_kea_type())
-sock.reset_handshake(True)
-sock.force_handshake_timeout(stap_client.nss_interval(10))
-head = b""
-while len(head) < 4:
-    head += sock.recv(4 - len(head), stap_client.nss_interval(10))
-size, got = int.from_bytes(head, "big", signed=True), 0
-while got < size:
-    got += len(sock.recv(min(65536, size - got), stap_client.nss_interval(10)))
-print("request", size, flush=True)
-sock.sendall(reply, stap_client.nss_interval(10))
-sock.shutdown(nio.PR_SHUTDOWN_BOTH)
-sock.close()
-"""
-
-
 class FakeServer:
     """A TLS server (python-nss, in its own process: NSS state is per
     process) with the sandbox's server key, answering one request with
     fixed reply bytes."""
 
     def __init__(self, box, reply):
-        tag = uuid.uuid4().hex[:6]
-        script, reply_file = box.path(f"fake-{tag}.py"), box.path(f"reply-{tag}.zip")
-        with open(script, "w") as f:
-            f.write(FAKE_SERVER)
+        reply_file = box.path(f"reply-{uuid.uuid4().hex[:6]}.zip")
         with open(reply_file, "wb") as f:
             f.write(reply)
         self.proc = subprocess.Popen(
-            [shared.PYTHON, script, server_db(box).path, reply_file, shared.ROOT],
+            [shared.PYTHON, shared.program("fake_server"), server_db(box).path, reply_file,
+             shared.ROOT],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=box.env)
         line = self.proc.stdout.readline()
         assert line.strip().isdigit(), self.proc.stderr.read().decode(errors="replace")
@@ -327,24 +283,12 @@ def trusted_box(sandbox):
     return sandbox
 
 
-SIGN = """
-import sys
-sys.path.insert(0, sys.argv[1])
-import stap_client, stap_server
-rc, stderr, module = eval(sys.stdin.read())
-db = stap_client.CertDB(sys.argv[2])
-stap_client.open_databases([db])
-key = stap_server.ServerKey(stap_server.newest_certificate(db))
-sys.stdout.buffer.write(stap_server.signed_reply(key, stap_client.Reply(
-    rc, b"", stderr, "4.8", module and ("stap_fake.ko", module))))
-"""
-
-
 def signed_reply(box, rc=0, module=b"\x7fELF fake module", stderr=b""):
     """A reply signed by box's server key, in a process of its own: one NSS
     holding several sandboxes' databases may take two certificates made in
     the same half second (the same issuer and time-based serial) for one."""
-    proc = subprocess.run([shared.PYTHON, "-c", SIGN, shared.ROOT, server_db(box).path],
+    proc = subprocess.run([shared.PYTHON, shared.program("sign_reply"), shared.ROOT,
+                           server_db(box).path],
                           input=repr((rc, stderr, module)).encode(), capture_output=True,
                           timeout=60, check=True)
     return proc.stdout

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 from netns import BRIDGED_SUBNET, TestNetwork, network_factory, skip_reason  # noqa: F401
-from shared import CLIENT, PYTHON, make_sandbox, start_server, stop_pid, wait_until
+from shared import CLIENT, PYTHON, make_sandbox, program, start_server, stop_pid, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,23 +28,11 @@ def test_bridged_hosts_share_one_link_and_leave_nothing_behind():
         ports = net.switch.run(["ip", "-br", "link", "show", "master", "br0"]).stdout
         assert sorted(re.findall(r"^(port-\w)@", ports, re.M)) == ["port-a", "port-b", "port-c"]
         # A datagram to the mDNS group from C reaches A and B.
-        listen = ("import socket, struct, sys\n"
-                  "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                  "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-                  "s.bind(('224.0.0.251', 5353))\n"
-                  "s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, struct.pack("
-                  "'4s4s', socket.inet_aton('224.0.0.251'), socket.inet_aton(sys.argv[1])))\n"
-                  "print('joined', flush=True)\n"
-                  "s.settimeout(10)\n"
-                  "print(s.recvfrom(100)[1][0], flush=True)\n")
-        receivers = [h.popen([PYTHON, "-c", listen, h.address], stdout=subprocess.PIPE,
+        receivers = [h.popen([PYTHON, program("mdns_listen"), h.address], stdout=subprocess.PIPE,
                              text=True) for h in (a, b)]
         for r in receivers:
             assert r.stdout.readline().strip() == "joined"
-        send = ("import socket\n"
-                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                "s.sendto(b'hello', ('224.0.0.251', 5353))\n")
-        assert c.run([PYTHON, "-c", send]).returncode == 0
+        assert c.run([PYTHON, program("mdns_send")]).returncode == 0
         assert [r.communicate(timeout=15)[0].strip() for r in receivers] == [c.address] * 2
         names = [h.netns for h in net.hosts + [net.switch]]
         holders = [h.holder.pid for h in net.hosts]

@@ -445,37 +445,6 @@ def attacker_dir(sandbox):
     return path
 
 
-ATTACKER = r"""
-import glob, os, sys, time
-tmpdir, secret, mine, until = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-tries = swaps = 0
-def swap(link, target):
-    global swaps
-    try:
-        if os.path.lexists(link) and not os.path.isdir(link):
-            os.unlink(link)
-        os.symlink(target, link)
-        swaps += 1
-    except OSError:
-        pass
-while time.time() < until:
-    tries += 1
-    reqs = glob.glob(os.path.join(tmpdir, "stap-server.*"))
-    for pid in os.listdir("/proc"):  # the compile's own view: /proc/PID/cwd
-        if pid.isdigit():
-            reqs.append(f"/proc/{pid}/cwd/..")
-    for req in reqs:
-        for name in ("stdout", "stderr", "response", "response.jar"):
-            swap(os.path.join(req, name), os.path.join(secret, "f1"))
-        for ko in glob.glob(os.path.join(req, "work", "tmp", "*.ko")) + \
-                glob.glob(os.path.join(req, "work", "tmp", "*.ko.sgn")):
-            swap(ko, os.path.join(secret, "secret.ko"))
-        swap(os.path.join(req, "work", "tmp"), secret)
-        swap(os.path.join(req, "work", "response"), mine)
-    time.sleep(0.001)
-print(f"attacker: {tries} rounds, {swaps} swaps")
-"""
-
 SLOW_MODULE = """
 sleep 0.3
 head -c 4096 /dev/urandom > tmp/stap_real.ko
@@ -492,9 +461,8 @@ def test_compile_account_attacking_all_along(servers, sandbox, krel, secret_dir,
     tmpdir = server_tmpdir(sandbox)
     sandbox.env["SYSTEMTAP_STAP"] = stand_in(sandbox, SLOW_MODULE)
     srv = servers.start(sandbox, krel, None, "--tmpdir", tmpdir)
-    script = sandbox.path("attacker.py")
-    with open(script, "w") as f:
-        f.write(ATTACKER)
+    script = sandbox.path("attacker.py")  # where the compile account can read it
+    shutil.copyfile(shared.program("attacker"), script)
     account = pwd.getpwnam(COMPILE_ACCOUNT)
     attacker = subprocess.Popen(
         [sys.executable, script, tmpdir, secret_dir[0], attacker_dir, str(time.time() + 15)],
@@ -1022,49 +990,6 @@ from test_faults import FakeServer, client_tmp, trusted_box  # noqa: E402,F401  
 
 import stap_client  # noqa: E402
 
-# A multicast DNS responder for one hostile advertisement: it answers every query (unicast, to
-# the asker's port) with the PTR, SRV, TXT and A records of an instance whose name, host name and
-# TXT values carry terminal controls.
-HOSTILE_RESPONDER = r"""
-import socket
-import dns.message, dns.name, dns.flags, dns.rdataclass, dns.rdatatype, dns.rrset
-from dns.rdtypes.ANY.PTR import PTR
-from dns.rdtypes.ANY.TXT import TXT
-from dns.rdtypes.IN.A import A
-from dns.rdtypes.IN.SRV import SRV
-IN = dns.rdataclass.IN
-service = dns.name.from_text("_stap._tcp.local.")
-instance = dns.name.Name((b"Evil\x1b[2J server",) + service.labels)
-host = dns.name.Name((b"evil\x1b[2Jhost", b"local", b""))
-txt = [b"sysinfo=6.1.0-99-amd64\x1b[1A\xc2\x9b31m\xe2\x80\xae x86_64",
-       b"version=4.8\x1b[2J\x1b[H\x07",
-       b"certinfo=01:02\r\nh 10.0.0.1 1 'sysinfo=x' 'trust=ssl,signer'\x1b[K",
-       b"optinfo=\x7f\x9b", b"e\x1bvil=\x00x"]
-records = [(service, PTR(IN, dns.rdatatype.PTR, instance)),
-           (instance, SRV(IN, dns.rdatatype.SRV, 0, 0, 5555, host)),
-           (instance, TXT(IN, dns.rdatatype.TXT, txt)),
-           (host, A(IN, dns.rdatatype.A, "127.0.0.1"))]
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-sock.bind(("", 5353))
-sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-                socket.inet_aton("224.0.0.251") + socket.inet_aton("127.0.0.1"))
-print("ready", flush=True)
-while True:
-    wire, source = sock.recvfrom(9000)
-    try:
-        query = dns.message.from_wire(wire)
-    except Exception:
-        continue
-    if query.flags & dns.flags.QR or source[1] == 5353:
-        continue
-    reply = dns.message.make_response(query)
-    reply.flags |= dns.flags.AA
-    for name, rdata in records:
-        reply.answer.append(dns.rrset.from_rdata(name, 120, rdata))
-    sock.sendto(reply.to_wire(), source)
-"""
-
 # What must never reach a terminal: C0 controls but the line ends, DEL, C1 (in UTF-8), and the
 # bidi override.
 RAW_CONTROLS = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80\xae")
@@ -1086,7 +1011,8 @@ def test_hostile_advertisement_printed_escaped(network_factory, sandbox):  # noq
     server whose every field carries terminal controls, print them escaped: one line for the one
     server, the fake trust line inside it, nothing raw."""
     host = network_factory(single=True).hosts[0]
-    responder = host.popen([shared.PYTHON, "-c", HOSTILE_RESPONDER], stdout=subprocess.PIPE,
+    responder = host.popen([shared.PYTHON, shared.program("hostile_responder")],
+                           stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE)
     assert responder.stdout.readline() == b"ready\n", responder.stderr.read()
     find = host.run([shared.PYTHON, shared.CLIENT, "stap-find-servers", "--all"],
