@@ -2,7 +2,7 @@
 #
 #   make demo                 start a real server and compile through it (root, Debian)
 #   make check                install missing packages, run the tests
-#   make test-unit            the unit tier alone (-m unit: no root, network or stap; about 1 s)
+#   make test-unit            the unit tier alone (-m unit: no root, network or stap; seconds)
 #   make lint                 ruff on the modules, tests and benchmarks (ruff.toml)
 #   make install [DESTDIR=... prefix=... sysconfdir=... PYTHON=...]
 #   make uninstall            with the same variables as install
