@@ -249,7 +249,8 @@ def start_server(box, release, runtime=None, *extra, cache=None, env=None, netns
                  listen=None, advertise=None, log=None, timeout=60):
     """Start our server with stap-start-server, as the one way the tests do; a Server.
 
-    box        the sandbox: the server's configuration, and its account (box.user; None: root)
+    box        the sandbox: the server's configuration, and its account (box.user; None: root;
+               root only in a netns)
     release    -r RELEASE
     runtime    -R DIR (None: the server fixes the runtime for the release itself)
     extra      more options, after all of these
@@ -279,11 +280,10 @@ def start_server(box, release, runtime=None, *extra, cache=None, env=None, netns
     if netns is None:
         proc = box.run_argv(argv, timeout=timeout, env=env)
     else:
-        if box.user:
-            argv = ["setpriv", f"--reuid={box.user}", f"--regid={box.user}", "--init-groups",
-                    "--", *argv]
+        assert box.user is None, "in a network namespace our server runs as root only"
         proc = subprocess.run(netns.prefix() + argv, env={**box.env, **(env or {})},
-                              capture_output=True, timeout=timeout, cwd=box.top)
+                              capture_output=True, timeout=timeout, cwd=box.top,
+                              stdin=subprocess.DEVNULL)
     serial_window_used()
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     pid = int(proc.stdout.decode().strip())
