@@ -46,9 +46,9 @@ def env(krel):
     box = shared.make_sandbox()
     tmpdir = server_tmpdir(box)
     srv = shared.start_server(box, krel, None, "--tmpdir", tmpdir,
-                                "--io-timeout", str(IO_TIMEOUT),
-                                "--max-compressed-request", str(MAX_REQUEST),
-                                "--max-request-size", str(MAX_UNPACKED))
+                              "--io-timeout", str(IO_TIMEOUT),
+                              "--max-compressed-request", str(MAX_REQUEST),
+                              "--max-request-size", str(MAX_UNPACKED))
     yield box, srv, tmpdir
     srv.stop()
     import shutil
@@ -61,7 +61,7 @@ def check(env, krel):
     box, srv, tmpdir = env
     yield env
     shared.wait_until(lambda: not request_dirs(tmpdir), 5,
-                        lambda: f"request directories left behind: {request_dirs(tmpdir)}")
+                      lambda: f"request directories left behind: {request_dirs(tmpdir)}")
     assert shared.pid_alive(srv.pid), "the server died"
     assert_serves(box, srv, krel)
 

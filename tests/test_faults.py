@@ -81,7 +81,7 @@ def wait_for_marked(mark, count=2, timeout=150):
     """The stand-in and its sleeping child, once both run (a request for a module first waits for
     the server's warm-up of the kernel's knowledge: the stand-in is a stap of its own)."""
     return shared.wait_until(lambda: len(marked_pids(mark)) >= count and marked_pids(mark),
-                               timeout, f"the stand-in stap never started ({mark})")
+                             timeout, f"the stand-in stap never started ({mark})")
 
 
 def start_with_stap(servers, box, krel, stap, *extra):
@@ -185,7 +185,7 @@ def test_compile_timeout_kills_the_process_group(servers, sandbox, krel, slow_st
         "--compile-timeout)" in err, err
     assert took < 20
     shared.wait_until(lambda: not marked_pids(mark), 5,
-                        "the stand-in or its child (same process group) survived")
+                      "the stand-in or its child (same process group) survived")
     lines = request_lines(srv)
     assert "rc=1" in lines[-1], lines[-1]
     assert request_dirs(server_tmpdir(box)) == []

@@ -99,7 +99,7 @@ def test_many_clients_at_once(servers, sandbox, krel):
     assert sampler.peak - rss_before < RSS_GROWTH_LIMIT_KB
     assert not [l for l in request_lines(srv) if re.search(r"error=.busy", l)]
     shared.wait_until(lambda: not request_dirs(tmpdir), 5,
-                        lambda: f"request directories left behind: {request_dirs(tmpdir)}")
+                      lambda: f"request directories left behind: {request_dirs(tmpdir)}")
     assert os.listdir(client_tmp) == [], "stap-client left temporary files"
     assert_serves(box, srv, krel)  # and the server goes on
 

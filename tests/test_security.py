@@ -182,7 +182,7 @@ def loopback_zone():
                                  stderr=subprocess.STDOUT)
     try:
         shared.wait_until(lambda: "running" in open(log).read(), 20,
-                            lambda: f"named did not start: {open(log).read()[-2000:]}")
+                          lambda: f"named did not start: {open(log).read()[-2000:]}")
         yield port, keyfile
     finally:
         shared.stop_pid(named)
@@ -621,7 +621,7 @@ def test_silent_connections_from_one_address_keep_no_one_out(servers, sandbox, k
         assert proc.returncode == 0, text(proc)
         assert took < 3, f"the client waited {took:.1f} s"
         shared.wait_until(lambda: re.search(r"dropped \d+ connections from 127\.0\.0\.2",
-                                              open(srv.log).read()), 10, "no drop logged")
+                                            open(srv.log).read()), 10, "no drop logged")
     finally:
         for s in held:
             s.close()
@@ -667,9 +667,9 @@ def test_silent_connections_from_many_addresses_keep_no_one_out(servers, sandbox
             assert min(still_open.values()) >= 1, still_open
             # the evicted ones' handlers returned from their handshakes at once (not after 60 s)
             shared.wait_until(lambda: len(os.listdir(f"/proc/{srv.pid}/task")) <= TABLE + 8,
-                                10, lambda: f"{len(os.listdir(f'/proc/{srv.pid}/task'))} threads")
+                              10, lambda: f"{len(os.listdir(f'/proc/{srv.pid}/task'))} threads")
             shared.wait_until(lambda: re.search(r"dropped \d+ connections from 127\.0\.1\.",
-                                                  open(srv.log).read()), 10, "no drop logged")
+                                                open(srv.log).read()), 10, "no drop logged")
         finally:
             for s in (s for socks in held.values() for s in socks):
                 s.close()
@@ -708,7 +708,7 @@ def accepted(port, timeout):
     server.)"""
     try:
         return shared.wait_until(lambda: not kernel_held(port), timeout, "",
-                                   error=TimeoutError)
+                                 error=TimeoutError)
     except TimeoutError:
         return False
 
