@@ -19,12 +19,13 @@ import zipfile
 import pytest
 import shared
 from hardening_helpers import base_entries
-from hypothesis import HealthCheck, given, settings, strategies as st
 
 import stap_client
 import stap_server
 
 pytestmark = pytest.mark.integration
+pytest.importorskip("hypothesis", reason="hypothesis (python3-hypothesis) is not installed")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 TOKEN = "hxfz" + uuid.uuid4().hex[:6]
 MAX_REQUEST = 8 << 20
