@@ -2,7 +2,7 @@
 #
 #   make demo                 start a real server and compile through it (root, Debian)
 #   make check                install missing packages, run the tests
-#   make test-unit            the unit tier alone (no root, network or stap; seconds)
+#   make test-unit            the unit tier alone (-m unit: no root, network or stap; seconds)
 #   make lint                 ruff on the modules, tests and benchmarks (ruff.toml)
 #   make install [DESTDIR=... prefix=... sysconfdir=... PYTHON=...]
 #   make uninstall            with the same variables as install
@@ -72,8 +72,9 @@ check:
 	tools/install-deps
 	$(PYTHON) -m pytest -v -rs tests
 
+# Each test file names its tier (setup.cfg lists them); -m picks one.
 test-unit:
-	$(PYTHON) -m pytest -q tests/test_unit_*.py
+	$(PYTHON) -m pytest -q -m unit tests
 
 demo:
 	PYTHON=$(PYTHON) tools/demo

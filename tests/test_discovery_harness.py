@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from netns import TestNetwork, avahi_skip_reason, skip_reason  # noqa: E402
 from shared import wait_until  # noqa: E402

@@ -13,11 +13,12 @@ import subprocess
 import tempfile
 
 import pytest
-from conftest import PYTHON, SHARED, TEST_USER
-from shared import read_text, without_progress
+from shared import PYTHON, SHARED, TEST_USER, read_text, without_progress
 
 import stap_client
 import stap_server
+
+pytestmark = pytest.mark.integration
 
 DEBS = "/var/cache/stap-compile-server-tests/debs"
 # Releases the archive offers that are (normally) not installed: a generic and a cloud flavour.

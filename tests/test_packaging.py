@@ -21,6 +21,8 @@ import tempfile
 
 import pytest
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
@@ -525,7 +527,7 @@ def test_install_in_debootstrap_chroot(debs, chroot_tarball, extracted):
     through it after trusting it, logrotate copytruncate, SIGTERM stops it
     cleanly), and purge leaves nothing behind."""
     sys.path.insert(0, TESTS)
-    from conftest import headers_release
+    from shared import headers_release
     krel = headers_release()
     why_no_server = None if krel else "no kernel headers to serve"
     if not release_has("python3-nss"):

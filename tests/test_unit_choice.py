@@ -8,11 +8,13 @@ import io
 import types
 import zipfile
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
+import pytest
 
 import stap_client
 import stap_server
 from stap_client import ServerRecord, expected_wait, rank_servers, request_identity
+
+pytestmark = pytest.mark.unit
 
 
 def record(port, certinfo="01:02", version="4.8", **load):

@@ -4,7 +4,6 @@ keys, the listing line, repeats, the trust shown), why no server was found,
 the domains configured for wide-area browsing, the retry pause, and the
 server's paths turned back into the user's own in stap's output."""
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 from stap_client import (
@@ -25,6 +24,8 @@ from stap_client import (
     wide_area_domains,
     without_module_paths,
 )
+
+pytestmark = pytest.mark.unit
 
 TXT = {"sysinfo": "6.1.0-1-amd64 x86_64", "version": "4.8", "certinfo": "0a:0b",
        "optinfo": "", "slots": "2", "busy": "0"}

@@ -11,7 +11,6 @@ import io
 import ssl
 import zipfile
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 import stap_client
@@ -32,6 +31,8 @@ from stap_client import (
     signed_jar,
     tbs_fields,
 )
+
+pytestmark = pytest.mark.unit
 
 # --------------------------------------------------------------------------
 # DER, a test key and certificates made from it

@@ -11,6 +11,8 @@ import pytest
 import stap_server
 from stap_client import Error
 
+pytestmark = pytest.mark.unit
+
 REL = "6.1.0-50-cloud-amd64"
 MAP = f"usr/lib/debug/boot/System.map-{REL}"
 VMLINUX = f"usr/lib/debug/boot/vmlinux-{REL}"

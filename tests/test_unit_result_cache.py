@@ -8,13 +8,15 @@ import dataclasses
 import threading
 import types
 
-import conftest
 import pytest
+import shared
 from hardening_helpers import zip_bytes
 
 import stap_server
 from stap_client import Limits, ReplyContent, RequestArchive, open_archive, reply_entries
 from stap_server import Request, ResultCache, result_key
+
+pytestmark = pytest.mark.unit
 
 
 class Compute:
@@ -87,11 +89,11 @@ def test_identical_requests_arriving_together(cacheable):
     results = {}
     one = threading.Thread(target=lambda: results.update(one=cache.lookup("k", first)))
     one.start()
-    conftest.wait_until(lambda: first.calls == 1, 10, "the first compile never started")
+    shared.wait_until(lambda: first.calls == 1, 10, "the first compile never started")
     two = threading.Thread(target=lambda: results.update(two=cache.lookup("k", later)))
     two.start()
     # the second has looked, found the first compiling, and waits for it
-    conftest.wait_until(lambda: cache.lock.released >= 2, 10, "the second never looked")
+    shared.wait_until(lambda: cache.lock.released >= 2, 10, "the second never looked")
     go.set()
     one.join(10)
     two.join(10)
