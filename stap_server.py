@@ -217,7 +217,7 @@ def parse_config(argv, prog=PROG):
         raise Error("--fetch-kernels: apt and dpkg-deb never run as root for a client; start "
                     "the server as an unprivileged account (the packaged unit's stap-server)")
     config.arch = config.arch or os.uname().machine
-    config.releases = served_releases(config.releases, config.installed)
+    config.releases = served_releases(config.releases, config.installed, config.fetch_kernels)
     config.stap_options = (
         (["-R", os.path.abspath(config.runtime)] if config.runtime else [])
         + [x for d in config.includes for x in ("-I", os.path.abspath(d))]
@@ -401,16 +401,19 @@ def check_secret_file(option, path):
                     f"chmod 600 {path}")
 
 
-def served_releases(requested, installed=False):
+def served_releases(requested, installed=False, fetching=False):
     """The requested releases (default: the running one, unless installed) that have a build tree,
-    with installed every release that has one."""
+    with installed every release that has one.  A fetching server needs none: it fetches the others
+    when asked."""
     releases = requested or ([] if installed else [os.uname().release])
     if installed:
         releases += sorted(set(installed_releases()) - set(releases))
-        if not releases:
+        if not releases and not fetching:
             raise Error("-i: no kernel build tree is installed (/lib/modules/*/build)")
     usable = [r for r in releases if os.path.isdir(f"/lib/modules/{r}/build")]
     missing = sorted(set(releases) - set(usable))
+    if fetching:
+        return usable
     if not usable:
         raise Error(f"no kernel build tree for {', '.join(missing)} "
                     "(install its headers, or name an installed release with -r)")
@@ -3666,7 +3669,7 @@ def serve(config):
                               server.service.compiles)
     status = write_status(config, port, der)  # after the zone: a refused update fails the start
     logging.info("listening on %s port %d; serving %s; certificate serial %s, SHA-256 "
-                 "fingerprint %s", config.listen, port, ", ".join(config.releases), certinfo(der),
+                 "fingerprint %s", config.listen, port, served_text(config), certinfo(der),
                  client.fingerprint(der))
     server.on_renewal = advertising.refresh
     try:
@@ -3761,6 +3764,13 @@ class Advertising:
                 self.withdraw_link()
             if self.zone:
                 self.zone.withdraw()
+
+
+def served_text(config):
+    """What the server serves, for its log: its installed releases and, when it fetches, the others
+    on demand."""
+    return ", ".join(config.releases + (["kernels fetched on demand"]
+                                        if config.fetch_kernels else []))
 
 
 def advertised_sysinfos(config):

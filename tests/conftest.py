@@ -134,9 +134,9 @@ def status_file(box, pid):
 
 
 def start_server(box, krel, runtime=None, *extra, cache=None, env=None):
-    """stap-start-server on loopback; returns a Server."""
-    args = ["--listen", "127.0.0.1", "-r", krel, "--log", box.path("server.log"),
-            "--advertise", "none"]
+    """stap-start-server on loopback (krel None: no -r); returns a Server."""
+    args = ["--listen", "127.0.0.1", *(["-r", krel] if krel else []), "--log",
+            box.path("server.log"), "--advertise", "none"]
     if runtime:
         args += ["-R", runtime]
     if cache and os.geteuid() == 0 and box.user is None:

@@ -142,6 +142,21 @@ def test_the_real_client_gets_a_module_for_a_fetched_release(releases, servers, 
     assert vermagic.split()[0] == release, vermagic
 
 
+def test_a_fetching_server_needs_no_installed_kernel(releases, servers, user_sandbox,
+                                                    kernel_cache, user_compile_cache):
+    """Without -r, on a host whose running kernel may have no headers: the server starts, says it
+    serves releases on demand, and builds for one it fetches."""
+    running = os.uname().release
+    installed = os.path.isdir(f"/lib/modules/{running}/build")
+    srv = fetching_server(servers, user_sandbox, None, kernel_cache, user_compile_cache)
+    assert srv.status["releases"] == ([running] if installed else [])
+    assert "serving kernels fetched on demand" in read_text(srv.log)
+    proc = client(user_sandbox, srv, "-r", releases[0], "-p2", "-e", "probe begin { exit() }",
+                  timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"begin" in proc.stdout
+
+
 def test_two_clients_at_once_cause_one_fetch(releases, servers, user_sandbox, krel,
                                             kernel_cache, user_compile_cache):
     release = releases[1]
