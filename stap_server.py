@@ -1526,6 +1526,12 @@ FETCH_TIMEOUT = 300  # seconds for one apt-get download
 FAILED_FETCH_TTL = 300  # seconds a failed fetch is answered from memory
 KERNEL_TREES = "trees"  # in the kernel cache: RELEASE/ is the unpacked root of its packages
 DOWNLOADS = "debs"  # in the kernel cache: the verified .deb files
+FULL_MARGIN = 1 << 20  # bytes: a kernel cache with less free after a failed unpack is full
+
+
+class HostFault(Error):
+    """The server's host lacks what a kernel needs (room in the kernel cache, a compiler): not
+    remembered as a failed fetch, as the administrator's remedy works at once."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1563,12 +1569,28 @@ def installed_version(name):
     return res.stdout.decode().strip() if res.returncode == 0 else None
 
 
+def missing_compiler(headers):
+    """The compiler package that the headers package headers depends on (gcc-N, directly or through
+    Debian's linux-compiler-gcc-N-ARCH) and that this host lacks, or None.  The compile runs the
+    host's compiler, so only its program counts, not how it was installed."""
+    for dep in headers.depends.split(","):
+        wanted = [m.group(1) for alt in dep.split("|")
+                  if (m := re.match(r"^\s*(?:linux-compiler-)?(gcc-[0-9]+)\b", alt))]
+        if wanted and not any(shutil.which(name) for name in wanted):
+            return wanted[0]
+    return None
+
+
 def kernel_packages(release):
     """The packages that present release's headers: linux-headers-RELEASE, the -common twin it
     depends on, and the linux-kbuild it asks for when the installed one is older or missing."""
     headers = apt_package(f"linux-headers-{release}")
     if headers is None:
         raise Error(f"the archive has no kernel {release} (no package linux-headers-{release})")
+    compiler = missing_compiler(headers)
+    if compiler:
+        raise HostFault(f"the kernel {release} is built with {compiler}, which this server lacks "
+                        f"(its administrator can install the package {compiler})")
     packages = [headers]
     for dep in (d.strip() for d in headers.depends.split(",")):
         m = re.match(r"^(linux-headers-\S+-common|linux-kbuild-\S+)(?:\s*\((>=|=)\s*(\S+)\))?",
@@ -1667,8 +1689,9 @@ class KernelCache:
             try:
                 kernel = self.fetch(release)
             except Error as e:
-                with self.cond:
-                    self.failed[release] = (time.monotonic(), str(e))
+                if not isinstance(e, HostFault):  # the administrator mends that at once
+                    with self.cond:
+                        self.failed[release] = (time.monotonic(), str(e))
                 raise
             finally:
                 with self.cond:
@@ -1711,6 +1734,8 @@ class KernelCache:
             for deb in debs:
                 res = client.run_tool(["dpkg-deb", "-x", deb, new], check=False,
                                       timeout=FETCH_TIMEOUT)
+                if res.returncode != 0 and self.full():
+                    raise self.full_error(f"cannot unpack the kernel {release}")  # deb: sound
                 if res.returncode != 0:
                     os.unlink(deb)  # the checked file went bad on disk: fetch it again next time
                     raise Error(f"cannot unpack {os.path.basename(deb)} for {release}: "
@@ -1721,6 +1746,8 @@ class KernelCache:
             os.rename(new, root)
         except OSError as e:
             shutil.rmtree(new, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self.full_error(f"cannot unpack the kernel {release}") from None
             raise Error(f"cannot unpack the kernel {release}: {e.strerror}") from None
         except Error:
             shutil.rmtree(new, ignore_errors=True)
@@ -1730,6 +1757,19 @@ class KernelCache:
                      release, ", ".join(f"{p.name} {p.version}" for p in packages), downloaded,
                      size, time.monotonic() - start)
         return FetchedKernel(release, root, size)
+
+    def full(self):
+        """The kernel cache's file system is out of space or inodes for the server's account (what
+        the unpacking tar said is in the server's locale; this is not)."""
+        try:
+            st = os.statvfs(self.top)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < FULL_MARGIN or (st.f_files and st.f_favail == 0)
+
+    def full_error(self, failed):
+        return HostFault(f"{failed}: the kernel cache {self.top} is full "
+                               f"({os.strerror(errno.ENOSPC)})")
 
     def download(self, package):
         """(path of the package's checked .deb in the download cache, bytes downloaded): a cached
@@ -1745,6 +1785,8 @@ class KernelCache:
                                    f"{package.name}={package.version}"], cwd=work,
                                   check=False, timeout=FETCH_TIMEOUT)
             got = os.path.join(work, package.filename)
+            if res.returncode != 0 and self.full():
+                raise self.full_error(f"cannot download {package.name} {package.version}")
             if res.returncode != 0 or not os.path.isfile(got):
                 raise Error(f"cannot download {package.name} {package.version} from the "
                             f"archive: {client.last_line(res.stderr or res.stdout)}")

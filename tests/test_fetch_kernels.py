@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 from conftest import PYTHON, SHARED, TEST_USER
+from hardening_helpers import small_tmpfs
 from shared import read_text, without_progress
 
 import stap_client
@@ -54,13 +55,24 @@ def kernel_cache(user_sandbox):
     """A new kernel cache of the test account, its download cache seeded from DEBS; new
     downloads go back to DEBS afterwards."""
     path = user_sandbox.path("kernels")
+    yield seed_kernel_cache(path)
+    keep_downloads(path)
+
+
+def seed_kernel_cache(path):
+    """path, a kernel cache of the test account whose download cache holds the files of DEBS."""
     debs = os.path.join(path, "debs")
     os.makedirs(DEBS, 0o755, exist_ok=True)
-    shutil.copytree(DEBS, debs)
+    shutil.copytree(DEBS, debs, dirs_exist_ok=True)
     pw = pwd.getpwnam(TEST_USER)
     for d in (path, debs, *(os.path.join(debs, n) for n in os.listdir(debs))):
         os.chown(d, pw.pw_uid, pw.pw_gid)
-    yield path
+    return path
+
+
+def keep_downloads(path):
+    """Copy the new downloads of the kernel cache at path to DEBS."""
+    debs = os.path.join(path, "debs")
     for name in os.listdir(debs):
         if name.endswith(".deb") and not os.path.exists(os.path.join(DEBS, name)):
             shutil.copyfile(os.path.join(debs, name), os.path.join(DEBS, name))
@@ -227,6 +239,41 @@ def test_an_unreachable_archive_is_one_line(releases, servers, user_sandbox, kre
     assert len(without_progress(err).strip().splitlines()) == 1, err
     assert os.listdir(os.path.join(cache, "trees")) == []
     assert os.listdir(os.path.join(cache, "debs")) == []
+
+
+def test_a_full_kernel_cache_disk_is_one_line_and_not_remembered(releases, servers,
+                                                                  user_sandbox, krel,
+                                                                  user_compile_cache):
+    """The kernel cache's disk has room for the downloads but not for the unpacked tree: one line
+    naming the cause, no half tree, the checked downloads kept; once space is freed the next
+    request builds (a full disk is not a failed fetch to remember)."""
+    release = releases[0]
+    with small_tmpfs(user_sandbox.path("full-kernels"), size="128m") as cache:
+        seed_kernel_cache(cache)
+        filler = os.path.join(cache, "filler")
+        with open(filler, "wb") as f:  # leaves room for the downloads, if not seeded, and a bit
+            free = os.statvfs(cache)
+            f.write(b"\0" * max(0, free.f_bavail * free.f_frsize - (24 << 20)))
+        srv = fetching_server(servers, user_sandbox, krel, cache, user_compile_cache)
+        proc = client(user_sandbox, srv, "-r", release, "-p2", "-e", "probe begin { exit() }",
+                      timeout=600)
+        err = without_progress(proc.stderr.decode())
+        assert proc.returncode == 1, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert re.fullmatch(rf"stap-serverd: ERROR: cannot unpack the kernel {release}: the "
+                            rf"kernel cache {cache} is full \(No space left on device\)\n",
+                            err), err
+        assert os.listdir(os.path.join(cache, "trees")) == []
+        debs = os.listdir(os.path.join(cache, "debs"))
+        assert all(stap_server.file_sha256(os.path.join(cache, "debs", p.filename)) == p.sha256
+                   for p in stap_server.kernel_packages(release)), debs
+        keep_downloads(cache)
+        os.unlink(filler)
+        proc = client(user_sandbox, srv, "-r", release, "-p2", "-e", "probe begin { exit() }",
+                      timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert os.listdir(os.path.join(cache, "trees")) == [release]
+        srv.stop()  # before the tmpfs goes
 
 
 def test_the_cache_bound_evicts_kernels_no_compile_uses(releases, servers, user_sandbox, krel,
