@@ -2399,6 +2399,12 @@ def advertised_serial(rec):
     return serial if serial >= 0 else None
 
 
+def fetches_field(rec):
+    """" 'kernels=fetched'" for a server advertised with the bare architecture as its sysinfo, that
+    is one that fetches the kernel a request names (stap-serverd --fetch-kernels), else ""."""
+    return " 'kernels=fetched'" if " " not in rec.sysinfo else ""
+
+
 def trust_of(rec, trust):
     """"ssl,signer", "ssl", "signer" or "none" for an advertised server."""
     serial = advertised_serial(rec)
@@ -2543,7 +2549,8 @@ def stap_find_servers(argv):
     records = [r for r in every if "--all" in argv or r.sysinfo in (wanted, wanted.split()[-1])]
     trust = trusted_serials() if records else {}
     for rec in records:
-        print(printable(format_server_line(rec) + f" 'trust={trust_of(rec, trust)}'"))
+        print(printable(format_server_line(rec) + fetches_field(rec)
+                        + f" 'trust={trust_of(rec, trust)}'"))
     if every and not records:  # servers for other kernels: say so, whoever asked
         seen = plural(len({(r.host, r.port) for r in every}), "server")
         print(f"{PROG}: {seen} found, none for {wanted}; --all lists them", file=sys.stderr)

@@ -4,6 +4,7 @@ download fetched from the host's archive and dpkg-deb unpacked into its kernel c
 files are kept across runs in DEBS (as the debootstrap tarball of test_packaging is), so a warm
 run downloads nothing; the kernel cache itself is new in every test."""
 
+import json
 import os
 import pwd
 import re
@@ -11,8 +12,9 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import PYTHON, SHARED, TEST_USER
+from conftest import CLIENT, PYTHON, SERVER, SHARED, TEST_USER, status_file, stop_pid, wait_until
 from hardening_helpers import small_tmpfs
+from netns import network_factory  # noqa: F401  (a fixture)
 from shared import read_text, without_progress
 
 import stap_client
@@ -167,6 +169,60 @@ def test_a_fetching_server_needs_no_installed_kernel(releases, servers, user_san
                   timeout=600)
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"begin" in proc.stdout
+
+
+def test_the_real_client_finds_a_fetching_server_by_discovery(releases, network_factory,  # noqa: F811
+                                                              user_sandbox, kernel_cache,
+                                                              user_compile_cache, tmp_path):
+    """In a network namespace with its own avahi: a fetching server of the test account, started
+    without -r, advertises the bare architecture; the real 4.8 `stap --use-server` (no address)
+    takes it as serving any release and gets a module for one the server has not installed, and
+    stap-find-servers says the server fetches kernels."""
+    stap = shutil.which("stap")
+    if not stap:
+        pytest.skip("stap is not installed")
+    host = network_factory(avahi=True, single=True).hosts[0]
+    release = releases[0]
+    as_user = ["setpriv", f"--reuid={TEST_USER}", f"--regid={TEST_USER}", "--clear-groups"]
+    proc = host.run([*as_user, PYTHON, SERVER, "stap-start-server", "--listen", "::",
+                     "--fetch-kernels", "--kernel-cache", kernel_cache, "--cache-dir",
+                     user_compile_cache, "--log", user_sandbox.path("server.log"), "--advertise",
+                     "avahi"],
+                    env=user_sandbox.env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout)
+    try:
+        with open(status_file(user_sandbox, pid)) as f:
+            port = json.load(f)["port"]
+        env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+               "SYSTEMTAP_DIR": str(tmp_path / ".systemtap")}
+
+        def real(*args, timeout=60):
+            return host.run(["sh", "-c", 'cd "$0" && exec "$@"', str(tmp_path), stap, *args],
+                            env=env, timeout=timeout)
+
+        trust = real("--trust-servers=ssl,no-prompt", f"--use-server=127.0.0.1:{port}")
+        assert trust.returncode == 0, trust.stderr
+
+        def listed():  # avahi takes its time on a loaded machine
+            proc = real("--list-servers=online,trusted")
+            return f"port={port}" in proc.stdout + proc.stderr
+
+        wait_until(listed, 60, "the real client never saw the fetching server advertised",
+                   interval=1)
+        proc = real("--use-server", "-r", release, "-p4", "-m", "found_fetching", "-e",
+                    "probe begin { exit() }", timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        vermagic = subprocess.run(["modinfo", "-F", "vermagic",
+                                   str(tmp_path / "found_fetching.ko")],
+                                  capture_output=True, text=True).stdout
+        assert vermagic.split()[0] == release, vermagic
+        found = host.run([*as_user, PYTHON, CLIENT, "stap-find-servers"], env=user_sandbox.env,
+                         timeout=60)
+        mine = [l for l in found.stdout.splitlines() if f" {port} " in l]
+        assert [l for l in mine if "'sysinfo=x86_64'" in l and "'kernels=fetched'" in l], found
+    finally:
+        stop_pid(pid)
 
 
 def test_two_clients_at_once_cause_one_fetch(releases, servers, user_sandbox, krel,
