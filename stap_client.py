@@ -2072,8 +2072,11 @@ def split_at_operands(args):
 
 
 def first_error_line(stderr):
+    """stap's first error line, or the server's own reason (without its "stap-serverd: ERROR: ",
+    which the verdict's "error:" already says)."""
     lines = stderr.decode(errors="replace").splitlines()
-    return next((l for l in lines if "error" in l.lower()), lines[-1] if lines else "failed")
+    line = next((l for l in lines if "error" in l.lower()), lines[-1] if lines else "failed")
+    return line.removeprefix("stap-serverd: ERROR: ")
 
 
 def private_tmpdir():

@@ -134,50 +134,13 @@ def test_pass_4_for_a_release_not_installed(releases, servers, user_sandbox, kre
     assert sorted(os.listdir(os.path.join(kernel_cache, "trees"))) == [release]
 
 
-def test_the_real_client_gets_a_module_for_a_fetched_release(releases, servers, user_sandbox,
-                                                             krel, kernel_cache,
-                                                             user_compile_cache, tmp_path):
-    stap = shutil.which("stap")
-    if not stap:
-        pytest.skip("stap is not installed")
-    release = releases[0]
-    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache)
-    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
-           "SYSTEMTAP_DIR": str(tmp_path / ".systemtap")}
-    trust = subprocess.run([stap, "--trust-servers=ssl,no-prompt", f"--use-server={srv.address}"],
-                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert trust.returncode == 0, trust.stderr
-    proc = subprocess.run([stap, f"--use-server={srv.address}", "-r", release, "-p4", "-m",
-                           "real_fetched", "-e", "probe begin { exit() }"], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    vermagic = subprocess.run(["modinfo", "-F", "vermagic", str(tmp_path / "real_fetched.ko")],
-                              capture_output=True, text=True).stdout
-    assert vermagic.split()[0] == release, vermagic
-
-
-def test_a_fetching_server_needs_no_installed_kernel(releases, servers, user_sandbox,
-                                                    kernel_cache, user_compile_cache):
-    """Without -r, on a host whose running kernel may have no headers: the server starts, says it
-    serves releases on demand, and builds for one it fetches."""
-    running = os.uname().release
-    installed = os.path.isdir(f"/lib/modules/{running}/build")
-    srv = fetching_server(servers, user_sandbox, None, kernel_cache, user_compile_cache)
-    assert srv.status["releases"] == ([running] if installed else [])
-    assert "serving kernels fetched on demand" in read_text(srv.log)
-    proc = client(user_sandbox, srv, "-r", releases[0], "-p2", "-e", "probe begin { exit() }",
-                  timeout=600)
-    assert proc.returncode == 0, proc.stderr.decode()
-    assert b"begin" in proc.stdout
-
-
 def test_the_real_client_finds_a_fetching_server_by_discovery(releases, network_factory,  # noqa: F811
                                                               user_sandbox, kernel_cache,
                                                               user_compile_cache, tmp_path):
     """In a network namespace with its own avahi: a fetching server of the test account, started
     without -r, advertises the bare architecture; the real 4.8 `stap --use-server` (no address)
-    takes it as serving any release and gets a module for one the server has not installed, and
-    stap-find-servers says the server fetches kernels."""
+    takes it as serving any release and gets a module for one the server has not installed, as
+    `--use-server=HOST:PORT` does, and stap-find-servers says the server fetches kernels."""
     stap = shutil.which("stap")
     if not stap:
         pytest.skip("stap is not installed")
@@ -210,13 +173,15 @@ def test_the_real_client_finds_a_fetching_server_by_discovery(releases, network_
 
         wait_until(listed, 60, "the real client never saw the fetching server advertised",
                    interval=1)
-        proc = real("--use-server", "-r", release, "-p4", "-m", "found_fetching", "-e",
-                    "probe begin { exit() }", timeout=900)
-        assert proc.returncode == 0, proc.stderr
-        vermagic = subprocess.run(["modinfo", "-F", "vermagic",
-                                   str(tmp_path / "found_fetching.ko")],
-                                  capture_output=True, text=True).stdout
-        assert vermagic.split()[0] == release, vermagic
+        ko = tmp_path / "found_fetching.ko"
+        for server in ("--use-server", f"--use-server=127.0.0.1:{port}"):  # the second: a hit
+            proc = real(server, "-r", release, "-p4", "-m", "found_fetching", "-e",
+                        "probe begin { exit() }", timeout=900)
+            assert proc.returncode == 0, proc.stderr
+            vermagic = subprocess.run(["modinfo", "-F", "vermagic", str(ko)],
+                                      capture_output=True, text=True).stdout
+            assert vermagic.split()[0] == release, vermagic
+            ko.unlink()
         found = host.run([*as_user, PYTHON, CLIENT, "stap-find-servers"], env=user_sandbox.env,
                          timeout=60)
         mine = [l for l in found.stdout.splitlines() if f" {port} " in l]
@@ -244,6 +209,36 @@ def test_two_clients_at_once_cause_one_fetch(releases, servers, user_sandbox, kr
 def as_test_user():
     pw = pwd.getpwnam(TEST_USER)
     return dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+
+
+def test_each_kernel_over_two_fetched_releases_and_one_the_archive_lacks(
+        releases, servers, user_sandbox, kernel_cache, user_compile_cache):
+    """A fetching server needs no installed kernel: started without -r (on a host whose running
+    kernel may have no headers), it says it serves releases on demand.  --each-kernel -p4 through
+    it: one line per release in the order given, the missing one says the archive has no such
+    kernel, the exit status is 1, and the two good modules are kept, each for its own release."""
+    missing = "6.1.0-9999-amd64"
+    srv = fetching_server(servers, user_sandbox, None, kernel_cache, user_compile_cache)
+    running = os.uname().release
+    assert srv.status["releases"] == (
+        [running] if os.path.isdir(f"/lib/modules/{running}/build") else [])
+    assert "serving kernels fetched on demand" in read_text(srv.log)
+    work = user_sandbox.path("work")
+    os.makedirs(work)
+    os.chown(work, *pwd.getpwnam(TEST_USER)[2:4])
+    proc = client(user_sandbox, srv, "-p4", "-m", "each", f"--each-kernel={releases[0]},"
+                  f"{missing},{releases[1]}", "-e", "probe begin { exit() }", cwd=work,
+                  timeout=900)
+    lines = proc.stdout.decode().splitlines()
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert lines == [f"{releases[0]} ok", f"{missing} error: the archive has no kernel {missing} "
+                     f"(no package linux-headers-{missing})", f"{releases[1]} ok"], lines
+    for release in releases:
+        vermagic = subprocess.run(["modinfo", "-F", "vermagic",
+                                   os.path.join(work, f"each-{release}.ko")],
+                                  capture_output=True, text=True).stdout
+        assert vermagic.split()[0] == release, vermagic
+    assert sorted(os.listdir(work)) == sorted(f"each-{r}.ko" for r in releases)
 
 
 def test_an_unknown_release_is_one_line(servers, user_sandbox, krel, kernel_cache,
