@@ -140,7 +140,8 @@ def test_the_real_client_finds_a_fetching_server_by_discovery(releases, network_
     """In a network namespace with its own avahi: a fetching server of the test account, started
     without -r, advertises the bare architecture; the real 4.8 `stap --use-server` (no address)
     takes it as serving any release and gets a module for one the server has not installed, as
-    `--use-server=HOST:PORT` does, and stap-find-servers says the server fetches kernels."""
+    `--use-server=HOST:PORT` does; stap-find-servers says the server fetches kernels, and
+    stap-find-or-start-server finds it for any release."""
     stap = shutil.which("stap")
     if not stap:
         pytest.skip("stap is not installed")
@@ -186,6 +187,12 @@ def test_the_real_client_finds_a_fetching_server_by_discovery(releases, network_
                          timeout=60)
         mine = [l for l in found.stdout.splitlines() if f" {port} " in l]
         assert [l for l in mine if "'sysinfo=x86_64'" in l and "'kernels=fetched'" in l], found
+        # and stap-find-or-start-server takes it as serving a release nobody has installed
+        proc = host.run([*as_user, PYTHON, SERVER, "stap-find-or-start-server", "-r",
+                         "6.1.0-9999-amd64", "--fetch-kernels"], env=user_sandbox.env, timeout=60)
+        if proc.stdout.strip() not in ("0", "-1"):
+            stop_pid(int(proc.stdout))
+        assert proc.stdout.strip() == "0" and proc.returncode == 0, proc.stderr
     finally:
         stop_pid(pid)
 
@@ -324,6 +331,27 @@ def test_a_full_kernel_cache_disk_is_one_line_and_not_remembered(releases, serve
                       timeout=600)
         assert proc.returncode == 0, proc.stderr.decode()
         assert os.listdir(os.path.join(cache, "trees")) == [release]
+        srv.stop()  # before the tmpfs goes
+
+
+def test_a_download_into_a_full_kernel_cache_is_one_line(releases, servers, user_sandbox, krel,
+                                                         user_compile_cache):
+    """A kernel cache with room for the small headers package but not for its -common twin (a real
+    download, 10 MB, that apt cannot write): one line naming the package and the full cache, the
+    checked headers package kept, no partial file and no temporary directory left."""
+    release = releases[0]
+    with small_tmpfs(user_sandbox.path("tiny-kernels"), size="6m") as cache:
+        os.chown(cache, *pwd.getpwnam(TEST_USER)[2:4])
+        srv = fetching_server(servers, user_sandbox, krel, cache, user_compile_cache)
+        proc = client(user_sandbox, srv, "-r", release, "-p2", "-e", "probe begin { exit() }",
+                      timeout=600)
+        err = without_progress(proc.stderr.decode())
+        assert proc.returncode == 1, err
+        headers, common = stap_server.kernel_packages(release)[:2]
+        assert err == (f"stap-serverd: ERROR: cannot download {common.name} {common.version}: "
+                       f"the kernel cache {cache} is full (No space left on device)\n"), err
+        assert os.listdir(os.path.join(cache, "debs")) == [headers.filename]
+        assert os.listdir(os.path.join(cache, "trees")) == []
         srv.stop()  # before the tmpfs goes
 
 
