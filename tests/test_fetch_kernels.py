@@ -61,11 +61,13 @@ def kernel_cache(user_sandbox):
     keep_downloads(path)
 
 
-def seed_kernel_cache(path):
-    """path, a kernel cache of the test account whose download cache holds the files of DEBS."""
+def seed_kernel_cache(path, only=None):
+    """path, a kernel cache of the test account whose download cache holds the files of DEBS (only:
+    those of these names)."""
     debs = os.path.join(path, "debs")
     os.makedirs(DEBS, 0o755, exist_ok=True)
-    shutil.copytree(DEBS, debs, dirs_exist_ok=True)
+    shutil.copytree(DEBS, debs, dirs_exist_ok=True, ignore=None if only is None else (
+        lambda top, names: [n for n in names if n not in only]))
     pw = pwd.getpwnam(TEST_USER)
     for d in (path, debs, *(os.path.join(debs, n) for n in os.listdir(debs))):
         os.chown(d, pw.pw_uid, pw.pw_gid)
@@ -307,7 +309,7 @@ def test_a_full_kernel_cache_disk_is_one_line_and_not_remembered(releases, serve
     request builds (a full disk is not a failed fetch to remember)."""
     release = releases[0]
     with small_tmpfs(user_sandbox.path("full-kernels"), size="128m") as cache:
-        seed_kernel_cache(cache)
+        seed_kernel_cache(cache, [p.filename for p in stap_server.kernel_packages(release)])
         filler = os.path.join(cache, "filler")
         with open(filler, "wb") as f:  # leaves room for the downloads, if not seeded, and a bit
             free = os.statvfs(cache)
