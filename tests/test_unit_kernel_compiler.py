@@ -1,7 +1,9 @@
 """Unit tier (no root, no stap, no archive): the compiler a fetched kernel's headers need, read
-from their Depends line, and the one-line reply when the server lacks it (issue 21).  Debian 12's
+from their Depends line, when the server lacks it (issue 21; kernel_packages then refuses the
+release in one line naming that package, before any download).  Debian 12's
 own archive offers no release here whose compiler is missing (its 6.1 and 6.12 headers both ask for
-gcc-12), so the lines are the archive's, with the version the backports of 6.12 asked for."""
+gcc-12), so the lines are the archive's with a compiler that no host has, gcc-99, in place of
+the one they name."""
 
 import shutil
 
