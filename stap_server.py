@@ -1799,6 +1799,32 @@ class KernelCache:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def fetched_tree_binds(kernel, source, inside):
+    """bwrap arguments that show source, a tree of the fetched kernel, at inside: whole, or entry by
+    entry when some of its links name a kbuild that the host has no directory for (Debian's 6.12
+    headers link scripts and tools to ../../lib/linux-kbuild-VERSION, and no mount point can be
+    made in the host's read-only /usr/lib), those entries then showing what the links name."""
+    kbuilds = os.path.join(kernel.root, "usr", "lib")
+    strays = {}
+    for name in os.listdir(source) if os.path.isdir(source) else []:
+        path = os.path.join(source, name)
+        target = os.path.realpath(path)
+        kbuild = os.path.relpath(target, kbuilds).split(os.sep)[0]
+        if os.path.islink(path) and kbuild.startswith("linux-kbuild-") and os.path.isdir(target) \
+                and not os.path.isdir(f"/usr/lib/{kbuild}"):
+            strays[name] = target
+    if not strays:
+        return ["--ro-bind", source, inside]
+    argv = ["--dir", inside]
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        if name not in strays and os.path.islink(path):  # as it is: bwrap binds no dangling link
+            argv += ["--symlink", os.readlink(path), os.path.join(inside, name)]
+        else:
+            argv += ["--ro-bind", strays.get(name, path), os.path.join(inside, name)]
+    return argv
+
+
 def kernel_binds(kernel):
     """bwrap arguments that present a fetched kernel as installed: its /lib/modules/RELEASE and
     /usr/src trees (the only ones there, on read-only tmpfs mounts) and its kbuild, read-only."""
@@ -1811,7 +1837,7 @@ def kernel_binds(kernel):
             mine = os.path.join(kernel.root, "lib", "modules")
         argv += ["--size", "65536", "--tmpfs", inside]
         for name in sorted(os.listdir(mine)):
-            argv += ["--ro-bind", os.path.join(mine, name), os.path.join(inside, name)]
+            argv += fetched_tree_binds(kernel, os.path.join(mine, name), os.path.join(inside, name))
         argv += ["--remount-ro", inside]
     kbuild = os.path.join(kernel.root, "usr", "lib")
     for name in sorted(os.listdir(kbuild)) if os.path.isdir(kbuild) else []:
