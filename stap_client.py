@@ -2178,8 +2178,11 @@ def split_at_operands(args):
 
 
 def first_error_line(stderr):
+    """stap's first error line, or the server's own reason (without its "stap-serverd: ERROR: ",
+    which the verdict's "error:" already says)."""
     lines = stderr.decode(errors="replace").splitlines()
-    return next((l for l in lines if "error" in l.lower()), lines[-1] if lines else "failed")
+    line = next((l for l in lines if "error" in l.lower()), lines[-1] if lines else "failed")
+    return line.removeprefix("stap-serverd: ERROR: ")
 
 
 def private_tmpdir():
@@ -2496,6 +2499,12 @@ def advertised_serial(rec):
     return serial if serial >= 0 else None
 
 
+def fetches_field(rec):
+    """" 'kernels=fetched'" for a server advertised with the bare architecture as its sysinfo, that
+    is one that fetches the kernel a request names (stap-serverd --fetch-kernels), else ""."""
+    return " 'kernels=fetched'" if " " not in rec.sysinfo else ""
+
+
 def trust_of(rec, trust):
     """"ssl,signer", "ssl", "signer" or "none" for an advertised server."""
     serial = advertised_serial(rec)
@@ -2640,7 +2649,8 @@ def stap_find_servers(argv):
     records = [r for r in every if "--all" in argv or r.sysinfo in (wanted, wanted.split()[-1])]
     trust = trusted_serials() if records else {}
     for rec in records:
-        print(printable(format_server_line(rec) + f" 'trust={trust_of(rec, trust)}'"))
+        print(printable(format_server_line(rec) + fetches_field(rec)
+                        + f" 'trust={trust_of(rec, trust)}'"))
     if every and not records:  # servers for other kernels: say so, whoever asked
         seen = plural(len({(r.host, r.port) for r in every}), "server")
         print(f"{PROG}: {seen} found, none for {wanted}; --all lists them", file=sys.stderr)

@@ -217,7 +217,7 @@ def parse_config(argv, prog=PROG):
         raise Error("--fetch-kernels: apt and dpkg-deb never run as root for a client; start "
                     "the server as an unprivileged account (the packaged unit's stap-server)")
     config.arch = config.arch or os.uname().machine
-    config.releases = served_releases(config.releases, config.installed)
+    config.releases = served_releases(config.releases, config.installed, config.fetch_kernels)
     config.stap_options = (
         (["-R", os.path.abspath(config.runtime)] if config.runtime else [])
         + [x for d in config.includes for x in ("-I", os.path.abspath(d))]
@@ -401,16 +401,19 @@ def check_secret_file(option, path):
                     f"chmod 600 {path}")
 
 
-def served_releases(requested, installed=False):
+def served_releases(requested, installed=False, fetching=False):
     """The requested releases (default: the running one, unless installed) that have a build tree,
-    with installed every release that has one."""
+    with installed every release that has one.  A fetching server needs none: it fetches the others
+    when asked."""
     releases = requested or ([] if installed else [os.uname().release])
     if installed:
         releases += sorted(set(installed_releases()) - set(releases))
-        if not releases:
+        if not releases and not fetching:
             raise Error("-i: no kernel build tree is installed (/lib/modules/*/build)")
     usable = [r for r in releases if os.path.isdir(f"/lib/modules/{r}/build")]
     missing = sorted(set(releases) - set(usable))
+    if fetching:
+        return usable
     if not usable:
         raise Error(f"no kernel build tree for {', '.join(missing)} "
                     "(install its headers, or name an installed release with -r)")
@@ -1529,6 +1532,12 @@ SYMBOLS = "symbols"
 DEBUGINFO = "debuginfo"
 DEBUG_FILES = {SYMBOLS: "System.map-{}", DEBUGINFO: "vmlinux-{}"}  # in /usr/lib/debug/boot
 DEBUG_NEEDS = {SYMBOLS: "the symbol table", DEBUGINFO: "the debuginfo"}
+FULL_MARGIN = 1 << 20  # bytes: a kernel cache with less free after a failed unpack is full
+
+
+class HostFault(Error):
+    """The server's host lacks what a kernel needs (room in the kernel cache, a compiler): not
+    remembered as a failed fetch, as the administrator's remedy works at once."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1571,12 +1580,28 @@ def installed_version(name):
     return res.stdout.decode().strip() if res.returncode == 0 else None
 
 
+def missing_compiler(headers):
+    """The compiler package that the headers package headers depends on (gcc-N, directly or through
+    Debian's linux-compiler-gcc-N-ARCH) and that this host lacks, or None.  The compile runs the
+    host's compiler, so only its program counts, not how it was installed."""
+    for dep in headers.depends.split(","):
+        wanted = [m.group(1) for alt in dep.split("|")
+                  if (m := re.match(r"^\s*(?:linux-compiler-)?(gcc-[0-9]+)\b", alt))]
+        if wanted and not any(shutil.which(name) for name in wanted):
+            return wanted[0]
+    return None
+
+
 def kernel_packages(release):
     """The packages that present release's headers: linux-headers-RELEASE, the -common twin it
     depends on, and the linux-kbuild it asks for when the installed one is older or missing."""
     headers = apt_package(f"linux-headers-{release}")
     if headers is None:
         raise Error(f"the archive has no kernel {release} (no package linux-headers-{release})")
+    compiler = missing_compiler(headers)
+    if compiler:
+        raise HostFault(f"the kernel {release} is built with {compiler}, which this server lacks "
+                        f"(its administrator can install the package {compiler})")
     packages = [headers]
     for dep in (d.strip() for d in headers.depends.split(",")):
         m = re.match(r"^(linux-headers-\S+-common|linux-kbuild-\S+)(?:\s*\((>=|=)\s*(\S+)\))?",
@@ -1699,8 +1724,9 @@ class KernelCache:
         try:
             return fetch()
         except Error as e:
-            with self.cond:
-                self.failed[key] = (time.monotonic(), str(e))
+            if not isinstance(e, HostFault):  # the administrator mends that at once
+                with self.cond:
+                    self.failed[key] = (time.monotonic(), str(e))
             raise
         finally:
             with self.cond:
@@ -1731,11 +1757,14 @@ class KernelCache:
             path, fresh = self.download(package)
             debs.append(path)
             downloaded += fresh
-        new = tempfile.mkdtemp(prefix=".new.", dir=self.path(KERNEL_TREES))
+        new = None  # rmtree(None, ignore_errors=True) does nothing
         try:
+            new = tempfile.mkdtemp(prefix=".new.", dir=self.path(KERNEL_TREES))
             for deb in debs:
                 res = client.run_tool(["dpkg-deb", "-x", deb, new], check=False,
                                       timeout=FETCH_TIMEOUT)
+                if res.returncode != 0 and self.full():
+                    raise self.full_error(f"cannot unpack the kernel {release}")  # deb: sound
                 if res.returncode != 0:
                     os.unlink(deb)  # the checked file went bad on disk: fetch it again next time
                     raise Error(f"cannot unpack {os.path.basename(deb)} for {release}: "
@@ -1746,6 +1775,8 @@ class KernelCache:
             os.rename(new, root)
         except OSError as e:
             shutil.rmtree(new, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self.full_error(f"cannot unpack the kernel {release}") from None
             raise Error(f"cannot unpack the kernel {release}: {e.strerror}") from None
         except Error:
             shutil.rmtree(new, ignore_errors=True)
@@ -1755,6 +1786,19 @@ class KernelCache:
                      release, ", ".join(f"{p.name} {p.version}" for p in packages), downloaded,
                      size, time.monotonic() - start)
         return FetchedKernel(release, root, size)
+
+    def full(self):
+        """The kernel cache's file system is out of space or inodes for the server's account (what
+        the unpacking tar said is in the server's locale; this is not)."""
+        try:
+            st = os.statvfs(self.top)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < FULL_MARGIN or (st.f_files and st.f_favail == 0)
+
+    def full_error(self, failed):
+        return HostFault(f"{failed}: the kernel cache {self.top} is full "
+                               f"({os.strerror(errno.ENOSPC)})")
 
     def download(self, package):
         """(path of the package's checked .deb in the download cache, bytes downloaded): a cached
@@ -1770,6 +1814,8 @@ class KernelCache:
                                    f"{package.name}={package.version}"], cwd=work,
                                   check=False, timeout=FETCH_TIMEOUT)
             got = os.path.join(work, package.filename)
+            if res.returncode != 0 and self.full():
+                raise self.full_error(f"cannot download {package.name} {package.version}")
             if res.returncode != 0 or not os.path.isfile(got):
                 raise Error(f"cannot download {package.name} {package.version} from the "
                             f"archive: {client.last_line(res.stderr or res.stdout)}")
@@ -1893,6 +1939,32 @@ def ar_member(f, prefix):
         f.seek(size + size % 2, os.SEEK_CUR)
 
 
+def fetched_tree_binds(kernel, source, inside):
+    """bwrap arguments that show source, a tree of the fetched kernel, at inside: whole, or entry by
+    entry when some of its links name a kbuild that the host has no directory for (Debian's 6.12
+    headers link scripts and tools to ../../lib/linux-kbuild-VERSION, and no mount point can be
+    made in the host's read-only /usr/lib), those entries then showing what the links name."""
+    kbuilds = os.path.join(kernel.root, "usr", "lib")
+    strays = {}
+    for name in os.listdir(source) if os.path.isdir(source) else []:
+        path = os.path.join(source, name)
+        target = os.path.realpath(path)
+        kbuild = os.path.relpath(target, kbuilds).split(os.sep)[0]
+        if os.path.islink(path) and kbuild.startswith("linux-kbuild-") and os.path.isdir(target) \
+                and not os.path.isdir(f"/usr/lib/{kbuild}"):
+            strays[name] = target
+    if not strays:
+        return ["--ro-bind", source, inside]
+    argv = ["--dir", inside]
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        if name not in strays and os.path.islink(path):  # as it is: bwrap binds no dangling link
+            argv += ["--symlink", os.readlink(path), os.path.join(inside, name)]
+        else:
+            argv += ["--ro-bind", strays.get(name, path), os.path.join(inside, name)]
+    return argv
+
+
 def kernel_binds(kernel):
     """bwrap arguments that present a fetched kernel as installed: its /lib/modules/RELEASE and
     /usr/src trees (the only ones there, on read-only tmpfs mounts) and its kbuild, read-only."""
@@ -1905,7 +1977,7 @@ def kernel_binds(kernel):
             mine = os.path.join(kernel.root, "lib", "modules")
         argv += ["--size", "65536", "--tmpfs", inside]
         for name in sorted(os.listdir(mine)):
-            argv += ["--ro-bind", os.path.join(mine, name), os.path.join(inside, name)]
+            argv += fetched_tree_binds(kernel, os.path.join(mine, name), os.path.join(inside, name))
         argv += ["--remount-ro", inside]
     kbuild = os.path.join(kernel.root, "usr", "lib")
     for name in sorted(os.listdir(kbuild)) if os.path.isdir(kbuild) else []:
@@ -3766,7 +3838,7 @@ def serve(config):
                               server.service.compiles)
     status = write_status(config, port, der)  # after the zone: a refused update fails the start
     logging.info("listening on %s port %d; serving %s; certificate serial %s, SHA-256 "
-                 "fingerprint %s", config.listen, port, ", ".join(config.releases), certinfo(der),
+                 "fingerprint %s", config.listen, port, served_text(config), certinfo(der),
                  client.fingerprint(der))
     server.on_renewal = advertising.refresh
     try:
@@ -3857,6 +3929,13 @@ class Advertising:
                 self.withdraw_link()
             if self.zone:
                 self.zone.stop()
+
+
+def served_text(config):
+    """What the server serves, for its log: its installed releases and, when it fetches, the others
+    on demand."""
+    return ", ".join(config.releases + (["kernels fetched on demand"]
+                                        if config.fetch_kernels else []))
 
 
 def advertised_sysinfos(config):

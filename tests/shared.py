@@ -251,7 +251,7 @@ def start_server(box, release, runtime=None, *extra, cache=None, env=None, netns
 
     box        the sandbox: the server's configuration, and its account (box.user; None: root;
                root only in a netns)
-    release    -r RELEASE
+    release    -r RELEASE (None: no -r)
     runtime    -R DIR (None: the server fixes the runtime for the release itself)
     extra      more options, after all of these
     cache      --cache-dir, given only to a root server in root's own sandbox
@@ -268,7 +268,8 @@ def start_server(box, release, runtime=None, *extra, cache=None, env=None, netns
     that expects a refusal runs stap-start-server itself.
     """
     listen = listen or ("::" if netns else "127.0.0.1")
-    args = ["--listen", listen, "-r", release, "--log", log or box.path("server.log")]
+    args = ["--listen", listen, *(["-r", release] if release else []), "--log",
+            log or box.path("server.log")]
     if advertise or not netns:
         args += ["--advertise", advertise or "none"]
     if runtime:
