@@ -1168,23 +1168,37 @@ def start_fetching_server(ctx, box, n):
     return srv
 
 
-FETCHED = re.compile(r"kernel cache: fetched (\S+) \(.*?; (\d+) bytes downloaded, (\d+) unpacked\) "
-                     r"in ([\d.]+) s")
-KNOWN = re.compile(r"stap knowledge for (\S+) \S+ ready in ([\d.]+) s")
+LOG_TIME = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*?"
+FETCHED = re.compile(LOG_TIME + r"kernel cache: fetched (\S+) \(.*?; (\d+) bytes downloaded, "
+                     r"(\d+) unpacked\) in ([\d.]+) s", re.M)
+KNOWN = re.compile(LOG_TIME + r"stap knowledge for (\S+) \S+ ready in ([\d.]+) s", re.M)
+REPLIED = re.compile(LOG_TIME + r" request .*?release='([^']+)'", re.M)
+
+
+def log_time(stamp):
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def where_the_time_went(srv, rel):
-    """{fetch, warm-up} seconds for rel from the server's log (missing keys: not logged)."""
+    """From the server's log, for the first request for rel: fetch seconds, seconds from the end
+    of the fetch to the reply (the compile, and the warm-up when the compile waited for it), the
+    warm-up's seconds and when it ended after the reply (negative: before).  Keys missing when
+    not logged."""
     with open(srv.log, errors="replace") as f:
         text = f.read()
+    fetched = next((m for m in FETCHED.finditer(text) if m.group(2) == rel), None)
+    known = next((m for m in KNOWN.finditer(text) if m.group(2) == rel), None)
+    replied = next((m for m in REPLIED.finditer(text) if m.group(2) == rel), None)
     out = {}
-    for m in FETCHED.finditer(text):
-        if m.group(1) == rel:
-            out.update(fetch=float(m.group(4)), downloaded=int(m.group(2)),
-                       unpacked=int(m.group(3)))
-    for m in KNOWN.finditer(text):
-        if m.group(1) == rel:
-            out["warm_up"] = float(m.group(2))
+    if fetched:
+        out.update(fetch=float(fetched.group(5)), downloaded=int(fetched.group(3)),
+                   unpacked=int(fetched.group(4)))
+    if fetched and replied:
+        out["to_reply"] = log_time(replied.group(1)) - log_time(fetched.group(1))
+    if known:
+        out["warm_up"] = float(known.group(3))
+        if replied:
+            out["warm_up_after_reply"] = log_time(known.group(1)) - log_time(replied.group(1))
     return out
 
 
@@ -1235,29 +1249,32 @@ def fmt_ratio_text(r):
 
 
 def first_module_breakdown(report, ours, phases, install, local):
-    """Where our first module's time went (fetch, knowledge warm-up, the compile: the rest of the
-    server's time, client and transport), each against its counterpart on the user's side."""
+    """Where our first module's time went (the fetch; from the fetch to the reply: the compile,
+    and the warm-up when the compile waited for it), each against its counterpart on the user's
+    side."""
     def med(key):
         values = [p[key] for p in phases if key in p]
         return statistics.median(values) if values else None
-    fetch, warm, server = med("fetch"), med("warm_up"), ours.server_median
-    if server is None or fetch is None or warm is None:
-        report.note("the server's log lacks a request, fetch or warm-up time: no breakdown")
+    fetch, compile_, warm, after = (med(k) for k in ("fetch", "to_reply", "warm_up",
+                                                     "warm_up_after_reply"))
+    if fetch is None or compile_ is None or warm is None:
+        report.note("the server's log lacks a fetch, warm-up or request line: no breakdown")
         return
-    rest = server - fetch - warm
-    report.summary(f"our first module, median s: fetch (apt-get download + dpkg-deb) "
-                   f"{fetch:.1f}, knowledge warm-up (stap -p4 of the server's own script) "
-                   f"{warm:.1f}, then the compile (with that knowledge) {rest:.1f}, client + "
-                   f"transport {ours.median - server:.1f}", key="kernel_first_phases",
-                   fetch=fetch, warm_up=warm, compile=rest, client=ours.median - server)
+    how = (f"ended {after:.1f} s after the reply" if after > 0 else
+           f"ended {-after:.1f} s before the reply, so the compile after it took about "
+           f"{compile_ - warm:.1f}")
+    client_s = fmt_s(ours.median - ours.server_median if ours.server_median else None)
+    report.summary(f"our first module, median s: fetch (apt-get download + dpkg-deb) {fetch:.1f}"
+                   f", then to the reply {compile_:.1f}; the server's knowledge warm-up (stap -p4 "
+                   f"of its own script) took {warm:.1f} and {how}; client + transport {client_s}",
+                   key="kernel_first_phases", fetch=fetch, to_reply=compile_, warm_up=warm,
+                   warm_up_after_reply=after)
     if install.median is None or local.median is None:
         return
     report.summary(f"against the user's way: fetch - apt-get install {fetch - install.median:+.1f}"
-                   f" s; warm-up - local stap -p4 {warm - local.median:+.1f} s (both probe the "
-                   f"kernel's configuration and build a module); our compile after the warm-up "
-                   f"{rest:+.1f} s (the user's stap needs no second one)",
+                   f" s; fetch to reply - local stap -p4 {compile_ - local.median:+.1f} s",
                    key="kernel_first_gap", fetch=fetch - install.median,
-                   warm_up=warm - local.median, compile=rest)
+                   compile=compile_ - local.median)
 
 
 def cached_vs_installed(ctx, report, srv, rel):
