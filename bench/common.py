@@ -63,6 +63,7 @@ REAL_PORT = 5555                                      # inside its own namespace
 # conftest); so the benchmarks import them as pytest does, from tests/ on the path.
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from shared import (  # noqa: E402,F401  (run.py imports them from here)
+    TEST_USER,
     Sandbox,
     fixed_runtime_for,
     headers_release,
@@ -386,16 +387,25 @@ class OurServer:
         release_server(self.pid)
 
 
+def as_user(box):
+    """argv prefix that runs a command as box's account (nothing for root's sandboxes)."""
+    if not box.user:
+        return []
+    pw = pwd.getpwnam(box.user)
+    return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
+
+
 def start_our_server(box, krel, rt, *extra, log=None, host=None, listen="127.0.0.1",
-                     advertise="none", timeout=60):
-    """stap-start-server; returns an OurServer (raises RuntimeError on failure)."""
+                     advertise="none", timeout=60, cache_dir=COMPILE_CACHE):
+    """stap-start-server (as box's account); returns an OurServer (raises RuntimeError on
+    failure)."""
     log = log or box.path(f"server.{time.monotonic_ns()}.log")
     args = [PY, SERVER, "stap-start-server", "--listen", listen, "-r", krel, "--log", log,
-            "--cache-dir", COMPILE_CACHE]
+            "--cache-dir", cache_dir]
     if advertise:
         args += ["--advertise", advertise]
     args += list(extra)  # rt is for the peers: our server fixes the runtime itself
-    prefix = host.prefix() if host else []
+    prefix = (host.prefix() if host else []) + as_user(box)
     t = time.perf_counter()
     proc = subprocess.run(prefix + args, env=box.env, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
@@ -405,7 +415,8 @@ def start_our_server(box, krel, rt, *extra, log=None, host=None, listen="127.0.0
                            f"{tail(proc.stderr)}")
     pid = int(proc.stdout.strip())
     track_server(pid)
-    status_path = f"/run/stap-server/stap-serverd.{pid}.json"
+    status_path = os.path.join(box.systemtap_dir, "run", f"stap-serverd.{pid}.json") \
+        if box.user else f"/run/stap-server/stap-serverd.{pid}.json"
     try:
         if host:
             text = host.run(["cat", status_path]).stdout

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import pstats
+import pwd
 import re
 import shutil
 import signal
@@ -41,6 +42,7 @@ from common import (  # noqa: E402
     PY,
     ROOT,
     SCRIPTS,
+    TEST_USER,
     WORK,
     CpuGroup,
     CpuWindow,
@@ -50,6 +52,7 @@ from common import (  # noqa: E402
     RssSampler,
     Sample,
     Series,
+    as_user,
     clean_modules,
     fmt_s,
     headers_release,
@@ -76,7 +79,7 @@ from common import (  # noqa: E402
 )
 
 BENCHMARKS = ["overhead", "sandbox", "buildenv", "interop", "load", "fleet", "resultcache",
-              "concurrency", "discovery", "startup", "profile"]
+              "concurrency", "discovery", "startup", "profile", "kernels"]
 
 
 # --------------------------------------------------------------------------
@@ -1061,6 +1064,252 @@ def bench_profile(ctx, report):
 
 
 # --------------------------------------------------------------------------
+# 7. Kernels fetched on demand (issue 21) against installing the headers
+# --------------------------------------------------------------------------
+
+# Releases the archive offers and the host normally lacks; tests/test_fetch_kernels.py takes the
+# -50 ones first, so this bench starts with -53 to stay out of their way.
+KERNEL_CANDIDATES = ("6.1.0-53-amd64", "6.1.0-53-cloud-amd64", "6.1.0-50-amd64",
+                     "6.1.0-50-cloud-amd64")
+APT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "DEBIAN_FRONTEND": "noninteractive"}
+
+
+def installed_packages():
+    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${db:Status-Abbrev}\n"],
+                          capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in proc.stdout.splitlines() if line.split()[1:2] == ["ii"]}
+
+
+def fetchable_release():
+    """(release, None) for a release the archive has whose headers were never installed here, or
+    (None, why not)."""
+    installed = installed_packages()
+    for rel in KERNEL_CANDIDATES:
+        if f"linux-headers-{rel}" in installed or os.path.exists(f"/lib/modules/{rel}"):
+            continue
+        show = subprocess.run(["apt-cache", "show", "--no-all-versions", f"linux-headers-{rel}"],
+                              capture_output=True, text=True)
+        if show.returncode == 0 and "Filename:" in show.stdout:
+            return rel, None
+    return None, (f"each of {', '.join(KERNEL_CANDIDATES)} is installed or not in the archive "
+                  "(apt-get update); this bench installs and purges one, never one installed "
+                  "before")
+
+
+def disk_bytes(top):
+    """Bytes of the blocks under top (as du counts them), links not followed."""
+    total = 0
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def user_owned_dir(box, name):
+    path = box.path(name)
+    os.makedirs(path, 0o755)
+    pw = pwd.getpwnam(box.user)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    return path
+
+
+def install_and_compile(ctx, rel, script):
+    """What a user does instead: apt-get install the headers (an empty archive cache), then a local
+    stap -p4 (a new stap cache); the headers are purged again.  (install, compile) Samples; the
+    runtime fix stap 4.8 needs for rel's headers is made between the two, untimed."""
+    before = installed_packages()
+    archives = tempfile.mkdtemp(prefix="archives.", dir=ctx.top)
+    os.makedirs(os.path.join(archives, "partial"))
+    install = timed(["apt-get", "install", "-y", "-q", "-o", f"Dir::Cache::Archives={archives}",
+                     "-o", "DPkg::Lock::Timeout=300", f"linux-headers-{rel}"], env=APT_ENV,
+                    timeout=900)
+    compile_ = Sample(0.0, False, "not run: the install failed")
+    try:
+        if install.ok:
+            rt = runtime_fixture(rel)
+            home = tempfile.mkdtemp(prefix="user-home.", dir=ctx.top)
+            env = {**local_env(), "HOME": home, "SYSTEMTAP_DIR": os.path.join(home, ".systemtap")}
+            compile_ = timed(["stap", "-r", rel, *(["-R", rt] if rt else []), "-p4", script],
+                             env=env, cwd=ctx.cwd, timeout=900)
+            clean_modules(ctx.cwd)
+    finally:
+        added = sorted(installed_packages() - before)
+        if added:
+            subprocess.run(["apt-get", "purge", "-y", "-q", "-o", "DPkg::Lock::Timeout=300",
+                            *added], env=APT_ENV, capture_output=True, timeout=900)
+        shutil.rmtree(archives, ignore_errors=True)
+    left = sorted(set(added) & installed_packages())
+    if left:
+        raise RuntimeError(f"apt-get purge left {', '.join(left)} installed")
+    return install, compile_
+
+
+def fetching_client(srv, rel, script, timeout=900):
+    """stap-client -r rel -p4 script, as the server's account (whose client trusts it)."""
+    argv = [*as_user(srv.box), PY, CLIENT, "stap-client", f"--server={srv.address}", "-r", rel,
+            "-p4", script]
+    s = timed(argv, env=srv.box.env, cwd=srv.box.top, timeout=timeout)
+    clean_modules(srv.box.top)
+    attach_log(srv, s)
+    return s
+
+
+def start_fetching_server(ctx, box, n):
+    """Our server as box's account with --fetch-kernels, a new kernel cache (so a new download
+    cache) and a new compile cache; result cache off."""
+    kernels = user_owned_dir(box, f"kernels-{n}")
+    compiles = user_owned_dir(box, f"compile-cache-{n}")
+    srv = start_our_server(box, ctx.krel, None, "--fetch-kernels", "--kernel-cache", kernels,
+                           *(ctx.cache_off or []), cache_dir=compiles,
+                           log=box.path(f"server-kernels-{n}.log"))
+    ctx.stack.callback(srv.stop)
+    srv.tail = LogTail(srv.log)
+    srv.kernels = kernels
+    return srv
+
+
+LOG_TIME = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*?"
+FETCHED = re.compile(LOG_TIME + r"kernel cache: fetched (\S+) \(.*?; (\d+) bytes downloaded, "
+                     r"(\d+) unpacked\) in ([\d.]+) s", re.M)
+KNOWN = re.compile(LOG_TIME + r"stap knowledge for (\S+) \S+ ready in ([\d.]+) s", re.M)
+REPLIED = re.compile(LOG_TIME + r" request .*?release='([^']+)'", re.M)
+
+
+def log_time(stamp):
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def where_the_time_went(srv, rel):
+    """From the server's log, for the first request for rel: fetch seconds, seconds from the end
+    of the fetch to the reply (the compile, and the warm-up when the compile waited for it), the
+    warm-up's seconds and when it ended after the reply (negative: before).  Keys missing when
+    not logged."""
+    with open(srv.log, errors="replace") as f:
+        text = f.read()
+    fetched = next((m for m in FETCHED.finditer(text) if m.group(2) == rel), None)
+    known = next((m for m in KNOWN.finditer(text) if m.group(2) == rel), None)
+    replied = next((m for m in REPLIED.finditer(text) if m.group(2) == rel), None)
+    out = {}
+    if fetched:
+        out.update(fetch=float(fetched.group(5)), downloaded=int(fetched.group(3)),
+                   unpacked=int(fetched.group(4)))
+    if fetched and replied:
+        out["to_reply"] = log_time(replied.group(1)) - log_time(fetched.group(1))
+    if known:
+        out["warm_up"] = float(known.group(3))
+        if replied:
+            out["warm_up_after_reply"] = log_time(known.group(1)) - log_time(replied.group(1))
+    return out
+
+
+def bench_kernels(ctx, report):
+    rel, why = fetchable_release()
+    if rel is None:
+        report.not_measured(why)
+        return
+    report.note(f"release {rel} (not installed; the user's side installs its headers and purges "
+                f"them again); installed release {ctx.krel}")
+    box = make_sandbox(TEST_USER, parent=ctx.top)
+    ours = Series(f"first -p4 for {rel}: our server fetches")
+    install = Series(f"  apt-get install linux-headers-{rel}")
+    local = Series(f"  then local stap -r {rel} -p4 (new stap cache)")
+    user = Series("first -p4: user installs headers + local stap")
+    phases = []
+    srv = None
+    for i in range(ctx.opts.kernel_reps):
+        script = ctx.unique_script(f"kernel{i}")
+        progress(f"7a: first module for {rel}, rep {i + 1}/{ctx.opts.kernel_reps}: our server")
+        if srv is not None:
+            srv.stop()
+        srv = start_fetching_server(ctx, box, i)
+        ours.add(fetching_client(srv, rel, script))
+        phases.append(where_the_time_went(srv, rel))
+        progress(f"7a: rep {i + 1}: apt-get install linux-headers-{rel} + local stap -p4")
+        a, b = install_and_compile(ctx, rel, script)
+        install.add(a)
+        local.add(b)
+        user.add(Sample(a.seconds + b.seconds, a.ok and b.ok, a.error or b.error))
+    report.row(user)
+    report.row(install)
+    report.row(local)
+    report.row(ours, user)
+    r = ours.median / user.median if ours.median and user.median else None
+    report.summary(f"first module, ours / user's way: {fmt_ratio_text(r)}   target <= 1.0x: "
+                   f"{verdict(r, 1.0)}", key="kernel_first", ratio=r, ours=ours.median,
+                   user=user.median)
+    first_module_breakdown(report, ours, phases, install, local)
+    if srv is None or not ours.good:
+        return
+    cached_vs_installed(ctx, report, srv, rel)
+    kernel_disk(report, srv, rel)
+
+
+def fmt_ratio_text(r):
+    return "not measured" if r is None else f"{r:.2f}x"
+
+
+def first_module_breakdown(report, ours, phases, install, local):
+    """Where our first module's time went (the fetch; from the fetch to the reply: the compile,
+    and the warm-up when the compile waited for it), each against its counterpart on the user's
+    side."""
+    def med(key):
+        values = [p[key] for p in phases if key in p]
+        return statistics.median(values) if values else None
+    fetch, compile_, warm, after = (med(k) for k in ("fetch", "to_reply", "warm_up",
+                                                     "warm_up_after_reply"))
+    if fetch is None or compile_ is None or warm is None:
+        report.note("the server's log lacks a fetch, warm-up or request line: no breakdown")
+        return
+    how = (f"ended {after:.1f} s after the reply" if after > 0 else
+           f"ended {-after:.1f} s before the reply, so the compile after it took about "
+           f"{compile_ - warm:.1f}")
+    client_s = fmt_s(ours.median - ours.server_median if ours.server_median else None)
+    report.summary(f"our first module, median s: fetch (apt-get download + dpkg-deb) {fetch:.1f}"
+                   f", then to the reply {compile_:.1f}; the server's knowledge warm-up (stap -p4 "
+                   f"of its own script) took {warm:.1f} and {how}; client + transport {client_s}",
+                   key="kernel_first_phases", fetch=fetch, to_reply=compile_, warm_up=warm,
+                   warm_up_after_reply=after)
+    if install.median is None or local.median is None:
+        return
+    report.summary(f"against the user's way: fetch - apt-get install {fetch - install.median:+.1f}"
+                   f" s; fetch to reply - local stap -p4 {compile_ - local.median:+.1f} s",
+                   key="kernel_first_gap", fetch=fetch - install.median,
+                   compile=compile_ - local.median)
+
+
+def cached_vs_installed(ctx, report, srv, rel):
+    """Cold compiles (a new script each) for the fetched release and the installed one, on the same
+    server, both releases' knowledge warm."""
+    progress(f"7b: warm-up compile for {ctx.krel} on the fetching server")
+    fetching_client(srv, ctx.krel, ctx.unique_script("kwarm"))
+    n = ctx.opts.cold_reps
+    progress(f"7b: new scripts for {rel} (cached) and {ctx.krel} (installed), {n} x 2")
+    inst = Series(f"new script -p4, installed {ctx.krel}")
+    cached = Series(f"new script -p4, cached {rel}")
+    interleaved([(inst, lambda: fetching_client(srv, ctx.krel, ctx.unique_script("inst"))),
+                 (cached, lambda: fetching_client(srv, rel, ctx.unique_script("cached")))], n)
+    report.row(inst)
+    report.row(cached, inst)
+    if inst.median and cached.median:
+        pct = (cached.median / inst.median - 1) * 100
+        report.summary(f"cached release vs installed: {pct:+.1f} %   target within 5 %: "
+                       f"{verdict(abs(pct), 5)}", key="kernel_cached", percent=pct)
+    if "hit" in cached.caches + inst.caches:
+        report.note("the result cache answered some requests (could not turn it off)")
+
+
+def kernel_disk(report, srv, rel):
+    tree = disk_bytes(os.path.join(srv.kernels, "trees", rel))
+    debs = disk_bytes(os.path.join(srv.kernels, "debs"))
+    mb = (tree + debs) / 1e6
+    report.summary(f"disk for {rel} (no vmlinux): unpacked tree {tree / 1e6:.1f} MB + kept "
+                   f"downloads {debs / 1e6:.1f} MB = {mb:.1f} MB   target <= 100 MB: "
+                   f"{verdict(mb, 100)}", key="kernel_disk", tree=tree, debs=debs)
+
+
+# --------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------
 
@@ -1082,7 +1331,9 @@ RUNNERS = {"overhead": ("1. stap-client round trip vs local stap (-p4)", bench_o
            "discovery": ("5a. stap-find-servers latency (two network namespaces)",
                          bench_discovery),
            "startup": ("5b. stap-start-server time to the pid", bench_startup),
-           "profile": ("6. where one stap-client round trip spends its time", bench_profile)}
+           "profile": ("6. where one stap-client round trip spends its time", bench_profile),
+           "kernels": ("7. kernels fetched on demand vs installing the headers (-p4)",
+                       bench_kernels)}
 
 
 def parse_args(argv):
@@ -1094,6 +1345,9 @@ def parse_args(argv):
     p.add_argument("--cold-reps", type=int,
                    help="repetitions of cold compiles (default 5, quick 2)")
     p.add_argument("--jobs", type=int, default=16, help="concurrent compiles (default 16)")
+    p.add_argument("--kernel-reps", type=int,
+                   help="first modules for a release not fetched yet, each way (kernels; "
+                   "default 2, quick 1)")
     opts = p.parse_args(argv)
     q = opts.quick
     opts.reps = opts.reps or (3 if q else 5)
@@ -1102,6 +1356,7 @@ def parse_args(argv):
     opts.find_reps = 3 if q else 5
     opts.start_reps = 2 if q else 5
     opts.fleet_rounds = 1 if q else 3
+    opts.kernel_reps = opts.kernel_reps or (1 if q else 2)
     selected = []
     for item in opts.only or []:
         selected += [x.strip() for x in item.split(",") if x.strip()]
