@@ -3960,12 +3960,11 @@ def certinfo(der):
 
 
 def server_command(args):
-    """How to run stap-serverd from this file, whatever name it was run as."""
+    """How to run stap-serverd from this file, whatever name it was run as: through the installed
+    launcher beside it where there is one, which imports this module's byte code."""
     here = os.path.abspath(__file__)
-    sibling = os.path.join(os.path.dirname(here), "stap-serverd")
-    if os.path.exists(sibling) and os.path.realpath(sibling) == os.path.realpath(here):
-        return [sys.executable, sibling] + args
-    return [sys.executable, here, "stap-serverd"] + args
+    launcher = os.path.join(os.path.dirname(here), "launcher")
+    return [sys.executable, launcher if os.path.exists(launcher) else here, "stap-serverd"] + args
 
 
 def start_server(args, timeout=START_TIMEOUT):
@@ -4028,12 +4027,12 @@ def not_our_server(pid):
 
 
 def is_serverd_cmdline(cmdline):
-    """python3 .../stap-serverd ... or python3 .../stap_server.py stap-serverd ..."""
+    """python3 .../stap-serverd ..., or python3 .../launcher (or stap_server.py) stap-serverd ..."""
     if len(cmdline) < 2 or not os.path.basename(cmdline[0]).startswith("python"):
         return False
     script = os.path.basename(cmdline[1])
-    return script == "stap-serverd" or (
-        script == "stap_server.py" and len(cmdline) > 2 and cmdline[2] == "stap-serverd")
+    return script == "stap-serverd" or (script in ("launcher", "stap_server.py")
+                                        and cmdline[2:3] == ["stap-serverd"])
 
 
 def stap_find_or_start_server(argv):

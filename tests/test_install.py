@@ -3,6 +3,7 @@ link to the one launcher and runs from the installed tree, importing its
 module's byte code; SYSCONFDIR is rewritten, the manual pages are there,
 and uninstall removes everything install made."""
 
+import ast
 import os
 import re
 import shutil
@@ -281,3 +282,20 @@ def test_install_twice_and_uninstall():
             assert os.listdir(os.path.join(dest, d)) == []
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_started_daemon_runs_through_the_launcher(installed):
+    """stap-start-server runs stap-serverd through the installed launcher (byte code, not the
+    module compiled from source at each start), and stap-stop-server knows that command line."""
+    dest, _, tmp = installed
+    lib = os.path.join(dest, PKGLIB)
+    proc = subprocess.run(["/usr/bin/python3", "-c",
+                           f"import sys; sys.path.insert(0, {lib!r}); import stap_server as s; "
+                           "argv = s.server_command(['-p', '1']); print(repr(argv)); "
+                           "print(s.is_serverd_cmdline(argv))"],
+                          cwd=tmp, env=clean_env(tmp), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    argv, recognised = proc.stdout.splitlines()
+    assert ast.literal_eval(argv)[1:] == [os.path.join(lib, "launcher"), "stap-serverd", "-p", "1"]
+    assert recognised == "True"
