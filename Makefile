@@ -2,7 +2,7 @@
 #
 #   make demo                 start a real server and compile through it (root, Debian)
 #   make check                install missing packages, run the tests
-#   make test-unit            the unit tier alone (no root, network or stap; seconds)
+#   make test-unit            the unit tier alone (-m unit: no root, network or stap; seconds)
 #   make lint                 ruff on the modules, tests and benchmarks (ruff.toml)
 #   make install [DESTDIR=... prefix=... sysconfdir=... PYTHON=...]
 #   make uninstall            with the same variables as install
@@ -47,20 +47,15 @@ install:
 	  $(DESTDIR)$(pkglibdir)/stap_client.py || \
 	  { echo "install: the SYSCONFDIR line of stap_client.py was not rewritten" >&2; exit 1; }
 	$(PYTHON) -m compileall -q -d $(pkglibdir) $(addprefix $(DESTDIR)$(pkglibdir)/,$(MODULES))
-	# Each command is a launcher that imports its module, not a symlink to
-	# it: Python compiles the script it runs from source every time, and
-	# reuses the byte code only of modules it imports.
+	# One launcher beside the modules, and each command a symlink to it: it imports
+	# the module of the command it was called as.  Python compiles the script it runs
+	# from source every time, and reuses the byte code only of modules it imports.
+	sed -e '1s|^#!.*|#!$(PYTHON)|' tools/launcher.py > $(DESTDIR)$(pkglibdir)/launcher.tmp && \
+	  chmod 0755 $(DESTDIR)$(pkglibdir)/launcher.tmp && \
+	  mv -f $(DESTDIR)$(pkglibdir)/launcher.tmp $(DESTDIR)$(pkglibdir)/launcher
 	rel=$$(realpath -m --relative-to=$(bindir) $(pkglibdir)) && \
 	for c in $(COMMANDS); do \
-	  case " $(CLIENT_COMMANDS) " in *" $$c "*) m=stap_client;; *) m=stap_server;; esac; \
-	  { echo '#!$(PYTHON)'; \
-	    echo "# $$c: $$m.main() from $(pkglibdir), which dispatches on this name."; \
-	    echo 'import os, sys'; \
-	    echo "sys.path.insert(0, os.path.join(os.path.dirname(os.path.realpath(__file__)), '$$rel'))"; \
-	    echo "from $$m import main"; \
-	    echo 'sys.exit(main())'; } > $(DESTDIR)$(bindir)/$$c.tmp && \
-	  chmod 0755 $(DESTDIR)$(bindir)/$$c.tmp && \
-	  mv -f $(DESTDIR)$(bindir)/$$c.tmp $(DESTDIR)$(bindir)/$$c || exit 1; \
+	  ln -sfn $$rel/launcher $(DESTDIR)$(bindir)/$$c || exit 1; \
 	done
 	for p in $(MANPAGES); do \
 	  $(INSTALL) -m 0644 man/$$p $(DESTDIR)$(man8dir)/$$p || exit 1; \
@@ -69,7 +64,7 @@ install:
 uninstall:
 	for c in $(COMMANDS); do rm -f $(DESTDIR)$(bindir)/$$c; done
 	for p in $(MANPAGES); do rm -f $(DESTDIR)$(man8dir)/$$p; done
-	for m in $(MODULES); do rm -f $(DESTDIR)$(pkglibdir)/$$m; done
+	for m in $(MODULES) launcher; do rm -f $(DESTDIR)$(pkglibdir)/$$m; done
 	rm -rf $(DESTDIR)$(pkglibdir)/__pycache__
 	-rmdir $(DESTDIR)$(pkglibdir) 2>/dev/null
 
@@ -77,8 +72,9 @@ check:
 	tools/install-deps
 	$(PYTHON) -m pytest -v -rs tests
 
+# Each test file names its tier (setup.cfg lists them); -m picks one.
 test-unit:
-	$(PYTHON) -m pytest -q tests/test_unit_*.py
+	$(PYTHON) -m pytest -q -m unit tests
 
 demo:
 	PYTHON=$(PYTHON) tools/demo
@@ -92,7 +88,7 @@ bench:
 lint:
 	@command -v $(RUFF) >/dev/null 2>&1 || \
 	  { echo "lint: $(RUFF) is not installed (tools/install-deps installs it)" >&2; exit 1; }
-	$(RUFF) check $(MODULES) tests bench
+	$(RUFF) check $(MODULES) tools/launcher.py tests bench
 
 clean:
 	rm -rf __pycache__ tests/__pycache__ bench/__pycache__ .pytest_cache .ruff_cache build \

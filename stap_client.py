@@ -349,21 +349,6 @@ def serial_text(serial):
     return serial.to_bytes(serial.bit_length() // 8 + 1, "big").hex(":")
 
 
-def tbs_fields(der):
-    """The fields of a DER certificate's TBSCertificate after its version: serial, signature,
-    issuer, validity, subject, ... as der_children gives them."""
-    _, start, end = der_element(der, 0)  # Certificate
-    _, start, end = der_element(der, start)  # TBSCertificate
-    fields = list(der_children(der, start, end))
-    return fields[1:] if fields[0][0] == 0xA0 else fields  # [0] version
-
-
-def certificate_serial(der):
-    """The serial number of a DER certificate, as an integer."""
-    _, _, start, end = tbs_fields(der)[0]
-    return int.from_bytes(der[start:end], "big")
-
-
 def staprun_db_path():
     """The certificates whose module signatures staprun accepts for stapusr users."""
     return os.path.join(sysconfdir(), "systemtap", "staprun")
@@ -800,7 +785,8 @@ def staprun_argv(inv, module):
 
 
 # --------------------------------------------------------------------------
-# Archives: the request, and safe reading of either side's archive
+# The protocol both sides share, each format's writer beside its reader: the request and reply
+# archives, the JAR and PKCS#7 signature, DER, mDNS packets (the server adds its key and sockets)
 # --------------------------------------------------------------------------
 
 class Limits:
@@ -831,7 +817,7 @@ def locale_lines(environ=None):
 
 
 def build_request(inv):
-    """The request zip: version, sysinfo, argvN, script/, tapset/, locale."""
+    """(the request zip: version, sysinfo, argvN, script/, tapset/, locale; its identity)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("version", PROTOCOL_VERSION)
@@ -847,7 +833,15 @@ def build_request(inv):
             zf.writestr("locale", loc)
         if inv.moks:
             zf.writestr("mok_fingerprints", "".join(f"{fp}\n" for fp in inv.moks))
-    return buf.getvalue()
+    return buf.getvalue(), request_identity(zf.infolist())
+
+
+def request_identity(infos):
+    """What makes two requests the same, from their zip entries (every entry's name, size and CRC,
+    but not the client's version and locale): zips differ in their dates."""
+    parts = sorted(f"{i.filename}\0{i.file_size}\0{i.CRC}" for i in infos
+                   if i.filename not in ("version", "locale"))
+    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).digest()
 
 
 def safe_members(zf, limits):
@@ -896,10 +890,10 @@ ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, Run
 
 
 def extract_archive(zf, dest, limits, only=None):
-    """Write the checked entries under dest (regular files 0644, dirs 0755), counting the bytes
-    actually inflated; `only` restricts to those names."""
+    """Write the checked entries under dest (regular files 0644, dirs 0755), or those named in only,
+    counting the bytes inflated; {name: SHA-1 of what was written, hashed as it was} of each."""
     infos = safe_members(zf, limits)
-    written = 0
+    written, sha1 = 0, {i.filename: hashlib.sha1() for i in infos}
     for info in infos:
         if only is not None and info.filename not in only and not info.is_dir():
             continue
@@ -916,6 +910,7 @@ def extract_archive(zf, dest, limits, only=None):
                     if written > limits.max_total_bytes:
                         raise Error("archive inflates beyond its declared size")
                     out.write(chunk)
+                    sha1[info.filename].update(chunk)
         except ZIP_ERRORS as e:
             raise Error(f"archive entry {info.filename} is corrupt ({e})") from None
         except OSError as e:  # a duplicate or a file/directory clash, a full disk
@@ -923,7 +918,7 @@ def extract_archive(zf, dest, limits, only=None):
             if e.errno in LOCAL_ERRNOS:
                 raise LocalFault(message, e.strerror) from None
             raise Error(message) from None
-    return [i.filename for i in infos]
+    return sha1
 
 
 class RequestArchive:
@@ -981,15 +976,33 @@ class RequestArchive:
         extract_archive(self.zf, dest, self.limits)
 
 
-class Reply(collections.namedtuple("Reply", "rc stdout stderr version module mok_cert",
-                                   defaults=(None, None, None))):
-    """One reply from the server's compile to the client's delivery; module is (name, bytes[,
-    signature]) on the server, the received .ko's path here, or None; mok_cert, a MOK certificate
-    to enroll (DER bytes on the server, the received file's path here), or None."""
+# A reply as a server builds it: module (name, bytes[, signature]), mok_cert (DER bytes), or None.
+ReplyContent = collections.namedtuple("ReplyContent", "rc stdout stderr version module mok_cert",
+                                      defaults=(None, None, None))
+
+
+class Reply(collections.namedtuple("Reply", ReplyContent._fields)):
+    """A reply as read_reply read it: module, mok_cert: the paths of the files received, or None."""
 
     @property
     def busy(self):
         return self.rc != 0 and BUSY_MESSAGE.encode() in self.stderr[:400]
+
+
+RESPONSE_DIR = "stap000000"  # the one module directory of our replies (real servers: stapXXXXXX)
+
+
+def reply_entries(content):
+    """The reply's entries, (name, bytes) in the real server's layout."""
+    entries = [("version", content.version.encode()), ("rc", str(content.rc).encode()),
+               ("stdout", content.stdout), ("stderr", content.stderr)]
+    if content.module:
+        name, data, *signature = content.module
+        entries.append((f"{RESPONSE_DIR}/{name}", data))
+        entries += [(f"{RESPONSE_DIR}/{name}.sgn", sig) for sig in signature]
+    if content.mok_cert:
+        entries.append((MOK_CERT_NAME, content.mok_cert))  # beside rc, where real clients look
+    return entries
 
 
 MODULE_DIR = re.compile(r"^stap[A-Za-z0-9_]{6}/")
@@ -1009,7 +1022,10 @@ def read_reply(data, dest, peer_der, limits=Limits()):
             raise Error(f"reply entry {stray[0]} is not covered by the server's signature")
     unpacked = os.path.join(dest, "reply")
     make_private_dir(unpacked)
-    extract_archive(zf, unpacked, limits, only)
+    sha1 = extract_archive(zf, unpacked, limits, only)
+    altered = [n for n in only or () if base64.b64encode(sha1[n].digest()) != only[n]]
+    if altered:  # the signature's digests, checked against what was unpacked
+        raise Error(f"reply signature does not verify ({altered[0]} altered)")
     read = lambda n: read_entry(unpacked, n)
     if read("rc") is None:
         raise Error("reply has no rc entry")
@@ -1070,6 +1086,34 @@ def der_list(data, start, end):
     return list(der_children(data, start, end))
 
 
+def der(tag, *content):
+    """A DER element: tag, definite length, content."""
+    body = b"".join(content)
+    n = len(body)
+    if n < 0x80:
+        return bytes((tag, n)) + body
+    length = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + body
+
+
+TbsFields = collections.namedtuple("TbsFields", "serial signature issuer validity subject key_info")
+
+
+def tbs_fields(der):
+    """The fields of a DER certificate's TBSCertificate after its version (RFC 5280 4.1), by name,
+    each as der_children gives it."""
+    _, start, end = der_element(der, 0)  # Certificate
+    _, start, end = der_element(der, start)  # TBSCertificate
+    fields = list(der_children(der, start, end))
+    return TbsFields(*(fields[1:] if fields[0][0] == 0xA0 else fields)[:6])  # [0] version
+
+
+def certificate_serial(der):
+    """The serial number of a DER certificate, as an integer."""
+    _, _, start, end = tbs_fields(der).serial
+    return int.from_bytes(der[start:end], "big")
+
+
 # --- signed replies: JARs in signtool's format, checked in this process -----
 
 JAR_MANIFEST = "META-INF/manifest.mf"
@@ -1097,10 +1141,9 @@ DIGEST_INFO = {
 
 def jar_digests(data):
     """One manifest section's digest lines, as signtool writes them."""
-    b64 = lambda d: base64.b64encode(d.digest())
-    return (b"Digest-Algorithms: MD5 SHA1\nMD5-Digest: "
-            + b64(hashlib.md5(data, usedforsecurity=False))
-            + b"\nSHA1-Digest: " + b64(hashlib.sha1(data)) + b"\n")
+    md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest())
+    return (b"Digest-Algorithms: MD5 SHA1\nMD5-Digest: " + md5 + b"\nSHA1-Digest: " + sha1_b64(data)
+            + b"\n")
 
 
 def jar_manifests(entries):
@@ -1111,6 +1154,47 @@ def jar_manifests(entries):
     signature_file = [b"Signature-Version: 1.0\n" + JAR_CREATOR + jar_digests(main)]
     signature_file += [s.split(b"\n", 1)[0] + b"\n" + jar_digests(s) for s in sections]
     return b"\n".join([main] + sections), b"\n".join(signature_file)
+
+
+def signed_jar(entries, cert_der, sign):
+    """[(name, bytes)] as a zip signed as signtool -Z signs a directory: digests of every entry in a
+    manifest, of the manifest in a signature file, a PKCS#7 signature of that file (SHA-1, the one
+    digest NSS's JAR verifier knows) by sign(data, NSS SEC_OID name), with the key of cert_der."""
+    manifest, signature_file = jar_manifests(entries)
+    block = pkcs7_signature(signature_file, cert_der, sign)
+    out = io.BytesIO()
+    stamp = time.localtime()[:6]
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries + [(JAR_MANIFEST, manifest), (JAR_SIGNATURE_FILE, signature_file),
+                                     (JAR_SIGNATURE_BLOCK, block)]:
+            info = zipfile.ZipInfo(name, stamp)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data, compresslevel=1 if len(data) > 65536 else None)
+    return out.getvalue()
+
+
+def pkcs7_signature(content, cert_der, sign):
+    """A detached PKCS#7 SignedData of content with authenticated attributes (content type, signing
+    time, SHA-1 digest), carrying cert_der: signtool's signature block, byte for byte in layout."""
+    oid = DER_OID
+    attributes = [
+        der(0x30, oid["contentType"], der(0x31, oid["data"])),
+        der(0x30, oid["signingTime"], der(0x31, der(0x17, time.strftime(
+            "%y%m%d%H%M%SZ", time.gmtime()).encode()))),
+        der(0x30, oid["messageDigest"], der(0x31, der(0x04, hashlib.sha1(content).digest()))),
+    ]
+    signed = der(0x31, *attributes)
+    signature = sign(signed, "SEC_OID_PKCS1_SHA1_WITH_RSA_ENCRYPTION")
+    fields = tbs_fields(cert_der)
+    serial, issuer = (cert_der[f[1]:f[3]] for f in (fields.serial, fields.issuer))
+    sha1 = der(0x30, oid["sha1"], b"\x05\x00")
+    signer_info = der(0x30, b"\x02\x01\x01", der(0x30, issuer, serial), sha1,
+                      b"\xa0" + signed[1:], der(0x30, oid["rsaEncryption"], b"\x05\x00"),
+                      der(0x04, signature))
+    signed_data = der(0x30, b"\x02\x01\x01", der(0x31, sha1), der(0x30, oid["data"]),
+                      der(0xA0, cert_der), der(0x31, signer_info))
+    return der(0x30, oid["signedData"], der(0xA0, signed_data))
 
 
 def jar_sections(text):
@@ -1130,8 +1214,8 @@ def jar_sections(text):
 
 
 def jar_verified_names(zf, names, peer_der):
-    """The entries of a signed reply whose digests its signature covers, signed with the key of
-    peer_der (the server we shook hands with)."""
+    """{entry: its SHA-1 (base64)} of the entries a signed reply's signature covers, signed with
+    the key of peer_der (the server we shook hands with); read_reply checks the entries."""
     blocks = [n for n in names if re.match(r"META-INF/[^/]+\.(RSA|rsa)$", n)]
     if len(blocks) != 1:
         raise Error("reply signature has no single signature block")
@@ -1147,17 +1231,13 @@ def jar_verified_names(zf, names, peer_der):
         raise Error("reply signature block is malformed") from None
     if signed.get(None, (b"", {}))[1].get(b"SHA1-Digest") != sha1_b64(manifest[None][0]):
         raise Error("reply signature does not verify (manifest header altered)")
-    covered = set()
+    covered = {}
     for name, (raw, fields) in manifest.items():
         if name is None:
             continue
         if signed.get(name, (b"", {}))[1].get(b"SHA1-Digest") != sha1_b64(raw) or name not in names:
             raise Error(f"reply signature does not verify ({name} altered)")
-        with zf.open(name) as f:
-            digest = hashlib.file_digest(f, "sha1").digest()
-        if fields.get(b"SHA1-Digest") != base64.b64encode(digest):
-            raise Error(f"reply signature does not verify ({name} altered)")
-        covered.add(name)
+        covered[name] = fields.get(b"SHA1-Digest")
     return covered
 
 
@@ -1203,8 +1283,8 @@ def check_pkcs7_signature(pkcs7, content, peer_der):
 def rsa_signature_valid(cert_der, digest_info, signature):
     """RSA PKCS#1 v1.5 check of signature over digest_info with the public key of cert_der: the
     whole encoded block is compared, nothing parsed."""
-    _, _, s, e = tbs_fields(cert_der)[5]  # SubjectPublicKeyInfo
-    _, _, s, _ = der_list(cert_der, s, e)[1]  # BIT STRING: unused-bit count, RSAPublicKey
+    _, _, s, e = tbs_fields(cert_der).key_info
+    _algorithm, (_, _, s, _) = der_list(cert_der, s, e)  # BIT STRING: unused bits, RSAPublicKey
     _, s, e = der_element(cert_der, s + 1)
     n, exponent = (int.from_bytes(cert_der[a:b], "big") for _, _, a, b in der_list(cert_der, s, e))
     k = (n.bit_length() + 7) // 8
@@ -1213,6 +1293,139 @@ def rsa_signature_valid(cert_der, digest_info, signature):
         return False
     block = b"\x00\x01" + b"\xff" * (k - 3 - len(digest_info)) + b"\x00" + digest_info
     return pow(s, exponent, n).to_bytes(k, "big") == block
+
+
+# --- mDNS packets: the browser's queries and reading of answers, the responder's answers -------
+
+def normalize_mdns_wire(wire):
+    """Clear the mDNS top bits of every class field (RFC 6762 5.4, 10.2).
+
+    They mean "unicast response wanted" in questions and "cache flush" in records; dnspython
+    would read them as unknown classes and fail to decode A and SRV data.  Returns (plain DNS
+    wire, [QU flag per question]).
+    """
+    data = bytearray(wire)
+    qdcount, ancount, nscount, arcount = struct.unpack_from("!4H", data, 4)
+    pos = 12
+    unicast = []
+    for _ in range(qdcount):
+        pos += dns.name.from_wire(wire, pos)[1]  # past the name, compressed or not
+        unicast.append(bool(data[pos + 2] & 0x80))
+        data[pos + 2] &= 0x7f
+        pos += 4
+    for _ in range(ancount + nscount + arcount):
+        pos += dns.name.from_wire(wire, pos)[1]
+        rrtype, rdlength = struct.unpack_from("!H6xH", data, pos)
+        if rrtype != dns.rdatatype.OPT:  # OPT's class is a size
+            data[pos + 2] &= 0x7f
+        pos += 10 + rdlength
+    if pos > len(data):
+        raise ValueError("truncated DNS message")
+    return bytes(data), unicast
+
+
+def parse_mdns(wire):
+    """(dns.message.Message, QU flags) or (None, []) for garbage."""
+    require_dnspython()
+    try:
+        plain, unicast = normalize_mdns_wire(wire)
+        return dns.message.from_wire(plain, ignore_trailing=True), unicast
+    except Exception:  # noqa: BLE001 - any bad packet
+        return None, []
+
+
+class MdnsAnswers:
+    """What the responses said so far: for each instance (named by a PTR or by its own records) its
+    data (see instance()), and each host's addresses."""
+
+    def __init__(self):
+        self.instances = {}  # instance dns.name -> its data
+        self.addresses = {}  # host dns.name -> {address: None}, in the order found
+
+    def add(self, message, source_ip, iface=""):
+        stype = service_name()
+        for rrset in message.answer + message.additional:
+            owner = rrset.name
+            for rd in rrset:
+                if rd.rdtype == dns.rdatatype.PTR and owner == stype:
+                    # TTL 0: a goodbye, the server has gone
+                    self.instance(rd.target, source_ip).advertised = rrset.ttl != 0
+                elif rd.rdtype == dns.rdatatype.SRV:
+                    self.instance(owner, source_ip).srv = (rd.target, rd.port)
+                elif rd.rdtype == dns.rdatatype.TXT:
+                    self.instance(owner, source_ip).txt = txt_dict(rd.strings)
+                elif rd.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                    address = rd.address
+                    if address.lower().startswith("fe80:") and iface:
+                        address = f"{address}%{iface}"  # link-local needs its scope
+                    self.addresses.setdefault(owner, {})[address] = None
+
+    def instance(self, name, source_ip):
+        """Its SRV (target, port), TXT dict, whether a PTR currently advertises it, and the address
+        the first response about it came from."""
+        return self.instances.setdefault(name, types.SimpleNamespace(
+            srv=None, txt=None, advertised=False, source=source_ip))
+
+    def advertised(self):
+        return [(name, data) for name, data in self.instances.items() if data.advertised]
+
+    def missing(self):
+        """Questions still to ask: (name, type) pairs."""
+        wanted = []
+        for name, data in self.advertised():
+            if data.srv is None:
+                wanted.append((name, dns.rdatatype.SRV))
+            elif data.srv[0] not in self.addresses:
+                wanted.append((data.srv[0], dns.rdatatype.A))
+            if data.txt is None:
+                wanted.append((name, dns.rdatatype.TXT))
+        return wanted
+
+    def records(self):
+        return [record_from_txt(instance_label(name), data.srv[0].to_text(omit_final_dot=True),
+                                address, data.srv[1], data.txt or {})
+                for name, data in self.advertised() if data.srv
+                for address in self.addresses.get(data.srv[0]) or [data.source]]
+
+
+def instance_label(fqdn):
+    """'Systemtap Compile Server on a._stap._tcp.local.' -> the first label."""
+    return fqdn.labels[0].decode("utf-8", "replace")
+
+
+def mdns_query(questions, query_id=0):
+    """Wire bytes of a multicast DNS query for (name, type) pairs."""
+    require_dnspython()
+    msg = dns.message.Message(id=query_id)
+    msg.flags = 0  # no RD: mDNS queries
+    for name, rdtype in questions:
+        msg.find_rrset(msg.question, name, dns.rdataclass.IN, rdtype, create=True)
+    return msg.to_wire()
+
+
+def txt_rdata_text(strings):
+    """TXT strings in DNS presentation form: each quoted, quotes escaped."""
+    return " ".join('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"' for t in strings)
+
+
+def mdns_answers(questions, table, hostname):
+    """(answers, additionals) from a responder's rrsets: the rrsets asked for, and what the asker
+    wants next (RFC 6763 12): a PTR's targets, and the host's addresses for a PTR or SRV."""
+    answers = [rr for rr in table if any(
+        q.name == rr.name and q.rdtype in (rr.rdtype, dns.rdatatype.ANY) for q in questions)]
+    wanted = {rd.target for rr in answers if rr.rdtype == dns.rdatatype.PTR for rd in rr}
+    if any(rr.rdtype in (dns.rdatatype.PTR, dns.rdatatype.SRV) for rr in answers):
+        wanted.add(hostname)
+    return answers, [rr for rr in table if rr.name in wanted and rr not in answers]
+
+
+def mdns_response(answers, additional, legacy_query=None):
+    """Wire bytes of a response; to a legacy query, with its id and question (RFC 6762 6.7)."""
+    msg = dns.message.Message(id=legacy_query.id if legacy_query else 0)
+    msg.flags = dns.flags.QR | dns.flags.AA
+    msg.question = list(legacy_query.question) if legacy_query else []
+    msg.answer, msg.additional = answers, additional
+    return msg.to_wire()
 
 
 # --------------------------------------------------------------------------
@@ -1506,19 +1719,25 @@ def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT, sysinfo=None):
 
 
 def browse(timeout=DISCOVERY_TIMEOUT, domains=()):
-    """(every advertised server, how we looked): avahi when a daemon answers, else our own multicast
-    DNS query; at the same time unicast DNS in the given domains (wide-area DNS-SD), if any."""
+    """(every advertised server, how we looked): the first of LINK_BROWSERS that answers (avahi,
+    else our own multicast DNS query); at the same time unicast DNS in the given domains, if any."""
     deadline = time.monotonic() + timeout
+    left = lambda: max(0.1, deadline - time.monotonic())  # of the time given
     wide = WideAreaBrowse(domains, timeout) if domains else None
-    records, how = browse_avahi(timeout), "avahi"
-    if records is None:  # no avahi daemon here
-        records = browse_mdns(max(0.1, deadline - time.monotonic()))
-        how = "multicast DNS; no avahi daemon answered"
+    how, records = first_answering(LINK_BROWSERS, lambda browse_link: browse_link(left()))
     if wide:
-        records += wide.result(max(0.1, deadline - time.monotonic()))
+        records += wide.browse(left())
         how += f"; DNS in {', '.join(domains)}"
     records = sorted(unique_records(records), key=lambda r: (r.host, r.port, r.sysinfo, r.address))
     return records, how
+
+
+def first_answering(backends, attempt, choice="auto"):
+    """(name, answer) of the first back end of a registry ("auto": any) whose answer is not None."""
+    for name, backend in backends.items():
+        if choice in ("auto", name) and (answer := attempt(backend)) is not None:
+            return name, answer
+    raise DiscoveryError(f"no {choice} daemon answers")
 
 
 # --- wide-area DNS-SD: the same records over unicast DNS (RFC 6763 11) ------
@@ -1549,8 +1768,8 @@ class WideAreaBrowse:
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
-    def result(self, wait):
-        self.thread.join(wait)
+    def browse(self, timeout):
+        self.thread.join(timeout)
         return list(self.records)
 
     def run(self):
@@ -1562,9 +1781,9 @@ class WideAreaBrowse:
         for domain in dict.fromkeys(names):
             pointed = self.ask(resolver, f"b._dns-sd._udp.{domain}", "PTR")
             for browse_domain in [r.target.to_text() for r in pointed] or [domain]:
-                self.browse(resolver, browse_domain)
+                self.browse_domain(resolver, browse_domain)
 
-    def browse(self, resolver, domain):
+    def browse_domain(self, resolver, domain):
         for ptr in self.ask(resolver, f"{SERVICE_TYPE}.{domain}", "PTR"):
             instance = ptr.target
             txt = txt_dict(s for rd in self.ask(resolver, instance, "TXT") for s in rd.strings)
@@ -1733,123 +1952,6 @@ def service_name():
     return dns.name.from_text(f"{SERVICE_TYPE}.{MDNS_DOMAIN}.")
 
 
-def normalize_mdns_wire(wire):
-    """Clear the mDNS top bits of every class field (RFC 6762 5.4, 10.2).
-
-    They mean "unicast response wanted" in questions and "cache flush" in records; dnspython
-    would read them as unknown classes and fail to decode A and SRV data.  Returns (plain DNS
-    wire, [QU flag per question]).
-    """
-    data = bytearray(wire)
-    qdcount, ancount, nscount, arcount = struct.unpack_from("!4H", data, 4)
-    pos = 12
-    unicast = []
-    for _ in range(qdcount):
-        pos = skip_dns_name(data, pos)
-        unicast.append(bool(data[pos + 2] & 0x80))
-        data[pos + 2] &= 0x7f
-        pos += 4
-    for _ in range(ancount + nscount + arcount):
-        pos = skip_dns_name(data, pos)
-        rrtype, rdlength = struct.unpack_from("!H6xH", data, pos)
-        if rrtype != dns.rdatatype.OPT:  # OPT's class is a size
-            data[pos + 2] &= 0x7f
-        pos += 10 + rdlength
-    if pos > len(data):
-        raise ValueError("truncated DNS message")
-    return bytes(data), unicast
-
-
-def skip_dns_name(data, pos):
-    """Offset just past a (possibly compressed) DNS name at pos."""
-    while True:
-        length = data[pos]
-        if length & 0xc0 == 0xc0:
-            return pos + 2
-        if length == 0:
-            return pos + 1
-        pos += 1 + length
-
-
-def parse_mdns(wire):
-    """(dns.message.Message, QU flags) or (None, []) for garbage."""
-    require_dnspython()
-    try:
-        plain, unicast = normalize_mdns_wire(wire)
-        return dns.message.from_wire(plain, ignore_trailing=True), unicast
-    except Exception:  # noqa: BLE001 - any bad packet
-        return None, []
-
-
-class MdnsAnswers:
-    """What the responses said so far: for each instance (named by a PTR or by its own records) its
-    data (see instance()), and each host's addresses."""
-
-    def __init__(self):
-        self.instances = {}  # instance dns.name -> its data
-        self.addresses = {}  # host dns.name -> {address: None}, in the order found
-
-    def add(self, message, source_ip, iface=""):
-        stype = service_name()
-        for rrset in message.answer + message.additional:
-            owner = rrset.name
-            for rd in rrset:
-                if rd.rdtype == dns.rdatatype.PTR and owner == stype:
-                    # TTL 0: a goodbye, the server has gone
-                    self.instance(rd.target, source_ip).advertised = rrset.ttl != 0
-                elif rd.rdtype == dns.rdatatype.SRV:
-                    self.instance(owner, source_ip).srv = (rd.target, rd.port)
-                elif rd.rdtype == dns.rdatatype.TXT:
-                    self.instance(owner, source_ip).txt = txt_dict(rd.strings)
-                elif rd.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-                    address = rd.address
-                    if address.lower().startswith("fe80:") and iface:
-                        address = f"{address}%{iface}"  # link-local needs its scope
-                    self.addresses.setdefault(owner, {})[address] = None
-
-    def instance(self, name, source_ip):
-        """Its SRV (target, port), TXT dict, whether a PTR currently advertises it, and the address
-        the first response about it came from."""
-        return self.instances.setdefault(name, types.SimpleNamespace(
-            srv=None, txt=None, advertised=False, source=source_ip))
-
-    def advertised(self):
-        return [(name, data) for name, data in self.instances.items() if data.advertised]
-
-    def missing(self):
-        """Questions still to ask: (name, type) pairs."""
-        wanted = []
-        for name, data in self.advertised():
-            if data.srv is None:
-                wanted.append((name, dns.rdatatype.SRV))
-            elif data.srv[0] not in self.addresses:
-                wanted.append((data.srv[0], dns.rdatatype.A))
-            if data.txt is None:
-                wanted.append((name, dns.rdatatype.TXT))
-        return wanted
-
-    def records(self):
-        return [record_from_txt(instance_label(name), data.srv[0].to_text(omit_final_dot=True),
-                                address, data.srv[1], data.txt or {})
-                for name, data in self.advertised() if data.srv
-                for address in self.addresses.get(data.srv[0]) or [data.source]]
-
-
-def instance_label(fqdn):
-    """'Systemtap Compile Server on a._stap._tcp.local.' -> the first label."""
-    return fqdn.labels[0].decode("utf-8", "replace")
-
-
-def mdns_query(questions, query_id=0):
-    """Wire bytes of a multicast DNS query for (name, type) pairs."""
-    require_dnspython()
-    msg = dns.message.Message(id=query_id)
-    msg.flags = 0  # no RD: mDNS queries
-    for name, rdtype in questions:
-        msg.find_rrset(msg.question, name, dns.rdataclass.IN, rdtype, create=True)
-    return msg.to_wire()
-
-
 def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
     """Ask the network for _stap._tcp services with our own mDNS query.
 
@@ -1887,6 +1989,10 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
         while select.select([sock], [], [], 0)[0]:  # what arrived by the deadline
             receive_answers(sock, answers, 0)
     return answers.records()
+
+
+# The link's browsers by what they tell the user, preferred first: timeout -> records, None: absent
+LINK_BROWSERS = {"avahi": browse_avahi, "multicast DNS; no avahi daemon answered": browse_mdns}
 
 
 def receive_answers(sock, answers, wait):
@@ -1965,7 +2071,7 @@ def stap_client(argv):
     request = build_request(inv)
     tmp = private_tmpdir()
     try:
-        reply = compile_anywhere(inv, request, dbs, tmp)
+        reply = compile_anywhere(inv, *request, dbs, tmp)
         sys.stdout.buffer.write(local_paths(without_module_paths(reply.stdout), inv))
         sys.stdout.flush()
         sys.stderr.buffer.write(local_paths(reply.stderr, inv))
@@ -2054,7 +2160,7 @@ def check_kernel(inv, release, dbs, tmp):
     try:
         mine = os.path.join(tmp, release)
         make_private_dir(mine)
-        reply = compile_anywhere(one, build_request(one), dbs, mine)
+        reply = compile_anywhere(one, *build_request(one), dbs, mine)
         if reply.rc != 0:
             return "error: " + first_error_line(reply.stderr)
         if inv.last_pass == 4 and reply.module:
@@ -2072,8 +2178,11 @@ def split_at_operands(args):
 
 
 def first_error_line(stderr):
+    """stap's first error line, or the server's own reason (without its "stap-serverd: ERROR: ",
+    which the verdict's "error:" already says)."""
     lines = stderr.decode(errors="replace").splitlines()
-    return next((l for l in lines if "error" in l.lower()), lines[-1] if lines else "failed")
+    line = next((l for l in lines if "error" in l.lower()), lines[-1] if lines else "failed")
+    return line.removeprefix("stap-serverd: ERROR: ")
 
 
 def private_tmpdir():
@@ -2086,13 +2195,13 @@ def private_tmpdir():
         raise Error(f"cannot make a temporary directory in {top} (TMPDIR): {e.strerror}") from None
 
 
-def compile_anywhere(inv, request, dbs, tmp):
+def compile_anywhere(inv, request, identity, dbs, tmp):
     """Try each candidate server in turn; the first complete reply wins.  A busy server is tried
     again after a growing, jittered pause until the deadline; one that is not there or dropped the
     request gets one more try, and one that cannot serve it (not trusted) none.  Each server that
     failed is named once, with what happened there."""
     open_databases(dbs)
-    peers, searched = candidate_servers(inv, request_identity(request), dbs)
+    peers, searched = candidate_servers(inv, identity, dbs)
     if not peers:
         raise Error(f"no compile server found for {local_sysinfo(inv.release, inv.arch)}: "
                     f"{searched}; start one with stap-start-server, or name one with "
@@ -2325,15 +2434,6 @@ def serving(records, target):
     return exact, fetching
 
 
-def request_identity(request):
-    """What makes two requests the same (every entry's name, size and CRC, but not the client's
-    version and locale): zips differ in their dates."""
-    with zipfile.ZipFile(io.BytesIO(request)) as zf:
-        parts = sorted(f"{i.filename}\0{i.file_size}\0{i.CRC}" for i in zf.infolist()
-                       if i.filename not in ("version", "locale"))
-    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).digest()
-
-
 WAIT_GRACE = 2.0  # seconds: servers this close to the freest count as equally free
 
 
@@ -2397,6 +2497,12 @@ def advertised_serial(rec):
     except ValueError:
         return None
     return serial if serial >= 0 else None
+
+
+def fetches_field(rec):
+    """" 'kernels=fetched'" for a server advertised with the bare architecture as its sysinfo, that
+    is one that fetches the kernel a request names (stap-serverd --fetch-kernels), else ""."""
+    return " 'kernels=fetched'" if " " not in rec.sysinfo else ""
 
 
 def trust_of(rec, trust):
@@ -2543,7 +2649,8 @@ def stap_find_servers(argv):
     records = [r for r in every if "--all" in argv or r.sysinfo in (wanted, wanted.split()[-1])]
     trust = trusted_serials() if records else {}
     for rec in records:
-        print(printable(format_server_line(rec) + f" 'trust={trust_of(rec, trust)}'"))
+        print(printable(format_server_line(rec) + fetches_field(rec)
+                        + f" 'trust={trust_of(rec, trust)}'"))
     if every and not records:  # servers for other kernels: say so, whoever asked
         seen = plural(len({(r.host, r.port) for r in every}), "server")
         print(f"{PROG}: {seen} found, none for {wanted}; --all lists them", file=sys.stderr)

@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import logging.handlers
+import lzma
 import os
 import posixpath
 import pwd
@@ -44,13 +45,13 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
-import zipfile
 
 import stap_client as client
-from stap_client import CertDB, Error, Limits, Reply  # the names the server uses most
+from stap_client import CertDB, Error, Limits, ReplyContent  # the names the server uses most
 
 try:  # the built-in multicast DNS responder needs dnspython
     dns = client.require_dnspython()
@@ -60,7 +61,6 @@ except client.DiscoveryError:
 PROG = "stap-serverd"
 RENEW_BEFORE = 30 * 86400  # renew a certificate expiring within 30 days
 START_TIMEOUT = 30  # stap-start-server's bound, key generation included
-RESPONSE_DIR = "stap000000"  # the one module directory of a reply
 COMPILE_ACCOUNT = "stap-compile"  # a root server's compile step runs as this account
 
 # Resource limits of every compile: (option suffix, default, unit, what it bounds).
@@ -189,16 +189,10 @@ def build_option_parser(prog):
         "(BIND's key statement, as tsig-keygen writes it)")
     add("--load-refresh", type=float, default=10, metavar="SECONDS",
         help="refresh the advertised load hint at most this often (default 10)")
-    add("--advertise", choices=("auto", "avahi", "mdns", "none"), default="auto",
+    add("--advertise", choices=("auto", *LINK_PUBLISHERS, "none"), default="auto",
         help="how to announce the server (default: avahi if running, else the built-in "
         "mDNS responder)")
     return p
-
-
-# The server's configuration: a field per option (holding the value parse_config derives) and more.
-ServerConfig = dataclasses.make_dataclass("ServerConfig", [
-    *vars(build_option_parser(PROG).parse_args([])), "compile_limits", "stap_options", "db",
-    "limits", "mok_info"], frozen=True)
 
 
 def state_dir(kind):
@@ -234,8 +228,8 @@ def parse_config(argv, prog=PROG):
     runtime = o.runtime and os.path.abspath(o.runtime)
     includes = tuple(map(os.path.abspath, o.includes))
     derived = dict(  # each field of one type, whatever the options were
-        compile_limits=limits, arch=o.arch or os.uname().machine, db=db, tmpdir=tmpdir,
-        releases=tuple(served_releases(o.releases, o.installed)), cache_dir=cache_dir,
+        releases=tuple(served_releases(o.releases, o.installed, o.fetch_kernels)), tmpdir=tmpdir,
+        compile_limits=limits, arch=o.arch or os.uname().machine, cache_dir=cache_dir,
         stap_options=tuple((["-R", runtime] if runtime else [])
                            + [x for d in includes for x in ("-I", d)]
                            + [x for b in o.kbuild for x in ("-B", b)]
@@ -247,7 +241,7 @@ def parse_config(argv, prog=PROG):
             "range of 1 to {limit} bytes (--max-request-size)"),  # the real server's words
         tmpdir_min_free=default_min_free(tmpdir) if o.tmpdir_min_free is None
         else o.tmpdir_min_free,
-        dns_update=dns_update_target(o),  # (zone, server, port, key file) or None
+        db=db, dns_update=dns_update_target(o),  # (zone, server, port, key file) or None
         build_envs=tuple(map(build_env_option, o.build_envs)),  # their versions: at start
         includes=includes, kernel_cache=os.path.abspath(o.kernel_cache or cache_dir + "-kernels"))
     for option, path in secret_files(o):
@@ -411,16 +405,19 @@ def check_secret_file(option, path):
                     f"chmod 600 {path}")
 
 
-def served_releases(requested, installed=False):
+def served_releases(requested, installed=False, fetching=False):
     """The requested releases (default: the running one, unless installed) that have a build tree,
-    with installed every release that has one."""
+    with installed every release that has one.  A fetching server needs none: it fetches the others
+    when asked."""
     releases = requested or ([] if installed else [os.uname().release])
     if installed:
         releases += sorted(set(installed_releases()) - set(releases))
-        if not releases:
+        if not releases and not fetching:
             raise Error("-i: no kernel build tree is installed (/lib/modules/*/build)")
     usable = [r for r in releases if os.path.isdir(f"/lib/modules/{r}/build")]
     missing = sorted(set(releases) - set(usable))
+    if fetching:
+        return usable
     if not usable:
         raise Error(f"no kernel build tree for {', '.join(missing)} "
                     "(install its headers, or name an installed release with -r)")
@@ -517,8 +514,8 @@ def not_after(der):
     """Expiry of a certificate as a Unix time, read from its DER (NSS is not initialised yet when
     the server checks its certificate)."""
     try:
-        _, _, start, end = client.tbs_fields(der)[3]  # serial, signature, issuer, validity
-        _, _, start, end = list(client.der_children(der, start, end))[1]  # notAfter
+        _, _, start, end = client.tbs_fields(der).validity
+        _not_before, (_, _, start, end) = client.der_children(der, start, end)
         stamp = der[start:end].decode()
         fmt = "%y%m%d%H%M%SZ" if len(stamp) == 13 else "%Y%m%d%H%M%SZ"  # UTC/GeneralizedTime
         return calendar.timegm(time.strptime(stamp, fmt))
@@ -1087,8 +1084,8 @@ def compile_env(req, work, cache):
 def run_compile(config, req, ws, knowledge=None):
     """One stap run in its sandbox, as the compile account, within the resource limits; stdin is
     /dev/null, stdout and stderr go to files the server opened (and reads back) itself; stap's
-    cache is the request's own, with copies of the kernel's knowledge in it.  A Reply with the
-    module as (name, bytes) and the server's paths hidden."""
+    cache is the request's own, with copies of the kernel's knowledge in it.  A ReplyContent with
+    the module as (name, bytes) and the server's paths hidden."""
     ws.hand_over(config.user, knowledge)
     on_host = req.build_env is None or req.build_env.root == "/"
     fixed = fixed_runtime(config, req.release, req.kernel) if on_host else None  # host's runtime
@@ -1119,8 +1116,8 @@ def run_compile(config, req, ws, knowledge=None):
         stderr += runtime_failure(stderr, runtime or source_runtime(config), fixed)
     module = ws.module(config.compile_limits["file-size"]) if rc == 0 else None
     hide = (ws.path, work, cache, fixed and fixed.path)
-    return Reply(rc=1 if rc else 0, stdout=hide_paths(stdout, hide),
-                 stderr=hide_paths(stderr, hide), module=module)
+    return ReplyContent(rc=1 if rc else 0, stdout=hide_paths(stdout, hide),
+                        stderr=hide_paths(stderr, hide), module=module)
 
 
 def watch_compile(proc, ws, config):
@@ -1324,7 +1321,7 @@ def warm_up(config, release, path, env=None, kernel=None):
         compiled = run_compile(config, req, ws)
         files = ws.stap_knowledge() if compiled.rc == 0 else {}
     except (Error, OSError) as e:
-        compiled, files = Reply(1, b"", str(e).encode()), {}
+        compiled, files = ReplyContent(1, b"", str(e).encode()), {}
     finally:
         ws.remove()
     if not files:
@@ -1524,6 +1521,18 @@ FETCH_TIMEOUT = 300  # seconds for one apt-get download
 FAILED_FETCH_TTL = 300  # seconds a failed fetch is answered from memory
 KERNEL_TREES = "trees"  # in the kernel cache: RELEASE/ is the unpacked root of its packages
 DOWNLOADS = "debs"  # in the kernel cache: the verified .deb files
+# From linux-image-RELEASE-dbg, when a script needs them: SYMBOLS/RELEASE/System.map-RELEASE
+# (3.6 MB) and, apart, DEBUGINFO/RELEASE/vmlinux-RELEASE (600 MB), so kprobes do not pay for DWARF.
+SYMBOLS = "symbols"
+DEBUGINFO = "debuginfo"
+DEBUG_FILES = {SYMBOLS: "System.map-{}", DEBUGINFO: "vmlinux-{}"}  # in /usr/lib/debug/boot
+DEBUG_NEEDS = {SYMBOLS: "the symbol table", DEBUGINFO: "the debuginfo"}
+FULL_MARGIN = 1 << 20  # bytes: a kernel cache with less free after a failed unpack is full
+
+
+class HostFault(Error):
+    """The server's host lacks what a kernel needs (room in the kernel cache, a compiler): not
+    remembered as a failed fetch, as the administrator's remedy works at once."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1541,6 +1550,11 @@ class FetchedKernel:
     root: str  # the unpacked packages: ROOT/usr/src/..., ROOT/lib/modules/RELEASE
     size: int
     users: int = 0
+    debug: dict = dataclasses.field(default_factory=dict)  # SYMBOLS or DEBUGINFO -> its file
+
+    def parts(self):
+        """The kernel's directories in the cache: its tree and the -dbg files fetched for it."""
+        return [self.root] + [os.path.dirname(f) for f in self.debug.values()]
 
 
 def apt_package(name):
@@ -1561,12 +1575,28 @@ def installed_version(name):
     return res.stdout.decode().strip() if res.returncode == 0 else None
 
 
+def missing_compiler(headers):
+    """The compiler package that the headers package headers depends on (gcc-N, directly or through
+    Debian's linux-compiler-gcc-N-ARCH) and that this host lacks, or None.  The compile runs the
+    host's compiler, so only its program counts, not how it was installed."""
+    for dep in headers.depends.split(","):
+        wanted = [m.group(1) for alt in dep.split("|")
+                  if (m := re.match(r"^\s*(?:linux-compiler-)?(gcc-[0-9]+)\b", alt))]
+        if wanted and not any(shutil.which(name) for name in wanted):
+            return wanted[0]
+    return None
+
+
 def kernel_packages(release):
     """The packages that present release's headers: linux-headers-RELEASE, the -common twin it
     depends on, and the linux-kbuild it asks for when the installed one is older or missing."""
     headers = apt_package(f"linux-headers-{release}")
     if headers is None:
         raise Error(f"the archive has no kernel {release} (no package linux-headers-{release})")
+    compiler = missing_compiler(headers)
+    if compiler:
+        raise HostFault(f"the kernel {release} is built with {compiler}, which this server lacks "
+                        f"(its administrator can install the package {compiler})")
     packages = [headers]
     for dep in (d.strip() for d in headers.depends.split(",")):
         m = re.match(r"^(linux-headers-\S+-common|linux-kbuild-\S+)(?:\s*\((>=|=)\s*(\S+)\))?",
@@ -1620,7 +1650,7 @@ class KernelCache:
     def open(self):
         """Make the cache's directories, or check those there, and take in the trees of earlier
         runs (oldest use first); half-made ones of a crash are removed."""
-        for d in (self.top, self.path(KERNEL_TREES), self.path(DOWNLOADS)):
+        for d in (self.top, *map(self.path, (KERNEL_TREES, DOWNLOADS, SYMBOLS, DEBUGINFO))):
             os.makedirs(d, 0o755, exist_ok=True)
             os.close(open_server_dir(d))
         trees = self.path(KERNEL_TREES)
@@ -1632,8 +1662,19 @@ class KernelCache:
             else:
                 found.append((os.lstat(path).st_mtime, name, path))
         for _, name, path in sorted(found):
-            self.kernels[name] = FetchedKernel(name, path, tree_size(path))
+            self.kernels[name] = FetchedKernel(name, path, 0, debug=self.debug_files(name))
+            self.kernels[name].size = sum(map(tree_size, self.kernels[name].parts()))
+        for part in (SYMBOLS, DEBUGINFO):  # half-made ones and those of a removed tree
+            for name in os.listdir(self.path(part)):
+                if name not in self.kernels or part not in self.kernels[name].debug:
+                    shutil.rmtree(self.path(part, name), ignore_errors=True)
         self.opened = True
+
+    def debug_files(self, release):
+        """{SYMBOLS or DEBUGINFO: its file} of the -dbg files fetched for release before."""
+        files = {part: self.path(part, release, DEBUG_FILES[part].format(release))
+                 for part in (SYMBOLS, DEBUGINFO)}
+        return {part: f for part, f in files.items() if os.path.isfile(f)}
 
     def path(self, *parts):
         return os.path.join(self.top, *parts)
@@ -1662,16 +1703,7 @@ class KernelCache:
                     raise Error(failed[1])
                 self.fetching.add(release)
         if kernel is None:
-            try:
-                kernel = self.fetch(release)
-            except Error as e:
-                with self.cond:
-                    self.failed[release] = (time.monotonic(), str(e))
-                raise
-            finally:
-                with self.cond:
-                    self.fetching.discard(release)
-                    self.cond.notify_all()
+            kernel = self.fetch_alone(release, lambda: self.fetch(release))
         with self.cond:
             kernel.users += 1
             self.kernels[release] = kernel
@@ -1680,6 +1712,21 @@ class KernelCache:
                 os.utime(kernel.root)  # the order of use survives a restart
             self.evict()
         return kernel
+
+    def fetch_alone(self, key, fetch):
+        """fetch()'s result, by the thread that put key in self.fetching, whose waiters are woken
+        when it is done; a failure is remembered in self.failed."""
+        try:
+            return fetch()
+        except Error as e:
+            if not isinstance(e, HostFault):  # the administrator mends that at once
+                with self.cond:
+                    self.failed[key] = (time.monotonic(), str(e))
+            raise
+        finally:
+            with self.cond:
+                self.fetching.discard(key)
+                self.cond.notify_all()
 
     def evict(self):
         """Remove the least recently used trees that no compile is using while over the bound.
@@ -1691,7 +1738,8 @@ class KernelCache:
             if kernel.users == 0:
                 del self.kernels[release]
                 total -= kernel.size
-                shutil.rmtree(kernel.root, ignore_errors=True)
+                for part in kernel.parts():
+                    shutil.rmtree(part, ignore_errors=True)
                 logging.info("kernel cache: removed %s (%d bytes; cache over %d bytes)",
                              release, kernel.size, self.max_bytes)
 
@@ -1704,11 +1752,14 @@ class KernelCache:
             path, fresh = self.download(package)
             debs.append(path)
             downloaded += fresh
-        new = tempfile.mkdtemp(prefix=".new.", dir=self.path(KERNEL_TREES))
+        new = None  # rmtree(None, ignore_errors=True) does nothing
         try:
+            new = tempfile.mkdtemp(prefix=".new.", dir=self.path(KERNEL_TREES))
             for deb in debs:
                 res = client.run_tool(["dpkg-deb", "-x", deb, new], check=False,
                                       timeout=FETCH_TIMEOUT)
+                if res.returncode != 0 and self.full():
+                    raise self.full_error(f"cannot unpack the kernel {release}")  # deb: sound
                 if res.returncode != 0:
                     os.unlink(deb)  # the checked file went bad on disk: fetch it again next time
                     raise Error(f"cannot unpack {os.path.basename(deb)} for {release}: "
@@ -1719,6 +1770,8 @@ class KernelCache:
             os.rename(new, root)
         except OSError as e:
             shutil.rmtree(new, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self.full_error(f"cannot unpack the kernel {release}") from None
             raise Error(f"cannot unpack the kernel {release}: {e.strerror}") from None
         except Error:
             shutil.rmtree(new, ignore_errors=True)
@@ -1728,6 +1781,19 @@ class KernelCache:
                      release, ", ".join(f"{p.name} {p.version}" for p in packages), downloaded,
                      size, time.monotonic() - start)
         return FetchedKernel(release, root, size)
+
+    def full(self):
+        """The kernel cache's file system is out of space or inodes for the server's account (what
+        the unpacking tar said is in the server's locale; this is not)."""
+        try:
+            st = os.statvfs(self.top)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < FULL_MARGIN or (st.f_files and st.f_favail == 0)
+
+    def full_error(self, failed):
+        return HostFault(f"{failed}: the kernel cache {self.top} is full "
+                               f"({os.strerror(errno.ENOSPC)})")
 
     def download(self, package):
         """(path of the package's checked .deb in the download cache, bytes downloaded): a cached
@@ -1743,6 +1809,8 @@ class KernelCache:
                                    f"{package.name}={package.version}"], cwd=work,
                                   check=False, timeout=FETCH_TIMEOUT)
             got = os.path.join(work, package.filename)
+            if res.returncode != 0 and self.full():
+                raise self.full_error(f"cannot download {package.name} {package.version}")
             if res.returncode != 0 or not os.path.isfile(got):
                 raise Error(f"cannot download {package.name} {package.version} from the "
                             f"archive: {client.last_line(res.stderr or res.stdout)}")
@@ -1753,6 +1821,143 @@ class KernelCache:
             return path, size
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def add_debug(self, kernel, need):
+        """Give kernel (in use by the caller) the -dbg files that need (SYMBOLS or DEBUGINFO, which
+        brings the symbol table too) asks for, unless it has them: one such fetch per release at a
+        time, the others wait for it; a failure is remembered like a failed fetch."""
+        key = f"{kernel.release} -dbg"  # not a release name: acquire() does not wait for it
+        with self.cond:
+            while key in self.fetching:
+                self.cond.wait()
+            if need in kernel.debug:
+                return
+            failed = self.failed.get(key)
+            if failed and time.monotonic() - failed[0] < FAILED_FETCH_TTL:
+                raise Error(failed[1])
+            self.fetching.add(key)
+        files = self.fetch_alone(key, lambda: self.fetch_debug(
+            kernel, [SYMBOLS, DEBUGINFO][:1 + (need == DEBUGINFO)]))
+        with self.cond:
+            kernel.debug.update(files)
+            kernel.size += sum(os.path.getsize(f) for f in files.values())
+            self.evict()
+
+    def fetch_debug(self, kernel, parts):
+        """Download linux-image-RELEASE-dbg, write the files of parts (those kernel has not got)
+        each into its own directory of the cache, renamed into place, and delete the .deb (up to
+        850 MB, the files extracted are what compiles use).  {part: its file}."""
+        start, release = time.monotonic(), kernel.release
+        package = apt_package(f"linux-image-{release}-dbg")
+        if package is None:
+            raise Error(f"the archive has no linux-image-{release}-dbg, which has the symbol "
+                        f"table and debuginfo of {release}")
+        parts = [p for p in parts if p not in kernel.debug]
+        deb, downloaded = self.download(package)
+        news = {p: tempfile.mkdtemp(prefix=".new.", dir=self.path(p)) for p in parts}
+        try:
+            wanted = {f"usr/lib/debug/boot/{DEBUG_FILES[p].format(release)}":
+                      os.path.join(news[p], DEBUG_FILES[p].format(release)) for p in parts}
+            deb_extract(deb, wanted)
+            for p in parts:
+                os.rename(news[p], self.path(p, release))
+        except OSError as e:
+            raise Error(f"cannot unpack {package.filename} for {release}: {e.strerror}") from None
+        finally:
+            for new in news.values():
+                shutil.rmtree(new, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(deb)
+        files = {p: self.path(p, release, DEBUG_FILES[p].format(release)) for p in parts}
+        logging.info("kernel cache: fetched %s of %s (%s %s; %d bytes downloaded, %d kept) in "
+                     "%.1f s", " and ".join(DEBUG_NEEDS[p] for p in parts), release,
+                     package.name, package.version, downloaded,
+                     sum(os.path.getsize(f) for f in files.values()), time.monotonic() - start)
+        return files
+
+
+def deb_extract(deb, wanted):
+    """Write the regular files wanted ({path in the package: file to create}) from the .deb's data
+    archive, reading it once and no further than the last of them: a .deb is an ar archive whose
+    data.tar.* member tarfile reads as a stream (xz, gzip, bzip2 or none).  No maintainer script
+    runs, and nothing but the named files is written.  Error when one is missing."""
+    left = dict(wanted)
+    with open(deb, "rb") as f:
+        data = ar_member(f, "data.tar")
+        try:
+            with tarfile.open(fileobj=data, mode="r|*") as tar:
+                for member in tar:
+                    target = left.pop(member.name.removeprefix("./"), None) \
+                        if member.isreg() else None
+                    if target:
+                        with open(target, "xb") as out:
+                            shutil.copyfileobj(tar.extractfile(member), out, 1 << 20)
+                    if not left:
+                        break
+        except (tarfile.TarError, EOFError, lzma.LZMAError) as e:
+            raise Error(f"cannot read {os.path.basename(deb)}: {e}") from None
+    if left:
+        raise Error(f"{os.path.basename(deb)} has no {', '.join(sorted(left))}")
+
+
+class BoundedReader(io.RawIOBase):
+    """The next size bytes of f, as a file tarfile can stream from."""
+
+    def __init__(self, f, size):
+        self.f, self.left = f, size
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        data = self.f.read(min(len(buf), self.left))
+        self.left -= len(data)
+        buf[:len(data)] = data
+        return len(data)
+
+
+def ar_member(f, prefix):
+    """The first member of the ar archive f whose name starts with prefix, as a BoundedReader;
+    Error when there is none.  A member header is 60 bytes: name 16, dates and ids 32, size 10,
+    then a backquote and a newline; members start at even offsets."""
+    if f.read(8) != b"!<arch>\n":
+        raise Error(f"{os.path.basename(f.name)} is not a Debian package")
+    while True:
+        header = f.read(60)
+        if len(header) < 60 or header[58:60] != b"`\n":
+            raise Error(f"{os.path.basename(f.name)} has no {prefix}* member")
+        size = int(header[48:58]) if header[48:58].strip().isdigit() else -1
+        if size < 0:
+            raise Error(f"{os.path.basename(f.name)} is not a Debian package")
+        if header[:16].decode("ascii", "replace").startswith(prefix):
+            return io.BufferedReader(BoundedReader(f, size), 1 << 20)
+        f.seek(size + size % 2, os.SEEK_CUR)
+
+
+def fetched_tree_binds(kernel, source, inside):
+    """bwrap arguments that show source, a tree of the fetched kernel, at inside: whole, or entry by
+    entry when some of its links name a kbuild that the host has no directory for (Debian's 6.12
+    headers link scripts and tools to ../../lib/linux-kbuild-VERSION, and no mount point can be
+    made in the host's read-only /usr/lib), those entries then showing what the links name."""
+    kbuilds = os.path.join(kernel.root, "usr", "lib")
+    strays = {}
+    for name in os.listdir(source) if os.path.isdir(source) else []:
+        path = os.path.join(source, name)
+        target = os.path.realpath(path)
+        kbuild = os.path.relpath(target, kbuilds).split(os.sep)[0]
+        if os.path.islink(path) and kbuild.startswith("linux-kbuild-") and os.path.isdir(target) \
+                and not os.path.isdir(f"/usr/lib/{kbuild}"):
+            strays[name] = target
+    if not strays:
+        return ["--ro-bind", source, inside]
+    argv = ["--dir", inside]
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        if name not in strays and os.path.islink(path):  # as it is: bwrap binds no dangling link
+            argv += ["--symlink", os.readlink(path), os.path.join(inside, name)]
+        else:
+            argv += ["--ro-bind", strays.get(name, path), os.path.join(inside, name)]
+    return argv
 
 
 def kernel_binds(kernel):
@@ -1767,13 +1972,49 @@ def kernel_binds(kernel):
             mine = os.path.join(kernel.root, "lib", "modules")
         argv += ["--size", "65536", "--tmpfs", inside]
         for name in sorted(os.listdir(mine)):
-            argv += ["--ro-bind", os.path.join(mine, name), os.path.join(inside, name)]
+            argv += fetched_tree_binds(kernel, os.path.join(mine, name), os.path.join(inside, name))
         argv += ["--remount-ro", inside]
     kbuild = os.path.join(kernel.root, "usr", "lib")
     for name in sorted(os.listdir(kbuild)) if os.path.isdir(kbuild) else []:
         if name.startswith("linux-kbuild-") and os.path.isdir(f"/usr/lib/{name}"):
             argv += ["--ro-bind", os.path.join(kbuild, name), f"/usr/lib/{name}"]
+    return argv + debug_binds(kernel)
+
+
+def debug_binds(kernel, debug_dir="/usr/lib/debug"):
+    """bwrap arguments that show the -dbg files fetched for kernel where stap looks for them:
+    /boot/System.map-RELEASE (/boot is on the sandbox's own root) and
+    /usr/lib/debug/boot/vmlinux-RELEASE, on a tmpfs with the host's other debug files bound back
+    (no mount point can be made in the read-only /usr); /boot/vmlinux-RELEASE, where elfutils
+    also looks, when the host has no /usr/lib/debug."""
+    argv = []
+    if SYMBOLS in kernel.debug:
+        argv += ["--ro-bind", kernel.debug[SYMBOLS], f"/boot/System.map-{kernel.release}"]
+    vmlinux = kernel.debug.get(DEBUGINFO)
+    if vmlinux and not os.path.isdir(debug_dir):
+        argv += ["--ro-bind", vmlinux, f"/boot/vmlinux-{kernel.release}"]
+    elif vmlinux:
+        argv += ["--size", "65536", "--tmpfs", debug_dir]
+        for name in sorted(os.listdir(debug_dir)):
+            if name != "boot":  # other kernels' vmlinux files
+                argv += ["--ro-bind", os.path.join(debug_dir, name), f"{debug_dir}/{name}"]
+        argv += ["--ro-bind", vmlinux, f"{debug_dir}/boot/vmlinux-{kernel.release}",
+                 "--remount-ro", debug_dir]
     return argv
+
+
+def debug_need(stderr, kernel):
+    """SYMBOLS or DEBUGINFO when a compile for a fetched kernel failed in pass 2 for want of its
+    symbol table (a kprobe: "no match" after stap's warning that it has none) or its debuginfo
+    (a DWARF probe), which the kernel has not got yet; else None."""
+    if re.search(rb"^semantic error: missing \S+ kernel/module debuginfo", stderr, re.M):
+        need = DEBUGINFO
+    elif b"WARNING: Kernel function symbol table missing" in stderr and \
+            b"semantic error: while resolving probe point" in stderr:
+        need = SYMBOLS
+    else:
+        return None
+    return None if need in kernel.debug else need
 
 
 # --------------------------------------------------------------------------
@@ -1793,19 +2034,6 @@ def reply_for_client(compiled, req, key, version):
         module = module + (key.module_signature(module[1]),)
     return compiled._replace(stdout=b"".join(lines), stderr=req.notices + compiled.stderr,
                              version=version, module=module)
-
-
-def reply_entries(reply):
-    """The reply's entries, (name, bytes) in the real server's layout."""
-    entries = [("version", reply.version.encode()), ("rc", str(reply.rc).encode()),
-               ("stdout", reply.stdout), ("stderr", reply.stderr)]
-    if reply.module:
-        name, data, *signature = reply.module
-        entries.append((f"{RESPONSE_DIR}/{name}", data))
-        entries += [(f"{RESPONSE_DIR}/{name}.sgn", sig) for sig in signature]
-    if reply.mok_cert:
-        entries.append((MOK_CERT, reply.mok_cert))  # beside rc, where real clients look
-    return entries
 
 
 # Signing: NSS signs with the server key where its database keeps it.
@@ -1871,60 +2099,11 @@ class ServerKey:
         """A module's NAME.ko.sgn: what staprun checks for stapusr and stapsys."""
         return self.sign(data, "SEC_OID_PKCS1_SHA256_WITH_RSA_ENCRYPTION")
 
-    def signed_jar(self, entries):
-        """entries as a zip signed the way signtool -Z signs a directory: digests of every entry in
-        a manifest, of the manifest in a signature file, and a PKCS#7 signature of that file (SHA-1,
-        the one digest NSS's JAR verifier knows)."""
-        manifest, signature_file = client.jar_manifests(entries)
-        block = self.pkcs7_signature(signature_file)
-        out = io.BytesIO()
-        stamp = time.localtime()[:6]
-        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-            for name, data in entries + [(client.JAR_MANIFEST, manifest),
-                                         (client.JAR_SIGNATURE_FILE, signature_file),
-                                         (client.JAR_SIGNATURE_BLOCK, block)]:
-                info = zipfile.ZipInfo(name, stamp)
-                info.external_attr = 0o644 << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
-                zf.writestr(info, data, compresslevel=1 if len(data) > 65536 else None)
-        return out.getvalue()
-
-    def pkcs7_signature(self, content):
-        """A detached PKCS#7 SignedData of content with authenticated attributes (content type,
-        signing time, SHA-1 digest), carrying our certificate: signtool's signature block, byte for
-        byte in layout."""
-        oid = client.DER_OID
-        attributes = [
-            der(0x30, oid["contentType"], der(0x31, oid["data"])),
-            der(0x30, oid["signingTime"], der(0x31, der(0x17, time.strftime(
-                "%y%m%d%H%M%SZ", time.gmtime()).encode()))),
-            der(0x30, oid["messageDigest"], der(0x31, der(0x04, hashlib.sha1(content).digest()))),
-        ]
-        signed = der(0x31, *attributes)
-        signature = self.sign(signed, "SEC_OID_PKCS1_SHA1_WITH_RSA_ENCRYPTION")
-        fields = client.tbs_fields(self.der)
-        serial, issuer = (self.der[f[1]:f[3]] for f in (fields[0], fields[2]))
-        sha1 = der(0x30, oid["sha1"], b"\x05\x00")
-        signer_info = der(0x30, b"\x02\x01\x01", der(0x30, issuer, serial), sha1,
-                          b"\xa0" + signed[1:], der(0x30, oid["rsaEncryption"], b"\x05\x00"),
-                          der(0x04, signature))
-        signed_data = der(0x30, b"\x02\x01\x01", der(0x31, sha1), der(0x30, oid["data"]),
-                          der(0xA0, self.der), der(0x31, signer_info))
-        return der(0x30, oid["signedData"], der(0xA0, signed_data))
-
-
-def der(tag, *content):
-    """A DER element: tag, definite length, content."""
-    body = b"".join(content)
-    n = len(body)
-    if n < 0x80:
-        return bytes((tag, n)) + body
-    length = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(length))) + length + body
 
 
 def error_reply(key, version, message):
-    return signed_reply(key, Reply(1, b"", f"stap-serverd: ERROR: {message}\n".encode(), version))
+    return signed_reply(key, ReplyContent(1, b"", f"stap-serverd: ERROR: {message}\n".encode(),
+                                          version))
 
 
 def busy_reply(key, version, why, record):
@@ -1934,7 +2113,7 @@ def busy_reply(key, version, why, record):
 
 
 def signed_reply(key, reply):
-    return key.signed_jar(reply_entries(reply))
+    return client.signed_jar(client.reply_entries(reply), key.der, key.sign)
 
 
 # --------------------------------------------------------------------------
@@ -2187,9 +2366,10 @@ class CompileService:
             if busy:
                 return busy_reply(key, self.version, busy, record), False
             try:
-                with Workspace(config.tmpdir) as ws:
-                    archive.extract(ws.work)
-                    compiled = run_compile(config, req, ws, knowledge)
+                compiled = self.compile_once(req, archive, knowledge)
+                need = req.kernel and compiled.rc and debug_need(compiled.stderr, req.kernel)
+                if need:  # once: the -dbg files stap asked for, then the same compile again
+                    compiled = self.with_debug_files(req, archive, knowledge, compiled, need)
                 compiled = for_secure_boot(compiled, req, self.moks, config.tmpdir)
             except (Error, OSError) as e:
                 message = str(e) if isinstance(e, Error) else \
@@ -2203,6 +2383,22 @@ class CompileService:
         if reply.rc:
             record.fail(server_side_cause(compiled.stderr, config))
         return signed_reply(key, reply), reply.rc == 0
+
+    def compile_once(self, req, archive, knowledge):
+        with Workspace(self.config.tmpdir) as ws:
+            archive.extract(ws.work)
+            return run_compile(self.config, req, ws, knowledge)
+
+    def with_debug_files(self, req, archive, knowledge, compiled, need):
+        """The compile again once the fetched kernel has the -dbg files need names; the first
+        compile's reply, with a line that says why, when they cannot be fetched."""
+        try:
+            self.kernels.add_debug(req.kernel, need)
+        except Error as e:
+            return compiled._replace(stderr=compiled.stderr + (
+                f"stap-serverd: ERROR: cannot fetch {DEBUG_NEEDS[need]} of {req.release}: "
+                f"{e}\n").encode())
+        return self.compile_once(req, archive, knowledge)
 
 
 # --------------------------------------------------------------------------
@@ -3043,11 +3239,6 @@ def alternative_name(name):
     return f"{match[1]} #{int(match[2]) + 1}" if match else f"{name} #2"
 
 
-def txt_rdata_text(strings):
-    """TXT strings in DNS presentation form: each quoted, quotes escaped."""
-    return " ".join('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"' for t in strings)
-
-
 @dataclasses.dataclass
 class Offer:
     """What a server advertises, as every publisher reads it (avahi, our own responder, a DNS zone):
@@ -3082,52 +3273,34 @@ class Offer:
             ([f"versions={','.join(self.versions)}"] if self.versions else [])
 
 
-class Advertiser:
-    """Advertise an Offer on the link: one DNS-SD instance per served sysinfo, each through an
-    `avahi-publish-service` child when an avahi daemon answers, else through our own multicast DNS
-    responder."""
+class AvahiAdvertiser:
+    """An Offer through `avahi-publish-service` children (AvahiPublisher), one per instance."""
 
     def __init__(self, offer):
-        self.offer = offer
-        self.names = []  # instance names actually registered
-        self.mode = None  # 'avahi' or 'mdns' once started
-        self.publishers, self.responder = [], None
+        self.offer, self.publishers, self.names = offer, [], []
 
-    def start(self, how="auto"):
-        """Publish ("auto": avahi when a daemon answers, else our own responder; or "avahi" / "mdns"
-        only); returns the mode used.  Raises DiscoveryError on failure."""
-        if how != "mdns" and self.start_avahi():
-            self.mode = "avahi"
-        elif how == "avahi":
-            raise client.DiscoveryError("no avahi daemon answers (--advertise=avahi)")
-        else:
-            self.responder = MdnsResponder(self.offer)
-            self.names, self.mode = self.responder.names, "mdns"
-        return self.mode
-
-    def start_avahi(self):
-        """True when avahi published every instance, False when no daemon answers."""
+    def start(self):
+        """Self when avahi published every instance, None when no daemon answers."""
         if shutil.which("avahi-publish-service") is None:
-            return False
+            return None
         # Every instance at once: avahi probes each name for ~1 s.
         self.publishers = [AvahiPublisher(name, self.offer.port, self.offer.txt(sysinfo))
                            for name, sysinfo in zip(self.offer.names(), self.offer.sysinfos)]
-        published = False
         try:
-            published = all(pub.wait_established(PUBLISH_TIMEOUT) for pub in self.publishers)
+            if all(pub.wait_established(PUBLISH_TIMEOUT) for pub in self.publishers):
+                self.names = [pub.name for pub in self.publishers]
+                return self
         finally:
-            if not published:  # a failure, or no daemon: our responder may take over
+            if not self.names:  # a failure, or no daemon: our responder may take over
                 self.stop()
-        self.names = [pub.name for pub in self.publishers]
-        return published
+
+    def refresh(self):
+        return False  # avahi-publish-service takes its TXT once: publish again
 
     def stop(self):
-        """Withdraw every instance (avahi: end the children; mDNS: goodbye)."""
         for pub in self.publishers:
             pub.stop()
-        if self.responder:
-            self.responder.stop()
-        self.publishers, self.responder, self.mode = [], None, None
+        self.publishers = []
 
 
 def ipv6_addresses(ifname):
@@ -3245,14 +3418,20 @@ class MdnsResponder:
         self.hostname = dns.name.from_text(f"{offer.host}.{client.MDNS_DOMAIN}.")
         self.meta = dns.name.from_text(f"_services._dns-sd._udp.{client.MDNS_DOMAIN}.")
         self.interfaces = reachable_interfaces(offer.listen)
+
+    def start(self):
         if not self.interfaces:
             raise client.DiscoveryError("no multicast-capable IPv4 interface to advertise on")
-        self.names = self.claim_names(offer.names())
+        self.names = self.claim_names(self.offer.names())
         self.sock = self.open_socket()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.serve, daemon=True, name="mdns-responder")
         self.thread.start()
         self.announce(MDNS_TTL)
+        return self
+
+    def refresh(self):
+        return True  # the load hint is answered from the offer at each question
 
     def stop(self):
         self.stopping.set()
@@ -3317,22 +3496,12 @@ class MdnsResponder:
                  rrset(stype, "PTR", *[fqdn.to_text() for fqdn in fqdns])]
         for fqdn, sysinfo in zip(fqdns, self.offer.sysinfos):
             table += [rrset(fqdn, "SRV", f"0 0 {self.offer.port} {self.hostname}"),
-                      rrset(fqdn, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))]
+                      rrset(fqdn, "TXT", client.txt_rdata_text(self.offer.txt(sysinfo)))]
         table.append(rrset(self.hostname, "A", iface.address))
         # reachable over IPv6 too
         if self.offer.listen in (None, "", "::") and (v6 := ipv6_addresses(iface.name)):
             table.append(rrset(self.hostname, "AAAA", *v6))
         return table
-
-    def answer(self, questions, table):
-        """(answers, additionals): the rrsets asked for, and what the asker wants next
-        (RFC 6763 12): a PTR's targets, and the host's addresses for a PTR or SRV."""
-        answers = [rr for rr in table if any(
-            q.name == rr.name and q.rdtype in (rr.rdtype, dns.rdatatype.ANY) for q in questions)]
-        wanted = {rd.target for rr in answers if rr.rdtype == dns.rdatatype.PTR for rd in rr}
-        if any(rr.rdtype in (dns.rdatatype.PTR, dns.rdatatype.SRV) for rr in answers):
-            wanted.add(self.hostname)
-        return answers, [rr for rr in table if rr.name in wanted and rr not in answers]
 
     # --- serving ---
 
@@ -3354,11 +3523,12 @@ class MdnsResponder:
             return
         legacy = source[1] != client.MDNS_PORT  # a one-shot query (6.7)
         table = self.records(min(MDNS_TTL, 10) if legacy else MDNS_TTL, iface)
-        answers, additional = self.answer(message.question, table)
+        answers, additional = client.mdns_answers(message.question, table, self.hostname)
         if answers:
             unicast = legacy or any(unicast_flags)
-            self.send(iface, answers, additional, message if legacy else None,
-                      source if unicast else (client.MDNS_GROUP, client.MDNS_PORT))
+            client.send_to_group(self.sock, [iface], client.mdns_response(
+                answers, additional, message if legacy else None),
+                source if unicast else (client.MDNS_GROUP, client.MDNS_PORT))
 
     def resolve_conflicts(self, message):
         """Two servers that probed at the same moment can claim one name (RFC 6762 9): when another
@@ -3384,25 +3554,20 @@ class MdnsResponder:
         return next((i for i in self.interfaces if i.index == ifindex),
                     None if ifindex else self.interfaces[0])
 
-    def send(self, iface, answers, additional, legacy_query=None,
-             dest=(client.MDNS_GROUP, client.MDNS_PORT)):
-        """A response out of iface, best effort like any mDNS; one to a legacy query carries its id
-        and question (RFC 6762 6.7)."""
-        msg = dns.message.Message(id=legacy_query.id if legacy_query else 0)
-        msg.flags = dns.flags.QR | dns.flags.AA
-        msg.question = list(legacy_query.question) if legacy_query else []
-        msg.answer, msg.additional = answers, additional
-        client.send_to_group(self.sock, [iface], msg.to_wire(), dest)
-
     def announce(self, ttl):
         """Unsolicited response with our records on every interface: an announcement (ttl > 0) at
         start, a goodbye (ttl 0) at stop.  Not the meta PTR, nor in a goodbye the host's addresses:
         they may still serve other servers."""
         for iface in self.interfaces:
             table = self.records(ttl, iface)
-            host = [rr for rr in table if rr.name == self.hostname]
+            host = [rr for rr in table if ttl and rr.name == self.hostname]
             ours = [rr for rr in table if rr.name not in (self.meta, self.hostname)]
-            self.send(iface, ours, host if ttl else [])
+            client.send_to_group(self.sock, [iface], client.mdns_response(ours, host))
+
+
+# A publisher (ZoneRegistration too): start() publishes an Offer's `names`, returns self (None where
+# absent: no avahi daemon); refresh() in place (True) or not; stop().  The link's, preferred first:
+LINK_PUBLISHERS = {"avahi": AvahiAdvertiser, "mdns": MdnsResponder}
 
 
 # --------------------------------------------------------------------------
@@ -3444,16 +3609,17 @@ class ZoneRegistration:
                         f"{e.__class__.__name__}: {e}") from None
         return reply.rcode()
 
-    def register(self):
+    def start(self):
         """Add every instance under a name nobody else holds in the zone; when the zone refuses
         one, withdraw those added before it (the server will not start)."""
         try:
             self.add_instances(self.address())
         except Error:
-            self.withdraw()
+            self.stop()
             raise
         logging.info("registered in %s at %s: %s", self.zone, self.server,
                      ", ".join(i.to_text() for i, _ in self.instances))
+        return self
 
     def add_instances(self, address):
         for sysinfo, name in zip(self.offer.sysinfos, self.offer.names()):
@@ -3463,7 +3629,7 @@ class ZoneRegistration:
                 msg.absent(instance, "SRV")  # prerequisite: the name is free
                 msg.add(self.stype, DNS_TTL, "PTR", instance.to_text())
                 msg.add(instance, DNS_TTL, "SRV", f"0 0 {self.offer.port} {self.host}")
-                msg.add(instance, DNS_TTL, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))
+                msg.add(instance, DNS_TTL, "TXT", client.txt_rdata_text(self.offer.txt(sysinfo)))
                 msg.replace(self.host, DNS_TTL, "A", address)
                 rcode = self.send(msg)
                 if rcode == dns.rcode.NOERROR:
@@ -3477,10 +3643,10 @@ class ZoneRegistration:
         """New TXT records: a renewed certificate's serial, a new load hint."""
         msg = self.update()
         for instance, sysinfo in self.instances:
-            msg.replace(instance, DNS_TTL, "TXT", txt_rdata_text(self.offer.txt(sysinfo)))
-        self.send_or_warn(msg)
+            msg.replace(instance, DNS_TTL, "TXT", client.txt_rdata_text(self.offer.txt(sysinfo)))
+        return self.send_or_warn(msg) or True
 
-    def withdraw(self):
+    def stop(self):
         """Every instance gone, in one update."""
         if not self.instances:
             return
@@ -3666,7 +3832,7 @@ def serve(config):
                               server.service.compiles)
     status = write_status(config, port, der)  # after the zone: a refused update fails the start
     logging.info("listening on %s port %d; serving %s; certificate serial %s, SHA-256 "
-                 "fingerprint %s", config.listen, port, ", ".join(config.releases), certinfo(der),
+                 "fingerprint %s", config.listen, port, served_text(config), certinfo(der),
                  client.fingerprint(der))
     server.on_renewal = advertising.refresh
     try:
@@ -3693,7 +3859,7 @@ class Advertising:
     --dns-update), both read from one Offer: the link's started in the background so that the server
     accepts connections at once; both renewed with a renewed certificate (its serial is advertised)
     and when the load changes meaningfully (at most every --load-refresh seconds); withdrawn at
-    shutdown."""
+    shutdown.  The zone's is registered at once: a refused update fails the server's start."""
 
     def __init__(self, config, port, version, der, queue):
         self.config, self.queue = config, queue
@@ -3704,23 +3870,20 @@ class Advertising:
         self.link = self.thread = None
         self.stopping = threading.Event()
         self.lock = threading.Lock()  # renewal and the load follower both re-publish
-        self.zone = ZoneRegistration(config.dns_update, self.offer) if config.dns_update else None
-        if self.zone:
-            self.zone.register()  # before the caller reports a start: a refused update fails it
+        self.zone = config.dns_update and ZoneRegistration(config.dns_update, self.offer).start()
         if config.advertise != "none":
             self.start_link()
         threading.Thread(target=self.follow_load, daemon=True).start()
 
     def start_link(self):
-        self.link = Advertiser(self.offer)
-        self.thread = threading.Thread(target=self.run, args=(self.link,), daemon=True)
+        self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
-    def run(self, link):
+    def run(self):
         try:
-            mode = link.start(self.config.advertise)
-            logging.info("advertised as %s through %s", ", ".join(repr(n) for n in link.names),
-                         mode)
+            mode, self.link = client.first_answering(  # --advertise: "auto" or one of them
+                LINK_PUBLISHERS, lambda make: make(self.offer).start(), self.config.advertise)
+            logging.info("advertised as %s through %s", ", ".join(map(repr, self.link.names)), mode)
         except Error as e:
             logging.warning("not advertised: %s", e)
 
@@ -3735,8 +3898,7 @@ class Advertising:
 
     def refresh(self, der=None, hint=None):
         """Tell the network of a renewed certificate or a new load hint: the zone by DNS UPDATE, the
-        link by publishing again (avahi-publish-service takes its TXT once), unless only the load
-        changed and our own responder answers from the offer anyway."""
+        link in place where its publisher can, else by publishing again."""
         with self.lock:
             if self.stopping.is_set():
                 return
@@ -3746,21 +3908,28 @@ class Advertising:
                 self.offer.hint = hint
             if self.zone:
                 self.zone.refresh()
-            if self.link and (der or self.link.mode != "mdns"):
+            if self.thread and (der or not (self.link and self.link.refresh())):
                 self.withdraw_link()
                 self.start_link()
 
     def withdraw_link(self):
         self.thread.join(15)
-        self.link.stop()
+        self.link = self.link and self.link.stop()  # None once stopped
 
     def stop(self):
         with self.lock:
             self.stopping.set()
-            if self.link:
+            if self.thread:
                 self.withdraw_link()
             if self.zone:
-                self.zone.withdraw()
+                self.zone.stop()
+
+
+def served_text(config):
+    """What the server serves, for its log: its installed releases and, when it fetches, the others
+    on demand."""
+    return ", ".join(config.releases + (("kernels fetched on demand",)
+                                        if config.fetch_kernels else ()))
 
 
 def advertised_sysinfos(config):
@@ -3881,6 +4050,12 @@ COMMANDS = {
     "stap-stop-server": stap_stop_server,
     "stap-find-or-start-server": stap_find_or_start_server,
 }
+
+
+# parse_config's result, a field per option and more; made last: --advertise names the publishers.
+ServerConfig = dataclasses.make_dataclass("ServerConfig", [
+    *vars(build_option_parser(PROG).parse_args([])), "compile_limits", "stap_options", "db",
+    "limits", "mok_info"], frozen=True)
 
 
 def main():

@@ -24,26 +24,29 @@ import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 PY = "/usr/bin/python3"
-# Our commands as `make install` installs them: a launcher that imports the
-# byte-compiled module (running stap_client.py itself would compile it from
-# source at every start).  Run as `PY LAUNCHER COMMAND ...`, which dispatches.
-LAUNCHERS = os.path.join(BENCH, "launchers")
-CLIENT = os.path.join(LAUNCHERS, "stap_client")
-SERVER = os.path.join(LAUNCHERS, "stap_server")
+# Our commands as `make install` installs them (here into a DESTDIR): each a symlink to one
+# launcher that imports the byte-compiled module (running stap_client.py itself would compile it
+# from source at every start).  installed_command(NAME) is such a symlink; CLIENT and SERVER are
+# the launcher, run as `PY LAUNCHER COMMAND ...`, which dispatches on COMMAND as the symlinks do
+# on their names.
+INSTALLED = os.path.join(BENCH, "launchers")
+LIB = os.path.join(INSTALLED, "usr/lib/stap-server")
+CLIENT = SERVER = os.path.join(LIB, "launcher")
 
 
-def write_launchers():
-    """The launchers, and the modules' byte code (whatever PYTHONDONTWRITEBYTECODE says)."""
-    subprocess.run([PY, "-m", "compileall", "-q", os.path.join(ROOT, "stap_client.py"),
-                    os.path.join(ROOT, "stap_server.py")], check=True)
-    os.makedirs(LAUNCHERS, exist_ok=True)
-    for path in (CLIENT, SERVER):
-        with open(path, "w") as f:
-            f.write(f"import sys\nsys.path.insert(0, {ROOT!r})\n"
-                    f"from {os.path.basename(path)} import main\nsys.exit(main())\n")
+def install_commands():
+    """make install into INSTALLED, afresh (it writes the modules' byte code whatever
+    PYTHONDONTWRITEBYTECODE says)."""
+    shutil.rmtree(INSTALLED, ignore_errors=True)
+    subprocess.run(["make", "-C", ROOT, "-s", "install", f"DESTDIR={INSTALLED}", "prefix=/usr",
+                    "sysconfdir=/etc", f"PYTHON={PY}"], check=True, stdout=subprocess.DEVNULL)
 
 
-write_launchers()
+def installed_command(name):
+    return os.path.join(INSTALLED, "usr/bin", name)
+
+
+install_commands()
 REAL_SERVERD = "/usr/lib/systemtap/stap-serverd"
 # Kept between runs (world-readable: the compile account reads it): the
 # patched runtime, stap's caches of every peer, so that later runs are warm.

@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     BENCH_CPU,
     CLIENT,
     COMPILE_CACHE,
+    LIB,
     PY,
     ROOT,
     SCRIPTS,
@@ -52,6 +53,7 @@ from common import (  # noqa: E402
     clean_modules,
     fmt_s,
     headers_release,
+    installed_command,
     interleaved,
     local_env,
     make_sandbox,
@@ -961,7 +963,7 @@ def bench_profile(ctx, report):
     srv = ctx.server_b() if ctx.has_result_cache else ctx.server_a()
     n = ctx.opts.reps
     progress("profile: interpreter, imports, one -p2 round trip")
-    sys_path = f"import sys; sys.path.insert(0, {ROOT!r}); "
+    sys_path = f"import sys; sys.path.insert(0, {LIB!r}); "
     cases = [
         (Series("python3 -c pass"), lambda: timed([PY, "-c", "pass"])),
         (Series("python3 -S -c pass (no site)"), lambda: timed([PY, "-S", "-c", "pass"])),
@@ -970,7 +972,7 @@ def bench_profile(ctx, report):
         (Series("import stap_client + nss"),
          lambda: timed([PY, "-c", sys_path + "import stap_client; stap_client.nss_modules()"])),
         (Series("stap-client --help"),
-         lambda: timed([PY, CLIENT, "stap-client", "--help"], ok=lambda p: True)),
+         lambda: timed([PY, installed_command("stap-client"), "--help"], ok=lambda p: True)),
         (Series("stap-client -p2 round trip"), lambda: ctx.ours(srv, 2, ctx.p2_script)),
     ]
     cases[-1][1]()

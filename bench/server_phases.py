@@ -51,7 +51,7 @@ def main(argv):
     cfg_argv += (["-R", rt] if rt else []) + srv_opts
     config = server.parse_config(cfg_argv)
     inv = client.parse_stap_args(["-r", krel, f"-p{p}", script])
-    data = client.build_request(inv)
+    data, _ = client.build_request(inv)
     version = server.stap_version()
     client.open_databases([config.db])
     credentials = server.Credentials(server.newest_certificate(config.db))

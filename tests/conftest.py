@@ -1,47 +1,23 @@
-"""Shared fixtures: a private sysconfdir and SYSTEMTAP_DIR, the unprivileged
-test account, the kernel release with headers, the runtime fixture, running
-servers (cleaned up by pid) and a recording staprun stand-in."""
+"""The fixtures and hooks of the tests (their library is tests/shared.py): a private sysconfdir
+and SYSTEMTAP_DIR, the unprivileged test account, the kernel release with headers, the runtime
+fixture, running servers (cleaned up by pid) and a recording staprun stand-in.  setup.cfg puts
+the modules and tests/ on sys.path."""
 
-import dataclasses
-import json
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-sys.path[:0] = [ROOT, TESTS]
-
-# The tests import these from here.
-from shared import (  # noqa: E402,F401
-    CLIENT,
-    PYTHON,
-    SERVER,
+from shared import (
+    SHARED,
+    STAPRUN_STANDIN,
     TEST_USER,
-    Sandbox,
-    ensure_test_user,
     fixed_runtime_for,
     headers_release,
     make_sandbox,
-    module_for,
-    new_serial_window,
-    pid_alive,
-    private_config,
-    serial_window_used,
-    stop_pid,
-    wait_until,
+    need_root,
+    start_server,
 )
-
-SHARED = "/tmp/stap-server-tests"  # world-readable: the compile account reads it
-
-
-def need_root():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, other accounts, chown)")
-
 
 # --------------------------------------------------------------------------
 # The kernel release, the runtime fixture, stap's knowledge of the kernel
@@ -108,57 +84,15 @@ def user_sandbox():
 # Servers
 # --------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Server:
-    pid: int
-    port: int
-    status: dict
-    box: Sandbox
-
-    @property
-    def address(self):
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def log(self):
-        return self.status["log"]
-
-    def stop(self):
-        stop_pid(self.pid)
-
-
-def status_file(box, pid):
-    run = "/run/stap-server" if box.user is None and os.geteuid() == 0 else \
-        os.path.join(box.systemtap_dir, "run")
-    return os.path.join(run, f"stap-serverd.{pid}.json")
-
-
-def start_server(box, krel, runtime=None, *extra, cache=None, env=None):
-    """stap-start-server on loopback; returns a Server."""
-    args = ["--listen", "127.0.0.1", "-r", krel, "--log", box.path("server.log"),
-            "--advertise", "none"]
-    if runtime:
-        args += ["-R", runtime]
-    if cache and os.geteuid() == 0 and box.user is None:
-        args += ["--cache-dir", cache]
-    new_serial_window()  # its first start makes a certificate
-    proc = box.run("stap-start-server", *args, *extra, timeout=60, env=env)
-    serial_window_used()
-    assert proc.returncode == 0, proc.stderr.decode()
-    pid = int(proc.stdout.decode().strip())
-    with open(status_file(box, pid)) as f:
-        status = json.load(f)
-    return Server(pid=pid, port=status["port"], status=status, box=box)
-
-
 @pytest.fixture
 def servers():
     """Start servers with servers.start(box, ...); all are stopped afterwards."""
     started = []
 
     class Starter:
-        def start(self, box, krel, runtime=None, *extra, cache=None, env=None):
-            srv = start_server(box, krel, runtime, *extra, cache=cache, env=env)
+        def start(self, *args, **options):
+            """shared.start_server's arguments."""
+            srv = start_server(*args, **options)
             started.append(srv)
             return srv
 
@@ -177,16 +111,6 @@ def server(servers, sandbox, krel, runtime, cache_dir):
 # A staprun stand-in that records what it was given
 # --------------------------------------------------------------------------
 
-STAPRUN_STANDIN = """#!/bin/sh
-# Records its arguments and the module it was given; exits with $STAPRUN_RC.
-rec="${STAPRUN_RECORD:?}"
-printf '%s\\n' "$@" > "$rec.args"
-for a in "$@"; do case "$a" in *.ko) /bin/cp "$a" "$rec.ko";; esac; done
-pwd > "$rec.cwd"
-exit "${STAPRUN_RC:-0}"
-"""
-
-
 @pytest.fixture
 def staprun(tmp_path):
     """(env, record prefix): set env to make stap-client use the stand-in."""
@@ -199,3 +123,25 @@ def staprun(tmp_path):
     record = os.path.join(d, "rec")
     yield {"SYSTEMTAP_STAPRUN": script, "STAPRUN_RECORD": record}, record
     shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Tiers: every test says which it is
+# --------------------------------------------------------------------------
+
+def tier_markers(config):
+    """The markers setup.cfg declares as tiers (their description starts with "tier:")."""
+    declared = (line.split(":", 1) for line in config.getini("markers"))
+    return {name.strip() for name, *about in declared
+            if about and about[0].strip().startswith("tier:")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test file without its tier (pytestmark = pytest.mark.TIER) fails the collection:
+    `make test-unit` and `-m` select by tier, and an unmarked test would silently fall out."""
+    tiers = tier_markers(config)
+    wrong = sorted({item.location[0] for item in items
+                    if len({m.name for m in item.iter_markers()} & tiers) != 1})
+    if wrong:
+        raise pytest.UsageError(f"name one tier ({', '.join(sorted(tiers))}) with pytestmark "
+                                f"in: {', '.join(wrong)}")

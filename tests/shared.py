@@ -1,14 +1,16 @@
 """What the tests and the benchmarks share: the kernel release with headers,
-sandboxes (a private configuration for our commands), waiting for a
-condition, and ending the processes they start.
+sandboxes (a private configuration for our commands), starting our server,
+waiting for a condition, and ending the processes they start.
 
-Plain Python (no pytest, no project module): tests/conftest.py re-exports
-these names for the tests, and bench/common.py imports this file the same
-way pytest does, as the top-level module `shared`.
+The tests' library: they import these names from here (`from shared import
+...`); tests/conftest.py holds only fixtures and hooks.  Plain Python (no
+project module; pytest only to skip a test): bench/common.py imports this
+file the same way pytest does, as the top-level module `shared`.
 """
 
 import contextlib
 import dataclasses
+import json
 import os
 import pwd
 import signal
@@ -22,7 +24,9 @@ ROOT = os.path.dirname(TESTS)
 PYTHON = sys.executable
 CLIENT = os.path.join(ROOT, "stap_client.py")
 SERVER = os.path.join(ROOT, "stap_server.py")
+PROGRAMS = os.path.join(TESTS, "programs")  # what the tests run as programs of their own
 TEST_USER = "staptest"
+SHARED = "/tmp/stap-server-tests"  # world-readable: the compile account reads it
 SERVER_COMMANDS = ("stap-serverd", "stap-start-server", "stap-stop-server",
                    "stap-find-or-start-server")
 
@@ -56,6 +60,11 @@ def new_serial_window():
 
 def serial_window_used():
     last_serial_window[0] = int(time.time() / CERT_SERIAL_UNIT)
+
+
+def program(name):
+    """The path of tests/programs/NAME.py (each says at its top how it is run)."""
+    return os.path.join(PROGRAMS, f"{name}.py")
 
 
 def wait_until(condition, timeout, message, interval=0.05, error=AssertionError):
@@ -111,20 +120,11 @@ def headers_release():
     return rels[-1] if rels else None
 
 
-FIXED_RUNTIME = """import sys, types
-sys.path.insert(0, sys.argv[1])
-import stap_server as s
-fixed = s.runtime_copy(types.SimpleNamespace(runtime=None, cache_dir=sys.argv[3]),
-                       s.header_trees(sys.argv[2]))
-print(fixed.path if fixed else "")
-"""
-
-
 def fixed_runtime_for(krel, top):
     """The -R directory that a stap run without our server needs for krel's headers (made under
     top by our server's own table of runtime fixes, in a process of its own), or None."""
-    out = subprocess.run([PYTHON, "-c", FIXED_RUNTIME, ROOT, krel, top], capture_output=True,
-                         text=True, check=True, timeout=120).stdout.strip()
+    out = subprocess.run([PYTHON, program("fixed_runtime"), ROOT, krel, top],
+                         capture_output=True, text=True, check=True, timeout=120).stdout.strip()
     return out or None
 
 
@@ -184,6 +184,12 @@ class Sandbox:
                               timeout=timeout, input=input, cwd=cwd or self.top, **kw)
 
 
+def need_root():
+    if os.geteuid() != 0:
+        import pytest  # here only: the benchmarks import this module without pytest
+        pytest.skip("needs root (network namespaces, other accounts, chown)")
+
+
 def ensure_test_user():
     try:
         pwd.getpwnam(TEST_USER)
@@ -204,6 +210,100 @@ def make_sandbox(user=None, parent=None):
         for d in (top, env["HOME"]):
             os.chown(d, pw.pw_uid, pw.pw_gid)
     return Sandbox(top=top, env=env, user=user)
+
+
+# --------------------------------------------------------------------------
+# Our server
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Server:
+    pid: int
+    port: int
+    status: dict
+    box: Sandbox
+    host: object = None  # the netns.Host it runs in, or None: this machine's loopback
+    listen: str = "127.0.0.1"
+
+    @property
+    def address(self):
+        """HOST:PORT that reaches it: its --listen address, or its host's for a wildcard."""
+        wildcard = self.host is not None and self.listen in ("::", "0.0.0.0")
+        return f"{self.host.address if wildcard else self.listen}:{self.port}"
+
+    @property
+    def log(self):
+        return self.status["log"]
+
+    def stop(self):
+        stop_pid(self.pid)
+
+
+def status_file(box, pid):
+    run = "/run/stap-server" if box.user is None and os.geteuid() == 0 else \
+        os.path.join(box.systemtap_dir, "run")
+    return os.path.join(run, f"stap-serverd.{pid}.json")
+
+
+def start_server(box, release, runtime=None, *extra, cache=None, env=None, netns=None,
+                 listen=None, advertise=None, log=None, timeout=60):
+    """Start our server with stap-start-server, as the one way the tests do; a Server.
+
+    box        the sandbox: the server's configuration, and its account (box.user; None: root;
+               root only in a netns)
+    release    -r RELEASE (None: no -r)
+    runtime    -R DIR (None: the server fixes the runtime for the release itself)
+    extra      more options, after all of these
+    cache      --cache-dir, given only to a root server in root's own sandbox
+    env        added to the sandbox's environment
+    netns      a netns.Host to start it in (its own /run: the status file is read there);
+               None: this machine, where it must listen on loopback only
+    listen     --listen ADDR; default 127.0.0.1 on this machine, "::" in a netns
+    advertise  --advertise MODE; default "none" on this machine (never advertise on the root
+               namespace's network), the server's own default in a netns
+    log        the log's path (default box.path("server.log"))
+    timeout    seconds stap-start-server may take
+
+    The stap-start-server run must succeed (the test fails with its stderr otherwise); a test
+    that expects a refusal runs stap-start-server itself.
+    """
+    listen = listen or ("::" if netns else "127.0.0.1")
+    args = ["--listen", listen, *(["-r", release] if release else []), "--log",
+            log or box.path("server.log")]
+    if advertise or not netns:
+        args += ["--advertise", advertise or "none"]
+    if runtime:
+        args += ["-R", runtime]
+    if cache and os.geteuid() == 0 and box.user is None:
+        args += ["--cache-dir", cache]
+    argv = [PYTHON, SERVER, "stap-start-server", *args, *extra]
+    new_serial_window()  # its first start makes a certificate
+    if netns is None:
+        proc = box.run_argv(argv, timeout=timeout, env=env)
+    else:
+        assert box.user is None, "in a network namespace our server runs as root only"
+        proc = subprocess.run(netns.prefix() + argv, env={**box.env, **(env or {})},
+                              capture_output=True, timeout=timeout, cwd=box.top,
+                              stdin=subprocess.DEVNULL)
+    serial_window_used()
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    pid = int(proc.stdout.decode().strip())
+    if netns is None:
+        with open(status_file(box, pid)) as f:
+            status = json.load(f)
+    else:
+        status = json.loads(netns.run(["cat", status_file(box, pid)]).stdout)
+    return Server(pid=pid, port=status["port"], status=status, box=box, host=netns, listen=listen)
+
+
+STAPRUN_STANDIN = """#!/bin/sh
+# Records its arguments and the module it was given; exits with $STAPRUN_RC.
+rec="${STAPRUN_RECORD:?}"
+printf '%s\\n' "$@" > "$rec.args"
+for a in "$@"; do case "$a" in *.ko) /bin/cp "$a" "$rec.ko";; esac; done
+pwd > "$rec.cwd"
+exit "${STAPRUN_RC:-0}"
+"""
 
 
 def complete_der(path):

@@ -10,8 +10,8 @@ import time
 import uuid
 import zipfile
 
-import conftest
 import pytest
+import shared
 from hardening_helpers import (
     ERROR_LINE,
     assert_serves,
@@ -32,6 +32,8 @@ from hardening_helpers import (
     zip_bytes,
 )
 
+pytestmark = pytest.mark.integration
+
 IO_TIMEOUT = 2
 MAX_REQUEST = 12 << 20
 MAX_UNPACKED = 8 << 20
@@ -41,12 +43,12 @@ MAX_UNPACKED = 8 << 20
 def env(krel):
     """One root server for the whole module, with a short I/O timeout, small
     limits and a private --tmpdir."""
-    box = conftest.make_sandbox()
+    box = shared.make_sandbox()
     tmpdir = server_tmpdir(box)
-    srv = conftest.start_server(box, krel, None, "--tmpdir", tmpdir,
-                                "--io-timeout", str(IO_TIMEOUT),
-                                "--max-compressed-request", str(MAX_REQUEST),
-                                "--max-request-size", str(MAX_UNPACKED))
+    srv = shared.start_server(box, krel, None, "--tmpdir", tmpdir,
+                              "--io-timeout", str(IO_TIMEOUT),
+                              "--max-compressed-request", str(MAX_REQUEST),
+                              "--max-request-size", str(MAX_UNPACKED))
     yield box, srv, tmpdir
     srv.stop()
     import shutil
@@ -58,9 +60,9 @@ def check(env, krel):
     """After the test: no request directory left, the server alive and serving."""
     box, srv, tmpdir = env
     yield env
-    conftest.wait_until(lambda: not request_dirs(tmpdir), 5,
-                        lambda: f"request directories left behind: {request_dirs(tmpdir)}")
-    assert conftest.pid_alive(srv.pid), "the server died"
+    shared.wait_until(lambda: not request_dirs(tmpdir), 5,
+                      lambda: f"request directories left behind: {request_dirs(tmpdir)}")
+    assert shared.pid_alive(srv.pid), "the server died"
     assert_serves(box, srv, krel)
 
 

@@ -20,21 +20,21 @@ import subprocess
 import tempfile
 
 import pytest
-from conftest import (
+from netns import TestNetwork, avahi_skip_reason
+from shared import (
     CLIENT,
     PYTHON,
     ROOT,
-    SERVER,
     make_sandbox,
     need_root,
-    new_serial_window,
-    serial_window_used,
+    start_server,
     stop_pid,
     wait_until,
 )
-from netns import TestNetwork, avahi_skip_reason
 from test_interop import certutil_der, vermagic
 from test_packaging import CACHE, remove_tree
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MIRROR = os.environ.get("STAP_TEST_MIRROR", "http://deb.debian.org/debian")
 TOOL = os.path.join(ROOT, "tools", "make-build-env")
@@ -121,15 +121,9 @@ class OurServer:
 def start_on(host, krel, runtime, cache_dir, *extra):
     """Our server on host (every address, advertised), with its own database and log."""
     box = make_sandbox()
-    args = ["--listen", "::", "-r", krel, "--ssl", box.path("server-db"), "--log",
-            box.path("server.log"), "--cache-dir", cache_dir] + (["-R", runtime] if runtime
-                                                                  else [])
-    new_serial_window()
-    proc = host.run([PYTHON, SERVER, "stap-start-server", *args, *extra], env=box.env,
-                    timeout=120)
-    serial_window_used()
-    assert proc.returncode == 0, proc.stderr
-    return OurServer(host, box, int(proc.stdout.strip()))
+    srv = start_server(box, krel, runtime, "--ssl", box.path("server-db"), *extra,
+                       cache=cache_dir, netns=host, timeout=120)
+    return OurServer(host, box, srv.pid)
 
 
 @pytest.fixture(scope="module")

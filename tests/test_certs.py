@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import (
+from shared import (
     TEST_USER,
     make_sandbox,
     need_root,
@@ -21,6 +21,8 @@ from conftest import (
 )
 
 import stap_client
+
+pytestmark = pytest.mark.integration
 
 
 def certutil_list(db):
@@ -242,7 +244,7 @@ def test_start_failure_prints_nothing_and_leaves_no_server(sandbox):
 
 
 def stap_client_release():
-    from conftest import headers_release
+    from shared import headers_release
     rel = headers_release()
     if not rel:
         pytest.skip("no kernel headers installed")
@@ -351,40 +353,6 @@ def test_status_file_contents(server, sandbox):
     assert re.fullmatch(r"([0-9a-f]{2}:)*[0-9a-f]{2}", status["serial"]), status
 
 
-RENEW_WHILE_RUNNING = r"""
-import json, socket, ssl, sys, threading
-sys.path.insert(0, sys.argv[1])
-import stap_client, stap_server
-db = stap_client.CertDB(sys.argv[2])
-config = stap_server.parse_config(["--listen", "127.0.0.1", "--ssl", db.path, "-r", sys.argv[3],
-                                   "--log", sys.argv[4], "--advertise", "none"])
-stap_server.setup_logging(config.log)
-old = stap_server.newest_certificate(db)
-server = stap_server.CompileServer(config, old)
-port = server.port
-threading.Thread(target=server.serve_forever, daemon=True).start()
-
-def presented():
-    ctx = ssl.create_default_context()
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with ctx.wrap_socket(raw) as tls:
-            der = tls.getpeercert(binary_form=True)
-            tls.sendall(b"\0\0\0\0")
-            return der
-
-before = presented()
-told = []
-server.on_renewal = told.append  # stap-serverd re-advertises the new serial here
-renewed = server.renew_if_expiring()
-assert told == [server.service.credentials.der]
-after = presented()
-server.shutdown()
-print(json.dumps({"old": old == before, "renewed": renewed, "new": after.hex(),
-                  "changed": after != before}))
-"""
-
-
 def test_renewal_while_running(sandbox, krel):
     """A running server whose certificate nears expiry renews it; new
     connections get the new certificate and the client database trusts it."""
@@ -392,8 +360,8 @@ def test_renewal_while_running(sandbox, krel):
     make_server_db(server_db, months_ago=12, serial=4243, fmt="sql")
     import sys
 
-    from conftest import ROOT
-    proc = subprocess.run([sys.executable, "-c", RENEW_WHILE_RUNNING, ROOT, server_db, krel,
+    from shared import ROOT, program
+    proc = subprocess.run([sys.executable, program("renew_while_running"), ROOT, server_db, krel,
                            sandbox.path("log")], env=sandbox.env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -403,20 +371,6 @@ def test_renewal_while_running(sandbox, krel):
     assert read(os.path.join(server_db, "stap-server.cert")) == new
     assert new in stap_client.CertDB(client_db).certificates()
     assert "renewed the server certificate while running" in read(sandbox.path("log"), "r")
-
-
-SERVE_AS_IS = r"""
-import sys, threading
-sys.path.insert(0, sys.argv[1])
-import stap_client, stap_server
-db = stap_client.CertDB(sys.argv[2])
-config = stap_server.parse_config(["--listen", "127.0.0.1", "--ssl", db.path, "-r", sys.argv[3],
-                                   "--log", sys.argv[4], "--advertise", "none"])
-server = stap_server.CompileServer(config, stap_server.newest_certificate(db))
-print(server.port, flush=True)
-threading.Thread(target=server.serve_forever, daemon=True).start()
-sys.stdin.read()
-"""
 
 
 def test_client_refuses_an_expired_certificate(sandbox, krel):
@@ -431,8 +385,8 @@ def test_client_refuses_an_expired_certificate(sandbox, krel):
     assert sandbox.run("stap-add-server-cert", certfile, trusted).returncode == 0
     import sys
 
-    from conftest import ROOT
-    server = subprocess.Popen([sys.executable, "-c", SERVE_AS_IS, ROOT, server_db, krel,
+    from shared import ROOT, program
+    server = subprocess.Popen([sys.executable, program("serve_as_is"), ROOT, server_db, krel,
                                sandbox.path("log")], env=sandbox.env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:

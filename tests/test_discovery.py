@@ -10,28 +10,23 @@ import subprocess
 import time
 
 import pytest
-from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
 from hardening_helpers import stand_in_stap
 from netns import network_factory  # noqa: F401  (a fixture)
+from shared import CLIENT, PYTHON, SERVER, make_sandbox, start_server, stop_pid, wait_until
 
 import stap_client
+
+pytestmark = pytest.mark.integration
 
 
 @contextlib.contextmanager
 def server_on(host, box, krel, runtime, cache_dir):
     """A real stap-serverd inside host (all its addresses), stopped by pid."""
-    args = [PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel,
-            "--log", box.path("server.log"), "--cache-dir", cache_dir]
-    if runtime:
-        args += ["-R", runtime]
-    proc = host.run(args, env=box.env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    pid = int(proc.stdout.strip())
+    srv = start_server(box, krel, runtime, cache=cache_dir, netns=host)
     try:
-        status = json.loads(host.run(["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout)
-        yield pid, status
+        yield srv.pid, srv.status
     finally:
-        stop_pid(pid)
+        srv.stop()
 
 
 def find(host, box, *args):
@@ -121,10 +116,8 @@ def test_client_without_servers_says_what_it_searched(network_factory, krel):  #
     net = network_factory(avahi=False)
     b = net.hosts[1]
     box = make_sandbox()
-    proc = b.run([PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel,
-                  "--advertise", "none", "--log", box.path("log")], env=box.env, timeout=60)
-    pid = int(proc.stdout)  # a server whose certificate makes the client database
-    stop_pid(pid)
+    # a server whose certificate makes the client database
+    start_server(box, krel, netns=b, advertise="none", log=box.path("log")).stop()
     proc = b.run([PYTHON, CLIENT, "stap-client", "-r", krel, "-p2", "-e", "probe begin {}"],
                  env=box.env, timeout=60)
     assert proc.returncode == 1
@@ -144,13 +137,9 @@ exec /usr/bin/stap "$@"
 
 
 def start_on(host, box, krel, *extra, env=None):
-    args = [PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel,
-            "--log", box.path(f"server-{time.monotonic_ns()}.log"), *extra]
-    proc = host.run(args, env={**box.env, **(env or {})}, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    pid = int(proc.stdout.strip())
-    status = json.loads(host.run(["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout)
-    return pid, status
+    srv = start_server(box, krel, None, *extra, env=env, netns=host,
+                       log=box.path(f"server-{time.monotonic_ns()}.log"))
+    return srv.pid, srv.status
 
 
 def hint_of(host, box, port):

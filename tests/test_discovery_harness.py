@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from netns import TestNetwork, avahi_skip_reason, skip_reason  # noqa: E402
 from shared import wait_until  # noqa: E402
@@ -40,10 +42,10 @@ discovery = load_discovery()
 ADVERTISE = SERVER_IMPORT + textwrap.dedent("""\
     import json, sys, time
     cfg = json.loads(sys.argv[1])
-    adv = server.Advertiser(server.Offer(cfg['port'], cfg['sysinfos'], cfg['version'],
-                                         cfg['certinfo'], cfg.get('optinfo', '')))
+    offer = server.Offer(cfg['port'], cfg['sysinfos'], cfg['version'], cfg['certinfo'],
+                         cfg.get('optinfo', ''))
     t = time.monotonic()
-    mode = adv.start()
+    mode, adv = client.first_answering(server.LINK_PUBLISHERS, lambda make: make(offer).start())
     print(json.dumps({'mode': mode, 'names': adv.names,
                       'seconds': time.monotonic() - t}), flush=True)
     sys.stdin.read()          # until the test closes our stdin
@@ -68,7 +70,7 @@ CERTINFO = "1a:2b:3c:4d"
 
 
 class Advertisement:
-    """An Advertiser running in a child process inside a host."""
+    """The first of LINK_PUBLISHERS that publishes, in a child process inside a host."""
 
     def __init__(self, host, port, sysinfos, version="4.8"):
         cfg = {"port": port, "sysinfos": sysinfos, "version": version,

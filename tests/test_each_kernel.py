@@ -8,6 +8,8 @@ import pytest
 import stap_client
 from stap_client import Error
 
+pytestmark = pytest.mark.integration
+
 SCRIPT = "probe begin { exit() }"
 
 

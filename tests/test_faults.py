@@ -13,8 +13,8 @@ import time
 import uuid
 import zipfile
 
-import conftest
 import pytest
+import shared
 from hardening_helpers import (
     NORMAL_SCRIPT,
     assert_serves,
@@ -31,6 +31,8 @@ from hardening_helpers import (
 )
 
 import stap_server
+
+pytestmark = pytest.mark.integration
 
 SLOW_SCRIPT = "probe begin { /* SLOWPROBE */ exit() }"
 
@@ -51,14 +53,14 @@ exec /usr/bin/stap "$@"
 @pytest.fixture
 def slow_stap(sandbox):
     """(stand-in path, mark); whatever it left running is killed after."""
-    conftest.need_root()
+    shared.need_root()
     mark = f"slowprobe-{uuid.uuid4().hex}"
     script = sandbox.path("stap-standin")
     with open(script, "w") as f:
         f.write(STAP_STANDIN.replace("{mark}", mark))
     os.chmod(script, 0o755)
     yield script, mark
-    conftest.stop_pid(*marked_pids(mark), timeout=0)  # SIGKILL what did not end at once
+    shared.stop_pid(*marked_pids(mark), timeout=0)  # SIGKILL what did not end at once
 
 
 def marked_pids(mark):
@@ -72,14 +74,14 @@ def marked_pids(mark):
                         found.append(int(name))
             except OSError:
                 continue
-    return [p for p in found if conftest.pid_alive(p)]
+    return [p for p in found if shared.pid_alive(p)]
 
 
 def wait_for_marked(mark, count=2, timeout=150):
     """The stand-in and its sleeping child, once both run (a request for a module first waits for
     the server's warm-up of the kernel's knowledge: the stand-in is a stap of its own)."""
-    return conftest.wait_until(lambda: len(marked_pids(mark)) >= count and marked_pids(mark),
-                               timeout, f"the stand-in stap never started ({mark})")
+    return shared.wait_until(lambda: len(marked_pids(mark)) >= count and marked_pids(mark),
+                             timeout, f"the stand-in stap never started ({mark})")
 
 
 def start_with_stap(servers, box, krel, stap, *extra):
@@ -100,7 +102,7 @@ def client_tmp(box):
 def forget_killed_server(box, srv):
     """A SIGKILLed server leaves its status file and request directory."""
     try:
-        os.unlink(conftest.status_file(box, srv.pid))
+        os.unlink(shared.status_file(box, srv.pid))
     except FileNotFoundError:
         pass
 
@@ -112,7 +114,7 @@ def forget_killed_server(box, srv):
 def run_client_killing(box, krel, srv_to_kill, mark, servers_args, env, pass_args=("-p2",)):
     """Start stap-client on a SLOWPROBE script, SIGKILL srv_to_kill once its
     compile runs, return the client's CompletedProcess-like result."""
-    argv = [conftest.PYTHON, conftest.CLIENT, "stap-client", *servers_args,
+    argv = [shared.PYTHON, shared.CLIENT, "stap-client", *servers_args,
             "-r", krel, *pass_args, "-e", SLOW_SCRIPT]
     proc = subprocess.Popen(argv, env={**box.env, **env}, cwd=box.top,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -121,7 +123,7 @@ def run_client_killing(box, krel, srv_to_kill, mark, servers_args, env, pass_arg
         os.kill(srv_to_kill.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
     finally:
-        conftest.stop_pid(proc, timeout=0)
+        shared.stop_pid(proc, timeout=0)
     return proc.returncode, out, err.decode(errors="replace")
 
 
@@ -142,7 +144,7 @@ def test_server_killed_client_fails_over(servers, sandbox, krel, slow_stap, stap
         or f"{first.address}: transfer failed" in err, err
     assert time.monotonic() - started < 40
     assert os.listdir(tmp) == [], "stap-client left temporary files"
-    assert not conftest.pid_alive(first.pid)
+    assert not shared.pid_alive(first.pid)
 
 
 def test_server_killed_single_server_exits_1(servers, sandbox, krel, slow_stap, staprun):
@@ -182,8 +184,8 @@ def test_compile_timeout_kills_the_process_group(servers, sandbox, krel, slow_st
     assert "stap-serverd: ERROR: the compile exceeded its wall-clock limit (2 s, " \
         "--compile-timeout)" in err, err
     assert took < 20
-    conftest.wait_until(lambda: not marked_pids(mark), 5,
-                        "the stand-in or its child (same process group) survived")
+    shared.wait_until(lambda: not marked_pids(mark), 5,
+                      "the stand-in or its child (same process group) survived")
     lines = request_lines(srv)
     assert "rc=1" in lines[-1], lines[-1]
     assert request_dirs(server_tmpdir(box)) == []
@@ -195,7 +197,7 @@ def test_compile_timeout_kills_the_process_group(servers, sandbox, krel, slow_st
 # --------------------------------------------------------------------------
 
 def test_full_disk_for_request_directory(servers, sandbox, krel):
-    conftest.need_root()
+    shared.need_root()
     box = sandbox
     small = box.path("small-tmp")
     os.makedirs(small)
@@ -230,7 +232,7 @@ def test_full_disk_for_request_directory(servers, sandbox, krel):
                        "-p2", "-e", NORMAL_SCRIPT, timeout=60)  # it retries till then
         assert proc.returncode == 1
         assert b"stap-client: ERROR: " in proc.stderr
-        assert conftest.pid_alive(srv.pid)
+        assert shared.pid_alive(srv.pid)
         os.unlink(filler)
         assert request_dirs(small) == []
         assert_serves(box, srv, krel)
@@ -243,62 +245,18 @@ def test_full_disk_for_request_directory(servers, sandbox, krel):
 # Hostile replies from a fake server the client trusts
 # --------------------------------------------------------------------------
 
-FAKE_SERVER = r"""
-import socket, sys
-sys.path.insert(0, sys.argv[3])
-import stap_client
-nss, ssl, nio, nerror = stap_client.nss_modules()
-db = stap_client.CertDB(sys.argv[1])
-nss.nss_init(db.spec)
-ssl.set_domestic_policy()
-ssl.config_server_session_id_cache()  # without it NSS dies of SIGFPE
-with open(db.path + "/" + stap_client.SERVER_CERT_FILE, "rb") as f:
-    der = f.read()
-cert = nss.find_cert_from_nickname(stap_client.SERVER_NICKNAME)
-assert bytes(cert.der_data) == der
-key = nss.find_key_by_any_cert(cert)
-with open(sys.argv[2], "rb") as f:
-    reply = f.read()
-listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
-listener.listen(4)
-listener.settimeout(30)
-print(listener.getsockname()[1], flush=True)
-conn, _ = listener.accept()
-sock = ssl.SSLSocket.import_tcp_socket(conn.detach())
-sock.set_ssl_option(ssl.SSL_SECURITY, True)
-sock.set_ssl_option(ssl.SSL_HANDSHAKE_AS_SERVER, True)
-sock.set_ssl_version_range("tls1.2", "tls1.3")
-sock.config_secure_server(cert, key, cert.find_kea_type())
-sock.reset_handshake(True)
-sock.force_handshake_timeout(stap_client.nss_interval(10))
-head = b""
-while len(head) < 4:
-    head += sock.recv(4 - len(head), stap_client.nss_interval(10))
-size, got = int.from_bytes(head, "big", signed=True), 0
-while got < size:
-    got += len(sock.recv(min(65536, size - got), stap_client.nss_interval(10)))
-print("request", size, flush=True)
-sock.sendall(reply, stap_client.nss_interval(10))
-sock.shutdown(nio.PR_SHUTDOWN_BOTH)
-sock.close()
-"""
-
-
 class FakeServer:
     """A TLS server (python-nss, in its own process: NSS state is per
     process) with the sandbox's server key, answering one request with
     fixed reply bytes."""
 
     def __init__(self, box, reply):
-        tag = uuid.uuid4().hex[:6]
-        script, reply_file = box.path(f"fake-{tag}.py"), box.path(f"reply-{tag}.zip")
-        with open(script, "w") as f:
-            f.write(FAKE_SERVER)
+        reply_file = box.path(f"reply-{uuid.uuid4().hex[:6]}.zip")
         with open(reply_file, "wb") as f:
             f.write(reply)
         self.proc = subprocess.Popen(
-            [conftest.PYTHON, script, server_db(box).path, reply_file, conftest.ROOT],
+            [shared.PYTHON, shared.program("fake_server"), server_db(box).path, reply_file,
+             shared.ROOT],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=box.env)
         line = self.proc.stdout.readline()
         assert line.strip().isdigit(), self.proc.stderr.read().decode(errors="replace")
@@ -309,7 +267,7 @@ class FakeServer:
         try:
             out, _err = self.proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            conftest.stop_pid(self.proc, timeout=0)
+            shared.stop_pid(self.proc, timeout=0)
             out, _err = self.proc.communicate()
         self.requests = out.count(b"request ")
 
@@ -325,24 +283,12 @@ def trusted_box(sandbox):
     return sandbox
 
 
-SIGN = """
-import sys
-sys.path.insert(0, sys.argv[1])
-import stap_client, stap_server
-rc, stderr, module = eval(sys.stdin.read())
-db = stap_client.CertDB(sys.argv[2])
-stap_client.open_databases([db])
-key = stap_server.ServerKey(stap_server.newest_certificate(db))
-sys.stdout.buffer.write(stap_server.signed_reply(key, stap_client.Reply(
-    rc, b"", stderr, "4.8", module and ("stap_fake.ko", module))))
-"""
-
-
 def signed_reply(box, rc=0, module=b"\x7fELF fake module", stderr=b""):
     """A reply signed by box's server key, in a process of its own: one NSS
     holding several sandboxes' databases may take two certificates made in
     the same half second (the same issuer and time-based serial) for one."""
-    proc = subprocess.run([conftest.PYTHON, "-c", SIGN, conftest.ROOT, server_db(box).path],
+    proc = subprocess.run([shared.PYTHON, shared.program("sign_reply"), shared.ROOT,
+                           server_db(box).path],
                           input=repr((rc, stderr, module)).encode(), capture_output=True,
                           timeout=60, check=True)
     return proc.stdout
@@ -389,7 +335,7 @@ def flip_last_byte(data):
 
 def foreign_key(box):
     """Signed, with its own certificate, by a server the client never trusted."""
-    other = conftest.make_sandbox()
+    other = shared.make_sandbox()
     with pytest.MonkeyPatch.context() as mp:
         for k in ("STAP_SYSCONFDIR", "SYSTEMTAP_DIR", "HOME"):
             mp.setenv(k, other.env[k])

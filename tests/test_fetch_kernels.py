@@ -4,18 +4,35 @@ download fetched from the host's archive and dpkg-deb unpacked into its kernel c
 files are kept across runs in DEBS (as the debootstrap tarball of test_packaging is), so a warm
 run downloads nothing; the kernel cache itself is new in every test."""
 
+import contextlib
+import json
 import os
 import pwd
 import re
 import shutil
 import subprocess
+import tempfile
 
 import pytest
-from conftest import PYTHON, SHARED, TEST_USER
-from shared import read_text, without_progress
+from hardening_helpers import small_tmpfs
+from netns import network_factory  # noqa: F401  (a fixture)
+from shared import (
+    CLIENT,
+    PYTHON,
+    SERVER,
+    SHARED,
+    TEST_USER,
+    read_text,
+    status_file,
+    stop_pid,
+    wait_until,
+    without_progress,
+)
 
 import stap_client
 import stap_server
+
+pytestmark = pytest.mark.integration
 
 DEBS = "/var/cache/stap-compile-server-tests/debs"
 # Releases the archive offers that are (normally) not installed: a generic and a cloud flavour.
@@ -54,13 +71,27 @@ def kernel_cache(user_sandbox):
     """A new kernel cache of the test account, its download cache seeded from DEBS; new
     downloads go back to DEBS afterwards."""
     path = user_sandbox.path("kernels")
+    yield seed_kernel_cache(path)
+    keep_downloads(path)
+
+
+def seed_kernel_cache(path, only=None):
+    """path, a kernel cache of the test account whose download cache holds the files of DEBS (only:
+    those of these names)."""
     debs = os.path.join(path, "debs")
     os.makedirs(DEBS, 0o755, exist_ok=True)
-    shutil.copytree(DEBS, debs)
+    skip = shutil.ignore_patterns("*-dbg_*")  # 282 MB: see dbg_deb
+    shutil.copytree(DEBS, debs, dirs_exist_ok=True, ignore=skip if only is None else (
+        lambda top, names: [n for n in names if n not in only]))
     pw = pwd.getpwnam(TEST_USER)
     for d in (path, debs, *(os.path.join(debs, n) for n in os.listdir(debs))):
         os.chown(d, pw.pw_uid, pw.pw_gid)
-    yield path
+    return path
+
+
+def keep_downloads(path):
+    """Copy the new downloads of the kernel cache at path to DEBS."""
+    debs = os.path.join(path, "debs")
     for name in os.listdir(debs):
         if name.endswith(".deb") and not os.path.exists(os.path.join(DEBS, name)):
             shutil.copyfile(os.path.join(debs, name), os.path.join(DEBS, name))
@@ -120,26 +151,67 @@ def test_pass_4_for_a_release_not_installed(releases, servers, user_sandbox, kre
     assert sorted(os.listdir(os.path.join(kernel_cache, "trees"))) == [release]
 
 
-def test_the_real_client_gets_a_module_for_a_fetched_release(releases, servers, user_sandbox,
-                                                             krel, kernel_cache,
-                                                             user_compile_cache, tmp_path):
+def test_the_real_client_finds_a_fetching_server_by_discovery(releases, network_factory,  # noqa: F811
+                                                              user_sandbox, kernel_cache,
+                                                              user_compile_cache, tmp_path):
+    """In a network namespace with its own avahi: a fetching server of the test account, started
+    without -r, advertises the bare architecture; the real 4.8 `stap --use-server` (no address)
+    takes it as serving any release and gets a module for one the server has not installed, as
+    `--use-server=HOST:PORT` does; stap-find-servers says the server fetches kernels, and
+    stap-find-or-start-server finds it for any release."""
     stap = shutil.which("stap")
     if not stap:
         pytest.skip("stap is not installed")
+    host = network_factory(avahi=True, single=True).hosts[0]
     release = releases[0]
-    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache)
-    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
-           "SYSTEMTAP_DIR": str(tmp_path / ".systemtap")}
-    trust = subprocess.run([stap, "--trust-servers=ssl,no-prompt", f"--use-server={srv.address}"],
-                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert trust.returncode == 0, trust.stderr
-    proc = subprocess.run([stap, f"--use-server={srv.address}", "-r", release, "-p4", "-m",
-                           "real_fetched", "-e", "probe begin { exit() }"], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    as_user = ["setpriv", f"--reuid={TEST_USER}", f"--regid={TEST_USER}", "--clear-groups"]
+    proc = host.run([*as_user, PYTHON, SERVER, "stap-start-server", "--listen", "::",
+                     "--fetch-kernels", "--kernel-cache", kernel_cache, "--cache-dir",
+                     user_compile_cache, "--log", user_sandbox.path("server.log"), "--advertise",
+                     "avahi"],
+                    env=user_sandbox.env, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    vermagic = subprocess.run(["modinfo", "-F", "vermagic", str(tmp_path / "real_fetched.ko")],
-                              capture_output=True, text=True).stdout
-    assert vermagic.split()[0] == release, vermagic
+    pid = int(proc.stdout)
+    try:
+        with open(status_file(user_sandbox, pid)) as f:
+            port = json.load(f)["port"]
+        env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+               "SYSTEMTAP_DIR": str(tmp_path / ".systemtap")}
+
+        def real(*args, timeout=60):
+            return host.run(["sh", "-c", 'cd "$0" && exec "$@"', str(tmp_path), stap, *args],
+                            env=env, timeout=timeout)
+
+        trust = real("--trust-servers=ssl,no-prompt", f"--use-server=127.0.0.1:{port}")
+        assert trust.returncode == 0, trust.stderr
+
+        def listed():  # avahi takes its time on a loaded machine
+            proc = real("--list-servers=online,trusted")
+            return f"port={port}" in proc.stdout + proc.stderr
+
+        wait_until(listed, 60, "the real client never saw the fetching server advertised",
+                   interval=1)
+        ko = tmp_path / "found_fetching.ko"
+        for server in ("--use-server", f"--use-server=127.0.0.1:{port}"):  # the second: a hit
+            proc = real(server, "-r", release, "-p4", "-m", "found_fetching", "-e",
+                        "probe begin { exit() }", timeout=900)
+            assert proc.returncode == 0, proc.stderr
+            vermagic = subprocess.run(["modinfo", "-F", "vermagic", str(ko)],
+                                      capture_output=True, text=True).stdout
+            assert vermagic.split()[0] == release, vermagic
+            ko.unlink()
+        found = host.run([*as_user, PYTHON, CLIENT, "stap-find-servers"], env=user_sandbox.env,
+                         timeout=60)
+        mine = [l for l in found.stdout.splitlines() if f" {port} " in l]
+        assert [l for l in mine if "'sysinfo=x86_64'" in l and "'kernels=fetched'" in l], found
+        # and stap-find-or-start-server takes it as serving a release nobody has installed
+        proc = host.run([*as_user, PYTHON, SERVER, "stap-find-or-start-server", "-r",
+                         "6.1.0-9999-amd64", "--fetch-kernels"], env=user_sandbox.env, timeout=60)
+        if proc.stdout.strip() not in ("0", "-1"):
+            stop_pid(int(proc.stdout))
+        assert proc.stdout.strip() == "0" and proc.returncode == 0, proc.stderr
+    finally:
+        stop_pid(pid)
 
 
 def test_two_clients_at_once_cause_one_fetch(releases, servers, user_sandbox, krel,
@@ -161,6 +233,123 @@ def test_two_clients_at_once_cause_one_fetch(releases, servers, user_sandbox, kr
 def as_test_user():
     pw = pwd.getpwnam(TEST_USER)
     return dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+
+
+def dbg_deb(release):
+    """The release's -dbg package in DEBS, downloaded (as root, checked) the first time."""
+    package = stap_server.apt_package(f"linux-image-{release}-dbg")
+    if package is None:
+        pytest.skip(f"the archive has no linux-image-{release}-dbg")
+    path = os.path.join(DEBS, package.filename)
+    if not os.path.exists(path):
+        work = tempfile.mkdtemp(dir=DEBS)
+        try:
+            subprocess.run(["apt-get", "download", "-q", f"{package.name}={package.version}"],
+                           cwd=work, check=True, capture_output=True, timeout=900)
+            os.rename(os.path.join(work, package.filename), path)
+        finally:
+            shutil.rmtree(work)
+    assert stap_server.file_sha256(path) == package.sha256
+    return path
+
+
+def seed_download(kernel_cache, deb):
+    """What the server would download, linked into its download cache (it deletes a -dbg .deb
+    once the files are out)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(kernel_cache, "debs", os.path.basename(deb)))
+    os.link(deb, os.path.join(kernel_cache, "debs", os.path.basename(deb)))
+
+
+def dbg_lines(srv, release, what):
+    return [l for l in read_text(srv.log).splitlines()
+            if re.search(f"kernel cache: fetched {what} of {re.escape(release)} "
+                         rf"\(linux-image-{re.escape(release)}-dbg ", l)]
+
+
+def test_the_dbg_package_when_a_script_needs_it(releases, servers, user_sandbox, krel,
+                                                kernel_cache, user_compile_cache):
+    """A kprobe needs the symbol table only (System.map, not the 600 MB vmlinux); a DWARF probe
+    the debuginfo, fetched once for the release.  (A kernel.trace probe needs neither; its first
+    query takes minutes on a loaded machine, so it is not tried here.)"""
+    release = next((r for r in releases if "-cloud-" in r), None)
+    if release is None:
+        pytest.skip(f"no cloud-flavour release among {', '.join(releases)}")
+    deb = dbg_deb(release)
+    seed_download(kernel_cache, deb)
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache)
+    proc = client(user_sandbox, srv, "-r", release, "-p2", "-e",
+                  'probe kprobe.function("vfs_read") { println(1) }', timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(dbg_lines(srv, release, "the symbol table")) == 1
+    assert os.path.isfile(os.path.join(kernel_cache, "symbols", release, f"System.map-{release}"))
+    assert os.listdir(os.path.join(kernel_cache, "debuginfo")) == []
+    assert os.listdir(os.path.join(kernel_cache, "debs")).count(os.path.basename(deb)) == 0
+
+    work = user_sandbox.path("work")
+    os.makedirs(work)
+    os.chown(work, *pwd.getpwnam(TEST_USER)[2:4])
+    seed_download(kernel_cache, deb)
+    proc = client(user_sandbox, srv, "-r", release, "-p4", "-m", "count", "-e",
+                  'probe kernel.function("vfs_read") { println($count) }', cwd=work,
+                  timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert os.path.isfile(os.path.join(work, "count.ko"))
+    assert len(dbg_lines(srv, release, "the debuginfo")) == 1
+    proc = client(user_sandbox, srv, "-r", release, "-p2", "-e",
+                  'probe kernel.function("vfs_write") { println($count) }', timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(dbg_lines(srv, release, ".+")) == 2, read_text(srv.log)
+
+
+def test_a_dbg_package_that_cannot_be_downloaded_is_one_line_after_stap(
+        releases, servers, user_sandbox, krel, kernel_cache, user_compile_cache):
+    """The headers come from the download cache, the -dbg package through a proxy on a closed
+    port: the reply is stap's own failure and one line why, and nothing is kept."""
+    release = releases[0]
+    srv = fetching_server(servers, user_sandbox, krel, kernel_cache, user_compile_cache,
+                          env={"http_proxy": "http://127.0.0.1:9", "https_proxy":
+                               "http://127.0.0.1:9"})
+    proc = client(user_sandbox, srv, "-r", release, "-p2", "-e",
+                  'probe kprobe.function("vfs_read") { println(1) }', timeout=600)
+    err = without_progress(proc.stderr.decode())
+    assert proc.returncode == 1
+    assert "semantic error: no match" in err
+    assert re.search(rf"^stap-serverd: ERROR: cannot fetch the symbol table of {release}: "
+                     rf"cannot download linux-image-{release}-dbg \S+ from the archive: E: .*"
+                     r"127\.0\.0\.1", err.strip().splitlines()[-1]), err
+    assert os.listdir(os.path.join(kernel_cache, "symbols")) == []
+    assert not [n for n in os.listdir(os.path.join(kernel_cache, "debs")) if "-dbg_" in n]
+
+
+def test_each_kernel_over_two_fetched_releases_and_one_the_archive_lacks(
+        releases, servers, user_sandbox, kernel_cache, user_compile_cache):
+    """A fetching server needs no installed kernel: started without -r (on a host whose running
+    kernel may have no headers), it says it serves releases on demand.  --each-kernel -p4 through
+    it: one line per release in the order given, the missing one says the archive has no such
+    kernel, the exit status is 1, and the two good modules are kept, each for its own release."""
+    missing = "6.1.0-9999-amd64"
+    srv = fetching_server(servers, user_sandbox, None, kernel_cache, user_compile_cache)
+    running = os.uname().release
+    assert srv.status["releases"] == (
+        [running] if os.path.isdir(f"/lib/modules/{running}/build") else [])
+    assert "serving kernels fetched on demand" in read_text(srv.log)
+    work = user_sandbox.path("work")
+    os.makedirs(work)
+    os.chown(work, *pwd.getpwnam(TEST_USER)[2:4])
+    proc = client(user_sandbox, srv, "-p4", "-m", "each", f"--each-kernel={releases[0]},"
+                  f"{missing},{releases[1]}", "-e", "probe begin { exit() }", cwd=work,
+                  timeout=900)
+    lines = proc.stdout.decode().splitlines()
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert lines == [f"{releases[0]} ok", f"{missing} error: the archive has no kernel {missing} "
+                     f"(no package linux-headers-{missing})", f"{releases[1]} ok"], lines
+    for release in releases:
+        vermagic = subprocess.run(["modinfo", "-F", "vermagic",
+                                   os.path.join(work, f"each-{release}.ko")],
+                                  capture_output=True, text=True).stdout
+        assert vermagic.split()[0] == release, vermagic
+    assert sorted(os.listdir(work)) == sorted(f"each-{r}.ko" for r in releases)
 
 
 def test_an_unknown_release_is_one_line(servers, user_sandbox, krel, kernel_cache,
@@ -212,6 +401,62 @@ def test_an_unreachable_archive_is_one_line(releases, servers, user_sandbox, kre
     assert len(without_progress(err).strip().splitlines()) == 1, err
     assert os.listdir(os.path.join(cache, "trees")) == []
     assert os.listdir(os.path.join(cache, "debs")) == []
+
+
+def test_a_full_kernel_cache_disk_is_one_line_and_not_remembered(releases, servers,
+                                                                  user_sandbox, krel,
+                                                                  user_compile_cache):
+    """The kernel cache's disk has room for the downloads but not for the unpacked tree: one line
+    naming the cause, no half tree, the checked downloads kept; once space is freed the next
+    request builds (a full disk is not a failed fetch to remember)."""
+    release = releases[0]
+    with small_tmpfs(user_sandbox.path("full-kernels"), size="128m") as cache:
+        seed_kernel_cache(cache, [p.filename for p in stap_server.kernel_packages(release)])
+        filler = os.path.join(cache, "filler")
+        with open(filler, "wb") as f:  # leaves room for the downloads, if not seeded, and a bit
+            free = os.statvfs(cache)
+            f.write(b"\0" * max(0, free.f_bavail * free.f_frsize - (24 << 20)))
+        srv = fetching_server(servers, user_sandbox, krel, cache, user_compile_cache)
+        proc = client(user_sandbox, srv, "-r", release, "-p2", "-e", "probe begin { exit() }",
+                      timeout=600)
+        err = without_progress(proc.stderr.decode())
+        assert proc.returncode == 1, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert re.fullmatch(rf"stap-serverd: ERROR: cannot unpack the kernel {release}: the "
+                            rf"kernel cache {cache} is full \(No space left on device\)\n",
+                            err), err
+        assert os.listdir(os.path.join(cache, "trees")) == []
+        debs = os.listdir(os.path.join(cache, "debs"))
+        assert all(stap_server.file_sha256(os.path.join(cache, "debs", p.filename)) == p.sha256
+                   for p in stap_server.kernel_packages(release)), debs
+        keep_downloads(cache)
+        os.unlink(filler)
+        proc = client(user_sandbox, srv, "-r", release, "-p2", "-e", "probe begin { exit() }",
+                      timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert os.listdir(os.path.join(cache, "trees")) == [release]
+        srv.stop()  # before the tmpfs goes
+
+
+def test_a_download_into_a_full_kernel_cache_is_one_line(releases, servers, user_sandbox, krel,
+                                                         user_compile_cache):
+    """A kernel cache with room for the small headers package but not for its -common twin (a real
+    download, 10 MB, that apt cannot write): one line naming the package and the full cache, the
+    checked headers package kept, no partial file and no temporary directory left."""
+    release = releases[0]
+    with small_tmpfs(user_sandbox.path("tiny-kernels"), size="6m") as cache:
+        os.chown(cache, *pwd.getpwnam(TEST_USER)[2:4])
+        srv = fetching_server(servers, user_sandbox, krel, cache, user_compile_cache)
+        proc = client(user_sandbox, srv, "-r", release, "-p2", "-e", "probe begin { exit() }",
+                      timeout=600)
+        err = without_progress(proc.stderr.decode())
+        assert proc.returncode == 1, err
+        headers, common = stap_server.kernel_packages(release)[:2]
+        assert err == (f"stap-serverd: ERROR: cannot download {common.name} {common.version}: "
+                       f"the kernel cache {cache} is full (No space left on device)\n"), err
+        assert os.listdir(os.path.join(cache, "debs")) == [headers.filename]
+        assert os.listdir(os.path.join(cache, "trees")) == []
+        srv.stop()  # before the tmpfs goes
 
 
 def test_the_cache_bound_evicts_kernels_no_compile_uses(releases, servers, user_sandbox, krel,

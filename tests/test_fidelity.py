@@ -7,8 +7,11 @@ to send, refused locale values told to the client, and the log's
 
 import subprocess
 
-import conftest
+import pytest
+import shared
 from hardening_helpers import base_entries, frame, parse_reply, raw_exchange, zip_bytes
+
+pytestmark = pytest.mark.integration
 
 
 def client(box, srv, *args, timeout=120):
@@ -66,7 +69,7 @@ def test_refused_locale_values_are_told_to_the_client(server, sandbox, krel):
 
 def test_concurrent_compiles_are_logged_as_the_real_server_does(servers, sandbox, krel):
     srv = servers.start(sandbox, krel, None, "--max-threads", "2")
-    procs = [subprocess.Popen([conftest.PYTHON, conftest.CLIENT, "stap-client",
+    procs = [subprocess.Popen([shared.PYTHON, shared.CLIENT, "stap-client",
                                f"--server={srv.address}", "-r", krel, "-p2", "-e",
                                f'probe begin {{ printf("{n}") exit() }}'],
                               env=sandbox.env, stdout=subprocess.DEVNULL,

@@ -1,22 +1,22 @@
 """What a user and an administrator meet in a first hour (issue 23), against real servers (the
 staprun stand-in for pass 5)."""
 
-import json
 import os
 import re
 import time
 import uuid
 
-import conftest
 import pytest
-from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid
+import shared
 from hardening_helpers import small_tmpfs, stand_in_stap, wait_request_lines
 from netns import network_factory  # noqa: F401  (a fixture)
+from shared import CLIENT, PYTHON, make_sandbox, start_server, stop_pid
 
 import stap_client
 
 SCRIPT = "probe begin { exit() }"
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts a small tmpfs")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts a small tmpfs")]
 
 
 # --------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def test_a_second_start_on_a_busy_port_is_logged_with_its_time(servers, sandbox,
 def test_a_full_tmpdir_is_named_in_the_log(servers, sandbox, krel, runtime):
     """The real stap -p4 runs out of room in --tmpdir: the client sees the compiler's words,
     the log line says why the compile failed (it said rc=1 alone)."""
-    conftest.need_root()
+    shared.need_root()
     with small_tmpfs(sandbox.path("small-tmp"), "640k") as small:
         srv = servers.start(sandbox, krel, runtime, "--tmpdir", small)
         script = f'probe begin {{ printf("{uuid.uuid4().hex}\\n") exit() }}'  # not in a cache
@@ -237,12 +237,8 @@ def test_progress_off_a_terminal_says_what_it_waits_for(servers, sandbox, krel):
 
 def start_on(host, box, krel):
     """A real server inside host, advertised on its link: (pid, status)."""
-    proc = host.run([PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel,
-                     "--log", box.path(f"server-{time.monotonic_ns()}.log")], env=box.env,
-                    timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    pid = int(proc.stdout.strip())
-    return pid, json.loads(host.run(["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout)
+    srv = start_server(box, krel, netns=host, log=box.path(f"server-{time.monotonic_ns()}.log"))
+    return srv.pid, srv.status
 
 
 def find_until(host, box, wanted, *args, bound=10):

@@ -2,14 +2,15 @@
 on one bridge, TestNetwork(hosts=N)), and a client host that finds them by
 multicast DNS and spreads distinct compiles over them."""
 
-import json
 import os
 import re
 import subprocess
 
 import pytest
-from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
 from netns import BRIDGED_SUBNET, TestNetwork, network_factory, skip_reason  # noqa: F401
+from shared import CLIENT, PYTHON, make_sandbox, program, start_server, stop_pid, wait_until
+
+pytestmark = pytest.mark.integration
 
 
 def test_bridged_hosts_share_one_link_and_leave_nothing_behind():
@@ -27,23 +28,11 @@ def test_bridged_hosts_share_one_link_and_leave_nothing_behind():
         ports = net.switch.run(["ip", "-br", "link", "show", "master", "br0"]).stdout
         assert sorted(re.findall(r"^(port-\w)@", ports, re.M)) == ["port-a", "port-b", "port-c"]
         # A datagram to the mDNS group from C reaches A and B.
-        listen = ("import socket, struct, sys\n"
-                  "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                  "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-                  "s.bind(('224.0.0.251', 5353))\n"
-                  "s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, struct.pack("
-                  "'4s4s', socket.inet_aton('224.0.0.251'), socket.inet_aton(sys.argv[1])))\n"
-                  "print('joined', flush=True)\n"
-                  "s.settimeout(10)\n"
-                  "print(s.recvfrom(100)[1][0], flush=True)\n")
-        receivers = [h.popen([PYTHON, "-c", listen, h.address], stdout=subprocess.PIPE,
+        receivers = [h.popen([PYTHON, program("mdns_listen"), h.address], stdout=subprocess.PIPE,
                              text=True) for h in (a, b)]
         for r in receivers:
             assert r.stdout.readline().strip() == "joined"
-        send = ("import socket\n"
-                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                "s.sendto(b'hello', ('224.0.0.251', 5353))\n")
-        assert c.run([PYTHON, "-c", send]).returncode == 0
+        assert c.run([PYTHON, program("mdns_send")]).returncode == 0
         assert [r.communicate(timeout=15)[0].strip() for r in receivers] == [c.address] * 2
         names = [h.netns for h in net.hosts + [net.switch]]
         holders = [h.holder.pid for h in net.hosts]
@@ -52,17 +41,12 @@ def test_bridged_hosts_share_one_link_and_leave_nothing_behind():
     assert not any(os.path.exists(f"/proc/{pid}") for pid in holders)
 
 
-def start_server(host, box, krel, cache_dir):
+def start_on(host, box, krel, cache_dir):
     """Our server on host (all its addresses, multicast DNS, one compile
     slot): (pid, status)."""
-    args = [PYTHON, SERVER, "stap-start-server", "--listen", "::", "--advertise", "mdns",
-            "--max-threads", "1", "-r", krel, "--log", box.path(f"{host.hostname}.log"),
-            "--cache-dir", cache_dir]
-    proc = host.run(args, env=box.env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    pid = int(proc.stdout.strip())
-    status = json.loads(host.run(["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout)
-    return pid, status
+    srv = start_server(box, krel, None, "--max-threads", "1", cache=cache_dir, netns=host,
+                       advertise="mdns", log=box.path(f"{host.hostname}.log"))
+    return srv.pid, srv.status
 
 
 def test_compiles_by_discovery_spread_over_servers_on_two_hosts(network_factory,  # noqa: F811
@@ -73,7 +57,7 @@ def test_compiles_by_discovery_spread_over_servers_on_two_hosts(network_factory,
     servers = []
     try:
         for host in (a, b):  # one after the other: the first makes the shared certificate
-            servers.append((host, *start_server(host, box, krel, cache_dir)))
+            servers.append((host, *start_on(host, box, krel, cache_dir)))
         last = []
 
         def both_listed():

@@ -1,6 +1,7 @@
-"""`make install` and `make uninstall` into a DESTDIR: every command runs
-from the installed tree, SYSCONFDIR is rewritten, the manual pages are
-there, and uninstall removes everything install made."""
+"""`make install` and `make uninstall` into a DESTDIR: every command is a
+link to the one launcher and runs from the installed tree, importing its
+module's byte code; SYSCONFDIR is rewritten, the manual pages are there,
+and uninstall removes everything install made."""
 
 import os
 import re
@@ -9,6 +10,8 @@ import subprocess
 import tempfile
 
 import pytest
+
+pytestmark = pytest.mark.integration
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -86,15 +89,26 @@ def test_install_layout(installed):
             assert f.readline() == "#!/usr/bin/python3\n"
     for m in ("stap_client", "stap_server"):  # byte code, which the launchers use
         assert any(n.startswith(f"{m}.cpython-") for n in files_in(dest, PKGLIB, "__pycache__"))
+    launcher = os.path.join(dest, PKGLIB, "launcher")
+    assert os.stat(launcher).st_mode & 0o777 == 0o755
+    with open(launcher) as f:
+        assert f.readline() == "#!/usr/bin/python3\n"
     for c in CLIENT_COMMANDS + SERVER_COMMANDS:
-        launcher = os.path.join(dest, "usr/bin", c)
-        module = "stap_client" if c in CLIENT_COMMANDS else "stap_server"
-        assert os.stat(launcher).st_mode & 0o777 == 0o755
-        with open(launcher) as f:
-            text = f.read()
-        assert text.startswith("#!/usr/bin/python3\n"), text
         # Relative, so the tree works wherever DESTDIR puts it.
-        assert "'../lib/stap-server'" in text and f"from {module} import main" in text, text
+        assert os.readlink(os.path.join(dest, "usr/bin", c)) == "../lib/stap-server/launcher", c
+    assert set(os.listdir(os.path.join(dest, "usr/bin"))) == set(CLIENT_COMMANDS + SERVER_COMMANDS)
+
+
+def test_every_command_installed():
+    """The modules' commands are what make install links (a new command is not forgotten)."""
+    proc = subprocess.run(
+        ["/usr/bin/python3", "-c", "import stap_client as c, stap_server as s; "
+         "print(*c.COMMANDS); print(*s.COMMANDS)"],
+        cwd=ROOT, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True,
+        text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    client, server = (line.split() for line in proc.stdout.splitlines())
+    assert (sorted(client), sorted(server)) == (sorted(CLIENT_COMMANDS), sorted(SERVER_COMMANDS))
 
 
 def files_in(*parts):
@@ -151,6 +165,75 @@ def test_find_servers_from_install(installed):
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command,module", [("stap-client", "stap_client"),
+                                            ("stap-serverd", "stap_server")])
+def test_command_imports_byte_code(installed, command, module):
+    """Each command runs its module from the byte code make install wrote, and a client command
+    imports no server code."""
+    dest, _, tmp = installed
+    proc = subprocess.run([os.path.join(dest, "usr/bin", command), "--help"], cwd=tmp,
+                          env={**clean_env(tmp), "PYTHONVERBOSE": "1"}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cache = os.path.join(dest, PKGLIB, "__pycache__")
+    loaded = [os.path.realpath(p) for p in re.findall(r"^# code object from '(\S+\.pyc)'$",
+                                                      proc.stderr, re.M)]
+    assert any(os.path.dirname(p) == cache and os.path.basename(p).startswith(f"{module}.")
+               for p in loaded), loaded
+    assert ("import 'stap_server'" in proc.stderr) == (module == "stap_server"), proc.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["stap-client", "--help"]])
+def test_unknown_name_fails_in_one_line(installed, args):
+    """A link to the launcher under a name that is no command: one line naming the commands,
+    whatever its arguments."""
+    dest, _, tmp = installed
+    link = os.path.join(tmp, "stap-nonesuch")
+    os.symlink(os.path.join(dest, PKGLIB, "launcher"), link)
+    try:
+        proc = subprocess.run([link, *args], cwd=tmp, env=clean_env(tmp), capture_output=True,
+                              text=True, timeout=60)
+    finally:
+        os.unlink(link)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr == ("stap-nonesuch: ERROR: not a command of the stap-server utilities; "
+                           f"they are: {', '.join(sorted(CLIENT_COMMANDS + SERVER_COMMANDS))}\n")
+
+
+def test_launcher_by_its_own_name(installed):
+    """Run by its own name, the launcher takes the command from its first argument, as the
+    modules do (the benchmarks run it so)."""
+    dest, _, tmp = installed
+    proc = subprocess.run(["/usr/bin/python3", os.path.join(dest, PKGLIB, "launcher"),
+                           "stap-stop-server"], cwd=tmp, env=clean_env(tmp), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "usage: stap-stop-server PID" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_client_without_server_module(installed):
+    """What the client package installs (no stap_server.py) runs on its own."""
+    dest, _, tmp = installed
+    top = os.path.join(tmp, "client-only")
+    shutil.copytree(dest, top, symlinks=True)
+    try:
+        lib = os.path.join(top, PKGLIB)
+        os.unlink(os.path.join(lib, "stap_server.py"))
+        for name in files_in(lib, "__pycache__"):
+            if name.startswith("stap_server."):
+                os.unlink(os.path.join(lib, "__pycache__", name))
+        proc = run_installed((top, None, tmp), "stap-add-server-cert")
+        assert proc.returncode == 1
+        assert "usage: stap-add-server-cert" in proc.stderr and "Traceback" not in proc.stderr
+        proc = run_installed((top, None, tmp), "stap-serverd", "--help")
+        assert proc.returncode == 1
+        assert proc.stderr == ("stap-serverd: ERROR: not a command of the stap-server utilities; "
+                               f"they are: {', '.join(sorted(CLIENT_COMMANDS))}\n")
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_manpages_installed(installed):

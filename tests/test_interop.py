@@ -16,8 +16,18 @@ import time
 import zipfile
 
 import pytest
-from conftest import CLIENT, PYTHON, make_sandbox, need_root, start_server, stop_pid, wait_until
-from shared import complete_der
+from shared import (
+    CLIENT,
+    PYTHON,
+    complete_der,
+    make_sandbox,
+    need_root,
+    start_server,
+    stop_pid,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
 
 STAP = shutil.which("stap") or "/usr/bin/stap"
 REAL_SERVERD = "/usr/lib/systemtap/stap-serverd"

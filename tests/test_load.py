@@ -12,8 +12,8 @@ import subprocess
 import threading
 import time
 
-import conftest
 import pytest
+import shared
 from hardening_helpers import (
     assert_serves,
     request_dirs,
@@ -21,6 +21,8 @@ from hardening_helpers import (
     server_tmpdir,
     stand_in_stap,
 )
+
+pytestmark = pytest.mark.integration
 
 CLIENTS = 30
 THREADS = 2
@@ -67,7 +69,7 @@ def test_many_clients_at_once(servers, sandbox, krel):
     for n in range(CLIENTS):
         # Distinct scripts: every request is a real compile, not a cache hit.
         script = f'probe begin {{ printf("client {n}\\n"); exit() }}'
-        argv = [conftest.PYTHON, conftest.CLIENT, "stap-client", f"--server={srv.address}",
+        argv = [shared.PYTHON, shared.CLIENT, "stap-client", f"--server={srv.address}",
                 "-r", krel, "-p2", "-e", script]
         procs.append((n, time.monotonic(), subprocess.Popen(
             argv, env={**box.env, "TMPDIR": client_tmp}, cwd=box.top,
@@ -78,7 +80,7 @@ def test_many_clients_at_once(servers, sandbox, krel):
         try:
             out, err = proc.communicate(timeout=left)
         except subprocess.TimeoutExpired:
-            conftest.stop_pid(*(p for _, _, p in procs))
+            shared.stop_pid(*(p for _, _, p in procs))
             raise AssertionError(f"client {n} hung (no answer within {WALL_LIMIT} s)") from None
         results.append((n, proc.returncode, out, err, time.monotonic() - t0))
     wall = time.monotonic() - started
@@ -96,8 +98,8 @@ def test_many_clients_at_once(servers, sandbox, krel):
                                    for n, rc, out, err, _ in failures)
     assert sampler.peak - rss_before < RSS_GROWTH_LIMIT_KB
     assert not [l for l in request_lines(srv) if re.search(r"error=.busy", l)]
-    conftest.wait_until(lambda: not request_dirs(tmpdir), 5,
-                        lambda: f"request directories left behind: {request_dirs(tmpdir)}")
+    shared.wait_until(lambda: not request_dirs(tmpdir), 5,
+                      lambda: f"request directories left behind: {request_dirs(tmpdir)}")
     assert os.listdir(client_tmp) == [], "stap-client left temporary files"
     assert_serves(box, srv, krel)  # and the server goes on
 
@@ -124,10 +126,10 @@ def busy_server(servers, sandbox, krel):
 def occupy(box, srv, krel):
     """A slow compile holding the one slot; returns its process."""
     proc = subprocess.Popen(
-        [conftest.PYTHON, conftest.CLIENT, "stap-client", f"--server={srv.address}",
+        [shared.PYTHON, shared.CLIENT, "stap-client", f"--server={srv.address}",
          "-r", krel, "-p2", "-e", "probe begin { /* SLOWPROBE */ exit() }"],
         env=box.env, cwd=box.top, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    conftest.wait_until(lambda: compile_running(srv), 10, "the slow compile never started")
+    shared.wait_until(lambda: compile_running(srv), 10, "the slow compile never started")
     return proc
 
 
@@ -199,7 +201,7 @@ def test_compile_queue_serves_in_arrival_order():
     for n in range(8):
         threads.append(threading.Thread(target=compile_one, args=(n,)))
         threads[-1].start()
-        conftest.wait_until(lambda n=n: queue.counts() == (1, n + 1), 5, "not queued")
+        shared.wait_until(lambda n=n: queue.counts() == (1, n + 1), 5, "not queued")
     first.__exit__(None, None, None)
     for t in threads:
         t.join(10)

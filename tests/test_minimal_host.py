@@ -5,8 +5,11 @@ runs a script through it."""
 import os
 import subprocess
 
-from conftest import CLIENT, PYTHON, SERVER, STAPRUN_STANDIN, make_sandbox, stop_pid
+import pytest
 from netns import network_factory  # noqa: F401  (a fixture)
+from shared import CLIENT, PYTHON, STAPRUN_STANDIN, make_sandbox, start_server, stop_pid
+
+pytestmark = pytest.mark.integration
 
 MINIMAL_TOOLS = ("certutil", "signtool")
 
@@ -39,16 +42,10 @@ def test_minimal_host_trusts_and_uses_a_server(network_factory, krel, runtime,  
     net = network_factory(avahi=False, single=True)
     host = net.hosts[0]
     server_box = make_sandbox()
-    args = [PYTHON, SERVER, "stap-start-server", "--listen", "127.0.0.1", "-r", krel,
-            "--advertise", "none", "--log", server_box.path("log"), "--cache-dir", cache_dir]
-    if runtime:
-        args += ["-R", runtime]
-    proc = host.run(args, env=server_box.env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    pid = int(proc.stdout)
+    srv = start_server(server_box, krel, runtime, cache=cache_dir, netns=host,
+                       listen="127.0.0.1", advertise="none", log=server_box.path("log"))
+    pid, port = srv.pid, srv.port
     try:
-        port = host.run(["sh", "-c", f"cat /run/stap-server/stap-serverd.{pid}.json"]).stdout
-        port = __import__("json").loads(port)["port"]
         box = make_sandbox()  # the minimal host's own, empty, configuration
         bindir = minimal_path(box.top)
         env = box.env  # nsenter itself is found on the full PATH; the client gets bindir

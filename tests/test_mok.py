@@ -12,7 +12,6 @@ and a stand-in `mokutil` on PATH that prints --list-enrolled as mokutil does
 modules, so loading is not tested; the signature is checked with modinfo and
 `openssl cms -verify` against the certificate."""
 
-import json
 import os
 import re
 import shutil
@@ -23,11 +22,13 @@ import time
 import types
 
 import pytest
-from conftest import CLIENT, PYTHON, SERVER, make_sandbox, need_root, start_server, stop_pid
 from netns import network_factory  # noqa: F401  (a fixture)
+from shared import CLIENT, PYTHON, make_sandbox, need_root, start_server, stop_pid
 
 import stap_client
 import stap_server
+
+pytestmark = pytest.mark.integration
 
 STAP = shutil.which("stap") or "/usr/bin/stap"
 SCRIPT = "probe begin { exit() }"
@@ -549,13 +550,9 @@ def test_mok_info_is_advertised_and_shown(avahi, network_factory, krel):  # noqa
     box = make_sandbox()
     db = box.path("server-db")
     fps = sorted(make_key_pair(os.path.join(db, "moks")) for _ in range(2))
-    proc = a.run([PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel, "--ssl", db,
-                  "--log", box.path("server.log")], env=box.env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    pid = int(proc.stdout.strip())
+    srv = start_server(box, krel, None, "--ssl", db, netns=a)
+    pid, port = srv.pid, srv.port
     try:
-        port = json.loads(a.run(["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout)[
-            "port"]
         deadline, line, shown = time.monotonic() + 10, "", []
         while sorted(shown) != fps and time.monotonic() < deadline:
             out = b.run([PYTHON, CLIENT, "stap-find-servers", "--all"], env=box.env).stdout

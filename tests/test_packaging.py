@@ -21,6 +21,8 @@ import tempfile
 
 import pytest
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
@@ -154,11 +156,13 @@ def test_package_contents(debs):
     assert client["usr/lib/stap-server/stap_client.py"] == "-rwxr-xr-x"
     assert server["usr/lib/stap-server/stap_server.py"] == "-rwxr-xr-x"
     assert "usr/lib/stap-server/stap_server.py" not in client
+    # One launcher, in the client package; every command a link to it.
+    assert client["usr/lib/stap-server/launcher"] == "-rwxr-xr-x"
     for c in CLIENT_COMMANDS:
-        assert client[f"usr/bin/{c}"] == "-rwxr-xr-x"  # a launcher importing stap_client
+        assert client[f"usr/bin/{c}"] == "-> ../lib/stap-server/launcher"
         assert f"usr/share/man/man8/{c}.8.gz" in client
     for c in SERVER_COMMANDS:
-        assert server[f"usr/bin/{c}"] == "-rwxr-xr-x"
+        assert server[f"usr/bin/{c}"] == "-> ../lib/stap-server/launcher"
         assert f"usr/share/man/man8/{c}.8.gz" in server
     # Debian's systemtap-server owns stap-server.8.gz: ours has another name.
     assert "usr/share/man/man8/stap-compile-server.8.gz" in client
@@ -203,8 +207,12 @@ def test_commands_from_extracted_debs(extracted, command, args, rc, expect):
 def test_client_package_alone(debs, tmp_path):
     """The client package works without the server package."""
     subprocess.run(["dpkg-deb", "-x", debs[CLIENT_PKG], str(tmp_path)], check=True)
+    assert not os.path.exists(tmp_path / "usr/lib/stap-server/stap_server.py")
     proc = run_from(str(tmp_path), "stap-client", "--help")
     assert proc.returncode == 0, proc.stderr
+    proc = run_from(str(tmp_path), "stap-add-server-cert")
+    assert proc.returncode == 1 and "usage: stap-add-server-cert" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
     with open(tmp_path / "usr/lib/stap-server/stap_client.py") as f:
         assert 'SYSCONFDIR = "/etc"  # make install rewrites this line\n' in f.read()
 
@@ -519,7 +527,7 @@ def test_install_in_debootstrap_chroot(debs, chroot_tarball, extracted):
     through it after trusting it, logrotate copytruncate, SIGTERM stops it
     cleanly), and purge leaves nothing behind."""
     sys.path.insert(0, TESTS)
-    from conftest import headers_release
+    from shared import headers_release
     krel = headers_release()
     why_no_server = None if krel else "no kernel headers to serve"
     if not release_has("python3-nss"):

@@ -8,6 +8,8 @@ import uuid
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 
 def cache_log(server):
     with open(server.log) as f:

@@ -5,7 +5,9 @@ import os
 import subprocess
 
 import pytest
-from conftest import TEST_USER, make_sandbox, stop_pid, wait_until
+from shared import TEST_USER, make_sandbox, stop_pid, wait_until
+
+pytestmark = pytest.mark.integration
 
 SCRIPT = 'probe begin { printf("%s|%s\\n", @1, @2); exit() }'
 NASTY_ARGS = ['a "q" b$c;d', "x\ny 'z' \\ &"]
@@ -164,7 +166,7 @@ def test_untrusted_server_is_refused_until_trusted(server, sandbox, krel):
     # an unrelated trusted database: the server is still refused, by name and reason
     other = make_sandbox()
     other_srv_db = stranger.path("unrelated")
-    from conftest import start_server
+    from shared import start_server
     srv2 = start_server(other, krel)
     try:
         cert2 = os.path.join(other.sysconfdir, "systemtap", "ssl", "server", "stap-server.cert")
@@ -210,7 +212,7 @@ def test_servers_are_tried_in_order(server, sandbox, krel):
 
 def test_unprivileged_client_trusts_root_server_globally(server, sandbox, krel):
     """A root server's certificate is in the global database: every user trusts it."""
-    from conftest import Sandbox, need_root
+    from shared import Sandbox, need_root
     need_root()
     user = make_sandbox(TEST_USER)
     box = Sandbox(top=user.top, env={**user.env, "STAP_SYSCONFDIR": sandbox.sysconfdir},
@@ -276,7 +278,7 @@ def test_root_server_compiles_as_an_unprivileged_account(servers, sandbox, krel,
     never 0 and never nobody's; the shared nobody and root are refused."""
     import pwd
 
-    from conftest import need_root
+    from shared import need_root
     need_root()
     stand_in = os.path.join(shared_dir, "stap-whoami")
     with open(stand_in, "w") as f:
@@ -346,7 +348,7 @@ def test_signals_reach_staprun(signame, server, sandbox, krel, staprun):
 def test_module_run_by_its_file_name_explains_itself(sandbox):
     import sys
 
-    from conftest import CLIENT, SERVER
+    from shared import CLIENT, SERVER
     for module, command in ((CLIENT, "stap-find-servers"), (SERVER, "stap-start-server")):
         proc = subprocess.run([sys.executable, module, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and command in proc.stdout

@@ -10,11 +10,12 @@ import stat
 import types
 
 import pytest
-from conftest import fixed_runtime_for, wait_until
 from hardening_helpers import server_tmpdir, stand_in_stap
-from shared import read_text
+from shared import fixed_runtime_for, read_text, wait_until
 
 import stap_server
+
+pytestmark = pytest.mark.integration
 
 
 def client(box, srv, *args, **kw):

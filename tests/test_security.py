@@ -30,8 +30,8 @@ import threading
 import time
 import uuid
 
-import conftest
 import pytest
+import shared
 from hardening_helpers import (
     assert_serves,
     base_entries,
@@ -52,8 +52,9 @@ COMPILE_ACCOUNT = "stap-compile"
 UNIT_ACCOUNT = "stap-server"  # what the package's unit runs as (User=stap-server)
 UNIT_CAPABILITIES = "+chown,+dac_override,+kill,+setgid,+setuid"  # and its AmbientCapabilities=
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="needs root: other accounts, root-only files")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0,
+                                 reason="needs root: other accounts, root-only files")]
 
 
 def client(box, srv, *args, env=None, timeout=120):
@@ -180,11 +181,11 @@ def loopback_zone():
         named = subprocess.Popen(["named", "-g", "-c", conf], stdout=out,
                                  stderr=subprocess.STDOUT)
     try:
-        conftest.wait_until(lambda: "running" in open(log).read(), 20,
-                            lambda: f"named did not start: {open(log).read()[-2000:]}")
+        shared.wait_until(lambda: "running" in open(log).read(), 20,
+                          lambda: f"named did not start: {open(log).read()[-2000:]}")
         yield port, keyfile
     finally:
-        conftest.stop_pid(named)
+        shared.stop_pid(named)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -255,7 +256,7 @@ def test_a_key_file_that_is_not_private_is_refused_in_one_line(sandbox, krel):
     os.chmod(key, 0o640)
     assert f"(mode 0640); chmod 600 {key}" in start_refused(sandbox, krel, *zone, key)
     os.chmod(key, 0o600)
-    staptest = conftest.ensure_test_user()
+    staptest = shared.ensure_test_user()
     os.chown(key, staptest.pw_uid, staptest.pw_gid)
     assert start_refused(sandbox, krel, *zone, key) == (
         f"stap-start-server: ERROR: --tsig-key {key} belongs to uid {staptest.pw_uid}, not to "
@@ -278,7 +279,7 @@ def test_the_log_is_private_to_the_server(who, servers, krel):
     """The log names every client and the start of every script: made 0640 in a directory made
     0750, by stap-start-server and by the server; an existing one others could read is tightened
     at the next start."""
-    box = conftest.make_sandbox(None if who == "root" else conftest.TEST_USER)
+    box = shared.make_sandbox(None if who == "root" else shared.TEST_USER)
     try:
         logdir = box.path("logs")
         log = os.path.join(logdir, "server.log")
@@ -293,7 +294,7 @@ def test_the_log_is_private_to_the_server(who, servers, krel):
             assert f"listening on 127.0.0.1 port {srv.port}" in f.read()
         os.unlink(log)  # as a rotation does: the server makes a new one on its next line
         client(box, srv, "-r", krel, "-p2", "-e", "probe begin { exit() }")
-        conftest.wait_until(lambda: os.path.exists(log), 10, "no new log")
+        shared.wait_until(lambda: os.path.exists(log), 10, "no new log")
         assert mode_of(log) == 0o640
         if box.user:  # another account's log that anyone may write: not the server's to fix
             theirs = box.path("theirs.log")
@@ -339,7 +340,7 @@ def server_paths(box, srv, tmpdir):
     cache = os.path.join(box.systemtap_dir, "compile-cache") if box.user else \
         "/var/cache/stap-server"
     return [db, os.path.join(db, "key4.db"), os.path.join(db, "cert9.db"), srv.log,
-            os.path.dirname(conftest.status_file(box, srv.pid)), tmpdir,
+            os.path.dirname(shared.status_file(box, srv.pid)), tmpdir,
             box.systemtap_dir, box.env["HOME"], "/root", cache, "/stap/cache"]
 
 
@@ -359,11 +360,11 @@ def test_compile_step_sees_nothing_of_the_server(who, servers, krel):
     """Root's server keeps its database under /etc (the packaged default is
     /etc/systemtap/ssl/server); the others under their own homes.  A server whose own -I tree
     holds its files (its home: SYSTEMTAP_DIR, database and all) shows none of them."""
-    user = {"root": None, "staptest": conftest.TEST_USER, "unit account": UNIT_ACCOUNT,
-            "staptest, -I its own": conftest.TEST_USER}[who]
+    user = {"root": None, "staptest": shared.TEST_USER, "unit account": UNIT_ACCOUNT,
+            "staptest, -I its own": shared.TEST_USER}[who]
     if user == UNIT_ACCOUNT:
         ensure_unit_account()
-    box = conftest.make_sandbox(user)
+    box = shared.make_sandbox(user)
     if user == UNIT_ACCOUNT:  # the unit's AmbientCapabilities=: it compiles as stap-compile
         box.caps = UNIT_CAPABILITIES
     etc_db = f"/etc/stap-test-{uuid.uuid4().hex[:8]}/ssl/server"
@@ -444,37 +445,6 @@ def attacker_dir(sandbox):
     return path
 
 
-ATTACKER = r"""
-import glob, os, sys, time
-tmpdir, secret, mine, until = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-tries = swaps = 0
-def swap(link, target):
-    global swaps
-    try:
-        if os.path.lexists(link) and not os.path.isdir(link):
-            os.unlink(link)
-        os.symlink(target, link)
-        swaps += 1
-    except OSError:
-        pass
-while time.time() < until:
-    tries += 1
-    reqs = glob.glob(os.path.join(tmpdir, "stap-server.*"))
-    for pid in os.listdir("/proc"):  # the compile's own view: /proc/PID/cwd
-        if pid.isdigit():
-            reqs.append(f"/proc/{pid}/cwd/..")
-    for req in reqs:
-        for name in ("stdout", "stderr", "response", "response.jar"):
-            swap(os.path.join(req, name), os.path.join(secret, "f1"))
-        for ko in glob.glob(os.path.join(req, "work", "tmp", "*.ko")) + \
-                glob.glob(os.path.join(req, "work", "tmp", "*.ko.sgn")):
-            swap(ko, os.path.join(secret, "secret.ko"))
-        swap(os.path.join(req, "work", "tmp"), secret)
-        swap(os.path.join(req, "work", "response"), mine)
-    time.sleep(0.001)
-print(f"attacker: {tries} rounds, {swaps} swaps")
-"""
-
 SLOW_MODULE = """
 sleep 0.3
 head -c 4096 /dev/urandom > tmp/stap_real.ko
@@ -491,9 +461,8 @@ def test_compile_account_attacking_all_along(servers, sandbox, krel, secret_dir,
     tmpdir = server_tmpdir(sandbox)
     sandbox.env["SYSTEMTAP_STAP"] = stand_in(sandbox, SLOW_MODULE)
     srv = servers.start(sandbox, krel, None, "--tmpdir", tmpdir)
-    script = sandbox.path("attacker.py")
-    with open(script, "w") as f:
-        f.write(ATTACKER)
+    script = sandbox.path("attacker.py")  # where the compile account can read it
+    shutil.copyfile(shared.program("attacker"), script)
     account = pwd.getpwnam(COMPILE_ACCOUNT)
     attacker = subprocess.Popen(
         [sys.executable, script, tmpdir, secret_dir[0], attacker_dir, str(time.time() + 15)],
@@ -651,8 +620,8 @@ def test_silent_connections_from_one_address_keep_no_one_out(servers, sandbox, k
         took = time.monotonic() - started
         assert proc.returncode == 0, text(proc)
         assert took < 3, f"the client waited {took:.1f} s"
-        conftest.wait_until(lambda: re.search(r"dropped \d+ connections from 127\.0\.0\.2",
-                                              open(srv.log).read()), 10, "no drop logged")
+        shared.wait_until(lambda: re.search(r"dropped \d+ connections from 127\.0\.0\.2",
+                                            open(srv.log).read()), 10, "no drop logged")
     finally:
         for s in held:
             s.close()
@@ -697,10 +666,10 @@ def test_silent_connections_from_many_addresses_keep_no_one_out(servers, sandbox
             assert TABLE - 32 <= sum(still_open.values()) <= TABLE, still_open
             assert min(still_open.values()) >= 1, still_open
             # the evicted ones' handlers returned from their handshakes at once (not after 60 s)
-            conftest.wait_until(lambda: len(os.listdir(f"/proc/{srv.pid}/task")) <= TABLE + 8,
-                                10, lambda: f"{len(os.listdir(f'/proc/{srv.pid}/task'))} threads")
-            conftest.wait_until(lambda: re.search(r"dropped \d+ connections from 127\.0\.1\.",
-                                                  open(srv.log).read()), 10, "no drop logged")
+            shared.wait_until(lambda: len(os.listdir(f"/proc/{srv.pid}/task")) <= TABLE + 8,
+                              10, lambda: f"{len(os.listdir(f'/proc/{srv.pid}/task'))} threads")
+            shared.wait_until(lambda: re.search(r"dropped \d+ connections from 127\.0\.1\.",
+                                                open(srv.log).read()), 10, "no drop logged")
         finally:
             for s in (s for socks in held.values() for s in socks):
                 s.close()
@@ -738,8 +707,8 @@ def accepted(port, timeout):
     kernel's backlog a connection completes with a SYN cookie and, silent, never reaches the
     server.)"""
     try:
-        return conftest.wait_until(lambda: not kernel_held(port), timeout, "",
-                                   error=TimeoutError)
+        return shared.wait_until(lambda: not kernel_held(port), timeout, "",
+                                 error=TimeoutError)
     except TimeoutError:
         return False
 
@@ -925,10 +894,10 @@ LIMITS = {"FILE_SIZE": ("file size", "--compile-file-size", 2 << 20, " bytes"),
 
 @pytest.fixture(scope="module")
 def limited_server(krel):
-    box = conftest.make_sandbox()
+    box = shared.make_sandbox()
     box.env["SYSTEMTAP_STAP"] = stand_in(box, BREACHES)
     args = [x for _, option, value, _ in LIMITS.values() for x in (option, str(value))]
-    srv = conftest.start_server(box, krel, None, "--tmpdir", server_tmpdir(box), *args)
+    srv = shared.start_server(box, krel, None, "--tmpdir", server_tmpdir(box), *args)
     yield box, srv
     srv.stop()
     shutil.rmtree(box.top, ignore_errors=True)
@@ -982,7 +951,7 @@ def test_a_knowledge_directory_not_the_servers_alone_is_refused(sandbox, krel, s
     top = os.path.join(parent, "knowledge")
     os.makedirs(top, 0o755)
     kernel = os.path.join(top, f"{krel}-{os.uname().machine}-0123456789abcdef")
-    staptest = conftest.ensure_test_user()
+    staptest = shared.ensure_test_user()
 
     def refused(path):
         proc = sandbox.run("stap-start-server", "--listen", "127.0.0.1", "-r", krel,
@@ -1021,49 +990,6 @@ from test_faults import FakeServer, client_tmp, trusted_box  # noqa: E402,F401  
 
 import stap_client  # noqa: E402
 
-# A multicast DNS responder for one hostile advertisement: it answers every query (unicast, to
-# the asker's port) with the PTR, SRV, TXT and A records of an instance whose name, host name and
-# TXT values carry terminal controls.
-HOSTILE_RESPONDER = r"""
-import socket
-import dns.message, dns.name, dns.flags, dns.rdataclass, dns.rdatatype, dns.rrset
-from dns.rdtypes.ANY.PTR import PTR
-from dns.rdtypes.ANY.TXT import TXT
-from dns.rdtypes.IN.A import A
-from dns.rdtypes.IN.SRV import SRV
-IN = dns.rdataclass.IN
-service = dns.name.from_text("_stap._tcp.local.")
-instance = dns.name.Name((b"Evil\x1b[2J server",) + service.labels)
-host = dns.name.Name((b"evil\x1b[2Jhost", b"local", b""))
-txt = [b"sysinfo=6.1.0-99-amd64\x1b[1A\xc2\x9b31m\xe2\x80\xae x86_64",
-       b"version=4.8\x1b[2J\x1b[H\x07",
-       b"certinfo=01:02\r\nh 10.0.0.1 1 'sysinfo=x' 'trust=ssl,signer'\x1b[K",
-       b"optinfo=\x7f\x9b", b"e\x1bvil=\x00x"]
-records = [(service, PTR(IN, dns.rdatatype.PTR, instance)),
-           (instance, SRV(IN, dns.rdatatype.SRV, 0, 0, 5555, host)),
-           (instance, TXT(IN, dns.rdatatype.TXT, txt)),
-           (host, A(IN, dns.rdatatype.A, "127.0.0.1"))]
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-sock.bind(("", 5353))
-sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-                socket.inet_aton("224.0.0.251") + socket.inet_aton("127.0.0.1"))
-print("ready", flush=True)
-while True:
-    wire, source = sock.recvfrom(9000)
-    try:
-        query = dns.message.from_wire(wire)
-    except Exception:
-        continue
-    if query.flags & dns.flags.QR or source[1] == 5353:
-        continue
-    reply = dns.message.make_response(query)
-    reply.flags |= dns.flags.AA
-    for name, rdata in records:
-        reply.answer.append(dns.rrset.from_rdata(name, 120, rdata))
-    sock.sendto(reply.to_wire(), source)
-"""
-
 # What must never reach a terminal: C0 controls but the line ends, DEL, C1 (in UTF-8), and the
 # bidi override.
 RAW_CONTROLS = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80\xae")
@@ -1085,10 +1011,11 @@ def test_hostile_advertisement_printed_escaped(network_factory, sandbox):  # noq
     server whose every field carries terminal controls, print them escaped: one line for the one
     server, the fake trust line inside it, nothing raw."""
     host = network_factory(single=True).hosts[0]
-    responder = host.popen([conftest.PYTHON, "-c", HOSTILE_RESPONDER], stdout=subprocess.PIPE,
+    responder = host.popen([shared.PYTHON, shared.program("hostile_responder")],
+                           stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE)
     assert responder.stdout.readline() == b"ready\n", responder.stderr.read()
-    find = host.run([conftest.PYTHON, conftest.CLIENT, "stap-find-servers", "--all"],
+    find = host.run([shared.PYTHON, shared.CLIENT, "stap-find-servers", "--all"],
                     env=sandbox.env, text=False)
     out = find.stdout
     assert find.returncode == 0, find.stderr
@@ -1100,7 +1027,7 @@ def test_hostile_advertisement_printed_escaped(network_factory, sandbox):  # noq
     assert out.endswith(b" 'trust=none'\n"), out
 
     stap_client.CertDB(os.path.join(sandbox.systemtap_dir, "ssl", "client")).create(0o700)
-    client = host.run([conftest.PYTHON, conftest.CLIENT, "stap-client", "-p2", "-e",
+    client = host.run([shared.PYTHON, shared.CLIENT, "stap-client", "-p2", "-e",
                        "probe begin { exit() }"], env=sandbox.env, text=False)
     err = client.stderr
     assert client.returncode == 1, err

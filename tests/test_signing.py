@@ -20,16 +20,17 @@ import shutil
 import subprocess
 import tempfile
 
-import conftest
 import pytest
+import shared
 
 import stap_client
 
 STAPUSR = "stapusrtest"  # a scratch user in group stapusr only
 SCRIPT = "probe begin { exit() }"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="needs root: a stapusr account, mount namespaces")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0,
+                                 reason="needs root: a stapusr account, mount namespaces")]
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_real_staprun_checks_the_signature(servers, server, sandbox, krel, runti
         byte = f.read(1)
         f.seek(4096)
         f.write(bytes([byte[0] ^ 0xFF]))
-    other_box = conftest.make_sandbox()
+    other_box = shared.make_sandbox()
     other = servers.start(other_box, krel, runtime, cache=cache_dir)
     foreign = signed_module(other_box, other, krel)
     for suffix in ("", ".sgn"):
@@ -176,7 +177,7 @@ def test_real_staprun_checks_the_signature(servers, server, sandbox, krel, runti
 def test_our_client_for_a_stapusr_user_runs_pass_5_signed(server, krel, stapusr, home):
     """A stapusr user's stap-client adds --privilege=stapusr (saying so) and
     hands the real staprun the module with its signature beside it."""
-    box = conftest.make_sandbox(STAPUSR)
+    box = shared.make_sandbox(STAPUSR)
     try:
         db, cert = os.path.join(home, "trusted"), os.path.join(home, "server.cert")
         shutil.copy(os.path.join(server.status["database"], stap_client.SERVER_CERT_FILE), cert)
@@ -184,7 +185,7 @@ def test_our_client_for_a_stapusr_user_runs_pass_5_signed(server, krel, stapusr,
         proc = box.run("stap-add-server-cert", cert, db)
         assert proc.returncode == 0, proc.stderr
         etc = signer_etc(box.path("signers"), server_der(server))
-        run = as_stapusr(stapusr, home, [conftest.PYTHON, conftest.CLIENT, "stap-client",
+        run = as_stapusr(stapusr, home, [shared.PYTHON, shared.CLIENT, "stap-client",
                                          f"--server={server.address}", f"--ssl={db}", "-v",
                                          "-r", krel, "-e", SCRIPT],
                          etc=etc, env={"SYSTEMTAP_DIR": box.systemtap_dir})
@@ -229,7 +230,7 @@ def test_add_server_cert_from_the_server_after_a_look(server, sandbox):
 
 def test_add_server_cert_signer_and_revoke(servers, server, sandbox, krel, user_sandbox):
     der = server_der(server)
-    other = servers.start(conftest.make_sandbox(), krel, None)
+    other = servers.start(shared.make_sandbox(), krel, None)
     other_der = server_der(other)
     cert = sandbox.path("server.cert")
     with open(cert, "wb") as f:

@@ -3,7 +3,6 @@ the option, and what the sandbox shows of an environment's root."""
 
 import os
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 from stap_client import Error, ServerRecord, same_runtime_first
@@ -17,6 +16,8 @@ from stap_server import (
     served_versions,
     system_view,
 )
+
+pytestmark = pytest.mark.unit
 
 HOST = BuildEnv("host", "/", "4.8")
 TRIXIE = BuildEnv("trixie", "/srv/trixie", "5.1")

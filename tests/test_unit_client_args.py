@@ -4,7 +4,6 @@ nowhere, the one-line errors, server specs and the locale sent along."""
 
 import os
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 import stap_client
@@ -17,6 +16,8 @@ from stap_client import (
     scan_stap_args,
     staprun_argv,
 )
+
+pytestmark = pytest.mark.unit
 
 SCRIPT = "probe begin { exit() }"
 

@@ -4,13 +4,14 @@ keys, the listing line, repeats, the trust shown), why no server was found,
 the domains configured for wide-area browsing, the retry pause, and the
 server's paths turned back into the user's own in stap's output."""
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 from stap_client import (
+    DiscoveryError,
     advertised_serial,
     backoff,
     describe_search,
+    first_answering,
     format_server_line,
     local_paths,
     parse_avahi_txt,
@@ -23,6 +24,8 @@ from stap_client import (
     wide_area_domains,
     without_module_paths,
 )
+
+pytestmark = pytest.mark.unit
 
 TXT = {"sysinfo": "6.1.0-1-amd64 x86_64", "version": "4.8", "certinfo": "0a:0b",
        "optinfo": "", "slots": "2", "busy": "0"}
@@ -73,6 +76,19 @@ def test_why_no_server_was_found():
     assert describe_search([record(), record(host="g", sysinfo="5.10 aarch64")], "mdns") == (
         "no advertised server serves it (g serves 5.10 aarch64, "
         "h.local serves 6.1.0-1-amd64 x86_64; searched with mdns)")
+
+
+def test_the_first_back_end_that_answers_is_taken():
+    """The "auto" choice over a registry of back ends: avahi when its daemon answers, else our own;
+    a back end chosen by name is tried alone, and its absence is a one-line error."""
+    ask = lambda back_end: back_end()
+    no_daemon = {"avahi": lambda: None, "mdns": lambda: []}
+    assert first_answering(no_daemon, ask) == ("mdns", [])
+    daemon = {**no_daemon, "avahi": lambda: ["a record"]}
+    assert first_answering(daemon, ask) == ("avahi", ["a record"])
+    assert first_answering(daemon, ask, "mdns") == ("mdns", [])
+    with pytest.raises(DiscoveryError, match="^no avahi daemon answers$"):
+        first_answering(no_daemon, ask, "avahi")
 
 
 def test_wide_area_domains_from_options_and_the_configuration(tmp_path, monkeypatch):

@@ -5,18 +5,19 @@ against the peer's certificate; the DER here is built by the test itself,
 signed with a fixed 1024-bit RSA test key."""
 
 import calendar
+import collections
 import hashlib
 import io
 import ssl
 import zipfile
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 import stap_client
 import stap_server
 from stap_client import (
     Error,
+    ReplyContent,
     certificate_serial,
     check_pkcs7_signature,
     der_children,
@@ -24,10 +25,14 @@ from stap_client import (
     fingerprint,
     read_certificate_file,
     read_reply,
+    reply_entries,
     rsa_signature_valid,
     serial_text,
+    signed_jar,
     tbs_fields,
 )
+
+pytestmark = pytest.mark.unit
 
 # --------------------------------------------------------------------------
 # DER, a test key and certificates made from it
@@ -310,3 +315,39 @@ def test_signed_reply_refusals(tmp_path, kind, message):
     with pytest.raises(Error) as e:
         read_reply(data, str(tmp_path), peer)
     assert str(e.value) == message
+
+
+def test_each_entry_is_inflated_once_hashed_as_it_is_unpacked(tmp_path, monkeypatch):
+    opened = collections.Counter()
+    zip_open = zipfile.ZipFile.open
+
+    def counting_open(self, name, *args, **kw):
+        opened[getattr(name, "filename", name)] += 1
+        return zip_open(self, name, *args, **kw)
+
+    data = signed_reply()
+    monkeypatch.setattr(zipfile.ZipFile, "open", counting_open)
+    read_reply(data, str(tmp_path), CERT)
+    assert opened["stap000000/stap_1.ko"] == 1
+
+
+def test_what_the_reply_writer_writes_read_reply_reads(tmp_path):
+    """The shared writer and reader side by side: the writer gets only a signing callable (here the
+    test key's), the reader checks the signature against the certificate."""
+    def sign(data, algorithm):
+        assert algorithm == "SEC_OID_PKCS1_SHA1_WITH_RSA_ENCRYPTION"
+        return rsa_sign(DIGEST_INFO[SHA1] + hashlib.sha1(data).digest())
+
+    content = ReplyContent(0, b"stap_1.ko\n", b"a warning\n", "4.8",
+                           ("stap_1.ko", b"\x7fELF module", b"module signature"), b"MOK DER")
+    data = signed_jar(reply_entries(content), CERT, sign)
+    reply = read_reply(data, str(tmp_path), CERT)
+    assert reply[:4] == content[:4] and not reply.busy
+    sent = {reply.module: b"\x7fELF module", reply.module + ".sgn": b"module signature",
+            reply.mok_cert: b"MOK DER"}
+    for path, entry in sent.items():
+        with open(path, "rb") as f:
+            assert f.read() == entry
+    with pytest.raises(Error) as e:
+        read_reply(data, str(tmp_path), OTHER_CERT)
+    assert str(e.value) == "reply is signed by a certificate other than the server's"

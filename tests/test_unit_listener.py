@@ -11,10 +11,11 @@ import resource
 import socket
 import threading
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 from stap_server import AddressSlots, ConnectionTable, DropCounts, FifoSlots
+
+pytestmark = pytest.mark.unit
 
 
 class Table:

@@ -8,13 +8,15 @@ import dataclasses
 import threading
 import types
 
-import conftest
 import pytest
+import shared
 from hardening_helpers import zip_bytes
 
 import stap_server
-from stap_client import CertDB, Limits, Reply, RequestArchive, open_archive
+from stap_client import CertDB, Limits, ReplyContent, RequestArchive, open_archive, reply_entries
 from stap_server import OUTPUT_OPTIONS, BuildEnv, Request, ResultCache, result_key
+
+pytestmark = pytest.mark.unit
 
 
 class Compute:
@@ -87,11 +89,11 @@ def test_identical_requests_arriving_together(cacheable):
     results = {}
     one = threading.Thread(target=lambda: results.update(one=cache.lookup("k", first)))
     one.start()
-    conftest.wait_until(lambda: first.calls == 1, 10, "the first compile never started")
+    shared.wait_until(lambda: first.calls == 1, 10, "the first compile never started")
     two = threading.Thread(target=lambda: results.update(two=cache.lookup("k", later)))
     two.start()
     # the second has looked, found the first compiling, and waits for it
-    conftest.wait_until(lambda: cache.lock.released >= 2, 10, "the second never looked")
+    shared.wait_until(lambda: cache.lock.released >= 2, 10, "the second never looked")
     go.set()
     one.join(10)
     two.join(10)
@@ -221,9 +223,9 @@ def test_every_byte_of_a_reply_is_a_function_of_its_key(monkeypatch):
         archive = files.as_archive()
         req = stap_server.parse_request(archive, cfg)
         seen = dataclasses.replace(req, version=None, notices=b"")  # what stap runs with
-        compiled = Reply(0, repr(dataclasses.astuple(seen)).encode(),
-                         archive.digest(skip=("version",)).encode())
-        reply = stap_server.reply_entries(stap_server.reply_for_client(compiled, req, None, "4.8"))
+        compiled = ReplyContent(0, repr(dataclasses.astuple(seen)).encode(),
+                                archive.digest(skip=("version",)).encode())
+        reply = reply_entries(stap_server.reply_for_client(compiled, req, None, "4.8"))
         answers.setdefault(result_key(req, archive, cfg, "4.8"), set()).add(repr(reply))
     assert all(len(replies) == 1 for replies in answers.values()), answers
     assert len(answers) == len(VARIANTS)  # only the client's version shares the base's key

@@ -7,7 +7,6 @@ import os
 import stat
 import types
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 
 import stap_server
@@ -20,6 +19,8 @@ from stap_server import (
     runtime_failure,
     stap_argv,
 )
+
+pytestmark = pytest.mark.unit
 
 OLD_RUNTIME = b"""typedef typeof(&task_work_cancel) task_work_cancel_fn;
 #define task_work_cancel (* (task_work_cancel_fn)kallsyms_task_work_cancel)

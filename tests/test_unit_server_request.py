@@ -10,12 +10,19 @@ import pathlib
 import re
 import types
 
-import conftest  # noqa: F401  (puts the modules on sys.path)
 import pytest
 from hardening_helpers import zip_bytes
 
 import stap_server
-from stap_client import Error, Limits, Reply, RequestArchive, open_archive
+from stap_client import (
+    Error,
+    Limits,
+    ReplyContent,
+    RequestArchive,
+    open_archive,
+    reply_entries,
+    txt_rdata_text,
+)
 from stap_server import (
     COMPILE_LIMITS,
     OTHER_PATH_OPTIONS,
@@ -43,12 +50,12 @@ from stap_server import (
     locale_env,
     parse_config,
     parse_request,
-    reply_entries,
     reply_for_client,
     secret_files,
     server_side_cause,
-    txt_rdata_text,
 )
+
+pytestmark = pytest.mark.unit
 
 SCRIPT = "probe begin { exit() }"
 
@@ -404,12 +411,12 @@ def request(lowered, signed=False, notices=b""):
 
 
 def test_reply_for_client_names_the_module_and_puts_notices_first():
-    compiled = Reply(rc=0, stdout=b"hello\n<server>/stap_1.ko\n",
-                     stderr=b"Pass 4 in <server>/work/tmp\n", module=("stap_1.ko", b"ko"))
+    compiled = ReplyContent(rc=0, stdout=b"hello\n<server>/stap_1.ko\n",
+                            stderr=b"Pass 4 in <server>/work/tmp\n", module=("stap_1.ko", b"ko"))
     assert reply_for_client(compiled, request(lowered=False, notices=b"Server: n\n"), None,
                             "4.8") == \
-        Reply(0, b"hello\nstap_1.ko\n", b"Server: n\nPass 4 in <server>/work/tmp\n", "4.8",
-              ("stap_1.ko", b"ko"))
+        ReplyContent(0, b"hello\nstap_1.ko\n", b"Server: n\nPass 4 in <server>/work/tmp\n", "4.8",
+                     ("stap_1.ko", b"ko"))
     # pass 5: the client names the module itself
     assert reply_for_client(compiled, request(lowered=True), None, "4.8").stdout == b"hello\n"
 
@@ -419,16 +426,16 @@ def test_a_module_for_stapusr_is_signed():
         def module_signature(self, data):
             return b"signature of " + data
 
-    compiled = Reply(rc=0, stdout=b"", stderr=b"", module=("m.ko", b"ko"))
+    compiled = ReplyContent(rc=0, stdout=b"", stderr=b"", module=("m.ko", b"ko"))
     assert reply_for_client(compiled, request(lowered=True, signed=True), Key(), "4.8").module \
         == ("m.ko", b"ko", b"signature of ko")
 
 
 def test_reply_entries_in_the_real_servers_layout():
-    assert reply_entries(Reply(0, b"o", b"e", "4.8", ("m.ko", b"ko", b"sig"))) == [
+    assert reply_entries(ReplyContent(0, b"o", b"e", "4.8", ("m.ko", b"ko", b"sig"))) == [
         ("version", b"4.8"), ("rc", b"0"), ("stdout", b"o"), ("stderr", b"e"),
         ("stap000000/m.ko", b"ko"), ("stap000000/m.ko.sgn", b"sig")]
-    assert reply_entries(Reply(1, b"", b"e", "4.8")) == [
+    assert reply_entries(ReplyContent(1, b"", b"e", "4.8")) == [
         ("version", b"4.8"), ("rc", b"1"), ("stdout", b""), ("stderr", b"e")]
 
 
@@ -502,21 +509,22 @@ def test_what_stap_stop_server_takes_for_a_server():
 def zone_registration(tmp_path, rcodes):
     """A ZoneRegistration of two sysinfos whose updates get rcodes in turn; the sent updates
     are kept."""
-    import dns.rcode
+    rcode = pytest.importorskip("dns.rcode", reason="dnspython (the --dns-update back end) is not "
+                                "installed")
     key = tmp_path / "k.key"
     key.write_text('key "k" { algorithm hmac-sha256; secret "c2VjcmV0c2VjcmV0c2VjcmV0"; };\n')
     offer = Offer(7000, ["6.1 x86_64", "6.2 x86_64"], "4.8", "01:02", listen="10.0.0.5",
                   host="h")
     zone = stap_server.ZoneRegistration(("example.test.", "10.0.0.53", 53, str(key)), offer)
     zone.sent, answers = [], iter(rcodes)
-    zone.send = lambda msg: zone.sent.append(msg.to_text()) or getattr(dns.rcode, next(answers))
+    zone.send = lambda msg: zone.sent.append(msg.to_text()) or getattr(rcode, next(answers))
     return zone
 
 
 def test_a_zone_refusing_the_second_instance_gets_the_first_withdrawn(tmp_path):
     zone = zone_registration(tmp_path, ["NOERROR", "REFUSED", "NOERROR"])
     with pytest.raises(Error, match="refused: REFUSED"):
-        zone.register()
+        zone.start()
     assert len(zone.sent) == 3
     withdrawal = zone.sent[-1]  # a failed start leaves nothing of it in the zone
     assert "Systemtap\\032Compile\\032Server\\032on\\032h._stap._tcp.example.test. ANY ANY" \
@@ -526,7 +534,7 @@ def test_a_zone_refusing_the_second_instance_gets_the_first_withdrawn(tmp_path):
 
 def test_a_refused_zone_refresh_is_a_warning(tmp_path, caplog):
     zone = zone_registration(tmp_path, ["NOERROR", "NOERROR", "NOTAUTH"])
-    zone.register()
+    zone.start()
     with caplog.at_level("WARNING"):
         zone.refresh()
     assert "DNS UPDATE of example.test. at 10.0.0.53 refused: NOTAUTH" in caplog.text

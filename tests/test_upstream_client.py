@@ -47,9 +47,17 @@ import subprocess
 import tempfile
 
 import pytest
-from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
 from netns import TestNetwork, avahi_skip_reason
-from shared import fixed_runtime_for, read_text
+from shared import (
+    CLIENT,
+    PYTHON,
+    fixed_runtime_for,
+    make_sandbox,
+    read_text,
+    start_server,
+    stop_pid,
+    wait_until,
+)
 from upstream_helpers import (  # noqa: F401  (stap_users: a fixture)
     REAL_PORT,
     REAL_SERVERD,
@@ -64,6 +72,8 @@ from upstream_helpers import (  # noqa: F401  (stap_users: a fixture)
     with_etc,
     write_scripts,
 )
+
+pytestmark = pytest.mark.upstream
 
 LANES = ["real-client", "our-client", "real-server"]
 PRIVILEGES = ["--unprivileged", "--privilege=stapusr", "--privilege=stapsys"]
@@ -127,14 +137,9 @@ class World:
                                f"--use-server=127.0.0.1:{REAL_PORT}"])
             assert trust.returncode == 0, trust.stderr
             return
-        args = [PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", self.krel,
-                "--log", self.box.path("server.log"), "--cache-dir", self.cache_dir,
-                "--advertise", "avahi"] + (["-R", self.runtime] if self.runtime else [])
-        proc = self.host.run(args, env=self.box.env, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        self.pid = int(proc.stdout)
-        status = self.host.run(["cat", f"/run/stap-server/stap-serverd.{self.pid}.json"]).stdout
-        self.port = int(re.search(r'"port": (\d+)', status).group(1))
+        srv = start_server(self.box, self.krel, self.runtime, cache=self.cache_dir,
+                           netns=self.host, advertise="avahi")
+        self.pid, self.port = srv.pid, srv.port
 
     # -- clients --------------------------------------------------------------
 

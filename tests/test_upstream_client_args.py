@@ -57,6 +57,8 @@ from upstream_helpers import (  # noqa: F401  (pairings: a fixture)
     write_scripts,
 )
 
+pytestmark = pytest.mark.upstream
+
 INVALID = [
     "--unprivileged --client-options -B X=Y",
     "--unprivileged --client-options -D X=Y",

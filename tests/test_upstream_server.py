@@ -18,9 +18,17 @@ import subprocess
 import time
 
 import pytest
-from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
 from netns import TestNetwork, avahi_skip_reason
-from shared import fixed_runtime_for, read_text
+from shared import (
+    CLIENT,
+    PYTHON,
+    fixed_runtime_for,
+    make_sandbox,
+    read_text,
+    start_server,
+    stop_pid,
+    wait_until,
+)
 from upstream_helpers import (  # noqa: F401  (pairings, pairing: fixtures)
     REAL_PORT,
     REAL_SERVERD,
@@ -35,6 +43,8 @@ from upstream_helpers import (  # noqa: F401  (pairings, pairing: fixtures)
     vermagic,
     write_scripts,
 )
+
+pytestmark = pytest.mark.upstream
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +160,8 @@ def test_server_survives_avahi_restart(server, avahi_host, krel, runtime, cache_
     os.mkdir(cwd)
     if server == "ours":
         box = make_sandbox()
-        args = [PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel,
-                "--log", box.path("server.log"), "--cache-dir", cache_dir,
-                "--advertise", "avahi"]
-        if runtime:
-            args += ["-R", runtime]
-        proc = host.run(args, env=box.env, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        pid = int(proc.stdout)
-        port = int(re.search(r'"port": (\d+)', host.run(
-            ["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout).group(1))
+        srv = start_server(box, krel, runtime, cache=cache_dir, netns=host, advertise="avahi")
+        pid, port = srv.pid, srv.port
         log = box.path("server.log")
 
         def stop():

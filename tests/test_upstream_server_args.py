@@ -55,6 +55,8 @@ from upstream_helpers import (  # noqa: F401  (pairings, pairing: fixtures)
     without_ksym_warning,
 )
 
+pytestmark = pytest.mark.upstream
+
 # Fuzz seeds and iterations (upstream: one seed from the clock, 10 iterations).
 SEEDS = (1, 2, 3, 4, 5)
 ITERATIONS = 10

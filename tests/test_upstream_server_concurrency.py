@@ -20,6 +20,8 @@ import subprocess
 import pytest
 from upstream_helpers import REAL_SERVERD, STAP, Pairings, need_tools
 
+pytestmark = pytest.mark.upstream
+
 SCRIPTS = {
     "server_concurrency1.stp": 'probe module("acpi*").function("*") {\n  printf("hello");\n'
                                '  exit();\n}\n',

@@ -24,6 +24,8 @@ import subprocess
 import pytest
 from upstream_helpers import STAP, modules_in, pairing, pairings, vermagic  # noqa: F401  (pairings, pairing: fixtures)
 
+pytestmark = pytest.mark.upstream
+
 VALID = 'probe begin{printf("Hello\\n"); exit();}'
 FRENCH = 'probe begin{printf("Bonjour\\n"); exit();}'
 INVALID = 'probe begin{printf("Hello); exit();}'

@@ -37,7 +37,7 @@ import subprocess
 import tempfile
 
 import pytest
-from conftest import CLIENT
+from shared import CLIENT
 from upstream_helpers import (  # noqa: F401  (pairings, stap_users: fixtures)
     PYTHON,
     pairings,
@@ -47,6 +47,8 @@ from upstream_helpers import (  # noqa: F401  (pairings, stap_users: fixtures)
     with_etc,
     write_scripts,
 )
+
+pytestmark = pytest.mark.upstream
 
 PRIVILEGES = ["--unprivileged", "--privilege=stapusr", "--privilege=stapsys",
               "--privilege=stapdev"]

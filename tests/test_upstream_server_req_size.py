@@ -16,6 +16,8 @@ import os
 import pytest
 from upstream_helpers import REAL_SERVERD, STAP, Pairings, need_tools, write_scripts
 
+pytestmark = pytest.mark.upstream
+
 LIMITS = {"--max-compressed-request": " request file is too large",
           "--max-request-size": "Uncompressed request size of"}
 

@@ -11,9 +11,11 @@ import subprocess
 import time
 
 import pytest
-from conftest import CLIENT, PYTHON, SERVER, make_sandbox, stop_pid, wait_until
 from hardening_helpers import stand_in_stap, write_named_conf, write_tsig_key
 from netns import TestNetwork, skip_reason
+from shared import CLIENT, PYTHON, SERVER, make_sandbox, start_server, stop_pid, wait_until
+
+pytestmark = pytest.mark.integration
 
 ZONE = "fleet.test"
 KEY_NAME = "stap-update"
@@ -53,11 +55,19 @@ def fleet(krel):
             shutil.rmtree(box.top, ignore_errors=True)
 
 
-def start(host, box, krel, keyfile, *extra, env=None):
+def dns_update(keyfile):
+    """The options that register a server in ZONE, updated with keyfile."""
+    return ["--dns-update", ZONE, "--dns-server", "10.201.1.1", "--tsig-key", keyfile]
+
+
+def new_log(box):
+    return box.path(f"server-{time.monotonic_ns()}.log")
+
+
+def start(host, box, krel, keyfile):
+    """stap-start-server on host registering in the zone, which may refuse it: the run."""
     return host.run([PYTHON, SERVER, "stap-start-server", "--listen", "::", "-r", krel,
-                     "--log", box.path(f"server-{time.monotonic_ns()}.log"), "--dns-update",
-                     ZONE, "--dns-server", "10.201.1.1", "--tsig-key", keyfile, *extra],
-                    env=env or box.env, timeout=60)
+                     "--log", new_log(box), *dns_update(keyfile)], env=box.env, timeout=60)
 
 
 def find(host, box, *args):
@@ -66,9 +76,7 @@ def find(host, box, *args):
 
 def test_found_and_used_across_subnets_then_gone(fleet, krel):
     a, b, _, keyfile, box = fleet
-    proc = start(a, box, krel, keyfile)
-    assert proc.returncode == 0, proc.stderr
-    pid = int(proc.stdout)
+    pid = start_server(box, krel, None, *dns_update(keyfile), netns=a, log=new_log(box)).pid
     try:
         found = wait_until(lambda: [l for l in find(b, box).stdout.splitlines()
                                     if "10.201.1.2" in l], 10, "not found over DNS")
@@ -125,15 +133,13 @@ def test_the_zone_follows_the_load(fleet, krel):
     """The load hint in the zone is refreshed by DNS UPDATE as the queue
     grows and drains, as on the link (here the link is not advertised)."""
     a, b, _, keyfile, box = fleet
-    proc = start(a, box, krel, keyfile, "--advertise", "none", "--max-threads", "1",
-                 "--load-refresh", "1", env={**box.env,
-                                             "SYSTEMTAP_STAP": stand_in_stap(box, SLOW_STAP)})
-    assert proc.returncode == 0, proc.stderr
-    pid = int(proc.stdout)
+    srv = start_server(box, krel, None, *dns_update(keyfile), "--max-threads", "1",
+                       "--load-refresh", "1", env={"SYSTEMTAP_STAP": stand_in_stap(box, SLOW_STAP)},
+                       netns=a, advertise="none", log=new_log(box))
     try:
         idle = {"slots": "1", "busy": "0", "queued": "0"}
         wait_until(lambda: zone_hint(b, box) == idle, 10, "not registered with its load")
-        clients = [a.popen([PYTHON, CLIENT, "stap-client", "--server=127.0.0.1:" + port_of(a, pid),
+        clients = [a.popen([PYTHON, CLIENT, "stap-client", f"--server=127.0.0.1:{srv.port}",
                             "-r", krel, "-p2", "-e", f"probe begin {{ /* SLOWPROBE {n} */ }}"],
                            env=box.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                    for n in range(2)]
@@ -144,9 +150,4 @@ def test_the_zone_follows_the_load(fleet, krel):
             c.wait(30)
         wait_until(lambda: zone_hint(b, box) == idle, 10, "the zone never went back to idle")
     finally:
-        stop_pid(pid)
-
-
-def port_of(host, pid):
-    status = host.run(["cat", f"/run/stap-server/stap-serverd.{pid}.json"]).stdout
-    return re.search(r'"port": (\d+)', status).group(1)
+        srv.stop()

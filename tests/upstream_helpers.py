@@ -43,8 +43,18 @@ import time
 import zipfile
 
 import pytest
-from conftest import CLIENT, PYTHON, make_sandbox, start_server, stop_pid, wait_until
-from shared import complete_der, fixed_runtime_for, without_progress
+from shared import (
+    CLIENT,
+    PYTHON,
+    complete_der,
+    fixed_runtime_for,
+    make_sandbox,
+    program,
+    start_server,
+    stop_pid,
+    wait_until,
+    without_progress,
+)
 
 STAP = shutil.which("stap") or "/usr/bin/stap"
 REAL_SERVERD = "/usr/lib/systemtap/stap-serverd"
@@ -323,31 +333,6 @@ def pairing(request):
 # Raw requests: exactly these stap arguments, as a server receives them
 # --------------------------------------------------------------------------
 
-# A minimal protocol client (Python's ssl module, nothing of ours): connect,
-# check the peer against the one certificate given (PEM), send the 4-byte
-# big-endian size and the request, read the reply to EOF.
-RAW_CLIENT = r"""
-import socket, ssl, sys
-host, port, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-request = sys.stdin.buffer.read()
-ctx = ssl.create_default_context(cafile=cafile)
-ctx.check_hostname = False
-with socket.create_connection((host, port), timeout=120) as raw:
-    with ctx.wrap_socket(raw) as tls:
-        tls.sendall(len(request).to_bytes(4, "big") + request)
-        chunks = []
-        while True:
-            try:
-                chunk = tls.recv(65536)
-            except (ssl.SSLEOFError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-sys.stdout.buffer.write(b"".join(chunks))
-"""
-
-
 def request_zip(krel, args, files=()):
     """The request the real 4.8 client would send for args (one argvN each)
     and files ((archive name, bytes)), for KREL on this architecture."""
@@ -389,7 +374,7 @@ def raw_request(pairings, server, request, timeout=TIMEOUT):
             out.write(ssl.DER_cert_to_PEM_cert(f.read()))
         os.replace(pem + ".tmp", pem)
     host, port = address.rsplit(":", 1)
-    proc = subprocess.run(prefix + [PYTHON, "-c", RAW_CLIENT, host, port, pem], input=request,
+    proc = subprocess.run(prefix + [PYTHON, program("raw_client"), host, port, pem], input=request,
                           capture_output=True, timeout=timeout)
     assert proc.returncode == 0 and proc.stdout, \
         f"no reply from {server} ({address}): {proc.stderr.decode(errors='replace')}"
