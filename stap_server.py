@@ -17,9 +17,11 @@ import argparse
 import calendar
 import collections
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import dataclasses
+import enum
 import errno
 import functools
 import hashlib
@@ -78,6 +80,11 @@ SECRET_FILE_OPTIONS = ("--tsig-key",)
 # compile is meant to read (--build-env: a build environment's root, the compile's view of /).
 OTHER_PATH_OPTIONS = ("--ssl", "--log", "-R", "-I", "--tmpdir", "--cache-dir", "--build-env",
                       "--kernel-cache")
+# The options that change a compiled module or its reply, each with the configuration field that
+# brings it into result_key's digest; a unit test holds every other option to its list of the rest.
+OUTPUT_OPTIONS = {"-R": "stap_options", "-I": "stap_options", "-B": "stap_options",
+                  "-D": "stap_options", "--user": "user", "--ssl": "db", "--no-sandbox": "sandbox",
+                  "--build-env": "build_envs", "--cache-dir": "cache_dir"}
 LOG_MODE, LOG_DIR_MODE = 0o640, 0o750  # the log names every client and the start of every script
 
 # --------------------------------------------------------------------------
@@ -200,51 +207,48 @@ def status_path(pid):
 
 
 def parse_config(argv, prog=PROG):
-    """The server's configuration: its options, checked, with what they imply filled in (defaults
-    that depend on the user, the database, the compile account, the archive limits, the options
-    every stap run gets)."""
-    config = build_option_parser(prog).parse_args(argv)
-    config.compile_limits = {n: getattr(config, f"compile_{n}".replace("-", "_"))
-                             for n, *_ in COMPILE_LIMITS}
+    """The server's configuration, a frozen ServerConfig: its options, checked, with what they imply
+    filled in (defaults that depend on the user, the database, the compile account, the archive
+    limits, the options every stap run gets); built once, never changed."""
+    o = build_option_parser(prog).parse_args(argv)
+    limits = {n: getattr(o, f"compile_{n}".replace("-", "_")) for n, *_ in COMPILE_LIMITS}
     for name in ["max-threads", "max-per-address", "max-compressed-request", "max-request-size",
-                 "max-pending-bytes"] + [f"compile-{n}" for n in config.compile_limits]:
-        if getattr(config, name.replace("-", "_")) < 1:
+                 "max-pending-bytes"] + [f"compile-{n}" for n in limits]:
+        if getattr(o, name.replace("-", "_")) < 1:
             raise Error(f"--{name} must be at least 1")
-    if config.fetch_kernels and not config.sandbox:
+    if o.fetch_kernels and not o.sandbox:
         raise Error("--fetch-kernels needs the sandbox: only there is a fetched kernel "
                     "presented as installed (drop --no-sandbox)")
-    if config.fetch_kernels and client.is_root():
+    if o.fetch_kernels and client.is_root():
         raise Error("--fetch-kernels: apt and dpkg-deb never run as root for a client; start "
                     "the server as an unprivileged account (the packaged unit's stap-server)")
-    config.arch = config.arch or os.uname().machine
-    config.releases = served_releases(config.releases, config.installed, config.fetch_kernels)
-    config.stap_options = (
-        (["-R", os.path.abspath(config.runtime)] if config.runtime else [])
-        + [x for d in config.includes for x in ("-I", os.path.abspath(d))]
-        + [x for b in config.kbuild for x in ("-B", b)]
-        + [x for d in config.defines for x in ("-D", d)])
-    config.db = CertDB(config.ssl or client.server_db_path())
-    config.log = config.log or os.path.join(state_dir("log"), "stap-server.log")
-    config.user = compile_user(config.user)  # None: compiles run as the server's own user
-    config.limits = Limits(  # the entries keep the client's bounds; the real server's words
-        max_total_bytes=config.max_request_size,
-        too_large="Uncompressed request size of {total} bytes is not within the expected "
-        "range of 1 to {limit} bytes (--max-request-size)")
-    config.tmpdir = os.path.abspath(config.tmpdir or tempfile.gettempdir())
-    if config.tmpdir_min_free is None:
-        config.tmpdir_min_free = default_min_free(config.tmpdir)
-    config.cache_dir = os.path.abspath(config.cache_dir or state_dir("cache"))
-    config.dns_update = dns_update_target(config)  # the zone name becomes the whole target
-    for option, path in secret_files(config):
+    tmpdir = os.path.abspath(o.tmpdir or tempfile.gettempdir())
+    cache_dir = os.path.abspath(o.cache_dir or state_dir("cache"))
+    db = CertDB(o.ssl or client.server_db_path())
+    runtime = o.runtime and os.path.abspath(o.runtime)
+    includes = tuple(map(os.path.abspath, o.includes))
+    derived = dict(  # each field of one type, whatever the options were
+        releases=tuple(served_releases(o.releases, o.installed, o.fetch_kernels)), tmpdir=tmpdir,
+        compile_limits=limits, arch=o.arch or os.uname().machine, cache_dir=cache_dir,
+        stap_options=tuple((["-R", runtime] if runtime else [])
+                           + [x for d in includes for x in ("-I", d)]
+                           + [x for b in o.kbuild for x in ("-B", b)]
+                           + [x for d in o.defines for x in ("-D", d)]),
+        log=o.log or os.path.join(state_dir("log"), "stap-server.log"), runtime=runtime,
+        user=compile_user(o.user),  # its passwd entry; None: compiles run as the server's own user
+        limits=Limits(max_total_bytes=o.max_request_size,  # else the client's bounds
+            too_large="Uncompressed request size of {total} bytes is not within the expected "
+            "range of 1 to {limit} bytes (--max-request-size)"),  # the real server's words
+        tmpdir_min_free=default_min_free(tmpdir) if o.tmpdir_min_free is None
+        else o.tmpdir_min_free,
+        db=db, dns_update=dns_update_target(o),  # (zone, server, port, key file) or None
+        build_envs=tuple(map(build_env_option, o.build_envs)),  # their versions: at start
+        includes=includes, kernel_cache=os.path.abspath(o.kernel_cache or cache_dir + "-kernels"))
+    for option, path in secret_files(o):
         check_secret_file(option, path)
-    config.mok_info = MokStore(config.db.path).check()  # the MOKs to advertise, checked
-    config.build_envs = [build_env_option(v) for v in config.build_envs]  # versions: at start
-    if config.build_envs and not config.sandbox:
+    if o.build_envs and not o.sandbox:
         raise Error("--build-env needs the sandbox: it is the compile's view of the environment")
-    config.kernel_cache = os.path.abspath(config.kernel_cache or config.cache_dir + "-kernels")
-    config.kernels = KernelCache(config.kernel_cache, config.kernel_cache_size) \
-        if config.fetch_kernels else None
-    return config
+    return ServerConfig(**{**vars(o), **derived, "mok_info": MokStore(db.path).check()})
 
 
 # --------------------------------------------------------------------------
@@ -457,9 +461,9 @@ def installed_releases():
 
 
 def compile_user(name):
-    """The dedicated account a root (or capable) server compiles as; None: as ourselves.  Never
-    root, never the shared nobody (whatever else runs as that account could tamper with compiles)
-    and never the server's own account, which owns its key."""
+    """The passwd entry of the dedicated account a root (or capable) server compiles as; None: as
+    ourselves.  Never root, never the shared nobody (whatever else runs as that account could
+    tamper with compiles) and never the server's own account, which owns its key."""
     if not can_switch_user():
         if name:
             raise Error("--user needs a server started by root or holding the capabilities "
@@ -478,7 +482,7 @@ def compile_user(name):
     if pw.pw_uid == os.geteuid():
         raise Error(f"--user {name}: the compile account must not be the server's own, "
                     "which owns its key")
-    return pw.pw_name
+    return pw
 
 
 # --------------------------------------------------------------------------
@@ -928,19 +932,20 @@ def read_regular(name, dir_fd, limit):
 
 def prepare_compile_step(config):
     """At start: the directory of stap's knowledge, a sandbox that works (or a loud warning under
-    --no-sandbox) and the stap version of each build environment."""
+    --no-sandbox); returns the configuration with the stap version of each build environment."""
     prepare_knowledge(config)
     if not config.sandbox:
         logging.warning("WARNING: --no-sandbox: compiles run unconfined and can read "
                         "everything the compile account can; results are not cached")
-        return
+        return config
     why = sandbox_trial(config, ["true"])[1]
     if why:
         raise Error(f"cannot sandbox compiles: {why}; install bubblewrap and prlimit "
                     "(Debian: bubblewrap, util-linux) and allow unprivileged user "
                     "namespaces (sysctl user.max_user_namespaces, "
                     "kernel.unprivileged_userns_clone), or start with --no-sandbox")
-    config.build_envs = [ask_build_env(config, env) for env in config.build_envs]
+    return dataclasses.replace(config, build_envs=tuple(ask_build_env(config, env)
+                                                        for env in config.build_envs))
 
 
 def sandbox_trial(config, command, root="/"):
@@ -951,7 +956,7 @@ def sandbox_trial(config, command, root="/"):
     except OSError as e:
         raise Error(f"cannot make request directories in {config.tmpdir}: {e.strerror}") from None
     try:
-        ws.hand_over(compile_account(config))
+        ws.hand_over(config.user)
         argv = sandbox_argv(config, ws.work_fd, root, config.releases) + limits_argv(config) \
             + command
         try:
@@ -981,13 +986,9 @@ def ask_build_env(config, env):
     return dataclasses.replace(env, version=version)
 
 
-def compile_account(config):
-    return pwd.getpwnam(config.user) if config.user else None
-
-
 def as_compile_account(config):
     """subprocess arguments that run a program as the compile account."""
-    account = compile_account(config)
+    account = config.user
     return dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[]) if account else {}
 
 
@@ -1046,10 +1047,8 @@ def private_masks(config, binds):
 
 
 def server_trees(config):
-    """The server's own -R and -I directories (stap_options is option, value pairs: a -B or -D
-    value that reads "-I" names no tree)."""
-    opts = config.stap_options
-    return [v for o, v in zip(opts[::2], opts[1::2]) if o in ("-R", "-I")]
+    """The server's own -R and -I directories."""
+    return ([config.runtime] if config.runtime else []) + list(config.includes)
 
 
 def limits_argv(config):
@@ -1071,12 +1070,10 @@ def stap_argv(config, req, work, runtime=None):
 
 
 def env_options(config, req):
-    """The server's stap options for req's build environment: -R names the host stap's runtime,
-    which another environment's stap must not build with."""
-    if req.build_env is None or req.build_env.root == "/":
-        return config.stap_options
-    opts = config.stap_options
-    return [x for o, v in zip(opts[::2], opts[1::2]) if o != "-R" for x in (o, v)]
+    """The server's stap options for req's build environment: -R (the first) names the host stap's
+    runtime, which another environment's stap must not build with."""
+    host = req.build_env is None or req.build_env.root == "/"
+    return list(config.stap_options[0 if host or not config.runtime else 2:])
 
 
 def compile_env(req, work, cache):
@@ -1089,7 +1086,7 @@ def run_compile(config, req, ws, knowledge=None):
     /dev/null, stdout and stderr go to files the server opened (and reads back) itself; stap's
     cache is the request's own, with copies of the kernel's knowledge in it.  A ReplyContent with
     the module as (name, bytes) and the server's paths hidden."""
-    ws.hand_over(compile_account(config), knowledge)
+    ws.hand_over(config.user, knowledge)
     on_host = req.build_env is None or req.build_env.root == "/"
     fixed = fixed_runtime(config, req.release, req.kernel) if on_host else None  # host's runtime
     if config.sandbox:
@@ -1397,9 +1394,7 @@ class FixedRuntime:
 
 def source_runtime(config):
     """The runtime stap would use: the server's -R, else the installed one."""
-    opts = config.stap_options
-    given = [v for o, v in zip(opts[::2], opts[1::2]) if o == "-R"]
-    return given[-1] if given else STOCK_RUNTIME
+    return config.runtime or STOCK_RUNTIME
 
 
 def header_trees(release, kernel=None):
@@ -2301,58 +2296,63 @@ def for_secure_boot(compiled, req, moks, tmpdir):
 
 
 class CompileService:
-    """Answers requests: the configuration, the stap version replies announce, the result cache, the
-    compile queue and the bytes held for unanswered requests.  A request is read in place from its
-    archive; it is unpacked only once a compile slot is its own, so waiting requests hold only
-    their compressed bytes."""
+    """Answers requests: the configuration, the stap version replies announce, the credentials (TLS
+    and signatures), the result cache, the compile queue, the bytes held for unanswered requests,
+    the fetched kernels.  A request is read in place from its archive; it is unpacked only once a
+    compile slot is its own, so waiting requests hold only their compressed bytes."""
 
-    def __init__(self, config, version=None):
-        self.config, self.version = config, version or stap_version()
+    def __init__(self, config, credentials, version=None):
+        self.config, self.credentials, self.version = config, credentials, version or stap_version()
         self.results = ResultCache(config.result_cache_size)
         self.compiles = CompileQueue(config.max_threads)
         self.pending = PendingBytes(config.max_pending_bytes, config.tmpdir,
                                     config.tmpdir_min_free)
         self.moks = MokStore(config.db.path)
-        self.envs = [BuildEnv(HOST_ENV, "/", self.version)] + config.build_envs
+        self.envs = [BuildEnv(HOST_ENV, "/", self.version), *config.build_envs]
+        self.kernels = KernelCache(config.kernel_cache, config.kernel_cache_size) \
+            if config.fetch_kernels else None
 
-    def handle(self, body, record, key):
-        """The signed reply bytes for one framed request body (bytes or a file); never raises for a
-        bad request or a failed compile (the client gets rc 1 and the reason).  record (a
-        RequestRecord) gets what the log says; key (a ServerKey) signs the reply and modules built
-        for stapusr/stapsys."""
-        with contextlib.ExitStack() as held:  # a fetched kernel stays while the request uses it
-            return self.answer(body, record, key, held)
+    def renewed(self, der):
+        """This service under the renewed certificate der, for connections accepted from now on:
+        the same queue, bytes and kernels; a result cache of its own (old replies, old key)."""
+        service = copy.copy(self)
+        service.credentials, service.results = Credentials(der), ResultCache(self.results.max_bytes)
+        return service
 
-    def answer(self, body, record, key, held):
-        """handle()'s work; held keeps what the request uses (a fetched kernel) until it is done."""
+    def handle(self, admission, body, record):
+        """The signed reply to what read_request admitted: a busy reason or a request body (bytes
+        or a file); never raises for a bad request or a failed compile (rc 1 and the reason)."""
         config = self.config
-        try:
-            archive = client.RequestArchive(client.open_archive(body), config.limits)
-            req = parse_request(archive, config)
-            if req.release not in config.releases and config.kernels:
-                req.kernel = held.enter_context(config.kernels.using(req.release))
-            req = dataclasses.replace(req, build_env=choose_build_env(self.envs, req))
-            cache_key = None if req.guru or not config.sandbox else result_key(
-                req, archive, config, self.version)
-        except Error as e:
-            record.update(rc=1, error=str(e))
-            return error_reply(key, self.version, str(e))
-        record.update(version=req.version, release=req.release, env=req.build_env.name,
-                      options=" ".join(req.args),
-                      guru=req.guru or None)  # the log line names guru requests only
-        reply, how = self.results.lookup(
-            cache_key, lambda: self.compile_and_sign(req, archive, record, key),
-            self.compiles.merging)
-        record.update(cache=how)
-        if how in ("hit", "merged", "merged-failed"):  # answered without compiling here
-            record.update(rc=1 if how == "merged-failed" else 0)
+        if admission is Admission.BUSY:
+            return busy_reply(self.credentials.signer, self.version, body, record)
+        with contextlib.ExitStack() as held:  # a fetched kernel stays while the request uses it
+            try:
+                archive = client.RequestArchive(client.open_archive(body), config.limits)
+                req = parse_request(archive, config)
+                if req.release not in config.releases and self.kernels:
+                    req.kernel = held.enter_context(self.kernels.using(req.release))
+                req = dataclasses.replace(req, build_env=choose_build_env(self.envs, req))
+                cache_key = None if req.guru or not config.sandbox else result_key(
+                    req, archive, config, self.version)
+            except Error as e:
+                record.update(rc=1, error=str(e))
+                return error_reply(self.credentials.signer, self.version, str(e))
+            record.update(version=req.version, release=req.release, env=req.build_env.name,
+                          options=" ".join(req.args),
+                          guru=req.guru or None)  # the log line names guru requests only
+            reply, how = self.results.lookup(
+                cache_key, lambda: self.compile_and_sign(req, archive, record),
+                self.compiles.merging)
+        record.update(cache=how.value)
+        if how not in (CacheOutcome.MISS, CacheOutcome.SKIP):  # answered without compiling here
+            record.update(rc=int(how is CacheOutcome.MERGED_FAILED))
         return reply
 
-    def compile_and_sign(self, req, archive, record, key):
+    def compile_and_sign(self, req, archive, record):
         """(signed reply, cacheable): wait for a compile slot (or a busy reply when the wait would
         be too long), unpack the request (or a busy reply when the disk has no room for it),
-        compile, sign."""
-        config = self.config
+        compile, sign (the key also signs modules built for stapusr/stapsys)."""
+        config, key = self.config, self.credentials.signer
         busy = self.compiles.busy_reason(config.max_wait, config.queue)
         if busy:
             return busy_reply(key, self.version, busy, record), False
@@ -2393,7 +2393,7 @@ class CompileService:
         """The compile again once the fetched kernel has the -dbg files need names; the first
         compile's reply, with a line that says why, when they cannot be fetched."""
         try:
-            self.config.kernels.add_debug(req.kernel, need)
+            self.kernels.add_debug(req.kernel, need)
         except Error as e:
             return compiled._replace(stderr=compiled.stderr + (
                 f"stap-serverd: ERROR: cannot fetch {DEBUG_NEEDS[need]} of {req.release}: "
@@ -2404,6 +2404,12 @@ class CompileService:
 # --------------------------------------------------------------------------
 # The result cache: repeat requests answered without running stap
 # --------------------------------------------------------------------------
+
+class CacheOutcome(enum.StrEnum):
+    """How the result cache answered (the log's cache=): with a reply it held (HIT), an identical
+    request's compiling as this one came (MERGED, MERGED_FAILED), its own (MISS; SKIP: uncached)."""
+    HIT, MERGED, MERGED_FAILED, MISS, SKIP = "hit", "merged", "merged-failed", "miss", "skip"
+
 
 class ResultCache:
     """Signed replies of successful compiles, keyed by everything that decides them; bounded in
@@ -2418,28 +2424,28 @@ class ResultCache:
         self.running = {}  # key -> its Compiling
 
     def lookup(self, key, compute, merging=contextlib.nullcontext):
-        """(reply, "hit" | "merged" | "merged-failed" | "miss" | "skip"); compute() -> (reply,
-        cacheable: it succeeded).  "merged": answered by an identical request that was compiling
-        when this one came ("merged-failed": with its failure); merging() is held meanwhile."""
+        """(reply, CacheOutcome); compute() -> (reply, cacheable: it succeeded).  MERGED: answered
+        by an identical request that was compiling when this one came (MERGED_FAILED: with its
+        failure); merging() is held meanwhile."""
         if key is None or self.max_bytes <= 0:
-            return compute()[0], "skip"
+            return compute()[0], CacheOutcome.SKIP
         with self.lock:
             if key in self.entries:
                 self.entries.move_to_end(key)
-                return self.entries[key], "hit"
+                return self.entries[key], CacheOutcome.HIT
             first = key not in self.running
             compiling = self.running.setdefault(key, Compiling())
         if not first:
             with merging():
                 compiling.done.wait()
             if compiling.reply is not None:
-                return compiling.reply, "merged" if compiling.ok else "merged-failed"
-            return compute()[0], "miss"  # its compile broke down: try ours
+                return compiling.reply, CacheOutcome("merged" if compiling.ok else "merged-failed")
+            return compute()[0], CacheOutcome.MISS  # its compile broke down: try ours
         try:
             compiling.reply, compiling.ok = compute()
             if compiling.ok:
                 self.store(key, compiling.reply)
-            return compiling.reply, "miss"
+            return compiling.reply, CacheOutcome.MISS
         finally:
             with self.lock:
                 del self.running[key]
@@ -2471,19 +2477,18 @@ UNCACHED_OPTIONS = ("-v", "--vp", "-t", "--benchmark")
 def result_key(req, archive, config, version):
     """A digest of everything that decides the reply: every field of the parsed request (its
     arguments, release, locale and the notices that locale gave, privilege...), every file of the
-    request, the server's options and identity, and stamps of stap, its tapsets and runtime and the
-    kernel build tree; None when the request must not be cached.  The client's protocol version is
-    left out: it changes nothing in the reply."""
+    request, the fields the server's OUTPUT_OPTIONS reach, and stamps of stap, its tapsets and
+    runtime and the kernel build tree; None when the request must not be cached.  The client's
+    protocol version is left out: it changes nothing in the reply."""
     if any(a.startswith(UNCACHED_OPTIONS) for a in req.args):
         return None
     h = hashlib.sha256()
     fields = dataclasses.replace(req, version=None, kernel=None)
     fetched = req.kernel and stat_line(os.path.join(req.kernel.root, "lib", "modules",
                                                     req.release)).decode()  # a new inode if new
-    for part in [version, config.user or "", repr(dataclasses.astuple(fields)),
-                 archive.digest(skip=("version",)),
-                 installation_stamp(config, req.release, req.build_env), fetched or "",
-                 config.db.path] + config.stap_options:
+    for part in [version, repr([getattr(config, f) for f in sorted(set(OUTPUT_OPTIONS.values()))]),
+                 repr(dataclasses.astuple(fields)), archive.digest(skip=("version",)),
+                 installation_stamp(config, req.release, req.build_env), fetched or ""]:
         h.update(part.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
 
@@ -2526,7 +2531,7 @@ def stat_line(path):
 #
 #   socketserver.TCPServer + ThreadingMixIn
 #    └─ CompileServer     the socket, admission (connections, per-address
-#                         slots), its CompileService (result cache, compile
+#                         slots), its CompileService (credentials, result cache,
 #                         queue, pending bytes), renewal checks between accepts
 #   ConnectionTable       the connections held; when full, a newcomer
 #                         evicts the largest holder's oldest unread one
@@ -2552,8 +2557,8 @@ def init_nss(config):
 
 
 class Credentials:
-    """The server certificate der, its key for TLS and for signing; a renewal puts new Credentials
-    in place for connections accepted from then on."""
+    """The server certificate der, its key for TLS and for signing; a renewal puts a CompileService
+    with new Credentials in place for connections accepted from then on."""
 
     def __init__(self, der):
         nss = client.nss_modules()[0]
@@ -2621,8 +2626,7 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def __init__(self, config, der):
         init_nss(config)
         self.config = config
-        self.credentials = Credentials(der)
-        self.service = CompileService(config)
+        self.service = CompileService(config, Credentials(der))
         self.drops = DropCounts()
         self.unread = AddressSlots(config.max_per_address, self.drops)
         self.table = ConnectionTable(descriptors_for_connections(), self.unread, self.drops)
@@ -2682,17 +2686,16 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def renew_if_expiring(self):
         """Replace a certificate that expires within 30 days.  True if renewed."""
-        if not expires_within(self.credentials.der, RENEW_BEFORE):
+        if not expires_within(self.service.credentials.der, RENEW_BEFORE):
             return False
         try:
-            self.credentials = Credentials(ensure_server_certificate(self.config.db))
+            self.service = self.service.renewed(ensure_server_certificate(self.config.db))
         except Error as e:
             logging.error("certificate renewal failed: %s", e)
             return False
-        der = self.credentials.der
+        der = self.service.credentials.der
         logging.info("renewed the server certificate while running: serial %s, SHA-256 "
                      "fingerprint %s", certinfo(der), client.fingerprint(der))
-        self.service.results = ResultCache(self.config.result_cache_size)  # old signatures
         write_status(self.config, self.port, der)
         self.on_renewal(der)
         return True
@@ -2716,15 +2719,15 @@ class PendingBytes:
         self.held, self.lock = 0, threading.Lock()
 
     def reserve(self, size):
-        """Hold size bytes; or, when they do not fit, a Busy saying why."""
+        """Hold size bytes; or, when they do not fit, say why (the text of a busy reply)."""
         with self.lock:
             if self.held + size > self.limit:
-                return Busy(f"{self.held} bytes of requests are pending (--max-pending-bytes "
-                            f"{self.limit})")
+                return (f"{self.held} bytes of requests are pending (--max-pending-bytes "
+                        f"{self.limit})")
             free = self.free_space()
             if free - size < self.min_free:
-                return Busy(f"{self.tmpdir} has {free} bytes free, and a request of {size} "
-                            f"would leave less than --tmpdir-min-free {self.min_free}")
+                return (f"{self.tmpdir} has {free} bytes free, and a request of {size} "
+                        f"would leave less than --tmpdir-min-free {self.min_free}")
             self.held += size
             return None
 
@@ -2756,15 +2759,13 @@ class CompileHandler(socketserver.BaseRequestHandler):
         if not self.admitted:  # its address kept all its slots busy all along
             return
         _, _, nio, nerror = client.nss_modules()
-        config = self.server.config
+        service, config = self.server.service, self.server.config  # one certificate throughout
         try:
-            self.credentials = self.server.credentials  # one certificate for TLS and signing
-            self.sock = self.credentials.accept_tls(self.request, config.handshake_timeout)
-            with read_request(self.sock, self.record, config,
-                              self.server.service.pending) as body:
+            self.sock = service.credentials.accept_tls(self.request, config.handshake_timeout)
+            with read_request(self.sock, self.record, service) as (admission, body):
                 self.request_read()
-                if body is not None and not self.conn.evicted:
-                    reply = self.answer(body)
+                if admission is not Admission.NOTHING and not self.conn.evicted:
+                    reply = service.handle(admission, body, self.record)
                     self.sock.sendall(reply, client.nss_interval(config.io_timeout
                                                                  + len(reply) / 1e5))
                     self.sock.shutdown(nio.PR_SHUTDOWN_BOTH)
@@ -2792,17 +2793,10 @@ class CompileHandler(socketserver.BaseRequestHandler):
         self.record.seconds = f"{time.monotonic() - self.started:.3f}"
         logging.info("%s", self.record.log_line())
 
-    def answer(self, body):
-        """The reply to the request body, or a busy reply at once when too many bytes are pending
-        (body is then the Busy reason)."""
-        service, signer = self.server.service, self.credentials.signer
-        if isinstance(body, Busy):
-            return busy_reply(signer, service.version, body, self.record)
-        return service.handle(body, self.record, signer)
 
-
-class Busy(str):
-    """Why a request cannot wait for a compile slot: the text of a busy reply."""
+class Admission(enum.Enum):
+    """How read_request ends: READ (a body), BUSY (a busy reply's reason), NOTHING to answer."""
+    READ, BUSY, NOTHING = "read", "busy", "nothing"
 
 
 class Turn(threading.Event):
@@ -2881,14 +2875,14 @@ class CompileQueue(FifoSlots):
         self.recent = 5.0  # seconds a compile takes, smoothed (a first guess)
 
     def busy_reason(self, max_wait, max_queue=None):
-        """Why a newcomer cannot wait for a slot (a Busy), or None."""
+        """Why a newcomer cannot wait for a slot (the text of a busy reply), or None."""
         running, ahead = self.counts()
         wait = self.expected_wait(running, ahead)
         if running >= self.limit and (wait > max_wait or
                                             (max_queue is not None and ahead >= max_queue)):
-            return Busy(f"{ahead} requests wait for {self.limit} compile slots; "
-                        f"the expected wait of {wait:.0f} s is over the server's limit "
-                        f"of {max_wait:.0f} s")
+            return (f"{ahead} requests wait for {self.limit} compile slots; "
+                    f"the expected wait of {wait:.0f} s is over the server's limit "
+                    f"of {max_wait:.0f} s")
         return None
 
     def expected_wait(self, running, ahead):
@@ -3131,37 +3125,37 @@ LOG_LINE_MAX = 1900  # a whole line stays under 2 KB with the time stamp
 
 
 @contextlib.contextmanager
-def read_request(sock, record, config, pending):
-    """The request body spooled into an anonymous file (None for a certificate-only probe or a bad
-    frame); its announced size is held in pending (--max-pending-bytes) until the reply has gone."""
-    deadline = time.monotonic() + config.io_timeout
+def read_request(sock, record, service):
+    """(Admission, the request body spooled into an anonymous file, or the reason of a busy reply);
+    its announced size is held in the service's pending bytes until the reply has gone."""
+    deadline = time.monotonic() + service.config.io_timeout
     quick_ack(sock)
     size = record.size = int.from_bytes(read_exactly(sock, 4, deadline), "big", signed=True)
-    if size <= 0 or size > config.max_compressed_request:
+    if size <= 0 or size > service.config.max_compressed_request:
         record.fail("certificate fetch" if size == 0 else f"bad request size {size}"
                     if size < 0 else  # the real server's words, for log searches
                     f"Error size of (compressed) request file is too large: {size} "
-                    f"bytes (--max-compressed-request {config.max_compressed_request})")
-        yield None
+                    f"bytes (--max-compressed-request {service.config.max_compressed_request})")
+        yield Admission.NOTHING, None
         return
-    busy = pending.reserve(size)
+    busy = service.pending.reserve(size)
     if busy:  # drain it: a close with unread bytes would reset the reply
         with open(os.devnull, "wb") as sink:
             spool(sock, sink, size, deadline + size / 1e5)
-        yield busy
+        yield Admission.BUSY, busy
         return
     try:
-        with tempfile.TemporaryFile(dir=config.tmpdir) as body:
+        with tempfile.TemporaryFile(dir=service.config.tmpdir) as body:
             quick_ack(sock)
             spool(sock, body, size, deadline + size / 1e5)
             if more_data_waiting(sock):
                 record.fail("more bytes than announced")
-                yield None
+                yield Admission.NOTHING, None
                 return
             body.seek(0)
-            yield body
+            yield Admission.READ, body
     finally:
-        pending.give_back(size)
+        service.pending.give_back(size)
 
 
 def spool(sock, out, n, deadline):
@@ -3824,7 +3818,7 @@ def stderr_is_log(path):
 
 def serve(config):
     der = ensure_server_certificate(config.db)
-    prepare_compile_step(config)
+    config = prepare_compile_step(config)
     for release in config.releases:  # each fixed runtime made, and its fixes logged, at start
         fixed_runtime(config, release)
     server = CompileServer(config, der)
@@ -3934,8 +3928,8 @@ class Advertising:
 def served_text(config):
     """What the server serves, for its log: its installed releases and, when it fetches, the others
     on demand."""
-    return ", ".join(config.releases + (["kernels fetched on demand"]
-                                        if config.fetch_kernels else []))
+    return ", ".join(config.releases + (("kernels fetched on demand",)
+                                        if config.fetch_kernels else ()))
 
 
 def advertised_sysinfos(config):
@@ -4055,6 +4049,12 @@ COMMANDS = {
     "stap-stop-server": stap_stop_server,
     "stap-find-or-start-server": stap_find_or_start_server,
 }
+
+
+# parse_config's result, a field per option and more; made last: --advertise names the publishers.
+ServerConfig = dataclasses.make_dataclass("ServerConfig", [
+    *vars(build_option_parser(PROG).parse_args([])), "compile_limits", "stap_options", "db",
+    "limits", "mok_info"], frozen=True)
 
 
 def main():

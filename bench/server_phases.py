@@ -47,13 +47,14 @@ def main(argv):
     sep = argv.index("--")
     krel, rt, script, p, reps = argv[:sep]
     srv_opts = argv[sep + 1:]
-    cfg_argv = ["--listen", "127.0.0.1", "-r", krel] + (["-R", rt] if rt else []) + srv_opts
+    cfg_argv = ["--listen", "127.0.0.1", "-r", krel, "--result-cache-size", "0"]  # stap each round
+    cfg_argv += (["-R", rt] if rt else []) + srv_opts
     config = server.parse_config(cfg_argv)
     inv = client.parse_stap_args(["-r", krel, f"-p{p}", script])
     data, _ = client.build_request(inv)
     version = server.stap_version()
     client.open_databases([config.db])
-    key = server.ServerKey(server.newest_certificate(config.db))
+    credentials = server.Credentials(server.newest_certificate(config.db))
     wrap(client, "extract_archive", "unpack (extract_archive)")
     wrap(server, "parse_request")
     wrap(server, "run_compile", "run_compile (stap in the sandbox, as the compile account)")
@@ -62,12 +63,11 @@ def main(argv):
     wrap(server, "result_key")
     wrap(server.subprocess, "Popen", "  subprocess.Popen() calls (fork+exec, all)")
     totals = []
-    config.result_cache_size = 0  # every round runs stap
-    service = server.CompileService(config, version)
+    service = server.CompileService(config, credentials, version)
     for _ in range(int(reps) + 1):
         record = server.RequestRecord()
         t = time.perf_counter()
-        service.handle(data, record, key)
+        service.handle(server.Admission.READ, data, record)
         totals.append((time.perf_counter() - t) * 1000)
     # the first round is a warm-up
     out = {"CompileService.handle total": statistics.median(totals[1:])}

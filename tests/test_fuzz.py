@@ -51,13 +51,14 @@ def fuzz_env(krel):
         config = stap_server.parse_config(
             ["-r", krel, "--ssl", db.path, "--tmpdir", tmpdir, "--cache-dir", cache,
              "--max-compressed-request", str(MAX_REQUEST), "--max-request-size", str(1 << 20),
-             "--log", box.path("server.log")])
-        stap_server.prepare_compile_step(config)  # the knowledge directory, a working sandbox
+             "--log", box.path("server.log"), "--tmpdir-min-free", "0"])
+        config = stap_server.prepare_compile_step(config)  # the knowledge directory, a sandbox
         stap_client.open_databases([db])  # read-only, beside the tests' client databases
-        key = stap_server.ServerKey(der)
+        credentials = stap_server.Credentials(der)
         client_db = stap_client.CertDB(stap_client.global_client_db_path())
-        yield types.SimpleNamespace(config=config, watch=watch, tmpdir=tmpdir, der=der, key=key,
-                                    client_dbs=[client_db], box=box, krel=krel)
+        yield types.SimpleNamespace(config=config, watch=watch, tmpdir=tmpdir, der=der,
+                                    credentials=credentials, client_dbs=[client_db], box=box,
+                                    krel=krel)
     shutil.rmtree(box.top, ignore_errors=True)
 
 
@@ -207,8 +208,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=10000, database=None,
 def test_request_decoder_fuzz(fuzz_env, krel):
     env = fuzz_env
     stats = {"inputs": 0, "framing refused": 0, "rc 0": 0, "rc 1": 0}
-    pending = stap_server.PendingBytes(env.config.max_pending_bytes, env.config.tmpdir, 0)
-    service = stap_server.CompileService(env.config, "4.8")
+    service = stap_server.CompileService(env.config, env.credentials, "4.8")
     reasons = {}
     started = time.monotonic()
 
@@ -223,9 +223,9 @@ def test_request_decoder_fuzz(fuzz_env, krel):
         got = None
         if len(framed) >= 4:
             try:
-                with stap_server.read_request(FakeSocket(framed, piece), record, env.config,
-                                              pending) as body:
-                    got = body.read() if body is not None else None
+                with stap_server.read_request(FakeSocket(framed, piece), record, service) as (
+                        admission, body):
+                    got = body.read() if admission is stap_server.Admission.READ else None
             except stap_client.Error:
                 got = None
         if got is None:
@@ -234,7 +234,7 @@ def test_request_decoder_fuzz(fuzz_env, krel):
             reasons[why] = reasons.get(why, 0) + 1
             return
         t = time.monotonic()
-        reply = service.handle(got, record, env.key)  # never raises
+        reply = service.handle(stap_server.Admission.READ, got, record)  # never raises
         stats[f"rc {check_reply(reply)}"] += 1
         assert time.monotonic() - t < 30, "the decoder hung"
         assert outside_files(env) == [], "written outside the request directory"

@@ -50,7 +50,7 @@ def fixed_copies(cache_dir):
 def test_pass_4_without_R_uses_the_servers_fixed_runtime(needs_fix, servers, sandbox, krel,
                                                           cache_dir):
     srv = servers.start(sandbox, krel, cache=cache_dir)
-    fixed = stap_server.runtime_copy(types.SimpleNamespace(stap_options=[], cache_dir=cache_dir),
+    fixed = stap_server.runtime_copy(types.SimpleNamespace(runtime=None, cache_dir=cache_dir),
                                      stap_server.header_trees(krel))
     logged = (f"runtime fix task_work_cancel_func for {krel}: the kernel renamed "
               f"task_work_cancel to task_work_cancel_func (runtime {fixed.path})")

@@ -13,8 +13,8 @@ import shared
 from hardening_helpers import zip_bytes
 
 import stap_server
-from stap_client import Limits, ReplyContent, RequestArchive, open_archive, reply_entries
-from stap_server import Request, ResultCache, result_key
+from stap_client import CertDB, Limits, ReplyContent, RequestArchive, open_archive, reply_entries
+from stap_server import OUTPUT_OPTIONS, BuildEnv, Request, ResultCache, result_key
 
 pytestmark = pytest.mark.unit
 
@@ -108,14 +108,12 @@ def test_identical_requests_arriving_together(cacheable):
 # result_key: what makes two requests the same
 # --------------------------------------------------------------------------
 
-class Db:
-    path = "/srv/ssl/server"
-
-
 def config(**changes):
-    fields = dict(user="stap-compile", stap_options=["-I", "/srv/tapsets"], db=Db())
-    fields.update(changes)
-    return type("Config", (), fields)()
+    """The configuration's fields that result_key reads (OUTPUT_OPTIONS'), with changes."""
+    fields = dict(user="stap-compile", stap_options=("-I", "/srv/tapsets"), sandbox=True,
+                  db=CertDB("/srv/ssl/server"), build_envs=(), cache_dir="/var/cache/stap-server",
+                  runtime=None, includes=("/srv/tapsets",))
+    return types.SimpleNamespace(**{**fields, **changes})
 
 
 def request(*args, env=None):
@@ -173,10 +171,19 @@ def test_whatever_decides_the_reply_changes_the_key(top, change):
     elif change == "server options":
         cfg = config(stap_options=[])
     elif change == "database":
-        cfg = config(db=type("Db", (), {"path": "/other"})())
+        cfg = config(db=CertDB("/other"))
     elif change == "protocol":
         version = "4.9"
     assert key(top, req, cfg, version) != before
+
+
+@pytest.mark.parametrize("field", sorted(set(OUTPUT_OPTIONS.values())))
+def test_every_output_option_changes_the_key(top, field):
+    """Each field that the declared output-relevant options reach is in the key."""
+    other = {"user": None, "stap_options": ("-D", "X=1"), "db": CertDB("/other"),
+             "sandbox": False, "build_envs": (BuildEnv("old", "/srv/old", "4.8"),),
+             "cache_dir": "/srv/cache"}[field]
+    assert key(top, cfg=config(**{field: other})) != key(top)
 
 
 # Each request entry, varied: (name, new content); None removes the entry.
@@ -203,8 +210,8 @@ def test_every_byte_of_a_reply_is_a_function_of_its_key(monkeypatch):
     compile can see (the parsed request and every file): where two requests share a key, their
     replies are the same byte for byte (a cached reply never carries another client's text)."""
     monkeypatch.setenv("SYSTEMTAP_STAP", "/bin/true")
-    cfg = types.SimpleNamespace(releases=["6.1.0-1-amd64", "6.1.0-2-amd64"], arch="x86_64",
-                                allow_guru=False, user="stap-compile", stap_options=[], db=Db())
+    cfg = types.SimpleNamespace(**vars(config(stap_options=())), allow_guru=False, arch="x86_64",
+                                releases=("6.1.0-1-amd64", "6.1.0-2-amd64"))
     base = Files({"version": "4.8", "sysinfo": "sysinfo: 6.1.0-1-amd64 x86_64", "argv1": "-p4",
                   "argv2": "-Itapset/t", "argv3": "script/x.stp", "script/x.stp": "probe begin {}",
                   "tapset/t/a.stp": "function f() { return 0 }", "locale": "LANG=C.UTF-8\n"})
@@ -234,14 +241,18 @@ def test_the_installation_stamp_follows_stap(tmp_path, monkeypatch):
     stap.write_text("#!/bin/sh\n")
     monkeypatch.setenv("SYSTEMTAP_STAP", str(stap))
     monkeypatch.setattr(stap_server, "_stamps", {})
-    before = stap_server.installation_stamp(config(stap_options=[]), "no-such-release")
+    before = stap_server.installation_stamp(config(includes=()), "no-such-release")
     stap.write_text("#!/bin/sh\necho another stap\n")
     monkeypatch.setattr(stap_server, "_stamps", {})  # not within STAMP_TTL of the last look
-    assert stap_server.installation_stamp(config(stap_options=[]), "no-such-release") != before
+    assert stap_server.installation_stamp(config(includes=()), "no-such-release") != before
 
 
-def test_server_trees_are_the_values_of_its_own_R_and_I():
-    """stap_options is option, value pairs: a -B or -D whose value reads "-I" names no tree."""
-    cfg = types.SimpleNamespace(stap_options=["-R", "/rt", "-B", "-I", "-D", "/not-a-tree",
-                                              "-I", "/tapsets"])
+def test_server_trees_are_the_values_of_its_own_R_and_I(tmp_path):
+    """Only -R and -I name trees: a -B or -D whose value reads "-I" names none."""
+    if not stap_server.installed_releases():
+        pytest.skip("no kernel build tree is installed (/lib/modules/*/build) to serve")
+    cfg = stap_server.parse_config(["-r", stap_server.installed_releases()[0], "--ssl",
+                                    str(tmp_path / "db"), "-R", "/rt", "-B-I", "-D/not-a-tree",
+                                    "-I", "/tapsets"])
     assert stap_server.server_trees(cfg) == ["/rt", "/tapsets"]
+    assert cfg.stap_options == ("-R", "/rt", "-I", "/tapsets", "-B", "-I", "-D", "/not-a-tree")

@@ -55,7 +55,7 @@ def trees(tmp_path):
 def config_for(tmp_path, runtime):
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o755, exist_ok=True)
-    return types.SimpleNamespace(stap_options=["-R", runtime], cache_dir=str(cache))
+    return types.SimpleNamespace(runtime=runtime, cache_dir=str(cache))
 
 
 def test_the_fix_is_needed_only_when_both_feature_tests_match(trees):

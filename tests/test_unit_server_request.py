@@ -4,6 +4,7 @@ pass 5 lowered to 4), guru mode, the locale passed to stap, the compile's
 limits and how a broken one is told, the reply's entries, the log line, and
 the names and texts it advertises with."""
 
+import dataclasses
 import os
 import pathlib
 import re
@@ -25,10 +26,12 @@ from stap_client import (
 from stap_server import (
     COMPILE_LIMITS,
     OTHER_PATH_OPTIONS,
+    OUTPUT_OPTIONS,
     SECRET_FILE_OPTIONS,
     Offer,
     Request,
     RequestRecord,
+    ServerConfig,
     address_key,
     alternative_name,
     build_option_parser,
@@ -102,9 +105,9 @@ def test_dash_i_serves_every_installed_build_tree():
         assert refused(parse_config, ["-i"]) == \
             "-i: no kernel build tree is installed (/lib/modules/*/build)"
         return
-    assert parse_config(["-i"]).releases == installed
+    assert parse_config(["-i"]).releases == tuple(installed)
     assert parse_config(["-i", "-r", installed[-1]]).releases == \
-        [installed[-1]] + installed[:-1]  # -r first, then the rest, each once
+        (installed[-1], *installed[:-1])  # -r first, then the rest, each once
 
 
 def test_fetching_kernels_needs_the_sandbox():
@@ -135,6 +138,51 @@ def test_every_path_option_is_classified_as_secret_or_not():
     assert not set(SECRET_FILE_OPTIONS) & set(OTHER_PATH_OPTIONS)
     config = build_option_parser("stap-serverd").parse_args(["--tsig-key", "k", "--log", "l"])
     assert secret_files(config) == [("--tsig-key", os.path.abspath("k"))]
+
+
+# The options reviewed as deciding nothing in a reply: they bound, place or announce the server, or
+# decide only which requests it takes (a request's release, architecture and fetched kernel tree are
+# in the result cache's key from the request; failed compiles and guru mode are never cached).
+OTHER_OPTIONS = ("--port", "--listen", "--log", "-r", "-i", "--fetch-kernels", "--kernel-cache",
+                 "--kernel-cache-size", "-a", "--max-threads", "--max-wait", "--queue",
+                 "--allow-guru", "--max-compressed-request", "--max-request-size",
+                 "--max-pending-bytes", "--tmpdir-min-free", "--io-timeout", "--handshake-timeout",
+                 "--max-per-address", "--compile-timeout", "--result-cache-size", "--renew-check",
+                 "--tmpdir", "--dns-update", "--dns-server", "--tsig-key", "--load-refresh",
+                 "--advertise", *(f"--compile-{n}" for n, *_ in COMPILE_LIMITS))
+
+
+def test_every_option_is_classified_as_deciding_the_reply_or_not():
+    """A new option that changes the compiled module or the reply must be declared so, naming the
+    configuration field through which it reaches the result cache's key (else the cache answers
+    with replies made before it changed); one that does not must be declared so too."""
+    actions = build_option_parser("stap-serverd")._actions
+    options = {a.option_strings[0] for a in actions if a.dest != "help"}
+    assert options - set(OTHER_OPTIONS) == set(OUTPUT_OPTIONS), \
+        "an option changes the reply (OUTPUT_OPTIONS) or not (OTHER_OPTIONS here): declare which"
+    assert options == set(OUTPUT_OPTIONS) | set(OTHER_OPTIONS)
+    assert not set(OUTPUT_OPTIONS) & set(OTHER_OPTIONS)
+    assert set(OUTPUT_OPTIONS.values()) <= {f.name for f in dataclasses.fields(ServerConfig)}
+
+
+def test_the_configuration_is_built_once_and_never_changes(tmp_path):
+    """parse_config's derived fields each have one type (--dns-update's zone becomes the whole
+    target, in a field of its own name, only once); nothing changes them afterwards."""
+    key = tmp_path / "k.key"
+    key.write_text("key")
+    key.chmod(0o600)
+    if not stap_server.installed_releases():
+        pytest.skip("no kernel build tree is installed (/lib/modules/*/build) to serve")
+    release = stap_server.installed_releases()[0]
+    config = parse_config(["-r", release, "--ssl", str(tmp_path / "db"), "--tmpdir",
+                           str(tmp_path), "--cache-dir", str(tmp_path / "c"), "--dns-update",
+                           "example.test", "--dns-server", "10.0.0.53", "--tsig-key", str(key)])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.port = 1
+    assert (config.releases, config.tmpdir, config.kernel_cache, config.dns_update) == \
+        ((release,), str(tmp_path), str(tmp_path / "c") + "-kernels",
+         ("example.test.", "10.0.0.53", 53, str(key)))
+    assert config.stap_options == () and config.compile_limits["disk"] == 1 << 30
 
 
 def test_a_secret_file_must_be_private(tmp_path):

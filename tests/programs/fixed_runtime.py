@@ -8,6 +8,6 @@ import types
 sys.path.insert(0, sys.argv[1])
 import stap_server as s  # noqa: E402
 
-fixed = s.runtime_copy(types.SimpleNamespace(stap_options=[], cache_dir=sys.argv[3]),
+fixed = s.runtime_copy(types.SimpleNamespace(runtime=None, cache_dir=sys.argv[3]),
                        s.header_trees(sys.argv[2]))
 print(fixed.path if fixed else "")

@@ -36,7 +36,7 @@ before = presented()
 told = []
 server.on_renewal = told.append  # stap-serverd re-advertises the new serial here
 renewed = server.renew_if_expiring()
-assert told == [server.credentials.der]
+assert told == [server.service.credentials.der]
 after = presented()
 server.shutdown()
 print(json.dumps({"old": old == before, "renewed": renewed, "new": after.hex(),
