@@ -575,7 +575,7 @@ class Request:
     moks: tuple = ()  # the client's enrolled systemtap MOKs (or "missing"): sign for Secure Boot
     build_env: "BuildEnv" = None  # where it compiles (None: the host), chosen per request
     kernel: object = None  # a FetchedKernel, for a release that is not installed
-    traces: bool = False  # its scripts name kernel.trace: it gets the tracepoint query modules
+    traces: bool = False  # its scripts name kernel.trace: it waits for the tracepoint queries
 
 
 def parse_request(archive, config):
@@ -1400,7 +1400,7 @@ def store_knowledge(path, files):
 
 
 # For a kernel.trace probe stap 4.8 builds a tracepoint query module for each header of the
-# kernel's tracepoints (cache/XX/tracequery_HASH.o, an empty file for a header without any; for
+# kernel's tracepoints (cache/XX/tracequery_HASH_N.o, an empty file for a header without any; for
 # the 6.1 headers 172 objects, 40 MB, about 90 CPU-seconds) and, on a cache hit, only opens them
 # for reading.  The server makes them once per kernel with its own warm-up (-p2, its own script)
 # into CACHE_DIR/knowledge/RELEASE-ARCH-STAMP.tracequery/; a compile sees that directory
@@ -1410,7 +1410,7 @@ TRACEQUERY_KNOWLEDGE = KnowledgeKind(
     "stap tracepoint knowledge",
     ("-p2", "-e", 'probe kernel.trace("sched_switch")?, begin { exit() }'),
     re.compile(r"tracequery_[0-9a-f]+_\d+\.o"), 64 << 20, 4096, "it made no tracepoint query")
-TRACEQUERY_DIR = ".tracequery"  # the kernel's knowledge directory's name, and this
+TRACEQUERY_DIR = ".tracequery"  # their directory: the kernel's knowledge directory's name + this
 SANDBOX_TRACEQUERY = "/stap/tracequery"
 TRACE_PROBE = re.compile(rb"\bkernel\s*\.\s*trace\b")
 
@@ -1436,18 +1436,21 @@ def names_tracepoints(scripts, archive):
 
 
 def trace_knowledge(config, req):
-    """{path in stap's cache: SharedFile} of the kernel's tracepoint query modules for a compile
-    of req ({} when its scripts name no kernel.trace, or there are none); the first such request
-    for a kernel waits for the server's warm-up, as others for that kernel meanwhile."""
-    if not req.traces:
-        return {}
+    """{path in stap's cache: SharedFile} of the kernel's tracepoint query modules, for any
+    compile of req's kernel ({} when there are none yet): a tapset's probe alias may use
+    kernel.trace too.  The first request for a kernel whose scripts name kernel.trace waits for
+    the server's warm-up, as others naming it meanwhile; other requests never wait for it."""
     path = knowledge_path(config, req) + TRACEQUERY_DIR
     with _knowledge_lock:
         known = _knowledge.setdefault(path, KernelKnowledge())
-    with known.lock:
-        if known.files is None or (not known.files
+    if not known.lock.acquire(blocking=req.traces):
+        return {}  # a warm-up is running
+    try:
+        if known.files is None or (req.traces and not known.files
                                    and time.monotonic() - known.failed > WARM_UP_RETRY):
             names = load_knowledge(path, TRACEQUERY_KNOWLEDGE, is_regular)
+            if names is None and not req.traces:
+                return {}
             if names is None:
                 names = warm_up(config, req.release, path, req.build_env, req.kernel,
                                 TRACEQUERY_KNOWLEDGE)
@@ -1455,6 +1458,8 @@ def trace_knowledge(config, req):
             view = SANDBOX_TRACEQUERY if config.sandbox else path
             known.files = {rel: SharedFile(path, view, rel) for rel in names}
         return known.files
+    finally:
+        known.lock.release()
 
 
 def learn_tracepoints(config, req):
@@ -1485,6 +1490,8 @@ def shared_binds(knowledge):
     read-only."""
     shown = sorted({(f.top, f.view) for f in knowledge.values() if isinstance(f, SharedFile)})
     return [arg for top, view in shown if top != view for arg in ("--ro-bind", top, view)]
+
+
 # The stap runtime, fixed per kernel: the known fixes are data
 # --------------------------------------------------------------------------
 
