@@ -4,6 +4,7 @@ headers).  The server's own warm-up builds them once per kernel; later compiles 
 links in their own stap cache, read-only, and a compromised compile cannot change them.  The
 servers use the tests' shared --cache-dir, so a warm run pays no warm-up."""
 
+import filecmp
 import hashlib
 import os
 import re
@@ -107,9 +108,7 @@ def test_compromised_compile_cannot_change_the_tracepoint_queries(servers, sandb
     can find; the files stay the server's bytes, and the next real compile uses them, unbuilt."""
     made = stand_in_stap(sandbox, POISON.replace("{trojan}", TROJAN.decode()))
     stand_in = os.path.join(shared_dir, "stap-poisoner")  # kept: its stamp keeps the knowledge
-    with open(made, "rb") as f:
-        body = f.read()
-    if not os.path.exists(stand_in) or open(stand_in, "rb").read() != body:
+    if not os.path.exists(stand_in) or not filecmp.cmp(made, stand_in, shallow=False):
         shutil.copy(made, stand_in)
     sandbox.env["SYSTEMTAP_STAP"] = stand_in
     srv = servers.start(sandbox, krel, runtime, cache=cache_dir)
