@@ -582,6 +582,7 @@ class Request:
     moks: tuple = ()  # the client's enrolled systemtap MOKs (or "missing"): sign for Secure Boot
     build_env: "BuildEnv" = None  # where it compiles (None: the host), chosen per request
     kernel: object = None  # a FetchedKernel, for a release that is not installed
+    traces: bool = False  # its scripts name kernel.trace: it waits for the tracepoint queries
 
 
 def parse_request(archive, config):
@@ -616,7 +617,8 @@ def parse_request(archive, config):
         raise Error(f"{guru}: guru mode is not allowed on this server")
     env, notices = locale_env(read("locale"))
     return Request(version, release, arch, args, env, lowered, guru=bool(guru), signed=signed,
-                   notices=notices, moks=mok_fingerprints(read("mok_fingerprints")))
+                   notices=notices, moks=mok_fingerprints(read("mok_fingerprints")),
+                   traces=names_tracepoints(scripts, archive))
 
 
 MOK_FINGERPRINT = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){19}$")  # SHA-1, as mokutil prints it
@@ -829,7 +831,8 @@ class Workspace:
 
     def private_cache(self, knowledge):
         """Make work/.systemtap/cache with a copy of each knowledge file in it (0644, the
-        server's); return the directories made, which the compile account gets."""
+        server's), or a link for a SharedFile; return the directories made, which the compile
+        account gets."""
         try:
             os.mkdir(STAP_DIR, 0o755, dir_fd=self.work_fd)
         except FileExistsError:
@@ -842,28 +845,44 @@ class Workspace:
             if sub not in made:
                 os.mkdir(sub, 0o755, dir_fd=self.work_fd)
                 made.append(sub)
+            if isinstance(data, SharedFile):
+                os.symlink(data.target, f"{made[1]}/{rel}", dir_fd=self.work_fd)
+                continue
             fd = os.open(f"{made[1]}/{rel}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                          0o644, dir_fd=self.work_fd)
             with open(fd, "wb") as f:
                 f.write(data)
         return made
 
-    def stap_knowledge(self):
-        """{path in stap's cache: bytes} of the kernel configuration headers (stapconf_*.h) that
-        stap left in this request's own cache; read through descriptors, links and other odd
-        entries skipped."""
+    def stap_knowledge(self, kind=None):
+        """{path in stap's cache: bytes} of the kernel configuration headers (stapconf_*.h; or the
+        files of another kind of knowledge) that stap left in this request's own cache; read
+        through descriptors, links and other odd entries skipped."""
+        kind = kind or CONFIG_KNOWLEDGE
         found = {}
+        for sub, name, sub_fd in self.cache_entries(kind.file):
+            data = read_regular(name, sub_fd, kind.limit)
+            if data is not None and len(found) < kind.most:
+                found[f"{sub}/{name}"] = data
+        return found
+
+    def cache_entries(self, pattern):
+        """(XX, name, descriptor of XX) of each entry of this request's own stap cache, in
+        cache/XX/, whose name matches pattern; no link is followed."""
         with contextlib.ExitStack() as stack:
             cache_fd = open_subdir(f"{STAP_DIR}/cache", self.work_fd, stack)
             for sub in sorted(os.listdir(cache_fd)) if cache_fd is not None else []:
                 sub_fd = open_subdir(sub, cache_fd, stack) if re.fullmatch(r"[0-9a-f]{2}", sub) \
                     else None
                 for name in os.listdir(sub_fd) if sub_fd is not None else []:
-                    data = (read_regular(name, sub_fd, KNOWLEDGE_FILE_LIMIT)
-                            if KNOWLEDGE_FILE.fullmatch(name) else None)
-                    if data is not None and len(found) < KNOWLEDGE_FILES:
-                        found[f"{sub}/{name}"] = data
-        return found
+                    if pattern.fullmatch(name):
+                        yield sub, name, sub_fd
+
+    def built_tracepoint_queries(self):
+        """Whether stap built tracepoint query modules itself in this request's cache (regular
+        files; the server's are links there)."""
+        return any(is_regular(name, sub_fd, TRACEQUERY_KNOWLEDGE.limit)
+                   for _, name, sub_fd in self.cache_entries(TRACEQUERY_KNOWLEDGE.file))
 
     def disk_use(self):
         """Bytes under work/, each entry counted as at least one block (an inode bomb is a disk bomb
@@ -1093,7 +1112,8 @@ def run_compile(config, req, ws, knowledge=None):
         root = req.build_env.root if req.build_env else "/"
         work, runtime = SANDBOX_WORK, fixed and fixed.view
         prefix = sandbox_argv(config, ws.work_fd, root, [] if req.kernel else [req.release],
-                              runtime_binds(fixed) + kernel_binds(req.kernel))
+                              runtime_binds(fixed) + kernel_binds(req.kernel)
+                              + shared_binds(knowledge or {}))
     else:
         work, prefix, runtime = ws.work, [], fixed and fixed.path
     cache = f"{work}/{STAP_DIR}"
@@ -1218,6 +1238,22 @@ WARM_UP_SCRIPT = "probe begin { exit() }"
 WARM_UP_RETRY = 600  # seconds before a failed warm-up is tried again
 
 
+@dataclasses.dataclass(frozen=True)
+class KnowledgeKind:
+    """What one kind of warm-up runs and keeps of the cache stap made."""
+    words: str  # in the log: "stap knowledge for RELEASE ARCH: ..."
+    args: tuple  # the warm-up's stap arguments: the server's own script
+    file: re.Pattern  # the names kept, in stap's cache/XX/
+    limit: int  # bytes of one file
+    most: int  # files
+    none: str  # why a warm-up that succeeded made nothing
+
+
+CONFIG_KNOWLEDGE = KnowledgeKind("stap knowledge", ("-p4", "-e", WARM_UP_SCRIPT), KNOWLEDGE_FILE,
+                                 KNOWLEDGE_FILE_LIMIT, KNOWLEDGE_FILES,
+                                 "it made no stapconf header")
+
+
 def prepare_knowledge(config):
     """At start: make CACHE_DIR and CACHE_DIR/knowledge, or check them and each kernel's directory
     in it (ours, not a link, not writable by group or others)."""
@@ -1268,13 +1304,18 @@ _knowledge = {}
 _knowledge_lock = threading.Lock()
 
 
+def knowledge_path(config, req):
+    """CACHE_DIR/knowledge/RELEASE-ARCH-STAMP: where the knowledge of req's kernel lives."""
+    stamp = installation_stamp(config, req.release, req.build_env)[:16]  # one per environment
+    return os.path.join(config.cache_dir, KNOWLEDGE, f"{req.release}-{config.arch}-{stamp}")
+
+
 def kernel_knowledge(config, req):
     """The knowledge files a compile of req gets copies of ({} when it needs none or there is
     none); the first request for a kernel that the server has no knowledge of runs the warm-up."""
     if not builds_module(req):
         return {}
-    stamp = installation_stamp(config, req.release, req.build_env)[:16]  # one per environment
-    path = os.path.join(config.cache_dir, KNOWLEDGE, f"{req.release}-{config.arch}-{stamp}")
+    path = knowledge_path(config, req)
     with _knowledge_lock:
         known = _knowledge.setdefault(path, KernelKnowledge())
     with known.lock:
@@ -1287,9 +1328,10 @@ def kernel_knowledge(config, req):
         return known.files
 
 
-def load_knowledge(path):
-    """The files of a knowledge directory made before, or None when there is none (a directory
-    that is not the server's own is skipped, with a warning)."""
+def load_knowledge(path, kind=CONFIG_KNOWLEDGE, read=read_regular):
+    """The files of a knowledge directory made before ({path in stap's cache: what read(name,
+    dir_fd, limit) gave}), or None when there is none (a directory that is not the server's own
+    is skipped, with a warning)."""
     try:
         top = open_server_dir(path)
     except Error as e:
@@ -1302,36 +1344,37 @@ def load_knowledge(path):
         for sub in sorted(os.listdir(top)):
             sub_fd = open_subdir(sub, top, stack)
             for name in sorted(os.listdir(sub_fd)) if sub_fd is not None else []:
-                data = read_regular(name, sub_fd, KNOWLEDGE_FILE_LIMIT)
-                if data is not None and KNOWLEDGE_FILE.fullmatch(name):
+                data = read(name, sub_fd, kind.limit) if kind.file.fullmatch(name) else None
+                if data is not None:
                     files[f"{sub}/{name}"] = data
     return files or None
 
 
-def warm_up(config, release, path, env=None, kernel=None):
+def warm_up(config, release, path, env=None, kernel=None, kind=CONFIG_KNOWLEDGE):
     """Run stap once as a compile runs (in the build environment env, None: the host; for the
-    fetched kernel, if one), on the server's own script, keep the kernel's knowledge it made in
-    its own cache, and store it at path; {} (and a warning) when it made none."""
-    logging.info("stap knowledge for %s %s: warming up (%s)", release, config.arch, path)
+    fetched kernel, if one), on the server's own script, keep the kernel's knowledge (of kind) it
+    made in its own cache, and store it at path; {} (and a warning) when it made none."""
+    logging.info("%s for %s %s: warming up (%s)", kind.words, release, config.arch, path)
     started = time.monotonic()
-    req = Request("", release, config.arch, ["-p4", "-e", WARM_UP_SCRIPT], {}, lowered=False,
+    req = Request("", release, config.arch, list(kind.args), {}, lowered=False,
                   build_env=env, kernel=kernel)
     ws = Workspace(config.tmpdir)
     try:
         compiled = run_compile(config, req, ws)
-        files = ws.stap_knowledge() if compiled.rc == 0 else {}
+        files = ws.stap_knowledge(kind) if compiled.rc == 0 else {}
     except (Error, OSError) as e:
         compiled, files = ReplyContent(1, b"", str(e).encode()), {}
     finally:
         ws.remove()
     if not files:
-        why = client.last_line(compiled.stderr) if compiled.rc else "it made no stapconf header"
-        logging.warning("WARNING: stap knowledge for %s %s: the warm-up failed (%s); compiles "
-                        "go on without it", release, config.arch, why)
+        why = client.last_line(compiled.stderr) if compiled.rc else kind.none
+        logging.warning("WARNING: %s for %s %s: the warm-up failed (%s); compiles "
+                        "go on without it", kind.words, release, config.arch, why)
         return {}
     store_knowledge(path, files)
-    logging.info("stap knowledge for %s %s ready in %.1f s: %s", release, config.arch,
-                 time.monotonic() - started, ", ".join(sorted(files)))
+    names = sorted(files) if len(files) <= KNOWLEDGE_FILES else [f"{len(files)} files"]
+    logging.info("%s for %s %s ready in %.1f s: %s", kind.words, release, config.arch,
+                 time.monotonic() - started, ", ".join(names))
     return files
 
 
@@ -1354,6 +1397,101 @@ def store_knowledge(path, files):
             shutil.rmtree(made, ignore_errors=True)
         if not os.path.isdir(path):
             logging.warning("WARNING: cannot store stap knowledge in %s: %s", path, e.strerror)
+
+
+# For a kernel.trace probe stap 4.8 builds a tracepoint query module for each header of the
+# kernel's tracepoints (cache/XX/tracequery_HASH_N.o, an empty file for a header without any; for
+# the 6.1 headers 172 objects, 40 MB, about 90 CPU-seconds) and, on a cache hit, only opens them
+# for reading.  The server makes them once per kernel with its own warm-up (-p2, its own script)
+# into CACHE_DIR/knowledge/RELEASE-ARCH-STAMP.tracequery/; a compile sees that directory
+# read-only at SANDBOX_TRACEQUERY and finds links to it in its own cache, where stap looks.
+
+TRACEQUERY_KNOWLEDGE = KnowledgeKind(
+    "stap tracepoint knowledge",
+    ("-p2", "-e", 'probe kernel.trace("sched_switch")?, begin { exit() }'),
+    re.compile(r"tracequery_[0-9a-f]+_\d+\.o"), 64 << 20, 4096, "it made no tracepoint query")
+TRACEQUERY_DIR = ".tracequery"  # their directory: the kernel's knowledge directory's name + this
+SANDBOX_TRACEQUERY = "/stap/tracequery"
+TRACE_PROBE = re.compile(rb"\bkernel\s*\.\s*trace\b")
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedFile:
+    """A knowledge file a compile reads where the server keeps it, through a link in its own
+    cache: top, the server's directory, is shown to the compile read-only at view."""
+    top: str
+    view: str
+    rel: str  # path in top, and in stap's cache
+
+    @property
+    def target(self):
+        return f"{self.view}/{self.rel}"
+
+
+def names_tracepoints(scripts, archive):
+    """Whether the scripts stap parses for a request (its -e or script file, its shipped tapsets)
+    name kernel.trace: then the compile needs the kernel's tracepoint query modules."""
+    return any(TRACE_PROBE.search(text or b"")
+               for _, text in itertools.chain(scripts, shipped_tapsets(archive)))
+
+
+def trace_knowledge(config, req):
+    """{path in stap's cache: SharedFile} of the kernel's tracepoint query modules, for any
+    compile of req's kernel ({} when there are none yet): a tapset's probe alias may use
+    kernel.trace too.  The first request for a kernel whose scripts name kernel.trace waits for
+    the server's warm-up, as others naming it meanwhile; other requests never wait for it."""
+    path = knowledge_path(config, req) + TRACEQUERY_DIR
+    with _knowledge_lock:
+        known = _knowledge.setdefault(path, KernelKnowledge())
+    if not known.lock.acquire(blocking=req.traces):
+        return {}  # a warm-up is running
+    try:
+        if known.files is None or (req.traces and not known.files
+                                   and time.monotonic() - known.failed > WARM_UP_RETRY):
+            names = load_knowledge(path, TRACEQUERY_KNOWLEDGE, is_regular)
+            if names is None and not req.traces:
+                return {}
+            if names is None:
+                names = warm_up(config, req.release, path, req.build_env, req.kernel,
+                                TRACEQUERY_KNOWLEDGE)
+                known.failed = None if names else time.monotonic()
+            view = SANDBOX_TRACEQUERY if config.sandbox else path
+            known.files = {rel: SharedFile(path, view, rel) for rel in names}
+        return known.files
+    finally:
+        known.lock.release()
+
+
+def learn_tracepoints(config, req):
+    """After a compile that built tracepoint query modules itself although its scripts name no
+    kernel.trace (a tapset's probe alias does): make the kernel's in the background, for the
+    requests after it, unless the server has them or is making them."""
+    traced = dataclasses.replace(req, traces=True)
+    path = knowledge_path(config, req) + TRACEQUERY_DIR
+    with _knowledge_lock:
+        known = _knowledge.setdefault(path, KernelKnowledge())
+    if known.files is None and not known.lock.locked():
+        threading.Thread(target=trace_knowledge, args=(config, traced), daemon=True,
+                         name="tracepoint warm-up").start()
+
+
+def is_regular(name, dir_fd, limit):
+    """True if name in dir_fd is a regular file at most limit long (links are not followed), or
+    None."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return True if stat.S_ISREG(st.st_mode) and st.st_size <= limit else None
+
+
+def shared_binds(knowledge):
+    """bwrap arguments that show the server's directories a compile's knowledge links into,
+    read-only."""
+    shown = sorted({(f.top, f.view) for f in knowledge.values() if isinstance(f, SharedFile)})
+    return [arg for top, view in shown if top != view for arg in ("--ro-bind", top, view)]
+
+
 # The stap runtime, fixed per kernel: the known fixes are data
 # --------------------------------------------------------------------------
 
@@ -2357,7 +2495,8 @@ class CompileService:
         if busy:
             return busy_reply(key, self.version, busy, record), False
         try:
-            knowledge = kernel_knowledge(config, req)  # may wait for the kernel's warm-up
+            knowledge = {**kernel_knowledge(config, req),  # may wait for the kernel's warm-up
+                         **trace_knowledge(config, req)}  # or for its tracepoints'
         except (Error, OSError) as e:
             record.update(rc=1, error=str(e))
             return error_reply(key, self.version, str(e)), False
@@ -2387,7 +2526,10 @@ class CompileService:
     def compile_once(self, req, archive, knowledge):
         with Workspace(self.config.tmpdir) as ws:
             archive.extract(ws.work)
-            return run_compile(self.config, req, ws, knowledge)
+            compiled = run_compile(self.config, req, ws, knowledge)
+            if not req.traces and ws.built_tracepoint_queries():
+                learn_tracepoints(self.config, req)
+            return compiled
 
     def with_debug_files(self, req, archive, knowledge, compiled, need):
         """The compile again once the fetched kernel has the -dbg files need names; the first

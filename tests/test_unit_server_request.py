@@ -589,3 +589,49 @@ def test_knowledge_is_stored_whole_and_only_the_servers_own_is_loaded(tmp_path, 
     (tmp_path / "6.1.0-1-amd64-x86_64-0123456789abcdef").chmod(0o775)
     assert stap_server.load_knowledge(path) is None
     assert "must be a directory of uid" in caplog.text
+
+
+TRACEQUERY = "9c/tracequery_9cbd_791.o"
+
+
+@pytest.mark.parametrize("entries, args, traces", [
+    ([], ["-p4", "-e", 'probe kernel.trace("sched_switch") {}'], True),
+    ([], ["-p4", "-e", 'probe kernel . trace("*")? {}'], True),
+    ([], ["-p4", "-e", 'probe kernel.function("schedule") {}'], False),
+    ([("t/a.stp", b'probe my.switch = kernel.trace("sched_switch") {}')],
+     ["-p4", "-It", "-e", "probe my.switch {}"], True),
+])
+def test_a_request_naming_kernel_trace_is_told_by_its_scripts(entries, args, traces):
+    archive = RequestArchive(open_archive(zip_bytes(
+        [("version", b"4.8"), ("sysinfo", b"sysinfo: 6.1.0-1-amd64 x86_64")]
+        + [(f"argv{n}", a.encode()) for n, a in enumerate(args, 1)]
+        + [(f"tapset/{name}", data) for name, data in entries])), Limits())
+    config = types.SimpleNamespace(releases=["6.1.0-1-amd64"], arch="x86_64", allow_guru=False,
+                                   fetch_kernels=False)
+    assert parse_request(archive, config).traces is traces
+
+
+def test_the_tracepoint_queries_are_links_into_the_servers_directory_shown_read_only(tmp_path):
+    shared = stap_server.SharedFile(str(tmp_path / "k.tracequery"), "/stap/tracequery",
+                                    TRACEQUERY)
+    assert stap_server.shared_binds({HEADER: b"h", TRACEQUERY: shared}) == [
+        "--ro-bind", str(tmp_path / "k.tracequery"), "/stap/tracequery"]
+    ws = stap_server.Workspace(str(tmp_path))
+    try:
+        ws.hand_over(None, {HEADER: b"h", TRACEQUERY: shared})
+        cache = pathlib.Path(ws.work, ".systemtap", "cache")
+        assert os.readlink(cache / TRACEQUERY) == f"/stap/tracequery/{TRACEQUERY}"
+        assert not ws.built_tracepoint_queries()  # the server's links are not the compile's
+        (cache / "9c" / "tracequery_ffff_1.o").write_bytes(b"")
+        assert ws.built_tracepoint_queries()
+    finally:
+        ws.remove()
+
+
+def test_tracepoint_knowledge_is_loaded_as_names_of_regular_files(tmp_path):
+    path = str(tmp_path / "6.1.0-1-amd64-x86_64-0123456789abcdef.tracequery")
+    stap_server.store_knowledge(path, {TRACEQUERY: b"", "9c/tracequery_9cbe_791.o": b"\x7fELF"})
+    os.symlink("/etc/passwd", os.path.join(path, "9c", "tracequery_9cbf_791.o"))
+    assert stap_server.load_knowledge(path, stap_server.TRACEQUERY_KNOWLEDGE,
+                                      stap_server.is_regular) == {
+        TRACEQUERY: True, "9c/tracequery_9cbe_791.o": True}
