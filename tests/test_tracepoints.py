@@ -14,8 +14,9 @@ import uuid
 import pytest
 from hardening_helpers import stand_in_stap
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="needs root: the compile account, --cache-dir")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0,
+                                 reason="needs root: the compile account, --cache-dir")]
 
 BUILT_HERE = "Processing tracepoint header"  # stap -vvv, building a tracepoint query itself
 USED_CACHED = re.compile(r"^Pass 2: using cached \S+/tracequery_[0-9a-f]+_\d+\.o$", re.M)
