@@ -1697,15 +1697,23 @@ class FetchedKernel:
 
 def apt_package(name):
     """The archive's candidate of package name (from apt's signed lists), or None."""
-    res = client.run_tool(["apt-cache", "show", "--no-all-versions", name], check=False)
-    if res.returncode != 0:
-        return None
-    fields = dict(re.findall(r"^([A-Za-z0-9-]+): ?(.*)$", res.stdout.decode(errors="replace"),
-                             re.M))
-    if not all(k in fields for k in ("Version", "Filename", "SHA256")):
-        return None
-    return Package(name, fields["Version"], os.path.basename(fields["Filename"]),
-                   fields["SHA256"].lower(), fields.get("Depends", ""))
+    return apt_packages([name]).get(name)
+
+
+def apt_packages(names):
+    """{name: Package} of the archive's candidates of names, from one apt-cache call (each call
+    reads apt's lists, a second where apt keeps no binary cache of them); names the archive lacks
+    are left out."""
+    res = client.run_tool(["apt-cache", "show", "--no-all-versions", *names], check=False)
+    found = {}
+    for record in re.split(r"\n\s*\n", res.stdout.decode(errors="replace")):
+        fields = dict(re.findall(r"^([A-Za-z0-9-]+): ?(.*)$", record, re.M))
+        name = fields.get("Package")
+        if name in names and name not in found and all(
+                k in fields for k in ("Version", "Filename", "SHA256")):
+            found[name] = Package(name, fields["Version"], os.path.basename(fields["Filename"]),
+                                  fields["SHA256"].lower(), fields.get("Depends", ""))
+    return found
 
 
 def installed_version(name):
@@ -1725,19 +1733,33 @@ def missing_compiler(headers):
     return None
 
 
+def likely_dependencies(release):
+    """The packages Debian's linux-headers-RELEASE depends on, as their names usually go (the
+    -common twin of the release's ABI, -common-rt for rt; linux-kbuild-MAJOR.MINOR or -ABI): asked
+    for with the headers, they make one apt-cache call do where two would (each reads apt's lists,
+    a second where apt keeps no binary cache of them).  A guess that misses costs a second call."""
+    m = re.match(r"^((\d+\.\d+)[^-]*(?:-\d+)?)-([a-z].*)$", release)
+    if not m:
+        return []
+    abi, version, flavour = m.groups()
+    return [f"linux-headers-{abi}-common" + ("-rt" if flavour.startswith("rt-") else ""),
+            f"linux-kbuild-{version}", f"linux-kbuild-{abi}"]
+
+
 def kernel_packages(release):
     """The packages that present release's headers: linux-headers-RELEASE, the -common twin it
     depends on, and the linux-kbuild it asks for when the installed one is older or missing."""
-    headers = apt_package(f"linux-headers-{release}")
+    found = apt_packages([f"linux-headers-{release}", *likely_dependencies(release)])
+    headers = found.get(f"linux-headers-{release}")
     if headers is None:
         raise Error(f"the archive has no kernel {release} (no package linux-headers-{release})")
     compiler = missing_compiler(headers)
     if compiler:
         raise HostFault(f"the kernel {release} is built with {compiler}, which this server lacks "
                         f"(its administrator can install the package {compiler})")
-    packages = [headers]
+    wanted = []
     for dep in (d.strip() for d in headers.depends.split(",")):
-        m = re.match(r"^(linux-headers-\S+-common|linux-kbuild-\S+)(?:\s*\((>=|=)\s*(\S+)\))?",
+        m = re.match(r"^(linux-headers-\S+-common\S*|linux-kbuild-\S+)(?:\s*\((>=|=)\s*(\S+)\))?",
                      dep)
         if not m:
             continue
@@ -1747,11 +1769,13 @@ def kernel_packages(release):
                     ["dpkg", "--compare-versions", have, "ge", m.group(3)],
                     check=False).returncode == 0):
                 continue  # the installed kbuild will do
-        package = apt_package(m.group(1))
-        if package is None:
-            raise Error(f"the archive has no {m.group(1)}, which linux-headers-{release} needs")
-        packages.append(package)
-    return packages
+        wanted.append(m.group(1))
+    if any(name not in found for name in wanted):  # the guess missed
+        found.update(apt_packages([name for name in wanted if name not in found]))
+    for name in wanted:
+        if name not in found:
+            raise Error(f"the archive has no {name}, which linux-headers-{release} needs")
+    return [headers] + [found[name] for name in wanted]
 
 
 def file_sha256(path):
@@ -1885,40 +1909,51 @@ class KernelCache:
         """Download (or take from the download cache) and unpack release's packages."""
         start = time.monotonic()
         packages = kernel_packages(release)
-        debs, downloaded = [], 0
-        for package in packages:
-            path, fresh = self.download(package)
-            debs.append(path)
-            downloaded += fresh
-        new = None  # rmtree(None, ignore_errors=True) does nothing
+        indexed = time.monotonic()
+        got = self.download(packages)
+        downloaded, fetched = sum(size for _, size in got), time.monotonic()
+        root = self.unpack(release, [path for path, _ in got])
+        unpacked, size = time.monotonic(), tree_size(root)
+        logging.info("kernel cache: fetched %s (%s; %d bytes downloaded, %d unpacked) in %.1f s "
+                     "(apt-cache %.1f s, apt-get download %.1f s, dpkg-deb %.1f s)",
+                     release, ", ".join(f"{p.name} {p.version}" for p in packages), downloaded,
+                     size, time.monotonic() - start, indexed - start, fetched - indexed,
+                     unpacked - fetched)
+        return FetchedKernel(release, root, size)
+
+    def unpack(self, release, debs):
+        """The root of release's tree in the cache, debs unpacked into it: each into a temporary
+        directory of its own, all at once (one dpkg-deb per package), then merged (the packages
+        write disjoint trees: a path two of them have is refused) and renamed into place."""
+        news = []
         try:
-            new = tempfile.mkdtemp(prefix=".new.", dir=self.path(KERNEL_TREES))
-            for deb in debs:
-                res = client.run_tool(["dpkg-deb", "-x", deb, new], check=False,
-                                      timeout=FETCH_TIMEOUT)
+            for _ in debs:
+                news.append(tempfile.mkdtemp(prefix=".new.", dir=self.path(KERNEL_TREES)))
+            results = run_tools_at_once([["dpkg-deb", "-x", deb, new]
+                                         for deb, new in zip(debs, news)], FETCH_TIMEOUT)
+            for deb, res in zip(debs, results):
+                if isinstance(res, Exception):  # as if run here: a timeout, or fork failed
+                    raise res
                 if res.returncode != 0 and self.full():
                     raise self.full_error(f"cannot unpack the kernel {release}")  # deb: sound
                 if res.returncode != 0:
                     os.unlink(deb)  # the checked file went bad on disk: fetch it again next time
                     raise Error(f"cannot unpack {os.path.basename(deb)} for {release}: "
                                 f"{client.last_line(res.stderr)}")
-            if not os.path.isdir(os.path.join(new, "lib", "modules", release)):
+            for deb, new in zip(debs[1:], news[1:]):
+                merge_tree(new, news[0], os.path.basename(deb))
+            if not os.path.isdir(os.path.join(news[0], "lib", "modules", release)):
                 raise Error(f"linux-headers-{release} has no /lib/modules/{release}")
             root = self.path(KERNEL_TREES, release)
-            os.rename(new, root)
+            os.rename(news[0], root)
+            return root
         except OSError as e:
-            shutil.rmtree(new, ignore_errors=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise self.full_error(f"cannot unpack the kernel {release}") from None
             raise Error(f"cannot unpack the kernel {release}: {e.strerror}") from None
-        except Error:
-            shutil.rmtree(new, ignore_errors=True)
-            raise
-        size = tree_size(root)
-        logging.info("kernel cache: fetched %s (%s; %d bytes downloaded, %d unpacked) in %.1f s",
-                     release, ", ".join(f"{p.name} {p.version}" for p in packages), downloaded,
-                     size, time.monotonic() - start)
-        return FetchedKernel(release, root, size)
+        finally:
+            for new in news:
+                shutil.rmtree(new, ignore_errors=True)
 
     def full(self):
         """The kernel cache's file system is out of space or inodes for the server's account (what
@@ -1933,30 +1968,41 @@ class KernelCache:
         return HostFault(f"{failed}: the kernel cache {self.top} is full "
                                f"({os.strerror(errno.ENOSPC)})")
 
-    def download(self, package):
-        """(path of the package's checked .deb in the download cache, bytes downloaded): a cached
-        file whose SHA256 is not the signed index's is downloaded again."""
-        path = self.path(DOWNLOADS, package.filename)
-        if os.path.isfile(path) and file_sha256(path) == package.sha256:
-            return path, 0
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    def download(self, packages):
+        """[(path of each package's checked .deb in the download cache, bytes downloaded)], in the
+        order of packages, from one apt-get download of those not in the download cache: a cached
+        file whose SHA256 is not the signed index's is downloaded again.  When apt fails, the files
+        it got whole are kept, and the first package it did not get is named."""
+        paths = [self.path(DOWNLOADS, p.filename) for p in packages]
+        sizes = [0] * len(packages)
+        missing = [i for i, path in enumerate(paths)
+                   if not (os.path.isfile(path) and file_sha256(path) == packages[i].sha256)]
+        if not missing:
+            return list(zip(paths, sizes))
+        for i in missing:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(paths[i])
         work = tempfile.mkdtemp(prefix=".new.", dir=self.path(DOWNLOADS))
         try:
-            res = client.run_tool(["apt-get", "download", "-q",
-                                   f"{package.name}={package.version}"], cwd=work,
-                                  check=False, timeout=FETCH_TIMEOUT)
-            got = os.path.join(work, package.filename)
-            if res.returncode != 0 and self.full():
-                raise self.full_error(f"cannot download {package.name} {package.version}")
-            if res.returncode != 0 or not os.path.isfile(got):
-                raise Error(f"cannot download {package.name} {package.version} from the "
-                            f"archive: {client.last_line(res.stderr or res.stdout)}")
-            if file_sha256(got) != package.sha256:
-                raise Error(f"{package.filename} from the archive does not match its index")
-            size = os.path.getsize(got)
-            os.rename(got, path)
-            return path, size
+            res = client.run_tool(["apt-get", "download", "-q", *(
+                f"{packages[i].name}={packages[i].version}" for i in missing)], cwd=work,
+                check=False, timeout=FETCH_TIMEOUT)
+            full = res.returncode != 0 and self.full()
+            for i in missing:  # those got whole are kept whatever happened to the others
+                got = os.path.join(work, packages[i].filename)
+                if os.path.isfile(got) and file_sha256(got) == packages[i].sha256:
+                    sizes[i] = os.path.getsize(got)
+                    os.rename(got, paths[i])
+            for package, got in ((packages[i], os.path.join(work, packages[i].filename))
+                                 for i in missing if not sizes[i]):
+                if full:
+                    raise self.full_error(f"cannot download {package.name} {package.version}")
+                elif res.returncode != 0 or not os.path.isfile(got):
+                    raise Error(f"cannot download {package.name} {package.version} from the "
+                                f"archive: {client.last_line(res.stderr or res.stdout)}")
+                else:
+                    raise Error(f"{package.filename} from the archive does not match its index")
+            return list(zip(paths, sizes))
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -1991,7 +2037,7 @@ class KernelCache:
             raise Error(f"the archive has no linux-image-{release}-dbg, which has the symbol "
                         f"table and debuginfo of {release}")
         parts = [p for p in parts if p not in kernel.debug]
-        deb, downloaded = self.download(package)
+        [(deb, downloaded)] = self.download([package])
         news = {p: tempfile.mkdtemp(prefix=".new.", dir=self.path(p)) for p in parts}
         try:
             wanted = {f"usr/lib/debug/boot/{DEBUG_FILES[p].format(release)}":
@@ -2012,6 +2058,38 @@ class KernelCache:
                      package.name, package.version, downloaded,
                      sum(os.path.getsize(f) for f in files.values()), time.monotonic() - start)
         return files
+
+
+def run_tools_at_once(argvs, timeout):
+    """client.run_tool(argv, check=False) of each of argvs, all at once: [its result, or the
+    exception it raised], in the order of argvs."""
+    results = [None] * len(argvs)
+
+    def run(i):
+        try:
+            results[i] = client.run_tool(argvs[i], check=False, timeout=timeout)
+        except Exception as e:  # the caller raises it
+            results[i] = e
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(argvs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def merge_tree(src, dst, package, at=""):
+    """Move what directory src holds into directory dst, descending into the directories both have;
+    Error for a path both have that is not a directory in each (package's tree, in src, and those
+    merged before it must be disjoint but for their common directories)."""
+    for name in os.listdir(src):
+        there, here = os.path.join(src, name), os.path.join(dst, name)
+        if not os.path.lexists(here):
+            os.rename(there, here)
+        elif all(os.path.isdir(p) and not os.path.islink(p) for p in (there, here)):
+            merge_tree(there, here, package, f"{at}/{name}")
+        else:
+            raise Error(f"{package} has {at}/{name}, which another package of the kernel has too")
 
 
 def deb_extract(deb, wanted):

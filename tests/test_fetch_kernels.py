@@ -471,6 +471,16 @@ def test_the_cache_bound_evicts_kernels_no_compile_uses(releases, servers, user_
     assert "kernel cache: removed" in read_text(srv.log)
 
 
+def test_an_rt_release_takes_its_own_common_package():
+    """linux-headers-REL-rt-amd64 depends on linux-headers-ABI-common-rt, not on the -common that
+    the other flavours share (whose name begins the same)."""
+    release = "6.1.0-50-rt-amd64"
+    if stap_server.apt_package(f"linux-headers-{release}") is None:
+        pytest.skip(f"the archive has no linux-headers-{release} (run apt-get update)")
+    names = [p.name for p in stap_server.kernel_packages(release)]
+    assert names[:2] == [f"linux-headers-{release}", "linux-headers-6.1.0-50-common-rt"], names
+
+
 def test_a_root_server_does_not_fetch(sandbox, krel):
     proc = sandbox.run("stap-serverd", "-r", krel, "--fetch-kernels", "--advertise", "none",
                        timeout=60)

@@ -3,14 +3,17 @@ need, read from their Depends line, when the server lacks it (kernel_packages th
 release in one line naming that package, before any download).  Debian 12's
 own archive offers no release here whose compiler is missing (its 6.1 and 6.12 headers both ask for
 gcc-12), so the lines are the archive's with a compiler that no host has, gcc-99, in place of
-the one they name."""
+the one they name.  And the packages of a kernel, unpacked side by side and merged into one
+tree (tiny .deb files built here by dpkg-deb)."""
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
-from stap_server import FetchedKernel, Package, kernel_binds, missing_compiler
+from stap_client import Error
+from stap_server import FetchedKernel, KernelCache, Package, kernel_binds, missing_compiler
 
 pytestmark = pytest.mark.unit
 
@@ -70,3 +73,47 @@ def test_headers_linked_to_a_kbuild_the_host_lacks_show_the_fetched_one(tmp_path
     assert ["--ro-bind", f"{root}/usr/src/linux-headers-{release}",
             f"/usr/src/linux-headers-{release}"] == argv[at - 3:at], argv
     assert not os.path.isdir(f"/usr/lib/{kbuild}")
+
+
+def build_deb(top, name, files):
+    """A .deb (dpkg-deb --build) of package name holding files, {path: text}."""
+    tree = top / f"{name}-tree"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        f"Package: {name}\nVersion: 1\nArchitecture: all\nMaintainer: t <t@t>\nDescription: t\n")
+    for path, text in files.items():
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_text(text)
+    deb = top / f"{name}.deb"
+    subprocess.run(["dpkg-deb", "--build", "-Znone", str(tree), str(deb)], check=True,
+                   capture_output=True)
+    return str(deb)
+
+
+REL = "6.1.0-50-amd64"
+
+
+def test_the_packages_unpacked_at_once_make_one_tree(tmp_path):
+    """Each package into a directory of its own, merged: the directories they share hold both."""
+    headers = build_deb(tmp_path, "h", {f"lib/modules/{REL}/build": "h",
+                                        f"usr/src/linux-headers-{REL}/Makefile": "h"})
+    common = build_deb(tmp_path, "c", {"usr/src/linux-headers-6.1.0-50-common/Makefile": "c"})
+    cache = KernelCache(str(tmp_path / "kernels"), 1 << 30)
+    cache.open()
+    root = cache.unpack(REL, [headers, common])
+    assert root == str(tmp_path / "kernels" / "trees" / REL)
+    assert sorted(os.listdir(os.path.join(root, "usr", "src"))) == [
+        "linux-headers-6.1.0-50-amd64", "linux-headers-6.1.0-50-common"]
+    assert os.listdir(tmp_path / "kernels" / "trees") == [REL]
+
+
+def test_two_packages_with_the_same_file_are_refused_and_nothing_is_kept(tmp_path):
+    headers = build_deb(tmp_path, "h", {f"lib/modules/{REL}/build": "h", "usr/src/x/f": "h"})
+    other = build_deb(tmp_path, "o", {"usr/src/x/f": "o"})
+    cache = KernelCache(str(tmp_path / "kernels"), 1 << 30)
+    cache.open()
+    with pytest.raises(Error, match=r"^o\.deb has /usr/src/x/f, which another package of the "
+                                    r"kernel has too$"):
+        cache.unpack(REL, [headers, other])
+    assert os.listdir(tmp_path / "kernels" / "trees") == []
+    assert os.path.isfile(headers) and os.path.isfile(other)
