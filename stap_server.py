@@ -2781,13 +2781,10 @@ class Credentials:
     with new Credentials in place for connections accepted from then on."""
 
     def __init__(self, der):
+        self.signer, self.der = ServerKey(der), der  # Error if no open database holds it
         nss = client.nss_modules()[0]
-        for cert in nss.find_certs_from_nickname(client.SERVER_NICKNAME):
-            if bytes(cert.der_data) == der:
-                self.cert, self.key = cert, nss.find_key_by_any_cert(cert)
-                self.signer, self.der = ServerKey(der), der
-                return
-        raise Error("the server certificate is not in its database")
+        self.cert = nss.Certificate(der)  # by its DER: the database's own, in whichever is open
+        self.key = nss.find_key_by_any_cert(self.cert)
 
     def accept_tls(self, conn, timeout):
         """Wrap an accepted socket in server-side TLS and shake hands."""
