@@ -796,8 +796,8 @@ class Workspace:
     sandbox sees.  The server reaches into work/ only through descriptors it opened itself, without
     following links."""
 
-    def __init__(self, tmpdir):
-        self.path = tempfile.mkdtemp(prefix="stap-server.", dir=tmpdir)  # 0700
+    def __init__(self, tmpdir, prefix="stap-server."):
+        self.path = tempfile.mkdtemp(prefix=prefix, dir=tmpdir)  # 0700
         self.work = os.path.join(self.path, "work")
         self.work_fd = None
         try:
@@ -1238,6 +1238,7 @@ KNOWLEDGE_FILE_LIMIT = 1 << 20
 KNOWLEDGE_FILES = 16
 WARM_UP_SCRIPT = "probe begin { exit() }"
 WARM_UP_RETRY = 600  # seconds before a failed warm-up is tried again
+WARM_UP_PREFIX = "stap-warm-up."  # a warm-up's directory: no request's, and it may outlive one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1386,7 +1387,7 @@ def warm_up(config, release, path, env=None, kernel=None, kind=CONFIG_KNOWLEDGE)
     started = time.monotonic()
     req = Request("", release, config.arch, list(kind.args), {}, lowered=False,
                   build_env=env, kernel=kernel)
-    ws = Workspace(config.tmpdir)
+    ws = Workspace(config.tmpdir, WARM_UP_PREFIX)
     try:
         compiled = run_compile(config, req, ws)
         files = ws.stap_knowledge(kind) if compiled.rc == 0 else {}
