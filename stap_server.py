@@ -796,8 +796,8 @@ class Workspace:
     sandbox sees.  The server reaches into work/ only through descriptors it opened itself, without
     following links."""
 
-    def __init__(self, tmpdir):
-        self.path = tempfile.mkdtemp(prefix="stap-server.", dir=tmpdir)  # 0700
+    def __init__(self, tmpdir, prefix="stap-server."):
+        self.path = tempfile.mkdtemp(prefix=prefix, dir=tmpdir)  # 0700
         self.work = os.path.join(self.path, "work")
         self.work_fd = None
         try:
@@ -1228,7 +1228,9 @@ def hide_paths(data, paths):
 # The first pass 4 for a kernel spends 10-60 s probing its headers for stapconf_HASH.h.  No
 # compile writes anything another compile reads: each has its own stap cache (work/.systemtap).
 # The header is shared only from CACHE_DIR/knowledge/RELEASE-ARCH-STAMP/, the server's own,
-# made from a run of the server's own script and copied into each compile's cache.
+# made from a run of the server's own script and copied into each compile's cache.  The first
+# compile for a kernel does not wait for that warm-up (it would pay the probing twice): it probes
+# in its own cache, as a local stap would, and the warm-up runs after it, in the background.
 
 KNOWLEDGE = "knowledge"
 KNOWLEDGE_FILE = re.compile(r"stapconf_[0-9a-f]+_\d+\.h")
@@ -1236,6 +1238,7 @@ KNOWLEDGE_FILE_LIMIT = 1 << 20
 KNOWLEDGE_FILES = 16
 WARM_UP_SCRIPT = "probe begin { exit() }"
 WARM_UP_RETRY = 600  # seconds before a failed warm-up is tried again
+WARM_UP_PREFIX = "stap-warm-up."  # a warm-up's directory: no request's, and it may outlive one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1292,7 +1295,8 @@ def builds_module(req):
 
 class KernelKnowledge:
     """One kernel's knowledge in this process: files ({path in stap's cache: bytes}) once loaded
-    or made; the lock makes one warm-up at a time, which requests for the kernel wait for."""
+    or made; the lock makes one warm-up at a time, which requests for the kernel wait for (for the
+    configuration knowledge, the kernel's first compile holds it too, until its warm-up ends)."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -1311,21 +1315,46 @@ def knowledge_path(config, req):
 
 
 def kernel_knowledge(config, req):
-    """The knowledge files a compile of req gets copies of ({} when it needs none or there is
-    none); the first request for a kernel that the server has no knowledge of runs the warm-up."""
+    """(the knowledge files a compile of req gets copies of, {} when it needs none or there is
+    none; the path of the knowledge to make after it, or None).  A path: req is the kernel's first
+    compile, the server has no knowledge of the kernel; it runs at once with none (its stap makes
+    its own in its own cache, never kept) and holds the kernel's lock, which learn_knowledge's
+    warm-up after it releases: requests for the kernel meanwhile wait for both."""
     if not builds_module(req):
-        return {}
+        return {}, None
     path = knowledge_path(config, req)
     with _knowledge_lock:
         known = _knowledge.setdefault(path, KernelKnowledge())
-    with known.lock:
+    with contextlib.ExitStack() as held:
+        held.enter_context(known.lock)
         if known.files is None or (not known.files
                                    and time.monotonic() - known.failed > WARM_UP_RETRY):
             known.files = load_knowledge(path)
             if known.files is None:
-                known.files = warm_up(config, req.release, path, req.build_env, req.kernel)
-                known.failed = None if known.files else time.monotonic()
-        return known.files
+                held.pop_all()  # the lock stays held until the warm-up after this compile
+                return {}, path
+        return known.files, None
+
+
+def learn_knowledge(config, req, path):
+    """After the kernel's first compile (which holds the lock of the knowledge at path): the
+    server's warm-up, in the background, for the requests after it, which wait for it; it releases
+    the lock."""
+    known = _knowledge[path]
+
+    def warm():
+        try:
+            known.files = warm_up(config, req.release, path, req.build_env, req.kernel)
+            known.failed = None if known.files else time.monotonic()
+        finally:
+            known.lock.release()
+    in_background(warm, "stap knowledge warm-up")
+
+
+def in_background(work, name):
+    """A warm-up after a compile: for the requests after it, in a thread of its own, so the
+    compile's reply does not wait for it."""
+    threading.Thread(target=work, daemon=True, name=name).start()
 
 
 def load_knowledge(path, kind=CONFIG_KNOWLEDGE, read=read_regular):
@@ -1358,7 +1387,7 @@ def warm_up(config, release, path, env=None, kernel=None, kind=CONFIG_KNOWLEDGE)
     started = time.monotonic()
     req = Request("", release, config.arch, list(kind.args), {}, lowered=False,
                   build_env=env, kernel=kernel)
-    ws = Workspace(config.tmpdir)
+    ws = Workspace(config.tmpdir, WARM_UP_PREFIX)
     try:
         compiled = run_compile(config, req, ws)
         files = ws.stap_knowledge(kind) if compiled.rc == 0 else {}
@@ -1471,8 +1500,7 @@ def learn_tracepoints(config, req):
     with _knowledge_lock:
         known = _knowledge.setdefault(path, KernelKnowledge())
     if known.files is None and not known.lock.locked():
-        threading.Thread(target=trace_knowledge, args=(config, traced), daemon=True,
-                         name="tracepoint warm-up").start()
+        in_background(lambda: trace_knowledge(config, traced), "tracepoint warm-up")
 
 
 def is_regular(name, dir_fd, limit):
@@ -2573,8 +2601,22 @@ class CompileService:
         if busy:
             return busy_reply(key, self.version, busy, record), False
         try:
-            knowledge = {**kernel_knowledge(config, req),  # may wait for the kernel's warm-up
-                         **trace_knowledge(config, req)}  # or for its tracepoints'
+            knowledge, to_make = kernel_knowledge(config, req)  # may wait for the warm-up
+        except (Error, OSError) as e:
+            record.update(rc=1, error=str(e))
+            return error_reply(key, self.version, str(e)), False
+        try:
+            return self.compile_with(req, archive, record, knowledge)
+        finally:
+            if to_make:  # the kernel's first compile is done: the server's warm-up, for later ones
+                learn_knowledge(config, req, to_make)
+
+    def compile_with(self, req, archive, record, knowledge):
+        """compile_and_sign's compile, with copies of the kernel's knowledge (those of its
+        tracepoints added, or waited for)."""
+        config, key = self.config, self.credentials.signer
+        try:
+            knowledge = {**knowledge, **trace_knowledge(config, req)}  # may wait for its warm-up
         except (Error, OSError) as e:
             record.update(rc=1, error=str(e))
             return error_reply(key, self.version, str(e)), False

@@ -529,6 +529,14 @@ def warm_ups(srv):
         return len(re.findall(r"stap knowledge for \S+ \S+: warming up", f.read()))
 
 
+def wait_for_knowledge(srv, timeout=300):
+    """Until the server's warm-up after a kernel's first compile has stored its knowledge."""
+    def ready():
+        with open(srv.log) as f:
+            return re.search(r"stap knowledge for \S+ \S+ ready in", f.read())
+    shared.wait_until(ready, timeout, "the server's warm-up never ended")
+
+
 def test_compromised_compile_cannot_change_another_clients_module(servers, sandbox, krel,
                                                                   runtime):
     """A victim compiles a script; a compromised stap (a compiler bug) then
@@ -545,6 +553,7 @@ def test_compromised_compile_cannot_change_another_clients_module(servers, sandb
     victim = ["-r", krel, "-p4", "--privilege=stapusr", "-e", script]
     proc = client(sandbox, srv, *victim, env={"LANG": "C.UTF-8"}, timeout=600)
     assert proc.returncode == 0, text(proc)
+    wait_for_knowledge(srv)  # made after the kernel's first compile
     knowledge = knowledge_files(cache, krel)
     proc = client(sandbox, srv, "-r", krel, "-p4", "-e", "probe begin { /* SPREAD */ }",
                   timeout=300)
@@ -570,18 +579,16 @@ def test_compromised_compile_cannot_change_another_clients_module(servers, sandb
 
 def test_real_compiles_share_only_the_servers_knowledge(servers, sandbox, krel, runtime,
                                                         cache_dir):
-    """Two real -p4 compiles of new scripts succeed; at most the first waits
-    for a warm-up, the second and a restarted server's compile reuse its
-    knowledge: files of the server's own, read-only to the compile account."""
+    """Two real -p4 compiles of new scripts succeed; at most one warm-up (after the first
+    compile, when the server has no knowledge yet), the second and a restarted server's compile
+    reuse its knowledge: files of the server's own, read-only to the compile account."""
     srv = servers.start(sandbox, krel, runtime, cache=cache_dir)
-    before = None
     for n in range(2):
         proc = client(sandbox, srv, "-r", krel, "-p4", "-m", f"fresh{n}", "-e",
                       f'probe begin {{ printf("{uuid.uuid4().hex}\\n") exit() }}', timeout=600)
         assert proc.returncode == 0, text(proc)
         assert os.path.exists(sandbox.path(f"fresh{n}.ko"))
-        before = warm_ups(srv) if before is None else before
-    assert before <= 1 and warm_ups(srv) == before, "the second compile warmed up again"
+    assert warm_ups(srv) <= 1, "the second compile warmed up again"
     knowledge = knowledge_files(cache_dir, krel)
     assert knowledge, "no knowledge stored"
     for path in knowledge:
@@ -595,6 +602,48 @@ def test_real_compiles_share_only_the_servers_knowledge(servers, sandbox, krel, 
                   f'probe begin {{ printf("{uuid.uuid4().hex}\\n") exit() }}', timeout=300)
     assert proc.returncode == 0, text(proc)
     assert warm_ups(again) == 0
+
+
+FIRST_COMPILE = """
+case "$*" in
+  *PLANT*|*LOOK*) ;;
+  *) exec /usr/bin/stap "$@" ;;
+esac
+if ls "$SYSTEMTAP_DIR"/cache/*/stapconf_*.h >/dev/null 2>&1; then echo "given knowledge"
+else echo "given no knowledge"; fi
+grep -rqs BOGUS "$SYSTEMTAP_DIR" && echo "given the planted knowledge"
+/usr/bin/stap "$@" || exit 1
+case "$*" in *PLANT*)
+  for f in "$SYSTEMTAP_DIR"/cache/*/stapconf_*.h; do
+    printf '#define BOGUS 1\\n' > "$f" && echo planted
+  done
+esac
+"""
+
+
+def test_first_compile_runs_at_once_and_what_it_made_is_never_shared(servers, sandbox, krel,
+                                                                      runtime):
+    """The first -p4 for a kernel the server has no knowledge of runs at once, with none (it used to
+    wait for the server's warm-up); a compromised stap, as that compile, overwrites the stapconf
+    header it made with its own: the warm-up after it stores the server's own, and the next
+    client's compile gets only that."""
+    cache = sandbox.path("cache")
+    os.mkdir(cache, 0o755)
+    sandbox.env["SYSTEMTAP_STAP"] = stand_in(sandbox, FIRST_COMPILE)
+    srv = servers.start(sandbox, krel, runtime, cache=cache)
+    proc = client(sandbox, srv, "-r", krel, "-p4", "-e", "probe begin { /* PLANT */ exit() }",
+                  timeout=600)
+    assert proc.returncode == 0, text(proc)
+    out = proc.stdout.decode()
+    assert "given no knowledge" in out and "planted" in out, out
+    proc = client(sandbox, srv, "-r", krel, "-p4", "-e", "probe begin { /* LOOK */ exit() }",
+                  timeout=600)
+    assert proc.returncode == 0, text(proc)
+    out = proc.stdout.decode()
+    assert "given knowledge" in out and "given the planted" not in out, out
+    knowledge = knowledge_files(cache, krel)
+    assert knowledge and all(b"BOGUS" not in data for data in knowledge.values()), knowledge
+    assert warm_ups(srv) == 1
 
 
 # --------------------------------------------------------------------------

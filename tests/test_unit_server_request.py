@@ -591,6 +591,27 @@ def test_knowledge_is_stored_whole_and_only_the_servers_own_is_loaded(tmp_path, 
     assert "must be a directory of uid" in caplog.text
 
 
+def test_only_a_kernels_first_compile_runs_without_knowledge_and_it_holds_the_kernels_lock(
+        tmp_path):
+    """The first pass 4 for a kernel with no stored knowledge gets none and the path to make it at
+    (the kernel's lock stays held, for the warm-up after it to release); once knowledge is stored
+    there, compiles get it and hold nothing."""
+    config = types.SimpleNamespace(cache_dir=str(tmp_path), arch="x86_64", runtime=None,
+                                   includes=())
+    req = Request("4.8", "6.1.0-1-amd64", "x86_64", ["-p4", "-e" + SCRIPT], {}, False)
+    assert stap_server.kernel_knowledge(config, dataclasses.replace(req, args=["-p2"])) == \
+        ({}, None)
+    files, path = stap_server.kernel_knowledge(config, req)
+    known = stap_server._knowledge[path]
+    assert files == {} and path == stap_server.knowledge_path(config, req)
+    assert not known.lock.acquire(blocking=False), "the first compile does not hold the lock"
+    os.mkdir(tmp_path / "knowledge")
+    stap_server.store_knowledge(path, {HEADER: b"h"})  # as the warm-up after it would
+    known.lock.release()
+    assert stap_server.kernel_knowledge(config, req) == ({HEADER: b"h"}, None)
+    assert not known.lock.locked()
+
+
 TRACEQUERY = "9c/tracequery_9cbd_791.o"
 
 
