@@ -44,20 +44,20 @@ dns = None  # dnspython, imported by require_dnspython() for the mDNS fallback o
 # --------------------------------------------------------------------------
 
 SYSCONFDIR = "/etc"  # make install rewrites this line
-SYSCONFDIR_ENV = "STAP_SYSCONFDIR"  # overrides SYSCONFDIR, for tests
+_SYSCONFDIR_ENV = "STAP_SYSCONFDIR"  # overrides SYSCONFDIR, for tests
 PROTOCOL_VERSION = "4.8"  # the systemtap protocol level we speak as a client
 # The request's version says which modules the client's staprun runs: ours sends its protocol level,
 # a staprun before 5.0 (the real clients send their own version).
-RUNTIME_BOUNDARY = (5, 0)  # stap 5.0 changed the messages between a module and staprun (NEWS)
+_RUNTIME_BOUNDARY = (5, 0)  # stap 5.0 changed the messages between a module and staprun (NEWS)
 SERVER_NICKNAME = "stap-server"  # the one nickname real clients file servers under
 SERVER_SUBJECT = "CN=Systemtap Compile Server, OU=Systemtap"
 SERVER_CERT_FILE = "stap-server.cert"  # DER, like the real server's stap.cert
 SERVICE_TYPE = "_stap._tcp"
 BUSY_MESSAGE = "server busy"  # stderr marker of a busy reply: try the next server
-TOOL_TIMEOUT = 60
-CONNECT_TIMEOUT = 10
-REPLY_TIMEOUT = 900  # a cold pass-4 compile on a loaded server can take minutes
-DEADLINE = 600  # seconds stap-client keeps retrying busy servers
+_TOOL_TIMEOUT = 60
+_CONNECT_TIMEOUT = 10
+_REPLY_TIMEOUT = 900  # a cold pass-4 compile on a loaded server can take minutes
+_DEADLINE = 600  # seconds stap-client keeps retrying busy servers
 
 PROG = "stap-client"
 
@@ -81,8 +81,8 @@ class LocalFault(Error):
 
 
 # What the operating system says when the fault is the writer's own disk, not what it writes.
-LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
-                errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+_LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                 errno.EMFILE, errno.ENFILE, errno.ENOMEM}
 
 
 class Lost(Unavailable):
@@ -104,14 +104,14 @@ class Untrusted(Error):
         self.detail = detail
 
 
-def warn(message):
+def _warn(message):
     print(f"{PROG}: WARNING: {printable(message)}", file=sys.stderr)
 
 
 # Characters a terminal acts on instead of showing: C0 controls, DEL, C1 controls, the Unicode
 # format and bidi controls that hide or reorder text, and the surrogates of undecodable bytes.
-TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e"
-                               "\u2060-\u2069\ufeff\ufff9-\ufffb\ud800-\udfff]")
+_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e"
+                                "\u2060-\u2069\ufeff\ufff9-\ufffb\ud800-\udfff]")
 
 
 def printable(text):
@@ -119,12 +119,12 @@ def printable(text):
     \uHHHH beyond U+00FF.  Whatever came from the network goes through here before a terminal."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    return TERMINAL_CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100
-                                 else f"\\u{ord(m[0]):04x}", text)
+    return _TERMINAL_CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100
+                                  else f"\\u{ord(m[0]):04x}", text)
 
 
 def sysconfdir():
-    return os.environ.get(SYSCONFDIR_ENV) or SYSCONFDIR
+    return os.environ.get(_SYSCONFDIR_ENV) or SYSCONFDIR
 
 
 def systemtap_dir():
@@ -140,7 +140,7 @@ def server_db_path():
     return os.path.join(base, "ssl", "server")
 
 
-def user_client_db_path():
+def _user_client_db_path():
     return os.path.join(systemtap_dir(), "ssl", "client")
 
 
@@ -150,7 +150,7 @@ def global_client_db_path():
 
 def local_client_db_path():
     """The client database a server started by this user trusts itself in."""
-    return global_client_db_path() if is_root() else user_client_db_path()
+    return global_client_db_path() if is_root() else _user_client_db_path()
 
 
 def local_sysinfo(release=None, arch=None):
@@ -162,7 +162,7 @@ def local_sysinfo(release=None, arch=None):
 # External tools: one wrapper each, with a timeout and stderr kept
 # --------------------------------------------------------------------------
 
-class ToolResult(collections.namedtuple("ToolResult", "argv returncode stdout stderr")):
+class _ToolResult(collections.namedtuple("ToolResult", "argv returncode stdout stderr")):
     """What an external program did: exit status (None if we stopped it), its output as bytes."""
 
     def error(self):
@@ -170,7 +170,7 @@ class ToolResult(collections.namedtuple("ToolResult", "argv returncode stdout st
         return f"{os.path.basename(self.argv[0])}: {last_line(self.stderr)}"
 
 
-def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True, done=None):
+def run_tool(argv, *, timeout=_TOOL_TIMEOUT, input=None, cwd=None, check=True, done=None):
     """Run a program without a shell, collecting its output until it exits.  With done, a program
     that runs on (avahi-browse) is stopped once done(stdout so far) is true or at the timeout, and
     what it printed is kept; else the timeout is an Error, and so is a failure when check."""
@@ -181,25 +181,25 @@ def run_tool(argv, *, timeout=TOOL_TIMEOUT, input=None, cwd=None, check=True, do
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
     except FileNotFoundError:
         if done:
-            return ToolResult(argv, 127, b"", b"not installed")
+            return _ToolResult(argv, 127, b"", b"not installed")
         raise Error(f"{name} is not installed (needed for: {' '.join(argv[1:3])})") from None
     if input:
         with contextlib.suppress(BrokenPipeError), proc.stdin:
             proc.stdin.write(input)  # small: a certificate; one that died early says why
-    out, err, eof = collect_output(proc, time.monotonic() + timeout, done)
+    out, err, eof = _collect_output(proc, time.monotonic() + timeout, done)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(1.0 if eof else 0)  # output closed: the exit follows at once
     timed_out = proc.poll() is None
     if timed_out:
         proc.send_signal(signal.SIGTERM)  # avahi-browse then prints what it has
-        more_out, more_err, _ = collect_output(proc, time.monotonic() + 0.2, None)
+        more_out, more_err, _ = _collect_output(proc, time.monotonic() + 0.2, None)
         out, err = out + more_out, err + more_err
         if proc.poll() is None:
             proc.kill()
     proc.wait()
     for stream in (proc.stdout, proc.stderr):
         stream.close()
-    result = ToolResult(argv, None if timed_out else proc.returncode, out, err)
+    result = _ToolResult(argv, None if timed_out else proc.returncode, out, err)
     if timed_out and not done:
         raise Error(f"{name} timed out after {timeout} s")
     if check and not done and result.returncode != 0:
@@ -220,8 +220,8 @@ def certutil(db, *args, **kw):
 # Certificate databases
 # --------------------------------------------------------------------------
 
-DB_FILES = ("cert9.db", "key4.db", "pkcs11.txt", "cert8.db", "key3.db", "secmod.db")
-SECRET_FILES = ("key4.db", "key3.db", "pw")
+_DB_FILES = ("cert9.db", "key4.db", "pkcs11.txt", "cert8.db", "key3.db", "secmod.db")
+_SECRET_FILES = ("key4.db", "key3.db", "pw")
 
 
 class CertDB:
@@ -251,7 +251,7 @@ class CertDB:
         os.makedirs(self.path, mode=mode, exist_ok=True)
         os.chmod(self.path, mode)
         certutil(self, "-N", "--empty-password")
-        for name in DB_FILES:
+        for name in _DB_FILES:
             f = os.path.join(self.path, name)
             if os.path.exists(f):
                 os.chmod(f, 0o644 if world_readable else 0o600)
@@ -259,7 +259,7 @@ class CertDB:
     def check_permissions(self, owner=None, secret=False):
         """Raise Error naming the first problem: foreign owner, group/other write access, or
         (secret) group/other read access to key files."""
-        for path in [self.path] + [os.path.join(self.path, f) for f in DB_FILES + ("pw",)]:
+        for path in [self.path] + [os.path.join(self.path, f) for f in _DB_FILES + ("pw",)]:
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -271,7 +271,7 @@ class CertDB:
             if st.st_mode & 0o022:
                 raise Error(f"{path} is writable by group or others "
                             f"(mode {stat.S_IMODE(st.st_mode):04o})")
-            if secret and os.path.basename(path) in SECRET_FILES and st.st_mode & 0o044:
+            if secret and os.path.basename(path) in _SECRET_FILES and st.st_mode & 0o044:
                 raise Error(f"{path} is readable by group or others "
                             f"(mode {stat.S_IMODE(st.st_mode):04o})")
 
@@ -280,7 +280,7 @@ class CertDB:
         proc = certutil(self, "-L", "-n", nickname, "-a", check=False)
         if proc.returncode != 0:
             return []
-        return pem_to_der_list(proc.stdout.decode(errors="replace"))
+        return _pem_to_der_list(proc.stdout.decode(errors="replace"))
 
     def add_trusted_server(self, der):
         """Trust a server certificate for TLS (first field) and signing (third)."""
@@ -311,7 +311,7 @@ class CertDB:
                 break
 
 
-def pem_to_der_list(text):
+def _pem_to_der_list(text):
     import ssl as pyssl  # only PEM input needs it
     return [pyssl.PEM_cert_to_DER_cert(m.group(0)) for m in re.finditer(
         r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", text, re.S)]
@@ -325,7 +325,7 @@ def read_certificate_file(path):
     except OSError as e:
         raise Error(f"cannot read certificate {path}: {e.strerror}") from None
     if b"-----BEGIN CERTIFICATE-----" in data:
-        ders = pem_to_der_list(data.decode(errors="replace"))
+        ders = _pem_to_der_list(data.decode(errors="replace"))
         if len(ders) != 1:
             raise Error(f"{path} holds {len(ders)} certificates, expected one")
         return ders[0]
@@ -349,7 +349,7 @@ def serial_text(serial):
     return serial.to_bytes(serial.bit_length() // 8 + 1, "big").hex(":")
 
 
-def staprun_db_path():
+def _staprun_db_path():
     """The certificates whose module signatures staprun accepts for stapusr users."""
     return os.path.join(sysconfdir(), "systemtap", "staprun")
 
@@ -359,7 +359,7 @@ def client_databases(ssl_dirs=()):
     (root's too), then the global one.  A database that fails its permission check is skipped with a
     warning."""
     candidates = [(CertDB(d), None, True) for d in ssl_dirs]
-    user, system = CertDB(user_client_db_path()), CertDB(global_client_db_path())
+    user, system = CertDB(_user_client_db_path()), CertDB(global_client_db_path())
     if user.path != system.path:
         candidates.append((user, os.geteuid(), False))
     candidates.append((system, 0, False))
@@ -367,12 +367,12 @@ def client_databases(ssl_dirs=()):
     for db, owner, explicit in candidates:
         if not db.exists():
             if explicit:
-                warn(f"skipping certificate database {db.path}: it does not exist")
+                _warn(f"skipping certificate database {db.path}: it does not exist")
             continue
         try:
             db.check_permissions(owner=owner)
         except Error as e:
-            warn(f"skipping certificate database {db.path}: {e}")
+            _warn(f"skipping certificate database {db.path}: {e}")
             continue
         usable.append(db)
     if not usable:
@@ -388,9 +388,9 @@ def client_databases(ssl_dirs=()):
 # stap 4.8's command line, as its getopt_long reads it: the short options (":" after a letter: it
 # takes a value) and the long ones in stap's order, each with its kind of value; colour is color's
 # other spelling.
-STAP_SHORT_OPTIONS = "hVvtp:I:e:E:o:R:r:a:m:kgPc:x:D:bs:uqiwl:d:L:FS:B:J:jWG:T:"
+_STAP_SHORT_OPTIONS = "hVvtp:I:e:E:o:R:r:a:m:kgPc:x:D:bs:uqiwl:d:L:FS:B:J:jWG:T:"
 NO_VALUE, VALUE, OPTIONAL_VALUE = "none", "required", "optional"
-STAP_LONG_OPTIONS = dict(
+_STAP_LONG_OPTIONS = dict(
     [(n, NO_VALUE) for n in (
         "skip-badvars unprivileged client-options help disable-cache poison-cache "
         "clean-cache ldd all-modules remote-prefix check-version version dump-probe-types "
@@ -404,11 +404,11 @@ STAP_LONG_OPTIONS = dict(
     + [(n, OPTIONAL_VALUE) for n in (
         "use-server list-servers trust-servers use-server-on-error sign-module "
         "download-debuginfo color colour prologue-searching monitor").split()])
-SAME_OPTION = {"colour": "color"}
+_SAME_OPTION = {"colour": "color"}
 # stap-client's own options, beside stap's (each given as --name=VALUE).
-CLIENT_LONG_OPTIONS = {"server": OPTIONAL_VALUE, "ssl": OPTIONAL_VALUE,
-                       "domain": OPTIONAL_VALUE, "deadline": OPTIONAL_VALUE,
-                       "each-kernel": OPTIONAL_VALUE}
+_CLIENT_LONG_OPTIONS = {"server": OPTIONAL_VALUE, "ssl": OPTIONAL_VALUE,
+                        "domain": OPTIONAL_VALUE, "deadline": OPTIONAL_VALUE,
+                        "each-kernel": OPTIONAL_VALUE}
 
 LOCAL, PATH = "local", "path"
 
@@ -421,8 +421,8 @@ class Treatment(collections.namedtuple("Treatment", "client server staprun",
     why stap-serverd refuses it.  staprun: what pass 5 gives staprun for it (stap 4.8's mapping)."""
 
 
-NOT_HERE = "and cannot be used with stap-client"
-STAP_OPTIONS = {
+_NOT_HERE = "and cannot be used with stap-client"
+_STAP_OPTIONS = {
     "-I": Treatment(server=PATH),  # the client ships the directory
     "-d": Treatment(server=PATH),
     "-o": Treatment(client=LOCAL, server=LOCAL),  # only pass 5 writes it
@@ -438,17 +438,17 @@ STAP_OPTIONS = {
     "-w": Treatment(staprun="-w"),
     "-R": Treatment(client="names a local runtime directory; give -R to the server instead",
                     server="names a runtime directory"),
-    "--tmpdir": Treatment(client=f"names a local directory {NOT_HERE}",
-                          server="names a directory"),
-    "--sysroot": Treatment(client=f"names a local directory {NOT_HERE}",
+    "--tmpdir": Treatment(client=f"names a local directory {_NOT_HERE}",
                            server="names a directory"),
-    "--remote": Treatment(client=f"runs on another host {NOT_HERE}", server="runs elsewhere"),
-    "--use-server": Treatment(client=f"is what stap-client does already {NOT_HERE}",
-                              server="asks for a server"),
-    "--list-servers": Treatment(client=f"is stap-find-servers {NOT_HERE}",
-                                server="asks for servers"),
-    "--trust-servers": Treatment(client=f"is stap-add-server-cert {NOT_HERE}",
-                                 server="changes trust"),
+    "--sysroot": Treatment(client=f"names a local directory {_NOT_HERE}",
+                            server="names a directory"),
+    "--remote": Treatment(client=f"runs on another host {_NOT_HERE}", server="runs elsewhere"),
+    "--use-server": Treatment(client=f"is what stap-client does already {_NOT_HERE}",
+                               server="asks for a server"),
+    "--list-servers": Treatment(client=f"is stap-find-servers {_NOT_HERE}",
+                                 server="asks for servers"),
+    "--trust-servers": Treatment(client=f"is stap-add-server-cert {_NOT_HERE}",
+                                  server="changes trust"),
     "--client-options": Treatment(server="is the server's"),
     "--poison-cache": Treatment(server="damages the cache"),
     "--clean-cache": Treatment(server="damages the cache"),
@@ -457,30 +457,30 @@ STAP_OPTIONS = {
 
 
 def treatment(name):
-    return STAP_OPTIONS.get(name, Treatment())
+    return _STAP_OPTIONS.get(name, Treatment())
 
 
-class StapSays(Error):
+class _StapSays(Error):
     """A command line stap itself refuses while reading it: the message is exactly what stap 4.8
     prints (stap-client stands for stap --use-server)."""
 
 
-TRY_HELP = ("Try '--help' for more information. [man stap]\n"
-            "A message like [man foo] means for more info, run % man foo")
+_TRY_HELP = ("Try '--help' for more information. [man stap]\n"
+             "A message like [man foo] means for more info, run % man foo")
 
 
 class UsageError(Error):
     """A command line getopt_long refuses, in getopt's words."""
 
     def stap_says(self):
-        return f"stap: {self}\n{TRY_HELP}"
+        return f"stap: {self}\n{_TRY_HELP}"
 
 
-NO_SCRIPT = StapSays("A script must be specified.\n"
-                     f"Try '-i' for building a script interactively.\n{TRY_HELP}")
+_NO_SCRIPT = _StapSays("A script must be specified.\n"
+                       f"Try '-i' for building a script interactively.\n{_TRY_HELP}")
 
 # Values stap checks as it reads each option (POSIX extended, any case).
-SAFETY_PATTERNS = {
+_SAFETY_PATTERNS = {
     "-G": "^[a-z_][a-z0-9_]*=[a-z0-9_.-]+$",
     "-D": "^[a-z_][a-z_0-9]*(=-?[a-z_0-9]+)?$",
     "-S": "^[0-9]+(,[0-9]+)?$",
@@ -490,17 +490,17 @@ SAFETY_PATTERNS = {
 }
 
 
-def check_as_stap_does(name, value):
+def _check_as_stap_does(name, value):
     """stap's own checks of one option's value, in the order stap reads them."""
     if name == "-p" and value not in ("1", "2", "3", "4", "5"):
-        raise StapSays("Invalid pass number (should be 1-5).")
-    pattern = SAFETY_PATTERNS.get(name)
+        raise _StapSays("Invalid pass number (should be 1-5).")
+    pattern = _SAFETY_PATTERNS.get(name)
     if pattern and not re.search(pattern.replace("$", r"\Z"), value, re.IGNORECASE):
-        raise StapSays(f"ERROR: Safety pattern mismatch for {name} parameter "
-                       f"('{value}' vs. '{pattern}') rc=1")
+        raise _StapSays(f"ERROR: Safety pattern mismatch for {name} parameter "
+                        f"('{value}' vs. '{pattern}') rc=1")
 
 
-def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS, check=None):
+def scan_stap_args(argv, long_options=_STAP_LONG_OPTIONS, check=None):
     """Tokens of a stap command line as stap's getopt_long reads it (options may follow operands;
     "--" ends options; long options may be shortened to a unique prefix): ("opt", "-p", "4"),
     ("opt", "--vp", "01") or ("arg", "x").  UsageError says what getopt would say; check(name,
@@ -512,7 +512,7 @@ def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS, check=None):
             break
         if arg.startswith("--"):
             given, eq, value = arg[2:].partition("=")
-            name = long_option(given, long_options)
+            name = _long_option(given, long_options)
             kind = long_options[name]
             if not eq:
                 value = None
@@ -527,10 +527,10 @@ def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS, check=None):
                 check("--" + name, value)
         elif arg.startswith("-") and arg != "-":
             for j, letter in enumerate(arg[1:], 1):  # a cluster such as -vvp4
-                at = STAP_SHORT_OPTIONS.find(letter)
+                at = _STAP_SHORT_OPTIONS.find(letter)
                 if letter == ":" or at < 0:
                     raise UsageError(f"invalid option -- '{letter}'")
-                if STAP_SHORT_OPTIONS[at + 1:at + 2] != ":":
+                if _STAP_SHORT_OPTIONS[at + 1:at + 2] != ":":
                     tokens.append(("opt", "-" + letter, None))
                     continue
                 value = arg[j + 1:] or next(args, None)
@@ -545,14 +545,14 @@ def scan_stap_args(argv, long_options=STAP_LONG_OPTIONS, check=None):
     return tokens
 
 
-def long_option(given, long_options):
+def _long_option(given, long_options):
     """The long option a (possibly shortened) name stands for."""
     if given in long_options:
         return given
     matches = [n for n in long_options if n.startswith(given)]
     if not matches:
         raise UsageError(f"unrecognized option '--{given}'")
-    if len({SAME_OPTION.get(n, n) for n in matches}) > 1:
+    if len({_SAME_OPTION.get(n, n) for n in matches}) > 1:
         raise UsageError(f"option '--{given}' is ambiguous; possibilities: "
                          + " ".join(f"'--{n}'" for n in matches))
     return matches[0]
@@ -561,7 +561,7 @@ def long_option(given, long_options):
 # The client's records are plain classes and named tuples: importing dataclasses would cost a fifth
 # of every stap-client run's start-up.
 
-class Invocation:
+class _Invocation:
     """stap-client's argv, split into what goes where."""
 
     def __init__(self):
@@ -569,7 +569,7 @@ class Invocation:
         self.files = []  # (archive name, bytes or path)
         self.servers = []
         self.ssl_dirs = []
-        self.deadline = DEADLINE
+        self.deadline = _DEADLINE
         self.domains = []  # --domain: DNS domains to find servers in
         self.last_pass = 5
         self.module_name = None
@@ -594,26 +594,27 @@ def parse_stap_args(argv, stdin=None):
     """Split stap-client's arguments into an Invocation: what the server gets (laid out as the real
     client does: options, script, "--", script arguments), the files to ship, and what staprun
     gets."""
-    inv, operands = Invocation(), []
-    tokens = scan_stap_args(argv, {**STAP_LONG_OPTIONS, **CLIENT_LONG_OPTIONS}, check_as_stap_does)
+    inv, operands = _Invocation(), []
+    tokens = scan_stap_args(argv, {**_STAP_LONG_OPTIONS, **_CLIENT_LONG_OPTIONS},
+                            _check_as_stap_does)
     for kind, name, *value in tokens:
         if kind == "arg":
             operands.append(name)
         else:
-            handle_option(inv, name, value[0])
+            _handle_option(inv, name, value[0])
     inv.listing = any(a.startswith(("-l", "-L")) for a in inv.server_args)
     have_script_text = any(a.startswith("-e") for a in inv.server_args)
     if not have_script_text and not inv.help and not inv.version and not inv.listing:
         if not operands:
-            raise NO_SCRIPT
-        add_script(inv, operands.pop(0), stdin)
+            raise _NO_SCRIPT
+        _add_script(inv, operands.pop(0), stdin)
     if operands:
         inv.server_args += ["--"] + operands
-    add_privilege(inv)
+    _add_privilege(inv)
     return inv
 
 
-def add_privilege(inv):
+def _add_privilege(inv):
     """As stap does for pass 5: a user who may load only signed modules (stapusr, or stapsys, but
     not stapdev) asks for a module built, and signed by the server, at that privilege."""
     if inv.last_pass < 5 or is_root() or any(
@@ -633,8 +634,8 @@ def add_privilege(inv):
 
 # Secure Boot: a kernel that loads only signed modules needs one signed with a MOK it trusts
 MOK_CERT_NAME = "signing_key.x509"  # a server's MOK certificate in a reply, saved here
-MOK_LISTING = re.compile(r"^SHA1 Fingerprint: ([0-9a-f:]+)$")
-MOK_ISSUER = re.compile(r"^[ \t]*Issuer: [A-Z]*=(.*)$")
+_MOK_LISTING = re.compile(r"^SHA1 Fingerprint: ([0-9a-f:]+)$")
+_MOK_ISSUER = re.compile(r"^[ \t]*Issuer: [A-Z]*=(.*)$")
 
 
 def modules_must_be_signed(environ=None, sysfs="/sys"):
@@ -663,9 +664,9 @@ def enrolled_systemtap_moks():
     found, fingerprint = [], None
     for line in out.decode(errors="replace").splitlines():
         if fingerprint is None:
-            m = MOK_LISTING.match(line)
+            m = _MOK_LISTING.match(line)
             fingerprint = m.group(1) if m else None
-        elif m := MOK_ISSUER.match(line):
+        elif m := _MOK_ISSUER.match(line):
             if "Systemtap" in m.group(1):
                 found.append(fingerprint)
             fingerprint = None
@@ -680,7 +681,7 @@ def secure_boot_moks():
     return enrolled_systemtap_moks() or ["missing"]
 
 
-def explain_mok_enrollment(path):
+def _explain_mok_enrollment(path):
     print(f"{PROG}: the server sent its machine owner key (MOK) certificate, saved as {path}: this "
           "kernel loads only modules signed with an enrolled key.  To enroll it, run 'mokutil "
           f"--import {path}' as root (it asks for a one-time password), reboot, confirm the key "
@@ -690,30 +691,30 @@ def explain_mok_enrollment(path):
 
 # Options stap-client itself reads: name -> the Invocation attribute that a flag sets, that takes
 # the option's value, or that collects its values.
-CLIENT_FLAGS = {"-h": "help", "--help": "help", "-V": "version", "--version": "version",
-                "-k": "keep", "-F": "flight_recorder"}
-CLIENT_VALUES = {"-o": "output", "-r": "release", "-a": "arch", "-m": "module_name"}
-CLIENT_LISTS = {"-G": "globals", "--server": "servers", "--ssl": "ssl_dirs", "--domain": "domains"}
+_CLIENT_FLAGS = {"-h": "help", "--help": "help", "-V": "version", "--version": "version",
+                 "-k": "keep", "-F": "flight_recorder"}
+_CLIENT_VALUES = {"-o": "output", "-r": "release", "-a": "arch", "-m": "module_name"}
+_CLIENT_LISTS = {"-G": "globals", "--server": "servers", "--ssl": "ssl_dirs", "--domain": "domains"}
 
 
-def handle_option(inv, name, value):
+def _handle_option(inv, name, value):
     """Record one option: what stap-client makes of it, and what the server and staprun get."""
     how = treatment(name)
     if how.client not in (None, LOCAL):
         raise Error(f"{name} {how.client}")
-    own = name[2:] in CLIENT_LONG_OPTIONS  # --server=VALUE and the like: never sent
+    own = name[2:] in _CLIENT_LONG_OPTIONS  # --server=VALUE and the like: never sent
     if own and not value:
         raise Error(f"option {name} needs a value ({name}=VALUE)")
     if name == "-r" and "/" in value:
         raise Error(f"-r {value} names a local build tree; give a kernel release instead")
     if name == "--server":
         parse_server_spec(value)  # a bad one fails before any work
-    if name in CLIENT_FLAGS:
-        setattr(inv, CLIENT_FLAGS[name], True)
-    elif name in CLIENT_VALUES:
-        setattr(inv, CLIENT_VALUES[name], value)
-    elif name in CLIENT_LISTS:
-        getattr(inv, CLIENT_LISTS[name]).append(value)
+    if name in _CLIENT_FLAGS:
+        setattr(inv, _CLIENT_FLAGS[name], True)
+    elif name in _CLIENT_VALUES:
+        setattr(inv, _CLIENT_VALUES[name], value)
+    elif name in _CLIENT_LISTS:
+        getattr(inv, _CLIENT_LISTS[name]).append(value)
     elif name == "--each-kernel":
         inv.each_kernel = kernel_releases(value)
     elif name == "--deadline":
@@ -724,7 +725,7 @@ def handle_option(inv, name, value):
     elif name == "-p":
         inv.last_pass = int(value)  # 1-5: checked as stap does
     elif name == "-I":
-        value = add_tree(inv, value)
+        value = _add_tree(inv, value)
     elif name == "-v":
         inv.verbose += 1
     if how.staprun:
@@ -734,7 +735,7 @@ def handle_option(inv, name, value):
         inv.server_args.append(name + ("" if value is None else separator + value))
 
 
-def add_script(inv, name, stdin):
+def _add_script(inv, name, stdin):
     if name == "-":
         inv.files.append(("script/-", (stdin or sys.stdin.buffer).read()))
         inv.server_args.append("script/-")
@@ -746,7 +747,7 @@ def add_script(inv, name, stdin):
     inv.script = ("script" + path, name)  # what the server calls it, what the user did
 
 
-def add_tree(inv, directory):
+def _add_tree(inv, directory):
     """Ship every regular file under an -I directory (a missing one ships nothing: stap ignores it);
     the argument the server sees is the tree's place inside the request.  What a request can carry
     bounds the tree."""
@@ -854,13 +855,13 @@ def safe_members(zf, limits):
     if total > limits.max_total_bytes:
         raise Error(limits.too_large.format(total=total, limit=limits.max_total_bytes))
     for info in infos:
-        check_entry_name(info.filename)
+        _check_entry_name(info.filename)
         kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix type recorded
         if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
             raise Error(f"archive entry {info.filename} is not a regular file or directory")
         if info.file_size > limits.max_entry_bytes:
             raise Error(f"archive entry {info.filename} is too large ({info.file_size} bytes)")
-        if info.file_size > 1 << 20 and \
+        if info.file_size > 1 << 20 and\
                 info.file_size > limits.max_ratio * max(info.compress_size, 1):
             raise Error(f"archive entry {info.filename} is compressed suspiciously well")
     if total > 1 << 20 and total > limits.max_ratio * max(sum(i.compress_size for i in infos), 1):
@@ -869,7 +870,7 @@ def safe_members(zf, limits):
     return infos
 
 
-def check_entry_name(name):
+def _check_entry_name(name):
     parts = name.rstrip("/").split("/")
     if (not name or name.startswith("/") or "\\" in name or "\0" in name
             or any(p in ("", ".", "..") for p in parts)):
@@ -885,8 +886,8 @@ def open_archive(data):
 
 
 # What inflating a damaged or hostile entry raises.
-ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
-              ValueError)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+               ValueError)
 
 
 def extract_archive(zf, dest, limits, only=None):
@@ -911,11 +912,11 @@ def extract_archive(zf, dest, limits, only=None):
                         raise Error("archive inflates beyond its declared size")
                     out.write(chunk)
                     sha1[info.filename].update(chunk)
-        except ZIP_ERRORS as e:
+        except _ZIP_ERRORS as e:
             raise Error(f"archive entry {info.filename} is corrupt ({e})") from None
         except OSError as e:  # a duplicate or a file/directory clash, a full disk
             message = f"cannot unpack archive entry {info.filename}: {e.strerror}"
-            if e.errno in LOCAL_ERRNOS:
+            if e.errno in _LOCAL_ERRNOS:
                 raise LocalFault(message, e.strerror) from None
             raise Error(message) from None
     return sha1
@@ -946,7 +947,7 @@ class RequestArchive:
         try:
             with self.zf.open(self.infos[name]) as f:
                 return f.read()
-        except ZIP_ERRORS as e:
+        except _ZIP_ERRORS as e:
             raise Error(f"archive entry {name} is corrupt ({e})") from None
 
     def files(self, prefix=""):
@@ -968,7 +969,7 @@ class RequestArchive:
             try:
                 with self.zf.open(self.infos[name]) as f:
                     h.update(hashlib.file_digest(f, "sha256").digest())
-            except ZIP_ERRORS as e:
+            except _ZIP_ERRORS as e:
                 raise Error(f"archive entry {name} is corrupt ({e})") from None
         return h.hexdigest()
 
@@ -1005,8 +1006,8 @@ def reply_entries(content):
     return entries
 
 
-MODULE_DIR = re.compile(r"^stap[A-Za-z0-9_]{6}/")
-MODULE_NAME = re.compile(r"[A-Za-z0-9_]+\.ko\Z")  # what stap names a module (-m's pattern)
+_MODULE_DIR = re.compile(r"^stap[A-Za-z0-9_]{6}/")
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+\.ko\Z")  # what stap names a module (-m's pattern)
 
 
 def read_reply(data, dest, peer_der, limits=Limits()):
@@ -1015,13 +1016,13 @@ def read_reply(data, dest, peer_der, limits=Limits()):
     names = [i.filename for i in safe_members(zf, limits)]
     only = None
     if any(n.startswith("META-INF/") for n in names):
-        only = jar_verified_names(zf, names, peer_der)
+        only = _jar_verified_names(zf, names, peer_der)
         stray = [n for n in names if n not in only and not n.endswith("/")
                  and not n.startswith("META-INF/")]
         if stray:
             raise Error(f"reply entry {stray[0]} is not covered by the server's signature")
     unpacked = os.path.join(dest, "reply")
-    make_private_dir(unpacked)
+    _make_private_dir(unpacked)
     sha1 = extract_archive(zf, unpacked, limits, only)
     altered = [n for n in only or () if base64.b64encode(sha1[n].digest()) != only[n]]
     if altered:  # the signature's digests, checked against what was unpacked
@@ -1033,10 +1034,10 @@ def read_reply(data, dest, peer_der, limits=Limits()):
         rc = int(read("rc").strip() or b"1")
     except ValueError:
         raise Error("reply's rc entry is not a number") from None
-    modules = [n for n in names if MODULE_DIR.match(n) and n.endswith(".ko") and n.count("/") == 1]
-    if len({n.split("/")[0] for n in names if MODULE_DIR.match(n)}) > 1 or len(modules) > 1:
+    modules = [n for n in names if _MODULE_DIR.match(n) and n.endswith(".ko") and n.count("/") == 1]
+    if len({n.split("/")[0] for n in names if _MODULE_DIR.match(n)}) > 1 or len(modules) > 1:
         raise Error("reply holds more than one module directory")
-    if modules and not MODULE_NAME.match(modules[0].split("/")[1]):
+    if modules and not _MODULE_NAME.match(modules[0].split("/")[1]):
         raise Error(f"reply's module '{modules[0].split('/')[1]}' is not named as stap names "
                     "modules")
     return Reply(rc=rc, stdout=read("stdout") or b"", stderr=read("stderr") or b"",
@@ -1045,7 +1046,7 @@ def read_reply(data, dest, peer_der, limits=Limits()):
                  mok_cert=os.path.join(unpacked, MOK_CERT_NAME) if MOK_CERT_NAME in names else None)
 
 
-def make_private_dir(path):
+def _make_private_dir(path):
     try:
         os.mkdir(path, 0o700)
     except OSError as e:
@@ -1082,7 +1083,7 @@ def der_children(data, start, end):
         start = cend
 
 
-def der_list(data, start, end):
+def _der_list(data, start, end):
     return list(der_children(data, start, end))
 
 
@@ -1096,7 +1097,8 @@ def der(tag, *content):
     return bytes((tag, 0x80 | len(length))) + length + body
 
 
-TbsFields = collections.namedtuple("TbsFields", "serial signature issuer validity subject key_info")
+_TbsFields = collections.namedtuple("TbsFields",
+                                    "serial signature issuer validity subject key_info")
 
 
 def tbs_fields(der):
@@ -1105,7 +1107,7 @@ def tbs_fields(der):
     _, start, end = der_element(der, 0)  # Certificate
     _, start, end = der_element(der, start)  # TBSCertificate
     fields = list(der_children(der, start, end))
-    return TbsFields(*(fields[1:] if fields[0][0] == 0xA0 else fields)[:6])  # [0] version
+    return _TbsFields(*(fields[1:] if fields[0][0] == 0xA0 else fields)[:6])  # [0] version
 
 
 def certificate_serial(der):
@@ -1116,13 +1118,13 @@ def certificate_serial(der):
 
 # --- signed replies: JARs in signtool's format, checked in this process -----
 
-JAR_MANIFEST = "META-INF/manifest.mf"
-JAR_SIGNATURE_FILE = "META-INF/zigbert.sf"
-JAR_SIGNATURE_BLOCK = "META-INF/zigbert.rsa"
-JAR_CREATOR = b"Created-By: stap-server (signtool format)\n"
+_JAR_MANIFEST = "META-INF/manifest.mf"
+_JAR_SIGNATURE_FILE = "META-INF/zigbert.sf"
+_JAR_SIGNATURE_BLOCK = "META-INF/zigbert.rsa"
+_JAR_CREATOR = b"Created-By: stap-server (signtool format)\n"
 
 # The DER of the object identifiers a JAR signature names.
-DER_OID = {name: b"\x06" + bytes([len(body)]) + body for name, body in (
+_DER_OID = {name: b"\x06" + bytes([len(body)]) + body for name, body in (
     ("data", bytes.fromhex("2a864886f70d010701")),
     ("signedData", bytes.fromhex("2a864886f70d010702")),
     ("contentType", bytes.fromhex("2a864886f70d010903")),
@@ -1133,26 +1135,26 @@ DER_OID = {name: b"\x06" + bytes([len(body)]) + body for name, body in (
     ("sha256", bytes.fromhex("608648016503040201")))}
 
 # PKCS#1 v1.5 DigestInfo prefixes, by the DER of the digest's OID.
-DIGEST_INFO = {
-    DER_OID["sha1"]: (hashlib.sha1, bytes.fromhex("3021300906052b0e03021a05000414")),
-    DER_OID["sha256"]: (hashlib.sha256, bytes.fromhex("3031300d060960864801650304020105000420")),
+_DIGEST_INFO = {
+    _DER_OID["sha1"]: (hashlib.sha1, bytes.fromhex("3021300906052b0e03021a05000414")),
+    _DER_OID["sha256"]: (hashlib.sha256, bytes.fromhex("3031300d060960864801650304020105000420")),
 }
 
 
-def jar_digests(data):
+def _jar_digests(data):
     """One manifest section's digest lines, as signtool writes them."""
     md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest())
-    return (b"Digest-Algorithms: MD5 SHA1\nMD5-Digest: " + md5 + b"\nSHA1-Digest: " + sha1_b64(data)
-            + b"\n")
+    return (b"Digest-Algorithms: MD5 SHA1\nMD5-Digest: " + md5 + b"\nSHA1-Digest: "
+            + _sha1_b64(data) + b"\n")
 
 
 def jar_manifests(entries):
     """(manifest, signature file) for [(name, bytes)]: the manifest digests each entry, the
     signature file each manifest section."""
-    main = b"Manifest-Version: 1.0\n" + JAR_CREATOR
-    sections = [b"Name: " + name.encode() + b"\n" + jar_digests(data) for name, data in entries]
-    signature_file = [b"Signature-Version: 1.0\n" + JAR_CREATOR + jar_digests(main)]
-    signature_file += [s.split(b"\n", 1)[0] + b"\n" + jar_digests(s) for s in sections]
+    main = b"Manifest-Version: 1.0\n" + _JAR_CREATOR
+    sections = [b"Name: " + name.encode() + b"\n" + _jar_digests(data) for name, data in entries]
+    signature_file = [b"Signature-Version: 1.0\n" + _JAR_CREATOR + _jar_digests(main)]
+    signature_file += [s.split(b"\n", 1)[0] + b"\n" + _jar_digests(s) for s in sections]
     return b"\n".join([main] + sections), b"\n".join(signature_file)
 
 
@@ -1161,12 +1163,13 @@ def signed_jar(entries, cert_der, sign):
     manifest, of the manifest in a signature file, a PKCS#7 signature of that file (SHA-1, the one
     digest NSS's JAR verifier knows) by sign(data, NSS SEC_OID name), with the key of cert_der."""
     manifest, signature_file = jar_manifests(entries)
-    block = pkcs7_signature(signature_file, cert_der, sign)
+    block = _pkcs7_signature(signature_file, cert_der, sign)
     out = io.BytesIO()
     stamp = time.localtime()[:6]
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in entries + [(JAR_MANIFEST, manifest), (JAR_SIGNATURE_FILE, signature_file),
-                                     (JAR_SIGNATURE_BLOCK, block)]:
+        for name, data in entries + [(_JAR_MANIFEST, manifest),
+                                     (_JAR_SIGNATURE_FILE, signature_file),
+                                     (_JAR_SIGNATURE_BLOCK, block)]:
             info = zipfile.ZipInfo(name, stamp)
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
@@ -1174,10 +1177,10 @@ def signed_jar(entries, cert_der, sign):
     return out.getvalue()
 
 
-def pkcs7_signature(content, cert_der, sign):
+def _pkcs7_signature(content, cert_der, sign):
     """A detached PKCS#7 SignedData of content with authenticated attributes (content type, signing
     time, SHA-1 digest), carrying cert_der: signtool's signature block, byte for byte in layout."""
-    oid = DER_OID
+    oid = _DER_OID
     attributes = [
         der(0x30, oid["contentType"], der(0x31, oid["data"])),
         der(0x30, oid["signingTime"], der(0x31, der(0x17, time.strftime(
@@ -1197,7 +1200,7 @@ def pkcs7_signature(content, cert_der, sign):
     return der(0x30, oid["signedData"], der(0xA0, signed_data))
 
 
-def jar_sections(text):
+def _jar_sections(text):
     """{name: (section bytes, {key: value})} of a manifest or signature file; the main section under
     the name None."""
     sections = {}
@@ -1213,7 +1216,7 @@ def jar_sections(text):
     return sections
 
 
-def jar_verified_names(zf, names, peer_der):
+def _jar_verified_names(zf, names, peer_der):
     """{entry: its SHA-1 (base64)} of the entries a signed reply's signature covers, signed with
     the key of peer_der (the server we shook hands with); read_reply checks the entries."""
     blocks = [n for n in names if re.match(r"META-INF/[^/]+\.(RSA|rsa)$", n)]
@@ -1221,27 +1224,28 @@ def jar_verified_names(zf, names, peer_der):
         raise Error("reply signature has no single signature block")
     stem = blocks[0][:-4]
     try:
-        manifest = jar_sections(zf.read(JAR_MANIFEST))
+        manifest = _jar_sections(zf.read(_JAR_MANIFEST))
         signature_file = zf.read(stem + ".sf" if stem + ".sf" in names else stem + ".SF")
         check_pkcs7_signature(zf.read(blocks[0]), signature_file, peer_der)
-        signed = jar_sections(signature_file)
+        signed = _jar_sections(signature_file)
     except KeyError as e:
         raise Error(f"reply signature is incomplete ({e.args[0]})") from None
     except (IndexError, ValueError):
         raise Error("reply signature block is malformed") from None
-    if signed.get(None, (b"", {}))[1].get(b"SHA1-Digest") != sha1_b64(manifest[None][0]):
+    if signed.get(None, (b"", {}))[1].get(b"SHA1-Digest") != _sha1_b64(manifest[None][0]):
         raise Error("reply signature does not verify (manifest header altered)")
     covered = {}
     for name, (raw, fields) in manifest.items():
         if name is None:
             continue
-        if signed.get(name, (b"", {}))[1].get(b"SHA1-Digest") != sha1_b64(raw) or name not in names:
+        if signed.get(name, (b"", {}))[1].get(b"SHA1-Digest") != _sha1_b64(raw) \
+                or name not in names:
             raise Error(f"reply signature does not verify ({name} altered)")
         covered[name] = fields.get(b"SHA1-Digest")
     return covered
 
 
-def sha1_b64(data):
+def _sha1_b64(data):
     return base64.b64encode(hashlib.sha1(data).digest())
 
 
@@ -1249,27 +1253,27 @@ def check_pkcs7_signature(pkcs7, content, peer_der):
     """Raise Error unless pkcs7 is a detached SignedData of content, with authenticated attributes,
     carrying peer_der alone and signed by its key."""
     _, s, e = der_element(pkcs7, 0)  # ContentInfo
-    _, _, s, e = der_list(pkcs7, s, e)[1]  # [0] EXPLICIT content
+    _, _, s, e = _der_list(pkcs7, s, e)[1]  # [0] EXPLICIT content
     _, s, e = der_element(pkcs7, s)  # SignedData
-    fields = der_list(pkcs7, s, e)
+    fields = _der_list(pkcs7, s, e)
     certs = [pkcs7[a:c] for tag, _, s, e in fields if tag == 0xA0
-             for _, a, _, c in der_list(pkcs7, s, e)]
+             for _, a, _, c in _der_list(pkcs7, s, e)]
     if len(certs) != 1:
         raise Error(f"reply signature carries {len(certs)} certificates, expected one")
     if certs[0] != peer_der:
         raise Error("reply is signed by a certificate other than the server's")
-    signers = der_list(pkcs7, *fields[-1][2:])
+    signers = _der_list(pkcs7, *fields[-1][2:])
     if len(signers) != 1:
         raise Error("reply signature has more than one signer")
-    _, _, algorithm, attributes, _, signature = der_list(pkcs7, *signers[0][2:])[:6]
-    _, a, _, c = der_list(pkcs7, *algorithm[2:])[0]
-    if pkcs7[a:c] not in DIGEST_INFO or attributes[0] != 0xA0:
+    _, _, algorithm, attributes, _, signature = _der_list(pkcs7, *signers[0][2:])[:6]
+    _, a, _, c = _der_list(pkcs7, *algorithm[2:])[0]
+    if pkcs7[a:c] not in _DIGEST_INFO or attributes[0] != 0xA0:
         raise Error("reply signature uses an unknown digest or form")
-    hasher, digest_info = DIGEST_INFO[pkcs7[a:c]]
+    hasher, digest_info = _DIGEST_INFO[pkcs7[a:c]]
     digests = []
-    for _, _, s, e in der_list(pkcs7, *attributes[2:]):  # Attribute: type, SET of values
-        (_, a, _, c), (_, _, vs, _) = der_list(pkcs7, s, e)[:2]
-        if pkcs7[a:c] == DER_OID["messageDigest"]:
+    for _, _, s, e in _der_list(pkcs7, *attributes[2:]):  # Attribute: type, SET of values
+        (_, a, _, c), (_, _, vs, _) = _der_list(pkcs7, s, e)[:2]
+        if pkcs7[a:c] == _DER_OID["messageDigest"]:
             _, vs, ve = der_element(pkcs7, vs)
             digests.append(pkcs7[vs:ve])
     if digests != [hasher(content).digest()]:
@@ -1284,9 +1288,9 @@ def rsa_signature_valid(cert_der, digest_info, signature):
     """RSA PKCS#1 v1.5 check of signature over digest_info with the public key of cert_der: the
     whole encoded block is compared, nothing parsed."""
     _, _, s, e = tbs_fields(cert_der).key_info
-    _algorithm, (_, _, s, _) = der_list(cert_der, s, e)  # BIT STRING: unused bits, RSAPublicKey
+    _algorithm, (_, _, s, _) = _der_list(cert_der, s, e)  # BIT STRING: unused bits, RSAPublicKey
     _, s, e = der_element(cert_der, s + 1)
-    n, exponent = (int.from_bytes(cert_der[a:b], "big") for _, _, a, b in der_list(cert_der, s, e))
+    n, exponent = (int.from_bytes(cert_der[a:b], "big") for _, _, a, b in _der_list(cert_der, s, e))
     k = (n.bit_length() + 7) // 8
     s = int.from_bytes(signature, "big")
     if len(signature) != k or s >= n or len(digest_info) > k - 11:
@@ -1297,7 +1301,7 @@ def rsa_signature_valid(cert_der, digest_info, signature):
 
 # --- mDNS packets: the browser's queries and reading of answers, the responder's answers -------
 
-def normalize_mdns_wire(wire):
+def _normalize_mdns_wire(wire):
     """Clear the mDNS top bits of every class field (RFC 6762 5.4, 10.2).
 
     They mean "unicast response wanted" in questions and "cache flush" in records; dnspython
@@ -1328,13 +1332,13 @@ def parse_mdns(wire):
     """(dns.message.Message, QU flags) or (None, []) for garbage."""
     require_dnspython()
     try:
-        plain, unicast = normalize_mdns_wire(wire)
+        plain, unicast = _normalize_mdns_wire(wire)
         return dns.message.from_wire(plain, ignore_trailing=True), unicast
     except Exception:  # noqa: BLE001 - any bad packet
         return None, []
 
 
-class MdnsAnswers:
+class _MdnsAnswers:
     """What the responses said so far: for each instance (named by a PTR or by its own records) its
     data (see instance()), and each host's addresses."""
 
@@ -1382,13 +1386,13 @@ class MdnsAnswers:
         return wanted
 
     def records(self):
-        return [record_from_txt(instance_label(name), data.srv[0].to_text(omit_final_dot=True),
+        return [record_from_txt(_instance_label(name), data.srv[0].to_text(omit_final_dot=True),
                                 address, data.srv[1], data.txt or {})
                 for name, data in self.advertised() if data.srv
                 for address in self.addresses.get(data.srv[0]) or [data.source]]
 
 
-def instance_label(fqdn):
+def _instance_label(fqdn):
     """'Systemtap Compile Server on a._stap._tcp.local.' -> the first label."""
     return fqdn.labels[0].decode("utf-8", "replace")
 
@@ -1465,11 +1469,11 @@ def open_databases(dbs):
 # ChaCha20-Poly1305.  Judged from NSS's own description of each suite, so suites a newer NSS adds
 # are sorted too; python-nss exports no constant for TLS 1.3 or AEAD, and static ECDH shares ECDHE's
 # kea number, so the names decide.  The real stap 4.8 client offers all of these.
-FORWARD_SECRET_KEA = ("ECDHE", "TLS 1.3")
+_FORWARD_SECRET_KEA = ("ECDHE", "TLS 1.3")
 
 
-def forward_secret_aead(info):
-    return info.kea_type_name in FORWARD_SECRET_KEA and info.mac_algorithm_name == "AEAD"
+def _forward_secret_aead(info):
+    return info.kea_type_name in _FORWARD_SECRET_KEA and info.mac_algorithm_name == "AEAD"
 
 
 def restrict_cipher_suites():
@@ -1478,7 +1482,7 @@ def restrict_cipher_suites():
     ssl = nss_modules()[1]
     ssl.set_domestic_policy()
     allowed = {s for s in ssl.ssl_implemented_ciphers
-               if forward_secret_aead(ssl.get_cipher_suite_info(s))}
+               if _forward_secret_aead(ssl.get_cipher_suite_info(s))}
     if not allowed:
         raise Error("this NSS offers no forward-secret AEAD cipher suite")
     for suite in ssl.ssl_implemented_ciphers:
@@ -1515,7 +1519,7 @@ def parse_server_spec(spec):
     return host, port
 
 
-def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
+def tls_connect(peer, timeout=_CONNECT_TIMEOUT, fetch_only=False):
     """A TLS socket to peer whose certificate a database trusts; returns (socket, peer certificate
     DER).  fetch_only: accept any certificate, for a person to judge before anything is sent."""
     nss, _, _, nerror = nss_modules()
@@ -1529,11 +1533,11 @@ def tls_connect(peer, timeout=CONNECT_TIMEOUT, fetch_only=False):
         try:
             cert.verify_now(certdb, check_sig, nss.certificateUsageSSLServer)
         except nerror.NSPRError as e:
-            verdict["why"] = certificate_problem(e, cert, peer)
+            verdict["why"] = _certificate_problem(e, cert, peer)
             return False
-        if not is_ip_address(peer.host) and not cert.verify_hostname(peer.host):
-            warn(f"server {peer} presents a certificate for "
-                 f"{', '.join(alt_names(cert)) or 'no DNS name'}; trusted by the database anyway")
+        if not _is_ip_address(peer.host) and not cert.verify_hostname(peer.host):
+            _warn(f"server {peer} presents a certificate for "
+                  f"{', '.join(_alt_names(cert)) or 'no DNS name'}; trusted by the database anyway")
         return True
 
     last = None
@@ -1576,7 +1580,7 @@ def tls_socket(raw, as_server):
     return sock
 
 
-def is_ip_address(host):
+def _is_ip_address(host):
     """A literal address: trust comes from the database alone, as with the real client."""
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host.split("%")[0])
@@ -1593,7 +1597,7 @@ def resolve(peer):
     return [(fam, sa) for fam, _, _, _, sa in infos]
 
 
-def certificate_problem(err, cert, peer):
+def _certificate_problem(err, cert, peer):
     """Why peer's certificate was refused, in the user's words (NSS's own as the detail)."""
     text = err.strerror or str(err)
     if "EXPIRED" in str(err) or "expired" in text.lower():
@@ -1603,7 +1607,7 @@ def certificate_problem(err, cert, peer):
                      f"to trust it: stap-add-server-cert {peer}", text)
 
 
-def alt_names(cert):
+def _alt_names(cert):
     nss = nss_modules()[0]
     try:
         ext = cert.get_extension(nss.SEC_OID_X509_SUBJECT_ALT_NAME)
@@ -1612,14 +1616,14 @@ def alt_names(cert):
         return []
 
 
-def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_bytes, waiting=None):
+def _exchange(sock, request, timeout=_REPLY_TIMEOUT, limit=Limits().max_total_bytes, waiting=None):
     """Send the framed request; read the reply to EOF, calling waiting() about once a second
     while nothing arrives."""
     _, _, nio, nerror = nss_modules()
     chunks, size, deadline = [], 0, time.monotonic() + timeout
     try:
         sock.sendall(len(request).to_bytes(4, "big", signed=True) + request,
-                     nss_interval(CONNECT_TIMEOUT + len(request) / 1e6))
+                     nss_interval(_CONNECT_TIMEOUT + len(request) / 1e6))
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -1654,8 +1658,8 @@ def exchange(sock, request, timeout=REPLY_TIMEOUT, limit=Limits().max_total_byte
 MDNS_DOMAIN = "local"
 MDNS_GROUP = "224.0.0.251"
 MDNS_PORT = 5353
-DISCOVERY_TIMEOUT = 1.0  # seconds; stap-find-servers must answer in ~1 s
-COMPILE_DISCOVERY_TIMEOUT = 2.0  # a compile can afford a longer look on a busy network
+_DISCOVERY_TIMEOUT = 1.0  # seconds; stap-find-servers must answer in ~1 s
+_COMPILE_DISCOVERY_TIMEOUT = 2.0  # a compile can afford a longer look on a busy network
 
 
 class DiscoveryError(Error):
@@ -1710,7 +1714,7 @@ def unique_records(records):
     return list(first.values())
 
 
-def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT, sysinfo=None):
+def find_servers(all_servers=False, timeout=_DISCOVERY_TIMEOUT, sysinfo=None):
     """Servers advertised on the local network (and in the configured DNS domains), compatible ones
     only unless all_servers."""
     wanted = sysinfo or local_sysinfo()
@@ -1718,12 +1722,12 @@ def find_servers(all_servers=False, timeout=DISCOVERY_TIMEOUT, sysinfo=None):
     return [r for r in records if all_servers or r.sysinfo in (wanted, wanted.split()[-1])]
 
 
-def browse(timeout=DISCOVERY_TIMEOUT, domains=()):
+def browse(timeout=_DISCOVERY_TIMEOUT, domains=()):
     """(every advertised server, how we looked): the first of LINK_BROWSERS that answers (avahi,
     else our own multicast DNS query); at the same time unicast DNS in the given domains, if any."""
     deadline = time.monotonic() + timeout
     left = lambda: max(0.1, deadline - time.monotonic())  # of the time given
-    wide = WideAreaBrowse(domains, timeout) if domains else None
+    wide = _WideAreaBrowse(domains, timeout) if domains else None
     how, records = first_answering(LINK_BROWSERS, lambda browse_link: browse_link(left()))
     if wide:
         records += wide.browse(left())
@@ -1742,7 +1746,7 @@ def first_answering(backends, attempt, choice="auto"):
 
 # --- wide-area DNS-SD: the same records over unicast DNS (RFC 6763 11) ------
 
-DOMAINS_FILE = "stap-server-domains"  # in $sysconfdir/systemtap: a domain a line, or "search"
+_DOMAINS_FILE = "stap-server-domains"  # in $sysconfdir/systemtap: a domain a line, or "search"
 
 
 def wide_area_domains(extra=()):
@@ -1750,13 +1754,13 @@ def wide_area_domains(extra=()):
     $sysconfdir/systemtap/stap-server-domains ("search": the host's search domains).  None unless
     configured: a client sends no unicast DNS query for servers unless told to."""
     domains = list(extra)
-    path = os.path.join(sysconfdir(), "systemtap", DOMAINS_FILE)
+    path = os.path.join(sysconfdir(), "systemtap", _DOMAINS_FILE)
     with contextlib.suppress(OSError), open(path) as f:
         domains += [domain for line in f if (domain := line.split("#")[0].strip())]
     return list(dict.fromkeys(domains))
 
 
-class WideAreaBrowse:
+class _WideAreaBrowse:
     """A browse of _stap._tcp in unicast DNS, run in a thread beside the multicast one.  Each domain
     first asks b._dns-sd._udp.DOMAIN which domains to browse (RFC 6763 11), else browses the domain
     itself."""
@@ -1790,7 +1794,7 @@ class WideAreaBrowse:
             for srv in self.ask(resolver, instance, "SRV"):
                 for a in self.ask(resolver, srv.target, "A"):
                     self.records.append(record_from_txt(
-                        instance_label(instance), srv.target.to_text(omit_final_dot=True),
+                        _instance_label(instance), srv.target.to_text(omit_final_dot=True),
                         a.address, srv.port, txt))
 
     def ask(self, resolver, name, rdtype):
@@ -1806,7 +1810,7 @@ class WideAreaBrowse:
 
 # --- avahi -----------------------------------------------------------------
 
-def collect_output(proc, deadline, done):
+def _collect_output(proc, deadline, done):
     """Read stdout and stderr of proc until EOF on both, the deadline or done(stdout); returns
     (stdout, stderr, reached EOF)."""
     chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
@@ -1828,7 +1832,7 @@ def collect_output(proc, deadline, done):
 AVAHI_NO_DAEMON = ("Daemon not running", "Failed to create client object", "not installed")
 
 
-def browse_avahi(timeout=DISCOVERY_TIMEOUT, settle=0.5):
+def _browse_avahi(timeout=_DISCOVERY_TIMEOUT, settle=0.5):
     """Servers that avahi knows, or None when no avahi daemon answers.
 
     `avahi-browse -t` only exits ~1 s after its query (when avahi declares "all for now"), so
@@ -1885,25 +1889,25 @@ def unescape_avahi_label(label):
     return raw.decode("utf-8", "replace")
 
 
-TXT_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_TXT_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
 def parse_avahi_txt(field):
     """'"a=1" "b=x y"' -> ['a=1', 'b=x y'] (avahi quotes each string)."""
-    return [re.sub(r"\\(.)", r"\1", m.group(1)) for m in TXT_ITEM.finditer(field)]
+    return [re.sub(r"\\(.)", r"\1", m.group(1)) for m in _TXT_ITEM.finditer(field)]
 
 
 # --- multicast DNS (no avahi) ------------------------------------------------
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python < 3.13 lacks it (Linux: 8)
-SIOCGIFFLAGS = 0x8913
-SIOCGIFADDR = 0x8915
-IFF_UP = 0x1
-IFF_LOOPBACK = 0x8
-IFF_MULTICAST = 0x1000
+_SIOCGIFFLAGS = 0x8913
+_SIOCGIFADDR = 0x8915
+_IFF_UP = 0x1
+_IFF_LOOPBACK = 0x8
+_IFF_MULTICAST = 0x1000
 
 
-Interface = collections.namedtuple("Interface", "name index address loopback")
+_Interface = collections.namedtuple("Interface", "name index address loopback")
 
 
 def ipv4_interfaces():
@@ -1917,13 +1921,13 @@ def ipv4_interfaces():
         for index, name in socket.if_nameindex():
             ifreq = struct.pack("16s24x", name.encode()[:15])
             try:
-                flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq), 16)[0]
-                addr = fcntl.ioctl(s, SIOCGIFADDR, ifreq)[20:24]
+                flags = struct.unpack_from("H", fcntl.ioctl(s, _SIOCGIFFLAGS, ifreq), 16)[0]
+                addr = fcntl.ioctl(s, _SIOCGIFADDR, ifreq)[20:24]
             except OSError:
                 continue  # no IPv4 address
-            if flags & IFF_UP and flags & IFF_MULTICAST:
-                result.append(Interface(name, index, socket.inet_ntoa(addr),
-                                        bool(flags & IFF_LOOPBACK)))
+            if flags & _IFF_UP and flags & _IFF_MULTICAST:
+                result.append(_Interface(name, index, socket.inet_ntoa(addr),
+                                         bool(flags & _IFF_LOOPBACK)))
     return result
 
 
@@ -1952,7 +1956,7 @@ def service_name():
     return dns.name.from_text(f"{SERVICE_TYPE}.{MDNS_DOMAIN}.")
 
 
-def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
+def _browse_mdns(timeout=_DISCOVERY_TIMEOUT, settle=0.5):
     """Ask the network for _stap._tcp services with our own mDNS query.
 
     The query goes from an ephemeral port, so responders answer it with a unicast "legacy"
@@ -1964,7 +1968,7 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
     interfaces = ipv4_interfaces()
     if not interfaces:
         return []
-    answers = MdnsAnswers()
+    answers = _MdnsAnswers()
     start = time.monotonic()
     deadline = start + timeout
     browse_query = mdns_query([(service_name(), dns.rdatatype.PTR)])
@@ -1984,23 +1988,23 @@ def browse_mdns(timeout=DISCOVERY_TIMEOUT, settle=0.5):
             if (now - start >= min(settle, timeout) and answers.advertised()
                     and not answers.missing() and now - last_news > 0.1):
                 break  # everything known and quiet
-            if receive_answers(sock, answers, min(0.05, deadline - now)):
+            if _receive_answers(sock, answers, min(0.05, deadline - now)):
                 last_news = time.monotonic()
         while select.select([sock], [], [], 0)[0]:  # what arrived by the deadline
-            receive_answers(sock, answers, 0)
+            _receive_answers(sock, answers, 0)
     return answers.records()
 
 
 # The link's browsers by what they tell the user, preferred first: timeout -> records, None: absent
-LINK_BROWSERS = {"avahi": browse_avahi, "multicast DNS; no avahi daemon answered": browse_mdns}
+LINK_BROWSERS = {"avahi": _browse_avahi, "multicast DNS; no avahi daemon answered": _browse_mdns}
 
 
-def receive_answers(sock, answers, wait):
+def _receive_answers(sock, answers, wait):
     """Read one datagram within wait seconds into answers; True if it was a response."""
     message, _, (source_ip, _port), ifindex = receive_mdns(sock, wait)
     if message is None or not message.flags & dns.flags.QR:
         return False
-    answers.add(message, source_ip, interface_name(ifindex))
+    answers.add(message, source_ip, _interface_name(ifindex))
     return True
 
 
@@ -2015,7 +2019,7 @@ def receive_mdns(sock, wait):
     return *parse_mdns(wire), source, ifindex
 
 
-def interface_name(ifindex):
+def _interface_name(ifindex):
     try:
         return socket.if_indextoname(ifindex) if ifindex else ""
     except OSError:
@@ -2035,7 +2039,7 @@ def send_to_group(sock, interfaces, wire, dest=(MDNS_GROUP, MDNS_PORT)):
 # Commands
 # --------------------------------------------------------------------------
 
-CLIENT_USAGE = """\
+_CLIENT_USAGE = """\
 usage: stap-client [--server=HOST[:PORT]]... [--ssl=DIR]... [STAP OPTIONS] [SCRIPT | -e TEXT] [ARGS]
 
 Runs passes 1-4 of stap on a trusted compile server and pass 5 here with
@@ -2057,7 +2061,7 @@ Also runs as: python3 stap_client.py stap-client ARGS...
 def stap_client(argv):
     inv = parse_stap_args(argv)
     if inv.help:
-        print(CLIENT_USAGE, end="")
+        print(_CLIENT_USAGE, end="")
         return 0
     if inv.version:
         print(f"stap-client (systemtap compile-server protocol {PROTOCOL_VERSION})")
@@ -2065,20 +2069,20 @@ def stap_client(argv):
     inv.moks = secure_boot_moks()  # as stap, before anything else is looked at
     dbs = client_databases(inv.ssl_dirs)
     for note in inv.notes:
-        progress(inv, note)
+        _progress(inv, note)
     if inv.each_kernel:
-        return check_each_kernel(inv, dbs)
+        return _check_each_kernel(inv, dbs)
     request = build_request(inv)
-    tmp = private_tmpdir()
+    tmp = _private_tmpdir()
     try:
-        reply = compile_anywhere(inv, *request, dbs, tmp)
+        reply = _compile_anywhere(inv, *request, dbs, tmp)
         sys.stdout.buffer.write(local_paths(without_module_paths(reply.stdout), inv))
         sys.stdout.flush()
         sys.stderr.buffer.write(local_paths(reply.stderr, inv))
         sys.stderr.flush()
         if reply.mok_cert:
             deliver_module(reply.mok_cert)  # a file we write, written as a module is
-            explain_mok_enrollment(MOK_CERT_NAME)
+            _explain_mok_enrollment(MOK_CERT_NAME)
         if reply.rc != 0:
             return 1
         if inv.listing:
@@ -2090,7 +2094,7 @@ def stap_client(argv):
             if inv.last_pass == 4:
                 print(os.path.basename(reply.module), flush=True)
         if inv.last_pass == 5:
-            return run_staprun(inv, reply.module)
+            return _run_staprun(inv, reply.module)
         return 0
     finally:
         if inv.keep:
@@ -2099,7 +2103,7 @@ def stap_client(argv):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-EACH_KERNEL_JOBS = 4  # requests in flight at once for --each-kernel
+_EACH_KERNEL_JOBS = 4  # requests in flight at once for --each-kernel
 # A kernel release as uname prints it (at most 64 characters): it names directories and, for a
 # fetching server, packages, so no path, no shell or apt syntax and no leading dash or dot.
 RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
@@ -2128,8 +2132,8 @@ def kernel_releases(value):
     return names
 
 
-def check_each_kernel(inv, dbs):
-    """--each-kernel: the script compiled for every release at once (at most EACH_KERNEL_JOBS
+def _check_each_kernel(inv, dbs):
+    """--each-kernel: the script compiled for every release at once (at most _EACH_KERNEL_JOBS
     requests in flight), one line each in the order given: "RELEASE ok", or "RELEASE error:" and
     the first error line of what went wrong.  0 only when every release passed.  With -p4 each
     module is kept as NAME-RELEASE.ko."""
@@ -2137,11 +2141,11 @@ def check_each_kernel(inv, dbs):
     if inv.last_pass == 5 and "-p5" in inv.server_args:
         raise Error("--each-kernel checks a script for many kernels; pass 5 runs on this one")
     open_databases(dbs)  # once, before the threads share it
-    tmp = private_tmpdir()
+    tmp = _private_tmpdir()
     failed = 0
     try:
-        with concurrent.futures.ThreadPoolExecutor(EACH_KERNEL_JOBS) as pool:
-            verdicts = pool.map(lambda r: check_kernel(inv, r, dbs, tmp), inv.each_kernel)
+        with concurrent.futures.ThreadPoolExecutor(_EACH_KERNEL_JOBS) as pool:
+            verdicts = pool.map(lambda r: _check_kernel(inv, r, dbs, tmp), inv.each_kernel)
             for release, verdict in zip(inv.each_kernel, verdicts):
                 print(f"{release} {printable(verdict)}", flush=True)
                 failed += verdict != "ok"
@@ -2151,18 +2155,18 @@ def check_each_kernel(inv, dbs):
     return 1 if failed else 0
 
 
-def check_kernel(inv, release, dbs, tmp):
+def _check_kernel(inv, release, dbs, tmp):
     """One release of --each-kernel: "ok", or "error: " and the first error line."""
-    one = Invocation()
+    one = _Invocation()
     one.__dict__.update(inv.__dict__, release=release, each_kernel=None)
-    options, rest = split_at_operands(inv.server_args)
+    options, rest = _split_at_operands(inv.server_args)
     one.server_args = [a for a in options if not a.startswith("-r")] + rest
     try:
         mine = os.path.join(tmp, release)
-        make_private_dir(mine)
-        reply = compile_anywhere(one, *build_request(one), dbs, mine)
+        _make_private_dir(mine)
+        reply = _compile_anywhere(one, *build_request(one), dbs, mine)
         if reply.rc != 0:
-            return "error: " + first_error_line(reply.stderr)
+            return "error: " + _first_error_line(reply.stderr)
         if inv.last_pass == 4 and reply.module:
             name = os.path.basename(reply.module).removesuffix(".ko")
             deliver_module(reply.module, f"{name}-{release}.ko")
@@ -2171,13 +2175,13 @@ def check_kernel(inv, release, dbs, tmp):
     return "ok"
 
 
-def split_at_operands(args):
+def _split_at_operands(args):
     """(options, from "--" on): the script's own arguments are not options."""
     at = args.index("--") if "--" in args else len(args)
     return args[:at], args[at:]
 
 
-def first_error_line(stderr):
+def _first_error_line(stderr):
     """stap's first error line, or the server's own reason (without its "stap-serverd: ERROR: ",
     which the verdict's "error:" already says)."""
     lines = stderr.decode(errors="replace").splitlines()
@@ -2185,7 +2189,7 @@ def first_error_line(stderr):
     return line.removeprefix("stap-serverd: ERROR: ")
 
 
-def private_tmpdir():
+def _private_tmpdir():
     """A new directory of mode 0700 in $TMPDIR, as stap takes it (not another directory in its
     place), else in Python's temporary directory."""
     top = os.environ.get("TMPDIR") or tempfile.gettempdir()
@@ -2195,18 +2199,18 @@ def private_tmpdir():
         raise Error(f"cannot make a temporary directory in {top} (TMPDIR): {e.strerror}") from None
 
 
-def compile_anywhere(inv, request, identity, dbs, tmp):
+def _compile_anywhere(inv, request, identity, dbs, tmp):
     """Try each candidate server in turn; the first complete reply wins.  A busy server is tried
     again after a growing, jittered pause until the deadline; one that is not there or dropped the
     request gets one more try, and one that cannot serve it (not trusted) none.  Each server that
     failed is named once, with what happened there."""
     open_databases(dbs)
-    peers, searched = candidate_servers(inv, identity, dbs)
+    peers, searched = _candidate_servers(inv, identity, dbs)
     if not peers:
         raise Error(f"no compile server found for {local_sysinfo(inv.release, inv.arch)}: "
                     f"{searched}; start one with stap-start-server, or name one with "
                     "--server=HOST:PORT")
-    news = Progress(inv.verbose)
+    news = _Progress(inv.verbose)
     started = time.monotonic()
     failures = [[] for _ in peers]  # what each server did, in order
     latest = None  # (server, its last failure)
@@ -2214,13 +2218,13 @@ def compile_anywhere(inv, request, identity, dbs, tmp):
         for n, peer in enumerate(peers):
             if not worth_trying(failures[n]):
                 continue
-            reply = try_server(inv, peer, request,
-                               os.path.join(tmp, f"server{n}" + (f".{attempt}" if attempt else "")),
-                               news)
+            reply = _try_server(
+                inv, peer, request,
+                os.path.join(tmp, f"server{n}" + (f".{attempt}" if attempt else "")), news)
             if isinstance(reply, Reply):
                 for other, why in zip(peers, failures):
                     if why and other != peer:
-                        warn(f"{other}: {what_happened(why)}")
+                        _warn(f"{other}: {what_happened(why)}")
                 return reply
             failures[n].append(reply)
             latest = peer, reply
@@ -2248,11 +2252,11 @@ def what_happened(failures):
     return said[0] if len(said) == 1 else f"{said[0]}, then {said[-1]}"
 
 
-def try_server(inv, peer, request, attempt, news):
+def _try_server(inv, peer, request, attempt, news):
     """One exchange with peer: a Reply, or the Error that ended it (shown at once with -v)."""
     news.say(f"connecting to server {peer}...")
     asked = time.monotonic()
-    next_news = [PROGRESS_GAP]
+    next_news = [_PROGRESS_GAP]
 
     def waiting():
         waited = time.monotonic() - asked
@@ -2263,10 +2267,10 @@ def try_server(inv, peer, request, attempt, news):
         news.tick()
 
     try:
-        make_private_dir(attempt)
+        _make_private_dir(attempt)
         sock, peer_der = tls_connect(peer)
         news.say(f"compiling on server {peer}...")
-        reply = read_reply(exchange(sock, request, waiting=waiting), attempt, peer_der)
+        reply = read_reply(_exchange(sock, request, waiting=waiting), attempt, peer_der)
     except LocalFault as e:
         shutil.rmtree(attempt, ignore_errors=True)
         raise Error(f"cannot unpack the reply in {attempt}: {e.strerror} (the temporary "
@@ -2278,7 +2282,7 @@ def try_server(inv, peer, request, attempt, news):
             return reply
         reply = Unavailable(last_line(reply.stderr))
     if inv.verbose:
-        warn(f"{peer}: {reply}" + (f" ({reply.detail})" if getattr(reply, "detail", "") else ""))
+        _warn(f"{peer}: {reply}" + (f" ({reply.detail})" if getattr(reply, "detail", "") else ""))
     shutil.rmtree(attempt, ignore_errors=True)
     return reply
 
@@ -2289,19 +2293,19 @@ def backoff(attempt):
     return min(8.0, 0.25 * 2 ** attempt) * jitter
 
 
-def progress(inv, message):
+def _progress(inv, message):
     """A note for a person watching (a terminal) or -v, as stap prints it."""
     if inv.verbose or sys.stderr.isatty():
         print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
 
 
-PROGRESS_GAP = 3.0  # seconds of quiet before the first line of progress, and between two
+_PROGRESS_GAP = 3.0  # seconds of quiet before the first line of progress, and between two
 
 
-class Progress:
+class _Progress:
     """Where the request stands, on stderr whether or not it is a terminal: with -v every step as
-    it comes; else nothing for the first PROGRESS_GAP seconds (a quick compile says nothing), then
-    the latest step not yet shown, at most one line every PROGRESS_GAP seconds."""
+    it comes; else nothing for the first _PROGRESS_GAP seconds (a quick compile says nothing), then
+    the latest step not yet shown, at most one line every _PROGRESS_GAP seconds."""
 
     def __init__(self, verbose):
         self.verbose, self.news, self.shown = verbose, None, time.monotonic()
@@ -2314,7 +2318,7 @@ class Progress:
             self.tick()
 
     def tick(self):
-        if self.news and time.monotonic() - self.shown >= PROGRESS_GAP:
+        if self.news and time.monotonic() - self.shown >= _PROGRESS_GAP:
             print(f"{PROG}: {self.news}", file=sys.stderr, flush=True)
             self.news, self.shown = None, time.monotonic()
 
@@ -2325,7 +2329,7 @@ class Progress:
             self.tick()
 
 
-def candidate_servers(inv, identity=b"", dbs=()):
+def _candidate_servers(inv, identity=b"", dbs=()):
     """(servers to try in order, what discovery saw): the --server options in order, else the
     compatible advertised servers that a database of dbs trusts, best first (see rank_servers;
     identity tells identical requests apart from others)."""
@@ -2334,7 +2338,7 @@ def candidate_servers(inv, identity=b"", dbs=()):
              for spec in inv.servers]
     if specs and all(port is not None for _, port in specs):
         return [Peer(host, port) for host, port in specs], ""
-    records, how = browse(COMPILE_DISCOVERY_TIMEOUT, wide_area_domains(inv.domains))
+    records, how = browse(_COMPILE_DISCOVERY_TIMEOUT, wide_area_domains(inv.domains))
     if specs:
         peers = []
         for spec, (host, port) in zip(inv.servers, specs):
@@ -2345,9 +2349,9 @@ def candidate_servers(inv, identity=b"", dbs=()):
                 serial = int(spec.replace(":", ""), 16)
                 chosen = [r for r in records if advertised_serial(r) == serial]
                 if not chosen:
-                    warn(f"--server={spec}: no advertised server has that certificate serial")
+                    _warn(f"--server={spec}: no advertised server has that certificate serial")
             else:
-                chosen = advertised_on(records, host)
+                chosen = _advertised_on(records, host)
             if chosen or host is None:  # a serial names no host to try ports on
                 peers += compatible_first(chosen, target, identity)
                 continue
@@ -2355,15 +2359,15 @@ def candidate_servers(inv, identity=b"", dbs=()):
             # IPv4 name): try the host at each advertised port; a wrong one is refused at once.
             ports = dict.fromkeys(p.port for p in compatible_first(records, target, identity))
             if not ports:
-                warn(f"--server={host}: no server is advertised on host {host} ({how})")
+                _warn(f"--server={host}: no server is advertised on host {host} ({how})")
             peers += [Peer(host, port) for port in ports]
         return peers, f"no server advertised on the named hosts ({how})"
     exact, fetching = serving(records, target)
-    trusted = trusted_only(exact + fetching, dbs, inv.verbose)
+    trusted = _trusted_only(exact + fetching, dbs, inv.verbose)
     signers = None
     if (exact or fetching) and any(a.startswith(("--privilege=stap", "--unprivileged"))
                                    for a in inv.server_args):  # staprun will want a signature
-        signers = signer_serials()  # the client databases were opened and checked already
+        signers = _signer_serials()  # the client databases were opened and checked already
 
     def ranked_within(group):  # the servers of one kind (exact release, or fetching ones)
         kept = rank_servers([r for r in group if r in trusted], identity, signers)
@@ -2382,7 +2386,7 @@ def version_tuple(text):
 def new_runtime(version):
     """Whether stap version is on 5.0's side of the runtime-staprun boundary (a client: needs a
     module built by such a stap)."""
-    return version_tuple(version) >= RUNTIME_BOUNDARY
+    return version_tuple(version) >= _RUNTIME_BOUNDARY
 
 
 def same_runtime_first(records, version=PROTOCOL_VERSION):
@@ -2400,26 +2404,26 @@ def mok_holders_first(records, moks):
     return sorted(records, key=lambda r: not set(moks) & set(r.txt.get("mok_info", "").split(",")))
 
 
-def trusted_only(records, dbs, verbose):
+def _trusted_only(records, dbs, verbose):
     """The advertised servers whose certificate serial a database of dbs trusts: anyone on the link
     can advertise servers, and each untrusted one would cost a handshake or a timeout.  None left of
     several: an Error that says how to trust one."""
-    trusted = serials_in(dbs)
+    trusted = _serials_in(dbs)
     kept = [r for r in records if advertised_serial(r) in trusted]
     for rec in records:
         if rec not in kept and verbose:
             serial = advertised_serial(rec)
-            warn(f"skipping server {Peer(rec.address, rec.port)}: its certificate (serial "
-                 f"{'unknown' if serial is None else serial_text(serial)}) is not trusted here")
+            _warn(f"skipping server {Peer(rec.address, rec.port)}: its certificate (serial "
+                  f"{'unknown' if serial is None else serial_text(serial)}) is not trusted here")
     if records and not kept:
         first = Peer(records[0].address, records[0].port)
         raise Error(f"no trusted compile server for {records[0].sysinfo}: "
-                    f"{plural(len(records), 'server')} advertised, none trusted here; to trust "
+                    f"{_plural(len(records), 'server')} advertised, none trusted here; to trust "
                     f"one: stap-add-server-cert {first}")
     return kept
 
 
-def plural(count, noun):
+def _plural(count, noun):
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
@@ -2434,7 +2438,7 @@ def serving(records, target):
     return exact, fetching
 
 
-WAIT_GRACE = 2.0  # seconds: servers this close to the freest count as equally free
+_WAIT_GRACE = 2.0  # seconds: servers this close to the freest count as equally free
 
 
 def expected_wait(rec):
@@ -2461,33 +2465,33 @@ def rank_servers(records, identity, signers=None):
         version = [-int(p) for p in re.findall(r"\d+", rec.version)[:3]]
         score = hashlib.sha256(identity + f"{rec.certinfo}/{rec.host}/{rec.port}".encode())
         return (signers is not None and advertised_serial(rec) not in signers,
-                wait if wait > freest + WAIT_GRACE else 0.0, version,
+                wait if wait > freest + _WAIT_GRACE else 0.0, version,
                 score.digest())
     return sorted(records, key=key)
 
 
-def advertised_on(records, host):
+def _advertised_on(records, host):
     """The records of servers on host: its full or short name, or an address it is seen at."""
     return [r for r in records if host in (r.host, r.host.split(".")[0], r.address)]
 
 
-def trusted_serials():
+def _trusted_serials():
     """{"ssl": serials trusted for TLS here, "signer": serials whose module signatures staprun
     accepts here}, from the databases as they are."""
     try:
         dbs = client_databases()
     except Error:
         dbs = []
-    return {"ssl": serials_in(dbs), "signer": signer_serials()}
+    return {"ssl": _serials_in(dbs), "signer": _signer_serials()}
 
 
-def signer_serials():
+def _signer_serials():
     """The serials whose module signatures staprun accepts here."""
-    db = CertDB(staprun_db_path())
-    return serials_in([db] if db.exists() else [])
+    db = CertDB(_staprun_db_path())
+    return _serials_in([db] if db.exists() else [])
 
 
-def serials_in(dbs):
+def _serials_in(dbs):
     return {certificate_serial(der) for db in dbs for der in db.certificates()}
 
 
@@ -2499,7 +2503,7 @@ def advertised_serial(rec):
     return serial if serial >= 0 else None
 
 
-def fetches_field(rec):
+def _fetches_field(rec):
     """" 'kernels=fetched'" for a server advertised with the bare architecture as its sysinfo, that
     is one that fetches the kernel a request names (stap-serverd --fetch-kernels), else ""."""
     return " 'kernels=fetched'" if " " not in rec.sysinfo else ""
@@ -2528,7 +2532,7 @@ def compatible_first(records, target, identity=b""):
     then the others, each ranked."""
     exact, fetching = serving(records, target)
     chosen = {(r.address, r.port) for r in exact + fetching}
-    ranked = rank_servers(exact, identity) + rank_servers(fetching, identity) + \
+    ranked = rank_servers(exact, identity) + rank_servers(fetching, identity) +\
         rank_servers([r for r in records if (r.address, r.port) not in chosen], identity)
     return [Peer(r.address, r.port) for r in ranked]
 
@@ -2566,7 +2570,7 @@ def deliver_module(module, name=None):
         for path, target in ((module, name), (module + ".sgn", name + ".sgn")):
             if os.path.exists(path):
                 with open(path, "rb") as source:
-                    written.append((write_temporary(target, source), os.path.abspath(target)))
+                    written.append((_write_temporary(target, source), os.path.abspath(target)))
         for temp, target in written:
             try:
                 os.rename(temp, target)  # a link at target is replaced, not followed
@@ -2578,7 +2582,7 @@ def deliver_module(module, name=None):
                 os.unlink(temp)
 
 
-def write_temporary(path, source, mode=0o666):
+def _write_temporary(path, source, mode=0o666):
     """Copy the file object source to a new file beside path (O_EXCL|O_NOFOLLOW: never through a
     link or into a file already there) and sync it; returns its name, for the caller to rename into
     place.  mode is before the umask, as for the files stap writes.  A failure is an Error naming
@@ -2606,7 +2610,7 @@ def write_temporary(path, source, mode=0o666):
     return temp
 
 
-def run_staprun(inv, module):
+def _run_staprun(inv, module):
     """Pass 5: staprun on the received module; its failure is ours."""
     import subprocess  # here, as in run_tool
     argv = staprun_argv(inv, module)
@@ -2632,7 +2636,7 @@ def run_staprun(inv, module):
     return 0
 
 
-FIND_USAGE = "usage: stap-find-servers [--all] [--domain=DOMAIN]..."
+_FIND_USAGE = "usage: stap-find-servers [--all] [--domain=DOMAIN]..."
 
 
 def stap_find_servers(argv):
@@ -2642,25 +2646,25 @@ def stap_find_servers(argv):
     unknown = [a for a in argv if a.startswith("-") and a != "--all"
                and not a.startswith("--domain=")]
     if unknown:
-        raise Error(f"unknown option {unknown[0]}; {FIND_USAGE}")
+        raise Error(f"unknown option {unknown[0]}; {_FIND_USAGE}")
     extra = [a.split("=", 1)[1] for a in argv if a.startswith("--domain=")]
-    every, how = browse(DISCOVERY_TIMEOUT, wide_area_domains(extra))
+    every, how = browse(_DISCOVERY_TIMEOUT, wide_area_domains(extra))
     wanted = local_sysinfo()
     records = [r for r in every if "--all" in argv or r.sysinfo in (wanted, wanted.split()[-1])]
-    trust = trusted_serials() if records else {}
+    trust = _trusted_serials() if records else {}
     for rec in records:
-        print(printable(format_server_line(rec) + fetches_field(rec)
+        print(printable(format_server_line(rec) + _fetches_field(rec)
                         + f" 'trust={trust_of(rec, trust)}'"))
     if every and not records:  # servers for other kernels: say so, whoever asked
-        seen = plural(len({(r.host, r.port) for r in every}), "server")
+        seen = _plural(len({(r.host, r.port) for r in every}), "server")
         print(f"{PROG}: {seen} found, none for {wanted}; --all lists them", file=sys.stderr)
     elif not records and sys.stderr.isatty():  # a person asked: say how we looked
         print(f"{PROG}: {printable(describe_search(every, how))}", file=sys.stderr)
     return 0 if records else 1
 
 
-ADD_CERT_USAGE = ("usage: stap-add-server-cert CERTFILE DIRNAME | [--yes] [--signer] "
-                  "CERTFILE|HOST[:PORT] [DIRNAME] | --revoke SERIAL|FINGERPRINT DIRNAME")
+_ADD_CERT_USAGE = ("usage: stap-add-server-cert CERTFILE DIRNAME | [--yes] [--signer] "
+                   "CERTFILE|HOST[:PORT] [DIRNAME] | --revoke SERIAL|FINGERPRINT DIRNAME")
 
 
 def stap_add_server_cert(argv):
@@ -2670,42 +2674,42 @@ def stap_add_server_cert(argv):
     flags = {a for a in argv if a in ("--yes", "--signer", "--revoke")}
     args = [a for a in argv if a not in flags]
     if any(a.startswith("-") for a in args) or not 1 <= len(args) <= 2:
-        raise Error(ADD_CERT_USAGE)
+        raise Error(_ADD_CERT_USAGE)
     if "--revoke" in flags:
         if len(args) != 2 or flags != {"--revoke"}:
-            raise Error(ADD_CERT_USAGE)
-        return revoke_certificate(args[0], CertDB(args[1]))
+            raise Error(_ADD_CERT_USAGE)
+        return _revoke_certificate(args[0], CertDB(args[1]))
     source, dirname = args[0], (args[1:] or [None])[0]
     if "--signer" in flags:
         if not is_root():
             raise Error("--signer: only root decides whose module signatures staprun accepts")
-        dirname = dirname or staprun_db_path()
-    if names_a_file(source):
+        dirname = dirname or _staprun_db_path()
+    if _names_a_file(source):
         if dirname is None:
-            raise Error(ADD_CERT_USAGE)
+            raise Error(_ADD_CERT_USAGE)
         if not os.path.isfile(source):
             raise Error(f"certificate file {source} does not exist")
         der = read_certificate_file(source)
     else:
         dirname = dirname or local_client_db_path()
-        der = fetch_certificate(source)
-        if "--yes" not in flags and not confirmed(der, source, dirname):
+        der = _fetch_certificate(source)
+        if "--yes" not in flags and not _confirmed(der, source, dirname):
             raise Error(f"not trusted: nothing was added to {os.path.abspath(dirname)}")
     add_certificate(der, dirname)
-    print(f"trusted {certificate_text(der)}"
+    print(f"trusted {_certificate_text(der)}"
           + (" as a module signer" if "--signer" in flags else "")
           + f" in {os.path.abspath(dirname)}")
     return 0
 
 
-def certificate_text(der):
+def _certificate_text(der):
     """A certificate as messages name it: its serial and its fingerprint."""
-    return f"the certificate with serial {serial_text(certificate_serial(der))}, SHA-256 " \
+    return f"the certificate with serial {serial_text(certificate_serial(der))}, SHA-256 "\
         f"fingerprint {fingerprint(der)},"
 
 
-def names_a_file(source):
-    return "/" in source or source.endswith((".cert", ".crt", ".pem", ".der")) \
+def _names_a_file(source):
+    return "/" in source or source.endswith((".cert", ".crt", ".pem", ".der"))\
         or os.path.exists(source)
 
 
@@ -2713,17 +2717,17 @@ def add_certificate(der, dirname):
     db = CertDB(dirname)
     if not db.exists():
         world = db.path in (os.path.abspath(global_client_db_path()),
-                            os.path.abspath(staprun_db_path()))
+                            os.path.abspath(_staprun_db_path()))
         db.create(mode=0o755, world_readable=world)
     db.add_trusted_server(der)
 
 
-def fetch_certificate(spec):
+def _fetch_certificate(spec):
     """The certificate a server presents, fetched over TLS without trusting it (nothing but the
     certificate-only frame is sent)."""
     host, port = parse_server_spec(spec)
     if port is None:
-        found = advertised_on(browse()[0], host)
+        found = _advertised_on(browse()[0], host)
         if not found:
             raise Error(f"{spec}: no port given, and no server is advertised on that host")
         host, port = found[0].address, found[0].port
@@ -2739,7 +2743,7 @@ def fetch_certificate(spec):
     return der
 
 
-def confirmed(der, source, dirname):
+def _confirmed(der, source, dirname):
     """Show the certificate and ask a person whether to trust it."""
     nss = nss_modules()[0]
     cert = nss.Certificate(der)
@@ -2753,7 +2757,7 @@ def confirmed(der, source, dirname):
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
-def revoke_certificate(which, db):
+def _revoke_certificate(which, db):
     """Remove the certificates whose serial or SHA-256 fingerprint is which from db; the others
     stay trusted.  Hex in any case, colons and a leading 00 or 0x optional: the forms messages
     showed before one was chosen still work."""
@@ -2770,7 +2774,7 @@ def revoke_certificate(which, db):
         if der not in gone:
             db.add_trusted_server(der)
     for der in gone:
-        print(f"revoked {certificate_text(der)} in {db.path}")
+        print(f"revoked {_certificate_text(der)} in {db.path}")
     return 0
 
 
@@ -2797,7 +2801,7 @@ def dispatch(commands, argv):
     PROG = name
     try:
         return commands[name](args)
-    except (StapSays, UsageError) as e:  # stap-client stands for stap --use-server
+    except (_StapSays, UsageError) as e:  # stap-client stands for stap --use-server
         print(e.stap_says() if isinstance(e, UsageError) else e, file=sys.stderr)
         return 1
     except Error as e:
@@ -2809,6 +2813,18 @@ def dispatch(commands, argv):
 
 def main():
     sys.exit(dispatch(COMMANDS, sys.argv))
+
+
+def public_names(namespace):
+    """A module's surface, which other code (the server, tests, tools) may use: every name it
+    defines without a leading underscore (its helpers have one), not what it imports."""
+    def imported(name, value, home):
+        return home != namespace["__name__"] and getattr(sys.modules.get(home), name, 0) is value
+    return [n for n, v in namespace.items() if n[0] != "_" and not isinstance(v, types.ModuleType)
+            and not imported(n, v, getattr(v, "__module__", None))]
+
+
+__all__ = public_names(globals())
 
 
 if __name__ == "__main__":

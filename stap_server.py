@@ -59,9 +59,9 @@ except client.DiscoveryError:
     dns = None
 
 PROG = "stap-serverd"
-RENEW_BEFORE = 30 * 86400  # renew a certificate expiring within 30 days
-START_TIMEOUT = 30  # stap-start-server's bound, key generation included
-COMPILE_ACCOUNT = "stap-compile"  # a root server's compile step runs as this account
+_RENEW_BEFORE = 30 * 86400  # renew a certificate expiring within 30 days
+_START_TIMEOUT = 30  # stap-start-server's bound, key generation included
+_COMPILE_ACCOUNT = "stap-compile"  # a root server's compile step runs as this account
 
 # Resource limits of every compile: (option suffix, default, unit, what it bounds).
 COMPILE_LIMITS = (
@@ -92,7 +92,7 @@ LOG_MODE, LOG_DIR_MODE = 0o640, 0o750  # the log names every client and the star
 # --------------------------------------------------------------------------
 
 
-class OptionParser(argparse.ArgumentParser):
+class _OptionParser(argparse.ArgumentParser):
     """argparse, but a bad option is our one-line error with exit status 1."""
 
     def error(self, message):
@@ -100,9 +100,9 @@ class OptionParser(argparse.ArgumentParser):
 
 
 def build_option_parser(prog):
-    p = OptionParser(prog=prog, description="A systemtap compile server: runs stap passes 1-4 "
-                     "for trusted clients over TLS and returns a signed reply.",
-                     epilog="Also runs as: python3 stap_server.py stap-serverd OPTIONS")
+    p = _OptionParser(prog=prog, description="A systemtap compile server: runs stap passes 1-4 "
+                      "for trusted clients over TLS and returns a signed reply.",
+                      epilog="Also runs as: python3 stap_server.py stap-serverd OPTIONS")
     add = p.add_argument
     add("--port", type=int, default=0, help="TCP port (default: one the kernel picks)")
     add("--listen", default="::", metavar="ADDR",
@@ -137,7 +137,7 @@ def build_option_parser(prog):
     add("--queue", type=int, default=None, metavar="N", help="at most N requests waiting "
         "for a compile slot (default: no limit but --max-wait and --max-pending-bytes)")
     add("--user", metavar="NAME", help="account that runs the compile step when started as "
-        f"root (default: {COMPILE_ACCOUNT}; never root or nobody)")
+        f"root (default: {_COMPILE_ACCOUNT}; never root or nobody)")
     add("--no-sandbox", dest="sandbox", action="store_false",
         help="run stap without bubblewrap (unsafe: warned at start and in every log line)")
     add("--allow-guru", action="store_true", help="let clients use guru mode (-g, embedded "
@@ -195,15 +195,15 @@ def build_option_parser(prog):
     return p
 
 
-def state_dir(kind):
+def _state_dir(kind):
     """Where this user's status ("run"), log ("log") and stap knowledge ("cache") files live."""
     system, own = {"run": ("/run/stap-server", "run"), "log": ("/var/log/stap-server", "log"),
                    "cache": ("/var/cache/stap-server", "compile-cache")}[kind]
     return system if client.is_root() else os.path.join(client.systemtap_dir(), own)
 
 
-def status_path(pid):
-    return os.path.join(state_dir("run"), f"stap-serverd.{pid}.json")
+def _status_path(pid):
+    return os.path.join(_state_dir("run"), f"stap-serverd.{pid}.json")
 
 
 def parse_config(argv, prog=PROG):
@@ -223,23 +223,23 @@ def parse_config(argv, prog=PROG):
         raise Error("--fetch-kernels: apt and dpkg-deb never run as root for a client; start "
                     "the server as an unprivileged account (the packaged unit's stap-server)")
     tmpdir = os.path.abspath(o.tmpdir or tempfile.gettempdir())
-    cache_dir = os.path.abspath(o.cache_dir or state_dir("cache"))
+    cache_dir = os.path.abspath(o.cache_dir or _state_dir("cache"))
     db = CertDB(o.ssl or client.server_db_path())
     runtime = o.runtime and os.path.abspath(o.runtime)
     includes = tuple(map(os.path.abspath, o.includes))
     derived = dict(  # each field of one type, whatever the options were
-        releases=tuple(served_releases(o.releases, o.installed, o.fetch_kernels)), tmpdir=tmpdir,
+        releases=tuple(_served_releases(o.releases, o.installed, o.fetch_kernels)), tmpdir=tmpdir,
         compile_limits=limits, arch=o.arch or os.uname().machine, cache_dir=cache_dir,
         stap_options=tuple((["-R", runtime] if runtime else [])
                            + [x for d in includes for x in ("-I", d)]
                            + [x for b in o.kbuild for x in ("-B", b)]
                            + [x for d in o.defines for x in ("-D", d)]),
-        log=o.log or os.path.join(state_dir("log"), "stap-server.log"), runtime=runtime,
+        log=o.log or os.path.join(_state_dir("log"), "stap-server.log"), runtime=runtime,
         user=compile_user(o.user),  # its passwd entry; None: compiles run as the server's own user
         limits=Limits(max_total_bytes=o.max_request_size,  # else the client's bounds
             too_large="Uncompressed request size of {total} bytes is not within the expected "
             "range of 1 to {limit} bytes (--max-request-size)"),  # the real server's words
-        tmpdir_min_free=default_min_free(tmpdir) if o.tmpdir_min_free is None
+        tmpdir_min_free=_default_min_free(tmpdir) if o.tmpdir_min_free is None
         else o.tmpdir_min_free,
         db=db, dns_update=dns_update_target(o),  # (zone, server, port, key file) or None
         build_envs=tuple(map(build_env_option, o.build_envs)),  # their versions: at start
@@ -255,7 +255,7 @@ def parse_config(argv, prog=PROG):
 # Build environments: root file systems holding another systemtap
 # --------------------------------------------------------------------------
 
-HOST_ENV = "host"  # the default environment: the host's own system directories
+_HOST_ENV = "host"  # the default environment: the host's own system directories
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,9 +269,9 @@ def build_env_option(value):
     """A --build-env NAME=DIR, checked: DIR a directory (not a link) owned by root or the server's
     account that group and others cannot write (its programs run every compile)."""
     name, sep, root = value.partition("=")
-    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name == HOST_ENV or not root:
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name == _HOST_ENV or not root:
         raise Error(f"--build-env {value}: expected NAME=DIR, NAME letters, digits, '_.-' "
-                    f"(not '{HOST_ENV}')")
+                    f"(not '{_HOST_ENV}')")
     root = os.path.abspath(root)
     try:
         st = os.lstat(root)
@@ -283,7 +283,7 @@ def build_env_option(value):
     return BuildEnv(name, root)
 
 
-def version_distance(a, b):
+def _version_distance(a, b):
     """How far apart two versions are: 5.3 is closer to 6.0 than 5.1 is."""
     (a1, a2), (b1, b2) = client.version_tuple(a), client.version_tuple(b)
     return abs((a1 - b1) * 1000 + a2 - b2)
@@ -302,7 +302,7 @@ def choose_build_env(envs, req):
         raise Error(f"this server builds modules with stap {have}; a systemtap {req.version} "
                     f"client needs one built by stap {need} (its staprun cannot run the "
                     "others); passes 1-3 work")
-    return min(side or envs, key=lambda e: version_distance(e.version, req.version))
+    return min(side or envs, key=lambda e: _version_distance(e.version, req.version))
 
 
 def kernel_trees(release):
@@ -322,18 +322,18 @@ def kernel_trees(release):
     return trees
 
 
-def make_mount_points(env, releases):
+def _make_mount_points(env, releases):
     """Empty directories in env's root where the sandbox shows the host's kernel trees (bwrap
     cannot make them under a read-only bind); Error when the server may not make them."""
     for tree in (t for r in releases for t in kernel_trees(r)):
         try:
-            os.makedirs(rooted(env.root, tree), 0o755, exist_ok=True)
+            os.makedirs(_rooted(env.root, tree), 0o755, exist_ok=True)
         except OSError as e:
             raise Error(f"--build-env {env.name}: cannot make the mount point "
-                        f"{rooted(env.root, tree)}: {e.strerror}") from None
+                        f"{_rooted(env.root, tree)}: {e.strerror}") from None
 
 
-def rooted(root, path):
+def _rooted(root, path):
     return os.path.join(root, path.lstrip("/"))
 
 
@@ -343,8 +343,8 @@ def system_view(root, releases):
     (the headers the server serves).  Returns (argv, binds: (host path, where the sandbox shows
     it))."""
     argv, binds = [], []
-    for d in SYSTEM_DIRS:
-        source = rooted(root, d)
+    for d in _SYSTEM_DIRS:
+        source = _rooted(root, d)
         if os.path.islink(source):
             argv += ["--symlink", os.readlink(source), d]
         elif os.path.isdir(source):
@@ -357,7 +357,7 @@ def system_view(root, releases):
     return argv, binds
 
 
-def default_min_free(tmpdir):
+def _default_min_free(tmpdir):
     """5 % of the temporary directory's file system, at most 1 GiB (0 when it cannot be asked)."""
     try:
         st = os.statvfs(tmpdir)
@@ -405,7 +405,7 @@ def check_secret_file(option, path):
                     f"chmod 600 {path}")
 
 
-def served_releases(requested, installed=False, fetching=False):
+def _served_releases(requested, installed=False, fetching=False):
     """The requested releases (default: the running one, unless installed) that have a build tree,
     with installed every release that has one.  A fetching server needs none: it fetches the others
     when asked."""
@@ -429,22 +429,22 @@ def served_releases(requested, installed=False, fetching=False):
 # What a server that is not root needs to compile as another account, as a root server does: hand
 # it the request directory (chown), read back and remove what it left there (dac_override), stop it
 # (kill) and become it (setgid, setuid).  The packaged unit gives its account these.
-SWITCH_CAPABILITIES = {"chown": 0, "dac_override": 1, "kill": 5, "setgid": 6, "setuid": 7}
+_SWITCH_CAPABILITIES = {"chown": 0, "dac_override": 1, "kill": 5, "setgid": 6, "setuid": 7}
 
 
-def effective_capabilities():
+def _effective_capabilities():
     """The capability bits this process has in effect (CapEff)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
 
 
-def can_switch_user():
+def _can_switch_user():
     """Root, or a server holding every capability that compiling as another account takes."""
     return client.is_root() or all(
-        effective_capabilities() >> bit & 1 for bit in SWITCH_CAPABILITIES.values())
+        _effective_capabilities() >> bit & 1 for bit in _SWITCH_CAPABILITIES.values())
 
 
-def drop_ambient_capabilities():
+def _drop_ambient_capabilities():
     """No program the server runs inherits its capabilities: a process switched to the compile
     account keeps them up to its exec, and an ambient set would carry them through it."""
     pr_cap_ambient, pr_cap_ambient_clear_all = 47, 4
@@ -464,12 +464,12 @@ def compile_user(name):
     """The passwd entry of the dedicated account a root (or capable) server compiles as; None: as
     ourselves.  Never root, never the shared nobody (whatever else runs as that account could
     tamper with compiles) and never the server's own account, which owns its key."""
-    if not can_switch_user():
+    if not _can_switch_user():
         if name:
             raise Error("--user needs a server started by root or holding the capabilities "
-                        + ", ".join(f"CAP_{c.upper()}" for c in SWITCH_CAPABILITIES))
+                        + ", ".join(f"CAP_{c.upper()}" for c in _SWITCH_CAPABILITIES))
         return None
-    name = name or COMPILE_ACCOUNT
+    name = name or _COMPILE_ACCOUNT
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
@@ -497,12 +497,12 @@ def ensure_server_certificate(db, log=logging):
         db.create(mode=0o700)
     db.check_permissions(owner=os.geteuid(), secret=True)
     der = newest_certificate(db)
-    if der is None or expires_within(der, RENEW_BEFORE):
-        der = generate_certificate(db)
+    if der is None or expires_within(der, _RENEW_BEFORE):
+        der = _generate_certificate(db)
         log.info("new server certificate: serial %s, SHA-256 fingerprint %s", certinfo(der),
                  client.fingerprint(der))
-    write_certificate_file(db, der)
-    trust_locally(der, log)
+    _write_certificate_file(db, der)
+    _trust_locally(der, log)
     return der
 
 
@@ -527,7 +527,7 @@ def expires_within(der, seconds):
     return not_after(der) - time.time() < seconds
 
 
-def generate_certificate(db):
+def _generate_certificate(db):
     """A self-signed RSA-3072/SHA-256 certificate valid for a year, replacing any older one; the
     subject is the one every stap server shares."""
     host = socket.gethostname()
@@ -539,13 +539,13 @@ def generate_certificate(db):
     return der
 
 
-def write_certificate_file(db, der):
+def _write_certificate_file(db, der):
     """The file users copy to trust the server (stap-add-server-cert)."""
     if client.read_entry(db.path, client.SERVER_CERT_FILE) != der:
-        replace_file(os.path.join(db.path, client.SERVER_CERT_FILE), der)
+        _replace_file(os.path.join(db.path, client.SERVER_CERT_FILE), der)
 
 
-def replace_file(path, data):
+def _replace_file(path, data):
     """Write a file readable by all, whole or not at all: readers never see half of it."""
     with open(os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as f:
         os.fchmod(f.fileno(), 0o644)  # whatever the umask
@@ -553,7 +553,7 @@ def replace_file(path, data):
     os.replace(path + ".new", path)
 
 
-def trust_locally(der, log=logging):
+def _trust_locally(der, log=logging):
     """Trust our certificate in this user's (root: every user's) client database, creating it if
     missing and never wiping it."""
     db = CertDB(client.local_client_db_path())
@@ -566,8 +566,8 @@ def trust_locally(der, log=logging):
 # Request handling: archive in, the real stap, reply out
 # --------------------------------------------------------------------------
 
-MAX_ARGV_BYTES = 1 << 20  # all of stap's arguments; the kernel allows 2 MiB with the environment
-MAX_ARG_BYTES = (128 << 10) - 1  # one argument (the kernel's MAX_ARG_STRLEN)
+_MAX_ARGV_BYTES = 1 << 20  # all of stap's arguments; the kernel allows 2 MiB with the environment
+_MAX_ARG_BYTES = (128 << 10) - 1  # one argument (the kernel's MAX_ARG_STRLEN)
 @dataclasses.dataclass
 class Request:
     version: str
@@ -601,7 +601,7 @@ def parse_request(archive, config):
     args = [read(n).decode("utf-8", "surrogateescape") for n in names]
     release, arch = m.group(1), m.group(2)
     args, release, lowered, scripts = client_arguments(args, archive, release)
-    check_release(release, "release")
+    _check_release(release, "release")
     options = args[:args.index("--")] if "--" in args else args
     signed = any(a in ("--privilege=stapusr", "--privilege=stapsys", "--unprivileged")
                  for a in options)
@@ -612,18 +612,18 @@ def parse_request(archive, config):
     if arch != config.arch and passes and passes[-1] == "4":  # stap parses for any arch here
         raise Error(f"this server builds {config.arch} modules only: stap cannot build for "
                     f"{arch} here (passes 1-3 for {arch} work)")
-    guru = guru_reason(args, itertools.chain(scripts, shipped_tapsets(archive)))
+    guru = guru_reason(args, itertools.chain(scripts, _shipped_tapsets(archive)))
     if guru and not config.allow_guru:
         raise Error(f"{guru}: guru mode is not allowed on this server")
     env, notices = locale_env(read("locale"))
     return Request(version, release, arch, args, env, lowered, guru=bool(guru), signed=signed,
                    notices=notices, moks=mok_fingerprints(read("mok_fingerprints")),
-                   traces=names_tracepoints(scripts, archive))
+                   traces=_names_tracepoints(scripts, archive))
 
 
-MOK_FINGERPRINT = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){19}$")  # SHA-1, as mokutil prints it
-MOK_MISSING = "missing"  # the client must sign but has no systemtap MOK enrolled (real clients)
-MAX_MOKS = 64  # fingerprints in one request
+_MOK_FINGERPRINT = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){19}$")  # SHA-1, as mokutil prints it
+_MOK_MISSING = "missing"  # the client must sign but has no systemtap MOK enrolled (real clients)
+_MAX_MOKS = 64  # fingerprints in one request
 
 
 def mok_fingerprints(data):
@@ -632,13 +632,13 @@ def mok_fingerprints(data):
     module signed for Secure Boot.  Real servers skip a malformed line; it is refused here, since
     the client would get a module its kernel will not load."""
     lines = [l.strip() for l in (data or b"").decode(errors="replace").splitlines() if l.strip()]
-    if len(lines) > MAX_MOKS:
-        raise Error(f"the request names {len(lines)} MOK fingerprints (at most {MAX_MOKS})")
+    if len(lines) > _MAX_MOKS:
+        raise Error(f"the request names {len(lines)} MOK fingerprints (at most {_MAX_MOKS})")
     for line in lines:
-        if line != MOK_MISSING and not MOK_FINGERPRINT.match(line.lower()):
+        if line != _MOK_MISSING and not _MOK_FINGERPRINT.match(line.lower()):
             raise Error(f"MOK fingerprint value {ascii(line[:80])} isn't in the correct format "
                         "(a SHA-1 fingerprint as mokutil prints it: 20 hex bytes joined by "
-                        f"colons; or '{MOK_MISSING}')")
+                        f"colons; or '{_MOK_MISSING}')")
     return tuple(dict.fromkeys(l.lower() for l in lines))
 
 
@@ -660,10 +660,10 @@ def client_arguments(args, archive, release):
         if name == "-r":
             if "/" in value:
                 raise Error(f"-r {value}: a build tree path is not allowed; give a release")
-            release = check_release(value, "-r")
+            release = _check_release(value, "-r")
             continue  # the server supplies -r itself
         if how.server == client.PATH:
-            confine(value, archive, name)
+            _confine(value, archive, name)
         if name == "-m" and not re.match(r"^[A-Za-z0-9_]+$", value):
             raise Error(f"-m {value}: a module name is letters, digits and underscores")
         if name == "-p":
@@ -676,7 +676,7 @@ def client_arguments(args, archive, release):
         out.append(name if value is None else name + joint + value)
     if not scripts and operands and not listing:
         script = operands.pop(0)
-        confine(script, archive, "script")
+        _confine(script, archive, "script")
         scripts.append((script, archive.read(posixpath.normpath(script)) or b""))  # b"": a dir
         out.append(script)
     lowered = last_pass in (None, "5") and not listing
@@ -687,16 +687,16 @@ def client_arguments(args, archive, release):
     return out, release, lowered, scripts
 
 
-def check_release(release, what):
+def _check_release(release, what):
     """release, if it is a plain kernel release name; else an Error before anything runs."""
     if not client.is_release_name(release):
-        raise Error(f"{what} {cut(release, 80)!r} is not a kernel release name (letters, digits "
+        raise Error(f"{what} {_cut(release, 80)!r} is not a kernel release name (letters, digits "
                     "and . _ + ~ -, starting with a letter or digit, no .., at most 64 "
                     "characters)")
     return release
 
 
-def confine(path, archive, what):
+def _confine(path, archive, what):
     """A path must stay inside the request; one that does not exist there is passed on, for stap to
     answer in its own words (a missing script), or ignore (a missing -I directory), as with the real
     server."""
@@ -708,12 +708,12 @@ def check_argv_size(sizes):
     """stap's argument list (the sizes of its arguments in bytes) must fit the kernel's limits, or
     the exec fails; checked before the arguments are read."""
     longest, total = max(sizes), sum(n + 1 for n in sizes)
-    if longest > MAX_ARG_BYTES or total > MAX_ARGV_BYTES:
+    if longest > _MAX_ARG_BYTES or total > _MAX_ARGV_BYTES:
         raise Error(f"the request's arguments are too long ({total} bytes, the longest "
-                    f"{longest}; limits {MAX_ARGV_BYTES} in all, {MAX_ARG_BYTES} each)")
+                    f"{longest}; limits {_MAX_ARGV_BYTES} in all, {_MAX_ARG_BYTES} each)")
 
 
-def shipped_tapsets(archive):
+def _shipped_tapsets(archive):
     """(label, bytes) of every tapset file the client shipped with -I, one at a time: stap parses
     those with guru rights, embedded C included."""
     return ((name, archive.read(name)) for name in archive.files("tapset/")
@@ -728,9 +728,9 @@ def walk_files(top):
 
 
 # stap's lexer, as far as guru checks need it: comments, strings, embedded C.
-STAP_TOKEN = re.compile(rb'(?P<comment>#[^\n]*|//[^\n]*|/\*.*?\*/)'
-                        rb'|(?P<string>"(?:[^"\\\n]|\\.)*")|(?P<embedded>%\{)', re.S)
-HEADER_SPEC = re.compile(rb'^"[\w.-]*((?:<[^<>"]+>)+)"$')  # "kernel<linux/sched.h>"
+_STAP_TOKEN = re.compile(rb'(?P<comment>#[^\n]*|//[^\n]*|/\*.*?\*/)'
+                         rb'|(?P<string>"(?:[^"\\\n]|\\.)*")|(?P<embedded>%\{)', re.S)
+_HEADER_SPEC = re.compile(rb'^"[\w.-]*((?:<[^<>"]+>)+)"$')  # "kernel<linux/sched.h>"
 
 
 def guru_reason(args, scripts):
@@ -739,10 +739,10 @@ def guru_reason(args, scripts):
     if "-g" in (args[:args.index("--")] if "--" in args else args):  # clusters already split
         return "option -g"
     for label, text in scripts:
-        for m in STAP_TOKEN.finditer(text):
+        for m in _STAP_TOKEN.finditer(text):
             if m.group("embedded"):
                 return f"embedded C in {label}"
-            header = m.group("string") and HEADER_SPEC.match(m.group("string"))
+            header = m.group("string") and _HEADER_SPEC.match(m.group("string"))
             if header and any(h.startswith(b"/") or b".." in h.split(b"/")
                               for h in re.findall(rb"<([^<>]+)>", header.group(1))):
                 raise Error(f"{label}: header {header.group(1).decode(errors='replace')} "
@@ -751,7 +751,7 @@ def guru_reason(args, scripts):
     return None
 
 
-LOCALE_VALUE = re.compile(r"^[A-Za-z0-9@_.=-]*$")  # what the real server passes on
+_LOCALE_VALUE = re.compile(r"^[A-Za-z0-9@_.=-]*$")  # what the real server passes on
 
 
 def locale_env(data):
@@ -764,7 +764,7 @@ def locale_env(data):
             notices.append(f"Localization key=value line '{line[:200]}' cannot be parsed")
         elif key not in client.LOCALE_KEYS:
             notices.append(f"Localization key '{key[:200]}' not found in global list")
-        elif not LOCALE_VALUE.match(value):
+        elif not _LOCALE_VALUE.match(value):
             notices.append(f"Localization value '{value[:200]}' contains illegal characters")
         else:
             env[key] = value
@@ -776,17 +776,17 @@ def locale_env(data):
 # --------------------------------------------------------------------------
 
 # Where the compile sees its request directory.
-SANDBOX_WORK = "/stap/request"
-STAP_DIR = ".systemtap"  # the compile's SYSTEMTAP_DIR, in work/: stap's cache is its own
+_SANDBOX_WORK = "/stap/request"
+_STAP_DIR = ".systemtap"  # the compile's SYSTEMTAP_DIR, in work/: stap's cache is its own
 # What the compile sees of the host, read-only: programs, libraries, headers, kernel build trees,
 # configuration.  Nothing else exists in the sandbox.
-SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-SANDBOX_TMPFS = 16 << 20  # the sandbox's /tmp; the real scratch space is the request's tmp/
-MAX_OUTPUT = 16 << 20  # stdout or stderr kept for a reply
-DISK_CHECK_INTERVAL = 0.25  # seconds between looks at a compile's disk use
+_SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_SANDBOX_TMPFS = 16 << 20  # the sandbox's /tmp; the real scratch space is the request's tmp/
+_MAX_OUTPUT = 16 << 20  # stdout or stderr kept for a reply
+_DISK_CHECK_INTERVAL = 0.25  # seconds between looks at a compile's disk use
 
 
-def stap_program():
+def _stap_program():
     return os.environ.get("SYSTEMTAP_STAP") or "stap"
 
 
@@ -834,11 +834,11 @@ class Workspace:
         server's), or a link for a SharedFile; return the directories made, which the compile
         account gets."""
         try:
-            os.mkdir(STAP_DIR, 0o755, dir_fd=self.work_fd)
+            os.mkdir(_STAP_DIR, 0o755, dir_fd=self.work_fd)
         except FileExistsError:
-            raise Error(f"request entry {STAP_DIR} is not allowed: the compile's own stap "
+            raise Error(f"request entry {_STAP_DIR} is not allowed: the compile's own stap "
                         "cache goes there") from None
-        made = [STAP_DIR, f"{STAP_DIR}/cache"]
+        made = [_STAP_DIR, f"{_STAP_DIR}/cache"]
         os.mkdir(made[1], 0o755, dir_fd=self.work_fd)
         for rel, data in sorted(knowledge.items()):
             sub = f"{made[1]}/{os.path.dirname(rel)}"
@@ -858,10 +858,10 @@ class Workspace:
         """{path in stap's cache: bytes} of the kernel configuration headers (stapconf_*.h; or the
         files of another kind of knowledge) that stap left in this request's own cache; read
         through descriptors, links and other odd entries skipped."""
-        kind = kind or CONFIG_KNOWLEDGE
+        kind = kind or _CONFIG_KNOWLEDGE
         found = {}
         for sub, name, sub_fd in self.cache_entries(kind.file):
-            data = read_regular(name, sub_fd, kind.limit)
+            data = _read_regular(name, sub_fd, kind.limit)
             if data is not None and len(found) < kind.most:
                 found[f"{sub}/{name}"] = data
         return found
@@ -870,9 +870,9 @@ class Workspace:
         """(XX, name, descriptor of XX) of each entry of this request's own stap cache, in
         cache/XX/, whose name matches pattern; no link is followed."""
         with contextlib.ExitStack() as stack:
-            cache_fd = open_subdir(f"{STAP_DIR}/cache", self.work_fd, stack)
+            cache_fd = _open_subdir(f"{_STAP_DIR}/cache", self.work_fd, stack)
             for sub in sorted(os.listdir(cache_fd)) if cache_fd is not None else []:
-                sub_fd = open_subdir(sub, cache_fd, stack) if re.fullmatch(r"[0-9a-f]{2}", sub) \
+                sub_fd = _open_subdir(sub, cache_fd, stack) if re.fullmatch(r"[0-9a-f]{2}", sub)\
                     else None
                 for name in os.listdir(sub_fd) if sub_fd is not None else []:
                     if pattern.fullmatch(name):
@@ -909,7 +909,7 @@ class Workspace:
             names = [n for n in os.listdir(tmp_fd) if n.endswith(".ko")]
             if len(names) != 1:
                 return None
-            data = read_regular(names[0], tmp_fd, limit)
+            data = _read_regular(names[0], tmp_fd, limit)
             return (names[0], data) if data is not None else None
         finally:
             os.close(tmp_fd)
@@ -922,7 +922,7 @@ class Workspace:
         shutil.rmtree(self.path, ignore_errors=True)  # fd-based: never follows links
 
 
-def open_subdir(path, dir_fd, stack):
+def _open_subdir(path, dir_fd, stack):
     """A descriptor of the directory path under dir_fd (closed with stack), or None; no component
     may be a link."""
     fd = dir_fd
@@ -935,7 +935,7 @@ def open_subdir(path, dir_fd, stack):
     return fd
 
 
-def read_regular(name, dir_fd, limit):
+def _read_regular(name, dir_fd, limit):
     """The bytes of a regular file at most limit long, or None; a link, a fifo or a device is not
     opened for reading."""
     try:
@@ -952,22 +952,22 @@ def read_regular(name, dir_fd, limit):
 def prepare_compile_step(config):
     """At start: the directory of stap's knowledge, a sandbox that works (or a loud warning under
     --no-sandbox); returns the configuration with the stap version of each build environment."""
-    prepare_knowledge(config)
+    _prepare_knowledge(config)
     if not config.sandbox:
         logging.warning("WARNING: --no-sandbox: compiles run unconfined and can read "
                         "everything the compile account can; results are not cached")
         return config
-    why = sandbox_trial(config, ["true"])[1]
+    why = _sandbox_trial(config, ["true"])[1]
     if why:
         raise Error(f"cannot sandbox compiles: {why}; install bubblewrap and prlimit "
                     "(Debian: bubblewrap, util-linux) and allow unprivileged user "
                     "namespaces (sysctl user.max_user_namespaces, "
                     "kernel.unprivileged_userns_clone), or start with --no-sandbox")
-    return dataclasses.replace(config, build_envs=tuple(ask_build_env(config, env)
+    return dataclasses.replace(config, build_envs=tuple(_ask_build_env(config, env)
                                                         for env in config.build_envs))
 
 
-def sandbox_trial(config, command, root="/"):
+def _sandbox_trial(config, command, root="/"):
     """Run command in a compile's sandbox (with the build environment at root) as the compile
     account, within the limits: (its output, None), or (None, why it failed)."""
     try:
@@ -976,11 +976,11 @@ def sandbox_trial(config, command, root="/"):
         raise Error(f"cannot make request directories in {config.tmpdir}: {e.strerror}") from None
     try:
         ws.hand_over(config.user)
-        argv = sandbox_argv(config, ws.work_fd, root, config.releases) + limits_argv(config) \
+        argv = _sandbox_argv(config, ws.work_fd, root, config.releases) + limits_argv(config)\
             + command
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=30, cwd="/",
-                                  pass_fds=(ws.work_fd,), **as_compile_account(config))
+                                  pass_fds=(ws.work_fd,), **_as_compile_account(config))
         except FileNotFoundError as e:
             return None, f"{e.filename} is not installed"
         except subprocess.TimeoutExpired:
@@ -992,12 +992,12 @@ def sandbox_trial(config, command, root="/"):
         ws.remove()
 
 
-def ask_build_env(config, env):
+def _ask_build_env(config, env):
     """env with its stap's version, asked with `stap -V` in its own sandbox (the host's kernel
     trees get mount points in its root first); Error when it has no working stap."""
-    make_mount_points(env, config.releases)
-    out, why = sandbox_trial(config, [stap_program(), "-V"], env.root)
-    version = version_of(out) if out else None
+    _make_mount_points(env, config.releases)
+    out, why = _sandbox_trial(config, [_stap_program(), "-V"], env.root)
+    version = _version_of(out) if out else None
     if not version:
         raise Error(f"--build-env {env.name}: `stap -V` in {env.root} failed: "
                     f"{why or 'it printed no version'}")
@@ -1005,7 +1005,7 @@ def ask_build_env(config, env):
     return dataclasses.replace(env, version=version)
 
 
-def as_compile_account(config):
+def _as_compile_account(config):
     """subprocess arguments that run a program as the compile account."""
     account = config.user
     return dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[]) if account else {}
@@ -1015,7 +1015,7 @@ def private_paths(config):
     """The server's own files and directories, and the files its options name as secrets: none of
     them exists for the compile."""
     home = pwd.getpwuid(os.geteuid()).pw_dir
-    return [config.db.path, config.log, state_dir("run"), config.tmpdir, config.cache_dir,
+    return [config.db.path, config.log, _state_dir("run"), config.tmpdir, config.cache_dir,
             config.kernel_cache, client.systemtap_dir(), os.environ.get("HOME") or home, home] + [
                 path for _, path in secret_files(config)]
 
@@ -1024,7 +1024,7 @@ def inside(path, top):
     return path != top and path.startswith(top.rstrip("/") + "/")
 
 
-def sandbox_argv(config, work_fd, root="/", releases=(), extra=()):
+def _sandbox_argv(config, work_fd, root="/", releases=(), extra=()):
     """bwrap's part of the compile's command line: no network, its own process tree, the system
     directories (of the build environment at root, with the host's kernel trees of releases)
     read-only, the server's own files masked, the request's work/ the only writable place (stap's
@@ -1033,16 +1033,16 @@ def sandbox_argv(config, work_fd, root="/", releases=(), extra=()):
     argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
     view, binds = system_view(root, releases)  # binds: (host path, where the sandbox shows it)
     argv += view
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SANDBOX_TMPFS), "--tmpfs", "/tmp"]
-    for p in server_trees(config) + [shutil.which(stap_program()) or stap_program()]:
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(_SANDBOX_TMPFS), "--tmpfs", "/tmp"]
+    for p in server_trees(config) + [shutil.which(_stap_program()) or _stap_program()]:
         p = os.path.realpath(p)  # unless shown there already (another environment: its own)
         if os.path.exists(p) and not any(p == t or inside(p, t) for _, t in binds):
             argv += ["--ro-bind", p, p]  # the server's own -R/-I trees, a stand-in stap
             binds.append((p, p))
-    argv += ["--bind-fd", str(work_fd), SANDBOX_WORK]
+    argv += ["--bind-fd", str(work_fd), _SANDBOX_WORK]
     argv += list(extra)
     argv += private_masks(config, binds)
-    return argv + ["--remount-ro", "/", "--chdir", SANDBOX_WORK, "--"]
+    return argv + ["--remount-ro", "/", "--chdir", _SANDBOX_WORK, "--"]
 
 
 def private_masks(config, binds):
@@ -1056,7 +1056,7 @@ def private_masks(config, binds):
             continue
         for host, there in binds:
             spot = there + real[len(host):]
-            if not (real == host or inside(real, host)) or \
+            if not (real == host or inside(real, host)) or\
                     any(spot == c or inside(spot, c) for c in covered):
                 continue
             argv += (["--size", "4096", "--tmpfs", spot, "--remount-ro", spot]
@@ -1083,19 +1083,19 @@ def stap_argv(config, req, work, runtime=None):
     """The real stap, as an argument list: the server's options for req's build environment
     (runtime, a fixed copy, replaces its -R: stap takes the last), a private --tmpdir,
     --client-options, then the client's arguments."""
-    return ([stap_program(), "-r", req.release, "-a", req.arch] + env_options(config, req)
+    return ([_stap_program(), "-r", req.release, "-a", req.arch] + _env_options(config, req)
             + (["-R", runtime] if runtime else [])
             + [f"--tmpdir={work}/tmp", "--client-options"] + req.args)
 
 
-def env_options(config, req):
+def _env_options(config, req):
     """The server's stap options for req's build environment: -R (the first) names the host stap's
     runtime, which another environment's stap must not build with."""
     host = req.build_env is None or req.build_env.root == "/"
     return list(config.stap_options[0 if host or not config.runtime else 2:])
 
 
-def compile_env(req, work, cache):
+def _compile_env(req, work, cache):
     return {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": work,
             "SYSTEMTAP_DIR": cache, "TMPDIR": f"{work}/tmp", "LANG": "C.UTF-8", **req.env}
 
@@ -1110,62 +1110,62 @@ def run_compile(config, req, ws, knowledge=None):
     fixed = fixed_runtime(config, req.release, req.kernel) if on_host else None  # host's runtime
     if config.sandbox:
         root = req.build_env.root if req.build_env else "/"
-        work, runtime = SANDBOX_WORK, fixed and fixed.view
-        prefix = sandbox_argv(config, ws.work_fd, root, [] if req.kernel else [req.release],
-                              runtime_binds(fixed) + kernel_binds(req.kernel)
-                              + shared_binds(knowledge or {}))
+        work, runtime = _SANDBOX_WORK, fixed and fixed.view
+        prefix = _sandbox_argv(config, ws.work_fd, root, [] if req.kernel else [req.release],
+                               runtime_binds(fixed) + kernel_binds(req.kernel)
+                               + shared_binds(knowledge or {}))
     else:
         work, prefix, runtime = ws.work, [], fixed and fixed.path
-    cache = f"{work}/{STAP_DIR}"
+    cache = f"{work}/{_STAP_DIR}"
     argv = prefix + limits_argv(config) + stap_argv(config, req, work, runtime)
     with tempfile.TemporaryFile(dir=ws.path) as out, tempfile.TemporaryFile(dir=ws.path) as err:
         try:
             proc = subprocess.Popen(argv, cwd=ws.work if not config.sandbox else "/",
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    env=compile_env(req, work, cache),
+                                    env=_compile_env(req, work, cache),
                                     start_new_session=True, pass_fds=(ws.work_fd,),
-                                    **as_compile_account(config))
+                                    **_as_compile_account(config))
         except OSError as e:
             raise Error(f"cannot run the compile step: {e.strerror}") from None
-        rc, breach = watch_compile(proc, ws, config)
-        stdout, stderr = read_back(out), read_back(err)
+        rc, breach = _watch_compile(proc, ws, config)
+        stdout, stderr = _read_back(out), _read_back(err)
     breach = breach or limit_breached(rc, stderr, config)
     if breach:
         stderr += f"stap-serverd: ERROR: the compile exceeded its {breach}\n".encode()
     elif rc:
-        stderr += runtime_failure(stderr, runtime or source_runtime(config), fixed)
+        stderr += runtime_failure(stderr, runtime or _source_runtime(config), fixed)
     module = ws.module(config.compile_limits["file-size"]) if rc == 0 else None
     hide = (ws.path, work, cache, fixed and fixed.path)
     return ReplyContent(rc=1 if rc else 0, stdout=hide_paths(stdout, hide),
                         stderr=hide_paths(stderr, hide), module=module)
 
 
-def watch_compile(proc, ws, config):
+def _watch_compile(proc, ws, config):
     """Wait for the compile; kill its whole process group when it runs past the wall-clock limit or
     writes more than the disk limit.  Returns (exit status, the limit it broke or None)."""
     deadline = time.monotonic() + config.compile_timeout
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            return proc.wait(timeout=DISK_CHECK_INTERVAL), None
+            return proc.wait(timeout=_DISK_CHECK_INTERVAL), None
         if time.monotonic() > deadline:
-            kill_group(proc)
+            _kill_group(proc)
             return 1, f"wall-clock limit ({config.compile_timeout:g} s, --compile-timeout)"
         if ws.disk_use() > config.compile_limits["disk"]:
-            kill_group(proc)
+            _kill_group(proc)
             return 1, limit_text(config, "disk")
 
 
-def read_back(f):
+def _read_back(f):
     f.seek(0)
-    data = f.read(MAX_OUTPUT + 1)
-    if len(data) > MAX_OUTPUT:
-        data = data[:MAX_OUTPUT] + b"\n[output cut at %d bytes]\n" % MAX_OUTPUT
+    data = f.read(_MAX_OUTPUT + 1)
+    if len(data) > _MAX_OUTPUT:
+        data = data[:_MAX_OUTPUT] + b"\n[output cut at %d bytes]\n" % _MAX_OUTPUT
     return data
 
 
 # How a broken rlimit shows: the signal that killed the compile's top process (128 + signal, through
 # bwrap), or the words its children printed.
-LIMIT_SIGNS = (
+_LIMIT_SIGNS = (
     ("file-size", 128 + signal.SIGXFSZ, rb"File size limit exceeded"),
     ("cpu", 128 + signal.SIGXCPU, rb"CPU time limit exceeded"),
     ("memory", None, rb"Cannot allocate memory|MemoryError|bad_alloc|memory exhausted"
@@ -1175,7 +1175,7 @@ LIMIT_SIGNS = (
 
 
 def limit_breached(rc, stderr, config):
-    for name, status, words in LIMIT_SIGNS:
+    for name, status, words in _LIMIT_SIGNS:
         if rc != 0 and (rc == status or re.search(words, stderr)):
             return limit_text(config, name)
     return None
@@ -1191,7 +1191,7 @@ def limit_text(config, name):
 
 # Failures of a compile that are the server's to fix, as they show in its stderr (the client sees
 # all of it; the log line names the cause): a limit the server killed it for, a full disk, bwrap.
-SERVER_SIDE_CAUSES = (
+_SERVER_SIDE_CAUSES = (
     (rb"^stap-serverd: ERROR: (the compile exceeded its .*)$", "{0}"),
     (rb"No space left on device", "No space left on device in --tmpdir {tmpdir} or the stap "
                                   "cache {cache}"),
@@ -1201,7 +1201,7 @@ SERVER_SIDE_CAUSES = (
 
 def server_side_cause(stderr, config):
     """The log's words for why a compile failed when the server is to blame, or None."""
-    for pattern, words in SERVER_SIDE_CAUSES:
+    for pattern, words in _SERVER_SIDE_CAUSES:
         m = re.search(pattern, stderr, re.MULTILINE)
         if m:
             return words.format(*(g.decode(errors="replace") for g in m.groups()),
@@ -1209,7 +1209,7 @@ def server_side_cause(stderr, config):
     return None
 
 
-def kill_group(proc):
+def _kill_group(proc):
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -1232,17 +1232,17 @@ def hide_paths(data, paths):
 # compile for a kernel does not wait for that warm-up (it would pay the probing twice): it probes
 # in its own cache, as a local stap would, and the warm-up runs after it, in the background.
 
-KNOWLEDGE = "knowledge"
-KNOWLEDGE_FILE = re.compile(r"stapconf_[0-9a-f]+_\d+\.h")
-KNOWLEDGE_FILE_LIMIT = 1 << 20
-KNOWLEDGE_FILES = 16
-WARM_UP_SCRIPT = "probe begin { exit() }"
-WARM_UP_RETRY = 600  # seconds before a failed warm-up is tried again
-WARM_UP_PREFIX = "stap-warm-up."  # a warm-up's directory: no request's, and it may outlive one
+_KNOWLEDGE = "knowledge"
+_KNOWLEDGE_FILE = re.compile(r"stapconf_[0-9a-f]+_\d+\.h")
+_KNOWLEDGE_FILE_LIMIT = 1 << 20
+_KNOWLEDGE_FILES = 16
+_WARM_UP_SCRIPT = "probe begin { exit() }"
+_WARM_UP_RETRY = 600  # seconds before a failed warm-up is tried again
+_WARM_UP_PREFIX = "stap-warm-up."  # a warm-up's directory: no request's, and it may outlive one
 
 
 @dataclasses.dataclass(frozen=True)
-class KnowledgeKind:
+class _KnowledgeKind:
     """What one kind of warm-up runs and keeps of the cache stap made."""
     words: str  # in the log: "stap knowledge for RELEASE ARCH: ..."
     args: tuple  # the warm-up's stap arguments: the server's own script
@@ -1252,26 +1252,26 @@ class KnowledgeKind:
     none: str  # why a warm-up that succeeded made nothing
 
 
-CONFIG_KNOWLEDGE = KnowledgeKind("stap knowledge", ("-p4", "-e", WARM_UP_SCRIPT), KNOWLEDGE_FILE,
-                                 KNOWLEDGE_FILE_LIMIT, KNOWLEDGE_FILES,
-                                 "it made no stapconf header")
+_CONFIG_KNOWLEDGE = _KnowledgeKind("stap knowledge", ("-p4", "-e", _WARM_UP_SCRIPT),
+                                   _KNOWLEDGE_FILE, _KNOWLEDGE_FILE_LIMIT, _KNOWLEDGE_FILES,
+                                   "it made no stapconf header")
 
 
-def prepare_knowledge(config):
+def _prepare_knowledge(config):
     """At start: make CACHE_DIR and CACHE_DIR/knowledge, or check them and each kernel's directory
     in it (ours, not a link, not writable by group or others)."""
-    root = os.path.join(config.cache_dir, KNOWLEDGE)
+    root = os.path.join(config.cache_dir, _KNOWLEDGE)
     os.makedirs(config.cache_dir, 0o755, exist_ok=True)
     for path in (config.cache_dir, root):
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o755)
-        os.close(open_server_dir(path))
+        os.close(_open_server_dir(path))
     for name in sorted(os.listdir(root)):
         if not name.startswith(".new-"):  # a crashed warm-up's: never renamed into place
-            os.close(open_server_dir(os.path.join(root, name)))
+            os.close(_open_server_dir(os.path.join(root, name)))
 
 
-def open_server_dir(path):
+def _open_server_dir(path):
     """A descriptor of path, a directory of ours (not a link) that group and others cannot write;
     Error otherwise."""
     try:
@@ -1293,7 +1293,7 @@ def builds_module(req):
     return passes[-1:] == ["4"]
 
 
-class KernelKnowledge:
+class _KernelKnowledge:
     """One kernel's knowledge in this process: files ({path in stap's cache: bytes}) once loaded
     or made; the lock makes one warm-up at a time, which requests for the kernel wait for (for the
     configuration knowledge, the kernel's first compile holds it too, until its warm-up ends)."""
@@ -1304,14 +1304,14 @@ class KernelKnowledge:
         self.failed = None  # time.monotonic() of a failed warm-up
 
 
-_knowledge = {}
+KNOWN_KERNELS = {}  # knowledge path -> _KernelKnowledge, in this process
 _knowledge_lock = threading.Lock()
 
 
 def knowledge_path(config, req):
     """CACHE_DIR/knowledge/RELEASE-ARCH-STAMP: where the knowledge of req's kernel lives."""
     stamp = installation_stamp(config, req.release, req.build_env)[:16]  # one per environment
-    return os.path.join(config.cache_dir, KNOWLEDGE, f"{req.release}-{config.arch}-{stamp}")
+    return os.path.join(config.cache_dir, _KNOWLEDGE, f"{req.release}-{config.arch}-{stamp}")
 
 
 def kernel_knowledge(config, req):
@@ -1324,11 +1324,11 @@ def kernel_knowledge(config, req):
         return {}, None
     path = knowledge_path(config, req)
     with _knowledge_lock:
-        known = _knowledge.setdefault(path, KernelKnowledge())
+        known = KNOWN_KERNELS.setdefault(path, _KernelKnowledge())
     with contextlib.ExitStack() as held:
         held.enter_context(known.lock)
         if known.files is None or (not known.files
-                                   and time.monotonic() - known.failed > WARM_UP_RETRY):
+                                   and time.monotonic() - known.failed > _WARM_UP_RETRY):
             known.files = load_knowledge(path)
             if known.files is None:
                 held.pop_all()  # the lock stays held until the warm-up after this compile
@@ -1340,7 +1340,7 @@ def learn_knowledge(config, req, path):
     """After the kernel's first compile (which holds the lock of the knowledge at path): the
     server's warm-up, in the background, for the requests after it, which wait for it; it releases
     the lock."""
-    known = _knowledge[path]
+    known = KNOWN_KERNELS[path]
 
     def warm():
         try:
@@ -1348,21 +1348,21 @@ def learn_knowledge(config, req, path):
             known.failed = None if known.files else time.monotonic()
         finally:
             known.lock.release()
-    in_background(warm, "stap knowledge warm-up")
+    _in_background(warm, "stap knowledge warm-up")
 
 
-def in_background(work, name):
+def _in_background(work, name):
     """A warm-up after a compile: for the requests after it, in a thread of its own, so the
     compile's reply does not wait for it."""
     threading.Thread(target=work, daemon=True, name=name).start()
 
 
-def load_knowledge(path, kind=CONFIG_KNOWLEDGE, read=read_regular):
+def load_knowledge(path, kind=_CONFIG_KNOWLEDGE, read=_read_regular):
     """The files of a knowledge directory made before ({path in stap's cache: what read(name,
     dir_fd, limit) gave}), or None when there is none (a directory that is not the server's own
     is skipped, with a warning)."""
     try:
-        top = open_server_dir(path)
+        top = _open_server_dir(path)
     except Error as e:
         if os.path.lexists(path):
             logging.warning("WARNING: stap knowledge skipped: %s", e)
@@ -1371,7 +1371,7 @@ def load_knowledge(path, kind=CONFIG_KNOWLEDGE, read=read_regular):
     with contextlib.ExitStack() as stack:
         stack.callback(os.close, top)
         for sub in sorted(os.listdir(top)):
-            sub_fd = open_subdir(sub, top, stack)
+            sub_fd = _open_subdir(sub, top, stack)
             for name in sorted(os.listdir(sub_fd)) if sub_fd is not None else []:
                 data = read(name, sub_fd, kind.limit) if kind.file.fullmatch(name) else None
                 if data is not None:
@@ -1379,7 +1379,7 @@ def load_knowledge(path, kind=CONFIG_KNOWLEDGE, read=read_regular):
     return files or None
 
 
-def warm_up(config, release, path, env=None, kernel=None, kind=CONFIG_KNOWLEDGE):
+def warm_up(config, release, path, env=None, kernel=None, kind=_CONFIG_KNOWLEDGE):
     """Run stap once as a compile runs (in the build environment env, None: the host; for the
     fetched kernel, if one), on the server's own script, keep the kernel's knowledge (of kind) it
     made in its own cache, and store it at path; {} (and a warning) when it made none."""
@@ -1387,7 +1387,7 @@ def warm_up(config, release, path, env=None, kernel=None, kind=CONFIG_KNOWLEDGE)
     started = time.monotonic()
     req = Request("", release, config.arch, list(kind.args), {}, lowered=False,
                   build_env=env, kernel=kernel)
-    ws = Workspace(config.tmpdir, WARM_UP_PREFIX)
+    ws = Workspace(config.tmpdir, _WARM_UP_PREFIX)
     try:
         compiled = run_compile(config, req, ws)
         files = ws.stap_knowledge(kind) if compiled.rc == 0 else {}
@@ -1401,7 +1401,7 @@ def warm_up(config, release, path, env=None, kernel=None, kind=CONFIG_KNOWLEDGE)
                         "go on without it", kind.words, release, config.arch, why)
         return {}
     store_knowledge(path, files)
-    names = sorted(files) if len(files) <= KNOWLEDGE_FILES else [f"{len(files)} files"]
+    names = sorted(files) if len(files) <= _KNOWLEDGE_FILES else [f"{len(files)} files"]
     logging.info("%s for %s %s ready in %.1f s: %s", kind.words, release, config.arch,
                  time.monotonic() - started, ", ".join(names))
     return files
@@ -1433,15 +1433,15 @@ def store_knowledge(path, files):
 # the 6.1 headers 172 objects, 40 MB, about 90 CPU-seconds) and, on a cache hit, only opens them
 # for reading.  The server makes them once per kernel with its own warm-up (-p2, its own script)
 # into CACHE_DIR/knowledge/RELEASE-ARCH-STAMP.tracequery/; a compile sees that directory
-# read-only at SANDBOX_TRACEQUERY and finds links to it in its own cache, where stap looks.
+# read-only at _SANDBOX_TRACEQUERY and finds links to it in its own cache, where stap looks.
 
-TRACEQUERY_KNOWLEDGE = KnowledgeKind(
+TRACEQUERY_KNOWLEDGE = _KnowledgeKind(
     "stap tracepoint knowledge",
     ("-p2", "-e", 'probe kernel.trace("sched_switch")?, begin { exit() }'),
     re.compile(r"tracequery_[0-9a-f]+_\d+\.o"), 64 << 20, 4096, "it made no tracepoint query")
-TRACEQUERY_DIR = ".tracequery"  # their directory: the kernel's knowledge directory's name + this
-SANDBOX_TRACEQUERY = "/stap/tracequery"
-TRACE_PROBE = re.compile(rb"\bkernel\s*\.\s*trace\b")
+_TRACEQUERY_DIR = ".tracequery"  # their directory: the kernel's knowledge directory's name + this
+_SANDBOX_TRACEQUERY = "/stap/tracequery"
+_TRACE_PROBE = re.compile(rb"\bkernel\s*\.\s*trace\b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1457,11 +1457,11 @@ class SharedFile:
         return f"{self.view}/{self.rel}"
 
 
-def names_tracepoints(scripts, archive):
+def _names_tracepoints(scripts, archive):
     """Whether the scripts stap parses for a request (its -e or script file, its shipped tapsets)
     name kernel.trace: then the compile needs the kernel's tracepoint query modules."""
-    return any(TRACE_PROBE.search(text or b"")
-               for _, text in itertools.chain(scripts, shipped_tapsets(archive)))
+    return any(_TRACE_PROBE.search(text or b"")
+               for _, text in itertools.chain(scripts, _shipped_tapsets(archive)))
 
 
 def trace_knowledge(config, req):
@@ -1469,14 +1469,14 @@ def trace_knowledge(config, req):
     compile of req's kernel ({} when there are none yet): a tapset's probe alias may use
     kernel.trace too.  The first request for a kernel whose scripts name kernel.trace waits for
     the server's warm-up, as others naming it meanwhile; other requests never wait for it."""
-    path = knowledge_path(config, req) + TRACEQUERY_DIR
+    path = knowledge_path(config, req) + _TRACEQUERY_DIR
     with _knowledge_lock:
-        known = _knowledge.setdefault(path, KernelKnowledge())
+        known = KNOWN_KERNELS.setdefault(path, _KernelKnowledge())
     if not known.lock.acquire(blocking=req.traces):
         return {}  # a warm-up is running
     try:
         if known.files is None or (req.traces and not known.files
-                                   and time.monotonic() - known.failed > WARM_UP_RETRY):
+                                   and time.monotonic() - known.failed > _WARM_UP_RETRY):
             names = load_knowledge(path, TRACEQUERY_KNOWLEDGE, is_regular)
             if names is None and not req.traces:
                 return {}
@@ -1484,23 +1484,23 @@ def trace_knowledge(config, req):
                 names = warm_up(config, req.release, path, req.build_env, req.kernel,
                                 TRACEQUERY_KNOWLEDGE)
                 known.failed = None if names else time.monotonic()
-            view = SANDBOX_TRACEQUERY if config.sandbox else path
+            view = _SANDBOX_TRACEQUERY if config.sandbox else path
             known.files = {rel: SharedFile(path, view, rel) for rel in names}
         return known.files
     finally:
         known.lock.release()
 
 
-def learn_tracepoints(config, req):
+def _learn_tracepoints(config, req):
     """After a compile that built tracepoint query modules itself although its scripts name no
     kernel.trace (a tapset's probe alias does): make the kernel's in the background, for the
     requests after it, unless the server has them or is making them."""
     traced = dataclasses.replace(req, traces=True)
-    path = knowledge_path(config, req) + TRACEQUERY_DIR
+    path = knowledge_path(config, req) + _TRACEQUERY_DIR
     with _knowledge_lock:
-        known = _knowledge.setdefault(path, KernelKnowledge())
+        known = KNOWN_KERNELS.setdefault(path, _KernelKnowledge())
     if known.files is None and not known.lock.locked():
-        in_background(lambda: trace_knowledge(config, traced), "tracepoint warm-up")
+        _in_background(lambda: trace_knowledge(config, traced), "tracepoint warm-up")
 
 
 def is_regular(name, dir_fd, limit):
@@ -1524,7 +1524,7 @@ def shared_binds(knowledge):
 # --------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class RuntimeFix:
+class _RuntimeFix:
     """A known change the installed runtime needs for some kernels: it applies when the kernel's
     header (relative to its source tree) matches kernel_test and the runtime's file matches
     runtime_test; then every match of old in that file becomes new."""
@@ -1539,26 +1539,26 @@ class RuntimeFix:
 
 
 RUNTIME_FIXES = (
-    RuntimeFix("task_work_cancel_func",
-               "the kernel renamed task_work_cancel to task_work_cancel_func",
-               "include/linux/task_work.h", rb"\btask_work_cancel_func\b",
-               "stp_task_work.c", rb'kallsyms_lookup_name\("task_work_cancel"\)',
-               rb"\btask_work_cancel\b", b"task_work_cancel_func"),
+    _RuntimeFix("task_work_cancel_func",
+                "the kernel renamed task_work_cancel to task_work_cancel_func",
+                "include/linux/task_work.h", rb"\btask_work_cancel_func\b",
+                "stp_task_work.c", rb'kallsyms_lookup_name\("task_work_cancel"\)',
+                rb"\btask_work_cancel\b", b"task_work_cancel_func"),
 )
 STOCK_RUNTIME = "/usr/share/systemtap/runtime"
 SANDBOX_RUNTIME = "/stap/runtime"  # where a compile sees a fixed runtime, read-only
 FIXED_RUNTIMES = ".runtime"  # in the cache directory; no account name starts with a dot
-MAX_FIX_INPUT = 1 << 20  # bytes of a header or runtime file a feature test reads
+_MAX_FIX_INPUT = 1 << 20  # bytes of a header or runtime file a feature test reads
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedRuntime:
+class _FixedRuntime:
     path: str  # the server's copy
     view: str  # the same, as the compile sees it
     fixes: tuple
 
 
-def source_runtime(config):
+def _source_runtime(config):
     """The runtime stap would use: the server's -R, else the installed one."""
     return config.runtime or STOCK_RUNTIME
 
@@ -1572,10 +1572,10 @@ def header_trees(release, kernel=None):
     return [f"/lib/modules/{release}/build", f"/lib/modules/{release}/source"]
 
 
-def file_matches(path, pattern):
+def _file_matches(path, pattern):
     try:
         with open(path, "rb") as f:
-            return re.search(pattern, f.read(MAX_FIX_INPUT)) is not None
+            return re.search(pattern, f.read(_MAX_FIX_INPUT)) is not None
     except OSError:
         return False
 
@@ -1583,8 +1583,8 @@ def file_matches(path, pattern):
 def needed_fixes(trees, runtime):
     """The fixes of RUNTIME_FIXES that runtime needs to build for the kernel of trees."""
     return tuple(fix for fix in RUNTIME_FIXES
-                 if file_matches(os.path.join(runtime, fix.file), fix.runtime_test)
-                 and any(file_matches(os.path.join(tree, fix.header), fix.kernel_test)
+                 if _file_matches(os.path.join(runtime, fix.file), fix.runtime_test)
+                 and any(_file_matches(os.path.join(tree, fix.header), fix.kernel_test)
                          for tree in trees))
 
 
@@ -1594,12 +1594,12 @@ _fixed_lock = threading.Lock()
 
 def fixed_runtime(config, release, kernel=None):
     """The FixedRuntime to build for release (kernel: a FetchedKernel) with, or None when the
-    runtime needs no fix; looked up again after STAMP_TTL, each fix logged when a release first
+    runtime needs no fix; looked up again after _STAMP_TTL, each fix logged when a release first
     gets its copy."""
     now = time.monotonic()
     with _fixed_lock:
         cached = _fixed.get(release)
-        if cached and now - cached[0] < STAMP_TTL:
+        if cached and now - cached[0] < _STAMP_TTL:
             return cached[1]
         fixed = runtime_copy(config, header_trees(release, kernel))
         if fixed and fixed != (cached and cached[1]):
@@ -1613,7 +1613,7 @@ def fixed_runtime(config, release, kernel=None):
 def runtime_copy(config, trees):
     """The fixed copy of the runtime for the kernel of trees, or None when it needs no fix.  A copy
     is made once per source runtime (its files' stamps) and set of fixes, in the cache directory."""
-    source = source_runtime(config)
+    source = _source_runtime(config)
     fixes = needed_fixes(trees, source)
     if not fixes:
         return None
@@ -1622,16 +1622,16 @@ def runtime_copy(config, trees):
     name = digest.hexdigest()[:16]
     path = os.path.join(config.cache_dir, FIXED_RUNTIMES, name)
     if not os.path.isdir(path):
-        make_fixed_runtime(source, fixes, path)
-    return FixedRuntime(path, f"{SANDBOX_RUNTIME}/{name}", fixes)
+        _make_fixed_runtime(source, fixes, path)
+    return _FixedRuntime(path, f"{SANDBOX_RUNTIME}/{name}", fixes)
 
 
-def make_fixed_runtime(source, fixes, path):
+def _make_fixed_runtime(source, fixes, path):
     """Copy source with fixes applied to path: made under a temporary name and renamed, readable by
     the compile account, writable only by the server."""
     parent = os.path.dirname(path)
     os.makedirs(parent, 0o755, exist_ok=True)
-    os.close(open_server_dir(parent))
+    os.close(_open_server_dir(parent))
     new = tempfile.mkdtemp(prefix=".new.", dir=parent)
     try:
         shutil.copytree(source, new, symlinks=True, dirs_exist_ok=True)
@@ -1683,20 +1683,20 @@ def runtime_failure(stderr, runtime, fixed):
 # script) into a temporary directory, renamed into the kernel cache; compiles see the tree
 # read-only at the paths the packages use.
 
-FETCH_TIMEOUT = 300  # seconds for one apt-get download
-FAILED_FETCH_TTL = 300  # seconds a failed fetch is answered from memory
-KERNEL_TREES = "trees"  # in the kernel cache: RELEASE/ is the unpacked root of its packages
-DOWNLOADS = "debs"  # in the kernel cache: the verified .deb files
+_FETCH_TIMEOUT = 300  # seconds for one apt-get download
+_FAILED_FETCH_TTL = 300  # seconds a failed fetch is answered from memory
+_KERNEL_TREES = "trees"  # in the kernel cache: RELEASE/ is the unpacked root of its packages
+_DOWNLOADS = "debs"  # in the kernel cache: the verified .deb files
 # From linux-image-RELEASE-dbg, when a script needs them: SYMBOLS/RELEASE/System.map-RELEASE
 # (3.6 MB) and, apart, DEBUGINFO/RELEASE/vmlinux-RELEASE (600 MB), so kprobes do not pay for DWARF.
 SYMBOLS = "symbols"
 DEBUGINFO = "debuginfo"
-DEBUG_FILES = {SYMBOLS: "System.map-{}", DEBUGINFO: "vmlinux-{}"}  # in /usr/lib/debug/boot
-DEBUG_NEEDS = {SYMBOLS: "the symbol table", DEBUGINFO: "the debuginfo"}
-FULL_MARGIN = 1 << 20  # bytes: a kernel cache with less free after a failed unpack is full
+_DEBUG_FILES = {SYMBOLS: "System.map-{}", DEBUGINFO: "vmlinux-{}"}  # in /usr/lib/debug/boot
+_DEBUG_NEEDS = {SYMBOLS: "the symbol table", DEBUGINFO: "the debuginfo"}
+_FULL_MARGIN = 1 << 20  # bytes: a kernel cache with less free after a failed unpack is full
 
 
-class HostFault(Error):
+class _HostFault(Error):
     """The server's host lacks what a kernel needs (room in the kernel cache, a compiler): not
     remembered as a failed fetch, as the administrator's remedy works at once."""
 
@@ -1725,10 +1725,10 @@ class FetchedKernel:
 
 def apt_package(name):
     """The archive's candidate of package name (from apt's signed lists), or None."""
-    return apt_packages([name]).get(name)
+    return _apt_packages([name]).get(name)
 
 
-def apt_packages(names):
+def _apt_packages(names):
     """{name: Package} of the archive's candidates of names, from one apt-cache call (each call
     reads apt's lists, a second where apt keeps no binary cache of them); names the archive lacks
     are left out."""
@@ -1744,7 +1744,7 @@ def apt_packages(names):
     return found
 
 
-def installed_version(name):
+def _installed_version(name):
     res = client.run_tool(["dpkg-query", "-W", "-f", "${Version}", name], check=False)
     return res.stdout.decode().strip() if res.returncode == 0 else None
 
@@ -1761,7 +1761,7 @@ def missing_compiler(headers):
     return None
 
 
-def likely_dependencies(release):
+def _likely_dependencies(release):
     """The packages Debian's linux-headers-RELEASE depends on, as their names usually go (the
     -common twin of the release's ABI, -common-rt for rt; linux-kbuild-MAJOR.MINOR or -ABI): asked
     for with the headers, they make one apt-cache call do where two would (each reads apt's lists,
@@ -1777,14 +1777,14 @@ def likely_dependencies(release):
 def kernel_packages(release):
     """The packages that present release's headers: linux-headers-RELEASE, the -common twin it
     depends on, and the linux-kbuild it asks for when the installed one is older or missing."""
-    found = apt_packages([f"linux-headers-{release}", *likely_dependencies(release)])
+    found = _apt_packages([f"linux-headers-{release}", *_likely_dependencies(release)])
     headers = found.get(f"linux-headers-{release}")
     if headers is None:
         raise Error(f"the archive has no kernel {release} (no package linux-headers-{release})")
     compiler = missing_compiler(headers)
     if compiler:
-        raise HostFault(f"the kernel {release} is built with {compiler}, which this server lacks "
-                        f"(its administrator can install the package {compiler})")
+        raise _HostFault(f"the kernel {release} is built with {compiler}, which this server lacks "
+                         f"(its administrator can install the package {compiler})")
     wanted = []
     for dep in (d.strip() for d in headers.depends.split(",")):
         m = re.match(r"^(linux-headers-\S+-common\S*|linux-kbuild-\S+)(?:\s*\((>=|=)\s*(\S+)\))?",
@@ -1792,14 +1792,14 @@ def kernel_packages(release):
         if not m:
             continue
         if m.group(1).startswith("linux-kbuild-"):
-            have = installed_version(m.group(1))
+            have = _installed_version(m.group(1))
             if have and (not m.group(3) or client.run_tool(
                     ["dpkg", "--compare-versions", have, "ge", m.group(3)],
                     check=False).returncode == 0):
                 continue  # the installed kbuild will do
         wanted.append(m.group(1))
     if any(name not in found for name in wanted):  # the guess missed
-        found.update(apt_packages([name for name in wanted if name not in found]))
+        found.update(_apt_packages([name for name in wanted if name not in found]))
     for name in wanted:
         if name not in found:
             raise Error(f"the archive has no {name}, which linux-headers-{release} needs")
@@ -1814,7 +1814,7 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def tree_size(top):
+def _tree_size(top):
     """Bytes under top, each entry at least a block; links are not followed."""
     total = 0
     for root, dirs, files in os.walk(top):
@@ -1827,7 +1827,7 @@ def tree_size(top):
 class KernelCache:
     """Unpacked kernel header packages, one root per release, bounded in bytes (least recently
     used first out, never one a compile is using); one fetch per release at a time, the others
-    wait for it; a failed fetch is remembered for FAILED_FETCH_TTL seconds."""
+    wait for it; a failed fetch is remembered for _FAILED_FETCH_TTL seconds."""
 
     def __init__(self, top, max_bytes):
         self.top, self.max_bytes = top, max_bytes
@@ -1840,10 +1840,10 @@ class KernelCache:
     def open(self):
         """Make the cache's directories, or check those there, and take in the trees of earlier
         runs (oldest use first); half-made ones of a crash are removed."""
-        for d in (self.top, *map(self.path, (KERNEL_TREES, DOWNLOADS, SYMBOLS, DEBUGINFO))):
+        for d in (self.top, *map(self.path, (_KERNEL_TREES, _DOWNLOADS, SYMBOLS, DEBUGINFO))):
             os.makedirs(d, 0o755, exist_ok=True)
-            os.close(open_server_dir(d))
-        trees = self.path(KERNEL_TREES)
+            os.close(_open_server_dir(d))
+        trees = self.path(_KERNEL_TREES)
         found = []
         for name in os.listdir(trees):
             path = os.path.join(trees, name)
@@ -1853,7 +1853,7 @@ class KernelCache:
                 found.append((os.lstat(path).st_mtime, name, path))
         for _, name, path in sorted(found):
             self.kernels[name] = FetchedKernel(name, path, 0, debug=self.debug_files(name))
-            self.kernels[name].size = sum(map(tree_size, self.kernels[name].parts()))
+            self.kernels[name].size = sum(map(_tree_size, self.kernels[name].parts()))
         for part in (SYMBOLS, DEBUGINFO):  # half-made ones and those of a removed tree
             for name in os.listdir(self.path(part)):
                 if name not in self.kernels or part not in self.kernels[name].debug:
@@ -1862,7 +1862,7 @@ class KernelCache:
 
     def debug_files(self, release):
         """{SYMBOLS or DEBUGINFO: its file} of the -dbg files fetched for release before."""
-        files = {part: self.path(part, release, DEBUG_FILES[part].format(release))
+        files = {part: self.path(part, release, _DEBUG_FILES[part].format(release))
                  for part in (SYMBOLS, DEBUGINFO)}
         return {part: f for part, f in files.items() if os.path.isfile(f)}
 
@@ -1889,7 +1889,7 @@ class KernelCache:
             kernel = self.kernels.get(release)
             if kernel is None:
                 failed = self.failed.get(release)
-                if failed and time.monotonic() - failed[0] < FAILED_FETCH_TTL:
+                if failed and time.monotonic() - failed[0] < _FAILED_FETCH_TTL:
                     raise Error(failed[1])
                 self.fetching.add(release)
         if kernel is None:
@@ -1909,7 +1909,7 @@ class KernelCache:
         try:
             return fetch()
         except Error as e:
-            if not isinstance(e, HostFault):  # the administrator mends that at once
+            if not isinstance(e, _HostFault):  # the administrator mends that at once
                 with self.cond:
                     self.failed[key] = (time.monotonic(), str(e))
             raise
@@ -1941,7 +1941,7 @@ class KernelCache:
         got = self.download(packages)
         downloaded, fetched = sum(size for _, size in got), time.monotonic()
         root = self.unpack(release, [path for path, _ in got])
-        unpacked, size = time.monotonic(), tree_size(root)
+        unpacked, size = time.monotonic(), _tree_size(root)
         logging.info("kernel cache: fetched %s (%s; %d bytes downloaded, %d unpacked) in %.1f s "
                      "(apt-cache %.1f s, apt-get download %.1f s, dpkg-deb %.1f s)",
                      release, ", ".join(f"{p.name} {p.version}" for p in packages), downloaded,
@@ -1956,9 +1956,9 @@ class KernelCache:
         news = []
         try:
             for _ in debs:
-                news.append(tempfile.mkdtemp(prefix=".new.", dir=self.path(KERNEL_TREES)))
-            results = run_tools_at_once([["dpkg-deb", "-x", deb, new]
-                                         for deb, new in zip(debs, news)], FETCH_TIMEOUT)
+                news.append(tempfile.mkdtemp(prefix=".new.", dir=self.path(_KERNEL_TREES)))
+            results = _run_tools_at_once([["dpkg-deb", "-x", deb, new]
+                                          for deb, new in zip(debs, news)], _FETCH_TIMEOUT)
             for deb, res in zip(debs, results):
                 if isinstance(res, Exception):  # as if run here: a timeout, or fork failed
                     raise res
@@ -1969,10 +1969,10 @@ class KernelCache:
                     raise Error(f"cannot unpack {os.path.basename(deb)} for {release}: "
                                 f"{client.last_line(res.stderr)}")
             for deb, new in zip(debs[1:], news[1:]):
-                merge_tree(new, news[0], os.path.basename(deb))
+                _merge_tree(new, news[0], os.path.basename(deb))
             if not os.path.isdir(os.path.join(news[0], "lib", "modules", release)):
                 raise Error(f"linux-headers-{release} has no /lib/modules/{release}")
-            root = self.path(KERNEL_TREES, release)
+            root = self.path(_KERNEL_TREES, release)
             os.rename(news[0], root)
             return root
         except OSError as e:
@@ -1990,10 +1990,10 @@ class KernelCache:
             st = os.statvfs(self.top)
         except OSError:
             return False
-        return st.f_bavail * st.f_frsize < FULL_MARGIN or (st.f_files and st.f_favail == 0)
+        return st.f_bavail * st.f_frsize < _FULL_MARGIN or (st.f_files and st.f_favail == 0)
 
     def full_error(self, failed):
-        return HostFault(f"{failed}: the kernel cache {self.top} is full "
+        return _HostFault(f"{failed}: the kernel cache {self.top} is full "
                                f"({os.strerror(errno.ENOSPC)})")
 
     def download(self, packages):
@@ -2001,7 +2001,7 @@ class KernelCache:
         order of packages, from one apt-get download of those not in the download cache: a cached
         file whose SHA256 is not the signed index's is downloaded again.  When apt fails, the files
         it got whole are kept, and the first package it did not get is named."""
-        paths = [self.path(DOWNLOADS, p.filename) for p in packages]
+        paths = [self.path(_DOWNLOADS, p.filename) for p in packages]
         sizes = [0] * len(packages)
         missing = [i for i, path in enumerate(paths)
                    if not (os.path.isfile(path) and file_sha256(path) == packages[i].sha256)]
@@ -2010,11 +2010,11 @@ class KernelCache:
         for i in missing:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(paths[i])
-        work = tempfile.mkdtemp(prefix=".new.", dir=self.path(DOWNLOADS))
+        work = tempfile.mkdtemp(prefix=".new.", dir=self.path(_DOWNLOADS))
         try:
             res = client.run_tool(["apt-get", "download", "-q", *(
                 f"{packages[i].name}={packages[i].version}" for i in missing)], cwd=work,
-                check=False, timeout=FETCH_TIMEOUT)
+                check=False, timeout=_FETCH_TIMEOUT)
             full = res.returncode != 0 and self.full()
             for i in missing:  # those got whole are kept whatever happened to the others
                 got = os.path.join(work, packages[i].filename)
@@ -2045,7 +2045,7 @@ class KernelCache:
             if need in kernel.debug:
                 return
             failed = self.failed.get(key)
-            if failed and time.monotonic() - failed[0] < FAILED_FETCH_TTL:
+            if failed and time.monotonic() - failed[0] < _FAILED_FETCH_TTL:
                 raise Error(failed[1])
             self.fetching.add(key)
         files = self.fetch_alone(key, lambda: self.fetch_debug(
@@ -2068,8 +2068,8 @@ class KernelCache:
         [(deb, downloaded)] = self.download([package])
         news = {p: tempfile.mkdtemp(prefix=".new.", dir=self.path(p)) for p in parts}
         try:
-            wanted = {f"usr/lib/debug/boot/{DEBUG_FILES[p].format(release)}":
-                      os.path.join(news[p], DEBUG_FILES[p].format(release)) for p in parts}
+            wanted = {f"usr/lib/debug/boot/{_DEBUG_FILES[p].format(release)}":
+                      os.path.join(news[p], _DEBUG_FILES[p].format(release)) for p in parts}
             deb_extract(deb, wanted)
             for p in parts:
                 os.rename(news[p], self.path(p, release))
@@ -2080,15 +2080,15 @@ class KernelCache:
                 shutil.rmtree(new, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.unlink(deb)
-        files = {p: self.path(p, release, DEBUG_FILES[p].format(release)) for p in parts}
+        files = {p: self.path(p, release, _DEBUG_FILES[p].format(release)) for p in parts}
         logging.info("kernel cache: fetched %s of %s (%s %s; %d bytes downloaded, %d kept) in "
-                     "%.1f s", " and ".join(DEBUG_NEEDS[p] for p in parts), release,
+                     "%.1f s", " and ".join(_DEBUG_NEEDS[p] for p in parts), release,
                      package.name, package.version, downloaded,
                      sum(os.path.getsize(f) for f in files.values()), time.monotonic() - start)
         return files
 
 
-def run_tools_at_once(argvs, timeout):
+def _run_tools_at_once(argvs, timeout):
     """client.run_tool(argv, check=False) of each of argvs, all at once: [its result, or the
     exception it raised], in the order of argvs."""
     results = [None] * len(argvs)
@@ -2106,7 +2106,7 @@ def run_tools_at_once(argvs, timeout):
     return results
 
 
-def merge_tree(src, dst, package, at=""):
+def _merge_tree(src, dst, package, at=""):
     """Move what directory src holds into directory dst, descending into the directories both have;
     Error for a path both have that is not a directory in each (package's tree, in src, and those
     merged before it must be disjoint but for their common directories)."""
@@ -2115,7 +2115,7 @@ def merge_tree(src, dst, package, at=""):
         if not os.path.lexists(here):
             os.rename(there, here)
         elif all(os.path.isdir(p) and not os.path.islink(p) for p in (there, here)):
-            merge_tree(there, here, package, f"{at}/{name}")
+            _merge_tree(there, here, package, f"{at}/{name}")
         else:
             raise Error(f"{package} has {at}/{name}, which another package of the kernel has too")
 
@@ -2127,11 +2127,11 @@ def deb_extract(deb, wanted):
     runs, and nothing but the named files is written.  Error when one is missing."""
     left = dict(wanted)
     with open(deb, "rb") as f:
-        data = ar_member(f, "data.tar")
+        data = _ar_member(f, "data.tar")
         try:
             with tarfile.open(fileobj=data, mode="r|*") as tar:
                 for member in tar:
-                    target = left.pop(member.name.removeprefix("./"), None) \
+                    target = left.pop(member.name.removeprefix("./"), None)\
                         if member.isreg() else None
                     if target:
                         with open(target, "xb") as out:
@@ -2144,7 +2144,7 @@ def deb_extract(deb, wanted):
         raise Error(f"{os.path.basename(deb)} has no {', '.join(sorted(left))}")
 
 
-class BoundedReader(io.RawIOBase):
+class _BoundedReader(io.RawIOBase):
     """The next size bytes of f, as a file tarfile can stream from."""
 
     def __init__(self, f, size):
@@ -2160,7 +2160,7 @@ class BoundedReader(io.RawIOBase):
         return len(data)
 
 
-def ar_member(f, prefix):
+def _ar_member(f, prefix):
     """The first member of the ar archive f whose name starts with prefix, as a BoundedReader;
     Error when there is none.  A member header is 60 bytes: name 16, dates and ids 32, size 10,
     then a backquote and a newline; members start at even offsets."""
@@ -2174,11 +2174,11 @@ def ar_member(f, prefix):
         if size < 0:
             raise Error(f"{os.path.basename(f.name)} is not a Debian package")
         if header[:16].decode("ascii", "replace").startswith(prefix):
-            return io.BufferedReader(BoundedReader(f, size), 1 << 20)
+            return io.BufferedReader(_BoundedReader(f, size), 1 << 20)
         f.seek(size + size % 2, os.SEEK_CUR)
 
 
-def fetched_tree_binds(kernel, source, inside):
+def _fetched_tree_binds(kernel, source, inside):
     """bwrap arguments that show source, a tree of the fetched kernel, at inside: whole, or entry by
     entry when some of its links name a kbuild that the host has no directory for (Debian's 6.12
     headers link scripts and tools to ../../lib/linux-kbuild-VERSION, and no mount point can be
@@ -2189,7 +2189,7 @@ def fetched_tree_binds(kernel, source, inside):
         path = os.path.join(source, name)
         target = os.path.realpath(path)
         kbuild = os.path.relpath(target, kbuilds).split(os.sep)[0]
-        if os.path.islink(path) and kbuild.startswith("linux-kbuild-") and os.path.isdir(target) \
+        if os.path.islink(path) and kbuild.startswith("linux-kbuild-") and os.path.isdir(target)\
                 and not os.path.isdir(f"/usr/lib/{kbuild}"):
             strays[name] = target
     if not strays:
@@ -2216,7 +2216,7 @@ def kernel_binds(kernel):
             mine = os.path.join(kernel.root, "lib", "modules")
         argv += ["--size", "65536", "--tmpfs", inside]
         for name in sorted(os.listdir(mine)):
-            argv += fetched_tree_binds(kernel, os.path.join(mine, name), os.path.join(inside, name))
+            argv += _fetched_tree_binds(kernel, *(os.path.join(d, name) for d in (mine, inside)))
         argv += ["--remount-ro", inside]
     kbuild = os.path.join(kernel.root, "usr", "lib")
     for name in sorted(os.listdir(kbuild)) if os.path.isdir(kbuild) else []:
@@ -2253,7 +2253,7 @@ def debug_need(stderr, kernel):
     (a DWARF probe), which the kernel has not got yet; else None."""
     if re.search(rb"^semantic error: missing \S+ kernel/module debuginfo", stderr, re.M):
         need = DEBUGINFO
-    elif b"WARNING: Kernel function symbol table missing" in stderr and \
+    elif b"WARNING: Kernel function symbol table missing" in stderr and\
             b"semantic error: while resolving probe point" in stderr:
         need = SYMBOLS
     else:
@@ -2282,20 +2282,20 @@ def reply_for_client(compiled, req, key, version):
 
 # Signing: NSS signs with the server key where its database keeps it.
 
-class SECItem(ctypes.Structure):
+class _SECItem(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("data", ctypes.POINTER(ctypes.c_ubyte)),
                 ("len", ctypes.c_uint)]
 
 
 @functools.cache
-def nss3():
+def _nss3():
     """The NSS library python-nss already loaded (one process, one NSS), with the few calls that
     sign with a private key: python-nss has none."""
     try:
         lib = ctypes.CDLL("libnss3.so")  # NSS keeps an unversioned soname
     except OSError:
         lib = ctypes.CDLL(ctypes.util.find_library("nss3"))
-    ptr, item, c_int = ctypes.c_void_p, ctypes.POINTER(SECItem), ctypes.c_int
+    ptr, item, c_int = ctypes.c_void_p, ctypes.POINTER(_SECItem), ctypes.c_int
     for name, restype, argtypes in (
             ("CERT_GetDefaultCertDB", ptr, []),
             ("CERT_FindCertByDERCert", ptr, [ptr, item]),
@@ -2314,11 +2314,11 @@ class ServerKey:
     modules built for stapusr and stapsys.  The key is never exported or written out."""
 
     def __init__(self, der):
-        lib = nss3()
+        lib = _nss3()
         self.der = der
         buf = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
         self.cert = lib.CERT_FindCertByDERCert(lib.CERT_GetDefaultCertDB(),
-                                               SECItem(0, buf, len(der)))
+                                               _SECItem(0, buf, len(der)))
         if not self.cert:
             raise Error("the server certificate is not in its database")
         self.key = lib.PK11_FindKeyByAnyCert(self.cert, None)
@@ -2329,7 +2329,7 @@ class ServerKey:
 
     def sign(self, data, algorithm):
         """RSA PKCS#1 v1.5 signature of data; algorithm names an NSS SEC_OID."""
-        lib, out = nss3(), SECItem()
+        lib, out = _nss3(), _SECItem()
         oid = getattr(client.nss_modules()[0], algorithm)
         with self.lock:
             if lib.SEC_SignData(ctypes.byref(out), data, len(data), self.key, oid) != 0:
@@ -2345,15 +2345,15 @@ class ServerKey:
 
 
 
-def error_reply(key, version, message):
+def _error_reply(key, version, message):
     return signed_reply(key, ReplyContent(1, b"", f"stap-serverd: ERROR: {message}\n".encode(),
                                           version))
 
 
-def busy_reply(key, version, why, record):
+def _busy_reply(key, version, why, record):
     """The reply to a request the server has no room for now; the log line says why."""
     record.update(rc=1, error=f"busy: {why}")
-    return error_reply(key, version, f"{client.BUSY_MESSAGE}: {why}; try again later")
+    return _error_reply(key, version, f"{client.BUSY_MESSAGE}: {why}; try again later")
 
 
 def signed_reply(key, reply):
@@ -2365,7 +2365,7 @@ def signed_reply(key, reply):
 # --------------------------------------------------------------------------
 
 MOK_KEY, MOK_CERT = "signing_key.priv", client.MOK_CERT_NAME  # the real server's names
-SIGNATURE_MARKER = b"~Module signature appended~\n"  # how a signed module ends
+_SIGNATURE_MARKER = b"~Module signature appended~\n"  # how a signed module ends
 # What systemtap's own MOKs are made with: the kernel takes a signing key with digitalSignature
 # usage that is no CA; the issuer "Systemtap" is how clients tell systemtap's MOKs from others.
 MOK_OPENSSL_CONFIG = """\
@@ -2385,11 +2385,11 @@ keyUsage=digitalSignature
 subjectKeyIdentifier=hash
 authorityKeyIdentifier=keyid
 """
-NO_MATCHING_MOK = ("Server: No matching machine owner key (MOK) available on the server to sign "
-                   "the module.\n")
-ENROLL_MOK = ("Server: The server has no machine owner key (MOK) in common with this system. Use "
-              "the following command to import a server MOK into this system, then reboot: "
-              f"mokutil --import {MOK_CERT}\n")
+_NO_MATCHING_MOK = ("Server: No matching machine owner key (MOK) available on the server to sign "
+                    "the module.\n")
+_ENROLL_MOK = ("Server: The server has no machine owner key (MOK) in common with this system. Use "
+               "the following command to import a server MOK into this system, then reboot: "
+               f"mokutil --import {MOK_CERT}\n")
 
 
 def mok_fingerprint(der):
@@ -2413,7 +2413,7 @@ class MokStore:
             return []
         if os.path.islink(self.path) or not os.path.isdir(self.path):
             raise Error(f"MOK directory {self.path} is a link or no directory: refused")
-        found = [name for name in sorted(os.listdir(self.path)) if MOK_FINGERPRINT.match(name)]
+        found = [name for name in sorted(os.listdir(self.path)) if _MOK_FINGERPRINT.match(name)]
         for name in found:
             problem = self.problem(name)
             if problem:
@@ -2446,7 +2446,7 @@ class MokStore:
     def matching(self, fingerprints):
         """The first of the client's fingerprints the server has a usable key pair for, or None."""
         for fp in fingerprints:
-            if fp == MOK_MISSING or not os.path.lexists(os.path.join(self.path, fp)):
+            if fp == _MOK_MISSING or not os.path.lexists(os.path.join(self.path, fp)):
                 continue
             problem = self.problem(fp)
             if problem is None:
@@ -2463,7 +2463,7 @@ class MokStore:
 
     def listing(self):
         try:
-            return sorted(n for n in os.listdir(self.path) if MOK_FINGERPRINT.match(n))
+            return sorted(n for n in os.listdir(self.path) if _MOK_FINGERPRINT.match(n))
         except FileNotFoundError:
             return []
 
@@ -2505,7 +2505,7 @@ class MokStore:
                     signed = f.read()
         except OSError as e:
             raise Error(f"cannot sign the module in {tmpdir}: {e.strerror}") from None
-        if not signed.endswith(SIGNATURE_MARKER) or len(signed) <= len(data):
+        if not signed.endswith(_SIGNATURE_MARKER) or len(signed) <= len(data):
             raise Error(f"{program} appended no module signature")
         return signed
 
@@ -2524,7 +2524,7 @@ def sign_file_program(release, root="/"):
                 f"{release})")
 
 
-def for_secure_boot(compiled, req, moks, tmpdir):
+def _for_secure_boot(compiled, req, moks, tmpdir):
     """The compile's reply for a client that must load signed modules (it sent MOK fingerprints):
     the module signed with the MOK it has enrolled, or, with none in common, rc 1, the real server's
     words and one of the server's certificates to enroll (as the real client saves it)."""
@@ -2535,7 +2535,7 @@ def for_secure_boot(compiled, req, moks, tmpdir):
         name, data = compiled.module
         return compiled._replace(module=(name, moks.sign(fp, data, req.release, tmpdir)))
     return compiled._replace(rc=1, module=None, stdout=client.without_module_paths(compiled.stdout),
-                             stderr=compiled.stderr + (NO_MATCHING_MOK + ENROLL_MOK).encode(),
+                             stderr=compiled.stderr + (_NO_MATCHING_MOK + _ENROLL_MOK).encode(),
                              mok_cert=moks.certificate_to_enroll())
 
 
@@ -2549,11 +2549,11 @@ class CompileService:
         self.config, self.credentials, self.version = config, credentials, version or stap_version()
         self.results = ResultCache(config.result_cache_size)
         self.compiles = CompileQueue(config.max_threads)
-        self.pending = PendingBytes(config.max_pending_bytes, config.tmpdir,
-                                    config.tmpdir_min_free)
+        self.pending = _PendingBytes(config.max_pending_bytes, config.tmpdir,
+                                     config.tmpdir_min_free)
         self.moks = MokStore(config.db.path)
-        self.envs = [BuildEnv(HOST_ENV, "/", self.version), *config.build_envs]
-        self.kernels = KernelCache(config.kernel_cache, config.kernel_cache_size) \
+        self.envs = [BuildEnv(_HOST_ENV, "/", self.version), *config.build_envs]
+        self.kernels = KernelCache(config.kernel_cache, config.kernel_cache_size)\
             if config.fetch_kernels else None
 
     def renewed(self, der):
@@ -2568,7 +2568,7 @@ class CompileService:
         or a file); never raises for a bad request or a failed compile (rc 1 and the reason)."""
         config = self.config
         if admission is Admission.BUSY:
-            return busy_reply(self.credentials.signer, self.version, body, record)
+            return _busy_reply(self.credentials.signer, self.version, body, record)
         with contextlib.ExitStack() as held:  # a fetched kernel stays while the request uses it
             try:
                 archive = client.RequestArchive(client.open_archive(body), config.limits)
@@ -2580,7 +2580,7 @@ class CompileService:
                     req, archive, config, self.version)
             except Error as e:
                 record.update(rc=1, error=str(e))
-                return error_reply(self.credentials.signer, self.version, str(e))
+                return _error_reply(self.credentials.signer, self.version, str(e))
             record.update(version=req.version, release=req.release, env=req.build_env.name,
                           options=" ".join(req.args),
                           guru=req.guru or None)  # the log line names guru requests only
@@ -2599,12 +2599,12 @@ class CompileService:
         config, key = self.config, self.credentials.signer
         busy = self.compiles.busy_reason(config.max_wait, config.queue)
         if busy:
-            return busy_reply(key, self.version, busy, record), False
+            return _busy_reply(key, self.version, busy, record), False
         try:
             knowledge, to_make = kernel_knowledge(config, req)  # may wait for the warm-up
         except (Error, OSError) as e:
             record.update(rc=1, error=str(e))
-            return error_reply(key, self.version, str(e)), False
+            return _error_reply(key, self.version, str(e)), False
         try:
             return self.compile_with(req, archive, record, knowledge)
         finally:
@@ -2619,22 +2619,22 @@ class CompileService:
             knowledge = {**knowledge, **trace_knowledge(config, req)}  # may wait for its warm-up
         except (Error, OSError) as e:
             record.update(rc=1, error=str(e))
-            return error_reply(key, self.version, str(e)), False
+            return _error_reply(key, self.version, str(e)), False
         with self.compiles.compiling():
             busy = self.pending.reserve(archive.unpacked_size)
             if busy:
-                return busy_reply(key, self.version, busy, record), False
+                return _busy_reply(key, self.version, busy, record), False
             try:
                 compiled = self.compile_once(req, archive, knowledge)
                 need = req.kernel and compiled.rc and debug_need(compiled.stderr, req.kernel)
                 if need:  # once: the -dbg files stap asked for, then the same compile again
                     compiled = self.with_debug_files(req, archive, knowledge, compiled, need)
-                compiled = for_secure_boot(compiled, req, self.moks, config.tmpdir)
+                compiled = _for_secure_boot(compiled, req, self.moks, config.tmpdir)
             except (Error, OSError) as e:
-                message = str(e) if isinstance(e, Error) else \
+                message = str(e) if isinstance(e, Error) else\
                     f"cannot prepare the compile in {config.tmpdir}: {e.strerror}"
                 record.update(rc=1, error=message)
-                return error_reply(key, self.version, message), False
+                return _error_reply(key, self.version, message), False
             finally:
                 self.pending.give_back(archive.unpacked_size)
         reply = reply_for_client(compiled, req, key, req.build_env.version)
@@ -2648,7 +2648,7 @@ class CompileService:
             archive.extract(ws.work)
             compiled = run_compile(self.config, req, ws, knowledge)
             if not req.traces and ws.built_tracepoint_queries():
-                learn_tracepoints(self.config, req)
+                _learn_tracepoints(self.config, req)
             return compiled
 
     def with_debug_files(self, req, archive, knowledge, compiled, need):
@@ -2658,7 +2658,7 @@ class CompileService:
             self.kernels.add_debug(req.kernel, need)
         except Error as e:
             return compiled._replace(stderr=compiled.stderr + (
-                f"stap-serverd: ERROR: cannot fetch {DEBUG_NEEDS[need]} of {req.release}: "
+                f"stap-serverd: ERROR: cannot fetch {_DEBUG_NEEDS[need]} of {req.release}: "
                 f"{e}\n").encode())
         return self.compile_once(req, archive, knowledge)
 
@@ -2696,7 +2696,7 @@ class ResultCache:
                 self.entries.move_to_end(key)
                 return self.entries[key], CacheOutcome.HIT
             first = key not in self.running
-            compiling = self.running.setdefault(key, Compiling())
+            compiling = self.running.setdefault(key, _Compiling())
         if not first:
             with merging():
                 compiling.done.wait()
@@ -2724,7 +2724,7 @@ class ResultCache:
                 self.size -= len(old)
 
 
-class Compiling:
+class _Compiling:
     """A compile identical requests wait for: its reply, once done."""
 
     def __init__(self):
@@ -2733,7 +2733,7 @@ class Compiling:
 
 # Options whose output differs run to run (timings, progress) or that a server should run afresh:
 # requests with them are not cached.
-UNCACHED_OPTIONS = ("-v", "--vp", "-t", "--benchmark")
+_UNCACHED_OPTIONS = ("-v", "--vp", "-t", "--benchmark")
 
 
 def result_key(req, archive, config, version):
@@ -2742,7 +2742,7 @@ def result_key(req, archive, config, version):
     request, the fields the server's OUTPUT_OPTIONS reach, and stamps of stap, its tapsets and
     runtime and the kernel build tree; None when the request must not be cached.  The client's
     protocol version is left out: it changes nothing in the reply."""
-    if any(a.startswith(UNCACHED_OPTIONS) for a in req.args):
+    if any(a.startswith(_UNCACHED_OPTIONS) for a in req.args):
         return None
     h = hashlib.sha256()
     fields = dataclasses.replace(req, version=None, kernel=None)
@@ -2756,7 +2756,7 @@ def result_key(req, archive, config, version):
 
 
 _stamps = {}
-STAMP_TTL = 5  # seconds: walking the tapset and runtime trees costs a few ms
+_STAMP_TTL = 5  # seconds: walking the tapset and runtime trees costs a few ms
 
 
 def installation_stamp(config, release, env=None):
@@ -2765,14 +2765,14 @@ def installation_stamp(config, release, env=None):
     now = time.monotonic()
     root = env.root if env else "/"
     cached = _stamps.get((root, release))
-    if cached and now - cached[0] < STAMP_TTL:
+    if cached and now - cached[0] < _STAMP_TTL:
         return cached[1]
     build = f"/lib/modules/{release}/build"
-    stap = shutil.which(stap_program()) or stap_program() if root == "/" else \
-        rooted(root, "usr/bin/stap")
+    stap = shutil.which(_stap_program()) or _stap_program() if root == "/" else\
+        _rooted(root, "usr/bin/stap")
     paths = [stap, f"{build}/.config", f"{build}/Module.symvers",
              f"{build}/include/generated/utsrelease.h"]
-    for tree in [rooted(root, "usr/share/systemtap")] + server_trees(config):
+    for tree in [_rooted(root, "usr/share/systemtap")] + server_trees(config):
         paths += walk_files(tree)
     stamp = hashlib.sha256(b"".join(map(stat_line, paths))).hexdigest()
     _stamps[(root, release)] = (now, stamp)
@@ -2807,7 +2807,7 @@ def stat_line(path):
 #    └─ AddressSlots      unread connections per client address
 #   DropCounts            dropped connections, logged as counts
 
-def init_nss(config):
+def _init_nss(config):
     """Open the server database for this process's TLS and signing."""
     nss, ssl, _, nerror = client.nss_modules()
     try:
@@ -2863,12 +2863,12 @@ class RequestRecord:
 
     def log_line(self):
         """One bounded line: each field cut with its original length noted."""
-        parts = [f"{name}={cut(repr(v) if isinstance(v, str) else str(v), LOG_FIELD_MAX)}"
+        parts = [f"{name}={_cut(repr(v) if isinstance(v, str) else str(v), _LOG_FIELD_MAX)}"
                  for name in self.FIELDS if (v := getattr(self, name)) is not None]
-        return cut("request " + " ".join(parts), LOG_LINE_MAX)
+        return _cut("request " + " ".join(parts), LOG_LINE_MAX)
 
 
-def cut(text, limit):
+def _cut(text, limit):
     return text if len(text) <= limit else f"{text[:limit]}...[{len(text)} chars]"
 
 
@@ -2883,18 +2883,18 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     request_queue_size = 128
 
     def __init__(self, config, der):
-        init_nss(config)
+        _init_nss(config)
         self.config = config
         self.service = CompileService(config, Credentials(der))
         self.drops = DropCounts()
         self.unread = AddressSlots(config.max_per_address, self.drops)
-        self.table = ConnectionTable(descriptors_for_connections(), self.unread, self.drops)
+        self.table = ConnectionTable(_descriptors_for_connections(), self.unread, self.drops)
         self.on_renewal = lambda der: None  # e.g. advertise the new serial
         self.handlers = set()
         self.next_renewal_check = time.monotonic() + config.renew_check
         self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
         try:
-            super().__init__((config.listen, config.port), CompileHandler)
+            super().__init__((config.listen, config.port), _CompileHandler)
         except OSError as e:
             raise Error(f"cannot listen on {config.listen} port {config.port}: "
                         f"{e.strerror}") from None
@@ -2945,7 +2945,7 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def renew_if_expiring(self):
         """Replace a certificate that expires within 30 days.  True if renewed."""
-        if not expires_within(self.service.credentials.der, RENEW_BEFORE):
+        if not expires_within(self.service.credentials.der, _RENEW_BEFORE):
             return False
         try:
             self.service = self.service.renewed(ensure_server_certificate(self.config.db))
@@ -2955,7 +2955,7 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         der = self.service.credentials.der
         logging.info("renewed the server certificate while running: serial %s, SHA-256 "
                      "fingerprint %s", certinfo(der), client.fingerprint(der))
-        write_status(self.config, self.port, der)
+        _write_status(self.config, self.port, der)
         self.on_renewal(der)
         return True
 
@@ -2968,7 +2968,7 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             t.join(max(0, deadline - time.monotonic()))
 
 
-class PendingBytes:
+class _PendingBytes:
     """Bytes on disk of the requests not answered yet, as sent while they are received or wait, as
     unpacked while they compile: bounded by --max-pending-bytes, and by a floor of free space in
     the temporary directory (--tmpdir-min-free)."""
@@ -2999,7 +2999,7 @@ class PendingBytes:
             self.held -= size
 
 
-class CompileHandler(socketserver.BaseRequestHandler):
+class _CompileHandler(socketserver.BaseRequestHandler):
     """One connection.  setup() waits for the client address's share of unread connections, handle()
     shakes hands, spools the request to disk, gives the share back and answers, finish() writes the
     log line."""
@@ -3058,7 +3058,7 @@ class Admission(enum.Enum):
     READ, BUSY, NOTHING = "read", "busy", "nothing"
 
 
-class Turn(threading.Event):
+class _Turn(threading.Event):
     """One holder's place in a line of FifoSlots: set once it is handed a slot (handed) or taken
     out of the line."""
 
@@ -3083,7 +3083,7 @@ class FifoSlots:
 
     def enter(self, key=None):
         """A Turn in key's line, handed a slot at once if one is free and no one waits."""
-        turn = Turn()
+        turn = _Turn()
         with self.lock:
             if self.held[key] < self.limit and not self.waiting[key]:
                 self.held[key] += 1
@@ -3189,21 +3189,21 @@ class CompileQueue(FifoSlots):
 
 
 MAX_CONNECTIONS = 1024  # connections held open, all addresses together (threads, descriptors)
-FDS_PER_CONNECTION = 2  # its own descriptor and the table's duplicate
-FD_RESERVE = 128  # descriptors for everything else: the databases, the log, compiles' pipes
-DROP_LOG_INTERVAL = 10  # seconds: dropped connections are logged as counts
-DROP_LOG_LINES = 5  # addresses named for each reason in one report
+_FDS_PER_CONNECTION = 2  # its own descriptor and the table's duplicate
+_FD_RESERVE = 128  # descriptors for everything else: the databases, the log, compiles' pipes
+_DROP_LOG_INTERVAL = 10  # seconds: dropped connections are logged as counts
+_DROP_LOG_LINES = 5  # addresses named for each reason in one report
 
 
 class DropCounts:
     """Dropped connections, logged as counts by reason and address: the first at once, then at
-    most DROP_LOG_LINES addresses for each reason (and a total of the others) every
-    DROP_LOG_INTERVAL seconds, so that a flood of connections cannot flood the log."""
+    most _DROP_LOG_LINES addresses for each reason (and a total of the others) every
+    _DROP_LOG_INTERVAL seconds, so that a flood of connections cannot flood the log."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.counts = collections.Counter()  # (reason, address) -> connections
-        self.last_report = -DROP_LOG_INTERVAL
+        self.last_report = -_DROP_LOG_INTERVAL
 
     def note(self, address, reason):
         with self.lock:
@@ -3214,15 +3214,15 @@ class DropCounts:
         """Log the counts if the interval has passed (also called between accepts, so that the
         tail of a burst is not kept back until the next drop)."""
         with self.lock:
-            if not self.counts or time.monotonic() - self.last_report < DROP_LOG_INTERVAL:
+            if not self.counts or time.monotonic() - self.last_report < _DROP_LOG_INTERVAL:
                 return
             counts, self.counts = self.counts, collections.Counter()
             self.last_report = time.monotonic()
         for reason in dict.fromkeys(reason for reason, _ in counts):
             ranked = [(n, address) for (r, address), n in counts.most_common() if r == reason]
-            for n, address in ranked[:DROP_LOG_LINES]:
+            for n, address in ranked[:_DROP_LOG_LINES]:
                 logging.warning("dropped %d connections from %s %s", n, address, reason)
-            if rest := ranked[DROP_LOG_LINES:]:
+            if rest := ranked[_DROP_LOG_LINES:]:
                 logging.warning("dropped %d connections from %d other addresses %s",
                                 sum(n for n, _ in rest), len(rest), reason)
 
@@ -3250,7 +3250,7 @@ class AddressSlots(FifoSlots):
         return False
 
 
-class Connection:
+class _Connection:
     """One connection the table holds: its address, its turn in the address's line, and a duplicate
     of its socket, the table's own, to shut it down with when it is evicted (the handler's
     descriptor passes to NSS and may be closed and reused at any moment)."""
@@ -3289,7 +3289,7 @@ class ConnectionTable:
                                 "holds all have their requests read")
                 return None
             self.accepted += 1
-            conn = Connection(address, self.slots.enter(address), sock.dup(), self.accepted)
+            conn = _Connection(address, self.slots.enter(address), sock.dup(), self.accepted)
             self.held[sock] = conn
             self.places += 1
             self.unread.setdefault(address, collections.deque()).append(conn)
@@ -3348,18 +3348,18 @@ class ConnectionTable:
         conn.handle.close()
 
 
-def descriptors_for_connections():
+def _descriptors_for_connections():
     """Raise the soft limit of open descriptors (to at most the hard limit) to what MAX_CONNECTIONS
     need: a distribution's default of 1,024 would not do.  The connections the limit allows."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = MAX_CONNECTIONS * FDS_PER_CONNECTION + FD_RESERVE
+    want = MAX_CONNECTIONS * _FDS_PER_CONNECTION + _FD_RESERVE
     if soft != resource.RLIM_INFINITY and soft < want:
         soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft != resource.RLIM_INFINITY and soft < want:
-        allowed = max(1, (soft - FD_RESERVE) // FDS_PER_CONNECTION)
+        allowed = max(1, (soft - _FD_RESERVE) // _FDS_PER_CONNECTION)
         logging.warning("holding at most %d connections, not %d: the limit of open files is %d "
                         "(raise it to %d)", allowed, MAX_CONNECTIONS, soft, want)
         return allowed
@@ -3379,7 +3379,7 @@ def address_key(host):
     return str(ip)
 
 
-LOG_FIELD_MAX = 200  # characters of one field in a request's log line
+_LOG_FIELD_MAX = 200  # characters of one field in a request's log line
 LOG_LINE_MAX = 1900  # a whole line stays under 2 KB with the time stamp
 
 
@@ -3388,8 +3388,8 @@ def read_request(sock, record, service):
     """(Admission, the request body spooled into an anonymous file, or the reason of a busy reply);
     its announced size is held in the service's pending bytes until the reply has gone."""
     deadline = time.monotonic() + service.config.io_timeout
-    quick_ack(sock)
-    size = record.size = int.from_bytes(read_exactly(sock, 4, deadline), "big", signed=True)
+    _quick_ack(sock)
+    size = record.size = int.from_bytes(_read_exactly(sock, 4, deadline), "big", signed=True)
     if size <= 0 or size > service.config.max_compressed_request:
         record.fail("certificate fetch" if size == 0 else f"bad request size {size}"
                     if size < 0 else  # the real server's words, for log searches
@@ -3400,14 +3400,14 @@ def read_request(sock, record, service):
     busy = service.pending.reserve(size)
     if busy:  # drain it: a close with unread bytes would reset the reply
         with open(os.devnull, "wb") as sink:
-            spool(sock, sink, size, deadline + size / 1e5)
+            _spool(sock, sink, size, deadline + size / 1e5)
         yield Admission.BUSY, busy
         return
     try:
         with tempfile.TemporaryFile(dir=service.config.tmpdir) as body:
-            quick_ack(sock)
-            spool(sock, body, size, deadline + size / 1e5)
-            if more_data_waiting(sock):
+            _quick_ack(sock)
+            _spool(sock, body, size, deadline + size / 1e5)
+            if _more_data_waiting(sock):
                 record.fail("more bytes than announced")
                 yield Admission.NOTHING, None
                 return
@@ -3417,7 +3417,7 @@ def read_request(sock, record, service):
         service.pending.give_back(size)
 
 
-def spool(sock, out, n, deadline):
+def _spool(sock, out, n, deadline):
     """Copy exactly n bytes from sock to the file out, chunk by chunk."""
     nerror = client.nss_modules()[3]
     got = 0
@@ -3435,13 +3435,13 @@ def spool(sock, out, n, deadline):
         got += len(chunk)
 
 
-def read_exactly(sock, n, deadline):
+def _read_exactly(sock, n, deadline):
     buf = io.BytesIO()
-    spool(sock, buf, n, deadline)
+    _spool(sock, buf, n, deadline)
     return buf.getvalue()
 
 
-def quick_ack(sock):
+def _quick_ack(sock):
     """Acknowledge at once while reading a request: a client that writes the size and the archive
     separately (the real stap does) otherwise waits on Nagle for our delayed ACK, 40 ms a request.
     Linux re-arms delayed ACKs by itself, so this is repeated before each read."""
@@ -3452,7 +3452,7 @@ def quick_ack(sock):
         pass  # not Linux, or not TCP: only slower
 
 
-def more_data_waiting(sock):
+def _more_data_waiting(sock):
     """True when the peer already sent bytes beyond the announced request (looked at without
     waiting: a client sends nothing after its request)."""
     _, _, nio, nerror = client.nss_modules()
@@ -3471,11 +3471,11 @@ def format_address(address):
 def stap_version():
     """The numeric version of the installed stap, e.g. 4.8 (the protocol level a reply announces;
     real clients abort on a non-numeric one)."""
-    out = client.run_tool([stap_program(), "-V"], check=False)
-    return version_of(out.stdout + out.stderr) or client.PROTOCOL_VERSION
+    out = client.run_tool([_stap_program(), "-V"], check=False)
+    return _version_of(out.stdout + out.stderr) or client.PROTOCOL_VERSION
 
 
-def version_of(output):
+def _version_of(output):
     """The version in what `stap -V` printed, or None."""
     m = re.search(rb"version (\d+(?:\.\d+)*)", output)
     return m.group(1).decode() if m else None
@@ -3485,11 +3485,11 @@ def version_of(output):
 # Advertising on the local network (DNS-SD)
 # --------------------------------------------------------------------------
 
-INSTANCE_PREFIX = "Systemtap Compile Server on "
-PUBLISH_TIMEOUT = 10.0  # avahi probes names for ~1 s; allow slack
-MDNS_TTL = 120  # short: a crashed server vanishes in 2 min
-PROBE_WAIT = 0.3  # how long a name probe waits for an owner
-WILDCARDS = (None, "", "::", "0.0.0.0")  # listen addresses meaning every address
+_INSTANCE_PREFIX = "Systemtap Compile Server on "
+_PUBLISH_TIMEOUT = 10.0  # avahi probes names for ~1 s; allow slack
+_MDNS_TTL = 120  # short: a crashed server vanishes in 2 min
+_PROBE_WAIT = 0.3  # how long a name probe waits for an owner
+_WILDCARDS = (None, "", "::", "0.0.0.0")  # listen addresses meaning every address
 
 
 def alternative_name(name):
@@ -3516,7 +3516,7 @@ class Offer:
 
     def names(self):
         """A distinct instance name for each sysinfo; collisions bump the suffix later."""
-        names = [INSTANCE_PREFIX + self.host]
+        names = [_INSTANCE_PREFIX + self.host]
         while len(names) < len(self.sysinfos):
             names.append(alternative_name(names[-1]))
         return names
@@ -3527,8 +3527,8 @@ class Offer:
         know)."""
         known = {"sysinfo": sysinfo, "version": self.version, "certinfo": self.certinfo,
                  "optinfo": self.optinfo}
-        return [f"{key}={value}" for key, value in [*known.items(), *self.hint.items()]] + \
-            [f"mok_info={fp}" for fp in self.mok_info] + \
+        return [f"{key}={value}" for key, value in [*known.items(), *self.hint.items()]] +\
+            [f"mok_info={fp}" for fp in self.mok_info] +\
             ([f"versions={','.join(self.versions)}"] if self.versions else [])
 
 
@@ -3546,7 +3546,7 @@ class AvahiAdvertiser:
         self.publishers = [AvahiPublisher(name, self.offer.port, self.offer.txt(sysinfo))
                            for name, sysinfo in zip(self.offer.names(), self.offer.sysinfos)]
         try:
-            if all(pub.wait_established(PUBLISH_TIMEOUT) for pub in self.publishers):
+            if all(pub.wait_established(_PUBLISH_TIMEOUT) for pub in self.publishers):
                 self.names = [pub.name for pub in self.publishers]
                 return self
         finally:
@@ -3562,7 +3562,7 @@ class AvahiAdvertiser:
         self.publishers = []
 
 
-def ipv6_addresses(ifname):
+def _ipv6_addresses(ifname):
     """The IPv6 addresses of an interface, from /proc/net/if_inet6."""
     try:
         with open("/proc/net/if_inet6") as f:
@@ -3572,12 +3572,12 @@ def ipv6_addresses(ifname):
         return []  # no IPv6 here
 
 
-def reachable_interfaces(listen):
+def _reachable_interfaces(listen):
     """Interfaces where clients can reach a server listening on `listen`: every one for a wildcard
     address, else the one holding the address (for loopback, lo alone: a loopback server is never
     announced to the network)."""
     interfaces = client.ipv4_interfaces()
-    if listen in WILDCARDS:
+    if listen in _WILDCARDS:
         return interfaces
     if ipaddress.ip_address(listen).is_loopback:
         return [i for i in interfaces if i.loopback]
@@ -3676,7 +3676,7 @@ class MdnsResponder:
         self.offer = offer
         self.hostname = dns.name.from_text(f"{offer.host}.{client.MDNS_DOMAIN}.")
         self.meta = dns.name.from_text(f"_services._dns-sd._udp.{client.MDNS_DOMAIN}.")
-        self.interfaces = reachable_interfaces(offer.listen)
+        self.interfaces = _reachable_interfaces(offer.listen)
 
     def start(self):
         if not self.interfaces:
@@ -3686,7 +3686,7 @@ class MdnsResponder:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.serve, daemon=True, name="mdns-responder")
         self.thread.start()
-        self.announce(MDNS_TTL)
+        self.announce(_MDNS_TTL)
         return self
 
     def refresh(self):
@@ -3728,14 +3728,14 @@ class MdnsResponder:
 
     def name_taken(self, name):
         fqdn = self.instance_fqdn(name)
-        deadline = time.monotonic() + PROBE_WAIT
+        deadline = time.monotonic() + _PROBE_WAIT
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind(("0.0.0.0", 0))
             client.send_to_group(sock, self.interfaces,
                                  client.mdns_query([(fqdn, dns.rdatatype.SRV)]))
             while (left := deadline - time.monotonic()) > 0:
                 message = client.receive_mdns(sock, left)[0]
-                if message is not None and message.flags & dns.flags.QR and \
+                if message is not None and message.flags & dns.flags.QR and\
                         any(rrset.name == fqdn for rrset in message.answer):
                     return True
         return False
@@ -3758,7 +3758,7 @@ class MdnsResponder:
                       rrset(fqdn, "TXT", client.txt_rdata_text(self.offer.txt(sysinfo)))]
         table.append(rrset(self.hostname, "A", iface.address))
         # reachable over IPv6 too
-        if self.offer.listen in (None, "", "::") and (v6 := ipv6_addresses(iface.name)):
+        if self.offer.listen in (None, "", "::") and (v6 := _ipv6_addresses(iface.name)):
             table.append(rrset(self.hostname, "AAAA", *v6))
         return table
 
@@ -3781,7 +3781,7 @@ class MdnsResponder:
         if iface is None:
             return
         legacy = source[1] != client.MDNS_PORT  # a one-shot query (6.7)
-        table = self.records(min(MDNS_TTL, 10) if legacy else MDNS_TTL, iface)
+        table = self.records(min(_MDNS_TTL, 10) if legacy else _MDNS_TTL, iface)
         answers, additional = client.mdns_answers(message.question, table, self.hostname)
         if answers:
             unicast = legacy or any(unicast_flags)
@@ -3806,7 +3806,7 @@ class MdnsResponder:
                     self.names[i] = renamed
                     logging.info("instance name %r is taken by the server on port %d; now %r",
                                  name, min(ports), renamed)
-                self.announce(MDNS_TTL)
+                self.announce(_MDNS_TTL)
 
     def interface_of(self, ifindex):
         """The interface a packet came in on (without a word of it, the first)."""
@@ -3834,9 +3834,9 @@ LINK_PUBLISHERS = {"avahi": AvahiAdvertiser, "mdns": MdnsResponder}
 # signed with TSIG), for clients beyond multicast
 # --------------------------------------------------------------------------
 
-DNS_TTL = 120
-TSIG_KEY = re.compile(r'key\s+"?([^"\s{]+)"?\s*\{[^}]*algorithm\s+"?([\w-]+)"?\s*;'
-                      r'[^}]*secret\s+"([^"]+)"\s*;', re.S)
+_DNS_TTL = 120
+_TSIG_KEY = re.compile(r'key\s+"?([^"\s{]+)"?\s*\{[^}]*algorithm\s+"?([\w-]+)"?\s*;'
+                       r'[^}]*secret\s+"([^"]+)"\s*;', re.S)
 
 
 class ZoneRegistration:
@@ -3851,7 +3851,7 @@ class ZoneRegistration:
         import dns.update
         self.zone, self.server, self.server_port, keyfile = target  # config.dns_update
         self.offer, self.instances = offer, []  # [(instance name, sysinfo)] registered
-        self.keyring, self.keyname, self.algorithm = read_tsig_key(keyfile)
+        self.keyring, self.keyname, self.algorithm = _read_tsig_key(keyfile)
         self.host = dns.name.from_text(f"{offer.host}.{self.zone}")
         self.stype = dns.name.from_text(f"{client.SERVICE_TYPE}.{self.zone}")
 
@@ -3886,10 +3886,10 @@ class ZoneRegistration:
                 instance = dns.name.Name([name.encode()]).concatenate(self.stype)
                 msg = self.update()
                 msg.absent(instance, "SRV")  # prerequisite: the name is free
-                msg.add(self.stype, DNS_TTL, "PTR", instance.to_text())
-                msg.add(instance, DNS_TTL, "SRV", f"0 0 {self.offer.port} {self.host}")
-                msg.add(instance, DNS_TTL, "TXT", client.txt_rdata_text(self.offer.txt(sysinfo)))
-                msg.replace(self.host, DNS_TTL, "A", address)
+                msg.add(self.stype, _DNS_TTL, "PTR", instance.to_text())
+                msg.add(instance, _DNS_TTL, "SRV", f"0 0 {self.offer.port} {self.host}")
+                msg.add(instance, _DNS_TTL, "TXT", client.txt_rdata_text(self.offer.txt(sysinfo)))
+                msg.replace(self.host, _DNS_TTL, "A", address)
                 rcode = self.send(msg)
                 if rcode == dns.rcode.NOERROR:
                     self.instances.append((instance, sysinfo))
@@ -3902,7 +3902,7 @@ class ZoneRegistration:
         """New TXT records: a renewed certificate's serial, a new load hint."""
         msg = self.update()
         for instance, sysinfo in self.instances:
-            msg.replace(instance, DNS_TTL, "TXT", client.txt_rdata_text(self.offer.txt(sysinfo)))
+            msg.replace(instance, _DNS_TTL, "TXT", client.txt_rdata_text(self.offer.txt(sysinfo)))
         return self.send_or_warn(msg) or True
 
     def stop(self):
@@ -3933,19 +3933,19 @@ class ZoneRegistration:
         """The address clients reach us at: the one we listen on, or the one our packets to the
         zone's server leave from."""
         listen = self.offer.listen
-        if listen not in WILDCARDS and not ipaddress.ip_address(listen).is_loopback:
+        if listen not in _WILDCARDS and not ipaddress.ip_address(listen).is_loopback:
             return listen
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect((self.server, self.server_port))  # sends nothing
             return probe.getsockname()[0]
 
 
-def read_tsig_key(path):
+def _read_tsig_key(path):
     """(keyring, key name, algorithm) from a BIND key statement."""
     import dns.tsigkeyring
     try:
         with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as f:  # checked at start: no link
-            m = TSIG_KEY.search(f.read())
+            m = _TSIG_KEY.search(f.read())
     except OSError as e:
         raise Error(f"cannot read the TSIG key {path}: {e.strerror}") from None
     if not m:
@@ -3958,33 +3958,33 @@ def read_tsig_key(path):
 # Status files
 # --------------------------------------------------------------------------
 
-def write_status(config, port, der):
-    os.makedirs(state_dir("run"), 0o755, exist_ok=True)
-    remove_stale_status()
+def _write_status(config, port, der):
+    os.makedirs(_state_dir("run"), 0o755, exist_ok=True)
+    _remove_stale_status()
     status = {"pid": os.getpid(), "port": port, "fingerprint": client.fingerprint(der),
               "serial": certinfo(der),
               "releases": config.releases, "arch": config.arch, "uid": os.geteuid(),
               "log": config.log, "database": config.db.path}
-    path = status_path(os.getpid())
-    replace_file(path, json.dumps(status).encode())
+    path = _status_path(os.getpid())
+    _replace_file(path, json.dumps(status).encode())
     return path
 
 
-def remove_stale_status():
+def _remove_stale_status():
     """Drop status files left by servers that were killed (SIGKILL gives them no chance to remove
     their own)."""
-    for name in os.listdir(state_dir("run")):
+    for name in os.listdir(_state_dir("run")):
         m = re.match(r"^stap-serverd\.(\d+)\.json$", name)
-        if m and int(m.group(1)) != os.getpid() and not_our_server(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and _not_our_server(int(m.group(1))):
             try:
-                os.unlink(os.path.join(state_dir("run"), name))
+                os.unlink(os.path.join(_state_dir("run"), name))
             except OSError:
                 pass  # another user's, or already gone
 
 
-def read_status(pid):
+def _read_status(pid):
     try:
-        with open(status_path(pid)) as f:
+        with open(_status_path(pid)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -3994,7 +3994,7 @@ def read_status(pid):
 # Commands
 # --------------------------------------------------------------------------
 
-def open_log(path):
+def _open_log(path):
     """A descriptor for appending to the log: made LOG_MODE, in a directory made LOG_DIR_MODE; one
     that group could write or others read is tightened (or refused when it is not ours)."""
     try:
@@ -4013,16 +4013,16 @@ def open_log(path):
     return fd
 
 
-class LogFile(logging.handlers.WatchedFileHandler):
+class _LogFile(logging.handlers.WatchedFileHandler):
     """The log, reopened (after a rotation or removal) the way it was first opened."""
 
     def _open(self):
-        return open(open_log(self.baseFilename), self.mode, encoding=self.encoding,
+        return open(_open_log(self.baseFilename), self.mode, encoding=self.encoding,
                     errors=self.errors)
 
 
 def setup_logging(path):
-    handler = LogFile(path)
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s stap-serverd[%(process)d] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -4035,26 +4035,26 @@ def stap_serverd(argv):
     try:
         config = parse_config(argv)
     except Error as e:
-        log = log_config_error(argv, e)
-        if log and stderr_is_log(log):
+        log = _log_config_error(argv, e)
+        if log and _stderr_is_log(log):
             return 1
         raise
     setup_logging(config.log)
     logging.info("starting: %s", " ".join(sys.argv))
-    drop_ambient_capabilities()
+    _drop_ambient_capabilities()
     try:
         return serve(config)
     except Error as e:
         logging.error("ERROR: %s", e)
-        if stderr_is_log(config.log):  # stap-start-server's daemon: the line is there already
+        if _stderr_is_log(config.log):  # stap-start-server's daemon: the line is there already
             return 1
         raise
 
 
-def log_config_error(argv, error):
+def _log_config_error(argv, error):
     """Write a configuration error to the log named by --log, if it names one (a typo on a command
     line creates no log file); the log's path, or None."""
-    p = OptionParser(add_help=False)
+    p = _OptionParser(add_help=False)
     p.add_argument("--log")
     try:
         path = p.parse_known_args(argv)[0].log
@@ -4067,7 +4067,7 @@ def log_config_error(argv, error):
     return None
 
 
-def stderr_is_log(path):
+def _stderr_is_log(path):
     try:
         out, log = os.fstat(sys.stderr.fileno()), os.stat(path)
     except (OSError, ValueError):
@@ -4089,9 +4089,9 @@ def serve(config):
     signal.signal(signal.SIGINT, stop)
     advertising = Advertising(config, port, server.service.version, der,
                               server.service.compiles)
-    status = write_status(config, port, der)  # after the zone: a refused update fails the start
+    status = _write_status(config, port, der)  # after the zone: a refused update fails the start
     logging.info("listening on %s port %d; serving %s; certificate serial %s, SHA-256 "
-                 "fingerprint %s", config.listen, port, served_text(config), certinfo(der),
+                 "fingerprint %s", config.listen, port, _served_text(config), certinfo(der),
                  client.fingerprint(der))
     server.on_renewal = advertising.refresh
     try:
@@ -4104,7 +4104,7 @@ def serve(config):
     return 0
 
 
-LOAD_CHECK = 1.0  # seconds between looks at the load, to refresh the hint
+_LOAD_CHECK = 1.0  # seconds between looks at the load, to refresh the hint
 
 
 def served_versions(host_version, envs):
@@ -4148,9 +4148,9 @@ class Advertising:
 
     def follow_load(self):
         last = time.monotonic()
-        while not self.stopping.wait(LOAD_CHECK):
+        while not self.stopping.wait(_LOAD_CHECK):
             hint = self.queue.hint()
-            if time.monotonic() - last >= self.config.load_refresh and \
+            if time.monotonic() - last >= self.config.load_refresh and\
                     load_changed(self.offer.hint, hint):
                 last = time.monotonic()
                 self.refresh(hint=hint)
@@ -4184,7 +4184,7 @@ class Advertising:
                 self.zone.stop()
 
 
-def served_text(config):
+def _served_text(config):
     """What the server serves, for its log: its installed releases and, when it fetches, the others
     on demand."""
     return ", ".join(config.releases + (("kernels fetched on demand",)
@@ -4220,25 +4220,25 @@ def server_command(args):
     return [sys.executable, launcher if os.path.exists(launcher) else here, "stap-serverd"] + args
 
 
-def start_server(args, timeout=START_TIMEOUT):
+def start_server(args, timeout=_START_TIMEOUT):
     """Start stap-serverd detached; return its pid once it accepts connections."""
     config = parse_config(args, prog="stap-start-server")  # fail early on bad options
-    with open(open_log(config.log), "ab") as log:  # the daemon's stdout and stderr
+    with open(_open_log(config.log), "ab") as log:  # the daemon's stdout and stderr
         offset = log.tell()
         proc = subprocess.Popen(server_command(args), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log, start_new_session=True, close_fds=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise Error(f"{daemon_error(config.log, offset)} (see {config.log})")
-        if read_status(proc.pid):  # written once the socket listens
+            raise Error(f"{_daemon_error(config.log, offset)} (see {config.log})")
+        if _read_status(proc.pid):  # written once the socket listens
             return proc.pid
         time.sleep(0.02)
-    kill_group(proc)
+    _kill_group(proc)
     raise Error(f"stap-serverd did not start within {timeout} s; see {config.log}")
 
 
-def daemon_error(log, offset):
+def _daemon_error(log, offset):
     """The error line a failed stap-serverd wrote after offset in its log."""
     with open(log, "rb") as f:
         f.seek(offset)
@@ -4256,14 +4256,14 @@ def stap_stop_server(argv):
         print("usage: stap-stop-server PID", file=sys.stderr)
         return 1
     pid = int(argv[0])
-    why = not_our_server(pid)
+    why = _not_our_server(pid)
     if why:
         raise Error(f"{pid} is not a systemtap server ({why})")
     os.kill(pid, signal.SIGTERM)
     return 0
 
 
-def not_our_server(pid):
+def _not_our_server(pid):
     """Why pid is not a running stap-serverd of this product that the caller may stop; None when it
     is one."""
     try:
@@ -4318,6 +4318,9 @@ ServerConfig = dataclasses.make_dataclass("ServerConfig", [
 
 def main():
     sys.exit(client.dispatch(COMMANDS, sys.argv))
+
+
+__all__ = client.public_names(globals())
 
 
 if __name__ == "__main__":

@@ -602,7 +602,7 @@ def test_only_a_kernels_first_compile_runs_without_knowledge_and_it_holds_the_ke
     assert stap_server.kernel_knowledge(config, dataclasses.replace(req, args=["-p2"])) == \
         ({}, None)
     files, path = stap_server.kernel_knowledge(config, req)
-    known = stap_server._knowledge[path]
+    known = stap_server.KNOWN_KERNELS[path]
     assert files == {} and path == stap_server.knowledge_path(config, req)
     assert not known.lock.acquire(blocking=False), "the first compile does not hold the lock"
     os.mkdir(tmp_path / "knowledge")
