@@ -16,6 +16,7 @@ Data flows top to bottom: options -> the server certificate -> a request
 import argparse
 import calendar
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import ctypes
@@ -1957,11 +1958,11 @@ class KernelCache:
         try:
             for _ in debs:
                 news.append(tempfile.mkdtemp(prefix=".new.", dir=self.path(_KERNEL_TREES)))
-            results = _run_tools_at_once([["dpkg-deb", "-x", deb, new]
-                                          for deb, new in zip(debs, news)], _FETCH_TIMEOUT)
-            for deb, res in zip(debs, results):
-                if isinstance(res, Exception):  # as if run here: a timeout, or fork failed
-                    raise res
+            with concurrent.futures.ThreadPoolExecutor(len(debs)) as pool:
+                runs = [pool.submit(client.run_tool, ["dpkg-deb", "-x", deb, new], check=False,
+                                    timeout=_FETCH_TIMEOUT) for deb, new in zip(debs, news)]
+            for deb, run in zip(debs, runs):
+                res = run.result()  # raises what run_tool raised: a timeout, or fork failed
                 if res.returncode != 0 and self.full():
                     raise self.full_error(f"cannot unpack the kernel {release}")  # deb: sound
                 if res.returncode != 0:
@@ -2086,24 +2087,6 @@ class KernelCache:
                      package.name, package.version, downloaded,
                      sum(os.path.getsize(f) for f in files.values()), time.monotonic() - start)
         return files
-
-
-def _run_tools_at_once(argvs, timeout):
-    """client.run_tool(argv, check=False) of each of argvs, all at once: [its result, or the
-    exception it raised], in the order of argvs."""
-    results = [None] * len(argvs)
-
-    def run(i):
-        try:
-            results[i] = client.run_tool(argvs[i], check=False, timeout=timeout)
-        except Exception as e:  # the caller raises it
-            results[i] = e
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(argvs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 def _merge_tree(src, dst, package, at=""):
