@@ -1309,6 +1309,12 @@ KNOWN_KERNELS = {}  # knowledge path -> _KernelKnowledge, in this process
 _knowledge_lock = threading.Lock()
 
 
+def _known_kernel(path):
+    """The _KernelKnowledge of the knowledge directory path in this process, made on first use."""
+    with _knowledge_lock:
+        return KNOWN_KERNELS.setdefault(path, _KernelKnowledge())
+
+
 def knowledge_path(config, req):
     """CACHE_DIR/knowledge/RELEASE-ARCH-STAMP: where the knowledge of req's kernel lives."""
     stamp = installation_stamp(config, req.release, req.build_env)[:16]  # one per environment
@@ -1324,8 +1330,7 @@ def kernel_knowledge(config, req):
     if not builds_module(req):
         return {}, None
     path = knowledge_path(config, req)
-    with _knowledge_lock:
-        known = KNOWN_KERNELS.setdefault(path, _KernelKnowledge())
+    known = _known_kernel(path)
     with contextlib.ExitStack() as held:
         held.enter_context(known.lock)
         if known.files is None or (not known.files
@@ -1471,8 +1476,7 @@ def trace_knowledge(config, req):
     kernel.trace too.  The first request for a kernel whose scripts name kernel.trace waits for
     the server's warm-up, as others naming it meanwhile; other requests never wait for it."""
     path = knowledge_path(config, req) + _TRACEQUERY_DIR
-    with _knowledge_lock:
-        known = KNOWN_KERNELS.setdefault(path, _KernelKnowledge())
+    known = _known_kernel(path)
     if not known.lock.acquire(blocking=req.traces):
         return {}  # a warm-up is running
     try:
@@ -1498,8 +1502,7 @@ def _learn_tracepoints(config, req):
     requests after it, unless the server has them or is making them."""
     traced = dataclasses.replace(req, traces=True)
     path = knowledge_path(config, req) + _TRACEQUERY_DIR
-    with _knowledge_lock:
-        known = KNOWN_KERNELS.setdefault(path, _KernelKnowledge())
+    known = _known_kernel(path)
     if known.files is None and not known.lock.locked():
         _in_background(lambda: trace_knowledge(config, traced), "tracepoint warm-up")
 
