@@ -901,19 +901,11 @@ class Workspace:
     def module(self, limit):
         """(name, bytes) of the one .ko stap left in work/tmp, or None; anything but a regular file
         within the size limit is ignored."""
-        try:
-            tmp_fd = os.open("tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                             dir_fd=self.work_fd)
-        except OSError:
-            return None
-        try:
-            names = [n for n in os.listdir(tmp_fd) if n.endswith(".ko")]
-            if len(names) != 1:
-                return None
-            data = _read_regular(names[0], tmp_fd, limit)
+        with contextlib.ExitStack() as stack:
+            tmp_fd = _open_subdir("tmp", self.work_fd, stack)
+            names = [] if tmp_fd is None else [n for n in os.listdir(tmp_fd) if n.endswith(".ko")]
+            data = _read_regular(names[0], tmp_fd, limit) if len(names) == 1 else None
             return (names[0], data) if data is not None else None
-        finally:
-            os.close(tmp_fd)
 
     def remove(self):
         if self.work_fd is not None:
@@ -975,7 +967,7 @@ def _sandbox_trial(config, command, root="/"):
         ws = Workspace(config.tmpdir)
     except OSError as e:
         raise Error(f"cannot make request directories in {config.tmpdir}: {e.strerror}") from None
-    try:
+    with ws:
         ws.hand_over(config.user)
         argv = _sandbox_argv(config, ws.work_fd, root, config.releases) + limits_argv(config)\
             + command
@@ -989,8 +981,6 @@ def _sandbox_trial(config, command, root="/"):
         if proc.returncode:
             return None, client.last_line(proc.stderr) or f"exit status {proc.returncode}"
         return proc.stdout + proc.stderr, None
-    finally:
-        ws.remove()
 
 
 def _ask_build_env(config, env):
@@ -3431,11 +3421,9 @@ def _quick_ack(sock):
     """Acknowledge at once while reading a request: a client that writes the size and the archive
     separately (the real stap does) otherwise waits on Nagle for our delayed ACK, 40 ms a request.
     Linux re-arms delayed ACKs by itself, so this is repeated before each read."""
-    try:
-        with socket.fromfd(sock.fileno(), socket.AF_INET6, socket.SOCK_STREAM) as dup:
-            dup.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-    except (OSError, AttributeError):
-        pass  # not Linux, or not TCP: only slower
+    with (contextlib.suppress(OSError, AttributeError),  # not Linux, or not TCP: only slower
+          socket.fromfd(sock.fileno(), socket.AF_INET6, socket.SOCK_STREAM) as dup):
+        dup.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
 def _more_data_waiting(sock):
@@ -3962,10 +3950,8 @@ def _remove_stale_status():
     for name in os.listdir(_state_dir("run")):
         m = re.match(r"^stap-serverd\.(\d+)\.json$", name)
         if m and int(m.group(1)) != os.getpid() and _not_our_server(int(m.group(1))):
-            try:
+            with contextlib.suppress(OSError):  # another user's, or already gone
                 os.unlink(os.path.join(_state_dir("run"), name))
-            except OSError:
-                pass  # another user's, or already gone
 
 
 def _read_status(pid):
@@ -4042,14 +4028,12 @@ def _log_config_error(argv, error):
     line creates no log file); the log's path, or None."""
     p = _OptionParser(add_help=False)
     p.add_argument("--log")
-    try:
+    with contextlib.suppress(Error):  # --log without a value, or a log that cannot be written
         path = p.parse_known_args(argv)[0].log
         if path:
             setup_logging(path)
             logging.error("ERROR: %s", error)
             return path
-    except Error:  # --log without a value, or a log that cannot be written
-        pass
     return None
 
 
