@@ -433,16 +433,13 @@ def _served_releases(requested, installed=False, fetching=False):
 _SWITCH_CAPABILITIES = {"chown": 0, "dac_override": 1, "kill": 5, "setgid": 6, "setuid": 7}
 
 
-def _effective_capabilities():
-    """The capability bits this process has in effect (CapEff)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-
-
 def _can_switch_user():
     """Root, or a server holding every capability that compiling as another account takes."""
-    return client.is_root() or all(
-        _effective_capabilities() >> bit & 1 for bit in _SWITCH_CAPABILITIES.values())
+    if client.is_root():
+        return True
+    with open("/proc/self/status") as f:  # CapEff: the capability bits this process has in effect
+        caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    return all(caps >> bit & 1 for bit in _SWITCH_CAPABILITIES.values())
 
 
 def _drop_ambient_capabilities():
@@ -502,7 +499,8 @@ def ensure_server_certificate(db, log=logging):
         der = _generate_certificate(db)
         log.info("new server certificate: serial %s, SHA-256 fingerprint %s", certinfo(der),
                  client.fingerprint(der))
-    _write_certificate_file(db, der)
+    if client.read_entry(db.path, client.SERVER_CERT_FILE) != der:  # users copy it to trust us
+        _replace_file(os.path.join(db.path, client.SERVER_CERT_FILE), der)
     _trust_locally(der, log)
     return der
 
@@ -538,12 +536,6 @@ def _generate_certificate(db):
     if der is None:
         raise Error(f"certutil made no certificate in {db.path}")
     return der
-
-
-def _write_certificate_file(db, der):
-    """The file users copy to trust the server (stap-add-server-cert)."""
-    if client.read_entry(db.path, client.SERVER_CERT_FILE) != der:
-        _replace_file(os.path.join(db.path, client.SERVER_CERT_FILE), der)
 
 
 def _replace_file(path, data):
@@ -2959,16 +2951,13 @@ class _PendingBytes:
             if self.held + size > self.limit:
                 return (f"{self.held} bytes of requests are pending (--max-pending-bytes "
                         f"{self.limit})")
-            free = self.free_space()
+            st = os.statvfs(self.tmpdir)
+            free = st.f_bavail * st.f_frsize
             if free - size < self.min_free:
                 return (f"{self.tmpdir} has {free} bytes free, and a request of {size} "
                         f"would leave less than --tmpdir-min-free {self.min_free}")
             self.held += size
             return None
-
-    def free_space(self):
-        st = os.statvfs(self.tmpdir)
-        return st.f_bavail * st.f_frsize
 
     def give_back(self, size):
         with self.lock:
@@ -3365,7 +3354,9 @@ def read_request(sock, record, service):
     its announced size is held in the service's pending bytes until the reply has gone."""
     deadline = time.monotonic() + service.config.io_timeout
     _quick_ack(sock)
-    size = record.size = int.from_bytes(_read_exactly(sock, 4, deadline), "big", signed=True)
+    announced = io.BytesIO()
+    _spool(sock, announced, 4, deadline)
+    size = record.size = int.from_bytes(announced.getvalue(), "big", signed=True)
     if size <= 0 or size > service.config.max_compressed_request:
         record.fail("certificate fetch" if size == 0 else f"bad request size {size}"
                     if size < 0 else  # the real server's words, for log searches
@@ -3409,12 +3400,6 @@ def _spool(sock, out, n, deadline):
             raise Error(f"connection closed after {got} of {n} bytes")
         out.write(chunk)
         got += len(chunk)
-
-
-def _read_exactly(sock, n, deadline):
-    buf = io.BytesIO()
-    _spool(sock, buf, n, deadline)
-    return buf.getvalue()
 
 
 def _quick_ack(sock):
