@@ -34,6 +34,7 @@ import logging
 import logging.handlers
 import lzma
 import os
+import pathlib
 import posixpath
 import pwd
 import re
@@ -1013,19 +1014,16 @@ def _sandbox_argv(config, work_fd, root="/", releases=(), extra=()):
     read-only, the server's own files masked, the request's work/ the only writable place (stap's
     cache included: work/.systemtap); extra: more bwrap arguments showing the server's own trees
     read-only (a fetched kernel's, a fixed runtime), added before the masks."""
-    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
     view, binds = system_view(root, releases)  # binds: (host path, where the sandbox shows it)
-    argv += view
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(_SANDBOX_TMPFS), "--tmpfs", "/tmp"]
+    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", *view,
+            "--proc", "/proc", "--dev", "/dev", "--size", str(_SANDBOX_TMPFS), "--tmpfs", "/tmp"]
     for p in server_trees(config) + [shutil.which(_stap_program()) or _stap_program()]:
         p = os.path.realpath(p)  # unless shown there already (another environment: its own)
         if os.path.exists(p) and not any(p == t or inside(p, t) for _, t in binds):
             argv += ["--ro-bind", p, p]  # the server's own -R/-I trees, a stand-in stap
             binds.append((p, p))
-    argv += ["--bind-fd", str(work_fd), _SANDBOX_WORK]
-    argv += list(extra)
-    argv += private_masks(config, binds)
-    return argv + ["--remount-ro", "/", "--chdir", _SANDBOX_WORK, "--"]
+    return argv + ["--bind-fd", str(work_fd), _SANDBOX_WORK, *extra, *private_masks(config, binds),
+                   "--remount-ro", "/", "--chdir", _SANDBOX_WORK, "--"]
 
 
 def private_masks(config, binds):
@@ -1622,17 +1620,12 @@ def _make_fixed_runtime(source, fixes, path):
     try:
         shutil.copytree(source, new, symlinks=True, dirs_exist_ok=True)
         for fix in fixes:
-            name = os.path.join(new, fix.file)
-            with open(name, "rb") as f:
-                text = re.sub(fix.old, fix.new, f.read())
-            with open(name, "wb") as f:
-                f.write(text)
+            file = pathlib.Path(new, fix.file)
+            file.write_bytes(re.sub(fix.old, fix.new, file.read_bytes()))
         for top, dirs, files in os.walk(new):
-            for d in dirs:
-                os.chmod(os.path.join(top, d), 0o755)
-            for n in files:
-                if not os.path.islink(os.path.join(top, n)):
-                    os.chmod(os.path.join(top, n), 0o644)
+            for entry in (os.path.join(top, name) for name in dirs + files):
+                if not os.path.islink(entry):
+                    os.chmod(entry, 0o755 if os.path.isdir(entry) else 0o644)
         os.chmod(new, 0o755)
         os.rename(new, path)
     except OSError as e:
@@ -1793,11 +1786,8 @@ def kernel_packages(release):
 
 
 def file_sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _tree_size(top):
@@ -2441,8 +2431,7 @@ class MokStore:
         tmp = tempfile.mkdtemp(prefix="new.", dir=self.path)  # 0700: the key is never exposed
         try:
             config, key, cert = (os.path.join(tmp, n) for n in ("openssl.cnf", MOK_KEY, MOK_CERT))
-            with open(config, "w") as f:
-                f.write(MOK_OPENSSL_CONFIG)
+            pathlib.Path(config).write_text(MOK_OPENSSL_CONFIG)
             client.run_tool(["openssl", "req", "-new", "-nodes", "-utf8", "-sha256", "-days",
                              "36500", "-batch", "-x509", "-config", config, "-outform", "DER",
                              "-out", cert, "-keyout", key])
@@ -2464,13 +2453,11 @@ class MokStore:
         top = os.path.join(self.path, fp)
         try:
             with tempfile.TemporaryDirectory(prefix="stap-server.sign.", dir=tmpdir) as work:
-                module = os.path.join(work, "module.ko")
-                with open(module, "wb") as f:
-                    f.write(data)
+                module = pathlib.Path(work, "module.ko")
+                module.write_bytes(data)
                 client.run_tool([program, "sha256", os.path.join(top, MOK_KEY),
-                                 os.path.join(top, MOK_CERT), module])
-                with open(module, "rb") as f:
-                    signed = f.read()
+                                 os.path.join(top, MOK_CERT), str(module)])
+                signed = module.read_bytes()
         except OSError as e:
             raise Error(f"cannot sign the module in {tmpdir}: {e.strerror}") from None
         if not signed.endswith(_SIGNATURE_MARKER) or len(signed) <= len(data):
