@@ -2302,18 +2302,6 @@ class ServerKey:
         return self.sign(data, "SEC_OID_PKCS1_SHA256_WITH_RSA_ENCRYPTION")
 
 
-
-def _error_reply(key, version, message):
-    return signed_reply(key, ReplyContent(1, b"", f"stap-serverd: ERROR: {message}\n".encode(),
-                                          version))
-
-
-def _busy_reply(key, version, why, record):
-    """The reply to a request the server has no room for now; the log line says why."""
-    record.update(rc=1, error=f"busy: {why}")
-    return _error_reply(key, version, f"{client.BUSY_MESSAGE}: {why}; try again later")
-
-
 def signed_reply(key, reply):
     return client.signed_jar(client.reply_entries(reply), key.der, key.sign)
 
@@ -2518,12 +2506,20 @@ class CompileService:
         service.credentials, service.results = Credentials(der), ResultCache(self.results.max_bytes)
         return service
 
+    def refusal(self, record, why, busy=False):
+        """The signed rc 1 reply to a request that failed, or that the server has no room for now
+        (busy); the log line says why."""
+        record.update(rc=1, error=f"busy: {why}" if busy else why)
+        message = f"{client.BUSY_MESSAGE}: {why}; try again later" if busy else why
+        return signed_reply(self.credentials.signer, ReplyContent(
+            1, b"", f"stap-serverd: ERROR: {message}\n".encode(), self.version))
+
     def handle(self, admission, body, record):
         """The signed reply to what read_request admitted: a busy reason or a request body (bytes
         or a file); never raises for a bad request or a failed compile (rc 1 and the reason)."""
         config = self.config
         if admission is Admission.BUSY:
-            return _busy_reply(self.credentials.signer, self.version, body, record)
+            return self.refusal(record, body, busy=True)
         with contextlib.ExitStack() as held:  # a fetched kernel stays while the request uses it
             try:
                 archive = client.RequestArchive(client.open_archive(body), config.limits)
@@ -2534,8 +2530,7 @@ class CompileService:
                 cache_key = None if req.guru or not config.sandbox else result_key(
                     req, archive, config, self.version)
             except Error as e:
-                record.update(rc=1, error=str(e))
-                return _error_reply(self.credentials.signer, self.version, str(e))
+                return self.refusal(record, str(e))
             record.update(version=req.version, release=req.release, env=req.build_env.name,
                           options=" ".join(req.args),
                           guru=req.guru or None)  # the log line names guru requests only
@@ -2551,15 +2546,14 @@ class CompileService:
         """(signed reply, cacheable): wait for a compile slot (or a busy reply when the wait would
         be too long), unpack the request (or a busy reply when the disk has no room for it),
         compile, sign (the key also signs modules built for stapusr/stapsys)."""
-        config, key = self.config, self.credentials.signer
+        config = self.config
         busy = self.compiles.busy_reason(config.max_wait, config.queue)
         if busy:
-            return _busy_reply(key, self.version, busy, record), False
+            return self.refusal(record, busy, busy=True), False
         try:
             knowledge, to_make = kernel_knowledge(config, req)  # may wait for the warm-up
         except (Error, OSError) as e:
-            record.update(rc=1, error=str(e))
-            return _error_reply(key, self.version, str(e)), False
+            return self.refusal(record, str(e)), False
         try:
             return self.compile_with(req, archive, record, knowledge)
         finally:
@@ -2573,12 +2567,11 @@ class CompileService:
         try:
             knowledge = {**knowledge, **trace_knowledge(config, req)}  # may wait for its warm-up
         except (Error, OSError) as e:
-            record.update(rc=1, error=str(e))
-            return _error_reply(key, self.version, str(e)), False
+            return self.refusal(record, str(e)), False
         with self.compiles.compiling():
             busy = self.pending.reserve(archive.unpacked_size)
             if busy:
-                return _busy_reply(key, self.version, busy, record), False
+                return self.refusal(record, busy, busy=True), False
             try:
                 compiled = self.compile_once(req, archive, knowledge)
                 need = req.kernel and compiled.rc and debug_need(compiled.stderr, req.kernel)
@@ -2588,8 +2581,7 @@ class CompileService:
             except (Error, OSError) as e:
                 message = str(e) if isinstance(e, Error) else\
                     f"cannot prepare the compile in {config.tmpdir}: {e.strerror}"
-                record.update(rc=1, error=message)
-                return _error_reply(key, self.version, message), False
+                return self.refusal(record, message), False
             finally:
                 self.pending.give_back(archive.unpacked_size)
         reply = reply_for_client(compiled, req, key, req.build_env.version)
