@@ -879,17 +879,8 @@ class Workspace:
                    for _, name, sub_fd in self.cache_entries(TRACEQUERY_KNOWLEDGE.file))
 
     def disk_use(self):
-        """Bytes under work/, each entry counted as at least one block (an inode bomb is a disk bomb
-        too); links are never followed."""
-        total = 0
-        for _, dirs, files, dir_fd in os.fwalk(".", dir_fd=self.work_fd, follow_symlinks=False):
-            for name in dirs + files:
-                try:
-                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                except OSError:
-                    continue  # gone meanwhile
-                total += max(st.st_blocks * 512, 4096)
-        return total
+        """Bytes under work/, read through its descriptor."""
+        return _tree_size(".", self.work_fd)
 
     def module(self, limit):
         """(name, bytes) of the one .ko stap left in work/tmp, or None; anything but a regular file
@@ -1790,13 +1781,16 @@ def file_sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _tree_size(top):
-    """Bytes under top, each entry at least a block; links are not followed."""
+def _tree_size(top, dir_fd=None):
+    """Bytes under top (relative to dir_fd), each entry counted as at least one block (an inode bomb
+    is a disk bomb too); links are never followed."""
     total = 0
-    for root, dirs, files in os.walk(top):
-        for name in dirs + files:
-            with contextlib.suppress(OSError):
-                total += max(os.lstat(os.path.join(root, name)).st_blocks * 512, 4096)
+    with contextlib.suppress(OSError):  # no top: nothing (fwalk, unlike walk, raises)
+        for _, dirs, files, fd in os.fwalk(top, dir_fd=dir_fd, follow_symlinks=False):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    total += max(st.st_blocks * 512, 4096)
     return total
 
 
