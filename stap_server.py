@@ -488,21 +488,21 @@ def compile_user(name):
 # The server certificate
 # --------------------------------------------------------------------------
 
-def ensure_server_certificate(db, log=logging):
+def ensure_server_certificate(db):
     """The server's certificate DER: made on first start, renewed when it expires within 30 days;
     trusted in the local client database."""
     if not db.exists():
-        log.info("creating certificate database %s", db.path)
+        logging.info("creating certificate database %s", db.path)
         db.create(mode=0o700)
     db.check_permissions(owner=os.geteuid(), secret=True)
     der = newest_certificate(db)
     if der is None or expires_within(der, _RENEW_BEFORE):
         der = _generate_certificate(db)
-        log.info("new server certificate: serial %s, SHA-256 fingerprint %s", certinfo(der),
-                 client.fingerprint(der))
+        logging.info("new server certificate: serial %s, SHA-256 fingerprint %s", certinfo(der),
+                     client.fingerprint(der))
     if client.read_entry(db.path, client.SERVER_CERT_FILE) != der:  # users copy it to trust us
         _replace_file(os.path.join(db.path, client.SERVER_CERT_FILE), der)
-    _trust_locally(der, log)
+    _trust_locally(der)
     return der
 
 
@@ -547,13 +547,13 @@ def _replace_file(path, data):
     os.replace(path + ".new", path)
 
 
-def _trust_locally(der, log=logging):
+def _trust_locally(der):
     """Trust our certificate in this user's (root: every user's) client database, creating it if
     missing and never wiping it."""
     db = CertDB(client.local_client_db_path())
     if not db.exists() or der not in db.certificates():
         client.add_certificate(der, db.path)
-        log.info("trusted the server certificate in %s", db.path)
+        logging.info("trusted the server certificate in %s", db.path)
 
 
 # --------------------------------------------------------------------------
