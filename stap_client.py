@@ -2503,12 +2503,6 @@ def advertised_serial(rec):
     return serial if serial >= 0 else None
 
 
-def _fetches_field(rec):
-    """" 'kernels=fetched'" for a server advertised with the bare architecture as its sysinfo, that
-    is one that fetches the kernel a request names (stap-serverd --fetch-kernels), else ""."""
-    return " 'kernels=fetched'" if " " not in rec.sysinfo else ""
-
-
 def trust_of(rec, trust):
     """"ssl,signer", "ssl", "signer" or "none" for an advertised server."""
     serial = advertised_serial(rec)
@@ -2653,8 +2647,9 @@ def stap_find_servers(argv):
     records = [r for r in every if "--all" in argv or r.sysinfo in (wanted, wanted.split()[-1])]
     trust = _trusted_serials() if records else {}
     for rec in records:
-        print(printable(format_server_line(rec) + _fetches_field(rec)
-                        + f" 'trust={trust_of(rec, trust)}'"))
+        # The bare architecture as its sysinfo: a server that fetches kernels (--fetch-kernels).
+        fetched = " 'kernels=fetched'" if " " not in rec.sysinfo else ""
+        print(printable(format_server_line(rec) + fetched + f" 'trust={trust_of(rec, trust)}'"))
     if every and not records:  # servers for other kernels: say so, whoever asked
         seen = _plural(len({(r.host, r.port) for r in every}), "server")
         print(f"{PROG}: {seen} found, none for {wanted}; --all lists them", file=sys.stderr)
@@ -2684,7 +2679,8 @@ def stap_add_server_cert(argv):
         if not is_root():
             raise Error("--signer: only root decides whose module signatures staprun accepts")
         dirname = dirname or _staprun_db_path()
-    if _names_a_file(source):
+    if "/" in source or source.endswith((".cert", ".crt", ".pem", ".der"))\
+            or os.path.exists(source):  # else HOST[:PORT]
         if dirname is None:
             raise Error(_ADD_CERT_USAGE)
         if not os.path.isfile(source):
@@ -2706,11 +2702,6 @@ def _certificate_text(der):
     """A certificate as messages name it: its serial and its fingerprint."""
     return f"the certificate with serial {serial_text(certificate_serial(der))}, SHA-256 "\
         f"fingerprint {fingerprint(der)},"
-
-
-def _names_a_file(source):
-    return "/" in source or source.endswith((".cert", ".crt", ".pem", ".der"))\
-        or os.path.exists(source)
 
 
 def add_certificate(der, dirname):
