@@ -1472,17 +1472,14 @@ def open_databases(dbs):
 _FORWARD_SECRET_KEA = ("ECDHE", "TLS 1.3")
 
 
-def _forward_secret_aead(info):
-    return info.kea_type_name in _FORWARD_SECRET_KEA and info.mac_algorithm_name == "AEAD"
-
-
 def restrict_cipher_suites():
     """Under the domestic policy, make every TLS socket this process opens from now on negotiate
     only forward-secret AEAD suites (sockets copy the defaults)."""
     ssl = nss_modules()[1]
     ssl.set_domestic_policy()
     allowed = {s for s in ssl.ssl_implemented_ciphers
-               if _forward_secret_aead(ssl.get_cipher_suite_info(s))}
+               if (info := ssl.get_cipher_suite_info(s)).kea_type_name in _FORWARD_SECRET_KEA
+               and info.mac_algorithm_name == "AEAD"}
     if not allowed:
         raise Error("this NSS offers no forward-secret AEAD cipher suite")
     for suite in ssl.ssl_implemented_ciphers:
@@ -2004,7 +2001,10 @@ def _receive_answers(sock, answers, wait):
     message, _, (source_ip, _port), ifindex = receive_mdns(sock, wait)
     if message is None or not message.flags & dns.flags.QR:
         return False
-    answers.add(message, source_ip, _interface_name(ifindex))
+    iface = ""
+    with contextlib.suppress(OSError):  # no IP_PKTINFO (index 0), or the interface went away
+        iface = socket.if_indextoname(ifindex)
+    answers.add(message, source_ip, iface)
     return True
 
 
@@ -2017,13 +2017,6 @@ def receive_mdns(sock, wait):
     ifindex = next((struct.unpack_from("i", data)[0] for level, kind, data in ancdata
                     if level == socket.IPPROTO_IP and kind == IP_PKTINFO), 0)
     return *parse_mdns(wire), source, ifindex
-
-
-def _interface_name(ifindex):
-    try:
-        return socket.if_indextoname(ifindex) if ifindex else ""
-    except OSError:
-        return ""
 
 
 def send_to_group(sock, interfaces, wire, dest=(MDNS_GROUP, MDNS_PORT)):
