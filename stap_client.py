@@ -2061,8 +2061,9 @@ def stap_client(argv):
         return 0
     inv.moks = secure_boot_moks()  # as stap, before anything else is looked at
     dbs = client_databases(inv.ssl_dirs)
-    for note in inv.notes:
-        _progress(inv, note)
+    for note in inv.notes:  # for a person watching (a terminal) or -v, as stap prints them
+        if inv.verbose or sys.stderr.isatty():
+            print(f"{PROG}: {printable(note)}", file=sys.stderr, flush=True)
     if inv.each_kernel:
         return _check_each_kernel(inv, dbs)
     request = build_request(inv)
@@ -2152,8 +2153,9 @@ def _check_kernel(inv, release, dbs, tmp):
     """One release of --each-kernel: "ok", or "error: " and the first error line."""
     one = _Invocation()
     one.__dict__.update(inv.__dict__, release=release, each_kernel=None)
-    options, rest = _split_at_operands(inv.server_args)
-    one.server_args = [a for a in options if not a.startswith("-r")] + rest
+    args = inv.server_args  # from "--" on, the script's own arguments: not options
+    at = args.index("--") if "--" in args else len(args)
+    one.server_args = [a for a in args[:at] if not a.startswith("-r")] + args[at:]
     try:
         mine = os.path.join(tmp, release)
         _make_private_dir(mine)
@@ -2166,12 +2168,6 @@ def _check_kernel(inv, release, dbs, tmp):
     except Error as e:
         return f"error: {e}"
     return "ok"
-
-
-def _split_at_operands(args):
-    """(options, from "--" on): the script's own arguments are not options."""
-    at = args.index("--") if "--" in args else len(args)
-    return args[:at], args[at:]
 
 
 def _first_error_line(stderr):
@@ -2284,12 +2280,6 @@ def backoff(attempt):
     """0.25 s, doubling up to 8 s, each between half and one and a half of that."""
     jitter = 0.5 + int.from_bytes(os.urandom(2), "big") / 65535
     return min(8.0, 0.25 * 2 ** attempt) * jitter
-
-
-def _progress(inv, message):
-    """A note for a person watching (a terminal) or -v, as stap prints it."""
-    if inv.verbose or sys.stderr.isatty():
-        print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
 
 
 _PROGRESS_GAP = 3.0  # seconds of quiet before the first line of progress, and between two
