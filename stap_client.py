@@ -1613,22 +1613,22 @@ def _alt_names(cert):
         return []
 
 
-def _exchange(sock, request, timeout=_REPLY_TIMEOUT, limit=Limits().max_total_bytes, waiting=None):
+def _exchange(sock, request, waiting):
     """Send the framed request; read the reply to EOF, calling waiting() about once a second
     while nothing arrives."""
-    _, _, nio, nerror = nss_modules()
-    chunks, size, deadline = [], 0, time.monotonic() + timeout
+    nerror = nss_modules()[3]
+    chunks, size, deadline = [], 0, time.monotonic() + _REPLY_TIMEOUT
     try:
         sock.sendall(len(request).to_bytes(4, "big", signed=True) + request,
                      nss_interval(_CONNECT_TIMEOUT + len(request) / 1e6))
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise Error(f"no complete reply within {timeout} s")
+                raise Error(f"no complete reply within {_REPLY_TIMEOUT} s")
             try:
-                chunk = sock.recv(1 << 16, nss_interval(min(left, 1.0) if waiting else left))
+                chunk = sock.recv(1 << 16, nss_interval(min(left, 1.0)))
             except nerror.NSPRError as e:
-                if e.errno != nerror.PR_IO_TIMEOUT_ERROR or not waiting:
+                if e.errno != nerror.PR_IO_TIMEOUT_ERROR:
                     raise
                 waiting()
                 continue
@@ -1636,8 +1636,8 @@ def _exchange(sock, request, timeout=_REPLY_TIMEOUT, limit=Limits().max_total_by
                 break
             chunks.append(chunk)
             size += len(chunk)
-            if size > limit:
-                raise Error(f"reply larger than {limit} bytes")
+            if size > Limits.max_total_bytes:
+                raise Error(f"reply larger than {Limits.max_total_bytes} bytes")
     except nerror.NSPRError as e:  # end of file, without close_notify: judged by the archive
         if e.errno != nerror.PR_END_OF_FILE_ERROR:
             raise Lost(f"transfer failed: {e.strerror}") from None
@@ -2259,7 +2259,7 @@ def _try_server(inv, peer, request, attempt, news):
         _make_private_dir(attempt)
         sock, peer_der = tls_connect(peer)
         news.say(f"compiling on server {peer}...")
-        reply = read_reply(_exchange(sock, request, waiting=waiting), attempt, peer_der)
+        reply = read_reply(_exchange(sock, request, waiting), attempt, peer_der)
     except LocalFault as e:
         shutil.rmtree(attempt, ignore_errors=True)
         raise Error(f"cannot unpack the reply in {attempt}: {e.strerror} (the temporary "
@@ -2690,9 +2690,8 @@ def _certificate_text(der):
 def add_certificate(der, dirname):
     db = CertDB(dirname)
     if not db.exists():
-        world = db.path in (os.path.abspath(global_client_db_path()),
-                            os.path.abspath(_staprun_db_path()))
-        db.create(mode=0o755, world_readable=world)
+        db.create(world_readable=db.path in (os.path.abspath(global_client_db_path()),
+                                             os.path.abspath(_staprun_db_path())))
     db.add_trusted_server(der)
 
 
