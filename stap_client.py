@@ -1537,8 +1537,12 @@ def tls_connect(peer, timeout=_CONNECT_TIMEOUT, fetch_only=False):
                   f"{', '.join(_alt_names(cert)) or 'no DNS name'}; trusted by the database anyway")
         return True
 
+    try:
+        infos = socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise Error(f"cannot resolve server host {peer.host}: {e.strerror}") from None
     last = None
-    for family, addr in resolve(peer):
+    for family, _, _, _, addr in infos:
         raw = socket.socket(family, socket.SOCK_STREAM)
         raw.settimeout(timeout)
         try:
@@ -1584,14 +1588,6 @@ def _is_ip_address(host):
         return True
     except OSError:
         return False
-
-
-def resolve(peer):
-    try:
-        infos = socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise Error(f"cannot resolve server host {peer.host}: {e.strerror}") from None
-    return [(fam, sa) for fam, _, _, _, sa in infos]
 
 
 def _certificate_problem(err, cert, peer):
