@@ -681,14 +681,6 @@ def secure_boot_moks():
     return enrolled_systemtap_moks() or ["missing"]
 
 
-def _explain_mok_enrollment(path):
-    print(f"{PROG}: the server sent its machine owner key (MOK) certificate, saved as {path}: this "
-          "kernel loads only modules signed with an enrolled key.  To enroll it, run 'mokutil "
-          f"--import {path}' as root (it asks for a one-time password), reboot, confirm the key "
-          "with that password in the firmware's MOK manager, then run the script again: the "
-          "server will sign its module with that key.", file=sys.stderr)
-
-
 # Options stap-client itself reads: name -> the Invocation attribute that a flag sets, that takes
 # the option's value, or that collects its values.
 _CLIENT_FLAGS = {"-h": "help", "--help": "help", "-V": "version", "--version": "version",
@@ -2072,7 +2064,12 @@ def stap_client(argv):
         sys.stderr.flush()
         if reply.mok_cert:
             deliver_module(reply.mok_cert)  # a file we write, written as a module is
-            _explain_mok_enrollment(MOK_CERT_NAME)
+            print(f"{PROG}: the server sent its machine owner key (MOK) certificate, saved as "
+                  f"{MOK_CERT_NAME}: this kernel loads only modules signed with an enrolled key.  "
+                  f"To enroll it, run 'mokutil --import {MOK_CERT_NAME}' as root (it asks for a "
+                  "one-time password), reboot, confirm the key with that password in the "
+                  "firmware's MOK manager, then run the script again: the server will sign its "
+                  "module with that key.", file=sys.stderr)
         if reply.rc != 0:
             return 1
         if inv.listing:
