@@ -1069,14 +1069,12 @@ def der_element(data, pos):
 
 
 def der_children(data, start, end):
+    children = []
     while start < end:
         tag, cstart, cend = der_element(data, start)
-        yield tag, start, cstart, cend
+        children.append((tag, start, cstart, cend))
         start = cend
-
-
-def _der_list(data, start, end):
-    return list(der_children(data, start, end))
+    return children
 
 
 def der(tag, *content):
@@ -1098,7 +1096,7 @@ def tbs_fields(der):
     each as der_children gives it."""
     _, start, end = der_element(der, 0)  # Certificate
     _, start, end = der_element(der, start)  # TBSCertificate
-    fields = list(der_children(der, start, end))
+    fields = der_children(der, start, end)
     return _TbsFields(*(fields[1:] if fields[0][0] == 0xA0 else fields)[:6])  # [0] version
 
 
@@ -1245,26 +1243,26 @@ def check_pkcs7_signature(pkcs7, content, peer_der):
     """Raise Error unless pkcs7 is a detached SignedData of content, with authenticated attributes,
     carrying peer_der alone and signed by its key."""
     _, s, e = der_element(pkcs7, 0)  # ContentInfo
-    _, _, s, e = _der_list(pkcs7, s, e)[1]  # [0] EXPLICIT content
+    _, _, s, e = der_children(pkcs7, s, e)[1]  # [0] EXPLICIT content
     _, s, e = der_element(pkcs7, s)  # SignedData
-    fields = _der_list(pkcs7, s, e)
+    fields = der_children(pkcs7, s, e)
     certs = [pkcs7[a:c] for tag, _, s, e in fields if tag == 0xA0
-             for _, a, _, c in _der_list(pkcs7, s, e)]
+             for _, a, _, c in der_children(pkcs7, s, e)]
     if len(certs) != 1:
         raise Error(f"reply signature carries {len(certs)} certificates, expected one")
     if certs[0] != peer_der:
         raise Error("reply is signed by a certificate other than the server's")
-    signers = _der_list(pkcs7, *fields[-1][2:])
+    signers = der_children(pkcs7, *fields[-1][2:])
     if len(signers) != 1:
         raise Error("reply signature has more than one signer")
-    _, _, algorithm, attributes, _, signature = _der_list(pkcs7, *signers[0][2:])[:6]
-    _, a, _, c = _der_list(pkcs7, *algorithm[2:])[0]
+    _, _, algorithm, attributes, _, signature = der_children(pkcs7, *signers[0][2:])[:6]
+    _, a, _, c = der_children(pkcs7, *algorithm[2:])[0]
     if pkcs7[a:c] not in _DIGEST_INFO or attributes[0] != 0xA0:
         raise Error("reply signature uses an unknown digest or form")
     hasher, digest_info = _DIGEST_INFO[pkcs7[a:c]]
     digests = []
-    for _, _, s, e in _der_list(pkcs7, *attributes[2:]):  # Attribute: type, SET of values
-        (_, a, _, c), (_, _, vs, _) = _der_list(pkcs7, s, e)[:2]
+    for _, _, s, e in der_children(pkcs7, *attributes[2:]):  # Attribute: type, SET of values
+        (_, a, _, c), (_, _, vs, _) = der_children(pkcs7, s, e)[:2]
         if pkcs7[a:c] == _DER_OID["messageDigest"]:
             _, vs, ve = der_element(pkcs7, vs)
             digests.append(pkcs7[vs:ve])
@@ -1280,9 +1278,10 @@ def rsa_signature_valid(cert_der, digest_info, signature):
     """RSA PKCS#1 v1.5 check of signature over digest_info with the public key of cert_der: the
     whole encoded block is compared, nothing parsed."""
     _, _, s, e = tbs_fields(cert_der).key_info
-    _algorithm, (_, _, s, _) = _der_list(cert_der, s, e)  # BIT STRING: unused bits, RSAPublicKey
+    _algorithm, (_, _, s, _) = der_children(cert_der, s, e)  # BIT STRING: unused bits, RSAPublicKey
     _, s, e = der_element(cert_der, s + 1)
-    n, exponent = (int.from_bytes(cert_der[a:b], "big") for _, _, a, b in _der_list(cert_der, s, e))
+    n, exponent = (int.from_bytes(cert_der[a:b], "big")
+                   for _, _, a, b in der_children(cert_der, s, e))
     k = (n.bit_length() + 7) // 8
     s = int.from_bytes(signature, "big")
     if len(signature) != k or s >= n or len(digest_info) > k - 11:
