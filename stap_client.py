@@ -681,14 +681,6 @@ def secure_boot_moks():
     return enrolled_systemtap_moks() or ["missing"]
 
 
-def _explain_mok_enrollment(path):
-    print(f"{PROG}: the server sent its machine owner key (MOK) certificate, saved as {path}: this "
-          "kernel loads only modules signed with an enrolled key.  To enroll it, run 'mokutil "
-          f"--import {path}' as root (it asks for a one-time password), reboot, confirm the key "
-          "with that password in the firmware's MOK manager, then run the script again: the "
-          "server will sign its module with that key.", file=sys.stderr)
-
-
 # Options stap-client itself reads: name -> the Invocation attribute that a flag sets, that takes
 # the option's value, or that collects its values.
 _CLIENT_FLAGS = {"-h": "help", "--help": "help", "-V": "version", "--version": "version",
@@ -1077,14 +1069,12 @@ def der_element(data, pos):
 
 
 def der_children(data, start, end):
+    children = []
     while start < end:
         tag, cstart, cend = der_element(data, start)
-        yield tag, start, cstart, cend
+        children.append((tag, start, cstart, cend))
         start = cend
-
-
-def _der_list(data, start, end):
-    return list(der_children(data, start, end))
+    return children
 
 
 def der(tag, *content):
@@ -1106,7 +1096,7 @@ def tbs_fields(der):
     each as der_children gives it."""
     _, start, end = der_element(der, 0)  # Certificate
     _, start, end = der_element(der, start)  # TBSCertificate
-    fields = list(der_children(der, start, end))
+    fields = der_children(der, start, end)
     return _TbsFields(*(fields[1:] if fields[0][0] == 0xA0 else fields)[:6])  # [0] version
 
 
@@ -1253,26 +1243,26 @@ def check_pkcs7_signature(pkcs7, content, peer_der):
     """Raise Error unless pkcs7 is a detached SignedData of content, with authenticated attributes,
     carrying peer_der alone and signed by its key."""
     _, s, e = der_element(pkcs7, 0)  # ContentInfo
-    _, _, s, e = _der_list(pkcs7, s, e)[1]  # [0] EXPLICIT content
+    _, _, s, e = der_children(pkcs7, s, e)[1]  # [0] EXPLICIT content
     _, s, e = der_element(pkcs7, s)  # SignedData
-    fields = _der_list(pkcs7, s, e)
+    fields = der_children(pkcs7, s, e)
     certs = [pkcs7[a:c] for tag, _, s, e in fields if tag == 0xA0
-             for _, a, _, c in _der_list(pkcs7, s, e)]
+             for _, a, _, c in der_children(pkcs7, s, e)]
     if len(certs) != 1:
         raise Error(f"reply signature carries {len(certs)} certificates, expected one")
     if certs[0] != peer_der:
         raise Error("reply is signed by a certificate other than the server's")
-    signers = _der_list(pkcs7, *fields[-1][2:])
+    signers = der_children(pkcs7, *fields[-1][2:])
     if len(signers) != 1:
         raise Error("reply signature has more than one signer")
-    _, _, algorithm, attributes, _, signature = _der_list(pkcs7, *signers[0][2:])[:6]
-    _, a, _, c = _der_list(pkcs7, *algorithm[2:])[0]
+    _, _, algorithm, attributes, _, signature = der_children(pkcs7, *signers[0][2:])[:6]
+    _, a, _, c = der_children(pkcs7, *algorithm[2:])[0]
     if pkcs7[a:c] not in _DIGEST_INFO or attributes[0] != 0xA0:
         raise Error("reply signature uses an unknown digest or form")
     hasher, digest_info = _DIGEST_INFO[pkcs7[a:c]]
     digests = []
-    for _, _, s, e in _der_list(pkcs7, *attributes[2:]):  # Attribute: type, SET of values
-        (_, a, _, c), (_, _, vs, _) = _der_list(pkcs7, s, e)[:2]
+    for _, _, s, e in der_children(pkcs7, *attributes[2:]):  # Attribute: type, SET of values
+        (_, a, _, c), (_, _, vs, _) = der_children(pkcs7, s, e)[:2]
         if pkcs7[a:c] == _DER_OID["messageDigest"]:
             _, vs, ve = der_element(pkcs7, vs)
             digests.append(pkcs7[vs:ve])
@@ -1288,9 +1278,10 @@ def rsa_signature_valid(cert_der, digest_info, signature):
     """RSA PKCS#1 v1.5 check of signature over digest_info with the public key of cert_der: the
     whole encoded block is compared, nothing parsed."""
     _, _, s, e = tbs_fields(cert_der).key_info
-    _algorithm, (_, _, s, _) = _der_list(cert_der, s, e)  # BIT STRING: unused bits, RSAPublicKey
+    _algorithm, (_, _, s, _) = der_children(cert_der, s, e)  # BIT STRING: unused bits, RSAPublicKey
     _, s, e = der_element(cert_der, s + 1)
-    n, exponent = (int.from_bytes(cert_der[a:b], "big") for _, _, a, b in _der_list(cert_der, s, e))
+    n, exponent = (int.from_bytes(cert_der[a:b], "big")
+                   for _, _, a, b in der_children(cert_der, s, e))
     k = (n.bit_length() + 7) // 8
     s = int.from_bytes(signature, "big")
     if len(signature) != k or s >= n or len(digest_info) > k - 11:
@@ -1472,17 +1463,14 @@ def open_databases(dbs):
 _FORWARD_SECRET_KEA = ("ECDHE", "TLS 1.3")
 
 
-def _forward_secret_aead(info):
-    return info.kea_type_name in _FORWARD_SECRET_KEA and info.mac_algorithm_name == "AEAD"
-
-
 def restrict_cipher_suites():
     """Under the domestic policy, make every TLS socket this process opens from now on negotiate
     only forward-secret AEAD suites (sockets copy the defaults)."""
     ssl = nss_modules()[1]
     ssl.set_domestic_policy()
     allowed = {s for s in ssl.ssl_implemented_ciphers
-               if _forward_secret_aead(ssl.get_cipher_suite_info(s))}
+               if (info := ssl.get_cipher_suite_info(s)).kea_type_name in _FORWARD_SECRET_KEA
+               and info.mac_algorithm_name == "AEAD"}
     if not allowed:
         raise Error("this NSS offers no forward-secret AEAD cipher suite")
     for suite in ssl.ssl_implemented_ciphers:
@@ -1540,8 +1528,12 @@ def tls_connect(peer, timeout=_CONNECT_TIMEOUT, fetch_only=False):
                   f"{', '.join(_alt_names(cert)) or 'no DNS name'}; trusted by the database anyway")
         return True
 
+    try:
+        infos = socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise Error(f"cannot resolve server host {peer.host}: {e.strerror}") from None
     last = None
-    for family, addr in resolve(peer):
+    for family, _, _, _, addr in infos:
         raw = socket.socket(family, socket.SOCK_STREAM)
         raw.settimeout(timeout)
         try:
@@ -1589,14 +1581,6 @@ def _is_ip_address(host):
         return False
 
 
-def resolve(peer):
-    try:
-        infos = socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise Error(f"cannot resolve server host {peer.host}: {e.strerror}") from None
-    return [(fam, sa) for fam, _, _, _, sa in infos]
-
-
 def _certificate_problem(err, cert, peer):
     """Why peer's certificate was refused, in the user's words (NSS's own as the detail)."""
     text = err.strerror or str(err)
@@ -1616,22 +1600,22 @@ def _alt_names(cert):
         return []
 
 
-def _exchange(sock, request, timeout=_REPLY_TIMEOUT, limit=Limits().max_total_bytes, waiting=None):
+def _exchange(sock, request, waiting):
     """Send the framed request; read the reply to EOF, calling waiting() about once a second
     while nothing arrives."""
-    _, _, nio, nerror = nss_modules()
-    chunks, size, deadline = [], 0, time.monotonic() + timeout
+    nerror = nss_modules()[3]
+    chunks, size, deadline = [], 0, time.monotonic() + _REPLY_TIMEOUT
     try:
         sock.sendall(len(request).to_bytes(4, "big", signed=True) + request,
                      nss_interval(_CONNECT_TIMEOUT + len(request) / 1e6))
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise Error(f"no complete reply within {timeout} s")
+                raise Error(f"no complete reply within {_REPLY_TIMEOUT} s")
             try:
-                chunk = sock.recv(1 << 16, nss_interval(min(left, 1.0) if waiting else left))
+                chunk = sock.recv(1 << 16, nss_interval(min(left, 1.0)))
             except nerror.NSPRError as e:
-                if e.errno != nerror.PR_IO_TIMEOUT_ERROR or not waiting:
+                if e.errno != nerror.PR_IO_TIMEOUT_ERROR:
                     raise
                 waiting()
                 continue
@@ -1639,8 +1623,8 @@ def _exchange(sock, request, timeout=_REPLY_TIMEOUT, limit=Limits().max_total_by
                 break
             chunks.append(chunk)
             size += len(chunk)
-            if size > limit:
-                raise Error(f"reply larger than {limit} bytes")
+            if size > Limits.max_total_bytes:
+                raise Error(f"reply larger than {Limits.max_total_bytes} bytes")
     except nerror.NSPRError as e:  # end of file, without close_notify: judged by the archive
         if e.errno != nerror.PR_END_OF_FILE_ERROR:
             raise Lost(f"transfer failed: {e.strerror}") from None
@@ -2004,7 +1988,10 @@ def _receive_answers(sock, answers, wait):
     message, _, (source_ip, _port), ifindex = receive_mdns(sock, wait)
     if message is None or not message.flags & dns.flags.QR:
         return False
-    answers.add(message, source_ip, _interface_name(ifindex))
+    iface = ""
+    with contextlib.suppress(OSError):  # no IP_PKTINFO (index 0), or the interface went away
+        iface = socket.if_indextoname(ifindex)
+    answers.add(message, source_ip, iface)
     return True
 
 
@@ -2017,13 +2004,6 @@ def receive_mdns(sock, wait):
     ifindex = next((struct.unpack_from("i", data)[0] for level, kind, data in ancdata
                     if level == socket.IPPROTO_IP and kind == IP_PKTINFO), 0)
     return *parse_mdns(wire), source, ifindex
-
-
-def _interface_name(ifindex):
-    try:
-        return socket.if_indextoname(ifindex) if ifindex else ""
-    except OSError:
-        return ""
 
 
 def send_to_group(sock, interfaces, wire, dest=(MDNS_GROUP, MDNS_PORT)):
@@ -2068,8 +2048,9 @@ def stap_client(argv):
         return 0
     inv.moks = secure_boot_moks()  # as stap, before anything else is looked at
     dbs = client_databases(inv.ssl_dirs)
-    for note in inv.notes:
-        _progress(inv, note)
+    for note in inv.notes:  # for a person watching (a terminal) or -v, as stap prints them
+        if inv.verbose or sys.stderr.isatty():
+            print(f"{PROG}: {printable(note)}", file=sys.stderr, flush=True)
     if inv.each_kernel:
         return _check_each_kernel(inv, dbs)
     request = build_request(inv)
@@ -2082,7 +2063,12 @@ def stap_client(argv):
         sys.stderr.flush()
         if reply.mok_cert:
             deliver_module(reply.mok_cert)  # a file we write, written as a module is
-            _explain_mok_enrollment(MOK_CERT_NAME)
+            print(f"{PROG}: the server sent its machine owner key (MOK) certificate, saved as "
+                  f"{MOK_CERT_NAME}: this kernel loads only modules signed with an enrolled key.  "
+                  f"To enroll it, run 'mokutil --import {MOK_CERT_NAME}' as root (it asks for a "
+                  "one-time password), reboot, confirm the key with that password in the "
+                  "firmware's MOK manager, then run the script again: the server will sign its "
+                  "module with that key.", file=sys.stderr)
         if reply.rc != 0:
             return 1
         if inv.listing:
@@ -2159,8 +2145,9 @@ def _check_kernel(inv, release, dbs, tmp):
     """One release of --each-kernel: "ok", or "error: " and the first error line."""
     one = _Invocation()
     one.__dict__.update(inv.__dict__, release=release, each_kernel=None)
-    options, rest = _split_at_operands(inv.server_args)
-    one.server_args = [a for a in options if not a.startswith("-r")] + rest
+    args = inv.server_args  # from "--" on, the script's own arguments: not options
+    at = args.index("--") if "--" in args else len(args)
+    one.server_args = [a for a in args[:at] if not a.startswith("-r")] + args[at:]
     try:
         mine = os.path.join(tmp, release)
         _make_private_dir(mine)
@@ -2173,12 +2160,6 @@ def _check_kernel(inv, release, dbs, tmp):
     except Error as e:
         return f"error: {e}"
     return "ok"
-
-
-def _split_at_operands(args):
-    """(options, from "--" on): the script's own arguments are not options."""
-    at = args.index("--") if "--" in args else len(args)
-    return args[:at], args[at:]
 
 
 def _first_error_line(stderr):
@@ -2270,7 +2251,7 @@ def _try_server(inv, peer, request, attempt, news):
         _make_private_dir(attempt)
         sock, peer_der = tls_connect(peer)
         news.say(f"compiling on server {peer}...")
-        reply = read_reply(_exchange(sock, request, waiting=waiting), attempt, peer_der)
+        reply = read_reply(_exchange(sock, request, waiting), attempt, peer_der)
     except LocalFault as e:
         shutil.rmtree(attempt, ignore_errors=True)
         raise Error(f"cannot unpack the reply in {attempt}: {e.strerror} (the temporary "
@@ -2291,12 +2272,6 @@ def backoff(attempt):
     """0.25 s, doubling up to 8 s, each between half and one and a half of that."""
     jitter = 0.5 + int.from_bytes(os.urandom(2), "big") / 65535
     return min(8.0, 0.25 * 2 ** attempt) * jitter
-
-
-def _progress(inv, message):
-    """A note for a person watching (a terminal) or -v, as stap prints it."""
-    if inv.verbose or sys.stderr.isatty():
-        print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
 
 
 _PROGRESS_GAP = 3.0  # seconds of quiet before the first line of progress, and between two
@@ -2478,10 +2453,9 @@ def _advertised_on(records, host):
 def _trusted_serials():
     """{"ssl": serials trusted for TLS here, "signer": serials whose module signatures staprun
     accepts here}, from the databases as they are."""
-    try:
+    dbs = []
+    with contextlib.suppress(Error):  # none usable: no server is trusted for TLS
         dbs = client_databases()
-    except Error:
-        dbs = []
     return {"ssl": _serials_in(dbs), "signer": _signer_serials()}
 
 
@@ -2501,12 +2475,6 @@ def advertised_serial(rec):
     except ValueError:
         return None
     return serial if serial >= 0 else None
-
-
-def _fetches_field(rec):
-    """" 'kernels=fetched'" for a server advertised with the bare architecture as its sysinfo, that
-    is one that fetches the kernel a request names (stap-serverd --fetch-kernels), else ""."""
-    return " 'kernels=fetched'" if " " not in rec.sysinfo else ""
 
 
 def trust_of(rec, trust):
@@ -2653,8 +2621,9 @@ def stap_find_servers(argv):
     records = [r for r in every if "--all" in argv or r.sysinfo in (wanted, wanted.split()[-1])]
     trust = _trusted_serials() if records else {}
     for rec in records:
-        print(printable(format_server_line(rec) + _fetches_field(rec)
-                        + f" 'trust={trust_of(rec, trust)}'"))
+        # The bare architecture as its sysinfo: a server that fetches kernels (--fetch-kernels).
+        fetched = " 'kernels=fetched'" if " " not in rec.sysinfo else ""
+        print(printable(format_server_line(rec) + fetched + f" 'trust={trust_of(rec, trust)}'"))
     if every and not records:  # servers for other kernels: say so, whoever asked
         seen = _plural(len({(r.host, r.port) for r in every}), "server")
         print(f"{PROG}: {seen} found, none for {wanted}; --all lists them", file=sys.stderr)
@@ -2684,7 +2653,8 @@ def stap_add_server_cert(argv):
         if not is_root():
             raise Error("--signer: only root decides whose module signatures staprun accepts")
         dirname = dirname or _staprun_db_path()
-    if _names_a_file(source):
+    if "/" in source or source.endswith((".cert", ".crt", ".pem", ".der"))\
+            or os.path.exists(source):  # else HOST[:PORT]
         if dirname is None:
             raise Error(_ADD_CERT_USAGE)
         if not os.path.isfile(source):
@@ -2708,17 +2678,11 @@ def _certificate_text(der):
         f"fingerprint {fingerprint(der)},"
 
 
-def _names_a_file(source):
-    return "/" in source or source.endswith((".cert", ".crt", ".pem", ".der"))\
-        or os.path.exists(source)
-
-
 def add_certificate(der, dirname):
     db = CertDB(dirname)
     if not db.exists():
-        world = db.path in (os.path.abspath(global_client_db_path()),
-                            os.path.abspath(_staprun_db_path()))
-        db.create(mode=0o755, world_readable=world)
+        db.create(world_readable=db.path in (os.path.abspath(global_client_db_path()),
+                                             os.path.abspath(_staprun_db_path())))
     db.add_trusted_server(der)
 
 
@@ -2736,10 +2700,8 @@ def _fetch_certificate(spec):
         nss.nss_init_nodb()
     restrict_cipher_suites()
     sock, der = tls_connect(Peer(host, port), fetch_only=True)
-    try:
+    with contextlib.closing(sock):
         sock.send(b"\0\0\0\0")  # size 0: "I only wanted the certificate"
-    finally:
-        sock.close()
     return der
 
 

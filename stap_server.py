@@ -3778,7 +3778,6 @@ class ZoneRegistration:
     def __init__(self, target, offer):
         client.require_dnspython()
         import dns.exception  # the rest of dnspython that DNS UPDATE needs
-        import dns.query
         import dns.rcode
         import dns.update
         self.zone, self.server, self.server_port, keyfile = target  # config.dns_update
@@ -3793,6 +3792,7 @@ class ZoneRegistration:
 
     def send(self, message):
         """The rcode of one update; Error when the zone's server refuses us."""
+        import dns.query  # here: it loads httpx, a tenth of a second (tests replace send)
         try:
             reply = dns.query.tcp(message, self.server, port=self.server_port, timeout=5)
         except (dns.exception.DNSException, OSError) as e:
