@@ -15,7 +15,7 @@ import subprocess
 import time
 import zipfile
 
-from shared import wait_until
+from shared import PROGRAMS, wait_until
 
 import stap_client
 
@@ -29,6 +29,14 @@ def stand_in_stap(box, body, name="stap-standin"):
     with open(path, "w") as f:
         f.write('#!/bin/sh\ncase "$*" in *" -V"*|-V*) exec /usr/bin/stap -V;; esac\n' + body)
     os.chmod(path, 0o755)
+    return path
+
+
+def stand_in_program(box, name):
+    """A copy in the box of the stand-in tests/programs/NAME (for SYSTEMTAP_STAP or
+    SYSTEMTAP_STAPRUN; each says at its top what it does), executable: a path of the box's own."""
+    path = box.path(name)
+    shutil.copy(os.path.join(PROGRAMS, name), path)
     return path
 
 
