@@ -15,7 +15,7 @@ import subprocess
 import time
 import zipfile
 
-from shared import PROGRAMS, wait_until
+from shared import copy_program, wait_until
 
 import stap_client
 
@@ -35,9 +35,7 @@ def stand_in_stap(box, body, name="stap-standin"):
 def stand_in_program(box, name):
     """A copy in the box of the stand-in tests/programs/NAME (for SYSTEMTAP_STAP or
     SYSTEMTAP_STAPRUN; each says at its top what it does), executable: a path of the box's own."""
-    path = box.path(name)
-    shutil.copy(os.path.join(PROGRAMS, name), path)
-    return path
+    return copy_program(name, box.path(name))
 
 
 def server_tmpdir(box):
