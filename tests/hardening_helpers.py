@@ -33,8 +33,8 @@ def stand_in_stap(box, body, name="stap-standin"):
 
 
 def stand_in_program(box, name):
-    """A copy in the box of the stand-in tests/programs/NAME (for SYSTEMTAP_STAP or
-    SYSTEMTAP_STAPRUN; each says at its top what it does), executable: a path of the box's own."""
+    """A copy in the box of tests/programs/NAME, a stap stand-in for SYSTEMTAP_STAP (each says at
+    its top what it does), executable: a path of the box's own, which the sandbox shows at it."""
     return copy_program(name, box.path(name))
 
 
