@@ -10,8 +10,8 @@ import tempfile
 import pytest
 from shared import (
     SHARED,
-    STAPRUN_STANDIN,
     TEST_USER,
+    copy_program,
     fixed_runtime_for,
     headers_release,
     make_sandbox,
@@ -116,10 +116,7 @@ def staprun(tmp_path):
     """(env, record prefix): set env to make stap-client use the stand-in."""
     d = tempfile.mkdtemp(prefix="staprun.")
     os.chmod(d, 0o777)
-    script = os.path.join(d, "staprun")
-    with open(script, "w") as f:
-        f.write(STAPRUN_STANDIN)
-    os.chmod(script, 0o755)
+    script = copy_program("staprun_record.sh", os.path.join(d, "staprun"))
     record = os.path.join(d, "rec")
     yield {"SYSTEMTAP_STAPRUN": script, "STAPRUN_RECORD": record}, record
     shutil.rmtree(d, ignore_errors=True)

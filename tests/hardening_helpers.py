@@ -15,7 +15,7 @@ import subprocess
 import time
 import zipfile
 
-from shared import wait_until
+from shared import copy_program, wait_until
 
 import stap_client
 
@@ -30,6 +30,12 @@ def stand_in_stap(box, body, name="stap-standin"):
         f.write('#!/bin/sh\ncase "$*" in *" -V"*|-V*) exec /usr/bin/stap -V;; esac\n' + body)
     os.chmod(path, 0o755)
     return path
+
+
+def stand_in_program(box, name):
+    """A copy in the box of tests/programs/NAME, a stap stand-in for SYSTEMTAP_STAP (each says at
+    its top what it does), executable: a path of the box's own, which the sandbox shows at it."""
+    return copy_program(name, box.path(name))
 
 
 def server_tmpdir(box):

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +66,14 @@ def serial_window_used():
 def program(name):
     """The path of tests/programs/NAME.py (each says at its top how it is run)."""
     return os.path.join(PROGRAMS, f"{name}.py")
+
+
+def copy_program(name, path):
+    """path, a copy of the stand-in tests/programs/NAME (executable, as that file is; each says at
+    its top what it stands in for): a file of the test's own, where the programs run by another
+    account or in a sandbox can reach it."""
+    shutil.copy(os.path.join(PROGRAMS, name), path)
+    return path
 
 
 def wait_until(condition, timeout, message, interval=0.05, error=AssertionError):
@@ -294,16 +303,6 @@ def start_server(box, release, runtime=None, *extra, cache=None, env=None, netns
     else:
         status = json.loads(netns.run(["cat", status_file(box, pid)]).stdout)
     return Server(pid=pid, port=status["port"], status=status, box=box, host=netns, listen=listen)
-
-
-STAPRUN_STANDIN = """#!/bin/sh
-# Records its arguments and the module it was given; exits with $STAPRUN_RC.
-rec="${STAPRUN_RECORD:?}"
-printf '%s\\n' "$@" > "$rec.args"
-for a in "$@"; do case "$a" in *.ko) /bin/cp "$a" "$rec.ko";; esac; done
-pwd > "$rec.cwd"
-exit "${STAPRUN_RC:-0}"
-"""
 
 
 def complete_der(path):

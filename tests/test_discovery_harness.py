@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -18,51 +17,19 @@ pytestmark = pytest.mark.integration
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from netns import TestNetwork, avahi_skip_reason, skip_reason  # noqa: E402
-from shared import wait_until  # noqa: E402
+from shared import ROOT, program, wait_until  # noqa: E402
 
 PYTHON = "/usr/bin/python3"        # has dnspython (python3-dnspython)
-
-# --- where discovery lives: browsing in stap_client, advertising in stap_server
-PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLIENT_IMPORT = f"import sys; sys.path.insert(0, {PROJECT!r})\nimport stap_client as client\n"
-SERVER_IMPORT = CLIENT_IMPORT + "import stap_server as server\n"
 
 
 def load_discovery():
     """The browsing side in this process (for the pure functions)."""
-    sys.path.insert(0, PROJECT)
+    sys.path.insert(0, ROOT)
     import stap_client
     return stap_client
 
 
 discovery = load_discovery()
-
-# --- programs run inside the hosts -------------------------------------------
-
-ADVERTISE = SERVER_IMPORT + textwrap.dedent("""\
-    import json, sys, time
-    cfg = json.loads(sys.argv[1])
-    offer = server.Offer(cfg['port'], cfg['sysinfos'], cfg['version'], cfg['certinfo'],
-                         cfg.get('optinfo', ''))
-    t = time.monotonic()
-    mode, adv = client.first_answering(server.LINK_PUBLISHERS, lambda make: make(offer).start())
-    print(json.dumps({'mode': mode, 'names': adv.names,
-                      'seconds': time.monotonic() - t}), flush=True)
-    sys.stdin.read()          # until the test closes our stdin
-    adv.stop()
-    print('stopped', flush=True)
-    """)
-
-FIND = CLIENT_IMPORT + textwrap.dedent("""\
-    import json, sys, time
-    args = json.loads(sys.argv[1])
-    t = time.monotonic()
-    records = client.find_servers(**args)
-    seconds = time.monotonic() - t
-    print(json.dumps({'seconds': seconds,
-                      'records': [r._asdict() for r in records],
-                      'lines': [client.format_server_line(r) for r in records]}))
-    """)
 
 THIS_SYSINFO = discovery.local_sysinfo()     # namespaces share the kernel
 OTHER_SYSINFO = "6.1.0-99-amd64 x86_64"
@@ -75,7 +42,7 @@ class Advertisement:
     def __init__(self, host, port, sysinfos, version="4.8"):
         cfg = {"port": port, "sysinfos": sysinfos, "version": version,
                "certinfo": CERTINFO, "optinfo": ""}
-        self.proc = host.popen([PYTHON, "-c", ADVERTISE, json.dumps(cfg)],
+        self.proc = host.popen([PYTHON, program("advertise"), ROOT, json.dumps(cfg)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -95,7 +62,7 @@ class Advertisement:
 
 def find(host, **args):
     """find_servers() run on host; prints and returns its answer."""
-    r = host.run([PYTHON, "-c", FIND, json.dumps(args)], timeout=30)
+    r = host.run([PYTHON, program("find_servers"), ROOT, json.dumps(args)], timeout=30)
     assert r.returncode == 0, r.stderr
     answer = json.loads(r.stdout)
     print(f'find_servers({args}) on {host.hostname}: '

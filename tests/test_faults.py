@@ -26,6 +26,7 @@ from hardening_helpers import (
     request_lines,
     server_db,
     server_tmpdir,
+    stand_in_program,
     wait_request_lines,
     zip_bytes,
 )
@@ -36,29 +37,12 @@ pytestmark = pytest.mark.integration
 
 SLOW_SCRIPT = "probe begin { /* SLOWPROBE */ exit() }"
 
-STAP_STANDIN = """#!/bin/sh
-# The real stap, except that a SLOWPROBE script sleeps in the background and
-# waits for it: two processes of one group, marked in their environment so
-# that the test finds them from outside the sandbox.
-for a in "$@"; do
-  case "$a" in
-    *SLOWPROBE*)
-      STAP_TEST_MARK={mark} exec /bin/sh -c 'sleep 60 & wait; exit 0';;
-  esac
-done
-exec /usr/bin/stap "$@"
-"""
-
-
 @pytest.fixture
 def slow_stap(sandbox):
     """(stand-in path, mark); whatever it left running is killed after."""
     shared.need_root()
-    mark = f"slowprobe-{uuid.uuid4().hex}"
-    script = sandbox.path("stap-standin")
-    with open(script, "w") as f:
-        f.write(STAP_STANDIN.replace("{mark}", mark))
-    os.chmod(script, 0o755)
+    script = stand_in_program(sandbox, "stap_sleeping_group.sh")
+    mark = script  # what it marks its processes with: its path, the sandbox's own
     yield script, mark
     shared.stop_pid(*marked_pids(mark), timeout=0)  # SIGKILL what did not end at once
 

@@ -19,7 +19,7 @@ from hardening_helpers import (
     request_dirs,
     request_lines,
     server_tmpdir,
-    stand_in_stap,
+    stand_in_program,
 )
 
 pytestmark = pytest.mark.integration
@@ -108,16 +108,11 @@ def test_many_clients_at_once(servers, sandbox, krel):
 # Past the bounds: a busy reply, and a client that retries
 # --------------------------------------------------------------------------
 
-SLOW_STAP = """case "$*" in *SLOWPROBE*) sleep 3;; esac
-exec /usr/bin/stap "$@"
-"""
-
-
 @pytest.fixture
 def busy_server(servers, sandbox, krel):
     """One compile slot and no waiting at all (--max-wait 0): a second
     request while a slow one runs is told the server is busy."""
-    sandbox.env["SYSTEMTAP_STAP"] = stand_in_stap(sandbox, SLOW_STAP)
+    sandbox.env["SYSTEMTAP_STAP"] = stand_in_program(sandbox, "stap_slow.sh")
     srv = servers.start(sandbox, krel, None, "--max-threads", "1", "--max-wait", "0")
     del sandbox.env["SYSTEMTAP_STAP"]
     return srv
@@ -127,7 +122,7 @@ def occupy(box, srv, krel):
     """A slow compile holding the one slot; returns its process."""
     proc = subprocess.Popen(
         [shared.PYTHON, shared.CLIENT, "stap-client", f"--server={srv.address}",
-         "-r", krel, "-p2", "-e", "probe begin { /* SLOWPROBE */ exit() }"],
+         "-r", krel, "-p2", "-e", "probe begin { /* SLOWPROBE 3 s */ exit() }"],
         env=box.env, cwd=box.top, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     shared.wait_until(lambda: compile_running(srv), 10, "the slow compile never started")
     return proc

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 from netns import network_factory  # noqa: F401  (a fixture)
-from shared import CLIENT, PYTHON, STAPRUN_STANDIN, make_sandbox, start_server, stop_pid
+from shared import CLIENT, PYTHON, copy_program, make_sandbox, start_server, stop_pid
 
 pytestmark = pytest.mark.integration
 
@@ -22,10 +22,7 @@ def minimal_path(top):
         real = subprocess.run(["which", tool], capture_output=True, text=True,
                               check=True).stdout.strip()
         os.symlink(real, os.path.join(bindir, tool))
-    staprun = os.path.join(bindir, "staprun")
-    with open(staprun, "w") as f:
-        f.write(STAPRUN_STANDIN)
-    os.chmod(staprun, 0o755)
+    copy_program("staprun_record.sh", os.path.join(bindir, "staprun"))
     return bindir
 
 

@@ -23,7 +23,7 @@ import types
 
 import pytest
 from netns import network_factory  # noqa: F401  (a fixture)
-from shared import CLIENT, PYTHON, make_sandbox, need_root, start_server, stop_pid
+from shared import CLIENT, PYTHON, copy_program, make_sandbox, need_root, start_server, stop_pid
 
 import stap_client
 import stap_server
@@ -87,11 +87,7 @@ def mokutil_dir(top, listing):
     os.makedirs(bindir, exist_ok=True)
     with open(os.path.join(bindir, "listing"), "w") as f:
         f.write(listing)
-    script = os.path.join(bindir, "mokutil")
-    with open(script, "w") as f:
-        f.write('#!/bin/sh\n[ "$1" = --list-enrolled ] || exit 1\n'
-                f'exec cat "{bindir}/listing"\n')
-    os.chmod(script, 0o755)
+    copy_program("mokutil_listing.sh", os.path.join(bindir, "mokutil"))
     os.chmod(top, 0o755)
     return bindir
 

@@ -440,22 +440,11 @@ if [ -n "$KREL" ]; then
     # What systemd does for the unit (its directories are the postinst's): the
     # EnvironmentFile=, User=/Group=, AmbientCapabilities= and
     # CapabilityBoundingSet=, Environment=, then ExecStart=.  A stap stand-in
-    # reports what a compile runs as and can read, and runs the real stap.
+    # (stap_unit_whoami.sh, put there by the test) reports what a compile runs
+    # as and can read, and runs the real stap.
     echo "STAP_SERVER_OPTIONS=\"-r $KREL --listen 127.0.0.1 --advertise none\"" \
         >> /etc/default/stap-compile-server
     set -a; . /etc/default/stap-compile-server; set +a
-    cat > /usr/local/bin/stap-whoami <<'STANDIN'
-#!/bin/sh
-case "$*" in
-  *WHOAMI*) echo "compile_user=$(id -un)"
-            echo "compile_caps=$(awk '/^Cap(Prm|Eff|Amb):/ {print $2}' /proc/self/status |
-                                 paste -sd,)"
-            cat /var/lib/stap-server/.systemtap/ssl/server/key4.db > /dev/null 2>&1 &&
-                echo compile_key=read || echo compile_key=unreadable ;;
-  *) exec /usr/bin/stap "$@" ;;
-esac
-STANDIN
-    chmod 0755 /usr/local/bin/stap-whoami
     caps=-all,$UNIT_CAPS
     env -i $UNIT_ENV STAP_SERVER_OPTIONS="$STAP_SERVER_OPTIONS" \
         SYSTEMTAP_STAP=/usr/local/bin/stap-whoami \
@@ -542,6 +531,9 @@ def test_install_in_debootstrap_chroot(debs, chroot_tarball, extracted):
         os.makedirs(os.path.join(root, "tmp/debs"), exist_ok=True)
         for deb in debs.values():
             shutil.copy(deb, os.path.join(root, "tmp/debs"))
+        os.makedirs(os.path.join(root, "usr/local/bin"), exist_ok=True)
+        shutil.copy(os.path.join(TESTS, "programs", "stap_unit_whoami.sh"),
+                    os.path.join(root, "usr/local/bin/stap-whoami"))
         binds = []
         if krel:  # the server serves an installed headers release of the host
             for d in ("/usr/lib/modules", "/usr/src"):

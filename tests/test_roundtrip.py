@@ -5,7 +5,7 @@ import os
 import subprocess
 
 import pytest
-from shared import TEST_USER, make_sandbox, stop_pid, wait_until
+from shared import TEST_USER, copy_program, make_sandbox, stop_pid, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -280,11 +280,7 @@ def test_root_server_compiles_as_an_unprivileged_account(servers, sandbox, krel,
 
     from shared import need_root
     need_root()
-    stand_in = os.path.join(shared_dir, "stap-whoami")
-    with open(stand_in, "w") as f:
-        f.write('#!/bin/sh\ncase "$*" in *-V*) exec stap -V;; esac\n'
-                'echo "uid=$(id -u) gid=$(id -g) home=$HOME"\n')
-    os.chmod(stand_in, 0o755)
+    stand_in = copy_program("stap_whoami.sh", os.path.join(shared_dir, "stap-whoami"))
     cache = os.path.join(sandbox.top, "cache")
     srv = servers.start(sandbox, krel, None, cache=cache, env={"SYSTEMTAP_STAP": stand_in})
     proc = client(sandbox, srv, "-r", krel, "-p2", "-e", "probe begin {}")
@@ -303,25 +299,12 @@ def test_root_server_compiles_as_an_unprivileged_account(servers, sandbox, krel,
             "dedicated unprivileged account, not root or nobody"), refused.stderr
 
 
-TRAPPING_STAPRUN = """#!/bin/sh
-# Waits for a signal; records which one it got, then exits as staprun does.
-trap 'echo TERM > "$STAPRUN_RECORD.sig"; exit 0' TERM
-trap 'echo INT > "$STAPRUN_RECORD.sig"; exit 0' INT
-echo started > "$STAPRUN_RECORD.started"
-i=0
-while [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-exit 9
-"""
-
-
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_signals_reach_staprun(signame, server, sandbox, krel, staprun):
     import signal
     env, record = staprun
-    script = os.path.join(os.path.dirname(record), "trapping-staprun")
-    with open(script, "w") as f:
-        f.write(TRAPPING_STAPRUN)
-    os.chmod(script, 0o755)
+    script = copy_program("staprun_trap.sh", os.path.join(os.path.dirname(record),
+                                                          "trapping-staprun"))
     proc = subprocess.Popen(
         ["/usr/bin/python3", os.path.join(os.path.dirname(os.path.dirname(__file__)),
                                           "stap_client.py"), "stap-client",

@@ -10,7 +10,7 @@ import stat
 import types
 
 import pytest
-from hardening_helpers import server_tmpdir, stand_in_stap
+from hardening_helpers import server_tmpdir, stand_in_program
 from shared import fixed_runtime_for, read_text, wait_until
 
 import stap_server
@@ -68,22 +68,9 @@ def test_pass_4_without_R_uses_the_servers_fixed_runtime(needs_fix, servers, san
     assert fixed.path in fixed_copies(cache_dir)
 
 
-# What a compromised compiler would try against the runtime it was given.
-TAMPER = r"""
-for a in "$@"; do [ "$prev" = -R ] && rt=$a; prev=$a; done
-echo "runtime=$rt"
-grep -c 'kallsyms_lookup_name("task_work_cancel_func")' "$rt/stp_task_work.c"
-echo '#error planted' >> "$rt/stp_task_work.c" 2>/dev/null && echo "appended"
-touch "$rt/planted.h" 2>/dev/null && echo "created"
-rm -f "$rt/runtime.h" 2>/dev/null; [ -e "$rt/runtime.h" ] || echo "removed"
-chmod 777 "$rt" 2>/dev/null && echo "chmodded"
-exit 1
-"""
-
-
 def test_a_compile_cannot_change_the_fixed_runtime(needs_fix, servers, sandbox, krel,
                                                    cache_dir):
-    sandbox.env["SYSTEMTAP_STAP"] = stand_in_stap(sandbox, TAMPER)
+    sandbox.env["SYSTEMTAP_STAP"] = stand_in_program(sandbox, "stap_tamper.sh")  # attacks its -R
     srv = servers.start(sandbox, krel, None, "--tmpdir", server_tmpdir(sandbox), cache=cache_dir)
     copies = {path: tree_digest(path) for path in fixed_copies(cache_dir)}
     assert copies

@@ -41,6 +41,7 @@ from hardening_helpers import (
     request_dirs,
     request_lines,
     server_tmpdir,
+    stand_in_program,
     stand_in_stap as stand_in,
     wait_request_lines,
     write_named_conf,
@@ -311,28 +312,6 @@ def test_the_log_is_private_to_the_server(who, servers, krel):
 # What the compile step sees: a stand-in stap reports it
 # --------------------------------------------------------------------------
 
-PROBE = """
-report() {  # PATH: absent, or what it holds and whether it can be written
-  p=$1
-  if [ ! -e "$p" ] && [ ! -L "$p" ]; then echo "probe $p absent"; return; fi
-  if [ -d "$p" ]; then n=$(ls -A "$p" 2>/dev/null | wc -l); what="entries=$n"
-       w=$( (touch "$p/.probe" 2>/dev/null && echo write=yes) || echo write=no)
-  else n=$(cat "$p" 2>/dev/null | wc -c); what="bytes=$n"
-       w=$( (: >> "$p" 2>/dev/null && echo write=yes) || echo write=no); fi
-  echo "probe $p $what $w"
-}
-for p in {paths}; do report "$p"; done
-echo "uid=$(id -u)"
-echo "capabilities=$(awk '/^Cap(Prm|Eff|Amb):/ {print $2}' /proc/self/status | paste -sd,)"
-echo "pids=$(ls /proc | grep -c '^[0-9]')"
-if python3 -c 'import socket; socket.create_connection(("127.0.0.1", {port}), 2)' 2>/dev/null
-then echo network=yes; else echo network=no; fi
-( : > /stap-probe-root ) 2>/dev/null && echo rootfs=writable || echo rootfs=readonly
-( : > /usr/stap-probe ) 2>/dev/null && echo usr=writable || echo usr=readonly
-( : > "$PWD/tmp/probe" ) && echo work=writable
-"""
-
-
 def server_paths(box, srv, tmpdir):
     """The server's own files and directories, as an attacker would aim (stap's knowledge in
     --cache-dir, and where compiles used to share stap's cache, included)."""
@@ -373,12 +352,11 @@ def test_compile_step_sees_nothing_of_the_server(who, servers, krel):
         extra = ["-I", box.env["HOME"]]
     tmpdir = server_tmpdir(box)
     try:
-        box.env["SYSTEMTAP_STAP"] = stand_in(box, "echo placeholder\n")
+        box.env["SYSTEMTAP_STAP"] = stand_in_program(box, "stap_probe.sh")
         srv = servers.start(box, krel, None, "--tmpdir", tmpdir, *extra)
         paths = server_paths(box, srv, tmpdir)
-        stand_in(box, PROBE.replace("{paths}", " ".join(paths))
-                 .replace("{port}", str(srv.port)))
-        proc = client(box, srv, "-r", krel, "-p2", "-e", "probe begin { exit() }")
+        proc = client(box, srv, "-r", krel, "-p2", "-e",
+                      f"probe begin {{ /* STANDIN {srv.port} {' '.join(paths)} */ exit() }}")
         assert proc.returncode == 0, text(proc)
         out = proc.stdout.decode()
         assert_sees_nothing(out, paths)
@@ -404,27 +382,13 @@ def ensure_unit_account():
 # Links, fifos and swaps: a hostile compile and a hostile compile account
 # --------------------------------------------------------------------------
 
-SWAPS = """
-case "$*" in
-  *LINK_KO*) ln -s {secret}/secret.ko tmp/evil.ko ;;
-  *LINK_TMP*) mv tmp tmp.old && ln -s {secret} tmp ;;
-  *FIFO_KO*) mkfifo tmp/evil.ko ;;
-  *HARD_SWAP*) ln -s {secret} sub; ln -s {secret}/f1 stdout; ln -s {attacker} response
-               for i in $(seq 200); do mkdir -p "d$i"; ln -s {secret} "d$i/x"; done ;;
-  *) exec /usr/bin/stap "$@" ;;
-esac
-echo "$PWD/tmp/evil.ko"
-exit 0
-"""
-
-
 @pytest.mark.parametrize("swap", ["LINK_KO", "LINK_TMP", "FIFO_KO", "HARD_SWAP"])
 def test_hostile_compile_cannot_reach_root_files(swap, servers, sandbox, krel, secret_dir,
                                                  attacker_dir):
-    sandbox.env["SYSTEMTAP_STAP"] = stand_in(
-        sandbox, SWAPS.replace("{secret}", secret_dir[0]).replace("{attacker}", attacker_dir))
+    sandbox.env["SYSTEMTAP_STAP"] = stand_in_program(sandbox, "stap_swaps.sh")
     srv = servers.start(sandbox, krel, None, "--tmpdir", server_tmpdir(sandbox))
-    proc = client(sandbox, srv, "-r", krel, "-p4", "-e", f"probe begin {{ /* {swap} */ }}")
+    proc = client(sandbox, srv, "-r", krel, "-p4", "-e",
+                  f"probe begin {{ /* STANDIN {swap} {secret_dir[0]} {attacker_dir} */ }}")
     assert secret_dir[1] not in proc.stdout + proc.stderr
     assert proc.returncode == 1, text(proc)
     assert "server reported success but sent no module" in proc.stderr.decode(), text(proc)
@@ -445,21 +409,13 @@ def attacker_dir(sandbox):
     return path
 
 
-SLOW_MODULE = """
-sleep 0.3
-head -c 4096 /dev/urandom > tmp/stap_real.ko
-sleep 0.3
-echo "$PWD/tmp/stap_real.ko"
-"""
-
-
 def test_compile_account_attacking_all_along(servers, sandbox, krel, secret_dir, attacker_dir):
     """A process of the compile account, outside any sandbox, swaps every
     name it can reach in every request directory for links to root-only
     files while ten compiles run: no reply carries a root-only byte, nothing
     is chowned, root writes nothing into the attacker's directory."""
     tmpdir = server_tmpdir(sandbox)
-    sandbox.env["SYSTEMTAP_STAP"] = stand_in(sandbox, SLOW_MODULE)
+    sandbox.env["SYSTEMTAP_STAP"] = stand_in_program(sandbox, "stap_slow_module.sh")
     srv = servers.start(sandbox, krel, None, "--tmpdir", tmpdir)
     script = sandbox.path("attacker.py")  # where the compile account can read it
     shutil.copyfile(shared.program("attacker"), script)
@@ -491,25 +447,7 @@ def test_compile_account_attacking_all_along(servers, sandbox, krel, secret_dir,
 # No writable state shared between compiles: stap's cache is each compile's own
 # --------------------------------------------------------------------------
 
-TROJAN = b"TROJAN-MODULE-" + uuid.uuid4().hex.encode()
-
-# Everything outside /proc, /sys, /dev and the read-only system directories (read-only binds, as
-# test_compile_step_sees_nothing_of_the_server shows) that the compile can write: every module,
-# C file and header is overwritten, and a module is planted in every directory.
-SPREAD = """
-case "$*" in
-  *SPREAD*) ;;
-  *) exec /usr/bin/stap "$@" ;;
-esac
-find / \\( -path /proc -o -path /sys -o -path /dev -o -path /usr -o -path /etc -o -path /lib \\
-         -o -path /lib32 -o -path /lib64 -o -path /libx32 -o -path /bin -o -path /sbin \\) \\
-     -prune -o -writable -print 2>/dev/null > /tmp/writable
-while read -r p; do
-  if [ -d "$p" ]; then printf '{trojan}' > "$p/stap_planted.ko" && echo "planted in $p"
-  else case "$p" in *.ko|*.c|*.h) printf '{trojan}' > "$p" && echo "overwrote $p";; esac; fi
-done < /tmp/writable
-exit 1
-"""
+TROJAN = b"TROJAN-MODULE-" + uuid.uuid4().hex.encode()  # what stap_spread.sh writes
 
 
 def knowledge_files(cache, krel):
@@ -547,7 +485,7 @@ def test_compromised_compile_cannot_change_another_clients_module(servers, sandb
     knowledge of the kernel is unchanged."""
     cache = sandbox.path("cache")
     os.mkdir(cache, 0o755)
-    sandbox.env["SYSTEMTAP_STAP"] = stand_in(sandbox, SPREAD.replace("{trojan}", TROJAN.decode()))
+    sandbox.env["SYSTEMTAP_STAP"] = stand_in_program(sandbox, "stap_spread.sh")
     srv = servers.start(sandbox, krel, runtime, cache=cache)
     script = 'probe begin { println("victim") exit() }'
     victim = ["-r", krel, "-p4", "--privilege=stapusr", "-e", script]
@@ -555,8 +493,8 @@ def test_compromised_compile_cannot_change_another_clients_module(servers, sandb
     assert proc.returncode == 0, text(proc)
     wait_for_knowledge(srv)  # made after the kernel's first compile
     knowledge = knowledge_files(cache, krel)
-    proc = client(sandbox, srv, "-r", krel, "-p4", "-e", "probe begin { /* SPREAD */ }",
-                  timeout=300)
+    proc = client(sandbox, srv, "-r", krel, "-p4", "-e",  # TROJAN into everything it can reach
+                  f"probe begin {{ /* SPREAD {TROJAN.decode()} */ }}", timeout=300)
     assert proc.returncode == 1, text(proc)
     spread = proc.stdout.decode()
     print(spread)
@@ -604,23 +542,6 @@ def test_real_compiles_share_only_the_servers_knowledge(servers, sandbox, krel, 
     assert warm_ups(again) == 0
 
 
-FIRST_COMPILE = """
-case "$*" in
-  *PLANT*|*LOOK*) ;;
-  *) exec /usr/bin/stap "$@" ;;
-esac
-if ls "$SYSTEMTAP_DIR"/cache/*/stapconf_*.h >/dev/null 2>&1; then echo "given knowledge"
-else echo "given no knowledge"; fi
-grep -rqs BOGUS "$SYSTEMTAP_DIR" && echo "given the planted knowledge"
-/usr/bin/stap "$@" || exit 1
-case "$*" in *PLANT*)
-  for f in "$SYSTEMTAP_DIR"/cache/*/stapconf_*.h; do
-    printf '#define BOGUS 1\\n' > "$f" && echo planted
-  done
-esac
-"""
-
-
 def test_first_compile_runs_at_once_and_what_it_made_is_never_shared(servers, sandbox, krel,
                                                                       runtime):
     """The first -p4 for a kernel the server has no knowledge of runs at once, with none (it used to
@@ -629,7 +550,7 @@ def test_first_compile_runs_at_once_and_what_it_made_is_never_shared(servers, sa
     client's compile gets only that."""
     cache = sandbox.path("cache")
     os.mkdir(cache, 0o755)
-    sandbox.env["SYSTEMTAP_STAP"] = stand_in(sandbox, FIRST_COMPILE)
+    sandbox.env["SYSTEMTAP_STAP"] = stand_in_program(sandbox, "stap_first_compile.sh")
     srv = servers.start(sandbox, krel, runtime, cache=cache)
     proc = client(sandbox, srv, "-r", krel, "-p4", "-e", "probe begin { /* PLANT */ exit() }",
                   timeout=600)
@@ -923,17 +844,6 @@ def test_tls_is_forward_secret_and_aead_only(server):
 # Resource limits of a compile
 # --------------------------------------------------------------------------
 
-BREACHES = """
-case "$*" in
-  *FILE_SIZE*) head -c 3000000 /dev/zero > tmp/big ;;
-  *MEMORY*) python3 -c 'bytearray(600 << 20)' ;;
-  *PROCESSES*) for i in $(seq 40); do sleep 3 & done; wait ;;
-  *CPU*) while :; do :; done ;;
-  *DISK*) for i in $(seq 60); do head -c 900000 /dev/zero > tmp/f$i; sleep 0.05; done ;;
-esac
-exit 1
-"""
-
 LIMITS = {"FILE_SIZE": ("file size", "--compile-file-size", 2 << 20, " bytes"),
           "MEMORY": ("memory", "--compile-memory", 256 << 20, " bytes"),
           "PROCESSES": ("processes", "--compile-processes", 16, ""),
@@ -944,7 +854,7 @@ LIMITS = {"FILE_SIZE": ("file size", "--compile-file-size", 2 << 20, " bytes"),
 @pytest.fixture(scope="module")
 def limited_server(krel):
     box = shared.make_sandbox()
-    box.env["SYSTEMTAP_STAP"] = stand_in(box, BREACHES)
+    box.env["SYSTEMTAP_STAP"] = stand_in_program(box, "stap_breaches.sh")
     args = [x for _, option, value, _ in LIMITS.values() for x in (option, str(value))]
     srv = shared.start_server(box, krel, None, "--tmpdir", server_tmpdir(box), *args)
     yield box, srv

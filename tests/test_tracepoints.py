@@ -12,7 +12,7 @@ import shutil
 import uuid
 
 import pytest
-from hardening_helpers import stand_in_stap
+from shared import PROGRAMS
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0,
@@ -20,28 +20,7 @@ pytestmark = [pytest.mark.integration,
 
 BUILT_HERE = "Processing tracepoint header"  # stap -vvv, building a tracepoint query itself
 USED_CACHED = re.compile(r"^Pass 2: using cached \S+/tracequery_[0-9a-f]+_\d+\.o$", re.M)
-TROJAN = b"TROJAN-TRACEQUERY"  # fixed: the stand-in's bytes are part of the knowledge's stamp
-
-# A compromised stap (a compiler bug) for a request whose script says POISON: it writes into every
-# tracepoint query file it can find, through links too, and into the directories holding them.
-POISON = """
-case "$*" in
-  *POISON*) ;;
-  *) exec /usr/bin/stap "$@" ;;
-esac
-find / \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -name 'tracequery_*' -print \\
-     2>/dev/null > /tmp/found
-while read -r p; do
-  for q in "$p" "$(readlink -f "$p")"; do
-    printf '{trojan}' > "$q" 2>/dev/null && echo "overwrote $q"
-    printf '{trojan}' >> "$q" 2>/dev/null && echo "appended to $q"
-    chmod 0666 "$q" 2>/dev/null && echo "chmod $q"
-    printf '{trojan}' > "$(dirname "$q")/stap_planted.o" 2>/dev/null && echo "planted by $q"
-  done
-done < /tmp/found
-echo "found $(wc -l < /tmp/found)"
-exit 1
-"""
+TROJAN = b"TROJAN-TRACEQUERY"  # what the compromised stap, stap_poison.sh, writes
 
 
 def client(box, srv, *args, timeout=900):
@@ -107,7 +86,7 @@ def test_compromised_compile_cannot_change_the_tracepoint_queries(servers, sandb
                                                                    shared_dir):
     """A compromised stap, given the server's tracepoint query modules, writes into every one it
     can find; the files stay the server's bytes, and the next real compile uses them, unbuilt."""
-    made = stand_in_stap(sandbox, POISON.replace("{trojan}", TROJAN.decode()))
+    made = os.path.join(PROGRAMS, "stap_poison.sh")
     stand_in = os.path.join(shared_dir, "stap-poisoner")  # kept: its stamp keeps the knowledge
     if not os.path.exists(stand_in) or not filecmp.cmp(made, stand_in, shallow=False):
         shutil.copy(made, stand_in)
@@ -116,7 +95,8 @@ def test_compromised_compile_cannot_change_the_tracepoint_queries(servers, sandb
     compile_trace(sandbox, srv, krel, "before")  # waits for the warm-up on a cold cache
     knowledge = tracepoint_knowledge(cache_dir, krel)
     proc = client(sandbox, srv, "-r", krel, "-p4", "-e",
-                  'probe kernel.trace("sched_switch") { /* POISON */ }', timeout=300)
+                  f'probe kernel.trace("sched_switch") {{ /* POISON {TROJAN.decode()} */ }}',
+                  timeout=300)
     attack = proc.stdout.decode(errors="replace")
     print(attack)
     assert proc.returncode == 1 and re.search(r"^found [1-9]\d+$", attack, re.M), text(proc)

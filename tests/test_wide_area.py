@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from hardening_helpers import stand_in_stap, write_named_conf, write_tsig_key
+from hardening_helpers import stand_in_program, write_named_conf, write_tsig_key
 from netns import TestNetwork, skip_reason
 from shared import CLIENT, PYTHON, SERVER, make_sandbox, start_server, stop_pid, wait_until
 
@@ -116,11 +116,6 @@ def test_a_wrong_key_is_refused_in_one_line(fleet, krel):
     assert "BADSIG" in err or "BadSignature" in err or "NOTAUTH" in err, err
 
 
-SLOW_STAP = """case "$*" in *SLOWPROBE*) sleep 4;; esac
-exec /usr/bin/stap "$@"
-"""
-
-
 def zone_hint(host, box):
     """The load fields of A's server as B reads them from the zone."""
     for line in find(host, box).stdout.splitlines():
@@ -133,14 +128,16 @@ def test_the_zone_follows_the_load(fleet, krel):
     """The load hint in the zone is refreshed by DNS UPDATE as the queue
     grows and drains, as on the link (here the link is not advertised)."""
     a, b, _, keyfile, box = fleet
+    slow = stand_in_program(box, "stap_slow.sh")
     srv = start_server(box, krel, None, *dns_update(keyfile), "--max-threads", "1",
-                       "--load-refresh", "1", env={"SYSTEMTAP_STAP": stand_in_stap(box, SLOW_STAP)},
+                       "--load-refresh", "1", env={"SYSTEMTAP_STAP": slow},
                        netns=a, advertise="none", log=new_log(box))
     try:
         idle = {"slots": "1", "busy": "0", "queued": "0"}
         wait_until(lambda: zone_hint(b, box) == idle, 10, "not registered with its load")
         clients = [a.popen([PYTHON, CLIENT, "stap-client", f"--server=127.0.0.1:{srv.port}",
-                            "-r", krel, "-p2", "-e", f"probe begin {{ /* SLOWPROBE {n} */ }}"],
+                            "-r", krel, "-p2", "-e",
+                            f"probe begin {{ /* SLOWPROBE 4 s, client {n} */ }}"],
                            env=box.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                    for n in range(2)]
         busy = wait_until(lambda: zone_hint(b, box).get("queued") == "1" and zone_hint(b, box),
