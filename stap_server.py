@@ -1357,10 +1357,21 @@ def learn_knowledge(config, req, path):
     _in_background(warm, "stap knowledge warm-up")
 
 
+_WARM_UPS = set()  # the warm-ups' threads running: a stopping server lets them end, as requests
+
+
 def _in_background(work, name):
     """A warm-up after a compile: for the requests after it, in a thread of its own, so the
-    compile's reply does not wait for it."""
-    threading.Thread(target=work, daemon=True, name=name).start()
+    compile's reply does not wait for it; CompileServer.drain() waits for it as for a request, so
+    that it removes its own directory."""
+    def run():
+        try:
+            work()
+        finally:
+            _WARM_UPS.discard(threading.current_thread())
+    thread = threading.Thread(target=run, daemon=True, name=name)
+    _WARM_UPS.add(thread)
+    thread.start()
 
 
 def load_knowledge(path, kind=_CONFIG_KNOWLEDGE, read=_read_regular):
@@ -2946,12 +2957,13 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return True
 
     def drain(self, grace=30):
-        """After shutdown(): close the socket and let in-flight requests finish within grace
-        seconds."""
+        """After shutdown(): close the socket and let in-flight requests, then the warm-ups they
+        started, finish within grace seconds."""
         self.server_close()
         deadline = time.monotonic() + grace
-        for t in list(self.handlers):
-            t.join(max(0, deadline - time.monotonic()))
+        for threads in (self.handlers, _WARM_UPS):
+            for t in list(threads):
+                t.join(max(0, deadline - time.monotonic()))
 
 
 class _PendingBytes:
