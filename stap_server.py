@@ -778,6 +778,7 @@ _SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/l
 _SANDBOX_TMPFS = 16 << 20  # the sandbox's /tmp; the real scratch space is the request's tmp/
 _MAX_OUTPUT = 16 << 20  # stdout or stderr kept for a reply
 _DISK_CHECK_INTERVAL = 0.25  # seconds between looks at a compile's disk use
+_STOPPED_COMPILE_CLEANUP = 10  # seconds a stopped compile has to remove its directory
 
 
 def _stap_program():
@@ -1112,9 +1113,13 @@ def run_compile(config, req, ws, knowledge=None):
                         stderr=hide_paths(stderr, hide), module=module)
 
 
+_STOPPING = threading.Event()  # set by CompileServer.drain() once requests have had their grace
+
+
 def _watch_compile(proc, ws, config):
-    """Wait for the compile; kill its whole process group when it runs past the wall-clock limit or
-    writes more than the disk limit.  Returns (exit status, the limit it broke or None)."""
+    """Wait for the compile; kill its whole process group when it runs past the wall-clock limit,
+    writes more than the disk limit or the server stops.  Returns (exit status, the limit it broke
+    or None)."""
     deadline = time.monotonic() + config.compile_timeout
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -1125,6 +1130,9 @@ def _watch_compile(proc, ws, config):
         if ws.disk_use() > config.compile_limits["disk"]:
             _kill_group(proc)
             return 1, limit_text(config, "disk")
+        if _STOPPING.is_set():
+            _kill_group(proc)
+            return 1, "time at the server's stop"
 
 
 def _read_back(f):
@@ -1328,10 +1336,21 @@ def learn_knowledge(config, req, path):
     _in_background(warm, "stap knowledge warm-up")
 
 
+_WARM_UPS = set()  # the warm-ups' threads running, which a stopping server stops and waits for
+
+
 def _in_background(work, name):
     """A warm-up after a compile: for the requests after it, in a thread of its own, so the
-    compile's reply does not wait for it."""
-    threading.Thread(target=work, daemon=True, name=name).start()
+    compile's reply does not wait for it; CompileServer.drain() stops it and waits for it to remove
+    its own directory."""
+    def run():
+        try:
+            work()
+        finally:
+            _WARM_UPS.discard(threading.current_thread())
+    thread = threading.Thread(target=run, daemon=True, name=name)
+    _WARM_UPS.add(thread)
+    thread.start()
 
 
 def load_knowledge(path, kind=_CONFIG_KNOWLEDGE, read=_read_regular):
@@ -2902,10 +2921,15 @@ class CompileServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def drain(self, grace=30):
         """After shutdown(): close the socket and let in-flight requests finish within grace
-        seconds."""
+        seconds; then stop the compiles still running (the warm-ups, which no client waits for,
+        and requests past the grace), and wait for each to remove its directory."""
         self.server_close()
         deadline = time.monotonic() + grace
         for t in list(self.handlers):
+            t.join(max(0, deadline - time.monotonic()))
+        _STOPPING.set()
+        deadline = time.monotonic() + _STOPPED_COMPILE_CLEANUP
+        for t in list(self.handlers) + list(_WARM_UPS):
             t.join(max(0, deadline - time.monotonic()))
 
 

@@ -21,6 +21,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import socket
 import string
 import subprocess
@@ -565,6 +566,47 @@ def test_first_compile_runs_at_once_and_what_it_made_is_never_shared(servers, sa
     knowledge = knowledge_files(cache, krel)
     assert knowledge and all(b"BOGUS" not in data for data in knowledge.values()), knowledge
     assert warm_ups(srv) == 1
+
+
+# A slow compiler for the server's warm-up (its script, alone): it writes half a stapconf header
+# into its own cache, takes its time, and gives up.  Requests get the real stap.
+SLOW_WARM_UP = """
+case "$*" in
+  *"-e probe begin { exit() }") ;;  # the warm-up: its script is the last argument
+  *) exec /usr/bin/stap "$@" ;;
+esac
+mkdir -p "$SYSTEMTAP_DIR/cache/00"
+printf '#define STAPCONF_HALF' > "$SYSTEMTAP_DIR/cache/00/stapconf_0123456789abcdef_1.h"
+sleep 60
+echo "stap-standin: gave up" >&2
+exit 1
+"""
+
+
+def test_a_stop_during_the_knowledge_warm_up_leaves_no_directory_behind(servers, sandbox, krel):
+    """SIGTERM while the server's warm-up runs, after a kernel's first compile: the server stops
+    the warm-up's compile and waits for it to remove its stap-warm-up.* directory (the server used
+    to exit at once, its sandbox killed, the directory left in --tmpdir); nothing of the half-made
+    warm-up is stored as knowledge.  The warm-up's stap is a stand-in, a slow compiler, so that
+    the stop comes in the middle of it."""
+    cache, tmpdir = sandbox.path("cache"), server_tmpdir(sandbox)
+    os.mkdir(cache, 0o755)
+    sandbox.env["SYSTEMTAP_STAP"] = stand_in(sandbox, SLOW_WARM_UP)
+    srv = servers.start(sandbox, krel, None, "--tmpdir", tmpdir, cache=cache)
+    # a first -p4 for the kernel that the real stap rejects at once: any first compile's warm-up
+    proc = client(sandbox, srv, "-r", krel, "-p4", "-e", "probe no_such_probe { }")
+    assert proc.returncode == 1 and "no_such_probe" in text(proc), text(proc)
+
+    def warming_up():
+        return [n for n in os.listdir(tmpdir) if n.startswith("stap-warm-up.")]
+    shared.wait_until(warming_up, 60, "no warm-up directory in --tmpdir")
+    os.kill(srv.pid, signal.SIGTERM)
+    shared.wait_until(lambda: not shared.pid_alive(srv.pid), 45,
+                      "the server did not stop")
+    assert "stopped" in shared.read_text(srv.log).splitlines()[-1]
+    assert warming_up() == [] and request_dirs(tmpdir) == [], os.listdir(tmpdir)
+    assert warm_ups(srv) == 1
+    assert os.listdir(os.path.join(cache, "knowledge")) == []  # no entry, not even a .new-
 
 
 # --------------------------------------------------------------------------
