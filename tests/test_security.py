@@ -568,21 +568,6 @@ def test_first_compile_runs_at_once_and_what_it_made_is_never_shared(servers, sa
     assert warm_ups(srv) == 1
 
 
-# A slow compiler for the server's warm-up (its script, alone): it writes half a stapconf header
-# into its own cache, takes its time, and gives up.  Requests get the real stap.
-SLOW_WARM_UP = """
-case "$*" in
-  *"-e probe begin { exit() }") ;;  # the warm-up: its script is the last argument
-  *) exec /usr/bin/stap "$@" ;;
-esac
-mkdir -p "$SYSTEMTAP_DIR/cache/00"
-printf '#define STAPCONF_HALF' > "$SYSTEMTAP_DIR/cache/00/stapconf_0123456789abcdef_1.h"
-sleep 60
-echo "stap-standin: gave up" >&2
-exit 1
-"""
-
-
 def test_a_stop_during_the_knowledge_warm_up_leaves_no_directory_behind(servers, sandbox, krel):
     """SIGTERM while the server's warm-up runs, after a kernel's first compile: the server stops
     the warm-up's compile and waits for it to remove its stap-warm-up.* directory (the server used
@@ -591,7 +576,7 @@ def test_a_stop_during_the_knowledge_warm_up_leaves_no_directory_behind(servers,
     the stop comes in the middle of it."""
     cache, tmpdir = sandbox.path("cache"), server_tmpdir(sandbox)
     os.mkdir(cache, 0o755)
-    sandbox.env["SYSTEMTAP_STAP"] = stand_in(sandbox, SLOW_WARM_UP)
+    sandbox.env["SYSTEMTAP_STAP"] = stand_in_program(sandbox, "stap_slow_warm_up.sh")
     srv = servers.start(sandbox, krel, None, "--tmpdir", tmpdir, cache=cache)
     # a first -p4 for the kernel that the real stap rejects at once: any first compile's warm-up
     proc = client(sandbox, srv, "-r", krel, "-p4", "-e", "probe no_such_probe { }")
