@@ -126,6 +126,9 @@ def staprun(tmp_path):
 # Tiers: every test says which it is
 # --------------------------------------------------------------------------
 
+UNIT_LINE = "pytestmark = pytest.mark.unit"
+
+
 def tier_markers(config):
     """The markers setup.cfg declares as tiers (their description starts with "tier:")."""
     declared = (line.split(":", 1) for line in config.getini("markers"))
@@ -135,10 +138,13 @@ def tier_markers(config):
 
 def pytest_collection_modifyitems(config, items):
     """A test file without its tier (pytestmark = pytest.mark.TIER) fails the collection:
-    `make test-unit` and `-m` select by tier, and an unmarked test would silently fall out."""
+    `make test-unit` and `-m` select by tier, and an unmarked test would silently fall out.  A
+    unit file says so in the one line `make test-unit` looks for, which imports no other file."""
     tiers = tier_markers(config)
     wrong = sorted({item.location[0] for item in items
-                    if len({m.name for m in item.iter_markers()} & tiers) != 1})
+                    if len({m.name for m in item.iter_markers()} & tiers) != 1
+                    or item.get_closest_marker("unit") and UNIT_LINE not in
+                    item.path.read_text().splitlines()})
     if wrong:
         raise pytest.UsageError(f"name one tier ({', '.join(sorted(tiers))}) with pytestmark "
-                                f"in: {', '.join(wrong)}")
+                                f"(a unit file in the line {UNIT_LINE!r}) in: {', '.join(wrong)}")
