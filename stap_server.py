@@ -1296,7 +1296,7 @@ def _known_kernel(path):
 
 def knowledge_path(config, req):
     """CACHE_DIR/knowledge/RELEASE-ARCH-STAMP: where the knowledge of req's kernel lives."""
-    stamp = installation_stamp(config, req.release, req.build_env)[:16]  # one per environment
+    stamp = installation_stamp(config, req.release, req.build_env, req.kernel)[:16]
     return os.path.join(config.cache_dir, _KNOWLEDGE, f"{req.release}-{config.arch}-{stamp}")
 
 
@@ -2706,11 +2706,9 @@ def result_key(req, archive, config, version):
         return None
     h = hashlib.sha256()
     fields = dataclasses.replace(req, version=None, kernel=None)
-    fetched = req.kernel and stat_line(os.path.join(req.kernel.root, "lib", "modules",
-                                                    req.release)).decode()  # a new inode if new
     for part in [version, repr([getattr(config, f) for f in sorted(set(OUTPUT_OPTIONS.values()))]),
                  repr(dataclasses.astuple(fields)), archive.digest(skip=("version",)),
-                 installation_stamp(config, req.release, req.build_env), fetched or ""]:
+                 installation_stamp(config, req.release, req.build_env, req.kernel)]:
         h.update(part.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
 
@@ -2719,12 +2717,15 @@ _stamps = {}
 _STAMP_TTL = 5  # seconds: walking the tapset and runtime trees costs a few ms
 
 
-def installation_stamp(config, release, env=None):
+def installation_stamp(config, release, env=None, kernel=None):
     """Changes whenever stap, its tapsets or runtime (those of the build environment env, None: the
-    host), the server's -I/-R trees or the release's build tree change."""
+    host), the server's -I/-R trees or the release's build tree (the fetched kernel's, if one)
+    change."""
     now = time.monotonic()
     root = env.root if env else "/"
-    cached = _stamps.get((root, release))
+    # a fetched tree is renamed into the kernel cache whole: a new inode when fetched again
+    tree = kernel and stat_line(os.path.join(kernel.root, "lib", "modules", release))
+    cached = _stamps.get((root, release, tree))
     if cached and now - cached[0] < _STAMP_TTL:
         return cached[1]
     build = f"/lib/modules/{release}/build"
@@ -2732,10 +2733,10 @@ def installation_stamp(config, release, env=None):
         _rooted(root, "usr/bin/stap")
     paths = [stap, f"{build}/.config", f"{build}/Module.symvers",
              f"{build}/include/generated/utsrelease.h"]
-    for tree in [_rooted(root, "usr/share/systemtap")] + server_trees(config):
-        paths += walk_files(tree)
-    stamp = hashlib.sha256(b"".join(map(stat_line, paths))).hexdigest()
-    _stamps[(root, release)] = (now, stamp)
+    for top in [_rooted(root, "usr/share/systemtap")] + server_trees(config):
+        paths += walk_files(top)
+    stamp = hashlib.sha256(b"".join(map(stat_line, paths)) + (tree or b"")).hexdigest()
+    _stamps[(root, release, tree)] = (now, stamp)
     return stamp
 
 

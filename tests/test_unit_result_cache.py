@@ -5,6 +5,7 @@ makes two requests the same, from the request directory and the server's
 options."""
 
 import dataclasses
+import os
 import threading
 import types
 
@@ -245,6 +246,28 @@ def test_the_installation_stamp_follows_stap(tmp_path, monkeypatch):
     stap.write_text("#!/bin/sh\necho another stap\n")
     monkeypatch.setattr(stap_server, "_stamps", {})  # not within STAMP_TTL of the last look
     assert stap_server.installation_stamp(config(includes=()), "no-such-release") != before
+
+
+def test_a_kernel_fetched_again_is_a_new_installation(tmp_path, monkeypatch):
+    """A fetched kernel's tree is renamed into the kernel cache whole, so fetched again (evicted,
+    or a rebuilt package of the same release) it is a new directory: its knowledge (stapconf
+    probes of those headers) and its cached replies must not be those of the old tree."""
+    release = "6.1.0-9999-amd64"
+
+    def fetched(name):
+        os.makedirs(tmp_path / name / "lib" / "modules" / release)
+        return stap_server.FetchedKernel(release, str(tmp_path / name), 0)
+    old = fetched("old")
+    req = stap_server.Request("", release, "x86_64", ["-p4", "-e", "probe begin {}"], {},
+                              lowered=False, kernel=old)
+    cfg = config(includes=(), arch="x86_64")
+    monkeypatch.setattr(stap_server, "_stamps", {})
+    before = stap_server.installation_stamp(cfg, release, kernel=old)
+    path = stap_server.knowledge_path(cfg, req)
+    os.rename(tmp_path / "old", tmp_path / "gone")
+    new = fetched("old")  # the same path, a new tree
+    assert stap_server.installation_stamp(cfg, release, kernel=new) != before
+    assert stap_server.knowledge_path(cfg, dataclasses.replace(req, kernel=new)) != path
 
 
 def test_server_trees_are_the_values_of_its_own_R_and_I(tmp_path):
