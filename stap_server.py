@@ -2661,7 +2661,8 @@ class ResultCache:
             with merging():
                 compiling.done.wait()
             if compiling.reply is not None:
-                return compiling.reply, CacheOutcome("merged" if compiling.ok else "merged-failed")
+                return compiling.reply, (CacheOutcome.MERGED if compiling.ok
+                                         else CacheOutcome.MERGED_FAILED)
             return compute()[0], CacheOutcome.MISS  # its compile broke down: try ours
         try:
             compiling.reply, compiling.ok = compute()
